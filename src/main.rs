@@ -1,0 +1,5 @@
+//! The `raftkv` binary.
+
+fn main() {
+    println!("raftkv {}", env!("CARGO_PKG_VERSION"));
+}
