@@ -9,5 +9,6 @@
 pub mod codec;
 pub mod types;
 pub mod vfs;
+pub mod wal;
 
 pub use types::{Entry, EntryKind, HardState, Membership, NodeId, SnapshotMeta};
