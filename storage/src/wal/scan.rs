@@ -394,6 +394,7 @@ pub fn scan_dir(vfs: &dyn Vfs, dir: &Path, opts: ScanOptions) -> std::io::Result
             bytes: FileBytes::Owned(Vec::new()),
         };
         let mut offset = 0usize;
+        let mut blame: Option<(PathBuf, u64)> = None;
         let outcome = loop {
             let frame = match record::read_frame(&bytes[offset..], *seq, opts.record_bytes_max) {
                 Ok(frame) => frame,
@@ -403,7 +404,17 @@ pub fn scan_dir(vfs: &dyn Vfs, dir: &Path, opts: ScanOptions) -> std::io::Result
                 match frame.decode() {
                     Ok(Record::SegmentHeader(h)) => {
                         seg.header = h;
-                        replayer.header(&h, *seq, *first)
+                        let continues =
+                            !replayer.started || h.seq != *seq || h.first_index != *first;
+                        let result = replayer.header(&h, *seq, *first);
+                        if let (Err(_), false, Some(prev)) =
+                            (&result, continues, scan.segments.last())
+                        {
+                            // The log stops short of where this segment starts: the damage is
+                            // at the end of the previous segment's records.
+                            blame = Some((prev.path.clone(), prev.used_bytes));
+                        }
+                        result
                     }
                     Ok(_) => Err("the first record is not a segment header".to_string()),
                     Err(e) => Err(e.to_string()),
@@ -420,10 +431,16 @@ pub fn scan_dir(vfs: &dyn Vfs, dir: &Path, opts: ScanOptions) -> std::io::Result
                 replayer.apply(*seq, offset as u64, &frame)
             };
             if let Err(reason) = result {
-                scan.corruption = Some(Corruption {
+                let mut c = Corruption {
                     last_good_index: replayer.log.last_index(),
                     ..corrupt(offset as u64, reason)
-                });
+                };
+                if let Some((file, at)) = blame.take() {
+                    c.reason = format!("records end early: the next segment {name}: {}", c.reason);
+                    c.file = file;
+                    c.offset = at;
+                }
+                scan.corruption = Some(c);
                 break None;
             }
             seg.records += 1;
