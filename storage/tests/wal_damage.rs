@@ -139,6 +139,7 @@ fn small_opts() -> WalOptions {
         segment_bytes_max: 1024,
         record_bytes_max: 4096,
         preallocate: true,
+        prepare_ahead: false,
     }
 }
 
@@ -146,6 +147,7 @@ fn small_opts() -> WalOptions {
 fn cut_at_every_byte_of_the_last_three_records() {
     let opts = WalOptions {
         preallocate: false,
+        prepare_ahead: false,
         ..small_opts()
     };
     let (img, want) = build(opts, 60);
@@ -246,6 +248,7 @@ fn zero_every_4k_block_of_a_larger_wal() {
         segment_bytes_max: 16 << 10,
         record_bytes_max: 4096,
         preallocate: true,
+        prepare_ahead: false,
     };
     let (img, want) = build(opts, 1200);
     assert!(img.len() >= 4);

@@ -80,6 +80,7 @@ fn opts() -> WalOptions {
         segment_bytes_max: 700,
         record_bytes_max: 1024,
         preallocate: true,
+        prepare_ahead: false,
     }
 }
 

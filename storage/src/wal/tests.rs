@@ -25,6 +25,7 @@ fn small() -> WalOptions {
         segment_bytes_max: 1024,
         record_bytes_max: 4096,
         preallocate: true,
+        prepare_ahead: false,
     }
 }
 
