@@ -842,6 +842,9 @@ impl Drop for Wal {
     }
 }
 
+/// A zero-filled, synced temp file and its path.
+type PreparedFile = (PathBuf, Box<dyn VfsFile>);
+
 /// A segment file being zero-filled on a background thread, ready for the next rotation.
 struct NextSegmentFile {
     tmp: PathBuf,
@@ -863,7 +866,7 @@ impl NextSegmentFile {
     }
 
     /// Waits for the file; on success returns its temp path and handle.
-    fn finish(self) -> Result<(PathBuf, Box<dyn VfsFile>), WalError> {
+    fn finish(self) -> Result<PreparedFile, WalError> {
         let tmp = self.tmp;
         match self.worker.join() {
             Ok(Ok(file)) => Ok((tmp, file)),
@@ -915,7 +918,7 @@ fn create_segment(
     opts: &WalOptions,
     header: SegmentHeader,
     log: &ReplayedLog,
-    prepared: Option<Result<(PathBuf, Box<dyn VfsFile>), WalError>>,
+    prepared: Option<Result<PreparedFile, WalError>>,
 ) -> Result<Active, WalError> {
     let name = segment_file_name(header.seq, header.first_index);
     let path = dir.join(&name);
