@@ -1,0 +1,134 @@
+//! The client API: what a node offers clients, independent of HTTP.
+//!
+//! [`KvService`] is the seam between the HTTP layer ([`http`]) and the node runtime: the node
+//! implements it over the consensus core and the state machine; the HTTP tests implement it
+//! over a map. The wire types ([`types`]) are shared with the Rust client, so the server and
+//! the client cannot drift apart.
+//!
+//! Errors carry their meaning ([`ServiceError`]), and the HTTP layer alone decides status
+//! codes: 400 bad input, 413 over a limit, 503 (+ `Retry-After`) no leader or no quorum,
+//! 504 a write whose outcome is unknown, 500 only for a node-side failure.
+
+pub mod http;
+#[cfg(test)]
+pub(crate) mod test_service;
+pub mod types;
+
+use raftkv_storage::NodeId;
+use std::future::Future;
+pub use types::*;
+
+/// How a read is served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Consistency {
+    /// ReadIndex: the leader confirms its leadership with a quorum, then serves once applied.
+    Linearizable,
+    /// The leader serves from its lease without a quorum round (bounded clock drift assumed).
+    Lease,
+    /// Any node serves from its local state, possibly behind.
+    Stale,
+}
+
+impl Consistency {
+    /// Parses the query-string value.
+    pub fn parse(s: &str) -> Option<Consistency> {
+        match s {
+            "linearizable" => Some(Consistency::Linearizable),
+            "lease" => Some(Consistency::Lease),
+            "stale" => Some(Consistency::Stale),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Consistency::Linearizable => "linearizable",
+            Consistency::Lease => "lease",
+            Consistency::Stale => "stale",
+        }
+    }
+}
+
+/// The leader as far as a node knows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LeaderHint {
+    pub id: NodeId,
+    /// The leader's client URL, if this node has learned it.
+    pub client_url: Option<String>,
+}
+
+/// Why a request could not be served.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ServiceError {
+    #[error("{0}")]
+    InvalidInput(String),
+    #[error("{0}")]
+    TooLarge(String),
+    /// This node cannot serve the request; the leader can (if known).
+    #[error("not the leader")]
+    NotLeader { leader: Option<LeaderHint> },
+    /// No leader, no quorum, or shutting down: try again shortly.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The write was proposed but not seen committed in time: it may or may not apply.
+    #[error("{0}")]
+    Timeout(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Size limits clients are held to (checked before anything reaches the log).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub key_bytes_max: usize,
+    pub value_bytes_max: usize,
+    /// The most keys one list request returns.
+    pub list_limit_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            key_bytes_max: 8 << 10,
+            value_bytes_max: 1 << 20,
+            list_limit_max: 10_000,
+        }
+    }
+}
+
+/// What a node offers clients. Every method may be called concurrently.
+pub trait KvService: Send + Sync + 'static {
+    /// This node's id.
+    fn node_id(&self) -> NodeId;
+    /// The limits requests are checked against.
+    fn limits(&self) -> Limits;
+    /// Writes `key`; completes once the write is committed and applied.
+    fn put(
+        &self,
+        key: String,
+        value: String,
+    ) -> impl Future<Output = Result<Written, ServiceError>> + Send;
+    /// Deletes `key`; completes once committed and applied.
+    fn delete(&self, key: String) -> impl Future<Output = Result<Deleted, ServiceError>> + Send;
+    /// Reads `key` at the given consistency.
+    fn get(
+        &self,
+        key: String,
+        consistency: Consistency,
+    ) -> impl Future<Output = Result<ReadValue, ServiceError>> + Send;
+    /// Lists keys starting with `prefix`, in order, at most `limit`.
+    fn list(
+        &self,
+        prefix: String,
+        limit: usize,
+        consistency: Consistency,
+    ) -> impl Future<Output = Result<Listed, ServiceError>> + Send;
+    /// This node's view of the cluster.
+    fn status(&self) -> impl Future<Output = Result<ClusterStatus, ServiceError>> + Send;
+    /// `Ok` when the node knows a leader and has applied its entries up to the leader's
+    /// no-op of the current term; `Err(Unavailable(why))` otherwise.
+    fn ready(&self) -> impl Future<Output = Result<(), ServiceError>> + Send;
+    /// Asks the leader to hand leadership to `to`.
+    fn transfer_leader(&self, to: NodeId) -> impl Future<Output = Result<(), ServiceError>> + Send;
+}

@@ -1,0 +1,178 @@
+//! A map-backed [`KvService`] for tests of the HTTP layer and the client.
+//!
+//! As a leader it serves everything from a `BTreeMap`; as a follower it answers writes and
+//! non-stale reads with "not the leader", naming a leader, exactly as the node does.
+
+use super::*;
+use raftkv_storage::NodeId;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+/// A service over a map. As a follower it answers writes and non-stale reads with
+/// "not the leader", naming `leader`.
+pub(crate) struct MapService {
+    id: NodeId,
+    data: Mutex<(BTreeMap<String, String>, u64)>,
+    leader: Option<LeaderHint>,
+    /// When set, every write fails with this error.
+    pub(crate) write_error: Option<ServiceError>,
+}
+
+impl MapService {
+    pub(crate) fn leader(id: NodeId) -> MapService {
+        MapService {
+            id,
+            data: Mutex::default(),
+            leader: None,
+            write_error: None,
+        }
+    }
+
+    pub(crate) fn follower(id: NodeId, leader: NodeId, url: Option<String>) -> MapService {
+        MapService {
+            id,
+            data: Mutex::default(),
+            leader: Some(LeaderHint {
+                id: leader,
+                client_url: url,
+            }),
+            write_error: None,
+        }
+    }
+
+    fn check_write(&self) -> Result<(), ServiceError> {
+        self.redirect()?;
+        match &self.write_error {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    fn redirect(&self) -> Result<(), ServiceError> {
+        match &self.leader {
+            Some(l) => Err(ServiceError::NotLeader {
+                leader: Some(l.clone()),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl KvService for MapService {
+    fn node_id(&self) -> NodeId {
+        self.id
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            key_bytes_max: 64,
+            value_bytes_max: 1024,
+            list_limit_max: 100,
+        }
+    }
+
+    async fn put(&self, key: String, value: String) -> Result<Written, ServiceError> {
+        self.check_write()?;
+        let mut d = self.data.lock().unwrap();
+        d.1 += 1;
+        d.0.insert(key, value);
+        Ok(Written {
+            index: d.1,
+            leader: self.id,
+        })
+    }
+
+    async fn delete(&self, key: String) -> Result<Deleted, ServiceError> {
+        self.check_write()?;
+        let mut d = self.data.lock().unwrap();
+        d.1 += 1;
+        let deleted = d.0.remove(&key).is_some();
+        Ok(Deleted {
+            deleted,
+            index: d.1,
+            leader: self.id,
+        })
+    }
+
+    async fn get(&self, key: String, c: Consistency) -> Result<ReadValue, ServiceError> {
+        if c != Consistency::Stale {
+            self.redirect()?;
+        }
+        let d = self.data.lock().unwrap();
+        Ok(ReadValue {
+            value: d.0.get(&key).cloned(),
+            index: d.1,
+            leader: (c != Consistency::Stale).then_some(self.id),
+        })
+    }
+
+    async fn list(
+        &self,
+        prefix: String,
+        limit: usize,
+        c: Consistency,
+    ) -> Result<Listed, ServiceError> {
+        if c != Consistency::Stale {
+            self.redirect()?;
+        }
+        let d = self.data.lock().unwrap();
+        Ok(Listed {
+            items: d
+                .0
+                .range(prefix.clone()..)
+                .take_while(|(k, _)| k.starts_with(&prefix))
+                .take(limit)
+                .map(|(k, v)| KeyValue {
+                    key: k.clone(),
+                    value: v.clone(),
+                })
+                .collect(),
+            index: d.1,
+        })
+    }
+
+    async fn status(&self) -> Result<ClusterStatus, ServiceError> {
+        Ok(ClusterStatus {
+            id: self.id,
+            cluster_id: "test".into(),
+            role: if self.leader.is_some() {
+                "follower"
+            } else {
+                "leader"
+            }
+            .into(),
+            term: 1,
+            leader: None,
+            first_index: 1,
+            last_index: 0,
+            commit_index: 0,
+            applied_index: 0,
+            snapshot_index: 0,
+            members: Vec::new(),
+        })
+    }
+
+    async fn ready(&self) -> Result<(), ServiceError> {
+        match &self.leader {
+            Some(l) if l.client_url.is_none() => Err(ServiceError::Unavailable("no leader".into())),
+            _ => Ok(()),
+        }
+    }
+
+    async fn transfer_leader(&self, to: NodeId) -> Result<(), ServiceError> {
+        self.redirect()?;
+        if to == 99 {
+            return Err(ServiceError::InvalidInput("unknown node 99".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Serves `service` on a free loopback port; returns its base URL.
+pub(crate) async fn spawn(service: MapService) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = http::router(Arc::new(service));
+    tokio::spawn(http::serve(listener, app, std::future::pending()));
+    url
+}

@@ -1,0 +1,128 @@
+//! JSON shapes of the client API, shared by the server and the Rust client.
+//!
+//! Field names are public interface: scripts parse them. Additions are fine; renames are not.
+
+use raftkv_storage::NodeId;
+use serde::{Deserialize, Serialize};
+
+/// Body of `PUT /kv/{key}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutBody {
+    pub value: String,
+}
+
+/// Body of `POST /cluster/transfer-leader`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransferBody {
+    pub to: NodeId,
+}
+
+/// A committed and applied write.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Written {
+    /// The log index the write was applied at.
+    pub index: u64,
+    /// The node that led when the write committed.
+    pub leader: NodeId,
+}
+
+/// A committed and applied delete.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deleted {
+    pub deleted: bool,
+    pub index: u64,
+    pub leader: NodeId,
+}
+
+/// A read: the value (if any) and the applied index it reflects.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadValue {
+    pub value: Option<String>,
+    pub index: u64,
+    /// The leader that confirmed the read (none for a stale read).
+    pub leader: Option<NodeId>,
+}
+
+/// A listing, in key order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listed {
+    pub items: Vec<KeyValue>,
+    pub index: u64,
+}
+
+/// One key and its value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: String,
+}
+
+/// Response of `PUT /kv/{key}` and `GET /kv/{key}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvResponse {
+    pub key: String,
+    pub value: String,
+    pub index: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<NodeId>,
+}
+
+/// Response of `DELETE /kv/{key}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteResponse {
+    pub key: String,
+    pub deleted: bool,
+    pub index: u64,
+    pub leader: NodeId,
+}
+
+/// Response of `GET /kv?prefix=P&limit=N`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListResponse {
+    pub items: Vec<KeyValue>,
+    pub count: usize,
+    pub index: u64,
+}
+
+/// Every error body: `{"error": "..."}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// The leader as reported in a status.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderInfo {
+    pub id: NodeId,
+    pub client_url: Option<String>,
+}
+
+/// One member as a node sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub id: NodeId,
+    pub peer_addr: String,
+    pub client_url: Option<String>,
+    /// On the leader: the highest index known replicated on this member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub match_index: Option<u64>,
+}
+
+/// Response of `GET /cluster/status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub id: NodeId,
+    pub cluster_id: String,
+    /// `leader`, `follower`, `candidate` or `pre-candidate`.
+    pub role: String,
+    pub term: u64,
+    pub leader: Option<LeaderInfo>,
+    pub first_index: u64,
+    pub last_index: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub snapshot_index: u64,
+    pub members: Vec<MemberStatus>,
+}
