@@ -4,3 +4,5 @@
 //!, and the consensus core, node runtime, server and client as they land.
 
 pub use raftkv_storage as storage;
+
+pub mod raft;
