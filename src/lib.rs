@@ -1,12 +1,15 @@
 //! raftkv: a durable, Raft-replicated key-value store.
 //!
-//! The crate holds everything above the storage layer (`raftkv-storage`): operator tools today
-//! ([`check_disk`]), and the consensus core, node runtime, server and client as they land.
-
-pub mod check_disk;
-
-pub use raftkv_storage as storage;
+//! The crate holds everything above the storage layer (`raftkv-storage`):
+//! - [`raft`]: the consensus core, a deterministic state machine without I/O;
+//! - [`transport`]: peer connections; [`api`]: the HTTP/JSON client API; [`client`]: the Rust
+//!   client;
+//! - [`check_disk`]: the operator's disk check.
 
 pub mod api;
+pub mod check_disk;
 pub mod client;
+pub mod raft;
 pub mod transport;
+
+pub use raftkv_storage as storage;

@@ -1,0 +1,97 @@
+//! Tunables of the consensus core, all in ticks, bytes or counts (never wall-clock time).
+//!
+//! The node decides how long a tick is (e.g. `heartbeat_ms / heartbeat_ticks`); the core only
+//! counts ticks, which keeps it free of clocks and deterministic.
+
+use crate::storage::NodeId;
+
+/// Configuration of one consensus core.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// This node's id (never 0).
+    pub id: NodeId,
+    /// Lower bound of the randomized election timeout, in ticks. Also the check-quorum period.
+    pub election_timeout_min_ticks: u32,
+    /// Upper bound (exclusive) of the randomized election timeout, in ticks.
+    pub election_timeout_max_ticks: u32,
+    /// A leader sends heartbeats every this many ticks.
+    pub heartbeat_ticks: u32,
+    /// Run a pre-vote round before a real election, so a node that was partitioned away cannot
+    /// disrupt a healthy leader by bumping the term when it rejoins.
+    pub pre_vote: bool,
+    /// A leader that has not heard from a quorum within `election_timeout_min_ticks` steps
+    /// down; followers that heard from a leader recently ignore vote requests.
+    pub check_quorum: bool,
+    /// Serve reads from the leader's lease without a heartbeat round. Unsafe if clocks drift
+    /// by more than the election timeout's margin; requires `check_quorum`. Off by default.
+    pub lease_reads: bool,
+    /// Most payload bytes in one AppendEntries message (at least one entry is always sent).
+    pub max_append_bytes: u64,
+    /// Most AppendEntries messages in flight to one follower in replicate state.
+    pub max_inflight_msgs: usize,
+    /// Most entry bytes in flight to one follower in replicate state.
+    pub max_inflight_bytes: u64,
+    /// A leader refuses proposals while this many bytes of its log are not yet committed.
+    pub max_uncommitted_bytes: u64,
+    /// A leader refuses proposals while its in-memory log (since the last compaction) holds
+    /// more than this many bytes: the node must compact first.
+    pub max_log_bytes: u64,
+    /// Most entry bytes handed out to apply in one ready batch (at least one entry).
+    pub max_apply_bytes: u64,
+    /// Most read requests waiting for confirmation or for their index to be applied.
+    pub max_pending_reads: usize,
+    /// Most messages buffered for the node between two `ready()` calls; beyond that messages
+    /// are dropped (Raft tolerates message loss) and a warning is logged.
+    pub max_outbox_msgs: usize,
+}
+
+impl Config {
+    /// Defaults suited to a 100 ms tick-free setting: heartbeat every 1 tick, elections after
+    /// 10..20 ticks.
+    pub fn new(id: NodeId) -> Config {
+        Config {
+            id,
+            election_timeout_min_ticks: 10,
+            election_timeout_max_ticks: 20,
+            heartbeat_ticks: 1,
+            pre_vote: true,
+            check_quorum: true,
+            lease_reads: false,
+            max_append_bytes: 1 << 20,
+            max_inflight_msgs: 256,
+            max_inflight_bytes: 32 << 20,
+            max_uncommitted_bytes: 64 << 20,
+            max_log_bytes: 1 << 30,
+            max_apply_bytes: 16 << 20,
+            max_pending_reads: 4096,
+            max_outbox_msgs: 1 << 16,
+        }
+    }
+
+    /// Checks the configuration is usable, with a message naming the bad field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.id == 0 {
+            return Err("id must not be 0".into());
+        }
+        if self.heartbeat_ticks == 0 {
+            return Err("heartbeat_ticks must be at least 1".into());
+        }
+        if self.election_timeout_min_ticks <= self.heartbeat_ticks {
+            return Err("election_timeout_min_ticks must exceed heartbeat_ticks".into());
+        }
+        if self.election_timeout_max_ticks <= self.election_timeout_min_ticks {
+            return Err("election_timeout_max_ticks must exceed election_timeout_min_ticks".into());
+        }
+        if self.lease_reads && !self.check_quorum {
+            return Err("lease_reads requires check_quorum".into());
+        }
+        if self.max_inflight_msgs == 0 || self.max_pending_reads == 0 || self.max_outbox_msgs == 0
+        {
+            return Err("queue limits must be at least 1".into());
+        }
+        if self.max_append_bytes == 0 || self.max_inflight_bytes == 0 || self.max_apply_bytes == 0 {
+            return Err("byte limits must be at least 1".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,1164 @@
+//! The Raft consensus state machine: elections, replication, commitment, compaction,
+//! leadership transfer and ReadIndex, with no I/O.
+//!
+//! Inputs: [`Raft::tick`], [`Raft::step`], [`Raft::propose`], [`Raft::read_index`],
+//! [`Raft::transfer_leadership`] and the reports [`Raft::persisted`], [`Raft::applied`],
+//! [`Raft::snapshot_sent`], [`Raft::peer_unreachable`], [`Raft::compact`]. Output: [`Raft::ready`].
+//! The same inputs always give the same outputs: randomness comes from the seeded [`Rng`] and
+//! peers are iterated in `BTreeMap` order.
+//!
+//! Safety invariants kept here (checked by the simulator after every step):
+//! - `commit` never decreases and never exceeds `log.last_index()`;
+//! - a leader counts itself toward a quorum only up to `persisted` (Raft thesis §10.2.1);
+//! - a leader commits only an entry of its own term by counting (Raft paper, Figure 8);
+//! - a vote is granted at most once per term and only to an up-to-date log, and the vote
+//!   response leaves only after the vote is durable;
+//! - entries at or below `commit` are never truncated.
+
+use super::config::Config;
+use super::log::RaftLog;
+use super::message::{Message, MessageBody};
+use super::progress::{Progress, ProgressState};
+use super::read_index::ReadIndexQueue;
+use super::ready::{RaftError, ReadId, Ready, SnapshotSend};
+use super::rng::Rng;
+use crate::storage::codec;
+use crate::storage::{Entry, EntryKind, HardState, Membership, NodeId, SnapshotMeta};
+use std::collections::BTreeMap;
+
+/// A node's role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Follower,
+    PreCandidate,
+    Candidate,
+    Leader,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Follower => "follower",
+            Role::PreCandidate => "pre-candidate",
+            Role::Candidate => "candidate",
+            Role::Leader => "leader",
+        }
+    }
+}
+
+/// Durable state a node restarts from.
+#[derive(Clone, Debug, Default)]
+pub struct RestartState {
+    pub hard_state: HardState,
+    /// The newest snapshot (default: none, index 0).
+    pub snapshot: SnapshotMeta,
+    /// The durable log entries after the WAL's purge point, contiguous. They may start at or
+    /// before `snapshot.index + 1` (the WAL keeps a catch-up margin).
+    pub entries: Vec<Entry>,
+    /// The state machine's durable applied index (at least `snapshot.index`).
+    pub applied: u64,
+}
+
+/// The consensus core of one node.
+pub struct Raft {
+    config: Config,
+    rng: Rng,
+    // Durable state.
+    term: u64,
+    vote: Option<NodeId>,
+    log: RaftLog,
+    commit: u64,
+    membership: Membership,
+    // Volatile state.
+    role: Role,
+    leader: Option<NodeId>,
+    election_elapsed: u32,
+    heartbeat_elapsed: u32,
+    election_timeout: u32,
+    /// Local log durable up to here.
+    persisted: u64,
+    /// Reported applied by the node.
+    applied: u64,
+    /// Handed out to apply up to here.
+    applying: u64,
+    /// Candidate: votes received.
+    votes: BTreeMap<NodeId, bool>,
+    /// Leader: per-follower progress.
+    progress: BTreeMap<NodeId, Progress>,
+    transfer: Option<(NodeId, u32)>,
+    reads: ReadIndexQueue,
+    /// Leader: bytes appended and not yet committed.
+    uncommitted_bytes: u64,
+    // Output not yet handed out.
+    hard_state_handed: HardState,
+    unstable_from: u64,
+    snapshot_to_install: Option<SnapshotMeta>,
+    messages_now: Vec<Message>,
+    messages_after_persist: Vec<Message>,
+    snapshot_sends: Vec<SnapshotSend>,
+    reads_dropped: Vec<ReadId>,
+}
+
+impl Raft {
+    /// A brand-new member of a brand-new cluster. Every initial member bootstraps with the same
+    /// `membership`: the log starts with the same committed Config entry (index 1, term 1) on
+    /// all of them, so the configuration lives in the log from the start.
+    pub fn bootstrap(config: Config, membership: Membership, seed: u64) -> Result<Raft, RaftError> {
+        if !membership.voters.contains(&config.id) {
+            return Err(RaftError::InvalidConfig(format!(
+                "node {} is not among the voters {:?}",
+                config.id, membership.voters
+            )));
+        }
+        let payload = codec::encode(&membership)
+            .map_err(|e| RaftError::InvalidConfig(format!("membership: {e}")))?;
+        let mut raft = Raft::empty(config, membership, seed)?;
+        raft.term = 1;
+        raft.log.append(Entry {
+            index: 1,
+            term: 1,
+            kind: EntryKind::Config,
+            payload,
+        });
+        raft.commit = 1;
+        raft.unstable_from = 1;
+        Ok(raft)
+    }
+
+    /// A node restarting from its durable state.
+    pub fn restart(config: Config, state: RestartState, seed: u64) -> Result<Raft, RaftError> {
+        let RestartState {
+            hard_state,
+            snapshot,
+            entries,
+            applied,
+        } = state;
+        for pair in entries.windows(2) {
+            if pair[1].index != pair[0].index + 1 || pair[1].term < pair[0].term {
+                return Err(RaftError::InvalidRestart(format!(
+                    "log not contiguous at index {}",
+                    pair[1].index
+                )));
+            }
+        }
+        let mut log = RaftLog::new(snapshot.index, snapshot.term);
+        let mut rest: &[Entry] = &entries;
+        if let Some(first) = entries.first() {
+            if first.index > snapshot.index + 1 {
+                return Err(RaftError::InvalidRestart(format!(
+                    "gap between snapshot {} and first entry {}",
+                    snapshot.index, first.index
+                )));
+            }
+            if first.index <= snapshot.index {
+                // The WAL kept a margin before the snapshot: the first entry becomes the base.
+                match entries.iter().find(|e| e.index == snapshot.index) {
+                    Some(e) if e.term != snapshot.term => {
+                        return Err(RaftError::InvalidRestart(format!(
+                            "entry {} has term {} but the snapshot says {}",
+                            e.index, e.term, snapshot.term
+                        )))
+                    }
+                    _ => {}
+                }
+                log = RaftLog::new(first.index, first.term);
+                rest = &entries[1..];
+            }
+        }
+        for e in rest {
+            log.append(e.clone());
+        }
+        let mut membership = snapshot.membership.clone();
+        for e in entries.iter().filter(|e| e.kind == EntryKind::Config) {
+            membership = codec::decode(&e.payload).map_err(|err| {
+                RaftError::InvalidRestart(format!("config entry {}: {err}", e.index))
+            })?;
+        }
+        if !membership.voters.contains(&config.id) {
+            return Err(RaftError::InvalidRestart(format!(
+                "node {} is not among the voters {:?}",
+                config.id, membership.voters
+            )));
+        }
+        let applied = applied.max(snapshot.index);
+        if applied > log.last_index() {
+            return Err(RaftError::InvalidRestart(format!(
+                "applied index {applied} is beyond the log's last index {}",
+                log.last_index()
+            )));
+        }
+        let mut raft = Raft::empty(config, membership, seed)?;
+        raft.term = hard_state.term;
+        raft.vote = hard_state.vote;
+        // A torn write may have kept the hard state but not all entries it covers.
+        raft.commit = hard_state
+            .commit
+            .max(snapshot.index)
+            .max(applied)
+            .min(log.last_index());
+        raft.persisted = log.last_index();
+        raft.applied = applied;
+        raft.applying = applied;
+        raft.unstable_from = log.last_index() + 1;
+        raft.log = log;
+        raft.hard_state_handed = hard_state;
+        Ok(raft)
+    }
+
+    fn empty(config: Config, membership: Membership, seed: u64) -> Result<Raft, RaftError> {
+        config.validate().map_err(RaftError::InvalidConfig)?;
+        let mut raft = Raft {
+            rng: Rng::new(seed ^ config.id.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            config,
+            term: 0,
+            vote: None,
+            log: RaftLog::new(0, 0),
+            commit: 0,
+            membership,
+            role: Role::Follower,
+            leader: None,
+            election_elapsed: 0,
+            heartbeat_elapsed: 0,
+            election_timeout: 0,
+            persisted: 0,
+            applied: 0,
+            applying: 0,
+            votes: BTreeMap::new(),
+            progress: BTreeMap::new(),
+            transfer: None,
+            reads: ReadIndexQueue::default(),
+            uncommitted_bytes: 0,
+            hard_state_handed: HardState::default(),
+            unstable_from: 1,
+            snapshot_to_install: None,
+            messages_now: Vec::new(),
+            messages_after_persist: Vec::new(),
+            snapshot_sends: Vec::new(),
+            reads_dropped: Vec::new(),
+        };
+        raft.reset_election_timeout();
+        Ok(raft)
+    }
+
+    // ----- accessors -----
+
+    pub fn id(&self) -> NodeId {
+        self.config.id
+    }
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+    pub fn term(&self) -> u64 {
+        self.term
+    }
+    pub fn vote(&self) -> Option<NodeId> {
+        self.vote
+    }
+    pub fn role(&self) -> Role {
+        self.role
+    }
+    /// The leader this node currently follows (itself if leader).
+    pub fn leader(&self) -> Option<NodeId> {
+        self.leader
+    }
+    pub fn commit_index(&self) -> u64 {
+        self.commit
+    }
+    pub fn applied_index(&self) -> u64 {
+        self.applied
+    }
+    pub fn persisted_index(&self) -> u64 {
+        self.persisted
+    }
+    pub fn log(&self) -> &RaftLog {
+        &self.log
+    }
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+    pub fn hard_state(&self) -> HardState {
+        HardState {
+            term: self.term,
+            vote: self.vote,
+            commit: self.commit,
+        }
+    }
+    /// Leader only: a follower's progress.
+    pub fn progress(&self, peer: NodeId) -> Option<&Progress> {
+        self.progress.get(&peer)
+    }
+    /// The leadership transfer in progress, if any.
+    pub fn transfer_target(&self) -> Option<NodeId> {
+        self.transfer.map(|(to, _)| to)
+    }
+
+    fn quorum(&self) -> usize {
+        self.membership.voters.len() / 2 + 1
+    }
+
+    fn peers(&self) -> Vec<NodeId> {
+        self.membership
+            .voters
+            .iter()
+            .copied()
+            .filter(|&id| id != self.config.id)
+            .collect()
+    }
+
+    fn reset_election_timeout(&mut self) {
+        self.election_elapsed = 0;
+        self.election_timeout = self.rng.range(
+            u64::from(self.config.election_timeout_min_ticks),
+            u64::from(self.config.election_timeout_max_ticks),
+        ) as u32;
+    }
+
+    // ----- output helpers -----
+
+    fn send_with_term(&mut self, to: NodeId, term: u64, body: MessageBody) {
+        let now = matches!(
+            body,
+            MessageBody::Append { .. }
+                | MessageBody::Heartbeat { .. }
+                | MessageBody::TimeoutNow
+                | MessageBody::Vote { pre: true, .. }
+                | MessageBody::VoteResponse { pre: true, .. }
+        );
+        let outbox_len = self.messages_now.len() + self.messages_after_persist.len();
+        if outbox_len >= self.config.max_outbox_msgs {
+            tracing::warn!(to, "outbox full ({outbox_len} messages): dropping a message");
+            return;
+        }
+        let msg = Message {
+            from: self.config.id,
+            to,
+            term,
+            body,
+        };
+        if now {
+            self.messages_now.push(msg);
+        } else {
+            self.messages_after_persist.push(msg);
+        }
+    }
+
+    fn send(&mut self, to: NodeId, body: MessageBody) {
+        self.send_with_term(to, self.term, body);
+    }
+
+    // ----- role changes -----
+
+    fn become_follower(&mut self, term: u64, leader: Option<NodeId>) {
+        if term > self.term {
+            self.term = term;
+            self.vote = None;
+        }
+        if self.role == Role::Leader {
+            self.reads.step_down(&mut self.reads_dropped);
+        }
+        self.role = Role::Follower;
+        self.leader = leader;
+        self.progress.clear();
+        self.votes.clear();
+        self.transfer = None;
+        self.uncommitted_bytes = 0;
+        self.reset_election_timeout();
+    }
+
+    fn campaign(&mut self, kind: Campaign) {
+        if !self.membership.voters.contains(&self.config.id) {
+            return;
+        }
+        let pre = kind == Campaign::PreVote;
+        let transfer = kind == Campaign::Transfer;
+        if self.role == Role::Leader {
+            self.reads.step_down(&mut self.reads_dropped);
+            self.progress.clear();
+        }
+        self.leader = None;
+        self.votes.clear();
+        self.votes.insert(self.config.id, true);
+        self.reset_election_timeout();
+        let vote_term = if pre {
+            self.role = Role::PreCandidate;
+            self.term + 1
+        } else {
+            self.role = Role::Candidate;
+            self.term += 1;
+            self.vote = Some(self.config.id);
+            self.term
+        };
+        tracing::debug!(id = self.config.id, term = vote_term, pre, "campaign");
+        if self.votes_won() {
+            self.election_won();
+            return;
+        }
+        let (last_index, last_term) = (self.log.last_index(), self.log.last_term());
+        for peer in self.peers() {
+            self.send_with_term(
+                peer,
+                vote_term,
+                MessageBody::Vote {
+                    pre,
+                    last_index,
+                    last_term,
+                    transfer,
+                },
+            );
+        }
+    }
+
+    fn votes_won(&self) -> bool {
+        self.votes.values().filter(|&&g| g).count() >= self.quorum()
+    }
+
+    fn votes_lost(&self) -> bool {
+        self.votes.values().filter(|&&g| !g).count() >= self.quorum()
+    }
+
+    fn election_won(&mut self) {
+        if self.role == Role::PreCandidate {
+            // A won pre-vote leads to a real election.
+            self.campaign(Campaign::Election);
+            return;
+        }
+        self.become_leader();
+    }
+
+    fn become_leader(&mut self) {
+        tracing::debug!(id = self.config.id, term = self.term, "became leader");
+        self.role = Role::Leader;
+        self.leader = Some(self.config.id);
+        self.votes.clear();
+        self.transfer = None;
+        self.heartbeat_elapsed = 0;
+        self.election_elapsed = 0;
+        let next = self.log.last_index() + 1;
+        self.progress = self
+            .peers()
+            .into_iter()
+            .map(|p| {
+                let mut pr = Progress::new(
+                    next,
+                    self.config.max_inflight_msgs,
+                    self.config.max_inflight_bytes,
+                );
+                pr.recent_active = true;
+                (p, pr)
+            })
+            .collect();
+        self.uncommitted_bytes = 0;
+        let noop = Entry {
+            index: next,
+            term: self.term,
+            kind: EntryKind::Noop,
+            payload: Vec::new(),
+        };
+        self.append_local(noop);
+        self.maybe_commit();
+    }
+
+    fn append_local(&mut self, entry: Entry) {
+        self.uncommitted_bytes += entry.size_bytes() as u64;
+        self.log.append(entry);
+    }
+
+    // ----- inputs -----
+
+    /// Advances logical time by one tick.
+    pub fn tick(&mut self) {
+        self.election_elapsed = self.election_elapsed.saturating_add(1);
+        if self.role != Role::Leader {
+            if self.election_elapsed >= self.election_timeout {
+                let kind = if self.config.pre_vote {
+                    Campaign::PreVote
+                } else {
+                    Campaign::Election
+                };
+                self.campaign(kind);
+            }
+            return;
+        }
+        self.heartbeat_elapsed += 1;
+        if let Some((to, elapsed)) = self.transfer {
+            if elapsed + 1 >= self.config.election_timeout_min_ticks {
+                tracing::debug!(to, "leadership transfer timed out");
+                self.transfer = None;
+            } else {
+                self.transfer = Some((to, elapsed + 1));
+            }
+        }
+        if self.election_elapsed >= self.config.election_timeout_min_ticks {
+            self.election_elapsed = 0;
+            if self.config.check_quorum {
+                let active = 1 + self.progress.values().filter(|p| p.recent_active).count();
+                if active < self.quorum() {
+                    tracing::debug!(id = self.config.id, "check-quorum failed: stepping down");
+                    self.become_follower(self.term, None);
+                    return;
+                }
+            }
+            for pr in self.progress.values_mut() {
+                pr.recent_active = false;
+            }
+        }
+        if self.heartbeat_elapsed >= self.config.heartbeat_ticks {
+            self.heartbeat_elapsed = 0;
+            self.broadcast_heartbeat(self.reads.round());
+        }
+    }
+
+    fn broadcast_heartbeat(&mut self, read_round: u64) {
+        let targets: Vec<(NodeId, u64)> = self
+            .progress
+            .iter()
+            .map(|(&id, pr)| (id, pr.match_index.min(self.commit)))
+            .collect();
+        for (to, commit) in targets {
+            self.send(to, MessageBody::Heartbeat { commit, read_round });
+        }
+    }
+
+    /// Proposes a command. On the leader returns the (index, term) it will have if committed.
+    pub fn propose(&mut self, payload: Vec<u8>) -> Result<(u64, u64), RaftError> {
+        if self.role != Role::Leader {
+            return Err(RaftError::NotLeader {
+                leader: self.leader,
+            });
+        }
+        if let Some((to, _)) = self.transfer {
+            return Err(RaftError::TransferInProgress { to });
+        }
+        if self.uncommitted_bytes >= self.config.max_uncommitted_bytes {
+            return Err(RaftError::ProposalBacklogFull {
+                uncommitted_bytes: self.uncommitted_bytes,
+                max_bytes: self.config.max_uncommitted_bytes,
+            });
+        }
+        if self.log.bytes() >= self.config.max_log_bytes {
+            return Err(RaftError::LogFull {
+                log_bytes: self.log.bytes(),
+                max_bytes: self.config.max_log_bytes,
+            });
+        }
+        let index = self.log.last_index() + 1;
+        self.append_local(Entry {
+            index,
+            term: self.term,
+            kind: EntryKind::Normal,
+            payload,
+        });
+        self.maybe_commit();
+        Ok((index, self.term))
+    }
+
+    /// Asks for a linearizable read. The read comes back in `Ready::read_states` once safe, or
+    /// in `Ready::reads_dropped` if leadership is lost first.
+    pub fn read_index(&mut self, id: ReadId) -> Result<(), RaftError> {
+        if self.role != Role::Leader {
+            return Err(RaftError::NotLeader {
+                leader: self.leader,
+            });
+        }
+        if self.reads.len() >= self.config.max_pending_reads {
+            return Err(RaftError::ReadBacklogFull {
+                max: self.config.max_pending_reads,
+            });
+        }
+        if self.log.term(self.commit) != Some(self.term) {
+            self.reads.push_before_noop(id);
+        } else if self.config.lease_reads || self.quorum() == 1 {
+            self.reads.push_confirmed(id, self.commit);
+        } else {
+            self.reads.push(id, self.commit);
+        }
+        Ok(())
+    }
+
+    /// Starts handing leadership to `to`: catch it up, then tell it to campaign at once.
+    /// Proposals are refused until it succeeds or an election timeout passes.
+    pub fn transfer_leadership(&mut self, to: NodeId) -> Result<(), RaftError> {
+        if self.role != Role::Leader {
+            return Err(RaftError::NotLeader {
+                leader: self.leader,
+            });
+        }
+        if to == self.config.id {
+            return Ok(());
+        }
+        let Some(pr) = self.progress.get(&to) else {
+            return Err(RaftError::UnknownPeer(to));
+        };
+        let caught_up = pr.match_index == self.log.last_index();
+        self.transfer = Some((to, 0));
+        if caught_up {
+            self.send(to, MessageBody::TimeoutNow);
+        }
+        Ok(())
+    }
+
+    /// The log is durable up to (`index`, `term`).
+    pub fn persisted(&mut self, index: u64, term: u64) {
+        if index > self.persisted && self.log.term(index) == Some(term) {
+            self.persisted = index;
+            if self.role == Role::Leader {
+                self.maybe_commit();
+            }
+        }
+    }
+
+    /// The state machine applied everything up to `index`.
+    pub fn applied(&mut self, index: u64) {
+        self.applied = self.applied.max(index.min(self.applying));
+    }
+
+    /// The node finished (or failed) streaming a snapshot to `peer`.
+    pub fn snapshot_sent(&mut self, peer: NodeId, ok: bool) {
+        let Some(pr) = self.progress.get_mut(&peer) else {
+            return;
+        };
+        if let ProgressState::Snapshot { .. } = pr.state {
+            if !ok {
+                pr.state = ProgressState::Snapshot { pending_index: 0 };
+            }
+            pr.become_probe();
+            // Wait for the follower's answer (or the next heartbeat response) before probing.
+            pr.probe_sent = true;
+        }
+    }
+
+    /// The node could not reach `peer`: stop streaming to it optimistically.
+    pub fn peer_unreachable(&mut self, peer: NodeId) {
+        if let Some(pr) = self.progress.get_mut(&peer) {
+            if pr.state == ProgressState::Replicate {
+                pr.become_probe();
+            }
+        }
+    }
+
+    /// The node took a snapshot covering at least `index` (whose entry has `term`): drop the
+    /// log up to `index`. `index` must be applied.
+    pub fn compact(&mut self, index: u64, term: u64) -> Result<(), RaftError> {
+        if index <= self.log.base_index() {
+            return Ok(());
+        }
+        if index > self.applied {
+            return Err(RaftError::InvalidCompaction {
+                index,
+                reason: format!("not applied yet (applied {})", self.applied),
+            });
+        }
+        if self.log.term(index) != Some(term) {
+            return Err(RaftError::InvalidCompaction {
+                index,
+                reason: format!("term {term} does not match {:?}", self.log.term(index)),
+            });
+        }
+        self.log.compact(index);
+        Ok(())
+    }
+
+    /// Handles a message from a peer.
+    pub fn step(&mut self, m: Message) -> Result<(), RaftError> {
+        if m.to != self.config.id {
+            return Err(RaftError::WrongRecipient {
+                to: m.to,
+                id: self.config.id,
+            });
+        }
+        if !self.membership.voters.contains(&m.from) || m.from == self.config.id {
+            return Err(RaftError::UnknownPeer(m.from));
+        }
+        if m.term > self.term {
+            match &m.body {
+                MessageBody::Vote { pre, transfer, .. } => {
+                    let in_lease = self.config.check_quorum
+                        && self.leader.is_some()
+                        && self.election_elapsed < self.config.election_timeout_min_ticks;
+                    if in_lease && !transfer {
+                        // Heard from a leader recently: ignore (leader stickiness).
+                        return Ok(());
+                    }
+                    if !pre {
+                        self.become_follower(m.term, None);
+                    }
+                }
+                MessageBody::VoteResponse {
+                    pre: true,
+                    granted: true,
+                } => {}
+                MessageBody::Append { .. }
+                | MessageBody::Heartbeat { .. }
+                | MessageBody::InstallSnapshot { .. }
+                | MessageBody::TimeoutNow => self.become_follower(m.term, Some(m.from)),
+                _ => self.become_follower(m.term, None),
+            }
+        } else if m.term < self.term {
+            match &m.body {
+                MessageBody::Append { .. } | MessageBody::Heartbeat { .. }
+                    if self.config.check_quorum || self.config.pre_vote =>
+                {
+                    // Tell a stale leader about the newer term so it steps down.
+                    self.send(
+                        m.from,
+                        MessageBody::AppendResponse {
+                            reject: true,
+                            index: 0,
+                            hint: None,
+                        },
+                    );
+                }
+                MessageBody::Vote { pre: true, .. } => {
+                    self.send(
+                        m.from,
+                        MessageBody::VoteResponse {
+                            pre: true,
+                            granted: false,
+                        },
+                    );
+                }
+                _ => {}
+            }
+            return Ok(());
+        }
+
+        match m.body {
+            MessageBody::Vote {
+                pre,
+                last_index,
+                last_term,
+                ..
+            } => {
+                let can_vote = self.vote == Some(m.from)
+                    || (self.vote.is_none() && self.leader.is_none())
+                    || (pre && m.term > self.term);
+                if can_vote && self.log.is_up_to_date(last_index, last_term) {
+                    if !pre {
+                        self.vote = Some(m.from);
+                        self.election_elapsed = 0;
+                    }
+                    self.send_with_term(m.from, m.term, MessageBody::VoteResponse { pre, granted: true });
+                } else {
+                    self.send(m.from, MessageBody::VoteResponse { pre, granted: false });
+                }
+            }
+            MessageBody::VoteResponse { pre, granted } => {
+                if pre && granted && m.term != self.term + 1 {
+                    return Ok(()); // a grant from an older pre-vote round
+                }
+                let expected = if pre {
+                    Role::PreCandidate
+                } else {
+                    Role::Candidate
+                };
+                if self.role != expected {
+                    return Ok(());
+                }
+                self.votes.insert(m.from, granted);
+                if self.votes_won() {
+                    self.election_won();
+                } else if self.votes_lost() {
+                    self.become_follower(self.term, None);
+                }
+            }
+            MessageBody::Append {
+                prev_index,
+                prev_term,
+                entries,
+                commit,
+            } => {
+                if self.role == Role::Leader {
+                    tracing::warn!(from = m.from, term = m.term, "append from another leader of my term");
+                    return Ok(());
+                }
+                if self.role != Role::Follower {
+                    self.become_follower(m.term, Some(m.from));
+                }
+                self.leader = Some(m.from);
+                self.election_elapsed = 0;
+                self.handle_append(m.from, prev_index, prev_term, entries, commit)?;
+            }
+            MessageBody::Heartbeat { commit, read_round } => {
+                if self.role == Role::Leader {
+                    return Ok(());
+                }
+                if self.role != Role::Follower {
+                    self.become_follower(m.term, Some(m.from));
+                }
+                self.leader = Some(m.from);
+                self.election_elapsed = 0;
+                // The leader caps `commit` at what it knows we hold.
+                let commit = commit.min(self.log.last_index());
+                if commit > self.commit {
+                    self.commit = commit;
+                }
+                self.send(m.from, MessageBody::HeartbeatResponse { read_round });
+            }
+            MessageBody::InstallSnapshot { meta } => {
+                if self.role == Role::Leader {
+                    return Ok(());
+                }
+                if self.role != Role::Follower {
+                    self.become_follower(m.term, Some(m.from));
+                }
+                self.leader = Some(m.from);
+                self.election_elapsed = 0;
+                self.handle_snapshot(m.from, meta);
+            }
+            MessageBody::TimeoutNow => {
+                if self.role != Role::Leader {
+                    tracing::debug!(id = self.config.id, "TimeoutNow: campaigning");
+                    self.campaign(Campaign::Transfer);
+                }
+            }
+            MessageBody::AppendResponse {
+                reject,
+                index,
+                hint,
+            } => {
+                if self.role == Role::Leader {
+                    self.handle_append_response(m.from, reject, index, hint);
+                }
+            }
+            MessageBody::HeartbeatResponse { read_round } => {
+                if self.role == Role::Leader {
+                    self.handle_heartbeat_response(m.from, read_round);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_append(
+        &mut self,
+        from: NodeId,
+        prev_index: u64,
+        prev_term: u64,
+        entries: Vec<Entry>,
+        leader_commit: u64,
+    ) -> Result<(), RaftError> {
+        for (k, e) in entries.iter().enumerate() {
+            if e.index != prev_index + 1 + k as u64 || e.term > self.term {
+                return Err(RaftError::MalformedMessage {
+                    from,
+                    reason: format!("entry {k} has index {} term {}", e.index, e.term),
+                });
+            }
+        }
+        if prev_index < self.commit {
+            // Everything up to our commit index matches the leader already.
+            let index = self.commit;
+            self.send(
+                from,
+                MessageBody::AppendResponse {
+                    reject: false,
+                    index,
+                    hint: None,
+                },
+            );
+            return Ok(());
+        }
+        if self.log.term(prev_index) != Some(prev_term) {
+            let hint = self
+                .log
+                .find_conflict_by_term(prev_index.min(self.log.last_index()), prev_term);
+            self.send(
+                from,
+                MessageBody::AppendResponse {
+                    reject: true,
+                    index: prev_index,
+                    hint: Some(hint),
+                },
+            );
+            return Ok(());
+        }
+        let last_new = prev_index + entries.len() as u64;
+        let mut conflict_at = None;
+        for (k, e) in entries.iter().enumerate() {
+            if self.log.term(e.index) != Some(e.term) {
+                conflict_at = Some(k);
+                break;
+            }
+        }
+        if let Some(k) = conflict_at {
+            let first = entries[k].index;
+            if first <= self.log.last_index() {
+                if first <= self.commit {
+                    return Err(RaftError::MalformedMessage {
+                        from,
+                        reason: format!(
+                            "entry {first} conflicts with a committed entry (commit {})",
+                            self.commit
+                        ),
+                    });
+                }
+                self.log.truncate_from(first);
+                self.persisted = self.persisted.min(first - 1);
+            }
+            self.unstable_from = self.unstable_from.min(first);
+            for e in entries.into_iter().skip(k) {
+                self.log.append(e);
+            }
+        }
+        let commit = leader_commit.min(last_new);
+        if commit > self.commit {
+            self.commit = commit;
+        }
+        self.send(
+            from,
+            MessageBody::AppendResponse {
+                reject: false,
+                index: last_new,
+                hint: None,
+            },
+        );
+        Ok(())
+    }
+
+    fn handle_snapshot(&mut self, from: NodeId, meta: SnapshotMeta) {
+        if meta.index <= self.commit {
+            let index = self.commit;
+            self.send(
+                from,
+                MessageBody::AppendResponse {
+                    reject: false,
+                    index,
+                    hint: None,
+                },
+            );
+            return;
+        }
+        if self.log.term(meta.index) == Some(meta.term) {
+            // We hold the snapshot's last entry: the log matches up to it; just commit.
+            self.commit = meta.index;
+        } else {
+            tracing::debug!(id = self.config.id, index = meta.index, "installing snapshot");
+            self.log.reset(meta.index, meta.term);
+            self.commit = meta.index;
+            self.persisted = meta.index;
+            self.applied = meta.index;
+            self.applying = meta.index;
+            self.unstable_from = meta.index + 1;
+            self.membership = meta.membership.clone();
+            self.snapshot_to_install = Some(meta);
+        }
+        let index = self.commit;
+        self.send(
+            from,
+            MessageBody::AppendResponse {
+                reject: false,
+                index,
+                hint: None,
+            },
+        );
+    }
+
+    fn handle_append_response(
+        &mut self,
+        from: NodeId,
+        reject: bool,
+        index: u64,
+        hint: Option<(u64, u64)>,
+    ) {
+        let last_index = self.log.last_index();
+        let Some(pr) = self.progress.get_mut(&from) else {
+            return;
+        };
+        pr.recent_active = true;
+        if reject {
+            let match_hint = match hint {
+                Some((hint_index, hint_term)) => {
+                    self.log.find_conflict_by_term(hint_index, hint_term).0
+                }
+                None => return,
+            };
+            if pr.maybe_decr_to(index, match_hint) && pr.state == ProgressState::Replicate {
+                pr.become_probe();
+            }
+            return;
+        }
+        let index = index.min(last_index);
+        if !pr.maybe_update(index) {
+            return;
+        }
+        match pr.state {
+            ProgressState::Probe => pr.become_replicate(),
+            ProgressState::Snapshot { pending_index } if pr.match_index >= pending_index => {
+                pr.become_probe();
+            }
+            ProgressState::Replicate => pr.inflights.free_to(index),
+            ProgressState::Snapshot { .. } => {}
+        }
+        let caught_up = pr.match_index == last_index;
+        self.maybe_commit();
+        if let Some((to, _)) = self.transfer {
+            if to == from && caught_up {
+                self.send(to, MessageBody::TimeoutNow);
+            }
+        }
+    }
+
+    fn handle_heartbeat_response(&mut self, from: NodeId, read_round: u64) {
+        let last_index = self.log.last_index();
+        let Some(pr) = self.progress.get_mut(&from) else {
+            return;
+        };
+        pr.recent_active = true;
+        pr.probe_sent = false;
+        if pr.match_index < last_index {
+            pr.append_due = true;
+            if pr.state == ProgressState::Replicate && pr.inflights.full() {
+                pr.inflights.free_first();
+            }
+        }
+        let peers = self.peers();
+        let quorum = self.quorum();
+        self.reads.ack(from, read_round, &peers, quorum);
+    }
+
+    /// Leader: advances `commit` to the highest index a quorum holds, if it is of this term.
+    fn maybe_commit(&mut self) {
+        let mut matched: Vec<u64> = self.progress.values().map(|p| p.match_index).collect();
+        matched.push(self.persisted.min(self.log.last_index()));
+        matched.sort_unstable_by(|a, b| b.cmp(a));
+        let candidate = matched[self.quorum() - 1];
+        if candidate > self.commit && self.log.term(candidate) == Some(self.term) {
+            let first_of_term = self.log.term(self.commit) != Some(self.term);
+            for index in self.commit + 1..=candidate {
+                if let Some(e) = self.log.entry(index) {
+                    if e.term == self.term {
+                        self.uncommitted_bytes =
+                            self.uncommitted_bytes.saturating_sub(e.size_bytes() as u64);
+                    }
+                }
+            }
+            self.commit = candidate;
+            if first_of_term {
+                // Our no-op committed: we now know the commit index; reads may proceed.
+                let confirm = self.config.lease_reads || self.quorum() == 1;
+                self.reads.noop_committed(self.commit, confirm);
+            }
+        }
+    }
+
+    /// Leader: sends appends (or a snapshot request) to `peer` as its progress allows.
+    fn send_appends(&mut self, peer: NodeId) {
+        loop {
+            let last_index = self.log.last_index();
+            let commit = self.commit;
+            let base_index = self.log.base_index();
+            let Some(pr) = self.progress.get_mut(&peer) else {
+                return;
+            };
+            let has_entries = pr.next_index <= last_index;
+            let commit_due = commit > pr.commit_sent;
+            let append_due = pr.append_due;
+            if !(has_entries || commit_due || append_due) || pr.is_paused() {
+                return;
+            }
+            pr.append_due = false;
+            let prev_index = pr.next_index - 1;
+            if prev_index < base_index {
+                pr.become_snapshot(base_index);
+                self.snapshot_sends.push(SnapshotSend {
+                    to: peer,
+                    term: self.term,
+                });
+                return;
+            }
+            let Some(prev_term) = self.log.term(prev_index) else {
+                return;
+            };
+            let entries = self
+                .log
+                .slice(pr.next_index, last_index, self.config.max_append_bytes);
+            let bytes: u64 = entries.iter().map(|e| e.size_bytes() as u64).sum();
+            let sent_last = prev_index + entries.len() as u64;
+            let Some(pr) = self.progress.get_mut(&peer) else {
+                return;
+            };
+            match pr.state {
+                ProgressState::Replicate => {
+                    if !entries.is_empty() {
+                        pr.next_index = sent_last + 1;
+                        pr.inflights.add(sent_last, bytes);
+                    }
+                }
+                _ => pr.probe_sent = true,
+            }
+            // The follower may commit only what it is known (or about to be known) to hold.
+            let commit_sent = commit.min(sent_last);
+            pr.commit_sent = pr.commit_sent.max(commit_sent);
+            let stop = entries.is_empty();
+            self.send(
+                peer,
+                MessageBody::Append {
+                    prev_index,
+                    prev_term,
+                    entries,
+                    commit,
+                },
+            );
+            if stop {
+                return;
+            }
+        }
+    }
+
+    /// Takes everything the node has to do now. Never blocks; cheap when there is nothing.
+    pub fn ready(&mut self) -> Ready {
+        if self.role == Role::Leader {
+            if let Some(round) = self.reads.start_round_if_due() {
+                self.broadcast_heartbeat(round);
+            }
+            for peer in self.peers() {
+                self.send_appends(peer);
+            }
+        }
+        let mut ready = Ready::default();
+        let hs = self.hard_state();
+        if hs != self.hard_state_handed {
+            self.hard_state_handed = hs;
+            ready.hard_state = Some(hs);
+        }
+        ready.snapshot = self.snapshot_to_install.take();
+        if self.unstable_from <= self.log.last_index() {
+            ready.entries = self
+                .log
+                .slice(self.unstable_from, self.log.last_index(), u64::MAX);
+            self.unstable_from = self.log.last_index() + 1;
+        }
+        let apply_to = self.commit.min(self.persisted);
+        if apply_to > self.applying {
+            ready.committed =
+                self.log
+                    .slice(self.applying + 1, apply_to, self.config.max_apply_bytes);
+            if let Some(last) = ready.committed.last() {
+                self.applying = last.index;
+            }
+        }
+        self.reads.take_applied(self.applied, &mut ready.read_states);
+        ready.messages_now = std::mem::take(&mut self.messages_now);
+        ready.messages_after_persist = std::mem::take(&mut self.messages_after_persist);
+        ready.snapshot_sends = std::mem::take(&mut self.snapshot_sends);
+        ready.reads_dropped = std::mem::take(&mut self.reads_dropped);
+        ready
+    }
+
+    /// Reads confirmed but waiting for `applied` (for status and tests).
+    pub fn pending_reads(&self) -> usize {
+        self.reads.len()
+    }
+
+}
+
+/// Which kind of election a node starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Campaign {
+    /// A pre-vote round: asks whether peers would vote, without changing any term.
+    PreVote,
+    /// A real election (after a won pre-vote, or when pre-vote is off).
+    Election,
+    /// A real election asked for by the leader (TimeoutNow): passes followers' lease check.
+    Transfer,
+}

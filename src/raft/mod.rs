@@ -1,0 +1,32 @@
+//! The Raft consensus core: a deterministic state machine with no I/O.
+//!
+//! The node layer drives it with ticks, peer messages, proposals and read requests, and takes
+//! back [`Ready`] batches saying what to persist, send and apply (the contract is spelled out in
+//! [`ready`] and docs/raft-core.md). It holds no clock, socket, file or thread; randomness comes
+//! from a seed, so the deterministic simulator (tests/simulation.rs) can replay any run exactly.
+//!
+//! - [`core`]: the protocol ([`Raft`]): elections with PreVote and CheckQuorum, replication with
+//!   pipelining and fast backtracking, Figure-8-safe commitment, compaction and snapshots,
+//!   leadership transfer, ReadIndex and (optional) lease reads.
+//! - [`log`]: the in-memory log suffix after the last compaction.
+//! - [`progress`]: the leader's per-follower replication state.
+//! - [`read_index`]: the leader's queues of linearizable reads.
+//! - [`message`]: what cores send each other.
+//! - [`ready`]: what the core hands out, the node's obligations, and errors.
+//! - [`config`], [`rng`]: tunables in ticks and bytes; the seeded generator.
+
+pub mod config;
+pub mod core;
+pub mod log;
+pub mod message;
+pub mod progress;
+pub mod read_index;
+pub mod ready;
+pub mod rng;
+
+pub use self::config::Config;
+pub use self::core::{Raft, RestartState, Role};
+pub use self::log::RaftLog;
+pub use self::message::{Message, MessageBody};
+pub use self::progress::{Progress, ProgressState};
+pub use self::ready::{RaftError, ReadId, ReadState, Ready, SnapshotSend};

@@ -1,0 +1,113 @@
+//! What the core hands to the node, what the node reports back, and the core's errors.
+//!
+//! The contract (see also docs/raft-core.md), for each [`Ready`] in the order they are taken:
+//! 1. send `messages_now` (they do not depend on anything of this batch being durable);
+//! 2. durably write, in this order, `snapshot` (install the received snapshot file into the
+//!    state machine and reset the WAL to start after it), `hard_state`, then `entries` (the
+//!    first entry's index may be at or below the WAL's last index: the WAL's suffix from there
+//!    is replaced), and fsync;
+//! 3. call `Raft::persisted(last entry index, term)` (or with the snapshot's index and term)
+//!    and only then send `messages_after_persist`;
+//! 4. apply `committed` in order (this may overlap with 1–3: they are already durable) and
+//!    report `Raft::applied`; serve each of `read_states` (their index is already applied);
+//!    fail the reads in `reads_dropped` with "retry";
+//! 5. for each of `snapshot_sends`, stream the newest snapshot file to the peer, then step the
+//!    receiving core with `InstallSnapshot` and report `Raft::snapshot_sent` to this one.
+
+use super::message::Message;
+use crate::storage::{Entry, HardState, NodeId, SnapshotMeta};
+
+/// An opaque id the node gives a read request, returned with the read's outcome.
+pub type ReadId = u64;
+
+/// A read that is safe to serve: leadership was confirmed after the read arrived and the state
+/// machine has applied at least `index`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadState {
+    pub id: ReadId,
+    pub index: u64,
+}
+
+/// A request to stream the newest local snapshot to a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotSend {
+    /// The peer to send to.
+    pub to: NodeId,
+    /// The leader's term: the `InstallSnapshot` message stepped on the peer carries it.
+    pub term: u64,
+}
+
+/// One batch of work for the node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ready {
+    /// Hard state to persist, if it changed.
+    pub hard_state: Option<HardState>,
+    /// A received snapshot to install before the entries.
+    pub snapshot: Option<SnapshotMeta>,
+    /// Entries to persist (replacing the WAL's suffix from the first entry's index).
+    pub entries: Vec<Entry>,
+    /// Messages that may leave before this batch is durable (a leader's appends, heartbeats,
+    /// pre-votes).
+    pub messages_now: Vec<Message>,
+    /// Messages that may leave only once this batch is durable (votes, append
+    /// acknowledgements: they promise durable state).
+    pub messages_after_persist: Vec<Message>,
+    /// Committed entries to apply, in index order. All of them are already durable locally.
+    pub committed: Vec<Entry>,
+    /// Reads that are now safe to serve.
+    pub read_states: Vec<ReadState>,
+    /// Reads that will never be confirmed (leadership lost): answer "retry".
+    pub reads_dropped: Vec<ReadId>,
+    /// Snapshots to stream to peers.
+    pub snapshot_sends: Vec<SnapshotSend>,
+}
+
+impl Ready {
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.hard_state.is_none()
+            && self.snapshot.is_none()
+            && self.entries.is_empty()
+            && self.messages_now.is_empty()
+            && self.messages_after_persist.is_empty()
+            && self.committed.is_empty()
+            && self.read_states.is_empty()
+            && self.reads_dropped.is_empty()
+            && self.snapshot_sends.is_empty()
+    }
+
+    /// Whether the node must write and fsync before sending `messages_after_persist`.
+    pub fn needs_persist(&self) -> bool {
+        self.hard_state.is_some() || self.snapshot.is_some() || !self.entries.is_empty()
+    }
+}
+
+/// Errors of the consensus core. None of them leaves the core in a bad state.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RaftError {
+    #[error("not the leader (leader hint: {leader:?})")]
+    NotLeader { leader: Option<NodeId> },
+    #[error("leadership transfer to {to} in progress")]
+    TransferInProgress { to: NodeId },
+    #[error("too many uncommitted bytes ({uncommitted_bytes} >= {max_bytes})")]
+    ProposalBacklogFull {
+        uncommitted_bytes: u64,
+        max_bytes: u64,
+    },
+    #[error("log holds {log_bytes} bytes (max {max_bytes}): compact first")]
+    LogFull { log_bytes: u64, max_bytes: u64 },
+    #[error("too many pending reads (max {max})")]
+    ReadBacklogFull { max: usize },
+    #[error("node {0} is not a member")]
+    UnknownPeer(NodeId),
+    #[error("message for node {to} delivered to node {id}")]
+    WrongRecipient { to: NodeId, id: NodeId },
+    #[error("malformed message from {from}: {reason}")]
+    MalformedMessage { from: NodeId, reason: String },
+    #[error("invalid config: {0}")]
+    InvalidConfig(String),
+    #[error("invalid restart state: {0}")]
+    InvalidRestart(String),
+    #[error("cannot compact to {index}: {reason}")]
+    InvalidCompaction { index: u64, reason: String },
+}
