@@ -5,8 +5,12 @@
 //!   and crashes ([`vfs::SimFs`]) for tests.
 //! - [`types`]: entries, hard state, membership and snapshot metadata, shared with consensus.
 //! - [`codec`]: the single place a serialization codec is used (payloads only, never framing).
+//! - [`command`]: the versioned client commands a `Normal` entry carries, and their limits.
+//! - [`sm`]: the key-value state machine on sled: applies committed entries, serves reads.
 
 pub mod codec;
+pub mod command;
+pub mod sm;
 pub mod types;
 pub mod vfs;
 
