@@ -50,37 +50,31 @@ impl CowTable {
         self.saved.get(user_key).cloned()
     }
 
-    /// The first saved key strictly after `after` (or the first of all), strictly below
-    /// `before` if given, with its saved value.
-    pub fn next_after(
-        &self,
-        after: Option<&[u8]>,
-        before: Option<&[u8]>,
-    ) -> Option<(Vec<u8>, Option<IVec>)> {
+    /// Saved keys in `(after, upto]` in order (`None`: unbounded on that side), with their
+    /// saved values.
+    pub fn range(&self, after: Option<&[u8]>, upto: Option<&[u8]>) -> Vec<(Vec<u8>, Option<IVec>)> {
         let lower = match after {
             Some(k) => Bound::Excluded(k),
             None => Bound::Unbounded,
         };
-        let (key, value) = self
-            .saved
-            .range::<[u8], _>((lower, Bound::Unbounded))
-            .next()?;
-        if let Some(b) = before {
-            if key.as_slice() >= b {
-                return None;
+        let upper = match upto {
+            Some(k) => Bound::Included(k),
+            None => Bound::Unbounded,
+        };
+        if let (Some(a), Some(u)) = (after, upto) {
+            if a >= u {
+                return Vec::new();
             }
         }
-        Some((key.clone(), value.clone()))
+        self.saved
+            .range::<[u8], _>((lower, upper))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// Number of keys saved.
     pub fn saved_keys(&self) -> usize {
         self.saved.len()
-    }
-
-    /// Bytes of keys and values held.
-    pub fn saved_bytes(&self) -> usize {
-        self.saved_bytes
     }
 
     /// Whether applies must wait for the snapshot copy to finish before saving more.
@@ -103,16 +97,17 @@ mod tests {
         assert_eq!(t.get(b"d"), Some(None));
         assert_eq!(t.get(b"c"), None);
         assert_eq!(t.saved_keys(), 2);
-        assert_eq!(t.saved_bytes(), 1 + 3 + 1);
+        assert_eq!(t.saved_bytes, 1 + 3 + 1);
+        let keys =
+            |v: Vec<(Vec<u8>, Option<IVec>)>| v.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
         assert_eq!(
-            t.next_after(None, None).map(|(k, _)| k),
-            Some(b"b".to_vec())
+            keys(t.range(None, None)),
+            vec![b"b".to_vec(), b"d".to_vec()]
         );
-        assert_eq!(
-            t.next_after(Some(b"b"), None).map(|(k, _)| k),
-            Some(b"d".to_vec())
-        );
-        assert_eq!(t.next_after(Some(b"b"), Some(b"d")), None);
+        assert_eq!(keys(t.range(Some(b"b"), None)), vec![b"d".to_vec()]);
+        assert_eq!(keys(t.range(Some(b"a"), Some(b"b"))), vec![b"b".to_vec()]);
+        assert!(t.range(Some(b"b"), Some(b"c")).is_empty());
+        assert!(t.range(Some(b"d"), Some(b"b")).is_empty());
         assert!(t.over_budget(4));
         assert!(!t.over_budget(5));
     }

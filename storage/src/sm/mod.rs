@@ -34,7 +34,7 @@ use crate::command::{Command, CommandError, CommandOutcome};
 use crate::types::{Entry, EntryKind, Membership, SnapshotMeta};
 use cow::CowTable;
 use sled::IVec;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -66,6 +66,8 @@ pub struct StateMachineOptions {
     /// The most bytes of old values the snapshot side table holds before applies wait for
     /// the snapshot copy to finish.
     pub cow_bytes_max: usize,
+    /// Live pairs a snapshot walk reads per side-table lookup (see [`SnapshotPairs`]).
+    pub snapshot_block_pairs: usize,
 }
 
 impl Default for StateMachineOptions {
@@ -75,6 +77,7 @@ impl Default for StateMachineOptions {
             cache_bytes: 256 * 1024 * 1024,
             scan_limit_max: 10_000,
             cow_bytes_max: 256 * 1024 * 1024,
+            snapshot_block_pairs: 512,
         }
     }
 }
@@ -629,9 +632,10 @@ impl SnapshotView<'_> {
         SnapshotPairs {
             sm: self.sm,
             live: self.tree.range(vec![DATA_PREFIX]..DATA_END.to_vec()),
-            live_next: None,
             live_done: false,
-            last_emitted: None,
+            ready: VecDeque::new(),
+            resolved_upto: None,
+            finished: false,
         }
     }
 
@@ -649,53 +653,92 @@ impl Drop for SnapshotView<'_> {
 }
 
 /// The pairs of a [`SnapshotView`]: the live tree merged with the copy-on-write side table.
+///
+/// It reads a block of live pairs (`snapshot_block_pairs`) without any lock, then under the side-table lock resolves
+/// the block against every saved key in the key range the block covers (see [`cow`] for why
+/// that is exact). Taking the side-table lock once per block, not once per key, keeps the walk
+/// from competing with applies for that lock key by key. Memory: one block plus the saved keys
+/// in its range.
 pub struct SnapshotPairs<'a> {
     sm: &'a StateMachine,
     live: sled::Iter,
-    live_next: Option<(IVec, IVec)>,
     live_done: bool,
-    last_emitted: Option<Vec<u8>>,
+    ready: VecDeque<(Vec<u8>, IVec)>,
+    /// Every key up to and including this one has been resolved into `ready` (or emitted).
+    resolved_upto: Option<Vec<u8>>,
+    finished: bool,
+}
+
+impl SnapshotPairs<'_> {
+    fn fill(&mut self) -> Result<(), SmError> {
+        let block_pairs = self.sm.opts.snapshot_block_pairs.max(1);
+        let mut block: Vec<(Vec<u8>, IVec)> = Vec::with_capacity(block_pairs);
+        while block.len() < block_pairs {
+            match self.live.next() {
+                Some(Ok((k, v))) => block.push((k[1..].to_vec(), v)),
+                Some(Err(e)) => return Err(e.into()),
+                None => {
+                    self.live_done = true;
+                    break;
+                }
+            }
+        }
+        // The block covers (resolved_upto, its last key], or everything after resolved_upto
+        // once the tree walk is over.
+        let upper = if self.live_done {
+            None
+        } else {
+            block.last().map(|(k, _)| k.clone())
+        };
+        let cow = self.sm.lock_cow();
+        let table = cow
+            .as_ref()
+            .expect("invariant: the side table exists while a snapshot view is open");
+        let saved = table.range(self.resolved_upto.as_deref(), upper.as_deref());
+        drop(cow);
+        let mut saved = saved.into_iter().peekable();
+        for (key, live_value) in block {
+            while let Some((skey, _)) = saved.peek() {
+                if skey.as_slice() >= key.as_slice() {
+                    break;
+                }
+                if let Some((skey, Some(svalue))) = saved.next() {
+                    self.ready.push_back((skey, svalue));
+                }
+            }
+            match saved.peek() {
+                Some((skey, _)) if *skey == key => {
+                    if let Some((skey, Some(svalue))) = saved.next() {
+                        self.ready.push_back((skey, svalue));
+                    }
+                }
+                _ => self.ready.push_back((key, live_value)),
+            }
+        }
+        for (skey, svalue) in saved {
+            if let Some(svalue) = svalue {
+                self.ready.push_back((skey, svalue));
+            }
+        }
+        self.resolved_upto = upper;
+        if self.live_done {
+            self.finished = true;
+        }
+        Ok(())
+    }
 }
 
 impl Iterator for SnapshotPairs<'_> {
     type Item = Result<(Vec<u8>, IVec), SmError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        loop {
-            if self.live_next.is_none() && !self.live_done {
-                match self.live.next() {
-                    Some(Ok(pair)) => self.live_next = Some(pair),
-                    Some(Err(e)) => return Some(Err(e.into())),
-                    None => self.live_done = true,
-                }
-            }
-            let live_key = self.live_next.as_ref().map(|(k, _)| &k[1..]);
-            let cow = self.sm.lock_cow();
-            let table = cow
-                .as_ref()
-                .expect("invariant: the side table exists while a snapshot view is open");
-            // A key changed since the view opened that the tree walk has not reached (it may
-            // have been deleted from the tree) comes from the side table.
-            if let Some((key, saved)) = table.next_after(self.last_emitted.as_deref(), live_key) {
-                drop(cow);
-                self.last_emitted = Some(key.clone());
-                match saved {
-                    Some(value) => return Some(Ok((key, value))),
-                    None => continue,
-                }
-            }
-            let (k, live_value) = self.live_next.take()?;
-            let user_key = k[1..].to_vec();
-            let value = match table.get(&user_key) {
-                Some(saved) => saved,
-                None => Some(live_value),
-            };
-            drop(cow);
-            self.last_emitted = Some(user_key.clone());
-            if let Some(value) = value {
-                return Some(Ok((user_key, value)));
+        while self.ready.is_empty() && !self.finished {
+            if let Err(e) = self.fill() {
+                self.finished = true;
+                return Some(Err(e));
             }
         }
+        self.ready.pop_front().map(Ok)
     }
 }
 

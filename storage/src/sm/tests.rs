@@ -236,7 +236,14 @@ fn scans_are_ordered_limited_and_say_their_index() {
 fn snapshot_view_is_consistent_while_applies_go_on() {
     for seed in 0..12u64 {
         let dir = tempfile::tempdir().unwrap();
-        let sm = open(dir.path());
+        let sm = StateMachine::open(
+            dir.path(),
+            StateMachineOptions {
+                snapshot_block_pairs: 1 + seed as usize % 4,
+                ..StateMachineOptions::default()
+            },
+        )
+        .unwrap();
         let mut rng = Rng(seed);
         let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
         let mut index = 0;
