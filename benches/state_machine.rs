@@ -103,12 +103,21 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 fn apply_latencies(sm: &StateMachine, stop: &AtomicBool, first_index: u64) -> Vec<Duration> {
     let mut out = Vec::new();
     let mut index = first_index;
+    let started = Instant::now();
+    let mut slow = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         let e = put_entry(index, index % 50_000);
         let t = Instant::now();
         sm.apply(std::slice::from_ref(&e)).expect("apply");
-        out.push(t.elapsed());
+        let took = t.elapsed();
+        if took > Duration::from_millis(20) && slow.len() < 20 {
+            slow.push((t - started, took));
+        }
+        out.push(took);
         index += 1;
+    }
+    for (at, took) in slow {
+        eprintln!("  slow apply at +{at:?}: {took:?}");
     }
     out.sort();
     out
@@ -147,7 +156,9 @@ fn bench_snapshot(c: &mut Criterion) {
         let (during, created) = std::thread::scope(|s| {
             let h = s.spawn(|| apply_latencies(&sm, &stop, sm.applied_index() + 1));
             std::thread::sleep(Duration::from_millis(100));
+            let t = Instant::now();
             let created = store.create(&sm).expect("create");
+            eprintln!("  snapshot ran from +100ms for {:?}", t.elapsed());
             stop.store(true, Ordering::SeqCst);
             (h.join().expect("join"), created)
         });

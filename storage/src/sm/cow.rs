@@ -44,12 +44,6 @@ impl CowTable {
         self.saved.insert(user_key.to_vec(), value_at_snapshot);
     }
 
-    /// The saved value of `user_key`: `None` if it has not changed since the snapshot point,
-    /// `Some(None)` if it was absent then.
-    pub fn get(&self, user_key: &[u8]) -> Option<Option<IVec>> {
-        self.saved.get(user_key).cloned()
-    }
-
     /// Saved keys in `(after, upto]` in order (`None`: unbounded on that side), with their
     /// saved values.
     pub fn range(&self, after: Option<&[u8]>, upto: Option<&[u8]>) -> Vec<(Vec<u8>, Option<IVec>)> {
@@ -93,9 +87,9 @@ mod tests {
         t.save(b"b", Some(IVec::from(&b"old"[..])));
         t.save(b"b", Some(IVec::from(&b"newer"[..])));
         t.save(b"d", None);
-        assert_eq!(t.get(b"b"), Some(Some(IVec::from(&b"old"[..]))));
-        assert_eq!(t.get(b"d"), Some(None));
-        assert_eq!(t.get(b"c"), None);
+        assert_eq!(t.saved.get(&b"b"[..]), Some(&Some(IVec::from(&b"old"[..]))));
+        assert_eq!(t.saved.get(&b"d"[..]), Some(&None));
+        assert_eq!(t.saved.get(&b"c"[..]), None);
         assert_eq!(t.saved_keys(), 2);
         assert_eq!(t.saved_bytes, 1 + 3 + 1);
         let keys =

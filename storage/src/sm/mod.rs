@@ -74,7 +74,7 @@ impl Default for StateMachineOptions {
     fn default() -> Self {
         StateMachineOptions {
             flush_every_ms: Some(500),
-            cache_bytes: 256 * 1024 * 1024,
+            cache_bytes: 1024 * 1024 * 1024,
             scan_limit_max: 10_000,
             cow_bytes_max: 256 * 1024 * 1024,
             snapshot_block_pairs: 512,
