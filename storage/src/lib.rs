@@ -18,5 +18,6 @@ pub mod sm;
 pub mod snapshot;
 pub mod types;
 pub mod vfs;
+pub mod wal;
 
 pub use types::{Entry, EntryKind, HardState, Membership, NodeId, SnapshotMeta};

@@ -48,7 +48,7 @@ impl std::fmt::Debug for FileBytes {
 /// An open file: positioned reads and writes only, so no hidden cursor state.
 pub trait VfsFile: Send + Sync {
     /// The file's current length in bytes.
-    fn len(&self) -> io::Result<u64>;
+    fn size_bytes(&self) -> io::Result<u64>;
     /// Fills `buf` from `offset`; a read past the end is an `UnexpectedEof` error.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Writes all of `buf` at `offset`, extending the file if needed.

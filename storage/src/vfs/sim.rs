@@ -224,7 +224,7 @@ impl SimFile {
 }
 
 impl VfsFile for SimFile {
-    fn len(&self) -> io::Result<u64> {
+    fn size_bytes(&self) -> io::Result<u64> {
         self.with(|st, ino| Ok(st.inodes[&ino].data.len() as u64))
     }
 
@@ -232,7 +232,7 @@ impl VfsFile for SimFile {
         self.with(|st, ino| {
             let data = &st.inodes[&ino].data;
             let start = offset as usize;
-            let end = start.checked_add(buf.len()).unwrap_or(usize::MAX);
+            let end = start.saturating_add(buf.len());
             if end > data.len() {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -419,7 +419,10 @@ mod tests {
         fs.crash();
         assert_eq!(fs.read(&dir.join("a")).unwrap(), b"durable");
         assert!(!fs.exists(&dir.join("b")));
-        assert!(a.len().is_err(), "handles from before a crash are stale");
+        assert!(
+            a.size_bytes().is_err(),
+            "handles from before a crash are stale"
+        );
     }
 
     #[test]
@@ -432,7 +435,7 @@ mod tests {
         f.write_all_at(b"3", 1).unwrap();
         fs.fail_after(Fault::SyncError, 1);
         assert!(f.sync_data().is_err());
-        assert_eq!(f.len().unwrap(), 0, "failed fsync drops dirty data");
+        assert_eq!(f.size_bytes().unwrap(), 0, "failed fsync drops dirty data");
     }
 
     #[test]

@@ -15,7 +15,7 @@ struct StdFile {
 }
 
 impl VfsFile for StdFile {
-    fn len(&self) -> io::Result<u64> {
+    fn size_bytes(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())
     }
 
@@ -40,7 +40,7 @@ impl VfsFile for StdFile {
     }
 
     fn map(&self) -> io::Result<FileBytes> {
-        if self.len()? == 0 {
+        if self.size_bytes()? == 0 {
             return Ok(FileBytes::Owned(Vec::new()));
         }
         // SAFETY: raftkv maps only files it no longer writes (sealed WAL segments, snapshot

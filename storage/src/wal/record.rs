@@ -3,7 +3,7 @@
 //! ```text
 //! offset  size  field
 //!      0     4  payload length in bytes, u32 little-endian
-//!      4     1  record type (1..=5; 0 never occurs, so zeroed space reads as "no record")
+//!      4     1  record type (1..=6; 0 never occurs, so zeroed space reads as "no record")
 //!      5     3  reserved, must be zero
 //!      8     4  CRC-32 (IEEE, crc32fast) of: segment seq (u64 LE) ‖ bytes 0..8 ‖ payload
 //!     12     n  payload
@@ -20,6 +20,7 @@
 //! | 3    | hard state      | term u64 ‖ vote u64 (0 = none) ‖ commit u64 |
 //! | 4    | snapshot marker | index u64 ‖ term u64 ‖ voters: count u32, ids u64… ‖ learners: count u32, ids u64… |
 //! | 5    | truncate        | from_index u64 ‖ prev_term u64 |
+//! | 6    | reset           | next_index u64 ‖ prev_term u64 |
 
 use crate::types::{Entry, EntryKind, HardState, Membership, SnapshotMeta};
 
@@ -41,6 +42,7 @@ pub enum RecordType {
     HardState = 3,
     SnapshotMarker = 4,
     Truncate = 5,
+    Reset = 6,
 }
 
 impl RecordType {
@@ -51,6 +53,7 @@ impl RecordType {
             3 => Some(RecordType::HardState),
             4 => Some(RecordType::SnapshotMarker),
             5 => Some(RecordType::Truncate),
+            6 => Some(RecordType::Reset),
             _ => None,
         }
     }
@@ -74,7 +77,16 @@ pub enum Record {
     HardState(HardState),
     SnapshotMarker(SnapshotMeta),
     /// Drop every entry at or after `from_index`; entry `from_index - 1` has `prev_term`.
-    Truncate { from_index: u64, prev_term: u64 },
+    Truncate {
+        from_index: u64,
+        prev_term: u64,
+    },
+    /// The log restarts empty at `next_index` after an installed snapshot at
+    /// (`next_index - 1`, `prev_term`), which the preceding snapshot marker records.
+    Reset {
+        next_index: u64,
+        prev_term: u64,
+    },
 }
 
 /// Why bytes at some offset are not a valid record.
@@ -83,12 +95,21 @@ pub enum FrameError {
     /// All-zero header: nothing was ever written here.
     Zero,
     /// Fewer bytes remain than the header or the declared payload needs.
-    Short { needed: u64, available: u64 },
+    Short {
+        needed: u64,
+        available: u64,
+    },
     /// The declared length exceeds the record limit.
-    TooLong { len: u64, max: u64 },
+    TooLong {
+        len: u64,
+        max: u64,
+    },
     BadType(u8),
     BadReserved,
-    BadCrc { stored: u32, computed: u32 },
+    BadCrc {
+        stored: u32,
+        computed: u32,
+    },
     /// The CRC matched but the payload does not parse as its type.
     BadPayload(&'static str),
 }
@@ -106,7 +127,10 @@ impl std::fmt::Display for FrameError {
             FrameError::BadType(t) => write!(f, "unknown record type {t}"),
             FrameError::BadReserved => write!(f, "reserved header bytes are not zero"),
             FrameError::BadCrc { stored, computed } => {
-                write!(f, "CRC mismatch: stored {stored:08x}, computed {computed:08x}")
+                write!(
+                    f,
+                    "CRC mismatch: stored {stored:08x}, computed {computed:08x}"
+                )
             }
             FrameError::BadPayload(what) => write!(f, "malformed payload: {what}"),
         }
@@ -179,9 +203,18 @@ pub fn encode_snapshot_marker(out: &mut Vec<u8>, seq: u64, m: &SnapshotMeta) {
 
 /// Frames a truncate record.
 pub fn encode_truncate(out: &mut Vec<u8>, seq: u64, from_index: u64, prev_term: u64) {
-    frame(out, seq, RecordType::Truncate, |p| {
-        p.extend_from_slice(&from_index.to_le_bytes());
-        p.extend_from_slice(&prev_term.to_le_bytes());
+    encode_two(out, seq, RecordType::Truncate, from_index, prev_term);
+}
+
+/// Frames a reset record.
+pub fn encode_reset(out: &mut Vec<u8>, seq: u64, next_index: u64, prev_term: u64) {
+    encode_two(out, seq, RecordType::Reset, next_index, prev_term);
+}
+
+fn encode_two(out: &mut Vec<u8>, seq: u64, rtype: RecordType, a: u64, b: u64) {
+    frame(out, seq, rtype, |p| {
+        p.extend_from_slice(&a.to_le_bytes());
+        p.extend_from_slice(&b.to_le_bytes());
     });
 }
 
@@ -206,7 +239,9 @@ impl<'a> Reader<'a> {
     }
     fn u64(&mut self, what: &'static str) -> Result<u64, FrameError> {
         let b = self.take(8, what)?;
-        Ok(u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+        Ok(u64::from_le_bytes([
+            b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+        ]))
     }
     fn u32(&mut self, what: &'static str) -> Result<u32, FrameError> {
         let b = self.take(4, what)?;
@@ -283,6 +318,10 @@ fn decode_payload(rtype: RecordType, payload: &[u8]) -> Result<Record, FrameErro
             from_index: r.u64("from_index")?,
             prev_term: r.u64("prev_term")?,
         },
+        RecordType::Reset => Record::Reset {
+            next_index: r.u64("next_index")?,
+            prev_term: r.u64("prev_term")?,
+        },
     };
     r.finish("trailing payload bytes")?;
     Ok(record)
@@ -334,7 +373,9 @@ pub fn read_frame(bytes: &[u8], seq: u64, record_bytes_max: u64) -> Result<Frame
     if header.iter().all(|b| *b == 0) {
         return Err(FrameError::Zero);
     }
-    let len = u64::from(u32::from_le_bytes([header[0], header[1], header[2], header[3]]));
+    let len = u64::from(u32::from_le_bytes([
+        header[0], header[1], header[2], header[3],
+    ]));
     let rtype = RecordType::from_u8(header[4]).ok_or(FrameError::BadType(header[4]))?;
     if header[5..8] != [0, 0, 0] {
         return Err(FrameError::BadReserved);
@@ -397,6 +438,10 @@ mod tests {
                 from_index: 98,
                 prev_term: 4,
             },
+            Record::Reset {
+                next_index: 200,
+                prev_term: 6,
+            },
         ];
         let mut buf = Vec::new();
         for r in &records {
@@ -409,6 +454,10 @@ mod tests {
                     from_index,
                     prev_term,
                 } => encode_truncate(&mut buf, 9, *from_index, *prev_term),
+                Record::Reset {
+                    next_index,
+                    prev_term,
+                } => encode_reset(&mut buf, 9, *next_index, *prev_term),
             }
         }
         let mut at = 0;
@@ -452,6 +501,9 @@ mod tests {
             read_frame(&buf[..60], 0, 1024),
             Err(FrameError::Short { .. })
         ));
-        assert_eq!(read_frame(&[0u8; 40], 0, 1024).unwrap_err(), FrameError::Zero);
+        assert_eq!(
+            read_frame(&[0u8; 40], 0, 1024).unwrap_err(),
+            FrameError::Zero
+        );
     }
 }
