@@ -5,8 +5,17 @@
 //!   and crashes ([`vfs::SimFs`]) for tests.
 //! - [`types`]: entries, hard state, membership and snapshot metadata, shared with consensus.
 //! - [`codec`]: the single place a serialization codec is used (payloads only, never framing).
+//! - [`command`]: the versioned client commands a `Normal` entry carries, and their limits.
+//! - [`sm`]: the key-value state machine on sled: applies committed entries, serves reads.
+//! - [`snapshot`]: snapshot files (a consistent image at one applied index): write, verify,
+//!   install, keep the newest two.
+//! - [`crash_point`]: a file system that dies after N mutating steps, for crash tests.
 
 pub mod codec;
+pub mod command;
+pub mod crash_point;
+pub mod sm;
+pub mod snapshot;
 pub mod types;
 pub mod vfs;
 pub mod wal;

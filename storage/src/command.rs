@@ -1,0 +1,323 @@
+//! Client commands: what a `Normal` log entry's payload means to the state machine.
+//!
+//! A command is encoded as an envelope `{ version: u16, command: Command }` through
+//! [`crate::codec`]. Two mechanisms keep old logs readable as the command set grows:
+//! - New operations (compare-and-swap, TTL, multi-key transactions) are **new enum variants
+//!   appended at the end**: the codec tags a variant by its position, so every existing
+//!   payload decodes exactly as before.
+//! - `version` changes only if an existing variant's layout ever has to change; the decoder
+//!   then knows which layout a payload uses. Today only version 1 exists.
+//!
+//! A payload with an unknown version or variant is a typed error ([`CommandError::Decode`])
+//! and the state machine refuses to apply it, never skips it: skipping would let a node
+//! running older code diverge from one running newer code.
+//!
+//! Keys and values are **bytes**, not strings. sled orders keys bytewise, and bytewise order of
+//! UTF-8 is code-point order, so string keys from the HTTP API sort as users expect; the HTTP
+//! layer checks UTF-8 at its own boundary. Keeping the storage layer byte-clean costs nothing
+//! and leaves room for binary clients without a format change.
+//!
+//! Limits ([`CommandLimits`], default key ≤ 8 KiB, value ≤ 1 MiB) are checked by
+//! [`Command::validate`] *before* a command is proposed. They are not rechecked on apply: once
+//! an entry is committed every node must apply it identically, whatever its own configuration.
+
+use crate::codec::{self, CodecError};
+use serde::{Deserialize, Serialize};
+
+/// The envelope version this code writes.
+pub const COMMAND_VERSION: u16 = 1;
+
+/// Default largest key, in bytes.
+pub const KEY_BYTES_MAX_DEFAULT: usize = 8 * 1024;
+/// Default largest value, in bytes.
+pub const VALUE_BYTES_MAX_DEFAULT: usize = 1024 * 1024;
+
+/// A client command. Append new variants at the end only (see the module doc).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Sets `key` to `value`.
+    Put {
+        #[serde(with = "byte_buf")]
+        key: Vec<u8>,
+        #[serde(with = "byte_buf")]
+        value: Vec<u8>,
+    },
+    /// Removes `key` (a no-op if it is absent; the result says which).
+    Delete {
+        #[serde(with = "byte_buf")]
+        key: Vec<u8>,
+    },
+}
+
+/// What applying a command did, handed back to whoever proposed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CommandOutcome {
+    /// The key now holds the value.
+    Put,
+    /// The key is gone; `existed` says whether it was there before.
+    Delete { existed: bool },
+}
+
+/// Configurable size limits on commands, checked before proposing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommandLimits {
+    pub key_bytes_max: usize,
+    pub value_bytes_max: usize,
+}
+
+impl Default for CommandLimits {
+    fn default() -> Self {
+        CommandLimits {
+            key_bytes_max: KEY_BYTES_MAX_DEFAULT,
+            value_bytes_max: VALUE_BYTES_MAX_DEFAULT,
+        }
+    }
+}
+
+/// A command that is invalid or cannot be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("key is {len_bytes} bytes, over the limit of {limit_bytes}")]
+    KeyTooLarge {
+        len_bytes: usize,
+        limit_bytes: usize,
+    },
+    #[error("value is {len_bytes} bytes, over the limit of {limit_bytes}")]
+    ValueTooLarge {
+        len_bytes: usize,
+        limit_bytes: usize,
+    },
+    #[error("the key is empty")]
+    EmptyKey,
+    #[error(
+        "command format version {0} is not supported (this build reads version {COMMAND_VERSION})"
+    )]
+    UnsupportedVersion(u16),
+    #[error("undecodable command: {0}")]
+    Decode(#[source] CodecError),
+    #[error("unencodable command: {0}")]
+    Encode(#[source] CodecError),
+}
+
+#[derive(Serialize)]
+struct EnvelopeRef<'a> {
+    version: u16,
+    command: &'a Command,
+}
+
+#[derive(Deserialize)]
+struct VersionOnly {
+    version: u16,
+}
+
+#[derive(Deserialize)]
+struct Envelope {
+    #[allow(dead_code)]
+    version: u16,
+    command: Command,
+}
+
+impl Command {
+    /// The key this command touches.
+    pub fn key(&self) -> &[u8] {
+        match self {
+            Command::Put { key, .. } | Command::Delete { key } => key,
+        }
+    }
+
+    /// Checks the size limits; call before proposing.
+    pub fn validate(&self, limits: &CommandLimits) -> Result<(), CommandError> {
+        let key = self.key();
+        if key.is_empty() {
+            return Err(CommandError::EmptyKey);
+        }
+        if key.len() > limits.key_bytes_max {
+            return Err(CommandError::KeyTooLarge {
+                len_bytes: key.len(),
+                limit_bytes: limits.key_bytes_max,
+            });
+        }
+        if let Command::Put { value, .. } = self {
+            if value.len() > limits.value_bytes_max {
+                return Err(CommandError::ValueTooLarge {
+                    len_bytes: value.len(),
+                    limit_bytes: limits.value_bytes_max,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The payload of a `Normal` log entry carrying this command.
+    pub fn encode(&self) -> Result<Vec<u8>, CommandError> {
+        codec::encode(&EnvelopeRef {
+            version: COMMAND_VERSION,
+            command: self,
+        })
+        .map_err(CommandError::Encode)
+    }
+
+    /// Decodes a `Normal` entry's payload.
+    pub fn decode(payload: &[u8]) -> Result<Command, CommandError> {
+        // The version is the first two bytes; read it alone so an unknown version is reported
+        // as such rather than as a garbled body.
+        let head = &payload[..payload.len().min(2)];
+        let version = codec::decode::<VersionOnly>(head)
+            .map_err(CommandError::Decode)?
+            .version;
+        if version != COMMAND_VERSION {
+            return Err(CommandError::UnsupportedVersion(version));
+        }
+        let envelope: Envelope = codec::decode(payload).map_err(CommandError::Decode)?;
+        Ok(envelope.command)
+    }
+}
+
+/// Serde glue so `Vec<u8>` is (de)serialized as one byte string, not a sequence of u8
+/// (which bincode would decode one element at a time).
+mod byte_buf {
+    use serde::de::{Error, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+    use std::fmt;
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_byte_buf(ByteBufVisitor)
+    }
+
+    struct ByteBufVisitor;
+
+    impl<'de> Visitor<'de> for ByteBufVisitor {
+        type Value = Vec<u8>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a byte string")
+        }
+        fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+        fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            // Bounded by the input: each element consumes at least one byte of it.
+            let mut out = Vec::new();
+            while let Some(b) = seq.next_element::<u8>()? {
+                out.push(b);
+            }
+            Ok(out)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_put_and_delete() {
+        let put = Command::Put {
+            key: b"k\xff\x00".to_vec(),
+            value: vec![7; 300],
+        };
+        let del = Command::Delete {
+            key: b"key".to_vec(),
+        };
+        for cmd in [put, del] {
+            let bytes = cmd.encode().unwrap();
+            assert_eq!(Command::decode(&bytes).unwrap(), cmd);
+        }
+    }
+
+    #[test]
+    fn v1_layout_is_stable() {
+        // The byte layout is part of the on-disk format: version u16, variant u32, then
+        // length-prefixed byte strings (u64 LE). Changing it breaks every existing log.
+        let bytes = Command::Put {
+            key: b"a".to_vec(),
+            value: b"bc".to_vec(),
+        }
+        .encode()
+        .unwrap();
+        let mut expected = vec![1, 0, 0, 0, 0, 0];
+        expected.extend_from_slice(&1u64.to_le_bytes());
+        expected.push(b'a');
+        expected.extend_from_slice(&2u64.to_le_bytes());
+        expected.extend_from_slice(b"bc");
+        assert_eq!(bytes, expected);
+        let del = Command::Delete { key: b"a".to_vec() }.encode().unwrap();
+        assert_eq!(&del[..6], &[1, 0, 1, 0, 0, 0]);
+    }
+
+    #[test]
+    fn unknown_version_and_variant_are_typed_errors() {
+        let mut bytes = Command::Delete { key: b"a".to_vec() }.encode().unwrap();
+        bytes[0] = 2;
+        assert!(matches!(
+            Command::decode(&bytes),
+            Err(CommandError::UnsupportedVersion(2))
+        ));
+        bytes[0] = 1;
+        bytes[2] = 9; // variant 9 does not exist (yet)
+        assert!(matches!(
+            Command::decode(&bytes),
+            Err(CommandError::Decode(_))
+        ));
+        assert!(matches!(Command::decode(&[]), Err(CommandError::Decode(_))));
+        assert!(matches!(
+            Command::decode(&[1]),
+            Err(CommandError::Decode(_))
+        ));
+        // A length prefix far beyond the input must fail without allocating it.
+        let mut evil = Command::Delete { key: b"a".to_vec() }.encode().unwrap();
+        evil[6..14].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(
+            Command::decode(&evil),
+            Err(CommandError::Decode(_))
+        ));
+    }
+
+    #[test]
+    fn limits_are_enforced_with_typed_errors() {
+        let limits = CommandLimits {
+            key_bytes_max: 4,
+            value_bytes_max: 8,
+        };
+        let ok = Command::Put {
+            key: b"abcd".to_vec(),
+            value: vec![0; 8],
+        };
+        assert!(ok.validate(&limits).is_ok());
+        let long_key = Command::Delete {
+            key: b"abcde".to_vec(),
+        };
+        assert!(matches!(
+            long_key.validate(&limits),
+            Err(CommandError::KeyTooLarge {
+                len_bytes: 5,
+                limit_bytes: 4
+            })
+        ));
+        let long_value = Command::Put {
+            key: b"a".to_vec(),
+            value: vec![0; 9],
+        };
+        assert!(matches!(
+            long_value.validate(&limits),
+            Err(CommandError::ValueTooLarge {
+                len_bytes: 9,
+                limit_bytes: 8
+            })
+        ));
+        let empty = Command::Delete { key: Vec::new() };
+        assert!(matches!(
+            empty.validate(&limits),
+            Err(CommandError::EmptyKey)
+        ));
+        let defaults = CommandLimits::default();
+        assert_eq!(defaults.key_bytes_max, 8192);
+        assert_eq!(defaults.value_bytes_max, 1 << 20);
+    }
+}

@@ -1,0 +1,814 @@
+//! The key-value state machine: committed log entries applied into sled 0.34.
+//!
+//! Layout (one sled `Db` in `<data-dir>/sm/`):
+//! - The default tree holds one key, `raftkv/current-tree`, naming the tree that holds the
+//!   state now (`kv.<generation:016x>`). Installing a snapshot builds the next generation's
+//!   tree beside it, makes it durable, then flips this pointer: the swap is one atomic sled
+//!   insert, so a crash leaves either the old state or the new one, never a mix.
+//! - In the state tree, user key `k` is stored as `d` ‖ `k`; bookkeeping lives under `m/`:
+//!   `m/format` (u32 BE, [`SM_FORMAT_VERSION`]), `m/applied` (index u64 BE ‖ term u64 BE) and
+//!   `m/membership` (the codec-encoded [`Membership`]). Every [`StateMachine::apply`] writes
+//!   its data changes *and* `m/applied` (and `m/membership` when a Config entry is among them)
+//!   in one `Tree::apply_batch`, which sled recovers atomically: data and applied index can
+//!   never disagree after a crash.
+//!
+//! Durability: sled does not fsync each batch (it flushes every `flush_every_ms`, 500 ms by
+//! default). The WAL is the source of truth; after a crash sled recovers a *prefix* of its
+//! batches (tested in `tests/sled_crash.rs`), and recovery replays the WAL from sled's applied
+//! index. [`StateMachine::flush`] makes everything applied so far durable and says up to where.
+//!
+//! Concurrency: one thread applies; any number read. `current` is a `RwLock`: an apply holds
+//! it for writing while it builds and applies its batch, so a read sees the data and the
+//! applied index of one moment and can say which index it reflects. A snapshot's consistent
+//! view comes from the copy-on-write side table in [`cow`].
+//!
+//! Invariants:
+//! - The applied index only grows through `apply` (by exactly the entries applied, no gaps)
+//!   and is replaced only by `install`.
+//! - At most one snapshot view is open at a time.
+
+mod cow;
+
+use crate::codec;
+use crate::command::{Command, CommandError, CommandOutcome};
+use crate::types::{Entry, EntryKind, Membership, SnapshotMeta};
+use cow::CowTable;
+use sled::IVec;
+use std::collections::{BTreeMap, VecDeque};
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Instant;
+
+/// The version of the layout inside a state tree.
+pub const SM_FORMAT_VERSION: u32 = 1;
+
+const CURRENT_TREE_KEY: &[u8] = b"raftkv/current-tree";
+const TREE_NAME_PREFIX: &[u8] = b"kv.";
+const DATA_PREFIX: u8 = b'd';
+/// The first key past every data key.
+const DATA_END: &[u8] = b"e";
+const META_FORMAT: &[u8] = b"m/format";
+const META_APPLIED: &[u8] = b"m/applied";
+const META_MEMBERSHIP: &[u8] = b"m/membership";
+/// Pairs per sled batch while building a tree from a snapshot.
+const INSTALL_BATCH_PAIRS: usize = 1024;
+
+/// Tuning of the state machine.
+#[derive(Clone, Debug)]
+pub struct StateMachineOptions {
+    /// sled's background flush period; `None` flushes only on [`StateMachine::flush`].
+    pub flush_every_ms: Option<u64>,
+    /// sled's page cache size in bytes.
+    pub cache_bytes: u64,
+    /// The most pairs one scan returns, whatever the caller asks.
+    pub scan_limit_max: usize,
+    /// The most bytes of old values the snapshot side table holds before applies wait for
+    /// the snapshot copy to finish.
+    pub cow_bytes_max: usize,
+    /// Live pairs a snapshot walk reads per side-table lookup (see [`SnapshotPairs`]).
+    pub snapshot_block_pairs: usize,
+}
+
+impl Default for StateMachineOptions {
+    fn default() -> Self {
+        StateMachineOptions {
+            flush_every_ms: Some(500),
+            cache_bytes: 1024 * 1024 * 1024,
+            scan_limit_max: 10_000,
+            cow_bytes_max: 256 * 1024 * 1024,
+            snapshot_block_pairs: 512,
+        }
+    }
+}
+
+/// A state-machine failure.
+#[derive(Debug, thiserror::Error)]
+pub enum SmError {
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("entry {index}: {source}")]
+    Command {
+        index: u64,
+        #[source]
+        source: CommandError,
+    },
+    #[error("entry {index}: undecodable membership: {source}")]
+    Membership {
+        index: u64,
+        #[source]
+        source: codec::CodecError,
+    },
+    #[error("entries must follow the applied index {applied} without a gap, got index {next}")]
+    Gap { applied: u64, next: u64 },
+    #[error("state machine in {dir} is corrupt: {what}")]
+    Corrupt { dir: PathBuf, what: String },
+    #[error("a snapshot is already being taken")]
+    SnapshotInProgress,
+}
+
+/// A read result and the applied index whose state it shows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadAt<T> {
+    pub value: T,
+    pub applied_index: u64,
+}
+
+/// One page of an ordered scan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScanPage {
+    /// Pairs in key order.
+    pub pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Whether more pairs lie in the range past the last one returned.
+    pub more: bool,
+}
+
+/// What applying one entry did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EntryOutcome {
+    Command(CommandOutcome),
+    Noop,
+    Config(Membership),
+}
+
+/// One applied entry and its outcome.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppliedEntry {
+    pub index: u64,
+    pub term: u64,
+    pub outcome: EntryOutcome,
+}
+
+#[derive(Debug)]
+struct Current {
+    tree: sled::Tree,
+    tree_name: Vec<u8>,
+    /// The applied position and the membership as of it.
+    applied: SnapshotMeta,
+}
+
+/// The sled-backed key-value state machine. See the module doc.
+#[derive(Debug)]
+pub struct StateMachine {
+    db: sled::Db,
+    dir: PathBuf,
+    opts: StateMachineOptions,
+    created: bool,
+    current: RwLock<Current>,
+    cow: Mutex<Option<CowTable>>,
+    cow_released: Condvar,
+}
+
+fn data_key(user_key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(user_key.len() + 1);
+    k.push(DATA_PREFIX);
+    k.extend_from_slice(user_key);
+    k
+}
+
+fn encode_applied(index: u64, term: u64) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&index.to_be_bytes());
+    b[8..].copy_from_slice(&term.to_be_bytes());
+    b
+}
+
+fn tree_name(generation: u64) -> Vec<u8> {
+    let mut name = TREE_NAME_PREFIX.to_vec();
+    name.extend_from_slice(format!("{generation:016x}").as_bytes());
+    name
+}
+
+fn tree_generation(name: &[u8]) -> Option<u64> {
+    let hex = name.strip_prefix(TREE_NAME_PREFIX)?;
+    if hex.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
+}
+
+/// The first key after every key starting with `prefix`, or `None` if there is none.
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+enum Op {
+    Command(Command),
+    Noop,
+    Config(Membership),
+}
+
+impl StateMachine {
+    /// Opens (or creates) the state machine in `dir`.
+    pub fn open(dir: &Path, opts: StateMachineOptions) -> Result<StateMachine, SmError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(opts.cache_bytes)
+            .flush_every_ms(opts.flush_every_ms)
+            .open()?;
+        let corrupt = |what: String| SmError::Corrupt {
+            dir: dir.to_path_buf(),
+            what,
+        };
+        let (current, created) = match db.get(CURRENT_TREE_KEY)? {
+            None => {
+                let name = tree_name(1);
+                db.drop_tree(&name)?;
+                let tree = db.open_tree(&name)?;
+                let applied = SnapshotMeta::default();
+                write_meta(&tree, &applied)?;
+                db.flush()?;
+                db.insert(CURRENT_TREE_KEY, name.clone())?;
+                db.flush()?;
+                (
+                    Current {
+                        tree,
+                        tree_name: name,
+                        applied,
+                    },
+                    true,
+                )
+            }
+            Some(name) => {
+                if tree_generation(&name).is_none() {
+                    return Err(corrupt(format!(
+                        "current-tree pointer {:?} is not a state tree name",
+                        String::from_utf8_lossy(&name)
+                    )));
+                }
+                let tree = db.open_tree(&name)?;
+                let applied = read_meta(&tree).map_err(corrupt)?;
+                (
+                    Current {
+                        tree,
+                        tree_name: name.to_vec(),
+                        applied,
+                    },
+                    false,
+                )
+            }
+        };
+        // Trees of an install that crashed before its pointer flip are garbage.
+        for name in db.tree_names() {
+            if name.starts_with(TREE_NAME_PREFIX) && name.as_ref() != current.tree_name.as_slice() {
+                tracing::info!(tree = %String::from_utf8_lossy(&name), "dropping a stale state tree");
+                db.drop_tree(&name)?;
+            }
+        }
+        tracing::info!(
+            dir = %dir.display(),
+            applied_index = current.applied.index,
+            applied_term = current.applied.term,
+            created,
+            "state machine open"
+        );
+        Ok(StateMachine {
+            db,
+            dir: dir.to_path_buf(),
+            opts,
+            created,
+            current: RwLock::new(current),
+            cow: Mutex::new(None),
+            cow_released: Condvar::new(),
+        })
+    }
+
+    /// Whether [`open`](Self::open) found no state and created an empty one.
+    pub fn was_created(&self) -> bool {
+        self.created
+    }
+
+    /// The directory sled lives in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn read_current(&self) -> RwLockReadGuard<'_, Current> {
+        // A panic while applying poisons the lock; the state it guards is sled's, which is
+        // consistent at batch granularity, so carry on.
+        self.current.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_current(&self) -> RwLockWriteGuard<'_, Current> {
+        self.current.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_cow(&self) -> MutexGuard<'_, Option<CowTable>> {
+        self.cow.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The applied position (index, term) and the membership as of it.
+    pub fn applied(&self) -> SnapshotMeta {
+        self.read_current().applied.clone()
+    }
+
+    /// The applied index.
+    pub fn applied_index(&self) -> u64 {
+        self.read_current().applied.index
+    }
+
+    /// Applies committed entries in order. Entries at or below the applied index are skipped
+    /// (a replay after a crash); the rest must continue it without a gap. Data changes and the
+    /// new applied position go to sled in one atomic batch; an error applies nothing.
+    pub fn apply(&self, entries: &[Entry]) -> Result<Vec<AppliedEntry>, SmError> {
+        self.wait_for_cow_budget();
+        let mut cur = self.write_current();
+        let applied = cur.applied.index;
+        let fresh = match entries.iter().position(|e| e.index > applied) {
+            Some(start) => &entries[start..],
+            None => return Ok(Vec::new()),
+        };
+        let mut ops = Vec::with_capacity(fresh.len());
+        for (i, e) in fresh.iter().enumerate() {
+            let expected = applied + 1 + i as u64;
+            if e.index != expected {
+                return Err(SmError::Gap {
+                    applied: expected - 1,
+                    next: e.index,
+                });
+            }
+            ops.push(match e.kind {
+                EntryKind::Normal => Op::Command(Command::decode(&e.payload).map_err(
+                    |source| SmError::Command {
+                        index: e.index,
+                        source,
+                    },
+                )?),
+                EntryKind::Noop => Op::Noop,
+                EntryKind::Config => {
+                    Op::Config(
+                        codec::decode(&e.payload).map_err(|source| SmError::Membership {
+                            index: e.index,
+                            source,
+                        })?,
+                    )
+                }
+            });
+        }
+
+        // A snapshot is being copied: save each key's value at its point before changing it.
+        {
+            let mut cow = self.lock_cow();
+            if let Some(table) = cow.as_mut() {
+                for op in &ops {
+                    if let Op::Command(cmd) = op {
+                        let key = cmd.key();
+                        if !table.contains(key) {
+                            let old = cur.tree.get(data_key(key))?;
+                            table.save(key, old);
+                        }
+                    }
+                }
+            }
+        }
+
+        let mut batch = sled::Batch::default();
+        // Presence of keys already changed in this batch, for Delete's `existed`.
+        let mut present: BTreeMap<&[u8], bool> = BTreeMap::new();
+        let mut membership = None;
+        let mut out = Vec::with_capacity(ops.len());
+        for (e, op) in fresh.iter().zip(&ops) {
+            let outcome = match op {
+                Op::Command(Command::Put { key, value }) => {
+                    batch.insert(data_key(key), value.as_slice());
+                    present.insert(key, true);
+                    EntryOutcome::Command(CommandOutcome::Put)
+                }
+                Op::Command(Command::Delete { key }) => {
+                    let dk = data_key(key);
+                    let existed = match present.get(key.as_slice()) {
+                        Some(p) => *p,
+                        None => cur.tree.contains_key(&dk)?,
+                    };
+                    batch.remove(dk);
+                    present.insert(key, false);
+                    EntryOutcome::Command(CommandOutcome::Delete { existed })
+                }
+                Op::Noop => EntryOutcome::Noop,
+                Op::Config(m) => {
+                    membership = Some(m.clone());
+                    EntryOutcome::Config(m.clone())
+                }
+            };
+            out.push(AppliedEntry {
+                index: e.index,
+                term: e.term,
+                outcome,
+            });
+        }
+        let last = &fresh[fresh.len() - 1];
+        batch.insert(META_APPLIED, &encode_applied(last.index, last.term)[..]);
+        if let Some(m) = &membership {
+            batch.insert(META_MEMBERSHIP, encode_membership(m)?);
+        }
+        cur.tree.apply_batch(batch)?;
+        cur.applied.index = last.index;
+        cur.applied.term = last.term;
+        if let Some(m) = membership {
+            cur.applied.membership = m;
+        }
+        Ok(out)
+    }
+
+    fn wait_for_cow_budget(&self) {
+        let mut cow = self.lock_cow();
+        let mut waited_since = None;
+        while cow
+            .as_ref()
+            .is_some_and(|t| t.over_budget(self.opts.cow_bytes_max))
+        {
+            waited_since.get_or_insert_with(Instant::now);
+            cow = self
+                .cow_released
+                .wait(cow)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        if let Some(since) = waited_since {
+            tracing::warn!(
+                waited_ms = since.elapsed().as_millis() as u64,
+                cow_bytes_max = self.opts.cow_bytes_max,
+                "applies waited for a snapshot copy: its side table was full"
+            );
+        }
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: &[u8]) -> Result<ReadAt<Option<Vec<u8>>>, SmError> {
+        let cur = self.read_current();
+        let value = cur.tree.get(data_key(key))?.map(|v| v.to_vec());
+        Ok(ReadAt {
+            value,
+            applied_index: cur.applied.index,
+        })
+    }
+
+    /// Pairs with keys in `(start, end)`, in key order, at most `limit` of them (and never more
+    /// than `scan_limit_max`).
+    pub fn scan(
+        &self,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        limit: usize,
+    ) -> Result<ReadAt<ScanPage>, SmError> {
+        let limit = limit.min(self.opts.scan_limit_max);
+        let lower = match start {
+            Bound::Included(k) => Bound::Included(data_key(k)),
+            Bound::Excluded(k) => Bound::Excluded(data_key(k)),
+            Bound::Unbounded => Bound::Included(vec![DATA_PREFIX]),
+        };
+        let upper = match end {
+            Bound::Included(k) => Bound::Included(data_key(k)),
+            Bound::Excluded(k) => Bound::Excluded(data_key(k)),
+            Bound::Unbounded => Bound::Excluded(DATA_END.to_vec()),
+        };
+        let cur = self.read_current();
+        let mut pairs = Vec::new();
+        let mut more = false;
+        // An empty range (start after end) yields nothing rather than a sled panic.
+        if range_is_empty(&lower, &upper) {
+            return Ok(ReadAt {
+                value: ScanPage { pairs, more },
+                applied_index: cur.applied.index,
+            });
+        }
+        for item in cur.tree.range((lower, upper)) {
+            let (k, v) = item?;
+            if pairs.len() == limit {
+                more = true;
+                break;
+            }
+            pairs.push((k[1..].to_vec(), v.to_vec()));
+        }
+        Ok(ReadAt {
+            value: ScanPage { pairs, more },
+            applied_index: cur.applied.index,
+        })
+    }
+
+    /// Pairs whose key starts with `prefix`, in key order, at most `limit` of them.
+    pub fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Result<ReadAt<ScanPage>, SmError> {
+        match prefix_end(prefix) {
+            Some(end) => self.scan(
+                Bound::Included(prefix),
+                Bound::Excluded(end.as_slice()),
+                limit,
+            ),
+            None => self.scan(Bound::Included(prefix), Bound::Unbounded, limit),
+        }
+    }
+
+    /// Makes everything applied so far durable (sled flush + fsync) and returns the applied
+    /// position that is now durable.
+    pub fn flush(&self) -> Result<SnapshotMeta, SmError> {
+        let applied = self.applied();
+        self.db.flush()?;
+        Ok(applied)
+    }
+
+    /// Opens a consistent view of the whole state at the current applied index, for writing
+    /// a snapshot file. Applies go on while it is open; see [`cow`]. Only one view at a time.
+    pub fn begin_snapshot(&self) -> Result<SnapshotView<'_>, SmError> {
+        let cur = self.write_current();
+        let mut cow = self.lock_cow();
+        if cow.is_some() {
+            return Err(SmError::SnapshotInProgress);
+        }
+        *cow = Some(CowTable::default());
+        Ok(SnapshotView {
+            sm: self,
+            tree: cur.tree.clone(),
+            meta: cur.applied.clone(),
+        })
+    }
+
+    /// Starts building a fresh state tree from a snapshot's pairs; nothing is visible until
+    /// [`TreeBuilder::finish`] swaps it in.
+    pub fn begin_install(&self) -> Result<TreeBuilder<'_>, SmError> {
+        let generation =
+            tree_generation(&self.read_current().tree_name).map_or(1, |g| g.wrapping_add(1).max(1));
+        let name = tree_name(generation);
+        self.db.drop_tree(&name)?;
+        let tree = self.db.open_tree(&name)?;
+        Ok(TreeBuilder {
+            sm: self,
+            tree,
+            name,
+            batch: sled::Batch::default(),
+            batch_pairs: 0,
+            key_count: 0,
+            finished: false,
+        })
+    }
+
+    /// Bytes sled uses on disk.
+    pub fn size_on_disk_bytes(&self) -> Result<u64, SmError> {
+        Ok(self.db.size_on_disk()?)
+    }
+}
+
+fn range_is_empty(lower: &Bound<Vec<u8>>, upper: &Bound<Vec<u8>>) -> bool {
+    let (lo, lo_inclusive) = match lower {
+        Bound::Included(k) => (k, true),
+        Bound::Excluded(k) => (k, false),
+        Bound::Unbounded => return false,
+    };
+    match upper {
+        Bound::Included(hi) => lo > hi || (lo == hi && !lo_inclusive),
+        Bound::Excluded(hi) => lo >= hi,
+        Bound::Unbounded => false,
+    }
+}
+
+fn encode_membership(m: &Membership) -> Result<Vec<u8>, SmError> {
+    codec::encode(m).map_err(|source| SmError::Membership { index: 0, source })
+}
+
+fn write_meta(tree: &sled::Tree, applied: &SnapshotMeta) -> Result<(), SmError> {
+    let mut batch = sled::Batch::default();
+    batch.insert(META_FORMAT, &SM_FORMAT_VERSION.to_be_bytes()[..]);
+    batch.insert(
+        META_APPLIED,
+        &encode_applied(applied.index, applied.term)[..],
+    );
+    batch.insert(META_MEMBERSHIP, encode_membership(&applied.membership)?);
+    tree.apply_batch(batch)?;
+    Ok(())
+}
+
+fn read_meta(tree: &sled::Tree) -> Result<SnapshotMeta, String> {
+    let get = |key: &[u8]| -> Result<IVec, String> {
+        tree.get(key)
+            .map_err(|e| format!("reading {}: {e}", String::from_utf8_lossy(key)))?
+            .ok_or_else(|| format!("{} is missing", String::from_utf8_lossy(key)))
+    };
+    let format = get(META_FORMAT)?;
+    if format.as_ref() != SM_FORMAT_VERSION.to_be_bytes() {
+        return Err(format!(
+            "m/format is {:?}, this build reads {SM_FORMAT_VERSION}",
+            format.as_ref()
+        ));
+    }
+    let applied = get(META_APPLIED)?;
+    if applied.len() != 16 {
+        return Err(format!("m/applied is {} bytes, not 16", applied.len()));
+    }
+    let mut index = [0u8; 8];
+    let mut term = [0u8; 8];
+    index.copy_from_slice(&applied[..8]);
+    term.copy_from_slice(&applied[8..]);
+    let membership: Membership =
+        codec::decode(&get(META_MEMBERSHIP)?).map_err(|e| format!("m/membership: {e}"))?;
+    Ok(SnapshotMeta {
+        index: u64::from_be_bytes(index),
+        term: u64::from_be_bytes(term),
+        membership,
+    })
+}
+
+/// A consistent view of the state at one applied index, open while a snapshot is copied.
+/// Dropping it ends the copy-on-write bookkeeping.
+#[derive(Debug)]
+pub struct SnapshotView<'a> {
+    sm: &'a StateMachine,
+    tree: sled::Tree,
+    meta: SnapshotMeta,
+}
+
+impl SnapshotView<'_> {
+    /// The applied position and membership the view shows.
+    pub fn meta(&self) -> &SnapshotMeta {
+        &self.meta
+    }
+
+    /// Every pair of the state at [`meta`](Self::meta)`.index`, in key order.
+    pub fn pairs(&self) -> SnapshotPairs<'_> {
+        SnapshotPairs {
+            sm: self.sm,
+            live: self.tree.range(vec![DATA_PREFIX]..DATA_END.to_vec()),
+            live_done: false,
+            ready: VecDeque::new(),
+            resolved_upto: None,
+            finished: false,
+        }
+    }
+
+    /// Keys saved by applies since the view opened (how much copy-on-write work it caused).
+    pub fn saved_keys(&self) -> usize {
+        self.sm.lock_cow().as_ref().map_or(0, |t| t.saved_keys())
+    }
+}
+
+impl Drop for SnapshotView<'_> {
+    fn drop(&mut self) {
+        *self.sm.lock_cow() = None;
+        self.sm.cow_released.notify_all();
+    }
+}
+
+/// The pairs of a [`SnapshotView`]: the live tree merged with the copy-on-write side table.
+///
+/// It reads a block of live pairs (`snapshot_block_pairs`) without any lock, then under the side-table lock resolves
+/// the block against every saved key in the key range the block covers (see [`cow`] for why
+/// that is exact). Taking the side-table lock once per block, not once per key, keeps the walk
+/// from competing with applies for that lock key by key. Memory: one block plus the saved keys
+/// in its range.
+pub struct SnapshotPairs<'a> {
+    sm: &'a StateMachine,
+    live: sled::Iter,
+    live_done: bool,
+    ready: VecDeque<(Vec<u8>, IVec)>,
+    /// Every key up to and including this one has been resolved into `ready` (or emitted).
+    resolved_upto: Option<Vec<u8>>,
+    finished: bool,
+}
+
+impl SnapshotPairs<'_> {
+    fn fill(&mut self) -> Result<(), SmError> {
+        let block_pairs = self.sm.opts.snapshot_block_pairs.max(1);
+        let mut block: Vec<(Vec<u8>, IVec)> = Vec::with_capacity(block_pairs);
+        while block.len() < block_pairs {
+            match self.live.next() {
+                Some(Ok((k, v))) => block.push((k[1..].to_vec(), v)),
+                Some(Err(e)) => return Err(e.into()),
+                None => {
+                    self.live_done = true;
+                    break;
+                }
+            }
+        }
+        // The block covers (resolved_upto, its last key], or everything after resolved_upto
+        // once the tree walk is over.
+        let upper = if self.live_done {
+            None
+        } else {
+            block.last().map(|(k, _)| k.clone())
+        };
+        let cow = self.sm.lock_cow();
+        let table = cow
+            .as_ref()
+            .expect("invariant: the side table exists while a snapshot view is open");
+        let saved = table.range(self.resolved_upto.as_deref(), upper.as_deref());
+        drop(cow);
+        let mut saved = saved.into_iter().peekable();
+        for (key, live_value) in block {
+            while let Some((skey, _)) = saved.peek() {
+                if skey.as_slice() >= key.as_slice() {
+                    break;
+                }
+                if let Some((skey, Some(svalue))) = saved.next() {
+                    self.ready.push_back((skey, svalue));
+                }
+            }
+            match saved.peek() {
+                Some((skey, _)) if *skey == key => {
+                    if let Some((skey, Some(svalue))) = saved.next() {
+                        self.ready.push_back((skey, svalue));
+                    }
+                }
+                _ => self.ready.push_back((key, live_value)),
+            }
+        }
+        for (skey, svalue) in saved {
+            if let Some(svalue) = svalue {
+                self.ready.push_back((skey, svalue));
+            }
+        }
+        self.resolved_upto = upper;
+        if self.live_done {
+            self.finished = true;
+        }
+        Ok(())
+    }
+}
+
+impl Iterator for SnapshotPairs<'_> {
+    type Item = Result<(Vec<u8>, IVec), SmError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while self.ready.is_empty() && !self.finished {
+            if let Err(e) = self.fill() {
+                self.finished = true;
+                return Some(Err(e));
+            }
+        }
+        self.ready.pop_front().map(Ok)
+    }
+}
+
+/// A fresh state tree being filled from a snapshot. Dropped unfinished, it is removed.
+pub struct TreeBuilder<'a> {
+    sm: &'a StateMachine,
+    tree: sled::Tree,
+    name: Vec<u8>,
+    batch: sled::Batch,
+    batch_pairs: usize,
+    key_count: u64,
+    finished: bool,
+}
+
+impl TreeBuilder<'_> {
+    /// Adds one pair (in any order; snapshot order is key order).
+    pub fn insert(&mut self, key: &[u8], value: &[u8]) -> Result<(), SmError> {
+        self.batch.insert(data_key(key), value);
+        self.batch_pairs += 1;
+        self.key_count += 1;
+        if self.batch_pairs >= INSTALL_BATCH_PAIRS {
+            self.tree.apply_batch(std::mem::take(&mut self.batch))?;
+            self.batch_pairs = 0;
+        }
+        Ok(())
+    }
+
+    /// Pairs added so far.
+    pub fn key_count(&self) -> u64 {
+        self.key_count
+    }
+
+    /// Makes the new tree durable with `meta` as its applied position, then atomically makes
+    /// it the state: flush, flip the current-tree pointer, flush, drop the old tree.
+    pub fn finish(mut self, meta: &SnapshotMeta) -> Result<(), SmError> {
+        self.tree.apply_batch(std::mem::take(&mut self.batch))?;
+        write_meta(&self.tree, meta)?;
+        let sm = self.sm;
+        sm.db.flush()?;
+        let mut cur = sm.write_current();
+        sm.db.insert(CURRENT_TREE_KEY, self.name.clone())?;
+        sm.db.flush()?;
+        let old_name = std::mem::replace(&mut cur.tree_name, self.name.clone());
+        cur.tree = self.tree.clone();
+        cur.applied = meta.clone();
+        self.finished = true;
+        // A snapshot view may still walk the old tree: then it is dropped at the next open.
+        if sm.lock_cow().is_none() {
+            sm.db.drop_tree(&old_name)?;
+        }
+        drop(cur);
+        tracing::info!(
+            index = meta.index,
+            term = meta.term,
+            keys = self.key_count,
+            "installed a snapshot into the state machine"
+        );
+        Ok(())
+    }
+}
+
+impl Drop for TreeBuilder<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            if let Err(e) = self.sm.db.drop_tree(&self.name) {
+                tracing::warn!(error = %e, "could not drop an unfinished state tree; it is dropped at the next open");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

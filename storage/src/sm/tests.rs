@@ -1,0 +1,419 @@
+use super::*;
+use crate::command::Command;
+use std::collections::BTreeMap;
+
+pub(crate) fn put(index: u64, term: u64, key: &[u8], value: &[u8]) -> Entry {
+    Entry {
+        index,
+        term,
+        kind: EntryKind::Normal,
+        payload: Command::Put {
+            key: key.to_vec(),
+            value: value.to_vec(),
+        }
+        .encode()
+        .unwrap(),
+    }
+}
+
+pub(crate) fn del(index: u64, term: u64, key: &[u8]) -> Entry {
+    Entry {
+        index,
+        term,
+        kind: EntryKind::Normal,
+        payload: Command::Delete { key: key.to_vec() }.encode().unwrap(),
+    }
+}
+
+fn noop(index: u64, term: u64) -> Entry {
+    Entry {
+        index,
+        term,
+        kind: EntryKind::Noop,
+        payload: Vec::new(),
+    }
+}
+
+fn config(index: u64, term: u64, voters: &[u64]) -> Entry {
+    Entry {
+        index,
+        term,
+        kind: EntryKind::Config,
+        payload: codec::encode(&Membership::with_voters(voters.iter().copied())).unwrap(),
+    }
+}
+
+fn open(dir: &Path) -> StateMachine {
+    StateMachine::open(dir, StateMachineOptions::default()).unwrap()
+}
+
+/// A tiny seeded generator: tests print the seed on failure.
+pub(crate) struct Rng(pub u64);
+impl Rng {
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[test]
+fn applies_puts_deletes_noops_and_configs() {
+    let dir = tempfile::tempdir().unwrap();
+    let sm = open(dir.path());
+    assert!(sm.was_created());
+    assert_eq!(sm.applied(), SnapshotMeta::default());
+    let out = sm
+        .apply(&[
+            noop(1, 1),
+            config(2, 1, &[1, 2, 3]),
+            put(3, 1, b"a", b"1"),
+            del(4, 1, b"a"),
+            del(5, 1, b"a"),
+            put(6, 2, b"b", b"2"),
+        ])
+        .unwrap();
+    let outcomes: Vec<_> = out.iter().map(|a| a.outcome.clone()).collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            EntryOutcome::Noop,
+            EntryOutcome::Config(Membership::with_voters([1, 2, 3])),
+            EntryOutcome::Command(CommandOutcome::Put),
+            EntryOutcome::Command(CommandOutcome::Delete { existed: true }),
+            EntryOutcome::Command(CommandOutcome::Delete { existed: false }),
+            EntryOutcome::Command(CommandOutcome::Put),
+        ]
+    );
+    let applied = sm.applied();
+    assert_eq!((applied.index, applied.term), (6, 2));
+    assert_eq!(applied.membership, Membership::with_voters([1, 2, 3]));
+    assert_eq!(
+        sm.get(b"b").unwrap(),
+        ReadAt {
+            value: Some(b"2".to_vec()),
+            applied_index: 6
+        }
+    );
+    assert_eq!(sm.get(b"a").unwrap().value, None);
+    // A delete sees a key put by an earlier batch.
+    let out = sm.apply(&[del(7, 2, b"b")]).unwrap();
+    assert_eq!(
+        out[0].outcome,
+        EntryOutcome::Command(CommandOutcome::Delete { existed: true })
+    );
+}
+
+#[test]
+fn entries_at_or_below_the_applied_index_are_no_ops() {
+    let dir = tempfile::tempdir().unwrap();
+    let sm = open(dir.path());
+    sm.apply(&[put(1, 1, b"k", b"v1"), put(2, 1, b"k", b"v2")])
+        .unwrap();
+    // A replay of old entries (with different contents, to prove they are not applied).
+    assert!(sm.apply(&[put(1, 1, b"k", b"old")]).unwrap().is_empty());
+    assert!(sm.apply(&[put(2, 1, b"k", b"old")]).unwrap().is_empty());
+    assert_eq!(sm.get(b"k").unwrap().value, Some(b"v2".to_vec()));
+    // An overlapping batch applies only its new tail.
+    let out = sm
+        .apply(&[put(2, 1, b"k", b"old"), put(3, 1, b"k", b"v3")])
+        .unwrap();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].index, 3);
+    assert_eq!(sm.get(b"k").unwrap().value, Some(b"v3".to_vec()));
+}
+
+#[test]
+fn gaps_and_bad_payloads_are_typed_errors_that_apply_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let sm = open(dir.path());
+    sm.apply(&[put(1, 1, b"k", b"v")]).unwrap();
+    assert!(matches!(
+        sm.apply(&[put(3, 1, b"x", b"y")]),
+        Err(SmError::Gap {
+            applied: 1,
+            next: 3
+        })
+    ));
+    assert!(matches!(
+        sm.apply(&[put(2, 1, b"x", b"y"), put(4, 1, b"x", b"y")]),
+        Err(SmError::Gap {
+            applied: 2,
+            next: 4
+        })
+    ));
+    let mut bad = put(3, 1, b"z", b"z");
+    bad.payload = vec![9, 0, 1];
+    assert!(matches!(
+        sm.apply(&[put(2, 1, b"x", b"y"), bad]),
+        Err(SmError::Command { index: 3, .. })
+    ));
+    let mut bad_config = config(2, 1, &[1]);
+    bad_config.payload.truncate(3);
+    assert!(matches!(
+        sm.apply(&[bad_config]),
+        Err(SmError::Membership { index: 2, .. })
+    ));
+    assert_eq!(sm.applied_index(), 1);
+    assert_eq!(sm.get(b"x").unwrap().value, None);
+}
+
+#[test]
+fn state_and_applied_position_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let sm = open(dir.path());
+        sm.apply(&[config(1, 3, &[1, 2]), put(2, 3, b"k", b"v")])
+            .unwrap();
+        let durable = sm.flush().unwrap();
+        assert_eq!((durable.index, durable.term), (2, 3));
+    }
+    let sm = open(dir.path());
+    assert!(!sm.was_created());
+    let applied = sm.applied();
+    assert_eq!((applied.index, applied.term), (2, 3));
+    assert_eq!(applied.membership, Membership::with_voters([1, 2]));
+    assert_eq!(sm.get(b"k").unwrap().value, Some(b"v".to_vec()));
+}
+
+#[test]
+fn scans_are_ordered_limited_and_say_their_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let sm = StateMachine::open(
+        dir.path(),
+        StateMachineOptions {
+            scan_limit_max: 3,
+            ..StateMachineOptions::default()
+        },
+    )
+    .unwrap();
+    let keys: [&[u8]; 7] = [b"a", b"ab", b"abc", b"ac", b"b", b"\xff", b"\xff\xff"];
+    let entries: Vec<_> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| put(i as u64 + 1, 1, k, k))
+        .collect();
+    sm.apply(&entries).unwrap();
+    let page = sm.scan_prefix(b"a", 10).unwrap();
+    assert_eq!(page.applied_index, 7);
+    let got: Vec<_> = page.value.pairs.iter().map(|(k, _)| k.clone()).collect();
+    // Clamped to scan_limit_max = 3, with more to come.
+    assert_eq!(got, vec![b"a".to_vec(), b"ab".to_vec(), b"abc".to_vec()]);
+    assert!(page.value.more);
+    let page = sm.scan_prefix(b"ab", 10).unwrap().value;
+    assert_eq!(page.pairs.len(), 2);
+    assert!(!page.more);
+    let page = sm.scan_prefix(b"\xff", 10).unwrap().value;
+    assert_eq!(page.pairs.len(), 2);
+    assert!(!page.more);
+    let page = sm
+        .scan(Bound::Excluded(b"ab"), Bound::Included(b"b"), 2)
+        .unwrap()
+        .value;
+    let got: Vec<_> = page.pairs.iter().map(|(k, _)| k.clone()).collect();
+    assert_eq!(got, vec![b"abc".to_vec(), b"ac".to_vec()]);
+    assert!(page.more);
+    let page = sm
+        .scan(Bound::Included(b"b"), Bound::Excluded(b"a"), 2)
+        .unwrap()
+        .value;
+    assert!(page.pairs.is_empty() && !page.more);
+    let page = sm
+        .scan(Bound::Unbounded, Bound::Unbounded, 0)
+        .unwrap()
+        .value;
+    assert!(page.pairs.is_empty() && page.more);
+}
+
+/// Interleaves a snapshot walk with random applies; the walk must yield exactly the state at
+/// the applied index where it began.
+#[test]
+fn snapshot_view_is_consistent_while_applies_go_on() {
+    for seed in 0..12u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = StateMachine::open(
+            dir.path(),
+            StateMachineOptions {
+                snapshot_block_pairs: 1 + seed as usize % 4,
+                ..StateMachineOptions::default()
+            },
+        )
+        .unwrap();
+        let mut rng = Rng(seed);
+        let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        let mut index = 0;
+        let mut batch = Vec::new();
+        for _ in 0..400 {
+            index += 1;
+            let key = format!("k{:03}", rng.below(300)).into_bytes();
+            if rng.below(4) == 0 {
+                model.remove(&key);
+                batch.push(del(index, 1, &key));
+            } else {
+                let value = format!("v{index}").into_bytes();
+                model.insert(key.clone(), value.clone());
+                batch.push(put(index, 1, &key, &value));
+            }
+        }
+        sm.apply(&batch).unwrap();
+        let view = sm.begin_snapshot().unwrap();
+        assert_eq!(view.meta().index, index);
+        assert!(matches!(
+            sm.begin_snapshot(),
+            Err(SmError::SnapshotInProgress)
+        ));
+        let mut pairs = view.pairs();
+        let mut got = Vec::new();
+        loop {
+            // Between steps, change keys behind, at and ahead of the cursor.
+            if rng.below(3) == 0 {
+                let mut batch = Vec::new();
+                for _ in 0..rng.below(5) + 1 {
+                    index += 1;
+                    let key = format!("k{:03}", rng.below(320)).into_bytes();
+                    if rng.below(2) == 0 {
+                        batch.push(del(index, 2, &key));
+                    } else {
+                        batch.push(put(index, 2, &key, b"after"));
+                    }
+                }
+                sm.apply(&batch).unwrap();
+            }
+            match pairs.next() {
+                Some(item) => {
+                    let (k, v) = item.unwrap();
+                    got.push((k, v.to_vec()));
+                }
+                None => break,
+            }
+        }
+        let want: Vec<_> = model.into_iter().collect();
+        assert_eq!(
+            got, want,
+            "seed {seed}: replay with `cargo test -p raftkv-storage --lib sm::tests::snapshot_view`"
+        );
+        drop(pairs);
+        drop(view);
+        sm.begin_snapshot().unwrap();
+    }
+}
+
+#[test]
+fn applies_wait_when_the_side_table_is_full_and_resume_after_the_view_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let sm = StateMachine::open(
+        dir.path(),
+        StateMachineOptions {
+            cow_bytes_max: 4,
+            ..StateMachineOptions::default()
+        },
+    )
+    .unwrap();
+    sm.apply(&[put(1, 1, b"key1", b"value1")]).unwrap();
+    let view = sm.begin_snapshot().unwrap();
+    // Saves key1's old value (10 bytes): now over budget.
+    sm.apply(&[put(2, 1, b"key1", b"value2")]).unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let handle = s.spawn(|| {
+            sm.apply(&[put(3, 1, b"key2", b"v")]).unwrap();
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(
+            !done.load(std::sync::atomic::Ordering::SeqCst),
+            "an apply went past a full side table"
+        );
+        let got: Vec<_> = view.pairs().map(|p| p.unwrap()).collect();
+        assert_eq!(got, vec![(b"key1".to_vec(), IVec::from(&b"value1"[..]))]);
+        drop(view);
+        handle.join().unwrap();
+    });
+    assert_eq!(sm.applied_index(), 3);
+}
+
+#[test]
+fn install_swaps_the_whole_state_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let sm = open(dir.path());
+        sm.apply(&[put(1, 1, b"old", b"x"), put(2, 1, b"both", b"old")])
+            .unwrap();
+        let mut builder = sm.begin_install().unwrap();
+        for i in 0..3000u32 {
+            builder
+                .insert(format!("n{i:05}").as_bytes(), &i.to_le_bytes())
+                .unwrap();
+        }
+        builder.insert(b"both", b"new").unwrap();
+        assert_eq!(builder.key_count(), 3001);
+        // Until finish, the old state is what reads see.
+        assert_eq!(sm.get(b"old").unwrap().value, Some(b"x".to_vec()));
+        let meta = SnapshotMeta {
+            index: 5000,
+            term: 4,
+            membership: Membership::with_voters([1, 2, 3]),
+        };
+        builder.finish(&meta).unwrap();
+        assert_eq!(sm.applied(), meta);
+        assert_eq!(sm.get(b"old").unwrap().value, None);
+        assert_eq!(sm.get(b"both").unwrap().value, Some(b"new".to_vec()));
+        assert_eq!(
+            sm.get(b"n02999").unwrap(),
+            ReadAt {
+                value: Some(2999u32.to_le_bytes().to_vec()),
+                applied_index: 5000
+            }
+        );
+        // Replays at or below the snapshot are no-ops; the log continues after it.
+        assert!(sm.apply(&[put(5000, 4, b"old", b"y")]).unwrap().is_empty());
+        sm.apply(&[put(5001, 4, b"after", b"1")]).unwrap();
+        // An unfinished install leaves nothing behind.
+        let mut abandoned = sm.begin_install().unwrap();
+        abandoned.insert(b"junk", b"junk").unwrap();
+        drop(abandoned);
+        sm.flush().unwrap();
+    }
+    let sm = open(dir.path());
+    assert_eq!(sm.applied_index(), 5001);
+    assert_eq!(sm.get(b"junk").unwrap().value, None);
+    assert_eq!(sm.get(b"old").unwrap().value, None);
+    assert_eq!(
+        sm.scan(Bound::Unbounded, Bound::Unbounded, 10_000)
+            .unwrap()
+            .value
+            .pairs
+            .len(),
+        3002
+    );
+}
+
+#[test]
+fn corrupt_bookkeeping_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let sm = open(dir.path());
+        let cur = sm.read_current();
+        cur.tree.insert(META_APPLIED, &b"short"[..]).unwrap();
+        drop(cur);
+        sm.flush().unwrap();
+    }
+    let err = StateMachine::open(dir.path(), StateMachineOptions::default()).unwrap_err();
+    assert!(
+        matches!(&err, SmError::Corrupt { what, .. } if what.contains("m/applied")),
+        "{err}"
+    );
+}
+
+#[test]
+fn prefix_end_handles_trailing_ff() {
+    assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
+    assert_eq!(prefix_end(b"a\xff"), Some(b"b".to_vec()));
+    assert_eq!(prefix_end(b"\xff\xff"), None);
+    assert_eq!(prefix_end(b""), None);
+}
