@@ -67,8 +67,8 @@ struct CrashPointFile {
 }
 
 impl VfsFile for CrashPointFile {
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
+    fn size_bytes(&self) -> io::Result<u64> {
+        self.inner.size_bytes()
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.inner.read_exact_at(buf, offset)

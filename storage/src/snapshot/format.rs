@@ -362,7 +362,7 @@ impl SnapshotFileReader {
     /// Reads and checks the header and the meta chunk.
     pub fn open(file: Box<dyn VfsFile>) -> Result<SnapshotFileReader, FormatError> {
         let len = file
-            .len()
+            .size_bytes()
             .map_err(|source| FormatError::Io { offset: 0, source })?;
         if len < HEADER_BYTES {
             return Err(corrupt(
