@@ -9,11 +9,14 @@
 //! - [`sm`]: the key-value state machine on sled: applies committed entries, serves reads.
 //! - [`snapshot`]: snapshot files (a consistent image at one applied index): write, verify,
 //!   install, keep the newest two.
+//! - [`node_storage`]: a node's WAL, state machine and snapshots opened together with crash
+//!   recovery, and compacted together.
 //! - [`crash_point`]: a file system that dies after N mutating steps, for crash tests.
 
 pub mod codec;
 pub mod command;
 pub mod crash_point;
+pub mod node_storage;
 pub mod sm;
 pub mod snapshot;
 pub mod types;

@@ -370,10 +370,15 @@ impl SnapshotStore {
             .map_err(Self::io_err(&self.dir))
     }
 
-    /// Installs the newest snapshot that verifies into `sm`; each newer one that does not is
-    /// renamed `.broken` with a warning. `None` if no snapshot verifies (or there is none).
-    pub fn restore_newest(&self, sm: &StateMachine) -> Result<Option<SnapshotMeta>, SnapshotError> {
-        for file in self.list()?.iter().rev() {
+    /// Installs the newest snapshot above index `above` that verifies into `sm`; each newer
+    /// one that does not is renamed `.broken` with a warning. `None` if no snapshot above
+    /// `above` verifies (or there is none); files at or below it are left alone.
+    pub fn restore_newest(
+        &self,
+        sm: &StateMachine,
+        above: u64,
+    ) -> Result<Option<SnapshotMeta>, SnapshotError> {
+        for file in self.list()?.iter().rev().filter(|f| f.index > above) {
             match self.install(file, sm) {
                 Ok(meta) => return Ok(Some(meta)),
                 Err(SnapshotError::Format { path, source }) => {

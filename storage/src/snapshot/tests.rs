@@ -224,7 +224,7 @@ fn restore_skips_broken_snapshots_and_renames_them() {
 
     let dst_dir = tempfile::tempdir().unwrap();
     let dst = sm_in(dst_dir.path());
-    let meta = store.restore_newest(&dst).unwrap().unwrap();
+    let meta = store.restore_newest(&dst, 0).unwrap().unwrap();
     assert_eq!(meta, older.meta);
     assert_eq!(dst.get(b"newer").unwrap().value, None);
     assert_eq!(store.list().unwrap(), vec![older.file.clone()]);
@@ -237,7 +237,7 @@ fn restore_skips_broken_snapshots_and_renames_them() {
     sim.overwrite(&older.file.path, bytes).unwrap();
     let empty_dir = tempfile::tempdir().unwrap();
     let empty = sm_in(empty_dir.path());
-    assert_eq!(store.restore_newest(&empty).unwrap(), None);
+    assert_eq!(store.restore_newest(&empty, 0).unwrap(), None);
     assert_eq!(empty.applied_index(), 0);
 }
 
