@@ -9,6 +9,7 @@
 pub mod api;
 pub mod check_disk;
 pub mod client;
+pub mod node;
 pub mod raft;
 pub mod transport;
 

@@ -131,8 +131,8 @@ pub struct CompactionReport {
 pub struct NodeStorage {
     data_dir: PathBuf,
     wal: Wal,
-    sm: StateMachine,
-    snapshots: SnapshotStore,
+    sm: Arc<StateMachine>,
+    snapshots: Arc<SnapshotStore>,
     opts: NodeStorageOptions,
     compacted_at: u64,
     recovery: RecoveryStats,
@@ -265,8 +265,8 @@ impl NodeStorage {
         let mut storage = NodeStorage {
             data_dir: data_dir.to_path_buf(),
             wal,
-            sm,
-            snapshots,
+            sm: Arc::new(sm),
+            snapshots: Arc::new(snapshots),
             compacted_at: 0,
             recovery,
             opts,
@@ -325,6 +325,17 @@ impl NodeStorage {
     /// The snapshot files.
     pub fn snapshots(&self) -> &SnapshotStore {
         &self.snapshots
+    }
+
+    /// The state machine, shared: reads and snapshot files may be served from other threads
+    /// while this `NodeStorage` appends and applies.
+    pub fn shared_sm(&self) -> Arc<StateMachine> {
+        self.sm.clone()
+    }
+
+    /// The snapshot files, shared (a snapshot file can be written off the apply thread).
+    pub fn shared_snapshots(&self) -> Arc<SnapshotStore> {
+        self.snapshots.clone()
     }
 
     /// Appends to the WAL: one write, one fdatasync (see [`Wal::append`]).

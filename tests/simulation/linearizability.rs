@@ -189,9 +189,19 @@ mod tests {
         let h = vec![
             op(1, put("a"), 1, Some((2, OpResult::Put))),
             op(1, OpKind::Get, 3, Some((4, got(Some("a"))))),
-            op(1, OpKind::Delete, 5, Some((6, OpResult::Delete { existed: true }))),
+            op(
+                1,
+                OpKind::Delete,
+                5,
+                Some((6, OpResult::Delete { existed: true })),
+            ),
             op(1, OpKind::Get, 7, Some((8, got(None)))),
-            op(1, OpKind::Delete, 9, Some((10, OpResult::Delete { existed: false }))),
+            op(
+                1,
+                OpKind::Delete,
+                9,
+                Some((10, OpResult::Delete { existed: false })),
+            ),
         ];
         assert!(check(&h).is_ok());
     }
@@ -245,7 +255,12 @@ mod tests {
     fn delete_result_must_match_state() {
         let h = vec![
             op(1, put("a"), 1, Some((2, OpResult::Put))),
-            op(2, OpKind::Delete, 3, Some((4, OpResult::Delete { existed: false }))),
+            op(
+                2,
+                OpKind::Delete,
+                3,
+                Some((4, OpResult::Delete { existed: false })),
+            ),
         ];
         assert!(check(&h).is_err());
     }

@@ -1,0 +1,118 @@
+//! The data dir's identity file, `<data-dir>/raftkv.id`: which cluster and node it belongs to.
+//!
+//! A node started with flags naming another node id or cluster than its data dir refuses to
+//! start: serving another member's log under a new name could make it vote twice in a term.
+//! The file is written once, atomically, when the node first bootstraps.
+
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The identity file's name inside a data dir.
+pub const IDENTITY_FILE: &str = "raftkv.id";
+
+/// Who a data dir belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub cluster_id: String,
+    pub node_id: u64,
+}
+
+/// Why the identity check failed.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cannot read or write {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid identity file: {why}")]
+    Invalid { path: String, why: String },
+    #[error("the data dir {dir} belongs to node {found_node} of cluster {found_cluster:?}, not node {node} of cluster {cluster:?}")]
+    Mismatch {
+        dir: String,
+        found_node: u64,
+        found_cluster: String,
+        node: u64,
+        cluster: String,
+    },
+}
+
+/// Reads the identity of `data_dir`, if it has one.
+pub fn read(data_dir: &Path) -> Result<Option<Identity>, IdentityError> {
+    let path = data_dir.join(IDENTITY_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(IdentityError::Io {
+                path: path.display().to_string(),
+                source,
+            })
+        }
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| IdentityError::Invalid {
+            path: path.display().to_string(),
+            why: e.to_string(),
+        })
+}
+
+/// Checks `data_dir` belongs to `want`, writing the identity if the dir has none yet.
+pub fn check_or_write(data_dir: &Path, want: &Identity) -> Result<(), IdentityError> {
+    match read(data_dir)? {
+        Some(found) if &found == want => Ok(()),
+        Some(found) => Err(IdentityError::Mismatch {
+            dir: data_dir.display().to_string(),
+            found_node: found.node_id,
+            found_cluster: found.cluster_id,
+            node: want.node_id,
+            cluster: want.cluster_id.clone(),
+        }),
+        None => {
+            let io = |source| IdentityError::Io {
+                path: data_dir.join(IDENTITY_FILE).display().to_string(),
+                source,
+            };
+            std::fs::create_dir_all(data_dir).map_err(io)?;
+            let bytes = serde_json::to_vec_pretty(want).map_err(|e| IdentityError::Invalid {
+                path: IDENTITY_FILE.into(),
+                why: e.to_string(),
+            })?;
+            raftkv_storage::vfs::write_file_atomic(
+                &raftkv_storage::vfs::StdFs,
+                data_dir,
+                IDENTITY_FILE,
+                &bytes,
+            )
+            .map_err(io)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn written_once_then_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = Identity {
+            cluster_id: "c".into(),
+            node_id: 2,
+        };
+        check_or_write(dir.path(), &me).unwrap();
+        check_or_write(dir.path(), &me).unwrap();
+        let other = Identity {
+            node_id: 3,
+            ..me.clone()
+        };
+        let err = check_or_write(dir.path(), &other).unwrap_err();
+        assert!(err.to_string().contains("belongs to node 2"), "{err}");
+        std::fs::write(dir.path().join(IDENTITY_FILE), b"{not json").unwrap();
+        assert!(matches!(
+            read(dir.path()),
+            Err(IdentityError::Invalid { .. })
+        ));
+    }
+}

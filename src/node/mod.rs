@@ -1,0 +1,317 @@
+//! The node runtime: the consensus core, storage, peer transport and HTTP API wired together.
+//!
+//! Tasks and queues (every queue bounded):
+//!
+//! ```text
+//!  HTTP handlers ──requests (4096)──▶ consensus task ──jobs (4096)──▶ storage thread
+//!        ▲                              │   ▲    ▲                         │
+//!        └──── oneshot replies ─────────┘   │    └──events (4096)──────────┘
+//!  peer transport ──inbound (4096)──────────┘
+//!  consensus task ──▶ peer transport (per-peer queues, 4096)
+//!  snapshot sender threads (one per peer at most) ──▶ peer transport
+//! ```
+//!
+//! - The **consensus task** ([`driver`]) owns the [`Raft`](crate::raft::Raft) core: ticks from a
+//!   timer, messages from the transport, proposals and reads from the API, and storage events.
+//!   After each event it takes the core's `Ready`: messages that need nothing durable go out at
+//!   once (a leader's appends go out while its own fsync runs), the rest go to the storage
+//!   thread together with the entries and hard state to persist and the entries to apply.
+//! - The **storage thread** ([`storage_loop`]) owns the WAL, sled and the snapshot files; it
+//!   group-commits (one write + one fdatasync for everything queued), applies, compacts, and
+//!   answers with events; messages that promise durable state leave only after its fsync.
+//! - **Reads** are served by the HTTP handlers from the shared state machine, after the
+//!   consensus task confirmed a ReadIndex (linearizable) or directly (stale).
+//!
+//! The path of a write: `PUT` → handler validates → consensus task `propose` → leader appends
+//! and sends `Append` to followers while the storage thread fsyncs its own copy → a quorum of
+//! durable copies (the leader counts itself once its fsync is reported) commits → the storage
+//! thread applies → the consensus task matches the applied entry to the waiting proposal (by
+//! index and term) → 200 with the index.
+
+pub mod driver;
+pub mod identity;
+pub mod peer;
+pub mod service;
+pub mod storage_loop;
+
+use crate::api::Limits;
+use crate::raft::{self, Raft, RestartState};
+use crate::transport::{PeerTransport, TransportConfig};
+use peer::PeerMessage;
+use raftkv_storage::node_storage::{NodeStorage, NodeStorageOptions};
+use raftkv_storage::{Membership, NodeId, SnapshotMeta};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::{mpsc, watch};
+
+/// Bounded capacity of each of the node's internal queues.
+pub const QUEUE_CAPACITY: usize = 4096;
+
+/// Everything a node needs to run.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub id: NodeId,
+    pub cluster_id: String,
+    pub data_dir: PathBuf,
+    /// Where the HTTP API listens.
+    pub client_addr: String,
+    /// The URL clients and peers use to reach the HTTP API (default `http://<client_addr>`).
+    pub client_url: String,
+    /// Where the peer transport listens.
+    pub peer_addr: String,
+    /// The other members' peer addresses.
+    pub peers: BTreeMap<NodeId, String>,
+    pub heartbeat_ms: u64,
+    pub election_timeout_ms: u64,
+    pub snapshot_every: u64,
+    pub catchup_margin: u64,
+    /// How long a write waits to be committed and applied before answering 504.
+    pub request_timeout_ms: u64,
+    pub limits: Limits,
+    /// Serve `consistency=lease` reads from the leader's lease (see DESIGN.md).
+    pub lease_reads: bool,
+}
+
+impl NodeConfig {
+    /// Checks the settings are usable, naming the bad one.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.id == 0 {
+            return Err("--id must not be 0".into());
+        }
+        if self.peers.contains_key(&self.id) {
+            return Err(format!("--peers lists this node's own id {}", self.id));
+        }
+        if self.heartbeat_ms == 0 {
+            return Err("--heartbeat-ms must be positive".into());
+        }
+        if self.election_timeout_ms < 3 * self.heartbeat_ms {
+            return Err(format!(
+                "--election-timeout-ms ({}) must be at least 3x --heartbeat-ms ({})",
+                self.election_timeout_ms, self.heartbeat_ms
+            ));
+        }
+        if self.snapshot_every == 0 {
+            return Err("--snapshot-every must be positive".into());
+        }
+        if self.cluster_id.is_empty() {
+            return Err("the cluster id must not be empty".into());
+        }
+        Ok(())
+    }
+
+    /// The core's configuration: one tick per heartbeat, elections after a randomized
+    /// `election_timeout_ms ..< 2 × election_timeout_ms`.
+    pub fn raft_config(&self) -> raft::Config {
+        let mut c = raft::Config::new(self.id);
+        let ticks = (self.election_timeout_ms / self.heartbeat_ms).max(3) as u32;
+        c.heartbeat_ticks = 1;
+        c.election_timeout_min_ticks = ticks;
+        c.election_timeout_max_ticks = ticks * 2;
+        c.lease_reads = self.lease_reads;
+        c
+    }
+
+    /// All voters: this node and its peers.
+    pub fn membership(&self) -> Membership {
+        Membership::with_voters(self.peers.keys().copied().chain([self.id]))
+    }
+}
+
+/// Why a node could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    #[error("storage: {0}")]
+    Storage(#[from] raftkv_storage::node_storage::NodeStorageError),
+    #[error("consensus: {0}")]
+    Raft(#[from] raft::RaftError),
+    #[error(transparent)]
+    Transport(#[from] crate::transport::TransportError),
+    #[error("cannot listen for clients on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("the node stopped: {0}")]
+    Stopped(String),
+}
+
+/// A running node. Dropping it does not stop it: call [`RunningNode::shutdown`].
+pub struct RunningNode {
+    pub id: NodeId,
+    pub client_url: String,
+    pub peer_addr: std::net::SocketAddr,
+    pub service: Arc<service::NodeService>,
+    shutdown: watch::Sender<bool>,
+    driver: tokio::task::JoinHandle<Result<(), NodeError>>,
+    http: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningNode {
+    /// Stops accepting requests, finishes in-flight ones, flushes and stops every task.
+    pub async fn shutdown(self) -> Result<(), NodeError> {
+        let _ = self.shutdown.send(true);
+        let http = self.http.await;
+        let driver = self.driver.await;
+        if let Ok(Err(e)) = http {
+            tracing::warn!(error = %e, "http server stopped with an error");
+        }
+        match driver {
+            Ok(r) => r,
+            Err(e) => Err(NodeError::Stopped(format!("consensus task: {e}"))),
+        }
+    }
+
+    /// Waits until the node stops by itself (a fatal storage error) or `stop` resolves, then
+    /// shuts down gracefully.
+    pub async fn run_until(
+        self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<(), NodeError> {
+        let mut watch = self.shutdown.subscribe();
+        tokio::select! {
+            _ = stop => {}
+            _ = watch.changed() => {}
+        }
+        self.shutdown().await
+    }
+}
+
+/// Opens the data dir (recovering it), starts the transport, the consensus task, the storage
+/// thread and the HTTP API.
+pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
+    config.validate().map_err(NodeError::Config)?;
+    identity::check_or_write(
+        &config.data_dir,
+        &identity::Identity {
+            cluster_id: config.cluster_id.clone(),
+            node_id: config.id,
+        },
+    )?;
+    let opts = NodeStorageOptions {
+        snapshot_every: config.snapshot_every,
+        catchup_margin: config.catchup_margin,
+        ..NodeStorageOptions::default()
+    };
+    let data_dir = config.data_dir.clone();
+    let storage = tokio::task::spawn_blocking(move || NodeStorage::open(&data_dir, opts))
+        .await
+        .map_err(|e| NodeError::Stopped(format!("storage open: {e}")))??;
+    let raft = restart_or_bootstrap(&config, &storage)?;
+    let sm = storage.shared_sm();
+    let snapshots = storage.shared_snapshots();
+
+    let client_listener = tokio::net::TcpListener::bind(&config.client_addr)
+        .await
+        .map_err(|source| NodeError::Listen {
+            addr: config.client_addr.clone(),
+            source,
+        })?;
+    let transport_config = TransportConfig::new(
+        config.cluster_id.clone(),
+        config.id,
+        config.client_url.clone(),
+        config.peers.clone(),
+    );
+    let (transport, inbound) =
+        PeerTransport::<PeerMessage>::start(transport_config, &config.peer_addr).await?;
+    let peer_addr = transport.local_addr();
+    let transport = Arc::new(transport);
+
+    let (jobs_tx, jobs_rx) = mpsc::channel(QUEUE_CAPACITY);
+    let (events_tx, events_rx) = mpsc::channel(QUEUE_CAPACITY);
+    let (requests_tx, requests_rx) = mpsc::channel(QUEUE_CAPACITY);
+    let (shutdown, shutdown_rx) = watch::channel(false);
+
+    std::thread::Builder::new()
+        .name(format!("raftkv-storage-{}", config.id))
+        .spawn(move || storage_loop::run(storage, jobs_rx, events_tx))
+        .map_err(|e| NodeError::Stopped(format!("cannot start the storage thread: {e}")))?;
+
+    let service = Arc::new(service::NodeService::new(&config, requests_tx, sm.clone()));
+    let driver = driver::Driver::new(
+        &config,
+        raft,
+        transport,
+        snapshots,
+        sm,
+        jobs_tx,
+        shutdown.clone(),
+    );
+    let driver = tokio::spawn(driver.run(inbound, events_rx, requests_rx, shutdown_rx.clone()));
+
+    let router = crate::api::http::router(service.clone());
+    let mut http_shutdown = shutdown_rx;
+    let http = tokio::spawn(crate::api::http::serve(
+        client_listener,
+        router,
+        async move {
+            while !*http_shutdown.borrow() {
+                if http_shutdown.changed().await.is_err() {
+                    break;
+                }
+            }
+        },
+    ));
+    tracing::info!(
+        id = config.id,
+        client_url = %config.client_url,
+        peer_addr = %peer_addr,
+        "node started"
+    );
+    Ok(RunningNode {
+        id: config.id,
+        client_url: config.client_url.clone(),
+        peer_addr,
+        service,
+        shutdown,
+        driver,
+        http,
+    })
+}
+
+/// A brand-new data dir bootstraps the cluster's initial configuration; otherwise the core
+/// restarts from what storage recovered.
+fn restart_or_bootstrap(config: &NodeConfig, storage: &NodeStorage) -> Result<Raft, NodeError> {
+    let wal = storage.wal();
+    let seed = config.id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ wall_clock_seed();
+    let fresh = wal.last_index() == 0 && wal.snapshot().is_none() && wal.hard_state().term == 0;
+    if fresh {
+        tracing::info!(id = config.id, voters = ?config.membership().voters, "bootstrapping a new member");
+        return Ok(Raft::bootstrap(
+            config.raft_config(),
+            config.membership(),
+            seed,
+        )?);
+    }
+    let snapshot = wal.snapshot().cloned().unwrap_or_else(|| SnapshotMeta {
+        index: 0,
+        term: 0,
+        membership: config.membership(),
+    });
+    let entries = if wal.last_index() >= wal.first_index() {
+        wal.entries(wal.first_index(), wal.last_index() + 1, usize::MAX)
+            .map_err(|e| NodeError::Stopped(format!("reading the WAL: {e}")))?
+    } else {
+        Vec::new()
+    };
+    let state = RestartState {
+        hard_state: wal.hard_state(),
+        snapshot,
+        entries,
+        applied: storage.sm().applied_index(),
+    };
+    Ok(Raft::restart(config.raft_config(), state, seed)?)
+}
+
+/// Seeds the election-timeout randomness; only timing depends on it, never safety.
+fn wall_clock_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,259 @@
+//! [`NodeService`]: the client API ([`KvService`]) of a running node.
+//!
+//! Writes become proposals to the consensus task and wait (at most `request_timeout_ms`) for
+//! their entry to apply; a timeout is 504 "outcome unknown". Linearizable reads wait for a
+//! ReadIndex confirmation, then read the shared state machine; stale reads read it at once.
+//! Every request is checked against the limits before it reaches the log.
+
+use super::NodeConfig;
+use crate::api::{
+    ClusterStatus, Consistency, Deleted, KeyValue, KvService, Limits, Listed, ReadValue,
+    ServiceError, Written,
+};
+use raftkv_storage::command::Command;
+use raftkv_storage::sm::StateMachine;
+use raftkv_storage::NodeId;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// What an applied write did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProposalOutcome {
+    pub index: u64,
+    /// For a delete: whether the key existed.
+    pub deleted: bool,
+}
+
+/// A request to the consensus task.
+#[derive(Debug)]
+pub enum Request {
+    Propose {
+        payload: Vec<u8>,
+        reply: oneshot::Sender<Result<ProposalOutcome, ServiceError>>,
+    },
+    /// A ReadIndex; answered with (read index, leader) once it is safe.
+    Read {
+        reply: oneshot::Sender<Result<(u64, NodeId), ServiceError>>,
+    },
+    Transfer {
+        to: NodeId,
+        reply: oneshot::Sender<Result<(), ServiceError>>,
+    },
+    Status {
+        reply: oneshot::Sender<ClusterStatus>,
+    },
+    Ready {
+        reply: oneshot::Sender<Result<(), ServiceError>>,
+    },
+}
+
+/// The node's client API.
+pub struct NodeService {
+    id: NodeId,
+    limits: Limits,
+    requests: mpsc::Sender<Request>,
+    sm: Arc<StateMachine>,
+    request_timeout: Duration,
+}
+
+impl NodeService {
+    pub fn new(
+        config: &NodeConfig,
+        requests: mpsc::Sender<Request>,
+        sm: Arc<StateMachine>,
+    ) -> NodeService {
+        NodeService {
+            id: config.id,
+            limits: config.limits,
+            requests,
+            sm,
+            request_timeout: Duration::from_millis(config.request_timeout_ms),
+        }
+    }
+
+    fn submit(&self, request: Request) -> Result<(), ServiceError> {
+        self.requests.try_send(request).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => {
+                ServiceError::Unavailable("the node is overloaded; retry".into())
+            }
+            mpsc::error::TrySendError::Closed(_) => {
+                ServiceError::Unavailable("the node is shutting down".into())
+            }
+        })
+    }
+
+    async fn propose(&self, command: Command) -> Result<ProposalOutcome, ServiceError> {
+        let payload = command
+            .encode()
+            .map_err(|e| ServiceError::InvalidInput(e.to_string()))?;
+        let (reply, rx) = oneshot::channel();
+        self.submit(Request::Propose { payload, reply })?;
+        match tokio::time::timeout(self.request_timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ServiceError::Timeout(
+                "the node stopped before the write finished".into(),
+            )),
+            Err(_) => Err(ServiceError::Timeout(format!(
+                "the write was not committed within {} ms",
+                self.request_timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// Confirms a linearizable read point; returns the leader that confirmed it.
+    async fn read_barrier(&self, consistency: Consistency) -> Result<Option<NodeId>, ServiceError> {
+        if consistency == Consistency::Stale {
+            return Ok(None);
+        }
+        let (reply, rx) = oneshot::channel();
+        self.submit(Request::Read { reply })?;
+        let (index, leader) = match tokio::time::timeout(self.request_timeout, rx).await {
+            Ok(Ok(result)) => result?,
+            Ok(Err(_)) => {
+                return Err(ServiceError::Unavailable(
+                    "the node is shutting down".into(),
+                ))
+            }
+            Err(_) => {
+                return Err(ServiceError::Unavailable(
+                    "the read could not be confirmed in time".into(),
+                ))
+            }
+        };
+        let applied = self.sm.applied_index();
+        if applied < index {
+            return Err(ServiceError::Internal(format!(
+                "read index {index} confirmed but the state machine is at {applied}"
+            )));
+        }
+        Ok(Some(leader))
+    }
+
+    fn check_key(&self, key: &str) -> Result<(), ServiceError> {
+        if key.is_empty() {
+            return Err(ServiceError::InvalidInput(
+                "the key must not be empty".into(),
+            ));
+        }
+        if key.len() > self.limits.key_bytes_max {
+            return Err(ServiceError::TooLarge(format!(
+                "key of {} bytes exceeds the limit of {} bytes",
+                key.len(),
+                self.limits.key_bytes_max
+            )));
+        }
+        Ok(())
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Request,
+    ) -> Result<T, ServiceError> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(make(reply))?;
+        rx.await
+            .map_err(|_| ServiceError::Unavailable("the node is shutting down".into()))
+    }
+}
+
+fn text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+fn sm_error(e: raftkv_storage::sm::SmError) -> ServiceError {
+    ServiceError::Internal(format!("state machine: {e}"))
+}
+
+impl KvService for NodeService {
+    fn node_id(&self) -> NodeId {
+        self.id
+    }
+
+    fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    async fn put(&self, key: String, value: String) -> Result<Written, ServiceError> {
+        self.check_key(&key)?;
+        if value.len() > self.limits.value_bytes_max {
+            return Err(ServiceError::TooLarge(format!(
+                "value of {} bytes exceeds the limit of {} bytes",
+                value.len(),
+                self.limits.value_bytes_max
+            )));
+        }
+        let outcome = self
+            .propose(Command::Put {
+                key: key.into_bytes(),
+                value: value.into_bytes(),
+            })
+            .await?;
+        Ok(Written {
+            index: outcome.index,
+            leader: self.id,
+        })
+    }
+
+    async fn delete(&self, key: String) -> Result<Deleted, ServiceError> {
+        self.check_key(&key)?;
+        let outcome = self
+            .propose(Command::Delete {
+                key: key.into_bytes(),
+            })
+            .await?;
+        Ok(Deleted {
+            deleted: outcome.deleted,
+            index: outcome.index,
+            leader: self.id,
+        })
+    }
+
+    async fn get(&self, key: String, consistency: Consistency) -> Result<ReadValue, ServiceError> {
+        self.check_key(&key)?;
+        let leader = self.read_barrier(consistency).await?;
+        let read = self.sm.get(key.as_bytes()).map_err(sm_error)?;
+        Ok(ReadValue {
+            value: read.value.map(text),
+            index: read.applied_index,
+            leader,
+        })
+    }
+
+    async fn list(
+        &self,
+        prefix: String,
+        limit: usize,
+        consistency: Consistency,
+    ) -> Result<Listed, ServiceError> {
+        self.read_barrier(consistency).await?;
+        let page = self
+            .sm
+            .scan_prefix(prefix.as_bytes(), limit)
+            .map_err(sm_error)?;
+        Ok(Listed {
+            items: page
+                .value
+                .pairs
+                .into_iter()
+                .map(|(k, v)| KeyValue {
+                    key: text(k),
+                    value: text(v),
+                })
+                .collect(),
+            index: page.applied_index,
+        })
+    }
+
+    async fn status(&self) -> Result<ClusterStatus, ServiceError> {
+        self.ask(|reply| Request::Status { reply }).await
+    }
+
+    async fn ready(&self) -> Result<(), ServiceError> {
+        self.ask(|reply| Request::Ready { reply }).await?
+    }
+
+    async fn transfer_leader(&self, to: NodeId) -> Result<(), ServiceError> {
+        self.ask(|reply| Request::Transfer { to, reply }).await?
+    }
+}

@@ -1,0 +1,357 @@
+//! The storage thread: the only owner of a node's [`NodeStorage`].
+//!
+//! It takes jobs from the consensus task in order and answers with events:
+//! - **Group commit.** It takes one job, then every job already queued (up to
+//!   [`GROUP_JOBS_MAX`]), merges their hard states (last wins) and entries (a later batch that
+//!   starts at or below an earlier one's end replaces that suffix) into **one WAL append — one
+//!   write, one fdatasync** — and only then reports them persisted, with the messages that had
+//!   to wait for that fsync. So everything that became ready while the previous fsync ran goes
+//!   into the next one.
+//! - **Apply** the committed entries of the group into sled after the fsync (they were already
+//!   durable), then report what each entry did, so the waiting proposals can answer.
+//! - **Compact** when `snapshot_every` entries were applied since the last time.
+//! - **Install** a received snapshot file (it is ordered with the appends: everything queued
+//!   before it is persisted and applied first).
+//! - **Receive** snapshot chunks into a temp file in `snap/`, in order; the last one is synced,
+//!   renamed into place, and reported so the core can be told to install it.
+//!
+//! Any storage failure is fatal: the thread reports it and stops; the node shuts down and
+//! recovery on restart sorts out the disk (the WAL is poisoned after a failed fsync anyway).
+
+use super::peer::SnapshotChunk;
+use crate::raft::Message;
+use raftkv_storage::node_storage::NodeStorage;
+use raftkv_storage::sm::AppliedEntry;
+use raftkv_storage::snapshot::{self, SnapshotFile};
+use raftkv_storage::{Entry, HardState, NodeId, SnapshotMeta};
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use tokio::sync::mpsc;
+
+/// The most queued jobs merged into one group commit.
+pub const GROUP_JOBS_MAX: usize = 1024;
+
+/// Work for the storage thread.
+#[derive(Debug)]
+pub enum StorageJob {
+    /// The durable part of one `Ready`.
+    Ready {
+        hard_state: Option<HardState>,
+        install: Option<SnapshotMeta>,
+        entries: Vec<Entry>,
+        after_persist: Vec<Message>,
+        committed: Vec<Entry>,
+    },
+    /// A piece of a snapshot file from `from`.
+    Chunk { from: NodeId, chunk: SnapshotChunk },
+}
+
+/// What the storage thread reports back.
+#[derive(Debug)]
+pub enum StorageEvent {
+    /// Durable: the log up to `last` (index, term) if any entries were written, and the hard
+    /// state; `after_persist` may now be sent.
+    Persisted {
+        last: Option<(u64, u64)>,
+        after_persist: Vec<Message>,
+    },
+    /// These entries are applied, in order.
+    Applied {
+        index: u64,
+        entries: Vec<AppliedEntry>,
+    },
+    /// The log up to (`index`, `term`) may leave memory: it is in sled and marked in the WAL.
+    Compacted {
+        index: u64,
+        term: u64,
+        snapshot_index: u64,
+    },
+    /// A snapshot file from `from` arrived whole and is in `snap/`.
+    SnapshotReceived {
+        from: NodeId,
+        term: u64,
+        meta: SnapshotMeta,
+    },
+    /// Storage failed; the node must stop.
+    Failed(String),
+}
+
+struct Receiving {
+    file_name: String,
+    tmp: PathBuf,
+    file: File,
+    next_offset: u64,
+}
+
+struct Group {
+    hard_state: Option<HardState>,
+    entries: Vec<Entry>,
+    after_persist: Vec<Message>,
+    committed: Vec<Entry>,
+}
+
+impl Group {
+    fn new() -> Group {
+        Group {
+            hard_state: None,
+            entries: Vec::new(),
+            after_persist: Vec::new(),
+            committed: Vec::new(),
+        }
+    }
+
+    fn merge(
+        &mut self,
+        hard_state: Option<HardState>,
+        entries: Vec<Entry>,
+        after: Vec<Message>,
+        committed: Vec<Entry>,
+    ) {
+        if hard_state.is_some() {
+            self.hard_state = hard_state;
+        }
+        if let Some(first) = entries.first() {
+            let keep = self.entries.partition_point(|e| e.index < first.index);
+            self.entries.truncate(keep);
+        }
+        self.entries.extend(entries);
+        self.after_persist.extend(after);
+        self.committed.extend(committed);
+    }
+}
+
+/// Runs the storage thread until the job channel closes or storage fails.
+pub fn run(
+    mut storage: NodeStorage,
+    mut jobs: mpsc::Receiver<StorageJob>,
+    events: mpsc::Sender<StorageEvent>,
+) {
+    let mut receiving: Option<Receiving> = None;
+    let mut batch = Vec::with_capacity(GROUP_JOBS_MAX);
+    while let Some(first) = jobs.blocking_recv() {
+        batch.push(first);
+        while batch.len() < GROUP_JOBS_MAX {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        if let Err(why) = process(&mut storage, &mut batch, &mut receiving, &events) {
+            tracing::error!(error = %why, "storage failed; stopping the node");
+            let _ = events.blocking_send(StorageEvent::Failed(why));
+            return;
+        }
+    }
+}
+
+fn process(
+    storage: &mut NodeStorage,
+    batch: &mut Vec<StorageJob>,
+    receiving: &mut Option<Receiving>,
+    events: &mpsc::Sender<StorageEvent>,
+) -> Result<(), String> {
+    let mut group = Group::new();
+    for job in batch.drain(..) {
+        match job {
+            StorageJob::Ready {
+                hard_state,
+                install,
+                entries,
+                after_persist,
+                committed,
+            } => {
+                if let Some(meta) = install {
+                    flush(storage, std::mem::replace(&mut group, Group::new()), events)?;
+                    install_snapshot(storage, &meta, hard_state.as_ref())?;
+                    send(
+                        events,
+                        StorageEvent::Persisted {
+                            last: Some((meta.index, meta.term)),
+                            after_persist: Vec::new(),
+                        },
+                    )?;
+                    group.merge(None, entries, after_persist, committed);
+                } else {
+                    group.merge(hard_state, entries, after_persist, committed);
+                }
+            }
+            StorageJob::Chunk { from, chunk } => {
+                if let Some(event) = receive_chunk(storage, receiving, from, chunk)? {
+                    send(events, event)?;
+                }
+            }
+        }
+    }
+    flush(storage, group, events)
+}
+
+fn send(events: &mpsc::Sender<StorageEvent>, event: StorageEvent) -> Result<(), String> {
+    events
+        .blocking_send(event)
+        .map_err(|_| "the consensus task is gone".to_string())
+}
+
+/// One append + fsync for the group, then its applies and a compaction if due.
+fn flush(
+    storage: &mut NodeStorage,
+    group: Group,
+    events: &mpsc::Sender<StorageEvent>,
+) -> Result<(), String> {
+    if !group.entries.is_empty() || group.hard_state.is_some() {
+        storage
+            .append(&group.entries, group.hard_state.as_ref())
+            .map_err(|e| format!("wal append: {e}"))?;
+    }
+    if !group.entries.is_empty() || !group.after_persist.is_empty() {
+        send(
+            events,
+            StorageEvent::Persisted {
+                last: group.entries.last().map(|e| (e.index, e.term)),
+                after_persist: group.after_persist,
+            },
+        )?;
+    }
+    if group.committed.is_empty() {
+        return Ok(());
+    }
+    let applied = storage
+        .sm()
+        .apply(&group.committed)
+        .map_err(|e| format!("apply: {e}"))?;
+    let index = storage.sm().applied_index();
+    send(
+        events,
+        StorageEvent::Applied {
+            index,
+            entries: applied,
+        },
+    )?;
+    if storage.compaction_due() {
+        let report = storage.compact().map_err(|e| format!("compaction: {e}"))?;
+        let keep_from = report.purged_upto;
+        if let Some(term) = storage.wal().term(keep_from) {
+            send(
+                events,
+                StorageEvent::Compacted {
+                    index: keep_from,
+                    term,
+                    snapshot_index: report.snapshot.index,
+                },
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn install_snapshot(
+    storage: &mut NodeStorage,
+    meta: &SnapshotMeta,
+    hard_state: Option<&HardState>,
+) -> Result<(), String> {
+    let name = snapshot::file_name(meta.index, meta.term);
+    let file = SnapshotFile {
+        path: storage.snapshots().dir().join(&name),
+        name,
+        index: meta.index,
+        term: meta.term,
+    };
+    let installed = storage
+        .install_snapshot(&file)
+        .map_err(|e| format!("installing snapshot {}: {e}", file.path.display()))?;
+    if installed.index != meta.index || installed.term != meta.term {
+        return Err(format!(
+            "snapshot file {} holds ({}, {}), expected ({}, {})",
+            file.path.display(),
+            installed.index,
+            installed.term,
+            meta.index,
+            meta.term
+        ));
+    }
+    if let Some(hs) = hard_state {
+        storage
+            .append(&[], Some(hs))
+            .map_err(|e| format!("wal append: {e}"))?;
+    }
+    tracing::info!(
+        index = meta.index,
+        term = meta.term,
+        "installed snapshot from the leader"
+    );
+    Ok(())
+}
+
+/// Writes one chunk; returns an event when the file is complete.
+fn receive_chunk(
+    storage: &NodeStorage,
+    receiving: &mut Option<Receiving>,
+    from: NodeId,
+    chunk: SnapshotChunk,
+) -> Result<Option<StorageEvent>, String> {
+    let dir = storage.snapshots().dir().to_path_buf();
+    let expected = snapshot::file_name(chunk.meta.index, chunk.meta.term);
+    if chunk.file_name != expected {
+        tracing::warn!(from, name = %chunk.file_name, "snapshot chunk with a malformed file name; dropped");
+        return Ok(None);
+    }
+    if chunk.offset == 0 {
+        let tmp = dir.join(format!("{expected}.recv.tmp"));
+        let file = File::create(&tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+        *receiving = Some(Receiving {
+            file_name: expected.clone(),
+            tmp,
+            file,
+            next_offset: 0,
+        });
+    }
+    let Some(r) = receiving.as_mut() else {
+        tracing::warn!(
+            from,
+            offset = chunk.offset,
+            "snapshot chunk without a start; dropped"
+        );
+        return Ok(None);
+    };
+    if r.file_name != expected || r.next_offset != chunk.offset {
+        tracing::warn!(
+            from,
+            offset = chunk.offset,
+            expected = r.next_offset,
+            "out-of-order snapshot chunk; transfer abandoned"
+        );
+        let _ = std::fs::remove_file(&r.tmp);
+        *receiving = None;
+        return Ok(None);
+    }
+    r.file
+        .write_all(&chunk.data)
+        .map_err(|e| format!("writing {}: {e}", r.tmp.display()))?;
+    r.next_offset += chunk.data.len() as u64;
+    if !chunk.is_last() {
+        return Ok(None);
+    }
+    let Some(done) = receiving.take() else {
+        return Ok(None);
+    };
+    done.file
+        .sync_all()
+        .map_err(|e| format!("syncing {}: {e}", done.tmp.display()))?;
+    let path = dir.join(&done.file_name);
+    std::fs::rename(&done.tmp, &path)
+        .map_err(|e| format!("renaming {}: {e}", done.tmp.display()))?;
+    File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| format!("syncing {}: {e}", dir.display()))?;
+    tracing::info!(
+        from,
+        index = chunk.meta.index,
+        bytes = done.next_offset,
+        "received snapshot file"
+    );
+    Ok(Some(StorageEvent::SnapshotReceived {
+        from,
+        term: chunk.term,
+        meta: chunk.meta,
+    }))
+}
