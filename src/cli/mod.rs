@@ -4,6 +4,9 @@
 //! nothing here measures, stores or decides anything.
 
 mod check_disk;
+mod cluster;
+mod kv;
+mod serve;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -18,9 +21,32 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run one node.
+    Serve(serve::ServeArgs),
+    /// Write a key.
+    Put(kv::PutArgs),
+    /// Read a key (exit 1 if it does not exist).
+    Get(kv::GetArgs),
+    /// Delete a key.
+    Del(kv::DelArgs),
+    /// List keys in order, optionally under a prefix.
+    List(kv::ListArgs),
+    /// Every member's view of the cluster.
+    Status(kv::StatusArgs),
+    /// Move leadership to another node.
+    TransferLeader(kv::TransferArgs),
+    /// Run a local cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Check that this machine is fit to run a node.
     #[command(subcommand)]
     Check(CheckCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Start a local cluster as child processes (client ports 8001..., peer ports 9001...).
+    Up(cluster::UpArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -32,6 +58,14 @@ pub enum CheckCommand {
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Serve(args) => serve::run(&args),
+        Command::Put(args) => kv::put(&args),
+        Command::Get(args) => kv::get(&args),
+        Command::Del(args) => kv::del(&args),
+        Command::List(args) => kv::list(&args),
+        Command::Status(args) => kv::status(&args),
+        Command::TransferLeader(args) => kv::transfer(&args),
+        Command::Cluster(ClusterCommand::Up(args)) => cluster::up(&args),
         Command::Check(CheckCommand::Disk(args)) => check_disk::run(&args),
     }
 }

@@ -1,0 +1,228 @@
+//! `raftkv serve`: run one node.
+//!
+//! Settings come from, highest first: flags, `RAFTKV_*` environment variables, the TOML file
+//! given with `--config`, then defaults. SIGTERM or SIGINT shuts down gracefully: stop
+//! accepting, finish in-flight requests, flush, exit 0. A corrupt data dir or one that belongs
+//! to another node or cluster exits non-zero with the reason (file and offset for damage).
+
+use anyhow::{bail, Context};
+use raftkv::api::Limits;
+use raftkv::node::{self, NodeConfig};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Default, clap::Args)]
+pub struct ServeArgs {
+    /// This node's id (a positive integer, unique in the cluster).
+    #[arg(long, env = "RAFTKV_ID")]
+    pub id: Option<u64>,
+    /// Where this node keeps its WAL, state machine and snapshots.
+    #[arg(long, env = "RAFTKV_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address the HTTP client API listens on.
+    #[arg(long, env = "RAFTKV_CLIENT_ADDR", value_name = "HOST:PORT")]
+    pub client_addr: Option<String>,
+    /// URL other nodes and clients use to reach the client API (default http://CLIENT_ADDR).
+    #[arg(long, env = "RAFTKV_CLIENT_URL", value_name = "URL")]
+    pub client_url: Option<String>,
+    /// Address the peer transport listens on.
+    #[arg(long, env = "RAFTKV_PEER_ADDR", value_name = "HOST:PORT")]
+    pub peer_addr: Option<String>,
+    /// The other members: ID=HOST:PORT of their peer addresses, comma-separated.
+    #[arg(long, env = "RAFTKV_PEERS", value_name = "ID=HOST:PORT,...")]
+    pub peers: Option<String>,
+    /// The cluster's name; peers of another cluster are refused.
+    #[arg(long, env = "RAFTKV_CLUSTER_ID")]
+    pub cluster_id: Option<String>,
+    /// Compact (sled flush, WAL marker, purge) every N applied entries.
+    #[arg(long, env = "RAFTKV_SNAPSHOT_EVERY", value_name = "N")]
+    pub snapshot_every: Option<u64>,
+    /// Leader heartbeat interval (one consensus tick).
+    #[arg(long, env = "RAFTKV_HEARTBEAT_MS", value_name = "MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// Election timeout (randomized between 1x and 2x this).
+    #[arg(long, env = "RAFTKV_ELECTION_TIMEOUT_MS", value_name = "MS")]
+    pub election_timeout_ms: Option<u64>,
+    /// A TOML file with the same settings (snake_case keys; `peers` as a table id = "host:port").
+    #[arg(long, env = "RAFTKV_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// The TOML file's shape.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    id: Option<u64>,
+    data_dir: Option<PathBuf>,
+    client_addr: Option<String>,
+    client_url: Option<String>,
+    peer_addr: Option<String>,
+    peers: Option<BTreeMap<String, String>>,
+    cluster_id: Option<String>,
+    snapshot_every: Option<u64>,
+    heartbeat_ms: Option<u64>,
+    election_timeout_ms: Option<u64>,
+    catchup_margin: Option<u64>,
+    request_timeout_ms: Option<u64>,
+}
+
+/// Parses `1=host:port,2=host:port`.
+pub fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<u64, String>> {
+    let mut peers = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .with_context(|| format!("peer {part:?} is not ID=HOST:PORT"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .with_context(|| format!("peer id {id:?} is not a number"))?;
+        if id == 0 {
+            bail!("peer id 0 is reserved");
+        }
+        if peers.insert(id, addr.trim().to_string()).is_some() {
+            bail!("peer {id} is listed twice");
+        }
+    }
+    Ok(peers)
+}
+
+/// Resolves flags, environment, file and defaults into a node configuration.
+pub fn resolve(args: &ServeArgs) -> anyhow::Result<NodeConfig> {
+    let file: FileConfig = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the config file {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let id = args.id.or(file.id).context("--id is required")?;
+    let data_dir = args
+        .data_dir
+        .clone()
+        .or(file.data_dir)
+        .context("--data-dir is required")?;
+    let client_addr = args
+        .client_addr
+        .clone()
+        .or(file.client_addr)
+        .unwrap_or_else(|| "127.0.0.1:8001".into());
+    let client_url = args
+        .client_url
+        .clone()
+        .or(file.client_url)
+        .unwrap_or_else(|| format!("http://{client_addr}"));
+    let peer_addr = args
+        .peer_addr
+        .clone()
+        .or(file.peer_addr)
+        .unwrap_or_else(|| "127.0.0.1:9001".into());
+    let peers = match (&args.peers, file.peers) {
+        (Some(flag), _) => parse_peers(flag)?,
+        (None, Some(table)) => {
+            let joined: Vec<String> = table.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            parse_peers(&joined.join(","))?
+        }
+        (None, None) => BTreeMap::new(),
+    };
+    let config = NodeConfig {
+        id,
+        cluster_id: args
+            .cluster_id
+            .clone()
+            .or(file.cluster_id)
+            .unwrap_or_else(|| "raftkv".into()),
+        data_dir,
+        client_addr,
+        client_url,
+        peer_addr,
+        peers,
+        heartbeat_ms: args.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(50),
+        election_timeout_ms: args
+            .election_timeout_ms
+            .or(file.election_timeout_ms)
+            .unwrap_or(300),
+        snapshot_every: args.snapshot_every.or(file.snapshot_every).unwrap_or(10_000),
+        catchup_margin: file.catchup_margin.unwrap_or(5_000),
+        request_timeout_ms: file.request_timeout_ms.unwrap_or(5_000),
+        limits: Limits::default(),
+        lease_reads: false,
+    };
+    config.validate().map_err(anyhow::Error::msg)?;
+    Ok(config)
+}
+
+pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    let config = resolve(args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let running = node::start(config.clone())
+            .await
+            .with_context(|| format!("node {} cannot start from {}", config.id, config.data_dir.display()))?;
+        running.run_until(shutdown_signal()).await?;
+        tracing::info!("node stopped");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("shutdown signal received; stopping gracefully");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_parse_and_reject_garbage() {
+        let p = parse_peers("2=127.0.0.1:9002, 3=h:9003").unwrap();
+        assert_eq!(p[&2], "127.0.0.1:9002");
+        assert_eq!(p[&3], "h:9003");
+        assert!(parse_peers("2").is_err());
+        assert!(parse_peers("x=h:1").is_err());
+        assert!(parse_peers("0=h:1").is_err());
+        assert!(parse_peers("2=a:1,2=b:2").is_err());
+    }
+
+    #[test]
+    fn flags_beat_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(
+            &file,
+            "id = 2\ndata_dir = \"/tmp/x\"\nheartbeat_ms = 40\nelection_timeout_ms = 400\n[peers]\n1 = \"127.0.0.1:9001\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(file.clone()),
+            heartbeat_ms: Some(30),
+            ..ServeArgs::default()
+        };
+        let c = resolve(&args).unwrap();
+        assert_eq!((c.id, c.heartbeat_ms, c.election_timeout_ms), (2, 30, 400));
+        assert_eq!(c.peers[&1], "127.0.0.1:9001");
+        std::fs::write(&file, "id = 2\nbogus = 1\n").unwrap();
+        assert!(resolve(&args).is_err(), "unknown keys are errors");
+    }
+}
