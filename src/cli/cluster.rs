@@ -50,10 +50,18 @@ fn spawn_node(exe: &PathBuf, id: u64, n: u64, data_dir: &std::path::Path) -> any
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "info");
     }
-    let mut child = cmd.spawn().with_context(|| format!("cannot start node {id}"))?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start node {id}"))?;
     for pipe in [
-        child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-        child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
     ]
     .into_iter()
     .flatten()
@@ -85,7 +93,9 @@ fn terminate(children: &mut [(u64, Child)]) {
                     println!("node {id} stopped ({status})");
                     break;
                 }
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
                 _ => {
                     let _ = child.kill();
                     let _ = child.wait();

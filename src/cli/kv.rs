@@ -84,7 +84,8 @@ pub struct TransferArgs {
 }
 
 fn parse_consistency(s: &str) -> Result<Consistency, String> {
-    Consistency::parse(s).ok_or_else(|| format!("unknown consistency {s:?}: use linearizable, lease or stale"))
+    Consistency::parse(s)
+        .ok_or_else(|| format!("unknown consistency {s:?}: use linearizable, lease or stale"))
 }
 
 fn client(args: &EndpointArgs) -> anyhow::Result<Client> {
@@ -139,7 +140,11 @@ pub fn del(args: &DelArgs) -> anyhow::Result<ExitCode> {
     let c = client(&args.endpoints)?;
     match runtime()?.block_on(c.delete(&args.key)) {
         Ok(r) => {
-            println!("{} (index {})", if r.deleted { "deleted" } else { "not found" }, r.index);
+            println!(
+                "{} (index {})",
+                if r.deleted { "deleted" } else { "not found" },
+                r.index
+            );
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => Ok(failure(e)),
@@ -211,7 +216,9 @@ pub fn render_table(all: &[(String, Result<ClusterStatus, ClientError>)]) -> Str
                 st.id,
                 st.role,
                 st.term,
-                st.leader.as_ref().map_or("-".to_string(), |l| l.id.to_string()),
+                st.leader
+                    .as_ref()
+                    .map_or("-".to_string(), |l| l.id.to_string()),
                 st.last_index,
                 st.commit_index,
                 st.applied_index,

@@ -95,7 +95,8 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<NodeConfig> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read the config file {}", path.display()))?;
-            toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?
+            toml::from_str(&text)
+                .with_context(|| format!("invalid config file {}", path.display()))?
         }
         None => FileConfig::default(),
     };
@@ -145,7 +146,10 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<NodeConfig> {
             .election_timeout_ms
             .or(file.election_timeout_ms)
             .unwrap_or(300),
-        snapshot_every: args.snapshot_every.or(file.snapshot_every).unwrap_or(10_000),
+        snapshot_every: args
+            .snapshot_every
+            .or(file.snapshot_every)
+            .unwrap_or(10_000),
         catchup_margin: file.catchup_margin.unwrap_or(5_000),
         request_timeout_ms: file.request_timeout_ms.unwrap_or(5_000),
         limits: Limits::default(),
@@ -162,9 +166,13 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let running = node::start(config.clone())
-            .await
-            .with_context(|| format!("node {} cannot start from {}", config.id, config.data_dir.display()))?;
+        let running = node::start(config.clone()).await.with_context(|| {
+            format!(
+                "node {} cannot start from {}",
+                config.id,
+                config.data_dir.display()
+            )
+        })?;
         running.run_until(shutdown_signal()).await?;
         tracing::info!("node stopped");
         Ok(ExitCode::SUCCESS)
