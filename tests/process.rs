@@ -13,16 +13,29 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_raftkv");
 
+/// A port no other cluster of this test binary uses: ports come from one counter (tests run
+/// in parallel, and ports the OS hands out for port 0 can repeat once released), each probed
+/// free before use.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + (std::process::id() % 400) as u16 * 100,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 struct Cluster {
     root: tempfile::TempDir,
+    cluster_id: String,
     client_ports: BTreeMap<u64, u16>,
     peer_ports: BTreeMap<u64, u16>,
     children: BTreeMap<u64, Child>,
@@ -32,9 +45,12 @@ struct Cluster {
 
 impl Cluster {
     fn new(snapshot_every: u64, catchup_margin: u64) -> Cluster {
+        let client_ports: BTreeMap<u64, u16> = (1..=3).map(|i| (i, free_port())).collect();
         Cluster {
             root: tempfile::tempdir().unwrap(),
-            client_ports: (1..=3).map(|i| (i, free_port())).collect(),
+            // Unique per cluster, so that a stray connection between tests is refused.
+            cluster_id: format!("test-{}", client_ports[&1]),
+            client_ports,
             peer_ports: (1..=3).map(|i| (i, free_port())).collect(),
             children: BTreeMap::new(),
             snapshot_every,
@@ -81,9 +97,10 @@ impl Cluster {
             .args(["--peers", &peers.join(",")])
             .args(["--snapshot-every", &self.snapshot_every.to_string()])
             .args(["--heartbeat-ms", "30", "--election-timeout-ms", "200"])
+            .args(["--cluster-id", &self.cluster_id])
             .arg("--config")
             .arg(config)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -91,7 +108,16 @@ impl Cluster {
     }
 
     fn start(&mut self, id: u64) {
-        let child = self.command(id).spawn().expect("spawn raftkv serve");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.path().join(format!("node{id}.log")))
+            .unwrap();
+        let child = self
+            .command(id)
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn raftkv serve");
         self.children.insert(id, child);
     }
 
@@ -177,9 +203,43 @@ impl Cluster {
                 .into_iter()
                 .map(|kv| (kv.key, kv.value))
                 .collect();
-            for (k, v) in want {
-                assert_eq!(got.get(k), Some(v), "node {id} lost acknowledged write {k}");
+            let missing: Vec<&String> = want
+                .keys()
+                .filter(|k| got.get(*k) != want.get(*k))
+                .collect();
+            if !missing.is_empty() {
+                let keep = std::path::PathBuf::from(format!("/tmp/pt-logs-{}", self.cluster_id));
+                let _ = std::process::Command::new("cp")
+                    .arg("-r")
+                    .arg(self.root.path())
+                    .arg(&keep)
+                    .status();
+                eprintln!("kept the data dirs in {}", keep.display());
+                for n in 1..=3 {
+                    let log =
+                        std::fs::read_to_string(self.root.path().join(format!("node{n}.log")))
+                            .unwrap_or_default();
+                    let tail: Vec<&str> = log
+                        .lines()
+                        .filter(|l| {
+                            !l.contains("peer unreachable") && !l.contains("connected to peer")
+                        })
+                        .collect();
+                    eprintln!(
+                        "--- node {n} log ({} lines) ---\n{}",
+                        tail.len(),
+                        tail[tail.len().saturating_sub(40)..].join("\n")
+                    );
+                }
             }
+            assert!(
+                missing.is_empty(),
+                "node {id} lost {} of {} acknowledged writes (has {} keys), first {:?}",
+                missing.len(),
+                want.len(),
+                got.len(),
+                &missing[..missing.len().min(5)]
+            );
         }
     }
 }
@@ -494,7 +554,7 @@ fn corrupt_flags_and_foreign_data_dirs_are_refused() {
     std::fs::create_dir_all(cluster.data_dir(1)).unwrap();
     std::fs::write(
         cluster.data_dir(1).join("raftkv.id"),
-        r#"{"cluster_id":"raftkv","node_id":7}"#,
+        format!(r#"{{"cluster_id":"{}","node_id":7}}"#, cluster.cluster_id),
     )
     .unwrap();
     let out = cluster.command(1).output().unwrap();

@@ -334,10 +334,12 @@ impl Driver {
                 "the leader's first entry of this term is not committed here yet".into(),
             ));
         }
-        if self.raft.applied_index() < commit {
+        // The state machine, not the core, says what is applied: the core counts an
+        // accepted snapshot as applied before the storage thread has installed it.
+        let applied = self.sm.applied_index();
+        if applied < commit {
             return Err(ServiceError::Unavailable(format!(
-                "applied {} of {commit} committed entries",
-                self.raft.applied_index()
+                "applied {applied} of {commit} committed entries"
             )));
         }
         Ok(())
@@ -379,7 +381,7 @@ impl Driver {
             first_index: self.raft.log().first_index(),
             last_index: self.raft.log().last_index(),
             commit_index: self.raft.commit_index(),
-            applied_index: self.raft.applied_index(),
+            applied_index: self.sm.applied_index(),
             snapshot_index: self.snapshot_index.max(self.raft.log().base_index()),
             members,
         }
