@@ -193,6 +193,8 @@ impl Driver {
                 snapshot_index,
             } => {
                 self.snapshot_index = snapshot_index;
+                // The apply thread's report of this index may still be in flight.
+                self.raft.applied(self.sm.applied_index());
                 if let Err(e) = self.raft.compact(index, term) {
                     tracing::warn!(index, term, error = %e, "core compaction refused");
                 }

@@ -3,9 +3,9 @@
 //! Tasks and queues (every queue bounded):
 //!
 //! ```text
-//!  HTTP handlers ──requests (4096)──▶ consensus task ──jobs (4096)──▶ storage thread
-//!        ▲                              │   ▲    ▲                         │
-//!        └──── oneshot replies ─────────┘   │    └──events (4096)──────────┘
+//!  HTTP handlers ──requests (4096)──▶ consensus task ──jobs (4096)──▶ storage thread ──▶ apply thread
+//!        ▲                              │   ▲    ▲                         │      (1024 batches)  │
+//!        └──── oneshot replies ─────────┘   │    └──events (4096)──────────┴──────────────────────┘
 //!  peer transport ──inbound (4096)──────────┘
 //!  consensus task ──▶ peer transport (per-peer queues, 4096)
 //!  snapshot sender threads (one per peer at most) ──▶ peer transport
@@ -17,8 +17,9 @@
 //!   once (a leader's appends go out while its own fsync runs), the rest go to the storage
 //!   thread together with the entries and hard state to persist and the entries to apply.
 //! - The **storage thread** ([`storage_loop`]) owns the WAL, sled and the snapshot files; it
-//!   group-commits (one write + one fdatasync for everything queued), applies, compacts, and
-//!   answers with events; messages that promise durable state leave only after its fsync.
+//!   group-commits (one write + one fdatasync for everything queued), compacts, and answers
+//!   with events; messages that promise durable state leave only after its fsync. Its apply
+//!   thread applies committed entries to sled while the next fsync runs.
 //! - **Reads** are served by the HTTP handlers from the shared state machine, after the
 //!   consensus task confirmed a ReadIndex (linearizable) or directly (stale).
 //!

@@ -7,9 +7,11 @@
 //!   write, one fdatasync** — and only then reports them persisted, with the messages that had
 //!   to wait for that fsync. So everything that became ready while the previous fsync ran goes
 //!   into the next one.
-//! - **Apply** the committed entries of the group into sled after the fsync (they were already
-//!   durable), then report what each entry did, so the waiting proposals can answer.
-//! - **Compact** when `snapshot_every` entries were applied since the last time.
+//! - **Apply** runs on its own thread: after the fsync, the group's committed entries (already
+//!   durable) go to the apply thread through a bounded queue, so the next fsync overlaps the
+//!   sled writes; the apply thread reports what each entry did, so waiting proposals answer.
+//! - **Compact** when `snapshot_every` entries were applied since the last time (the apply
+//!   thread advances the state machine; this thread flushes it, marks the WAL and purges).
 //! - **Install** a received snapshot file (it is ordered with the appends: everything queued
 //!   before it is persisted and applied first).
 //! - **Receive** snapshot chunks into a temp file in `snap/`, in order; the last one is synced,
@@ -22,15 +24,82 @@ use super::peer::SnapshotChunk;
 use crate::raft::Message;
 use raftkv_storage::node_storage::NodeStorage;
 use raftkv_storage::sm::AppliedEntry;
+use raftkv_storage::sm::StateMachine;
 use raftkv_storage::snapshot::{self, SnapshotFile};
 use raftkv_storage::{Entry, HardState, NodeId, SnapshotMeta};
 use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use tokio::sync::mpsc;
 
 /// The most queued jobs merged into one group commit.
 pub const GROUP_JOBS_MAX: usize = 1024;
+/// Committed batches queued for the apply thread.
+pub const APPLY_QUEUE_MAX: usize = 1024;
+
+/// Work for the apply thread.
+enum ApplyJob {
+    Entries(Vec<Entry>),
+    /// Answered once everything queued before it is applied.
+    Barrier(std::sync::mpsc::SyncSender<()>),
+}
+
+/// The apply thread: applies committed entries to the shared state machine, in order.
+fn run_apply(
+    sm: Arc<StateMachine>,
+    jobs: std::sync::mpsc::Receiver<ApplyJob>,
+    events: mpsc::Sender<StorageEvent>,
+) {
+    for job in jobs {
+        match job {
+            ApplyJob::Entries(entries) => match sm.apply(&entries) {
+                Ok(applied) => {
+                    let index = sm.applied_index();
+                    if events
+                        .blocking_send(StorageEvent::Applied {
+                            index,
+                            entries: applied,
+                        })
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "apply failed; stopping the node");
+                    let _ = events.blocking_send(StorageEvent::Failed(format!("apply: {e}")));
+                    return;
+                }
+            },
+            ApplyJob::Barrier(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+struct Appliers {
+    jobs: std::sync::mpsc::SyncSender<ApplyJob>,
+}
+
+impl Appliers {
+    fn apply(&self, entries: Vec<Entry>) -> Result<(), String> {
+        self.jobs
+            .send(ApplyJob::Entries(entries))
+            .map_err(|_| "the apply thread stopped".to_string())
+    }
+
+    /// Waits until everything queued so far is applied.
+    fn drain(&self) -> Result<(), String> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.jobs
+            .send(ApplyJob::Barrier(tx))
+            .map_err(|_| "the apply thread stopped".to_string())?;
+        rx.recv()
+            .map_err(|_| "the apply thread stopped".to_string())
+    }
+}
 
 /// Work for the storage thread.
 #[derive(Debug)]
@@ -127,6 +196,33 @@ pub fn run(
     mut jobs: mpsc::Receiver<StorageJob>,
     events: mpsc::Sender<StorageEvent>,
 ) {
+    let (apply_tx, apply_rx) = std::sync::mpsc::sync_channel(APPLY_QUEUE_MAX);
+    let sm = storage.shared_sm();
+    let apply_events = events.clone();
+    let applier = match std::thread::Builder::new()
+        .name("raftkv-apply".into())
+        .spawn(move || run_apply(sm, apply_rx, apply_events))
+    {
+        Ok(handle) => handle,
+        Err(e) => {
+            let _ = events.blocking_send(StorageEvent::Failed(format!(
+                "cannot start the apply thread: {e}"
+            )));
+            return;
+        }
+    };
+    let appliers = Appliers { jobs: apply_tx };
+    run_jobs(&mut storage, &mut jobs, &events, &appliers);
+    drop(appliers);
+    let _ = applier.join();
+}
+
+fn run_jobs(
+    storage: &mut NodeStorage,
+    jobs: &mut mpsc::Receiver<StorageJob>,
+    events: &mpsc::Sender<StorageEvent>,
+    appliers: &Appliers,
+) {
     let mut receiving: Option<Receiving> = None;
     let mut batch = Vec::with_capacity(GROUP_JOBS_MAX);
     while let Some(first) = jobs.blocking_recv() {
@@ -137,7 +233,7 @@ pub fn run(
                 Err(_) => break,
             }
         }
-        if let Err(why) = process(&mut storage, &mut batch, &mut receiving, &events) {
+        if let Err(why) = process(storage, &mut batch, &mut receiving, events, appliers) {
             tracing::error!(error = %why, "storage failed; stopping the node");
             let _ = events.blocking_send(StorageEvent::Failed(why));
             return;
@@ -150,6 +246,7 @@ fn process(
     batch: &mut Vec<StorageJob>,
     receiving: &mut Option<Receiving>,
     events: &mpsc::Sender<StorageEvent>,
+    appliers: &Appliers,
 ) -> Result<(), String> {
     let mut group = Group::new();
     for job in batch.drain(..) {
@@ -162,7 +259,13 @@ fn process(
                 committed,
             } => {
                 if let Some(meta) = install {
-                    flush(storage, std::mem::replace(&mut group, Group::new()), events)?;
+                    flush(
+                        storage,
+                        std::mem::replace(&mut group, Group::new()),
+                        events,
+                        appliers,
+                    )?;
+                    appliers.drain()?;
                     install_snapshot(storage, &meta, hard_state.as_ref())?;
                     send(
                         events,
@@ -183,7 +286,7 @@ fn process(
             }
         }
     }
-    flush(storage, group, events)
+    flush(storage, group, events, appliers)
 }
 
 fn send(events: &mpsc::Sender<StorageEvent>, event: StorageEvent) -> Result<(), String> {
@@ -192,11 +295,13 @@ fn send(events: &mpsc::Sender<StorageEvent>, event: StorageEvent) -> Result<(), 
         .map_err(|_| "the consensus task is gone".to_string())
 }
 
-/// One append + fsync for the group, then its applies and a compaction if due.
+/// One append + fsync for the group, then its applies (on the apply thread) and a
+/// compaction if due.
 fn flush(
     storage: &mut NodeStorage,
     group: Group,
     events: &mpsc::Sender<StorageEvent>,
+    appliers: &Appliers,
 ) -> Result<(), String> {
     if !group.entries.is_empty() || group.hard_state.is_some() {
         storage
@@ -212,21 +317,9 @@ fn flush(
             },
         )?;
     }
-    if group.committed.is_empty() {
-        return Ok(());
+    if !group.committed.is_empty() {
+        appliers.apply(group.committed)?;
     }
-    let applied = storage
-        .sm()
-        .apply(&group.committed)
-        .map_err(|e| format!("apply: {e}"))?;
-    let index = storage.sm().applied_index();
-    send(
-        events,
-        StorageEvent::Applied {
-            index,
-            entries: applied,
-        },
-    )?;
     if storage.compaction_due() {
         let report = storage.compact().map_err(|e| format!("compaction: {e}"))?;
         let keep_from = report.purged_upto;
