@@ -93,7 +93,8 @@ pub struct Summary {
     pub segments: Vec<SegmentSummary>,
     pub snapshot_markers: Vec<SnapshotMarkerView>,
     pub rewrites: Vec<RewriteView>,
-    /// Leftover `*.tmp` files of an interrupted rotation; opening removes them.
+    /// `*.tmp` files: a next segment prepared ahead, or an interrupted rotation; opening
+    /// removes them.
     pub temp_files: Vec<String>,
     pub torn_tail: Option<TornTailView>,
     pub corruption: Option<CorruptionView>,
@@ -328,7 +329,7 @@ impl Summary {
         if !self.temp_files.is_empty() {
             writeln!(
                 out,
-                "temp files (opening removes them): {}",
+                "temp files (a prepared next segment or an interrupted rotation; opening removes them): {}",
                 self.temp_files.join(", ")
             )?;
         }

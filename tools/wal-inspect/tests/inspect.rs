@@ -321,7 +321,11 @@ fn a_flipped_byte_mid_log_exits_1_naming_file_offset_and_index() {
 fn damage_in_the_last_segment_followed_by_records_is_corruption() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("wal");
-    build_wal(&dir, WalOptions::default(), 100, 10, 50);
+    let opts = WalOptions {
+        segment_bytes_max: 1 << 20,
+        ..WalOptions::default()
+    };
+    build_wal(&dir, opts, 100, 10, 50);
     let (file, offset, _) = locate(&dir, 90);
     flip_byte(&file, offset + 40);
     let out = inspect(&[s(&dir), "--verify", "--json"]);
