@@ -28,7 +28,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 const CHILD_ENV: &str = "RAFTKV_KILL9_CHILD";
-const SEED: u64 = 0x6b69_6c6c_39;
+const SEED: u64 = 0x006b_696c_6c39;
 const KEYS: u64 = 1000;
 
 fn mix(mut z: u64) -> u64 {
@@ -41,7 +41,7 @@ fn mix(mut z: u64) -> u64 {
 fn command_at(index: u64) -> Command {
     let r = mix(SEED ^ index);
     let key = format!("key-{:04}", r % KEYS).into_bytes();
-    if r % 7 == 0 {
+    if r.is_multiple_of(7) {
         Command::Delete { key }
     } else {
         let mut value = format!("v{index}-").into_bytes();
@@ -92,7 +92,7 @@ fn run_child(dir: &Path) -> ! {
         if s.compaction_due() {
             s.compact().unwrap();
             compactions += 1;
-            if compactions % 4 == 0 {
+            if compactions.is_multiple_of(4) {
                 s.create_snapshot_file().unwrap();
             }
         }

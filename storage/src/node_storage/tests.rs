@@ -9,7 +9,7 @@ use std::ops::Bound;
 /// The command at `index` in every test log: a pure function of the index.
 fn command_at(index: u64) -> Command {
     let key = format!("k{:02}", (index * 7) % 50).into_bytes();
-    if index % 5 == 0 {
+    if index.is_multiple_of(5) {
         Command::Delete { key }
     } else {
         Command::Put {

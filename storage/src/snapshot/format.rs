@@ -289,8 +289,12 @@ impl SnapshotFileWriter {
                 format!("a pair of {pair_bytes} bytes does not fit in a snapshot chunk"),
             ));
         }
+        let in_order = match self.last_key.as_deref() {
+            Some(last) => last < key,
+            None => true,
+        };
         assert!(
-            !self.last_key.as_deref().is_some_and(|last| last >= key),
+            in_order,
             "invariant: snapshot keys are written in strictly increasing order"
         );
         if self.pairs_in_chunk > 0 && self.pairs.len() + pair_bytes > self.chunk_target_bytes {
@@ -338,6 +342,9 @@ impl SnapshotFileWriter {
         Ok(header)
     }
 }
+
+/// A key and its value, borrowed from the reader's current chunk.
+pub type PairRef<'a> = (&'a [u8], &'a [u8]);
 
 /// Reads a snapshot file as a stream, verifying each chunk as it arrives and the whole file
 /// at the end. Holds one chunk in memory.
@@ -524,7 +531,7 @@ impl SnapshotFileReader {
     /// The next pair, or `None` once the end chunk has been read and the whole file verified.
     /// A returned pair has passed its chunk's CRC; the file as a whole is verified only when
     /// this returns `Ok(None)`.
-    pub fn next_pair(&mut self) -> Result<Option<(&[u8], &[u8])>, FormatError> {
+    pub fn next_pair(&mut self) -> Result<Option<PairRef<'_>>, FormatError> {
         if self.done {
             return Ok(None);
         }
