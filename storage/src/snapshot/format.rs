@@ -216,7 +216,12 @@ pub struct SnapshotFileWriter {
     key_count: u64,
     kv_bytes: u64,
     last_key: Option<Vec<u8>>,
+    synced_upto: u64,
 }
+
+/// While writing, `sync_data` every this many bytes, so the disk works while the walk goes
+/// on instead of all at the end.
+const SYNC_EVERY_BYTES: u64 = 16 << 20;
 
 impl SnapshotFileWriter {
     /// Starts a snapshot of `meta` in `file` (which must be empty).
@@ -239,6 +244,7 @@ impl SnapshotFileWriter {
             key_count: 0,
             kv_bytes: 0,
             last_key: None,
+            synced_upto: 0,
         };
         let payload = encode_meta(&w.meta);
         w.write_chunk(KIND_META, &payload)?;
@@ -262,6 +268,10 @@ impl SnapshotFileWriter {
             .write_all_at(payload, self.offset + CHUNK_HEADER_BYTES as u64)?;
         self.offset += (CHUNK_HEADER_BYTES + payload.len()) as u64;
         self.seq += 1;
+        if self.offset - self.synced_upto >= SYNC_EVERY_BYTES {
+            self.file.sync_data()?;
+            self.synced_upto = self.offset;
+        }
         Ok(())
     }
 
