@@ -1,11 +1,11 @@
 //! `raftkv check disk`: how fast this disk makes the WAL durable, against the disk itself.
 //!
 //! An operator's check in the spirit of `etcdctl check perf`: write `entries` entries through
-//! the real [`Wal`] in batches (one write and one fdatasync per batch), then replay exactly the
-//! same write sizes as raw `pwrite` + `fdatasync` into a file in the same directory, prepared
-//! the way a WAL segment is (zero-filled and synced beforehand, untimed, as the WAL prepares
-//! its next segment off the append path). The ratio of the two throughputs says how much the
-//! WAL costs above the disk; the fdatasync latencies say what the disk costs.
+//! the real [`Wal`] in batches (one write and one fdatasync per batch), and after each batch
+//! write exactly as many bytes raw, `pwrite` + `fdatasync`, into a file in the same directory
+//! prepared the way a WAL segment is (zero-filled and synced beforehand, untimed, as the WAL
+//! prepares its next segment off the append path). The ratio of the two throughputs says how
+//! much the WAL costs above the disk; the fdatasync latencies say what the disk costs.
 //!
 //! Shape, and why:
 //! - The WAL runs on a [`Vfs`] wrapper that times each `sync_data` and records each write's
@@ -13,6 +13,12 @@
 //!   WAL's fdatasync latency is measured inside it, not guessed from the outside. The WAL's
 //!   background segment preparation is left out of the trace, and the timed run starts only
 //!   once the preparation that opening started has finished (a steady-state WAL).
+//! - WAL and raw writes alternate batch by batch rather than running one after the other, so
+//!   both see the same disk: on a shared or virtualized disk the fdatasync latency can change
+//!   by an order of magnitude within seconds, which would otherwise decide the ratio. Which
+//!   goes first rotates every batch, because the first fdatasync after a pause (building the
+//!   batch) is slower on some disks (measured on the development VM: whichever went first
+//!   lost 10-30% at batch 256).
 //! - Only the `append` calls (and, for raw, the write + fdatasync) are timed; building the
 //!   entries is the caller's cost and is excluded from both.
 //! - Optionally (`fallocated`) the raw run is repeated on a file preallocated with
@@ -158,6 +164,11 @@ pub struct Measurement {
     /// Per batch: the whole append (WAL) or write + fdatasync (raw).
     pub write_sync_p50_us: f64,
     pub write_sync_p99_us: f64,
+    /// The pwrite of each batch alone.
+    pub write_p50_us: f64,
+    /// Per batch, time outside the pwrite and the fdatasync (for the WAL: encoding, CRC,
+    /// bookkeeping, and rotation when it happens).
+    pub other_p50_us: f64,
     /// The fdatasync of each batch alone.
     pub fdatasync_p50_us: f64,
     pub fdatasync_p99_us: f64,
@@ -197,37 +208,70 @@ fn percentile_us(sorted: &[Duration], p: f64) -> f64 {
     sorted[rank - 1].as_secs_f64() * 1e6
 }
 
-fn measurement(
-    name: &'static str,
-    entries: u64,
-    bytes: u64,
-    mut write_sync: Vec<Duration>,
-    mut fdatasync: Vec<Duration>,
-) -> Measurement {
-    let elapsed: Duration = write_sync.iter().sum();
-    let secs = elapsed.as_secs_f64().max(1e-9);
-    write_sync.sort();
-    fdatasync.sort();
-    Measurement {
-        name,
-        entries,
-        writes: write_sync.len() as u64,
-        bytes,
-        elapsed_ms: secs * 1e3,
-        entries_per_s: entries as f64 / secs,
-        mb_per_s: bytes as f64 / secs / 1e6,
-        write_sync_p50_us: percentile_us(&write_sync, 0.50),
-        write_sync_p99_us: percentile_us(&write_sync, 0.99),
-        fdatasync_p50_us: percentile_us(&fdatasync, 0.50),
-        fdatasync_p99_us: percentile_us(&fdatasync, 0.99),
-        fdatasync_max_us: fdatasync.last().map_or(0.0, |d| d.as_secs_f64() * 1e6),
+/// Per-batch timings of one run.
+#[derive(Default)]
+struct BatchTimes {
+    /// The whole call (WAL append) or pwrite + fdatasync (raw).
+    write_sync: Vec<Duration>,
+    write: Vec<Duration>,
+    fdatasync: Vec<Duration>,
+}
+
+impl BatchTimes {
+    fn with_capacity(batches: usize) -> BatchTimes {
+        BatchTimes {
+            write_sync: Vec::with_capacity(batches),
+            write: Vec::with_capacity(batches),
+            fdatasync: Vec::with_capacity(batches),
+        }
+    }
+
+    fn push(&mut self, write_sync: Duration, write: Duration, fdatasync: Duration) {
+        self.write_sync.push(write_sync);
+        self.write.push(write);
+        self.fdatasync.push(fdatasync);
+    }
+
+    fn measurement(self, name: &'static str, entries: u64, bytes: u64) -> Measurement {
+        let BatchTimes {
+            mut write_sync,
+            mut write,
+            mut fdatasync,
+        } = self;
+        let mut other: Vec<Duration> = write_sync
+            .iter()
+            .zip(write.iter().zip(&fdatasync))
+            .map(|(all, (w, f))| all.saturating_sub(*w + *f))
+            .collect();
+        let elapsed: Duration = write_sync.iter().sum();
+        let secs = elapsed.as_secs_f64().max(1e-9);
+        for v in [&mut write_sync, &mut write, &mut fdatasync, &mut other] {
+            v.sort();
+        }
+        Measurement {
+            name,
+            entries,
+            writes: write_sync.len() as u64,
+            bytes,
+            elapsed_ms: secs * 1e3,
+            entries_per_s: entries as f64 / secs,
+            mb_per_s: bytes as f64 / secs / 1e6,
+            write_sync_p50_us: percentile_us(&write_sync, 0.50),
+            write_sync_p99_us: percentile_us(&write_sync, 0.99),
+            write_p50_us: percentile_us(&write, 0.50),
+            other_p50_us: percentile_us(&other, 0.50),
+            fdatasync_p50_us: percentile_us(&fdatasync, 0.50),
+            fdatasync_p99_us: percentile_us(&fdatasync, 0.99),
+            fdatasync_max_us: fdatasync.last().map_or(0.0, |d| d.as_secs_f64() * 1e6),
+        }
     }
 }
 
 /// What the timing file layer saw since it was last drained.
 #[derive(Default)]
 struct IoTrace {
-    write_sizes: Vec<usize>,
+    /// (bytes, duration) of each write.
+    writes: Vec<(usize, Duration)>,
     syncs: Vec<Duration>,
 }
 
@@ -305,8 +349,11 @@ impl VfsFile for TimedFile {
         self.inner.read_exact_at(buf, offset)
     }
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.record(|t| t.write_sizes.push(buf.len()));
-        self.inner.write_all_at(buf, offset)
+        let started = Instant::now();
+        let result = self.inner.write_all_at(buf, offset);
+        let took = started.elapsed();
+        self.record(|t| t.writes.push((buf.len(), took)));
+        result
     }
     fn sync_data(&self) -> io::Result<()> {
         let started = Instant::now();
@@ -360,62 +407,6 @@ impl Vfs for TimedFs {
     }
 }
 
-/// What the WAL run leaves for the raw run to repeat.
-struct WalRun {
-    measurement: Measurement,
-    /// The size of each batch's write, in order.
-    write_sizes: Vec<usize>,
-}
-
-fn run_wal(opts: &CheckDiskOptions, wal_dir: &Path) -> Result<WalRun, CheckDiskError> {
-    let fs = TimedFs::new();
-    let mut wal = Wal::open_with(Arc::new(fs.clone()), wal_dir, opts.wal)?;
-    if opts.wal.prepare_ahead
-        && opts.wal.preallocate
-        && !fs.wait_background_syncs(1, Duration::from_secs(120))
-    {
-        tracing::warn!("the WAL's next segment was not prepared within 120 s; measuring anyway");
-    }
-    fs.drain();
-    let batches = opts.entries.div_ceil(opts.batch) as usize;
-    let mut append_times = Vec::with_capacity(batches);
-    let mut fdatasyncs = Vec::with_capacity(batches);
-    let mut write_sizes = Vec::with_capacity(batches);
-    let mut bytes = 0u64;
-    let mut next = wal.last_index() + 1;
-    let last = wal.last_index() + opts.entries;
-    let mut batch = Vec::with_capacity(opts.batch as usize);
-    while next <= last {
-        let hi = (next + opts.batch - 1).min(last);
-        batch.clear();
-        batch.extend((next..=hi).map(|index| Entry {
-            index,
-            term: 1,
-            kind: EntryKind::Normal,
-            payload: payload(index, opts.value_bytes),
-        }));
-        let started = Instant::now();
-        wal.append(&batch, None)?;
-        append_times.push(started.elapsed());
-        let trace = fs.drain();
-        // The batch's own write and fdatasync come last; a rotation may precede them.
-        let (Some(size), Some(sync)) = (trace.write_sizes.last(), trace.syncs.last()) else {
-            return Err(CheckDiskError::Unexpected(
-                "the WAL appended without a write and an fdatasync".into(),
-            ));
-        };
-        write_sizes.push(*size);
-        fdatasyncs.push(*sync);
-        bytes += *size as u64;
-        next = hi + 1;
-    }
-    tracing::info!(dir = %wal_dir.display(), batches, "wal run done");
-    Ok(WalRun {
-        measurement: measurement("wal", opts.entries, bytes, append_times, fdatasyncs),
-        write_sizes,
-    })
-}
-
 /// Deterministic, incompressible-looking payload bytes.
 fn payload(index: u64, bytes: usize) -> Vec<u8> {
     let mut x = index.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -440,23 +431,24 @@ enum RawPrep {
     Empty,
 }
 
-/// Raw files written by the check; removed when it ends.
-struct RawFiles {
-    dir: PathBuf,
-    created: Vec<PathBuf>,
+/// One raw file being written sequentially, with its timings.
+struct RawRun {
+    name: &'static str,
+    path: PathBuf,
+    file: Box<dyn VfsFile>,
+    offset: u64,
+    times: BatchTimes,
 }
 
-impl RawFiles {
-    /// A new raw file of `bytes`, prepared as `prep` and synced, with its directory.
+impl RawRun {
+    /// Creates `path` with `bytes` prepared as `prep`, synced with its directory (untimed).
     fn create(
-        &mut self,
+        name: &'static str,
+        path: PathBuf,
         bytes: u64,
         prep: RawPrep,
-    ) -> Result<(PathBuf, Box<dyn VfsFile>), CheckDiskError> {
-        let path = self
-            .dir
-            .join(format!("raftkv-check-disk-{}.raw", self.created.len()));
-        self.created.push(path.clone());
+        batches: usize,
+    ) -> Result<RawRun, CheckDiskError> {
         let file = StdFs.open(&path, true).map_err(io_err(&path))?;
         file.set_len(0).map_err(io_err(&path))?;
         match prep {
@@ -473,47 +465,57 @@ impl RawFiles {
             RawPrep::Empty => {}
         }
         file.sync_data().map_err(io_err(&path))?;
-        StdFs.sync_dir(&self.dir).map_err(io_err(&self.dir))?;
-        Ok((path, file))
+        if let Some(dir) = path.parent() {
+            StdFs.sync_dir(dir).map_err(io_err(dir))?;
+        }
+        Ok(RawRun {
+            name,
+            path,
+            file,
+            offset: 0,
+            times: BatchTimes::with_capacity(batches),
+        })
+    }
+
+    /// One timed pwrite of `bytes` at the end of what was written, then fdatasync.
+    fn write(&mut self, bytes: &[u8]) -> Result<(), CheckDiskError> {
+        let started = Instant::now();
+        self.file
+            .write_all_at(bytes, self.offset)
+            .map_err(io_err(&self.path))?;
+        let synced = Instant::now();
+        self.file.sync_data().map_err(io_err(&self.path))?;
+        let done = Instant::now();
+        self.times
+            .push(done - started, synced - started, done - synced);
+        self.offset += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn measurement(self, entries: u64) -> Measurement {
+        self.times.measurement(self.name, entries, self.offset)
+    }
+}
+
+/// Paths the check created outside the WAL directory; removed when it ends.
+#[derive(Default)]
+struct RawPaths(Vec<PathBuf>);
+
+impl RawPaths {
+    fn add(&mut self, dir: &Path, name: &str) -> PathBuf {
+        let path = dir.join(name);
+        self.0.push(path.clone());
+        path
     }
 
     fn remove(&mut self) -> Result<(), CheckDiskError> {
-        for path in self.created.drain(..) {
+        for path in self.0.drain(..) {
             if path.exists() {
                 StdFs.remove_file(&path).map_err(io_err(&path))?;
             }
         }
         Ok(())
     }
-}
-
-/// Repeats `write_sizes` as sequential pwrite + fdatasync into one file, prepared (untimed)
-/// as `prep` for the total size.
-fn run_raw(
-    name: &'static str,
-    entries: u64,
-    files: &mut RawFiles,
-    write_sizes: &[usize],
-    prep: RawPrep,
-) -> Result<Measurement, CheckDiskError> {
-    let total: u64 = write_sizes.iter().map(|s| *s as u64).sum();
-    let buf = payload(u64::MAX, write_sizes.iter().copied().max().unwrap_or(0));
-    let (path, file) = files.create(total, prep)?;
-    let mut offset = 0u64;
-    let mut write_sync = Vec::with_capacity(write_sizes.len());
-    let mut fdatasyncs = Vec::with_capacity(write_sizes.len());
-    for &size in write_sizes {
-        let started = Instant::now();
-        file.write_all_at(&buf[..size], offset)
-            .map_err(io_err(&path))?;
-        let synced = Instant::now();
-        file.sync_data().map_err(io_err(&path))?;
-        let done = Instant::now();
-        write_sync.push(done - started);
-        fdatasyncs.push(done - synced);
-        offset += size as u64;
-    }
-    Ok(measurement(name, entries, total, write_sync, fdatasyncs))
 }
 
 /// Runs the check. Unless `opts.keep`, removes everything it wrote, also on failure.
@@ -530,12 +532,9 @@ pub fn check_disk(opts: &CheckDiskOptions) -> Result<CheckDiskReport, CheckDiskE
             return Err(CheckDiskError::WalExists(wal_dir));
         }
     }
-    let mut raw_files = RawFiles {
-        dir: dir.clone(),
-        created: Vec::new(),
-    };
-    let result = measure(opts, &wal_dir, &mut raw_files);
-    let raw_removed = raw_files.remove();
+    let mut raw_paths = RawPaths::default();
+    let result = measure(opts, &wal_dir, &mut raw_paths);
+    let raw_removed = raw_paths.remove();
     let keep_wal = opts.keep && result.is_ok();
     if !keep_wal {
         remove_wal(&wal_dir, wal_dir_created)?;
@@ -550,32 +549,108 @@ pub fn check_disk(opts: &CheckDiskOptions) -> Result<CheckDiskReport, CheckDiskE
     Ok(report)
 }
 
+/// Appends batch after batch to the WAL and, right after each, writes the same number of
+/// bytes raw (and raw into a fallocated file, if asked), so every run sees the same disk.
 fn measure(
     opts: &CheckDiskOptions,
     wal_dir: &Path,
-    raw_files: &mut RawFiles,
+    raw_paths: &mut RawPaths,
 ) -> Result<CheckDiskReport, CheckDiskError> {
-    let wal = run_wal(opts, wal_dir)?;
+    let batches = opts.entries.div_ceil(opts.batch) as usize;
+    let total_bytes = opts.entries * (ENTRY_OVERHEAD_BYTES + opts.value_bytes) as u64;
     let prep = if opts.wal.preallocate {
         RawPrep::ZeroFilled
     } else {
         RawPrep::Empty
     };
-    let raw = run_raw("raw", opts.entries, raw_files, &wal.write_sizes, prep)?;
-    let raw_fallocated = if opts.fallocated {
-        let sizes = &wal.write_sizes;
-        Some(run_raw(
+    let path = raw_paths.add(&opts.dir, "raftkv-check-disk.raw");
+    let mut raw = RawRun::create("raw", path, total_bytes, prep, batches)?;
+    let mut raw_fallocated = if opts.fallocated {
+        let path = raw_paths.add(&opts.dir, "raftkv-check-disk-fallocated.raw");
+        let kind = RawPrep::Fallocated;
+        Some(RawRun::create(
             "raw_fallocated",
-            opts.entries,
-            raw_files,
-            sizes,
-            RawPrep::Fallocated,
+            path,
+            total_bytes,
+            kind,
+            batches,
         )?)
     } else {
         None
     };
-    let ratio_wal_raw = wal.measurement.entries_per_s / raw.entries_per_s.max(1e-9);
-    let latency_ratio = wal.measurement.write_sync_p50_us / raw.write_sync_p50_us.max(1e-9);
+    let raw_bytes = payload(u64::MAX, opts.batch_bytes() as usize);
+
+    let fs = TimedFs::new();
+    let mut wal = Wal::open_with(Arc::new(fs.clone()), wal_dir, opts.wal)?;
+    if opts.wal.prepare_ahead
+        && opts.wal.preallocate
+        && !fs.wait_background_syncs(1, Duration::from_secs(120))
+    {
+        tracing::warn!("the WAL's next segment was not prepared within 120 s; measuring anyway");
+    }
+    fs.drain();
+    let mut wal_times = BatchTimes::with_capacity(batches);
+    let mut wal_bytes = 0u64;
+    let mut next = wal.last_index() + 1;
+    let last = wal.last_index() + opts.entries;
+    let mut batch = Vec::with_capacity(opts.batch as usize);
+    let mut batch_no = 0usize;
+    while next <= last {
+        let hi = (next + opts.batch - 1).min(last);
+        batch.clear();
+        batch.extend((next..=hi).map(|index| Entry {
+            index,
+            term: 1,
+            kind: EntryKind::Normal,
+            payload: payload(index, opts.value_bytes),
+        }));
+        let size = batch.len() * (ENTRY_OVERHEAD_BYTES + opts.value_bytes);
+        let same = raw_bytes.get(..size).ok_or_else(|| {
+            CheckDiskError::Unexpected(format!("a batch of {size} bytes is over the limit"))
+        })?;
+        // Rotate who goes first: the first fdatasync after a pause (building the batch) is
+        // measurably slower on some disks, and that must not land on one run only.
+        let runs = if raw_fallocated.is_some() { 3 } else { 2 };
+        for turn in 0..runs {
+            match (batch_no + turn) % runs {
+                0 => {
+                    let started = Instant::now();
+                    wal.append(&batch, None)?;
+                    let append = started.elapsed();
+                    let trace = fs.drain();
+                    // The batch's own write and fdatasync come last; a rotation may precede.
+                    let (Some(&(written, write)), Some(&sync)) =
+                        (trace.writes.last(), trace.syncs.last())
+                    else {
+                        return Err(CheckDiskError::Unexpected(
+                            "the WAL appended without a write and an fdatasync".into(),
+                        ));
+                    };
+                    if written != size {
+                        return Err(CheckDiskError::Unexpected(format!(
+                            "the WAL wrote {written} bytes for a batch of {size} bytes"
+                        )));
+                    }
+                    wal_times.push(append, write, sync);
+                    wal_bytes += written as u64;
+                }
+                1 => raw.write(same)?,
+                _ => {
+                    if let Some(run) = raw_fallocated.as_mut() {
+                        run.write(same)?;
+                    }
+                }
+            }
+        }
+        batch_no += 1;
+        next = hi + 1;
+    }
+    drop(wal);
+    tracing::info!(dir = %wal_dir.display(), batches, "check disk done");
+    let wal = wal_times.measurement("wal", opts.entries, wal_bytes);
+    let raw = raw.measurement(opts.entries);
+    let ratio_wal_raw = wal.entries_per_s / raw.entries_per_s.max(1e-9);
+    let latency_ratio = wal.write_sync_p50_us / raw.write_sync_p50_us.max(1e-9);
     Ok(CheckDiskReport {
         dir: opts.dir.display().to_string(),
         wal_dir: wal_dir.display().to_string(),
@@ -584,9 +659,9 @@ fn measure(
         value_bytes: opts.value_bytes,
         batch_bytes: opts.batch_bytes(),
         segment_bytes_max: opts.wal.segment_bytes_max,
-        wal: wal.measurement,
+        wal,
         raw,
-        raw_fallocated,
+        raw_fallocated: raw_fallocated.map(|r| r.measurement(opts.entries)),
         ratio_wal_raw,
         latency_ratio_wal_raw_p50: latency_ratio,
         kept: false,

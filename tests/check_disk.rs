@@ -35,6 +35,8 @@ const MEASUREMENT_FIELDS: &[&str] = &[
     "mb_per_s",
     "write_sync_p50_us",
     "write_sync_p99_us",
+    "write_p50_us",
+    "other_p50_us",
     "fdatasync_p50_us",
     "fdatasync_p99_us",
     "fdatasync_max_us",
