@@ -7,7 +7,10 @@
 //! Creating one ([`SnapshotStore::create`]):
 //! 1. open a [`SnapshotView`](crate::sm::SnapshotView) at applied index `S` (applies pause for
 //!    the few microseconds this takes, then continue: see `sm::cow`);
-//! 2. stream its pairs into `<name>.tmp` chunk by chunk (bounded memory), header last;
+//! 2. stream its pairs into `<name>.tmp` chunk by chunk, header last: the walk over sled runs
+//!    on its own thread and hands blocks of pairs (at most 8 × 1 MiB in flight) to the writer,
+//!    which frames, checksums, writes and `sync_data`s every 16 MiB, so the walk and the disk
+//!    overlap;
 //! 3. `sync_data` the temp file, rename it to `<name>`, `sync_dir` the directory;
 //! 4. delete all but the `keep` newest snapshot files (default 2), `sync_dir`.
 //!
