@@ -174,6 +174,22 @@ fn bench_snapshot(c: &mut Criterion) {
         );
     }
 
+    // The walk alone (tree + side table, no file): the floor of snapshot creation.
+    {
+        let started = Instant::now();
+        let view = sm.begin_snapshot().expect("view");
+        let mut bytes = 0usize;
+        for pair in view.pairs() {
+            let (k, v) = pair.expect("pair");
+            bytes += k.len() + v.len();
+        }
+        let took = started.elapsed();
+        eprintln!(
+            "snapshot walk only (no file): {:.3} s, {:.1} MB/s",
+            took.as_secs_f64(),
+            bytes as f64 / 1e6 / took.as_secs_f64()
+        );
+    }
     let probe = store.create(&sm).expect("create");
     let kv_bytes = probe.header.kv_bytes;
     let total = probe.view_open + probe.copy + probe.sync;

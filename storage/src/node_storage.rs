@@ -4,9 +4,11 @@
 //! Layout of a data dir: `wal/` (segments), `sm/` (sled), `snap/` (snapshot files).
 //!
 //! **Recovery** ([`NodeStorage::open`]), in order:
-//! 1. open the WAL (it refuses to open on damage other than a torn tail);
-//! 2. open sled; if it fails to open or its bookkeeping does not verify, move it aside to
-//!    `sm.broken[-N]` and start an empty one;
+//! 1. open sled (first: its file lock keeps a second process off a live data dir); if its
+//!    files are damaged (sled reports corruption or an unsupported/corrupt config, or our
+//!    bookkeeping does not verify), move it aside to `sm.broken[-N]` and start an empty one;
+//!    any other error (an I/O error, sled's lock held by another process) stops the open;
+//! 2. open the WAL (it refuses to open on damage other than a torn tail);
 //! 3. if sled was missing or moved aside, or is behind the WAL's first index, restore the
 //!    newest snapshot file above its applied index that verifies (a bad one is renamed
 //!    `.broken`, the next older one tried);
@@ -145,13 +147,29 @@ fn refused(data_dir: &Path, why: String) -> NodeStorageError {
     }
 }
 
-/// Opens sled in `sm_dir`; if it does not open or verify, moves it aside and opens a new one.
+/// Whether an error opening the state machine means its files are damaged (as opposed to
+/// unreachable).
+fn state_is_damaged(e: &SmError) -> bool {
+    matches!(
+        e,
+        SmError::Corrupt { .. }
+            | SmError::Sled(sled::Error::Corruption { .. })
+            | SmError::Sled(sled::Error::Unsupported(_))
+            | SmError::Sled(sled::Error::ReportableBug(_))
+    )
+}
+
+/// Opens sled in `sm_dir`; if its files are damaged, moves it aside and opens a new one.
 fn open_sm_or_move_aside(
     sm_dir: &Path,
     opts: &StateMachineOptions,
 ) -> Result<(StateMachine, Option<PathBuf>), NodeStorageError> {
     match StateMachine::open(sm_dir, opts.clone()) {
         Ok(sm) => Ok((sm, None)),
+        // Only damage is a reason to rebuild. An I/O error (sled's lock held by another
+        // process on the same data dir, permissions, a full disk) must stop the node instead:
+        // moving a live node's state aside would be a disaster.
+        Err(e) if !state_is_damaged(&e) => Err(e.into()),
         Err(e) => {
             let mut aside = sm_dir.with_extension("broken");
             let mut n = 1;
@@ -193,9 +211,11 @@ impl NodeStorage {
         opts: NodeStorageOptions,
     ) -> Result<NodeStorage, NodeStorageError> {
         let started = Instant::now();
+        // sled first: its lock keeps a second process on the same data dir from touching
+        // anything (the WAL open may cut a torn tail).
+        let (sm, moved_aside) = open_sm_or_move_aside(sm_dir, &opts.sm)?;
         let mut wal = Wal::open_with(vfs.clone(), &data_dir.join(WAL_DIR_NAME), opts.wal)?;
         let snapshots = SnapshotStore::open(vfs, data_dir, opts.snapshot.clone())?;
-        let (sm, moved_aside) = open_sm_or_move_aside(sm_dir, &opts.sm)?;
         let mut recovery = RecoveryStats {
             sm_applied_at_open: sm.applied_index(),
             sm_moved_aside_to: moved_aside,

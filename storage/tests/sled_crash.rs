@@ -37,7 +37,7 @@ fn mix(mut z: u64) -> u64 {
 fn command_at(index: u64) -> Command {
     let r = mix(SEED ^ index.wrapping_mul(0x100_0000_01b3));
     let key = format!("key-{:04}", r % KEYS).into_bytes();
-    if r % 5 == 0 {
+    if r.is_multiple_of(5) {
         Command::Delete { key }
     } else {
         let mut value = format!("v{index}-").into_bytes();
@@ -74,7 +74,7 @@ fn run_child(dir: &Path) -> ! {
         sm.apply(&batch).unwrap();
         next += len;
         batches += 1;
-        if batches % 200 == 0 {
+        if batches.is_multiple_of(200) {
             let durable = sm.flush().unwrap();
             println!("flushed {}", durable.index);
         }

@@ -9,7 +9,7 @@ use std::ops::Bound;
 /// The command at `index` in every test log: a pure function of the index.
 fn command_at(index: u64) -> Command {
     let key = format!("k{:02}", (index * 7) % 50).into_bytes();
-    if index % 5 == 0 {
+    if index.is_multiple_of(5) {
         Command::Delete { key }
     } else {
         Command::Put {
@@ -431,4 +431,20 @@ fn crash_at_every_step_of_a_snapshot_install() {
         finished_installs > 0,
         "no crash fell between the state swap and the WAL reset"
     );
+}
+
+#[test]
+fn a_second_open_of_a_live_data_dir_fails_without_touching_it() {
+    let sim = SimFs::new();
+    let sm_dir = tempfile::tempdir().unwrap();
+    let sm_path = sm_dir.path().join("sm");
+    let mut first = open(Arc::new(sim.clone()), &sm_path).unwrap();
+    write(&mut first, 5).unwrap();
+    let err = open(Arc::new(sim), &sm_path).unwrap_err();
+    assert!(
+        matches!(err, NodeStorageError::Sm(SmError::Sled(sled::Error::Io(_)))),
+        "{err}"
+    );
+    assert!(!sm_dir.path().join("sm.broken").exists());
+    check_consistent(&first, "the live node");
 }

@@ -105,6 +105,11 @@ pub enum SmError {
     Corrupt { dir: PathBuf, what: String },
     #[error("a snapshot is already being taken")]
     SnapshotInProgress,
+    #[error("cannot install a snapshot at index {snapshot_index} below the applied index {applied_index}")]
+    InstallBehind {
+        snapshot_index: u64,
+        applied_index: u64,
+    },
 }
 
 /// A read result and the applied index whose state it shows.
@@ -774,22 +779,32 @@ impl TreeBuilder<'_> {
     /// Makes the new tree durable with `meta` as its applied position, then atomically makes
     /// it the state: flush, flip the current-tree pointer, flush, drop the old tree.
     pub fn finish(mut self, meta: &SnapshotMeta) -> Result<(), SmError> {
+        let applied = self.sm.applied_index();
+        if meta.index < applied {
+            return Err(SmError::InstallBehind {
+                snapshot_index: meta.index,
+                applied_index: applied,
+            });
+        }
         self.tree.apply_batch(std::mem::take(&mut self.batch))?;
         write_meta(&self.tree, meta)?;
         let sm = self.sm;
         sm.db.flush()?;
-        let mut cur = sm.write_current();
-        sm.db.insert(CURRENT_TREE_KEY, self.name.clone())?;
-        sm.db.flush()?;
-        let old_name = std::mem::replace(&mut cur.tree_name, self.name.clone());
-        cur.tree = self.tree.clone();
-        cur.applied = meta.clone();
+        let old_name = {
+            let mut cur = sm.write_current();
+            sm.db.insert(CURRENT_TREE_KEY, self.name.clone())?;
+            sm.db.flush()?;
+            let old_name = std::mem::replace(&mut cur.tree_name, self.name.clone());
+            cur.tree = self.tree.clone();
+            cur.applied = meta.clone();
+            old_name
+        };
         self.finished = true;
-        // A snapshot view may still walk the old tree: then it is dropped at the next open.
+        // Dropping the old tree runs outside the apply lock. A snapshot view may still walk
+        // it: then it is dropped at the next open instead.
         if sm.lock_cow().is_none() {
             sm.db.drop_tree(&old_name)?;
         }
-        drop(cur);
         tracing::info!(
             index = meta.index,
             term = meta.term,

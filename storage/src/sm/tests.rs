@@ -373,6 +373,18 @@ fn install_swaps_the_whole_state_and_survives_reopen() {
         // Replays at or below the snapshot are no-ops; the log continues after it.
         assert!(sm.apply(&[put(5000, 4, b"old", b"y")]).unwrap().is_empty());
         sm.apply(&[put(5001, 4, b"after", b"1")]).unwrap();
+        // A snapshot behind the applied index is refused.
+        let behind = sm.begin_install().unwrap();
+        assert!(matches!(
+            behind.finish(&SnapshotMeta {
+                index: 4999,
+                ..SnapshotMeta::default()
+            }),
+            Err(SmError::InstallBehind {
+                snapshot_index: 4999,
+                applied_index: 5001
+            })
+        ));
         // An unfinished install leaves nothing behind.
         let mut abandoned = sm.begin_install().unwrap();
         abandoned.insert(b"junk", b"junk").unwrap();

@@ -216,7 +216,12 @@ pub struct SnapshotFileWriter {
     key_count: u64,
     kv_bytes: u64,
     last_key: Option<Vec<u8>>,
+    synced_upto: u64,
 }
+
+/// While writing, `sync_data` every this many bytes, so the disk works while the walk goes
+/// on instead of all at the end.
+const SYNC_EVERY_BYTES: u64 = 16 << 20;
 
 impl SnapshotFileWriter {
     /// Starts a snapshot of `meta` in `file` (which must be empty).
@@ -239,6 +244,7 @@ impl SnapshotFileWriter {
             key_count: 0,
             kv_bytes: 0,
             last_key: None,
+            synced_upto: 0,
         };
         let payload = encode_meta(&w.meta);
         w.write_chunk(KIND_META, &payload)?;
@@ -262,6 +268,10 @@ impl SnapshotFileWriter {
             .write_all_at(payload, self.offset + CHUNK_HEADER_BYTES as u64)?;
         self.offset += (CHUNK_HEADER_BYTES + payload.len()) as u64;
         self.seq += 1;
+        if self.offset - self.synced_upto >= SYNC_EVERY_BYTES {
+            self.file.sync_data()?;
+            self.synced_upto = self.offset;
+        }
         Ok(())
     }
 
@@ -289,8 +299,12 @@ impl SnapshotFileWriter {
                 format!("a pair of {pair_bytes} bytes does not fit in a snapshot chunk"),
             ));
         }
+        let in_order = match self.last_key.as_deref() {
+            Some(last) => last < key,
+            None => true,
+        };
         assert!(
-            !self.last_key.as_deref().is_some_and(|last| last >= key),
+            in_order,
             "invariant: snapshot keys are written in strictly increasing order"
         );
         if self.pairs_in_chunk > 0 && self.pairs.len() + pair_bytes > self.chunk_target_bytes {
@@ -338,6 +352,9 @@ impl SnapshotFileWriter {
         Ok(header)
     }
 }
+
+/// A key and its value, borrowed from the reader's current chunk.
+pub type PairRef<'a> = (&'a [u8], &'a [u8]);
 
 /// Reads a snapshot file as a stream, verifying each chunk as it arrives and the whole file
 /// at the end. Holds one chunk in memory.
@@ -524,7 +541,7 @@ impl SnapshotFileReader {
     /// The next pair, or `None` once the end chunk has been read and the whole file verified.
     /// A returned pair has passed its chunk's CRC; the file as a whole is verified only when
     /// this returns `Ok(None)`.
-    pub fn next_pair(&mut self) -> Result<Option<(&[u8], &[u8])>, FormatError> {
+    pub fn next_pair(&mut self) -> Result<Option<PairRef<'_>>, FormatError> {
         if self.done {
             return Ok(None);
         }

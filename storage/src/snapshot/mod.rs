@@ -7,7 +7,10 @@
 //! Creating one ([`SnapshotStore::create`]):
 //! 1. open a [`SnapshotView`](crate::sm::SnapshotView) at applied index `S` (applies pause for
 //!    the few microseconds this takes, then continue: see `sm::cow`);
-//! 2. stream its pairs into `<name>.tmp` chunk by chunk (bounded memory), header last;
+//! 2. stream its pairs into `<name>.tmp` chunk by chunk, header last: the walk over sled runs
+//!    on its own thread and hands blocks of pairs (at most 8 × 1 MiB in flight) to the writer,
+//!    which frames, checksums, writes and `sync_data`s every 16 MiB, so the walk and the disk
+//!    overlap;
 //! 3. `sync_data` the temp file, rename it to `<name>`, `sync_dir` the directory;
 //! 4. delete all but the `keep` newest snapshot files (default 2), `sync_dir`.
 //!
@@ -31,6 +34,13 @@ use std::time::{Duration, Instant};
 
 /// The directory under a data dir that holds snapshot files.
 pub const SNAP_DIR_NAME: &str = "snap";
+/// Pairs handed from the snapshot walk to the file writer at a time (bytes of keys + values).
+const WALK_BLOCK_BYTES: usize = 1 << 20;
+/// Blocks in flight between the walk and the writer.
+const WALK_BLOCKS_IN_FLIGHT: usize = 8;
+
+type PairBlock = Vec<(Vec<u8>, sled::IVec)>;
+
 /// How many snapshot files are kept by default.
 pub const KEEP_DEFAULT: usize = 2;
 
@@ -261,10 +271,47 @@ impl SnapshotStore {
             let mut writer =
                 SnapshotFileWriter::new(handle, meta.clone(), self.opts.chunk_target_bytes)
                     .map_err(Self::io_err(&tmp))?;
-            for pair in view.pairs() {
-                let (key, value) = pair?;
-                writer.push(&key, &value).map_err(Self::io_err(&tmp))?;
-            }
+            // The walk runs on its own thread, handing blocks of pairs to this one, which
+            // frames, checksums and writes them: walking sled and writing the file overlap.
+            // At most WALK_BLOCKS_IN_FLIGHT blocks of about WALK_BLOCK_BYTES are in memory.
+            std::thread::scope(|scope| -> Result<(), SnapshotError> {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<Result<PairBlock, SmError>>(
+                    WALK_BLOCKS_IN_FLIGHT,
+                );
+                let view = &view;
+                scope.spawn(move || {
+                    let mut block = PairBlock::new();
+                    let mut block_bytes = 0usize;
+                    for pair in view.pairs() {
+                        match pair {
+                            Ok((key, value)) => {
+                                block_bytes += key.len() + value.len();
+                                block.push((key, value));
+                                if block_bytes >= WALK_BLOCK_BYTES {
+                                    if tx.send(Ok(std::mem::take(&mut block))).is_err() {
+                                        return;
+                                    }
+                                    block_bytes = 0;
+                                }
+                            }
+                            Err(e) => {
+                                // The receiver may be gone already; then nobody needs it.
+                                let _ = tx.send(Err(e));
+                                return;
+                            }
+                        }
+                    }
+                    if !block.is_empty() {
+                        let _ = tx.send(Ok(block));
+                    }
+                });
+                for block in rx {
+                    for (key, value) in block? {
+                        writer.push(&key, &value).map_err(Self::io_err(&tmp))?;
+                    }
+                }
+                Ok(())
+            })?;
             let saved_keys = view.saved_keys();
             drop(view);
             let header = writer.finish().map_err(Self::io_err(&tmp))?;
