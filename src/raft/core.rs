@@ -190,7 +190,15 @@ impl Raft {
         let mut raft = Raft::empty(config, membership, seed)?;
         raft.term = hard_state.term;
         raft.vote = hard_state.vote;
-        // A torn write may have kept the hard state but not all entries it covers.
+        if log.last_term() > hard_state.term {
+            // A torn write kept entries of a newer term but not the hard state written after
+            // them. We were in that term; no vote of ours in it was sent (votes wait for the
+            // hard state to be durable), so we are free to vote in it.
+            raft.term = log.last_term();
+            raft.vote = None;
+        }
+        // Entries are written before the hard state, so its commit index is covered by the
+        // log; the clamp only guards against a WAL that breaks that order.
         raft.commit = hard_state
             .commit
             .max(snapshot.index)

@@ -3,9 +3,11 @@
 //! The contract (see also docs/raft-core.md), for each [`Ready`] in the order they are taken:
 //! 1. send `messages_now` (they do not depend on anything of this batch being durable);
 //! 2. durably write, in this order, `snapshot` (install the received snapshot file into the
-//!    state machine and reset the WAL to start after it), `hard_state`, then `entries` (the
-//!    first entry's index may be at or below the WAL's last index: the WAL's suffix from there
-//!    is replaced), and fsync;
+//!    state machine and reset the WAL to start after it), then `entries` (the first entry's
+//!    index may be at or below the WAL's last index: the WAL's suffix from there is replaced),
+//!    then `hard_state`, and fsync. The order matters for torn writes: a surviving hard state
+//!    must never name a commit index whose entries did not survive (a replaced suffix would
+//!    otherwise resurrect stale entries as committed);
 //! 3. call `Raft::persisted(last entry index, term)` (or with the snapshot's index and term)
 //!    and only then send `messages_after_persist`;
 //! 4. apply `committed` in order (this may overlap with 1–3: they are already durable) and

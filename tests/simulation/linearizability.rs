@@ -37,6 +37,9 @@ pub struct Op {
     pub call: u64,
     /// Response time and result; `None` if the outcome is unknown.
     pub ret: Option<(u64, OpResult)>,
+    /// For an op with unknown outcome: the time after which it can no longer take effect, if
+    /// known (e.g. the client's next write completed: the session then rejects this one).
+    pub effect_deadline: Option<u64>,
 }
 
 /// Applies `op` to `state`; returns the new state if the op's known result is consistent.
@@ -54,6 +57,9 @@ fn step(state: &Option<String>, op: &Op) -> Option<Option<String>> {
     }
 }
 
+/// Search steps allowed per key before giving up (deterministic, unlike a time limit).
+const MAX_STEPS_PER_KEY: u64 = 50_000_000;
+
 /// Checks a whole history; on failure names the key whose sub-history is not linearizable.
 pub fn check(history: &[Op]) -> Result<(), String> {
     let mut by_key: BTreeMap<&str, Vec<Op>> = BTreeMap::new();
@@ -65,12 +71,27 @@ pub fn check(history: &[Op]) -> Result<(), String> {
         by_key.entry(op.key.as_str()).or_default().push(op.clone());
     }
     for (key, ops) in by_key {
-        if !check_key(&ops) {
-            let mut desc = String::new();
-            for op in &ops {
-                desc.push_str(&format!("\n  {op:?}"));
+        match check_key(&ops) {
+            Some(true) => {}
+            verdict => {
+                let mut desc = String::new();
+                for op in &ops {
+                    let ret = match &op.ret {
+                        Some((t, r)) => format!("returned at {t}: {r:?}"),
+                        None => format!("unknown outcome (deadline {:?})", op.effect_deadline),
+                    };
+                    desc.push_str(&format!(
+                        "\n  client {} {:?} called at {} {ret}",
+                        op.client, op.kind, op.call
+                    ));
+                }
+                let what = if verdict.is_none() {
+                    "could not be checked within the step budget"
+                } else {
+                    "is not linearizable"
+                };
+                return Err(format!("history of key {key:?} {what}:{desc}"));
             }
-            return Err(format!("history of key {key:?} is not linearizable:{desc}"));
         }
     }
     Ok(())
@@ -78,17 +99,20 @@ pub fn check(history: &[Op]) -> Result<(), String> {
 
 const NONE: usize = usize::MAX;
 
-/// WGL search over one key's operations.
-pub fn check_key(ops: &[Op]) -> bool {
+/// WGL search over one key's operations: `Some(verdict)`, or `None` if the step budget ran out.
+pub fn check_key(ops: &[Op]) -> Option<bool> {
     let n = ops.len();
     if n == 0 {
-        return true;
+        return Some(true);
     }
     // Events: (time, op, is_return). Unknown returns go after everything.
     let mut events: Vec<(u64, usize, bool)> = Vec::with_capacity(2 * n);
     for (i, op) in ops.iter().enumerate() {
         events.push((op.call, i, false));
-        let ret = op.ret.as_ref().map_or(u64::MAX, |(t, _)| *t);
+        let ret = match &op.ret {
+            Some((t, _)) => *t,
+            None => op.effect_deadline.unwrap_or(u64::MAX),
+        };
         events.push((ret, i, true));
     }
     events.sort_by_key(|&(t, i, is_ret)| (t, is_ret, i));
@@ -129,7 +153,12 @@ pub fn check_key(ops: &[Op]) -> bool {
     let mut state: Option<String> = None;
     let mut stack: Vec<(usize, Option<String>)> = Vec::new();
     let mut cur = next[0];
+    let mut steps = 0u64;
     while cur != NONE {
+        steps += 1;
+        if steps > MAX_STEPS_PER_KEY {
+            return None;
+        }
         let (_, i, is_ret) = events[cur - 1];
         if !is_ret {
             let mut lifted = false;
@@ -147,12 +176,25 @@ pub fn check_key(ops: &[Op]) -> bool {
             cur = if lifted { next[0] } else { next[cur] };
         } else {
             if ops[i].ret.is_none() {
-                // Only unknown-outcome ops remain unlinearized: they may never take effect.
-                return true;
+                if ops[i].effect_deadline.is_none() {
+                    // Only unknown-outcome ops without deadline remain: they may never take
+                    // effect.
+                    return Some(true);
+                }
+                // Past its deadline without taking effect: in this branch it never does.
+                linearized[i / 64] |= 1 << (i % 64);
+                if cache.insert((linearized.clone(), state.clone())) {
+                    stack.push((i, state.clone()));
+                    unlink(call_slot[i], &mut next, &mut prev);
+                    unlink(ret_slot[i], &mut next, &mut prev);
+                    cur = next[0];
+                    continue;
+                }
+                linearized[i / 64] &= !(1 << (i % 64));
             }
             // Op `i` returned without being linearized: backtrack.
             let Some((j, old_state)) = stack.pop() else {
-                return false;
+                return Some(false);
             };
             state = old_state;
             linearized[j / 64] &= !(1 << (j % 64));
@@ -161,7 +203,7 @@ pub fn check_key(ops: &[Op]) -> bool {
             cur = next[call_slot[j]];
         }
     }
-    true
+    Some(true)
 }
 
 #[cfg(test)]
@@ -175,6 +217,7 @@ mod tests {
             kind,
             call,
             ret,
+            effect_deadline: None,
         }
     }
     fn put(v: &str) -> OpKind {
@@ -293,6 +336,40 @@ mod tests {
             op(2, OpKind::Get, 5, Some((6, got(None)))),
         ];
         assert!(check(&h).is_err());
+    }
+
+    #[test]
+    fn unknown_outcome_cannot_apply_after_its_deadline() {
+        let mut late = op(1, put("a"), 1, None);
+        late.effect_deadline = Some(4);
+        // Seen before the deadline: fine.
+        let h = vec![late.clone(), op(2, OpKind::Get, 2, Some((3, got(Some("a")))))];
+        assert!(check(&h).is_ok());
+        // Missed after the deadline, then seen: not possible (it either happened before the
+        // deadline, so the first read must see it, or never).
+        let h = vec![
+            late.clone(),
+            op(2, OpKind::Get, 5, Some((6, got(None)))),
+            op(2, OpKind::Get, 7, Some((8, got(Some("a"))))),
+        ];
+        assert!(check(&h).is_err());
+        // Never taking effect stays possible.
+        let h = vec![late, op(2, OpKind::Get, 5, Some((6, got(None))))];
+        assert!(check(&h).is_ok());
+    }
+
+    #[test]
+    fn many_unknown_writes_do_not_explode() {
+        // 40 abandoned writes, each bounded by its successor, then an impossible read: the
+        // search must give a verdict quickly.
+        let mut h = Vec::new();
+        for k in 0..40u64 {
+            let mut w = op(1, put(&format!("v{k}")), 10 * k, None);
+            w.effect_deadline = Some(10 * k + 15);
+            h.push(w);
+        }
+        h.push(op(2, OpKind::Get, 1000, Some((1001, got(Some("zzz"))))));
+        assert!(check(&h).unwrap_err().contains("not linearizable"));
     }
 
     #[test]

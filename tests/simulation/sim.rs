@@ -51,6 +51,8 @@ pub enum Fault {
     IsolateLeader { ms: u64 },
     /// Crash `node` (losing unsynced writes) and restart it after `down_ms`.
     Crash { node: NodeId, down_ms: u64 },
+    /// Crash several nodes at once (e.g. a power loss of a majority) for `down_ms`.
+    CrashMany { nodes: BTreeSet<NodeId>, down_ms: u64 },
     /// Freeze `node` for `ms` (longer than an election timeout).
     Pause { node: NodeId, ms: u64 },
 }
@@ -69,6 +71,8 @@ pub struct Params {
     pub catchup_margin: u64,
     pub pre_vote: bool,
     pub check_quorum: bool,
+    pub max_append_bytes: u64,
+    pub max_inflight_msgs: usize,
     pub run_ms: u64,
     pub faults: Vec<(u64, Fault)>,
 }
@@ -80,18 +84,38 @@ impl Params {
         let loss_pct = rng.range(0, 31);
         let dup_pct = rng.range(0, 11);
         let delay_max_ms = rng.range(2, 41);
-        let fsync_max_ms = rng.range(0, 6);
+        let fsync_max_ms = if rng.range(0, 3) == 0 {
+            rng.range(5, 30)
+        } else {
+            rng.range(0, 6)
+        };
         let snapshot_every = rng.range(8, 65);
         let catchup_margin = rng.range(0, 12);
         let protocol = rng.range(0, 8);
         let pre_vote = protocol != 1 && protocol != 3;
         let check_quorum = protocol != 2 && protocol != 3;
+        // From one entry per message to a few dozen.
+        let max_append_bytes = [1, 64, 512, 4096][rng.range(0, 4) as usize];
+        let max_inflight_msgs = rng.range(1, 9) as usize;
         let mut faults = Vec::new();
-        let count = run_ms / rng.range(1000, 3000);
+        // Mean gap between faults: from a fault every 0.3 s (chaos) to one every 3 s.
+        let count = run_ms / rng.range(300, 3000);
         for _ in 0..count {
             let at = rng.range(0, run_ms.saturating_sub(500).max(1));
             let node = rng.range(1, nodes + 1);
-            let fault = match rng.range(0, 10) {
+            let fault = match rng.range(0, 11) {
+                10 => {
+                    let mut nodes_down = BTreeSet::new();
+                    for id in 1..=nodes {
+                        if rng.range(0, 3) > 0 {
+                            nodes_down.insert(id);
+                        }
+                    }
+                    Fault::CrashMany {
+                        nodes: nodes_down,
+                        down_ms: rng.range(0, 1500),
+                    }
+                }
                 0 | 1 => {
                     let mut side = BTreeSet::new();
                     for id in 1..=nodes {
@@ -145,6 +169,8 @@ impl Params {
             catchup_margin,
             pre_vote,
             check_quorum,
+            max_append_bytes,
+            max_inflight_msgs,
             run_ms,
             faults,
         }
@@ -156,7 +182,8 @@ impl fmt::Display for Params {
         writeln!(
             f,
             "seed {}: {} nodes, {} clients, loss {}%, dup {}%, delay 1..={} ms, fsync 0..={} ms, \
-             snapshot every {} (margin {}), pre_vote {}, check_quorum {}, run {} ms",
+             snapshot every {} (margin {}), pre_vote {}, check_quorum {}, max_append_bytes {}, \
+             max_inflight_msgs {}, run {} ms",
             self.seed,
             self.nodes,
             self.clients,
@@ -168,6 +195,8 @@ impl fmt::Display for Params {
             self.catchup_margin,
             self.pre_vote,
             self.check_quorum,
+            self.max_append_bytes,
+            self.max_inflight_msgs,
             self.run_ms
         )?;
         writeln!(f, "fault schedule:")?;
@@ -180,14 +209,8 @@ impl fmt::Display for Params {
 
 #[derive(Clone, Debug)]
 enum Request {
-    Write {
-        seq: u64,
-        key: String,
-        value: Option<String>,
-    },
-    Read {
-        key: String,
-    },
+    Write { seq: u64, key: String, value: Option<String> },
+    Read { key: String },
 }
 
 #[derive(Clone, Debug)]
@@ -225,25 +248,16 @@ enum NetMsg {
 enum Event {
     Tick(NodeId),
     Deliver(NetMsg),
-    FsyncDone {
-        node: NodeId,
-        incarnation: u64,
-    },
-    SnapshotDone {
-        node: NodeId,
-        incarnation: u64,
-        peer: NodeId,
-        ok: bool,
-    },
+    FsyncDone { node: NodeId, incarnation: u64 },
+    SnapshotDone { node: NodeId, incarnation: u64, peer: NodeId, ok: bool },
     Fault(usize),
     Unblock(Vec<(NodeId, NodeId)>),
     Restart(NodeId),
+    /// An armed crash that found no unsynced write in time: crash now.
+    ArmedCrash { node: NodeId, incarnation: u64 },
     Heal,
     ClientNext(u64),
-    ClientTimeout {
-        client: u64,
-        attempt: u64,
-    },
+    ClientTimeout { client: u64, attempt: u64 },
 }
 
 impl Event {
@@ -322,6 +336,8 @@ struct Node {
     next_read_id: u64,
     received_snapshot: Option<(SnapshotMeta, Kv)>,
     commit_seen: u64,
+    /// A crash waiting for the node to have unsynced writes (its down time in ms).
+    crash_armed: Option<u64>,
 }
 
 struct Client {
@@ -346,6 +362,24 @@ struct Checker {
     commit_term: BTreeMap<u64, u64>,
     /// index → (term, content hash) of applied entries.
     applied: BTreeMap<u64, (u64, u64)>,
+}
+
+/// An abandoned write of a client can take effect only before the client's next write with a
+/// known outcome returned: that write was applied by then, and the state machine's session
+/// rejects older sequence numbers afterwards.
+fn bound_unknown_writes(history: &mut [Op]) {
+    let mut next_known_write: BTreeMap<u64, u64> = BTreeMap::new();
+    for op in history.iter_mut().rev() {
+        if op.kind == OpKind::Get {
+            continue;
+        }
+        match &op.ret {
+            Some((t, _)) => {
+                next_known_write.insert(op.client, *t);
+            }
+            None => op.effect_deadline = next_known_write.get(&op.client).copied(),
+        }
+    }
 }
 
 fn entry_hash(e: &Entry) -> u64 {
@@ -383,10 +417,7 @@ fn describe_event(ev: &Event) -> String {
     match ev {
         Event::Deliver(NetMsg::Raft(m)) => format!("deliver {m}"),
         Event::Deliver(NetMsg::Snapshot { from, to, meta, .. }) => {
-            format!(
-                "deliver snapshot {from}->{to} at {}@{}",
-                meta.index, meta.term
-            )
+            format!("deliver snapshot {from}->{to} at {}@{}", meta.index, meta.term)
         }
         other => format!("{other:?}"),
     }
@@ -446,6 +477,7 @@ impl Sim {
                     next_read_id: 1,
                     received_snapshot: None,
                     commit_seen: 0,
+                    crash_armed: None,
                 },
             );
             sim.start_node(id);
@@ -480,8 +512,8 @@ impl Sim {
         c.election_timeout_max_ticks = 20;
         c.pre_vote = self.params.pre_vote;
         c.check_quorum = self.params.check_quorum;
-        c.max_append_bytes = 512;
-        c.max_inflight_msgs = 4;
+        c.max_append_bytes = self.params.max_append_bytes;
+        c.max_inflight_msgs = self.params.max_inflight_msgs;
         c.max_inflight_bytes = 4096;
         c.max_uncommitted_bytes = 64 << 10;
         c.max_apply_bytes = 1024;
@@ -608,6 +640,11 @@ impl Sim {
                 }
             }
             Event::Restart(id) => self.restart(id)?,
+            Event::ArmedCrash { node, incarnation } => {
+                if self.nodes[&node].incarnation == incarnation {
+                    self.fire_armed_crash(node);
+                }
+            }
             Event::Heal => {
                 self.healed = true;
                 self.blocked.clear();
@@ -617,6 +654,7 @@ impl Sim {
                 for id in ids {
                     let n = self.nodes.get_mut(&id).expect("node");
                     n.paused_until = None;
+                    n.crash_armed = None;
                     if n.raft.is_none() {
                         self.restart(id)?;
                     }
@@ -786,10 +824,10 @@ impl Sim {
                     self.block(links, ms);
                 }
             }
-            Fault::Crash { node, down_ms } => {
-                if self.nodes[&node].raft.is_some() {
-                    self.crash(node);
-                    self.schedule(down_ms, Event::Restart(node));
+            Fault::Crash { node, down_ms } => self.arm_crash(node, down_ms),
+            Fault::CrashMany { nodes, down_ms } => {
+                for node in nodes {
+                    self.arm_crash(node, down_ms);
                 }
             }
             Fault::Pause { node, ms } => {
@@ -798,6 +836,33 @@ impl Sim {
             }
         }
         Ok(())
+    }
+
+    /// Crashes `node` at the next moment it has unsynced writes (within 100 ms), which is
+    /// where durability bugs hide; a node with writes in flight crashes at once.
+    fn arm_crash(&mut self, node: NodeId, down_ms: u64) {
+        let n = self.nodes.get_mut(&node).expect("node");
+        if n.raft.is_none() || n.crash_armed.is_some() {
+            return;
+        }
+        if !n.pending.is_empty() {
+            self.crash(node);
+            self.schedule(down_ms, Event::Restart(node));
+            return;
+        }
+        n.crash_armed = Some(down_ms);
+        let incarnation = n.incarnation;
+        self.schedule(100, Event::ArmedCrash { node, incarnation });
+    }
+
+    fn fire_armed_crash(&mut self, node: NodeId) {
+        let n = self.nodes.get_mut(&node).expect("node");
+        if let Some(down_ms) = n.crash_armed.take() {
+            if n.raft.is_some() {
+                self.crash(node);
+                self.schedule(down_ms, Event::Restart(node));
+            }
+        }
     }
 
     fn crash(&mut self, id: NodeId) {
@@ -817,6 +882,7 @@ impl Sim {
         n.reads.clear();
         n.received_snapshot = None;
         n.paused_until = None;
+        n.crash_armed = None;
     }
 
     fn start_node(&mut self, id: NodeId) {
@@ -826,11 +892,11 @@ impl Sim {
         let n = self.nodes.get_mut(&id).expect("node");
         let d = &n.durable;
         let raft = if d.log.is_empty() && d.snapshot.is_none() {
-            // No entry and no snapshot: the bootstrap batch (hard state, then the Config entry)
-            // never fully reached disk, and nothing was sent that depends on it (it precedes
+            // No entry and no snapshot: the bootstrap batch (the Config entry, then the hard
+            // state) never reached disk, and nothing was sent that depends on it (it precedes
             // every vote), so bootstrapping again is safe.
             assert!(
-                d.hard_state.vote.is_none() && d.hard_state.term <= 1,
+                d.hard_state == HardState::default(),
                 "node {id}: durable vote without a durable log: {:?}",
                 d.hard_state
             );
@@ -931,9 +997,7 @@ impl Sim {
                     return Err(format!("node {id}: snapshot to install was never received"));
                 };
                 if &rmeta != meta {
-                    return Err(format!(
-                        "node {id}: installing {meta:?} but received {rmeta:?}"
-                    ));
+                    return Err(format!("node {id}: installing {meta:?} but received {rmeta:?}"));
                 }
                 n.kv = kv.clone();
                 n.applied = meta.index;
@@ -941,13 +1005,13 @@ impl Sim {
                 records.push(Record::Snapshot(meta.clone(), kv));
                 self.stats.snapshots_installed += 1;
             }
-            if let Some(hs) = rd.hard_state {
-                records.push(Record::HardState(hs));
-            }
             if let Some(last) = rd.entries.last() {
                 persisted = Some((last.index, last.term));
             }
             records.extend(rd.entries.into_iter().map(Record::Entry));
+            if let Some(hs) = rd.hard_state {
+                records.push(Record::HardState(hs));
+            }
             if records.is_empty() && n.pending.is_empty() {
                 for m in rd.messages_after_persist {
                     self.send_raft(m);
@@ -967,13 +1031,13 @@ impl Sim {
                     done_at,
                 });
                 let incarnation = n.incarnation;
-                self.schedule_at(
-                    done_at,
-                    Event::FsyncDone {
-                        node: id,
-                        incarnation,
-                    },
-                );
+                let armed = n.crash_armed.is_some();
+                self.schedule_at(done_at, Event::FsyncDone { node: id, incarnation });
+                if armed && !self.healed {
+                    // Crash with this batch (and its messages sent early) in flight.
+                    self.fire_armed_crash(id);
+                    return Ok(());
+                }
             }
             if !rd.committed.is_empty() {
                 self.apply(id, rd.committed)?;
@@ -1026,9 +1090,7 @@ impl Sim {
                         }
                     }
                     None => {
-                        return Err(format!(
-                            "node {id}: asked to send a snapshot it does not have"
-                        ))
+                        return Err(format!("node {id}: asked to send a snapshot it does not have"))
                     }
                 }
             }
@@ -1095,10 +1157,7 @@ impl Sim {
         // Snapshot + compaction every `snapshot_every` entries, behind the catch-up margin.
         let snap_index = n.durable.snapshot.as_ref().map_or(0, |(m, _)| m.index);
         if last > 0 && last >= snap_index + self.params.snapshot_every {
-            let term = raft
-                .log()
-                .term(last)
-                .ok_or("applied entry without a term")?;
+            let term = raft.log().term(last).ok_or("applied entry without a term")?;
             let meta = SnapshotMeta {
                 index: last,
                 term,
@@ -1107,10 +1166,7 @@ impl Sim {
             n.durable.snapshot = Some((meta, n.kv.clone()));
             let upto = last.saturating_sub(self.params.catchup_margin);
             if upto > raft.log().base_index() {
-                let t = raft
-                    .log()
-                    .term(upto)
-                    .ok_or("compaction point without a term")?;
+                let t = raft.log().term(upto).ok_or("compaction point without a term")?;
                 raft.compact(upto, t).map_err(|e| e.to_string())?;
                 n.durable.log.retain(|e| e.index > upto);
             }
@@ -1141,9 +1197,7 @@ impl Sim {
                 let t = raft.log().base_term();
                 match self.checker.committed.get(&i) {
                     Some(&(ct, _)) if ct != t => {
-                        return Err(format!(
-                            "node {id}: snapshot at {i} has term {t}, committed {ct}"
-                        ))
+                        return Err(format!("node {id}: snapshot at {i} has term {t}, committed {ct}"))
                     }
                     _ => continue,
                 }
@@ -1190,17 +1244,10 @@ impl Sim {
                     // leaders committed more: it need not hold those).
                     let log = raft.log();
                     for (&i, &(t, h)) in self.checker.committed.range(log.first_index()..) {
-                        if self
-                            .checker
-                            .commit_term
-                            .get(&i)
-                            .is_some_and(|&ct| ct >= term)
-                        {
+                        if self.checker.commit_term.get(&i).is_some_and(|&ct| ct >= term) {
                             continue;
                         }
-                        let ok = log
-                            .entry(i)
-                            .is_some_and(|e| e.term == t && entry_hash(e) == h);
+                        let ok = log.entry(i).is_some_and(|e| e.term == t && entry_hash(e) == h);
                         if !ok {
                             return Err(format!(
                                 "leader completeness: new leader {id} (term {term}) lacks committed entry {i}"
@@ -1212,7 +1259,8 @@ impl Sim {
         } else if !n.proposals.is_empty() {
             // No longer leader: tell waiting clients to retry (their write may still commit;
             // the retry is deduplicated).
-            let waiting: Vec<(u64, u64)> = n.proposals.values().map(|&(_, c, a)| (c, a)).collect();
+            let waiting: Vec<(u64, u64)> =
+                n.proposals.values().map(|&(_, c, a)| (c, a)).collect();
             n.proposals.clear();
             for (c, a) in waiting {
                 self.respond(c, a, Response::Retry);
@@ -1245,8 +1293,7 @@ impl Sim {
                 let payload = codec::encode(&cmd).map_err(|e| e.to_string())?;
                 match raft.propose(payload) {
                     Ok((index, term)) => {
-                        if let Some((_, c, a)) = n.proposals.insert(index, (term, client, attempt))
-                        {
+                        if let Some((_, c, a)) = n.proposals.insert(index, (term, client, attempt)) {
                             self.respond(c, a, Response::Retry);
                         }
                         None
@@ -1313,6 +1360,7 @@ impl Sim {
             kind,
             call: self.clock,
             ret: None,
+            effect_deadline: None,
         });
         let idx = self.history.len() - 1;
         self.clients[c as usize].current = Some((idx, req));
@@ -1334,7 +1382,10 @@ impl Sim {
         });
         self.schedule(
             CLIENT_TIMEOUT_MS,
-            Event::ClientTimeout { client: c, attempt },
+            Event::ClientTimeout {
+                client: c,
+                attempt,
+            },
         );
     }
 
@@ -1404,34 +1455,27 @@ impl Sim {
         let nodes: Vec<&Node> = self.nodes.values().collect();
         for a in &nodes {
             for b in &nodes {
-                let (la, lb) = (
-                    a.raft.as_ref().expect("up").log(),
-                    b.raft.as_ref().expect("up").log(),
-                );
+                let (la, lb) = (a.raft.as_ref().expect("up").log(), b.raft.as_ref().expect("up").log());
                 let lo = la.first_index().max(lb.first_index());
                 let hi = la.last_index().min(lb.last_index());
                 let mut matched = false;
                 for i in (lo..=hi).rev() {
                     let (ea, eb) = (la.entry(i).expect("held"), lb.entry(i).expect("held"));
                     if matched && ea != eb {
-                        return Err(format!(
-                            "log matching: nodes {} and {} differ at {i}",
-                            a.id, b.id
-                        ));
+                        return Err(format!("log matching: nodes {} and {} differ at {i}", a.id, b.id));
                     }
                     if ea.term == eb.term {
                         if ea != eb {
-                            return Err(format!(
-                                "log matching: nodes {} and {} differ at {i}",
-                                a.id, b.id
-                            ));
+                            return Err(format!("log matching: nodes {} and {} differ at {i}", a.id, b.id));
                         }
                         matched = true;
                     }
                 }
             }
         }
-        linearizability::check(&self.history)?;
+        let mut history = self.history;
+        bound_unknown_writes(&mut history);
+        linearizability::check(&history)?;
         Ok(self.stats)
     }
 
