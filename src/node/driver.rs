@@ -52,7 +52,9 @@ pub struct Driver {
     snapshot_index: u64,
     /// Peers a snapshot is being streamed to.
     sending_snapshots: BTreeSet<NodeId>,
-    snapshot_done: (mpsc::Sender<(NodeId, bool)>, mpsc::Receiver<(NodeId, bool)>),
+    /// Snapshot senders report (peer, ok) here.
+    snapshot_done_tx: mpsc::Sender<(NodeId, bool)>,
+    snapshot_done_rx: mpsc::Receiver<(NodeId, bool)>,
 }
 
 impl Driver {
@@ -67,6 +69,7 @@ impl Driver {
         shutdown: watch::Sender<bool>,
     ) -> Driver {
         let snapshot_index = raft.log().base_index();
+        let (snapshot_done_tx, snapshot_done_rx) = mpsc::channel(64);
         Driver {
             id: config.id,
             cluster_id: config.cluster_id.clone(),
@@ -84,7 +87,8 @@ impl Driver {
             next_read_id: 1,
             snapshot_index,
             sending_snapshots: BTreeSet::new(),
-            snapshot_done: mpsc::channel(64),
+            snapshot_done_tx,
+            snapshot_done_rx,
         }
     }
 
@@ -107,7 +111,7 @@ impl Driver {
                         break Err(e);
                     }
                 }
-                Some((peer, ok)) = self.snapshot_done.1.recv() => {
+                Some((peer, ok)) = self.snapshot_done_rx.recv() => {
                     self.sending_snapshots.remove(&peer);
                     self.raft.snapshot_sent(peer, ok);
                 }
@@ -454,7 +458,7 @@ impl Driver {
         let snapshots = self.snapshots.clone();
         let sm = self.sm.clone();
         let transport = self.transport.clone();
-        let done = self.snapshot_done.0.clone();
+        let done = self.snapshot_done_tx.clone();
         tokio::task::spawn_blocking(move || {
             let ok = match stream_snapshot(&snapshots, &sm, &transport, to, term) {
                 Ok(bytes) => {

@@ -343,7 +343,10 @@ mod tests {
         let mut late = op(1, put("a"), 1, None);
         late.effect_deadline = Some(4);
         // Seen before the deadline: fine.
-        let h = vec![late.clone(), op(2, OpKind::Get, 2, Some((3, got(Some("a")))))];
+        let h = vec![
+            late.clone(),
+            op(2, OpKind::Get, 2, Some((3, got(Some("a"))))),
+        ];
         assert!(check(&h).is_ok());
         // Missed after the deadline, then seen: not possible (it either happened before the
         // deadline, so the first read must see it, or never).
