@@ -104,8 +104,11 @@ impl Driver {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
             tokio::select! {
+                // Biased, with the timer before the queues: under a steady stream of messages
+                // and requests, heartbeats and elections must still tick.
                 biased;
                 _ = shutdown.changed() => break Ok(()),
+                _ = ticker.tick() => self.raft.tick(),
                 Some(ev) = events.recv() => {
                     if let Err(e) = self.on_storage(ev) {
                         break Err(e);
@@ -117,7 +120,6 @@ impl Driver {
                 }
                 Some(ev) = inbound.recv() => self.on_transport(ev).await,
                 Some(req) = requests.recv() => self.on_request(req),
-                _ = ticker.tick() => self.raft.tick(),
             }
             if let Err(e) = self.drain_ready().await {
                 break Err(e);

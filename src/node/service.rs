@@ -121,11 +121,16 @@ impl NodeService {
                 ))
             }
         };
-        let applied = self.sm.applied_index();
-        if applied < index {
-            return Err(ServiceError::Internal(format!(
-                "read index {index} confirmed but the state machine is at {applied}"
-            )));
+        // The core hands out a read once it counts `index` applied; the apply thread's write
+        // to sled may trail its report by a moment.
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        while self.sm.applied_index() < index {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ServiceError::Unavailable(format!(
+                    "the state machine did not reach the read index {index} in time"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
         Ok(Some(leader))
     }

@@ -448,3 +448,55 @@ fn receive_chunk(
         meta: chunk.meta,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raftkv_storage::EntryKind;
+
+    fn e(index: u64, term: u64) -> Entry {
+        Entry {
+            index,
+            term,
+            kind: EntryKind::Normal,
+            payload: vec![index as u8],
+        }
+    }
+
+    #[test]
+    fn group_merge_keeps_the_last_hard_state_and_replaces_overlapping_suffixes() {
+        let mut g = Group::new();
+        let hs = |term| HardState {
+            term,
+            vote: Some(1),
+            commit: 0,
+        };
+        g.merge(
+            Some(hs(1)),
+            vec![e(1, 1), e(2, 1), e(3, 1)],
+            vec![],
+            vec![e(1, 1)],
+        );
+        g.merge(None, vec![e(4, 1)], vec![], vec![]);
+        // A new leader's entries replace the suffix from index 3.
+        g.merge(Some(hs(2)), vec![e(3, 2), e(4, 2)], vec![], vec![e(2, 1)]);
+        assert_eq!(g.hard_state, Some(hs(2)));
+        assert_eq!(
+            g.entries
+                .iter()
+                .map(|e| (e.index, e.term))
+                .collect::<Vec<_>>(),
+            [(1, 1), (2, 1), (3, 2), (4, 2)]
+        );
+        assert_eq!(g.committed.len(), 2);
+        // An overwrite reaching below everything merged so far replaces all of it.
+        g.merge(None, vec![e(1, 3)], vec![], vec![]);
+        assert_eq!(
+            g.entries
+                .iter()
+                .map(|e| (e.index, e.term))
+                .collect::<Vec<_>>(),
+            [(1, 3)]
+        );
+    }
+}
