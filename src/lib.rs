@@ -7,6 +7,7 @@
 //! - [`check_disk`]: the operator's disk check.
 
 pub mod api;
+pub mod bench;
 pub mod check_disk;
 pub mod client;
 pub mod node;

@@ -5,11 +5,11 @@
 //! stops every node gracefully; running it again resumes from the same data.
 
 use super::kv::render_table;
+use super::local::{nodes, terminate};
 use anyhow::{bail, Context};
 use raftkv::client::{Client, ClientConfig};
-use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, clap::Args)]
@@ -22,104 +22,34 @@ pub struct UpArgs {
     pub data_dir: PathBuf,
 }
 
-const CLIENT_PORT_BASE: u64 = 8000;
-const PEER_PORT_BASE: u64 = 9000;
-
-fn spawn_node(exe: &PathBuf, id: u64, n: u64, data_dir: &std::path::Path) -> anyhow::Result<Child> {
-    let peers: Vec<String> = (1..=n)
-        .filter(|p| *p != id)
-        .map(|p| format!("{p}=127.0.0.1:{}", PEER_PORT_BASE + p))
-        .collect();
-    let mut cmd = Command::new(exe);
-    cmd.arg("serve")
-        .arg("--id")
-        .arg(id.to_string())
-        .arg("--data-dir")
-        .arg(data_dir.join(format!("node{id}")))
-        .arg("--client-addr")
-        .arg(format!("127.0.0.1:{}", CLIENT_PORT_BASE + id))
-        .arg("--peer-addr")
-        .arg(format!("127.0.0.1:{}", PEER_PORT_BASE + id))
-        .arg("--peers")
-        .arg(peers.join(","))
-        .arg("--cluster-id")
-        .arg("local")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if std::env::var_os("RUST_LOG").is_none() {
-        cmd.env("RUST_LOG", "info");
-    }
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("cannot start node {id}"))?;
-    for pipe in [
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let mut out = std::io::stdout().lock();
-                let _ = writeln!(out, "[n{id}] {line}");
-            }
-        });
-    }
-    Ok(child)
-}
-
-fn terminate(children: &mut [(u64, Child)]) {
-    for (_, child) in children.iter() {
-        if let Ok(pid) = i32::try_from(child.id()) {
-            // SAFETY: sending a signal to our own child process.
-            unsafe {
-                libc::kill(pid, libc::SIGTERM);
-            }
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    for (id, child) in children.iter_mut() {
-        loop {
-            match child.try_wait() {
-                Ok(Some(status)) => {
-                    println!("node {id} stopped ({status})");
-                    break;
-                }
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                _ => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    println!("node {id} killed after the grace period");
-                    break;
-                }
-            }
-        }
-    }
-}
+const CLIENT_PORT_BASE: u16 = 8000;
+const PEER_PORT_BASE: u16 = 9000;
 
 pub fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
     if args.nodes != 3 && args.nodes != 5 {
         bail!("--nodes must be 3 or 5");
     }
-    let exe = std::env::current_exe().context("cannot find the raftkv executable")?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    let specs: Vec<_> = nodes(
+        args.nodes,
+        CLIENT_PORT_BASE,
+        PEER_PORT_BASE,
+        &args.data_dir,
+        "local",
+    )
+    .into_iter()
+    .map(|mut n| {
+        n.show_logs = true;
+        n
+    })
+    .collect();
     let mut children = Vec::new();
-    for id in 1..=args.nodes {
-        match spawn_node(&exe, id, args.nodes, &args.data_dir) {
-            Ok(child) => children.push((id, child)),
+    for spec in &specs {
+        match spec.spawn() {
+            Ok(child) => children.push((spec.id, child)),
             Err(e) => {
-                terminate(&mut children);
+                stop_all(&mut children);
                 return Err(e);
             }
         }
@@ -128,10 +58,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let endpoints: Vec<String> = (1..=args.nodes)
-        .map(|i| format!("http://127.0.0.1:{}", CLIENT_PORT_BASE + i))
-        .collect();
-    let client = Client::new(ClientConfig::new(endpoints))?;
+    let client = Client::new(ClientConfig::new(specs.iter().map(|s| s.url()).collect()))?;
     let code = runtime.block_on(async {
         // Wait for a leader, then show the members.
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -170,6 +97,15 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
         }
     });
     println!("stopping all nodes");
-    terminate(&mut children);
+    stop_all(&mut children);
     Ok(code)
+}
+
+fn stop_all(children: &mut [(u64, std::process::Child)]) {
+    for (id, child) in children.iter_mut() {
+        match terminate(child, Duration::from_secs(10)) {
+            Ok(status) => println!("node {id} stopped ({status})"),
+            Err(e) => eprintln!("node {id}: {e}"),
+        }
+    }
 }

@@ -3,9 +3,11 @@
 //! Each subcommand is an argument struct plus a `run` that calls into the library and prints;
 //! nothing here measures, stores or decides anything.
 
+mod bench;
 mod check_disk;
 mod cluster;
 mod kv;
+mod local;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -38,6 +40,8 @@ pub enum Command {
     /// Run a local cluster.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Load generator against a running cluster; `bench recovery`, `bench failover`.
+    Bench(bench::BenchArgs),
     /// Check that this machine is fit to run a node.
     #[command(subcommand)]
     Check(CheckCommand),
@@ -66,6 +70,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => kv::status(&args),
         Command::TransferLeader(args) => kv::transfer(&args),
         Command::Cluster(ClusterCommand::Up(args)) => cluster::up(&args),
+        Command::Bench(args) => bench::run(&args),
         Command::Check(CheckCommand::Disk(args)) => check_disk::run(&args),
     }
 }

@@ -39,6 +39,9 @@ pub struct ServeArgs {
     /// Compact (sled flush, WAL marker, purge) every N applied entries.
     #[arg(long, env = "RAFTKV_SNAPSHOT_EVERY", value_name = "N")]
     pub snapshot_every: Option<u64>,
+    /// Entries kept in the WAL below each compaction point for lagging followers.
+    #[arg(long, env = "RAFTKV_CATCHUP_MARGIN", value_name = "N")]
+    pub catchup_margin: Option<u64>,
     /// Leader heartbeat interval (one consensus tick).
     #[arg(long, env = "RAFTKV_HEARTBEAT_MS", value_name = "MS")]
     pub heartbeat_ms: Option<u64>,
@@ -150,7 +153,7 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<NodeConfig> {
             .snapshot_every
             .or(file.snapshot_every)
             .unwrap_or(10_000),
-        catchup_margin: file.catchup_margin.unwrap_or(5_000),
+        catchup_margin: args.catchup_margin.or(file.catchup_margin).unwrap_or(5_000),
         request_timeout_ms: file.request_timeout_ms.unwrap_or(5_000),
         limits: Limits::default(),
         lease_reads: false,

@@ -1,0 +1,515 @@
+//! `raftkv bench`: load against a running cluster; `bench recovery` and `bench failover`
+//! against local clusters it starts itself in a temp dir.
+
+use super::local::{free_port_base, nodes, terminate, LocalNode};
+use anyhow::{bail, Context};
+use raftkv::api::Consistency;
+use raftkv::bench::{run_load, LoadOptions, LoadReport, Stop, Workload};
+use raftkv::client::{Client, ClientConfig, DEFAULT_ENDPOINTS};
+use serde::Serialize;
+use std::io::{IsTerminal, Write};
+use std::process::{Child, ExitCode};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub kind: Option<BenchKind>,
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchKind {
+    /// Time from SIGKILL to /ready for a node with N entries, and a follower's catch-up.
+    Recovery(RecoveryArgs),
+    /// Time from killing the leader to the first successful write.
+    Failover(FailoverArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct LoadArgs {
+    #[arg(long, env = "RAFTKV_ENDPOINTS", default_value = DEFAULT_ENDPOINTS, value_name = "URL,...")]
+    pub endpoints: String,
+    /// Concurrent clients (each its own connections).
+    #[arg(long, default_value_t = 16)]
+    pub clients: usize,
+    /// How long to run, e.g. 10s, 500ms, 2m (default 10s unless --requests).
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Stop after this many requests instead.
+    #[arg(long, conflicts_with = "duration")]
+    pub requests: Option<u64>,
+    #[arg(long, default_value_t = 256)]
+    pub value_size: usize,
+    #[arg(long, default_value_t = 100_000)]
+    pub key_space: u64,
+    /// put, get or mixed:READ_PERCENT.
+    #[arg(long, default_value = "put", value_parser = Workload::parse)]
+    pub workload: Workload,
+    #[arg(long, default_value = "linearizable", value_parser = |s: &str| Consistency::parse(s).ok_or_else(|| format!("unknown consistency {s:?}")))]
+    pub consistency: Consistency,
+    /// Offer this many requests per second in total (open loop); default closed loop.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RecoveryArgs {
+    /// Entries to write before the kill.
+    #[arg(long, default_value_t = 100_000)]
+    pub entries: u64,
+    /// Compact every K entries; 0 means never.
+    #[arg(long, default_value_t = 10_000)]
+    pub snapshot_every: u64,
+    /// Skip the follower catch-up measurement.
+    #[arg(long)]
+    pub skip_catchup: bool,
+    #[arg(long, default_value_t = 256)]
+    pub value_size: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct FailoverArgs {
+    #[arg(long, default_value_t = 10)]
+    pub trials: u32,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("bad duration unit in {s:?}: use ms, s or m")),
+    };
+    if !(secs > 0.0 && secs.is_finite()) {
+        return Err(format!("duration {s:?} must be positive"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    match &args.kind {
+        Some(BenchKind::Recovery(r)) => recovery(r),
+        Some(BenchKind::Failover(f)) => failover(f),
+        None => load(&args.load),
+    }
+}
+
+fn load(a: &LoadArgs) -> anyhow::Result<ExitCode> {
+    let opts = LoadOptions {
+        endpoints: ClientConfig::parse_endpoints(&a.endpoints)?,
+        clients: a.clients,
+        stop: match (a.requests, a.duration) {
+            (Some(n), _) => Stop::Requests(n),
+            (None, Some(d)) => Stop::After(d),
+            (None, None) => Stop::After(Duration::from_secs(10)),
+        },
+        value_bytes: a.value_size,
+        key_space: a.key_space,
+        workload: a.workload,
+        consistency: a.consistency,
+        rate: a.rate,
+        seed: a.seed,
+        retry_budget_ms: 15_000,
+    };
+    let show = !a.json && std::io::stderr().is_terminal();
+    let report = runtime()?.block_on(run_load(opts, show))?;
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        out.write_all(render_load(&report).as_bytes())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The text form of a load report.
+pub fn render_load(r: &LoadReport) -> String {
+    format!(
+        "workload {} | clients {} | {}\n\
+         ok {} in {:.2} s = {:.0} ops/s\n\
+         errors: unavailable {}, outcome unknown {}, rejected {}, other {}\n\
+         latency ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  mean {:.3}\n",
+        r.workload,
+        r.clients,
+        r.rate.map_or("closed loop".to_string(), |x| format!(
+            "open loop at {x} req/s"
+        )),
+        r.ok,
+        r.elapsed_s,
+        r.throughput_ops_s,
+        r.errors.unavailable,
+        r.errors.outcome_unknown,
+        r.errors.rejected,
+        r.errors.other,
+        r.latency.p50_ms,
+        r.latency.p90_ms,
+        r.latency.p99_ms,
+        r.latency.p999_ms,
+        r.latency.max_ms,
+        r.latency.mean_ms
+    )
+}
+
+/// Children that are killed when dropped, so a failed benchmark leaves nothing running.
+struct Procs(Vec<(LocalNode, Option<Child>)>);
+
+impl Procs {
+    fn start(specs: Vec<LocalNode>) -> anyhow::Result<Procs> {
+        let mut p = Procs(specs.into_iter().map(|s| (s, None)).collect());
+        for i in 0..p.0.len() {
+            p.start_one(i)?;
+        }
+        Ok(p)
+    }
+    fn start_one(&mut self, i: usize) -> anyhow::Result<()> {
+        let child = self.0[i].0.spawn()?;
+        self.0[i].1 = Some(child);
+        Ok(())
+    }
+    fn kill9(&mut self, i: usize) {
+        if let Some(mut c) = self.0[i].1.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+    fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.0[i].1.take() {
+            let _ = terminate(&mut c, Duration::from_secs(10));
+        }
+    }
+    fn urls(&self) -> Vec<String> {
+        self.0.iter().map(|(s, _)| s.url()).collect()
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for i in 0..self.0.len() {
+            self.kill9(i);
+        }
+    }
+}
+
+async fn wait_ready(url: &str, timeout: Duration) -> anyhow::Result<Duration> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()?;
+    let started = Instant::now();
+    loop {
+        if let Ok(r) = http.get(format!("{url}/ready")).send().await {
+            if r.status().is_success() {
+                return Ok(started.elapsed());
+            }
+        }
+        if started.elapsed() > timeout {
+            bail!("{url} not ready within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn leader_index(client: &Client, urls: &[String]) -> anyhow::Result<usize> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for (i, u) in urls.iter().enumerate() {
+            if let Ok(s) = client.status_of(u).await {
+                if s.role == "leader" {
+                    return Ok(i);
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("no leader within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn fill(urls: Vec<String>, entries: u64, value_size: usize, key_space: u64) -> LoadOptions {
+    LoadOptions {
+        endpoints: urls,
+        clients: 64,
+        stop: Stop::Requests(entries),
+        value_bytes: value_size,
+        key_space,
+        workload: Workload::Put,
+        consistency: Consistency::Linearizable,
+        rate: None,
+        seed: 42,
+        retry_budget_ms: 30_000,
+    }
+}
+
+#[derive(Serialize)]
+struct RecoveryReport {
+    entries: u64,
+    snapshot_every: Option<u64>,
+    write_ops_s: f64,
+    restart_to_ready_ms: f64,
+    catchup: Option<CatchupReport>,
+}
+
+#[derive(Serialize)]
+struct CatchupReport {
+    keys: u64,
+    follower_catchup_ms: f64,
+    follower_snapshot_index: u64,
+}
+
+fn recovery(a: &RecoveryArgs) -> anyhow::Result<ExitCode> {
+    let root = tempfile::tempdir().context("cannot create a temp dir")?;
+    let snapshot_every = (a.snapshot_every > 0).then_some(a.snapshot_every);
+    let say = |m: &str| {
+        if !a.json {
+            eprintln!("{m}");
+        }
+    };
+    let rt = runtime()?;
+    // 1. One node: write, SIGKILL, restart, time to /ready.
+    let base = free_port_base(4)?;
+    let mut spec = nodes(1, base, base + 2, root.path(), "bench-recovery").remove(0);
+    spec.snapshot_every = Some(snapshot_every.unwrap_or(1 << 62));
+    let mut procs = Procs::start(vec![spec])?;
+    let url = procs.urls()[0].clone();
+    let (write_ops_s, restart) = rt.block_on(async {
+        wait_ready(&url, Duration::from_secs(30)).await?;
+        say(&format!(
+            "writing {} entries of {} bytes…",
+            a.entries, a.value_size
+        ));
+        let r = run_load(
+            fill(vec![url.clone()], a.entries, a.value_size, a.entries),
+            !a.json && std::io::stderr().is_terminal(),
+        )
+        .await?;
+        say(&format!(
+            "wrote at {:.0} entries/s; SIGKILL and restart",
+            r.throughput_ops_s
+        ));
+        procs.kill9(0);
+        let started = Instant::now();
+        procs.start_one(0)?;
+        wait_ready(&url, Duration::from_secs(600)).await?;
+        anyhow::Ok((r.throughput_ops_s, started.elapsed()))
+    })?;
+    drop(procs);
+    say(&format!(
+        "restart to ready: {:.1} ms",
+        restart.as_secs_f64() * 1e3
+    ));
+    // 2. Three nodes: a stopped follower catches up by snapshot on an `entries`-key state.
+    let catchup = if a.skip_catchup {
+        None
+    } else {
+        let base = free_port_base(8)?;
+        let specs: Vec<LocalNode> = nodes(
+            3,
+            base,
+            base + 4,
+            &root.path().join("catchup"),
+            "bench-catchup",
+        )
+        .into_iter()
+        .map(|mut s| {
+            // Compact often and keep a small margin, so the follower must take a snapshot.
+            s.snapshot_every = Some(a.snapshot_every.clamp(100, (a.entries / 4).max(100)));
+            s.catchup_margin = Some(10);
+            s
+        })
+        .collect();
+        let mut procs = Procs::start(specs)?;
+        let urls = procs.urls();
+        let report = rt.block_on(async {
+            let client = Client::new(ClientConfig::new(urls.clone()))?;
+            let leader = leader_index(&client, &urls).await?;
+            let follower = (0..3).find(|i| *i != leader).unwrap_or(0);
+            procs.stop(follower);
+            say(&format!(
+                "follower {} stopped; writing {} keys…",
+                follower + 1,
+                a.entries
+            ));
+            let mut others = urls.clone();
+            others.remove(follower);
+            run_load(
+                fill(others, a.entries, a.value_size, u64::MAX),
+                !a.json && std::io::stderr().is_terminal(),
+            )
+            .await?;
+            let commit = client.status_of(&urls[leader]).await?.commit_index;
+            let started = Instant::now();
+            procs.start_one(follower)?;
+            let deadline = started + Duration::from_secs(1800);
+            let snapshot_index = loop {
+                if let Ok(s) = client.status_of(&urls[follower]).await {
+                    if s.applied_index >= commit {
+                        break s.snapshot_index;
+                    }
+                }
+                if Instant::now() > deadline {
+                    bail!("the follower did not catch up within 30 minutes");
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            };
+            anyhow::Ok(CatchupReport {
+                keys: a.entries,
+                follower_catchup_ms: started.elapsed().as_secs_f64() * 1e3,
+                follower_snapshot_index: snapshot_index,
+            })
+        })?;
+        say(&format!(
+            "follower catch-up: {:.1} ms (snapshot at {})",
+            report.follower_catchup_ms, report.follower_snapshot_index
+        ));
+        Some(report)
+    };
+    let report = RecoveryReport {
+        entries: a.entries,
+        snapshot_every,
+        write_ops_s,
+        restart_to_ready_ms: restart.as_secs_f64() * 1e3,
+        catchup,
+    };
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        writeln!(
+            out,
+            "entries {} | snapshot every {} | restart to ready {:.1} ms",
+            report.entries,
+            snapshot_every.map_or("never".to_string(), |k| k.to_string()),
+            report.restart_to_ready_ms
+        )?;
+        if let Some(c) = &report.catchup {
+            writeln!(
+                out,
+                "follower catch-up by snapshot on {} keys: {:.1} ms",
+                c.keys, c.follower_catchup_ms
+            )?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Serialize)]
+struct FailoverReport {
+    trials: Vec<f64>,
+    median_ms: f64,
+    p90_ms: f64,
+    max_ms: f64,
+}
+
+fn failover(a: &FailoverArgs) -> anyhow::Result<ExitCode> {
+    if a.trials == 0 {
+        bail!("--trials must be at least 1");
+    }
+    let root = tempfile::tempdir().context("cannot create a temp dir")?;
+    let base = free_port_base(8)?;
+    let mut procs = Procs::start(nodes(3, base, base + 4, root.path(), "bench-failover"))?;
+    let urls = procs.urls();
+    let rt = runtime()?;
+    let mut trials = Vec::new();
+    rt.block_on(async {
+        let client = Client::new(ClientConfig::new(urls.clone()))?;
+        // One pass over the endpoints per attempt: the loop below does the retrying.
+        let mut quick = ClientConfig::new(urls.clone());
+        quick.retry_budget_ms = 1;
+        quick.request_timeout_ms = 1000;
+        let quick = Client::new(quick)?;
+        for t in 0..a.trials {
+            let leader = leader_index(&client, &urls).await?;
+            client.put("failover-warmup", "x").await?;
+            procs.kill9(leader);
+            let killed = Instant::now();
+            let mut n = 0u64;
+            loop {
+                n += 1;
+                if quick.put(&format!("failover-{t}-{n}"), "x").await.is_ok() {
+                    break;
+                }
+                if killed.elapsed() > Duration::from_secs(60) {
+                    bail!("no write succeeded within 60 s of killing the leader");
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let ms = killed.elapsed().as_secs_f64() * 1e3;
+            if !a.json {
+                eprintln!(
+                    "trial {}: killed node {}, first write after {ms:.1} ms",
+                    t + 1,
+                    leader + 1
+                );
+            }
+            trials.push(ms);
+            procs.start_one(leader)?;
+            wait_ready(&urls[leader], Duration::from_secs(60)).await?;
+        }
+        anyhow::Ok(())
+    })?;
+    let mut sorted = trials.clone();
+    sorted.sort_by(|x, y| x.total_cmp(y));
+    let pick = |q: f64| sorted[((sorted.len() as f64 - 1.0) * q).round() as usize];
+    let report = FailoverReport {
+        median_ms: pick(0.5),
+        p90_ms: pick(0.9),
+        max_ms: pick(1.0),
+        trials,
+    };
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        writeln!(
+            out,
+            "failover over {} trials: median {:.1} ms, p90 {:.1} ms, max {:.1} ms",
+            report.trials.len(),
+            report.median_ms,
+            report.p90_ms,
+            report.max_ms
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("x").is_err());
+    }
+}
