@@ -102,6 +102,22 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Prints `report` as pretty JSON, or as the text `render` makes of it.
+fn emit<T: Serialize>(
+    json: bool,
+    report: &T,
+    render: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, report)?;
+        writeln!(out)?;
+    } else {
+        out.write_all(render(report).as_bytes())?;
+    }
+    Ok(())
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -136,13 +152,7 @@ fn load(a: &LoadArgs) -> anyhow::Result<ExitCode> {
     };
     let show = !a.json && std::io::stderr().is_terminal();
     let report = runtime()?.block_on(run_load(opts, show))?;
-    let mut out = std::io::stdout().lock();
-    if a.json {
-        serde_json::to_writer_pretty(&mut out, &report)?;
-        writeln!(out)?;
-    } else {
-        out.write_all(render_load(&report).as_bytes())?;
-    }
+    emit(a.json, &report, render_load)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -394,26 +404,22 @@ fn recovery(a: &RecoveryArgs) -> anyhow::Result<ExitCode> {
         restart_to_ready_ms: restart.as_secs_f64() * 1e3,
         catchup,
     };
-    let mut out = std::io::stdout().lock();
-    if a.json {
-        serde_json::to_writer_pretty(&mut out, &report)?;
-        writeln!(out)?;
-    } else {
-        writeln!(
-            out,
-            "entries {} | snapshot every {} | restart to ready {:.1} ms",
-            report.entries,
-            snapshot_every.map_or("never".to_string(), |k| k.to_string()),
-            report.restart_to_ready_ms
-        )?;
-        if let Some(c) = &report.catchup {
-            writeln!(
-                out,
-                "follower catch-up by snapshot on {} keys: {:.1} ms",
+    emit(a.json, &report, |r| {
+        let mut text = format!(
+            "entries {} | snapshot every {} | restart to ready {:.1} ms\n",
+            r.entries,
+            r.snapshot_every
+                .map_or("never".to_string(), |k| k.to_string()),
+            r.restart_to_ready_ms
+        );
+        if let Some(c) = &r.catchup {
+            text.push_str(&format!(
+                "follower catch-up by snapshot on {} keys: {:.1} ms\n",
                 c.keys, c.follower_catchup_ms
-            )?;
+            ));
         }
-    }
+        text
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -481,20 +487,15 @@ fn failover(a: &FailoverArgs) -> anyhow::Result<ExitCode> {
         max_ms: pick(1.0),
         trials,
     };
-    let mut out = std::io::stdout().lock();
-    if a.json {
-        serde_json::to_writer_pretty(&mut out, &report)?;
-        writeln!(out)?;
-    } else {
-        writeln!(
-            out,
-            "failover over {} trials: median {:.1} ms, p90 {:.1} ms, max {:.1} ms",
-            report.trials.len(),
-            report.median_ms,
-            report.p90_ms,
-            report.max_ms
-        )?;
-    }
+    emit(a.json, &report, |r| {
+        format!(
+            "failover over {} trials: median {:.1} ms, p90 {:.1} ms, max {:.1} ms\n",
+            r.trials.len(),
+            r.median_ms,
+            r.p90_ms,
+            r.max_ms
+        )
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
