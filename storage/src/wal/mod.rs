@@ -381,7 +381,8 @@ impl Wal {
         })
     }
 
-    /// Appends `entries` and, if given, `hard_state`, with one write and one fdatasync.
+    /// Appends `entries` and, if given, `hard_state`, with one write and one fdatasync. The
+    /// hard state is written after the entries (see the comment in the body: torn writes).
     ///
     /// If the first entry's index is at or below `last_index()`, the log's suffix from there
     /// is replaced (a follower resolving a conflict). Entries must be contiguous with
@@ -418,9 +419,9 @@ impl Wal {
         let seq = self.active.header.seq;
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
-        if let Some(hs) = hard_state {
-            record::encode_hard_state(&mut buf, seq, hs);
-        }
+        // Order matters for a torn write, which keeps only a prefix: the entries come first
+        // and the hard state last, so a surviving commit index never covers entries that
+        // this very batch was replacing (a stale suffix would then look committed).
         if let Some(from) = truncate_from {
             let prev_term = self.log.term(from - 1).unwrap_or(0);
             record::encode_truncate(&mut buf, seq, from, prev_term);
@@ -436,6 +437,9 @@ impl Wal {
                 len,
                 term: e.term,
             });
+        }
+        if let Some(hs) = hard_state {
+            record::encode_hard_state(&mut buf, seq, hs);
         }
         debug_assert_eq!(
             buf.len() as u64,

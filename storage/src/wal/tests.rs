@@ -373,37 +373,32 @@ fn torn_crashes_recover_a_prefix_of_the_appends() {
 
 #[test]
 fn commit_beyond_the_log_is_clamped() {
+    // The WAL writes a batch's hard state after its entries, so this takes a hand-made file:
+    // a hard state whose commit index points past the last entry.
     let fs = SimFs::new();
-    let mut wal = open(&fs);
+    drop(open(&fs));
     let hs = HardState {
         term: 1,
         vote: None,
         commit: 9,
     };
-    wal.append(&entries(1, 10, 1), Some(&hs)).unwrap();
-    // Rewrite the tail so the last entries are gone but the hard state stays.
-    let path = dir().join(&wal.segments().last().unwrap().name);
-    let offset = {
-        let mut b = Vec::new();
-        record::encode_segment_header(
-            &mut b,
-            &SegmentHeader {
-                seq: 0,
-                first_index: 1,
-                prev_term: 0,
-            },
-        );
-        record::encode_hard_state(&mut b, 0, &HardState::default());
-        record::encode_hard_state(&mut b, 0, &hs);
-        for e in entries(1, 6, 1) {
-            record::encode_entry(&mut b, 0, &e);
-        }
-        b.len()
-    };
-    drop(wal);
-    let mut bytes = fs.read(&path).unwrap();
-    bytes[offset..].iter_mut().for_each(|b| *b = 0);
-    fs.overwrite(&path, bytes).unwrap();
+    let name = segment_file_name(0, 1);
+    let mut b = Vec::new();
+    record::encode_segment_header(
+        &mut b,
+        &SegmentHeader {
+            seq: 0,
+            first_index: 1,
+            prev_term: 0,
+        },
+    );
+    record::encode_hard_state(&mut b, 0, &HardState::default());
+    for e in entries(1, 6, 1) {
+        record::encode_entry(&mut b, 0, &e);
+    }
+    record::encode_hard_state(&mut b, 0, &hs);
+    b.resize(b.len() + 64, 0);
+    fs.overwrite(&dir().join(&name), b).unwrap();
     let wal = open(&fs);
     assert_eq!(wal.last_index(), 5);
     assert_eq!(wal.hard_state().commit, 5);
@@ -471,4 +466,46 @@ fn real_disk_round_trip_with_mmap_reads() {
         wal.entries(1, 2001, 10_000).unwrap().len(),
         10_000 / 273 + 1
     );
+}
+
+#[test]
+fn a_torn_append_never_leaves_a_commit_index_over_the_suffix_it_replaced() {
+    // A follower holds 1..=3 (3 from an old leader, term 2), commit 2, and receives entry 3 of
+    // term 3 with commit 3 in one batch. Whatever prefix of that write survives a crash, the
+    // stale entry 3 must never sit below the durable commit index.
+    for seed in 0..300u64 {
+        let fs = SimFs::new();
+        let mut wal = open(&fs);
+        let hs = |term, commit| HardState {
+            term,
+            vote: Some(2),
+            commit,
+        };
+        wal.append(&[entry(1, 1), entry(2, 2), entry(3, 2)], Some(&hs(2, 2)))
+            .unwrap();
+        // A short write leaves the first half of the batch unsynced on disk; the torn crash
+        // keeps a random prefix of that half.
+        fs.fail_after(Fault::ShortWrite, 1);
+        let _ = wal.append(
+            &[Entry {
+                payload: vec![7; 64],
+                ..entry(3, 3)
+            }],
+            Some(&hs(3, 3)),
+        );
+        drop(wal);
+        fs.clear_faults();
+        if seed > 0 {
+            fs.crash_torn(seed);
+        }
+        let wal = open(&fs);
+        let commit = wal.hard_state().commit;
+        if wal.term(3) == Some(2) {
+            assert!(
+                commit < 3,
+                "seed {seed}: stale entry 3 below commit {commit}"
+            );
+        }
+        assert!(commit <= wal.last_index(), "seed {seed}");
+    }
 }
