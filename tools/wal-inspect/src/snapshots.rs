@@ -392,3 +392,87 @@ impl SnapshotsReport {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raftkv_storage::snapshot::file_name;
+    use raftkv_storage::snapshot::format::SnapshotFileWriter;
+    use raftkv_storage::{Membership, SnapshotMeta};
+
+    /// Writes a snapshot at (index 5, term 2), voters {1, 2, 3}, with three pairs, to `path`.
+    fn write_snapshot(path: &Path) {
+        let meta = SnapshotMeta {
+            index: 5,
+            term: 2,
+            membership: Membership {
+                voters: [1, 2, 3].into_iter().collect(),
+                learners: Default::default(),
+            },
+        };
+        let file = StdFs.open(path, true).unwrap();
+        let mut w = SnapshotFileWriter::new(file, meta, 64).unwrap();
+        for (k, v) in [("a", "1"), ("b", "22"), ("c", "333")] {
+            w.push(k.as_bytes(), v.as_bytes()).unwrap();
+        }
+        w.finish().unwrap();
+    }
+
+    #[test]
+    fn a_good_file_verifies_with_its_header_facts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(file_name(5, 2));
+        write_snapshot(&path);
+        let view = SnapshotFileView::check(&path);
+        assert_eq!(view.status, "ok", "{view:?}");
+        assert_eq!((view.index, view.term), (Some(5), Some(2)));
+        assert_eq!((view.key_count, view.kv_bytes), (Some(3), Some(9)));
+        assert_eq!(view.voters, Some(vec![1, 2, 3]));
+        assert_eq!(view.verdict(), Verdict::Clean);
+    }
+
+    #[test]
+    fn a_name_that_disagrees_with_the_contents_is_damage() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(file_name(6, 2));
+        write_snapshot(&path);
+        let view = SnapshotFileView::check(&path);
+        assert_eq!(view.status, "damaged");
+        let damage = view.damage.clone().unwrap();
+        assert!(
+            damage.reason.contains("the name says index 6"),
+            "{damage:?}"
+        );
+        assert_eq!(view.verdict(), Verdict::Corrupt);
+
+        // Under a name that is not a snapshot name (a copy, a .broken file) the contents
+        // alone decide, and say where they are.
+        let copy = tmp.path().join("backup.bin");
+        std::fs::rename(&path, &copy).unwrap();
+        let view = SnapshotFileView::check(&copy);
+        assert_eq!(view.status, "ok");
+        assert_eq!((view.index, view.term), (Some(5), Some(2)));
+    }
+
+    #[test]
+    fn a_file_gone_before_it_is_read_is_not_damage() {
+        let tmp = tempfile::tempdir().unwrap();
+        let view = SnapshotFileView::check(&tmp.path().join(file_name(5, 2)));
+        assert_eq!(view.status, "vanished");
+        assert!(!view.failed());
+        assert_eq!(view.verdict(), Verdict::Clean);
+    }
+
+    #[test]
+    fn a_truncated_file_is_damage_at_its_end() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(file_name(5, 2));
+        write_snapshot(&path);
+        let len = std::fs::metadata(&path).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len - 1).unwrap();
+        let view = SnapshotFileView::check(&path);
+        assert_eq!(view.status, "damaged");
+        assert_eq!(view.damage.unwrap().offset, len - 1);
+    }
+}

@@ -221,3 +221,26 @@ impl VerifyReport {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Verdict::{self, *};
+
+    #[test]
+    fn the_worst_verdict_wins_in_either_order() {
+        let all = [Clean, TornTail, Corrupt];
+        for a in all {
+            for b in all {
+                let want = if a == Corrupt || b == Corrupt {
+                    Corrupt
+                } else if a == TornTail || b == TornTail {
+                    TornTail
+                } else {
+                    Clean
+                };
+                assert_eq!(a.worst(b), want, "{a:?} worst {b:?}");
+            }
+        }
+        assert_eq!(Verdict::Corrupt.exit_code(), 1);
+    }
+}
