@@ -29,30 +29,109 @@ struct PairView {
     value: BytesView,
 }
 
+/// What is known before the keys.
+struct KeysHeader {
+    file: String,
+    index: Option<u64>,
+    term: Option<u64>,
+    /// The header's key count (absent when the header itself is damaged).
+    key_count: Option<u64>,
+    prefix: BytesView,
+}
+
 /// What the listing found, written after the keys.
 struct KeysTrailer {
     keys_listed: u64,
     /// Pairs read (listed or not) before the end or the damage.
     keys_read: u64,
     verdict: Verdict,
-    exit_code: u8,
     damage: Option<DamageView>,
 }
 
-/// What is known before the keys.
-struct KeysHeader<'a> {
-    file: String,
-    index: Option<u64>,
-    term: Option<u64>,
-    /// The header's key count (absent when the header itself is damaged).
-    key_count: Option<u64>,
-    prefix: &'a BytesView,
+/// Writes the listing as it is read: text lines, or one JSON document whose `keys` array is
+/// written one element at a time.
+struct KeysWriter<'a> {
+    out: &'a mut dyn Write,
+    json: bool,
+    listed: u64,
 }
 
-/// Writes `value` as the JSON text of one field's value.
-fn json_value(out: &mut dyn Write, value: &impl Serialize) -> anyhow::Result<()> {
-    serde_json::to_writer(&mut *out, value)?;
-    Ok(())
+impl KeysWriter<'_> {
+    /// A JSON object field `"name": value`, preceded by a comma unless it is the first.
+    fn field(&mut self, name: &str, value: &impl Serialize, first: bool) -> anyhow::Result<()> {
+        let sep = if first { "{" } else { "," };
+        write!(self.out, "{sep}\n  \"{name}\": ")?;
+        serde_json::to_writer(&mut *self.out, value)?;
+        Ok(())
+    }
+
+    fn begin(&mut self, h: &KeysHeader) -> anyhow::Result<()> {
+        if self.json {
+            self.field("file", &h.file, true)?;
+            self.field("index", &h.index, false)?;
+            self.field("term", &h.term, false)?;
+            self.field("key_count", &h.key_count, false)?;
+            self.field("prefix", &h.prefix, false)?;
+            write!(self.out, ",\n  \"keys\": [")?;
+        } else {
+            let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+            writeln!(
+                self.out,
+                "snapshot {}: index {}, term {}, {} keys; prefix {}",
+                h.file,
+                opt(h.index),
+                opt(h.term),
+                opt(h.key_count),
+                h.prefix.render()
+            )?;
+        }
+        Ok(())
+    }
+
+    fn pair(&mut self, p: &PairView) -> anyhow::Result<()> {
+        if self.json {
+            let sep = if self.listed == 0 { "" } else { "," };
+            write!(self.out, "{sep}\n    ")?;
+            serde_json::to_writer(&mut *self.out, p)?;
+        } else {
+            writeln!(
+                self.out,
+                "{}  ({} bytes)  {}",
+                p.key.render(),
+                p.value_bytes,
+                p.value.render()
+            )?;
+        }
+        self.listed += 1;
+        Ok(())
+    }
+
+    fn end(&mut self, t: &KeysTrailer) -> anyhow::Result<()> {
+        if self.json {
+            let close = if self.listed == 0 { "]" } else { "\n  ]" };
+            write!(self.out, "{close}")?;
+            self.field("keys_listed", &t.keys_listed, false)?;
+            self.field("keys_read", &t.keys_read, false)?;
+            self.field("verdict", &t.verdict, false)?;
+            self.field("exit_code", &t.verdict.exit_code(), false)?;
+            self.field("damage", &t.damage, false)?;
+            writeln!(self.out, "\n}}")?;
+        } else if t.damage.is_none() {
+            writeln!(
+                self.out,
+                "{} of {} keys listed; the whole file verified",
+                t.keys_listed, t.keys_read
+            )?;
+        } else {
+            writeln!(
+                self.out,
+                "{} of {} keys read were listed before the damage; the file does not verify",
+                t.keys_listed, t.keys_read
+            )?;
+        }
+        self.out.flush()?;
+        Ok(())
+    }
 }
 
 /// Dumps the keys of the snapshot at `path` that start with `prefix`, and returns the verdict:
@@ -71,79 +150,40 @@ pub fn dump(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let prefix_view = BytesView::key(prefix);
     let (mut reader, mut damage) = match open_reader(path, parse_file_name(&name)) {
         Ok(reader) => (Some(reader), None),
         Err(ReadFailure::Vanished) => anyhow::bail!("{} disappeared", path.display()),
-        Err(ReadFailure::Unreadable(d) | ReadFailure::Damaged(d)) => (None, Some(d)),
+        Err(failure) => (None, failure.into_damage()),
     };
-    let header = KeysHeader {
+    let mut writer = KeysWriter {
+        out,
+        json,
+        listed: 0,
+    };
+    writer.begin(&KeysHeader {
         file: path.display().to_string(),
         index: reader.as_ref().map(|r| r.meta().index),
         term: reader.as_ref().map(|r| r.meta().term),
         key_count: reader.as_ref().map(|r| r.header().key_count),
-        prefix: &prefix_view,
-    };
-    if json {
-        write!(out, "{{\n  \"file\": ")?;
-        json_value(out, &header.file)?;
-        write!(out, ",\n  \"index\": ")?;
-        json_value(out, &header.index)?;
-        write!(out, ",\n  \"term\": ")?;
-        json_value(out, &header.term)?;
-        write!(out, ",\n  \"key_count\": ")?;
-        json_value(out, &header.key_count)?;
-        write!(out, ",\n  \"prefix\": ")?;
-        json_value(out, header.prefix)?;
-        write!(out, ",\n  \"keys\": [")?;
-    } else {
-        let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
-        writeln!(
-            out,
-            "snapshot {}: index {}, term {}, {} keys; prefix {}",
-            header.file,
-            opt(header.index),
-            opt(header.term),
-            opt(header.key_count),
-            prefix_view.render()
-        )?;
-    }
-    let mut listed = 0u64;
+        prefix: BytesView::key(prefix),
+    })?;
     let mut read = 0u64;
     if let Some(reader) = reader.as_mut() {
         loop {
             match reader.next_pair() {
                 Ok(Some((key, value))) => {
                     read += 1;
-                    if !key.starts_with(prefix) {
-                        continue;
+                    if key.starts_with(prefix) {
+                        writer.pair(&PairView {
+                            key: BytesView::key(key),
+                            value_bytes: value.len(),
+                            value: BytesView::value(value),
+                        })?;
                     }
-                    let pair = PairView {
-                        key: BytesView::key(key),
-                        value_bytes: value.len(),
-                        value: BytesView::value(value),
-                    };
-                    if json {
-                        let sep = if listed == 0 { "" } else { "," };
-                        write!(out, "{sep}\n    ")?;
-                        json_value(out, &pair)?;
-                    } else {
-                        writeln!(
-                            out,
-                            "{}  ({} bytes)  {}",
-                            pair.key.render(),
-                            pair.value_bytes,
-                            pair.value.render()
-                        )?;
-                    }
-                    listed += 1;
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    damage = match ReadFailure::from_format(e) {
-                        ReadFailure::Unreadable(d) | ReadFailure::Damaged(d) => Some(d),
-                        ReadFailure::Vanished => None,
-                    };
+                    damage = ReadFailure::from_format(e).into_damage();
                     break;
                 }
             }
@@ -154,39 +194,13 @@ pub fn dump(
     } else {
         Verdict::Clean
     };
-    let trailer = KeysTrailer {
-        keys_listed: listed,
+    writer.end(&KeysTrailer {
+        keys_listed: writer.listed,
         keys_read: read,
         verdict,
-        exit_code: verdict.exit_code(),
-        damage,
-    };
-    if json {
-        let close = if listed == 0 { "]" } else { "\n  ]" };
-        write!(out, "{close},\n  \"keys_listed\": ")?;
-        json_value(out, &trailer.keys_listed)?;
-        write!(out, ",\n  \"keys_read\": ")?;
-        json_value(out, &trailer.keys_read)?;
-        write!(out, ",\n  \"verdict\": ")?;
-        json_value(out, &trailer.verdict)?;
-        write!(out, ",\n  \"exit_code\": ")?;
-        json_value(out, &trailer.exit_code)?;
-        write!(out, ",\n  \"damage\": ")?;
-        json_value(out, &trailer.damage)?;
-        writeln!(out, "\n}}")?;
-    } else if trailer.damage.is_none() {
-        writeln!(
-            out,
-            "{listed} of {read} keys listed; the whole file verified"
-        )?;
-    } else {
-        writeln!(
-            out,
-            "{listed} of {read} keys read were listed before the damage; the file does not verify"
-        )?;
-    }
-    out.flush()?;
-    if let Some(d) = &trailer.damage {
+        damage: damage.clone(),
+    })?;
+    if let Some(d) = &damage {
         eprintln!(
             "wal-inspect: the snapshot {} is damaged at byte offset {}: {}",
             path.display(),
@@ -194,5 +208,5 @@ pub fn dump(
             d.reason
         );
     }
-    Ok(trailer.verdict)
+    Ok(verdict)
 }

@@ -55,6 +55,14 @@ impl ReadFailure {
         }
     }
 
+    /// Where and why, for a file that is there but failed.
+    pub fn into_damage(self) -> Option<DamageView> {
+        match self {
+            ReadFailure::Vanished => None,
+            ReadFailure::Unreadable(d) | ReadFailure::Damaged(d) => Some(d),
+        }
+    }
+
     fn from_open(e: io::Error) -> ReadFailure {
         if e.kind() == io::ErrorKind::NotFound {
             ReadFailure::Vanished
