@@ -2,7 +2,9 @@
 //!
 //! Entries are read straight from the scanned segment bytes at the locations the replay
 //! recorded, re-checking each record's CRC, and streamed out one at a time so that dumping a
-//! million-entry WAL needs no more memory than the scan itself.
+//! million-entry WAL needs no more memory than the scan itself. How a payload is shown is the
+//! decoder's business ([`crate::payload`]): `wal-inspect` passes one that decodes `Normal`
+//! entries as client commands.
 
 use crate::payload::{PayloadDecoder, PayloadView};
 use raftkv_storage::wal::record::{self, Record};
@@ -158,16 +160,14 @@ impl<'a> EntryListing<'a> {
         )?;
         for index in self.lo..=self.hi {
             let e = self.entry(index).map_err(anyhow::Error::msg)?;
-            let more = if e.payload.truncated { "…" } else { "" };
-            let shown = match e.payload.format {
-                "text" => format!("{:?}", e.payload.value),
-                "empty" => "-".to_string(),
-                format => format!("{format}:{}{more}", e.payload.value),
-            };
             writeln!(
                 out,
-                "{:>12} {:>8} {:<6} {:>8}  {shown}",
-                e.index, e.term, e.kind, e.payload_bytes
+                "{:>12} {:>8} {:<6} {:>8}  {}",
+                e.index,
+                e.term,
+                e.kind,
+                e.payload_bytes,
+                e.payload.render()
             )?;
         }
         Ok(())

@@ -4,7 +4,11 @@
 //! scan keeps only the final hard state and snapshot marker; the summary also lists every
 //! snapshot marker and log rewrite, and counts records by type). The second pass stops where
 //! the scan stopped, so it never reads past what the scan vouched for.
+//!
+//! When the data dir has snapshot files, the summary ends with them (see [`crate::snapshots`]),
+//! each verified, and its verdict is the worst of the WAL's and theirs.
 
+use crate::snapshots::SnapshotsReport;
 use crate::verdict::{CorruptionView, TornTailView, Verdict};
 use raftkv_storage::wal::record::{self, Record};
 use raftkv_storage::wal::scan::{Scan, ScannedSegment};
@@ -86,7 +90,10 @@ pub struct LogView {
 #[derive(Clone, Debug, Serialize)]
 pub struct Summary {
     pub dir: String,
+    /// The worst of the WAL's verdict and the snapshot files' (what the exit code says).
     pub verdict: Verdict,
+    /// The WAL's own verdict.
+    pub wal_verdict: Verdict,
     pub log: LogView,
     pub hard_state: HardStateView,
     pub records: u64,
@@ -98,6 +105,9 @@ pub struct Summary {
     pub temp_files: Vec<String>,
     pub torn_tail: Option<TornTailView>,
     pub corruption: Option<CorruptionView>,
+    /// The data dir's snapshot files, each verified, when it has a `snap/` (or `--snapshots`
+    /// named one).
+    pub snapshots: Option<SnapshotsReport>,
 }
 
 struct SegmentWalk {
@@ -179,7 +189,7 @@ fn same_file(a: &Path, b: &str) -> bool {
 }
 
 impl Summary {
-    pub fn new(scan: &Scan, record_bytes_max: u64) -> Summary {
+    pub fn new(scan: &Scan, record_bytes_max: u64, snapshots: Option<SnapshotsReport>) -> Summary {
         let torn_tail = scan.torn_tail.as_ref().map(TornTailView::new);
         let corruption = scan.corruption.as_ref().map(CorruptionView::new);
         let status_of = |path: &Path| {
@@ -236,9 +246,13 @@ impl Summary {
             });
         }
         let log = &scan.log;
+        let wal_verdict = Verdict::of(scan);
         Summary {
             dir: scan.dir.display().to_string(),
-            verdict: Verdict::of(scan),
+            verdict: snapshots
+                .as_ref()
+                .map_or(wal_verdict, |s| wal_verdict.worst(s.verdict)),
+            wal_verdict,
             log: LogView {
                 first_index: log.first_index,
                 last_index: log.last_index(),
@@ -257,6 +271,7 @@ impl Summary {
             temp_files: scan.temp_files.clone(),
             torn_tail,
             corruption,
+            snapshots,
         }
     }
 
@@ -268,7 +283,7 @@ impl Summary {
     }
 
     fn write_text(&self, out: &mut String) -> std::fmt::Result {
-        writeln!(out, "WAL {}: {}", self.dir, self.verdict.name())?;
+        writeln!(out, "WAL {}: {}", self.dir, self.wal_verdict.name())?;
         let log = &self.log;
         writeln!(
             out,
@@ -346,6 +361,9 @@ impl Summary {
                 "CORRUPT: {} at byte offset {}, index {} (last good index {}): {}",
                 c.file, c.offset, c.index, c.last_good_index, c.reason
             )?;
+        }
+        if let Some(snapshots) = &self.snapshots {
+            snapshots.write_summary_text(out)?;
         }
         Ok(())
     }

@@ -1,9 +1,12 @@
-//! The verdict on a WAL directory — clean, torn tail, or corrupt — and the `--verify` report.
+//! The verdict on a data dir — clean, torn tail, or corrupt — and the `--verify` report.
 //!
-//! The verdict comes straight from `raftkv_storage::wal::scan_dir`, the same scan
+//! The WAL's verdict comes straight from `raftkv_storage::wal::scan_dir`, the same scan
 //! `Wal::open` runs, so the tool says exactly what opening would do: a torn tail is what
 //! opening would cut off (exit 2); corruption is what would make opening refuse (exit 1).
+//! A snapshot file that fails verification is corrupt too (recovery would set it aside); the
+//! data dir's verdict is the worst of the two ([`Verdict::worst`]).
 
+use crate::snapshots::SnapshotsReport;
 use raftkv_storage::wal::scan::{Corruption, Scan, TornTail};
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -26,6 +29,21 @@ impl Verdict {
             Verdict::TornTail
         } else {
             Verdict::Clean
+        }
+    }
+
+    /// The more serious of two verdicts (corrupt over torn tail over clean): the verdict of a
+    /// data dir is the worst of its WAL's and its snapshot files'.
+    pub fn worst(self, other: Verdict) -> Verdict {
+        let rank = |v: Verdict| match v {
+            Verdict::Clean => 0,
+            Verdict::TornTail => 1,
+            Verdict::Corrupt => 2,
+        };
+        if rank(other) > rank(self) {
+            other
+        } else {
+            self
         }
     }
 
@@ -101,8 +119,11 @@ impl TornTailView {
 #[derive(Clone, Debug, Serialize)]
 pub struct VerifyReport {
     pub dir: String,
+    /// The worst of the WAL's verdict and the snapshot files' (what the exit code says).
     pub verdict: Verdict,
     pub exit_code: u8,
+    /// The WAL's own verdict.
+    pub wal_verdict: Verdict,
     pub segments_checked: usize,
     /// Segment files after the corruption, which were not read.
     pub segments_not_checked: Vec<String>,
@@ -111,15 +132,21 @@ pub struct VerifyReport {
     pub last_index: u64,
     pub torn_tail: Option<TornTailView>,
     pub corruption: Option<CorruptionView>,
+    /// The data dir's snapshot files, when it has a `snap/` (or `--snapshots` named one).
+    pub snapshots: Option<SnapshotsReport>,
 }
 
 impl VerifyReport {
-    pub fn new(scan: &Scan) -> VerifyReport {
-        let verdict = Verdict::of(scan);
+    pub fn new(scan: &Scan, snapshots: Option<SnapshotsReport>) -> VerifyReport {
+        let wal_verdict = Verdict::of(scan);
+        let verdict = snapshots
+            .as_ref()
+            .map_or(wal_verdict, |s| wal_verdict.worst(s.verdict));
         VerifyReport {
             dir: scan.dir.display().to_string(),
             verdict,
             exit_code: verdict.exit_code(),
+            wal_verdict,
             segments_checked: scan.segments.len(),
             segments_not_checked: scan.unscanned.clone(),
             records_checked: scan.records,
@@ -127,6 +154,7 @@ impl VerifyReport {
             last_index: scan.log.last_index(),
             torn_tail: scan.torn_tail.as_ref().map(TornTailView::new),
             corruption: scan.corruption.as_ref().map(CorruptionView::new),
+            snapshots,
         }
     }
 
@@ -179,6 +207,40 @@ impl VerifyReport {
             out,
             "checked {} segments, {} records; entries {}..={}",
             self.segments_checked, self.records_checked, self.first_index, self.last_index
-        )
+        )?;
+        if let Some(snapshots) = &self.snapshots {
+            snapshots.write_verify_text(out)?;
+            writeln!(
+                out,
+                "verdict: {} (WAL {}, snapshots {})",
+                self.verdict.name(),
+                self.wal_verdict.name(),
+                snapshots.verdict.name()
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Verdict::{self, *};
+
+    #[test]
+    fn the_worst_verdict_wins_in_either_order() {
+        let all = [Clean, TornTail, Corrupt];
+        for a in all {
+            for b in all {
+                let want = if a == Corrupt || b == Corrupt {
+                    Corrupt
+                } else if a == TornTail || b == TornTail {
+                    TornTail
+                } else {
+                    Clean
+                };
+                assert_eq!(a.worst(b), want, "{a:?} worst {b:?}");
+            }
+        }
+        assert_eq!(Verdict::Corrupt.exit_code(), 1);
     }
 }
