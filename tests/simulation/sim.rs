@@ -258,6 +258,8 @@ enum Event {
     Heal,
     ClientNext(u64),
     ClientTimeout { client: u64, attempt: u64 },
+    /// Re-send the current attempt's request to the client's (new) target.
+    ClientRetry { client: u64, attempt: u64 },
 }
 
 impl Event {
@@ -661,6 +663,12 @@ impl Sim {
                 }
             }
             Event::ClientNext(c) => self.client_next(c),
+            Event::ClientRetry { client, attempt } => {
+                let cl = &self.clients[client as usize];
+                if cl.attempt == attempt && cl.current.is_some() {
+                    self.client_send(client);
+                }
+            }
             Event::ClientTimeout { client, attempt } => {
                 let cl = &self.clients[client as usize];
                 if cl.attempt != attempt || cl.current.is_none() {
@@ -1403,13 +1411,13 @@ impl Sim {
                 self.schedule(delay, Event::ClientNext(c));
             }
             Response::Redirect(Some(leader)) => {
+                // Follow the hint after a short pause.
                 self.clients[c as usize].target = leader;
                 let delay = self.rng.range(1, 10);
-                self.schedule(delay, Event::ClientTimeout { client: c, attempt });
-                // Re-send to the hinted leader right away (the timeout event re-sends).
-                self.clients[c as usize].target = leader;
+                self.schedule(delay, Event::ClientRetry { client: c, attempt });
             }
             Response::Redirect(None) | Response::Retry => {
+                // No leader known: back off, then try a random node.
                 let delay = self.rng.range(20, 60);
                 self.schedule(delay, Event::ClientTimeout { client: c, attempt });
             }
