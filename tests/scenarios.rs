@@ -68,12 +68,19 @@ fn parse_ids(arg: &str, cluster: &Cluster) -> Vec<NodeId> {
     if arg == "all" {
         return cluster.nodes.keys().copied().collect();
     }
-    arg.split(',').map(|s| s.parse().expect("node id")).collect()
+    arg.split(',')
+        .map(|s| s.parse().expect("node id"))
+        .collect()
 }
 
 fn entry_text(e: &Entry) -> String {
     match e.kind {
-        EntryKind::Normal => format!("{}@{}:{}", e.index, e.term, String::from_utf8_lossy(&e.payload)),
+        EntryKind::Normal => format!(
+            "{}@{}:{}",
+            e.index,
+            e.term,
+            String::from_utf8_lossy(&e.payload)
+        ),
         EntryKind::Noop => format!("{}@{}:noop", e.index, e.term),
         EntryKind::Config => format!("{}@{}:config", e.index, e.term),
     }
@@ -144,7 +151,9 @@ impl Cluster {
     fn process(&mut self, id: NodeId) {
         loop {
             let node = self.nodes.get_mut(&id).expect("node");
-            let Some(raft) = node.raft.as_mut() else { return };
+            let Some(raft) = node.raft.as_mut() else {
+                return;
+            };
             let rd = raft.ready();
             if rd.is_empty() {
                 break;
@@ -155,7 +164,8 @@ impl Cluster {
                 d.snapshot = meta.clone();
                 d.log.clear();
                 d.applied = meta.index;
-                node.applied.push(format!("snapshot {}@{}", meta.index, meta.term));
+                node.applied
+                    .push(format!("snapshot {}@{}", meta.index, meta.term));
                 persisted = Some((meta.index, meta.term));
             }
             for e in &rd.entries {
@@ -179,7 +189,11 @@ impl Cluster {
                 raft.applied(i);
             }
             for rs in &rd.read_states {
-                let _ = writeln!(self.out, "n{id} read ctx={} ready at index {}", rs.id, rs.index);
+                let _ = writeln!(
+                    self.out,
+                    "n{id} read ctx={} ready at index {}",
+                    rs.id, rs.index
+                );
             }
             for r in &rd.reads_dropped {
                 let _ = writeln!(self.out, "n{id} read ctx={r} dropped");
@@ -194,7 +208,11 @@ impl Cluster {
             }
             for s in rd.snapshot_sends {
                 let _ = writeln!(self.out, "{id}->{} send snapshot (term {})", s.to, s.term);
-                self.queue.push_back(Queued::Snapshot { from: id, to: s.to, term: s.term });
+                self.queue.push_back(Queued::Snapshot {
+                    from: id,
+                    to: s.to,
+                    term: s.term,
+                });
             }
         }
     }
@@ -227,9 +245,18 @@ impl Cluster {
             }
             Queued::Snapshot { from, to, term } => {
                 let meta = self.nodes[&from].durable.snapshot.clone();
-                let _ = writeln!(self.out, "{from}->{to} snapshot {}@{} streamed", meta.index, meta.term);
+                let _ = writeln!(
+                    self.out,
+                    "{from}->{to} snapshot {}@{} streamed",
+                    meta.index, meta.term
+                );
                 self.raft(to)
-                    .step(Message { from, to, term, body: MessageBody::InstallSnapshot { meta } })
+                    .step(Message {
+                        from,
+                        to,
+                        term,
+                        body: MessageBody::InstallSnapshot { meta },
+                    })
                     .expect("step");
                 if let Some(r) = self.nodes.get_mut(&from).and_then(|n| n.raft.as_mut()) {
                     r.snapshot_sent(to, true);
@@ -275,7 +302,12 @@ impl Cluster {
                     );
                     let log = r.log();
                     if log.base_index() > 0 {
-                        let _ = write!(out, "(compacted to {}@{}) ", log.base_index(), log.base_term());
+                        let _ = write!(
+                            out,
+                            "(compacted to {}@{}) ",
+                            log.base_index(),
+                            log.base_term()
+                        );
                     }
                     let entries: Vec<String> = (log.first_index()..=log.last_index())
                         .filter_map(|i| log.entry(i).map(entry_text))
@@ -294,14 +326,23 @@ impl Cluster {
         match cmd {
             "campaign" => {
                 let id: NodeId = args[0].parse().expect("id");
-                assert!(self.raft(id).role() != Role::Leader, "campaign: n{id} is the leader");
+                assert!(
+                    self.raft(id).role() != Role::Leader,
+                    "campaign: n{id} is the leader"
+                );
                 self.announce_roles(|c| {
                     for _ in 0..100 {
                         c.raft(id).tick();
                         let before = c.queue.len();
                         c.process(id);
                         let asked_votes = c.queue.iter().skip(before).any(|q| {
-                            matches!(q, Queued::Msg(Message { body: MessageBody::Vote { .. }, .. }))
+                            matches!(
+                                q,
+                                Queued::Msg(Message {
+                                    body: MessageBody::Vote { .. },
+                                    ..
+                                })
+                            )
                         });
                         if asked_votes {
                             break;
@@ -350,7 +391,8 @@ impl Cluster {
                     })
                     .collect();
                 let n = self.queue.len();
-                self.queue.retain(|q| !(filter.is_empty() || filter.contains(&q.route())));
+                self.queue
+                    .retain(|q| !(filter.is_empty() || filter.contains(&q.route())));
                 let _ = writeln!(self.out, "dropped {} messages", n - self.queue.len());
             }
             "partition" => {
@@ -394,7 +436,11 @@ impl Cluster {
                 let membership = r.membership().clone();
                 r.compact(index, term).expect("compact");
                 let n = self.nodes.get_mut(&id).expect("node");
-                n.durable.snapshot = SnapshotMeta { index, term, membership };
+                n.durable.snapshot = SnapshotMeta {
+                    index,
+                    term,
+                    membership,
+                };
                 n.durable.log.retain(|e| e.index > index);
                 let _ = writeln!(self.out, "n{id} snapshot at {index}@{term}, log compacted");
             }
@@ -413,8 +459,18 @@ impl Cluster {
                 let n = self.nodes.get_mut(&id).expect("node");
                 assert!(n.raft.is_none(), "append works on crashed nodes");
                 for text in &args[2..] {
-                    let index = n.durable.log.last().map_or(n.durable.snapshot.index, |e| e.index) + 1;
-                    n.durable.log.push(Entry { index, term, kind: EntryKind::Normal, payload: text.as_bytes().to_vec() });
+                    let index = n
+                        .durable
+                        .log
+                        .last()
+                        .map_or(n.durable.snapshot.index, |e| e.index)
+                        + 1;
+                    n.durable.log.push(Entry {
+                        index,
+                        term,
+                        kind: EntryKind::Normal,
+                        payload: text.as_bytes().to_vec(),
+                    });
                 }
                 n.durable.hard_state.term = n.durable.hard_state.term.max(term);
             }
@@ -498,7 +554,10 @@ fn run_file(path: &Path) {
     if update {
         std::fs::write(path, rewritten).expect("write golden");
     } else if !mismatches.is_empty() {
-        panic!("{}\n(re-run with UPDATE_GOLDEN=1 to accept, then review the diff)", mismatches.join("\n"));
+        panic!(
+            "{}\n(re-run with UPDATE_GOLDEN=1 to accept, then review the diff)",
+            mismatches.join("\n")
+        );
     }
 }
 

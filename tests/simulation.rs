@@ -134,5 +134,8 @@ fn regression_seed_276_torn_hard_state_before_entries() {
 fn same_seed_same_run() {
     let a = run_seed(7).expect("seed 7 passes");
     let b = run_seed(7).expect("seed 7 passes");
-    assert_eq!((a.events, a.ops_ok, a.elections), (b.events, b.ops_ok, b.elections));
+    assert_eq!(
+        (a.events, a.ops_ok, a.elections),
+        (b.events, b.ops_ok, b.elections)
+    );
 }

@@ -85,8 +85,7 @@ impl Config {
         if self.lease_reads && !self.check_quorum {
             return Err("lease_reads requires check_quorum".into());
         }
-        if self.max_inflight_msgs == 0 || self.max_pending_reads == 0 || self.max_outbox_msgs == 0
-        {
+        if self.max_inflight_msgs == 0 || self.max_pending_reads == 0 || self.max_outbox_msgs == 0 {
             return Err("queue limits must be at least 1".into());
         }
         if self.max_append_bytes == 0 || self.max_inflight_bytes == 0 || self.max_apply_bytes == 0 {

@@ -334,7 +334,10 @@ impl Raft {
         );
         let outbox_len = self.messages_now.len() + self.messages_after_persist.len();
         if outbox_len >= self.config.max_outbox_msgs {
-            tracing::warn!(to, "outbox full ({outbox_len} messages): dropping a message");
+            tracing::warn!(
+                to,
+                "outbox full ({outbox_len} messages): dropping a message"
+            );
             return;
         }
         let msg = Message {
@@ -745,9 +748,19 @@ impl Raft {
                         self.vote = Some(m.from);
                         self.election_elapsed = 0;
                     }
-                    self.send_with_term(m.from, m.term, MessageBody::VoteResponse { pre, granted: true });
+                    self.send_with_term(
+                        m.from,
+                        m.term,
+                        MessageBody::VoteResponse { pre, granted: true },
+                    );
                 } else {
-                    self.send(m.from, MessageBody::VoteResponse { pre, granted: false });
+                    self.send(
+                        m.from,
+                        MessageBody::VoteResponse {
+                            pre,
+                            granted: false,
+                        },
+                    );
                 }
             }
             MessageBody::VoteResponse { pre, granted } => {
@@ -776,7 +789,11 @@ impl Raft {
                 commit,
             } => {
                 if self.role == Role::Leader {
-                    tracing::warn!(from = m.from, term = m.term, "append from another leader of my term");
+                    tracing::warn!(
+                        from = m.from,
+                        term = m.term,
+                        "append from another leader of my term"
+                    );
                     return Ok(());
                 }
                 if self.role != Role::Follower {
@@ -940,7 +957,11 @@ impl Raft {
             // We hold the snapshot's last entry: the log matches up to it; just commit.
             self.commit = meta.index;
         } else {
-            tracing::debug!(id = self.config.id, index = meta.index, "installing snapshot");
+            tracing::debug!(
+                id = self.config.id,
+                index = meta.index,
+                "installing snapshot"
+            );
             self.log.reset(meta.index, meta.term);
             self.commit = meta.index;
             self.persisted = meta.index;
@@ -1145,7 +1166,8 @@ impl Raft {
                 self.applying = last.index;
             }
         }
-        self.reads.take_applied(self.applied, &mut ready.read_states);
+        self.reads
+            .take_applied(self.applied, &mut ready.read_states);
         ready.messages_now = std::mem::take(&mut self.messages_now);
         ready.messages_after_persist = std::mem::take(&mut self.messages_after_persist);
         ready.snapshot_sends = std::mem::take(&mut self.snapshot_sends);
@@ -1157,7 +1179,6 @@ impl Raft {
     pub fn pending_reads(&self) -> usize {
         self.reads.len()
     }
-
 }
 
 /// Which kind of election a node starts.

@@ -208,7 +208,10 @@ mod tests {
         log.truncate_from(4);
         assert_eq!(log.last_index(), 3);
         assert!(log.compact(2));
-        assert_eq!((log.base_index(), log.base_term(), log.first_index()), (2, 1, 3));
+        assert_eq!(
+            (log.base_index(), log.base_term(), log.first_index()),
+            (2, 1, 3)
+        );
         assert_eq!(log.term(1), None);
         assert_eq!(log.bytes(), 20);
         assert!(!log.compact(9));

@@ -79,7 +79,14 @@ impl MessageBody {
 
 impl std::fmt::Display for Message {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}->{} {} t{}", self.from, self.to, self.body.name(), self.term)?;
+        write!(
+            f,
+            "{}->{} {} t{}",
+            self.from,
+            self.to,
+            self.body.name(),
+            self.term
+        )?;
         match &self.body {
             MessageBody::Append {
                 prev_index,

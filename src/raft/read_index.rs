@@ -40,8 +40,13 @@ pub struct ReadIndexQueue {
 }
 
 impl ReadIndexQueue {
+    /// Reads held in all queues together.
     pub fn len(&self) -> usize {
         self.before_noop.len() + self.pending.len() + self.confirmed.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// The last round started (what periodic heartbeats carry).

@@ -232,9 +232,19 @@ mod tests {
         let h = vec![
             op(1, put("a"), 1, Some((2, OpResult::Put))),
             op(1, OpKind::Get, 3, Some((4, got(Some("a"))))),
-            op(1, OpKind::Delete, 5, Some((6, OpResult::Delete { existed: true }))),
+            op(
+                1,
+                OpKind::Delete,
+                5,
+                Some((6, OpResult::Delete { existed: true })),
+            ),
             op(1, OpKind::Get, 7, Some((8, got(None)))),
-            op(1, OpKind::Delete, 9, Some((10, OpResult::Delete { existed: false }))),
+            op(
+                1,
+                OpKind::Delete,
+                9,
+                Some((10, OpResult::Delete { existed: false })),
+            ),
         ];
         assert!(check(&h).is_ok());
     }
@@ -288,7 +298,12 @@ mod tests {
     fn delete_result_must_match_state() {
         let h = vec![
             op(1, put("a"), 1, Some((2, OpResult::Put))),
-            op(2, OpKind::Delete, 3, Some((4, OpResult::Delete { existed: false }))),
+            op(
+                2,
+                OpKind::Delete,
+                3,
+                Some((4, OpResult::Delete { existed: false })),
+            ),
         ];
         assert!(check(&h).is_err());
     }
@@ -328,7 +343,10 @@ mod tests {
         let mut late = op(1, put("a"), 1, None);
         late.effect_deadline = Some(4);
         // Seen before the deadline: fine.
-        let h = vec![late.clone(), op(2, OpKind::Get, 2, Some((3, got(Some("a")))))];
+        let h = vec![
+            late.clone(),
+            op(2, OpKind::Get, 2, Some((3, got(Some("a"))))),
+        ];
         assert!(check(&h).is_ok());
         // Missed after the deadline, then seen: not possible (it either happened before the
         // deadline, so the first read must see it, or never).

@@ -52,7 +52,10 @@ pub enum Fault {
     /// Crash `node` (losing unsynced writes) and restart it after `down_ms`.
     Crash { node: NodeId, down_ms: u64 },
     /// Crash several nodes at once (e.g. a power loss of a majority) for `down_ms`.
-    CrashMany { nodes: BTreeSet<NodeId>, down_ms: u64 },
+    CrashMany {
+        nodes: BTreeSet<NodeId>,
+        down_ms: u64,
+    },
     /// Freeze `node` for `ms` (longer than an election timeout).
     Pause { node: NodeId, ms: u64 },
 }
@@ -209,8 +212,14 @@ impl fmt::Display for Params {
 
 #[derive(Clone, Debug)]
 enum Request {
-    Write { seq: u64, key: String, value: Option<String> },
-    Read { key: String },
+    Write {
+        seq: u64,
+        key: String,
+        value: Option<String>,
+    },
+    Read {
+        key: String,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -248,18 +257,35 @@ enum NetMsg {
 enum Event {
     Tick(NodeId),
     Deliver(NetMsg),
-    FsyncDone { node: NodeId, incarnation: u64 },
-    SnapshotDone { node: NodeId, incarnation: u64, peer: NodeId, ok: bool },
+    FsyncDone {
+        node: NodeId,
+        incarnation: u64,
+    },
+    SnapshotDone {
+        node: NodeId,
+        incarnation: u64,
+        peer: NodeId,
+        ok: bool,
+    },
     Fault(usize),
     Unblock(Vec<(NodeId, NodeId)>),
     Restart(NodeId),
     /// An armed crash that found no unsynced write in time: crash now.
-    ArmedCrash { node: NodeId, incarnation: u64 },
+    ArmedCrash {
+        node: NodeId,
+        incarnation: u64,
+    },
     Heal,
     ClientNext(u64),
-    ClientTimeout { client: u64, attempt: u64 },
+    ClientTimeout {
+        client: u64,
+        attempt: u64,
+    },
     /// Re-send the current attempt's request to the client's (new) target.
-    ClientRetry { client: u64, attempt: u64 },
+    ClientRetry {
+        client: u64,
+        attempt: u64,
+    },
 }
 
 impl Event {
@@ -419,7 +445,10 @@ fn describe_event(ev: &Event) -> String {
     match ev {
         Event::Deliver(NetMsg::Raft(m)) => format!("deliver {m}"),
         Event::Deliver(NetMsg::Snapshot { from, to, meta, .. }) => {
-            format!("deliver snapshot {from}->{to} at {}@{}", meta.index, meta.term)
+            format!(
+                "deliver snapshot {from}->{to} at {}@{}",
+                meta.index, meta.term
+            )
         }
         other => format!("{other:?}"),
     }
@@ -1005,7 +1034,9 @@ impl Sim {
                     return Err(format!("node {id}: snapshot to install was never received"));
                 };
                 if &rmeta != meta {
-                    return Err(format!("node {id}: installing {meta:?} but received {rmeta:?}"));
+                    return Err(format!(
+                        "node {id}: installing {meta:?} but received {rmeta:?}"
+                    ));
                 }
                 n.kv = kv.clone();
                 n.applied = meta.index;
@@ -1040,7 +1071,13 @@ impl Sim {
                 });
                 let incarnation = n.incarnation;
                 let armed = n.crash_armed.is_some();
-                self.schedule_at(done_at, Event::FsyncDone { node: id, incarnation });
+                self.schedule_at(
+                    done_at,
+                    Event::FsyncDone {
+                        node: id,
+                        incarnation,
+                    },
+                );
                 if armed && !self.healed {
                     // Crash with this batch (and its messages sent early) in flight.
                     self.fire_armed_crash(id);
@@ -1098,7 +1135,9 @@ impl Sim {
                         }
                     }
                     None => {
-                        return Err(format!("node {id}: asked to send a snapshot it does not have"))
+                        return Err(format!(
+                            "node {id}: asked to send a snapshot it does not have"
+                        ))
                     }
                 }
             }
@@ -1165,7 +1204,10 @@ impl Sim {
         // Snapshot + compaction every `snapshot_every` entries, behind the catch-up margin.
         let snap_index = n.durable.snapshot.as_ref().map_or(0, |(m, _)| m.index);
         if last > 0 && last >= snap_index + self.params.snapshot_every {
-            let term = raft.log().term(last).ok_or("applied entry without a term")?;
+            let term = raft
+                .log()
+                .term(last)
+                .ok_or("applied entry without a term")?;
             let meta = SnapshotMeta {
                 index: last,
                 term,
@@ -1174,7 +1216,10 @@ impl Sim {
             n.durable.snapshot = Some((meta, n.kv.clone()));
             let upto = last.saturating_sub(self.params.catchup_margin);
             if upto > raft.log().base_index() {
-                let t = raft.log().term(upto).ok_or("compaction point without a term")?;
+                let t = raft
+                    .log()
+                    .term(upto)
+                    .ok_or("compaction point without a term")?;
                 raft.compact(upto, t).map_err(|e| e.to_string())?;
                 n.durable.log.retain(|e| e.index > upto);
             }
@@ -1205,7 +1250,9 @@ impl Sim {
                 let t = raft.log().base_term();
                 match self.checker.committed.get(&i) {
                     Some(&(ct, _)) if ct != t => {
-                        return Err(format!("node {id}: snapshot at {i} has term {t}, committed {ct}"))
+                        return Err(format!(
+                            "node {id}: snapshot at {i} has term {t}, committed {ct}"
+                        ))
                     }
                     _ => continue,
                 }
@@ -1252,10 +1299,17 @@ impl Sim {
                     // leaders committed more: it need not hold those).
                     let log = raft.log();
                     for (&i, &(t, h)) in self.checker.committed.range(log.first_index()..) {
-                        if self.checker.commit_term.get(&i).is_some_and(|&ct| ct >= term) {
+                        if self
+                            .checker
+                            .commit_term
+                            .get(&i)
+                            .is_some_and(|&ct| ct >= term)
+                        {
                             continue;
                         }
-                        let ok = log.entry(i).is_some_and(|e| e.term == t && entry_hash(e) == h);
+                        let ok = log
+                            .entry(i)
+                            .is_some_and(|e| e.term == t && entry_hash(e) == h);
                         if !ok {
                             return Err(format!(
                                 "leader completeness: new leader {id} (term {term}) lacks committed entry {i}"
@@ -1267,8 +1321,7 @@ impl Sim {
         } else if !n.proposals.is_empty() {
             // No longer leader: tell waiting clients to retry (their write may still commit;
             // the retry is deduplicated).
-            let waiting: Vec<(u64, u64)> =
-                n.proposals.values().map(|&(_, c, a)| (c, a)).collect();
+            let waiting: Vec<(u64, u64)> = n.proposals.values().map(|&(_, c, a)| (c, a)).collect();
             n.proposals.clear();
             for (c, a) in waiting {
                 self.respond(c, a, Response::Retry);
@@ -1301,7 +1354,8 @@ impl Sim {
                 let payload = codec::encode(&cmd).map_err(|e| e.to_string())?;
                 match raft.propose(payload) {
                     Ok((index, term)) => {
-                        if let Some((_, c, a)) = n.proposals.insert(index, (term, client, attempt)) {
+                        if let Some((_, c, a)) = n.proposals.insert(index, (term, client, attempt))
+                        {
                             self.respond(c, a, Response::Retry);
                         }
                         None
@@ -1390,10 +1444,7 @@ impl Sim {
         });
         self.schedule(
             CLIENT_TIMEOUT_MS,
-            Event::ClientTimeout {
-                client: c,
-                attempt,
-            },
+            Event::ClientTimeout { client: c, attempt },
         );
     }
 
@@ -1463,18 +1514,27 @@ impl Sim {
         let nodes: Vec<&Node> = self.nodes.values().collect();
         for a in &nodes {
             for b in &nodes {
-                let (la, lb) = (a.raft.as_ref().expect("up").log(), b.raft.as_ref().expect("up").log());
+                let (la, lb) = (
+                    a.raft.as_ref().expect("up").log(),
+                    b.raft.as_ref().expect("up").log(),
+                );
                 let lo = la.first_index().max(lb.first_index());
                 let hi = la.last_index().min(lb.last_index());
                 let mut matched = false;
                 for i in (lo..=hi).rev() {
                     let (ea, eb) = (la.entry(i).expect("held"), lb.entry(i).expect("held"));
                     if matched && ea != eb {
-                        return Err(format!("log matching: nodes {} and {} differ at {i}", a.id, b.id));
+                        return Err(format!(
+                            "log matching: nodes {} and {} differ at {i}",
+                            a.id, b.id
+                        ));
                     }
                     if ea.term == eb.term {
                         if ea != eb {
-                            return Err(format!("log matching: nodes {} and {} differ at {i}", a.id, b.id));
+                            return Err(format!(
+                                "log matching: nodes {} and {} differ at {i}",
+                                a.id, b.id
+                            ));
                         }
                         matched = true;
                     }
