@@ -24,7 +24,10 @@ use super::ready::{RaftError, ReadId, Ready, SnapshotSend};
 use super::rng::Rng;
 use crate::storage::codec;
 use crate::storage::{Entry, EntryKind, HardState, Membership, NodeId, SnapshotMeta};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+
+/// Heartbeat rounds remembered for lease reads (older ones are too old to grant a lease).
+const LEASE_ROUNDS_MAX: usize = 64;
 
 /// A node's role.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,6 +92,11 @@ pub struct Raft {
     reads: ReadIndexQueue,
     /// Leader: bytes appended and not yet committed.
     uncommitted_bytes: u64,
+    /// Ticks since this core was created (the lease clock).
+    ticks: u64,
+    /// Leader with lease reads: (heartbeat round, tick it was sent at), newest last, bounded
+    /// by `LEASE_ROUNDS_MAX`.
+    heartbeat_rounds: VecDeque<(u64, u64)>,
     // Output not yet handed out.
     hard_state_handed: HardState,
     unstable_from: u64,
@@ -236,6 +244,8 @@ impl Raft {
             transfer: None,
             reads: ReadIndexQueue::default(),
             uncommitted_bytes: 0,
+            ticks: 0,
+            heartbeat_rounds: VecDeque::new(),
             hard_state_handed: HardState::default(),
             unstable_from: 1,
             snapshot_to_install: None,
@@ -444,6 +454,7 @@ impl Raft {
         self.transfer = None;
         self.heartbeat_elapsed = 0;
         self.election_elapsed = 0;
+        self.heartbeat_rounds.clear();
         let next = self.log.last_index() + 1;
         self.progress = self
             .peers()
@@ -478,6 +489,7 @@ impl Raft {
 
     /// Advances logical time by one tick.
     pub fn tick(&mut self) {
+        self.ticks += 1;
         self.election_elapsed = self.election_elapsed.saturating_add(1);
         if self.role != Role::Leader {
             if self.election_elapsed >= self.election_timeout {
@@ -515,8 +527,39 @@ impl Raft {
         }
         if self.heartbeat_elapsed >= self.config.heartbeat_ticks {
             self.heartbeat_elapsed = 0;
-            self.broadcast_heartbeat(self.reads.round());
+            let round = if self.config.lease_reads {
+                // Each heartbeat gets its own round so its send time can anchor a lease.
+                let round = self.reads.start_round();
+                self.record_round(round);
+                round
+            } else {
+                self.reads.round()
+            };
+            self.broadcast_heartbeat(round);
         }
+    }
+
+    fn record_round(&mut self, round: u64) {
+        if self.config.lease_reads {
+            self.heartbeat_rounds.push_back((round, self.ticks));
+            if self.heartbeat_rounds.len() > LEASE_ROUNDS_MAX {
+                self.heartbeat_rounds.pop_front();
+            }
+        }
+    }
+
+    /// Lease reads: whether a quorum acknowledged a heartbeat sent less than an election
+    /// timeout ago (minus one tick of margin). Followers that acknowledged it will not vote
+    /// for anyone else until an election timeout after they received it, so no other leader
+    /// can exist yet — provided tick rates agree (the clock-drift caveat).
+    fn lease_valid(&self) -> bool {
+        let round = self.reads.quorum_round(&self.peers(), self.quorum());
+        self.heartbeat_rounds
+            .iter()
+            .find(|&&(r, _)| r == round)
+            .is_some_and(|&(_, sent)| {
+                sent + u64::from(self.config.election_timeout_min_ticks) > self.ticks + 1
+            })
     }
 
     fn broadcast_heartbeat(&mut self, read_round: u64) {
@@ -578,7 +621,7 @@ impl Raft {
         }
         if self.log.term(self.commit) != Some(self.term) {
             self.reads.push_before_noop(id);
-        } else if self.config.lease_reads || self.quorum() == 1 {
+        } else if self.quorum() == 1 || (self.config.lease_reads && self.lease_valid()) {
             self.reads.push_confirmed(id, self.commit);
         } else {
             self.reads.push(id, self.commit);
@@ -1064,7 +1107,7 @@ impl Raft {
             self.commit = candidate;
             if first_of_term {
                 // Our no-op committed: we now know the commit index; reads may proceed.
-                let confirm = self.config.lease_reads || self.quorum() == 1;
+                let confirm = self.quorum() == 1;
                 self.reads.noop_committed(self.commit, confirm);
             }
         }
@@ -1138,6 +1181,7 @@ impl Raft {
     pub fn ready(&mut self) -> Ready {
         if self.role == Role::Leader {
             if let Some(round) = self.reads.start_round_if_due() {
+                self.record_round(round);
                 self.broadcast_heartbeat(round);
             }
             for peer in self.peers() {

@@ -58,6 +58,8 @@ pub enum Fault {
     },
     /// Freeze `node` for `ms` (longer than an election timeout).
     Pause { node: NodeId, ms: u64 },
+    /// Ask whoever leads at that moment to hand leadership to `to`.
+    TransferLeader { to: NodeId },
 }
 
 /// Everything a seed decides before the run.
@@ -106,7 +108,8 @@ impl Params {
         for _ in 0..count {
             let at = rng.range(0, run_ms.saturating_sub(500).max(1));
             let node = rng.range(1, nodes + 1);
-            let fault = match rng.range(0, 11) {
+            let fault = match rng.range(0, 12) {
+                11 => Fault::TransferLeader { to: node },
                 10 => {
                     let mut nodes_down = BTreeSet::new();
                     for id in 1..=nodes {
@@ -727,7 +730,16 @@ impl Sim {
     }
 
     fn send_raft(&mut self, m: Message) {
-        if self.is_blocked(m.from, m.to) || self.chance(self.loss_pct) {
+        if self.is_blocked(m.from, m.to) {
+            // A transport notices a broken connection now and then and says so.
+            if self.chance(20) {
+                if let Some(raft) = self.nodes.get_mut(&m.from).and_then(|n| n.raft.as_mut()) {
+                    raft.peer_unreachable(m.to);
+                }
+            }
+            return;
+        }
+        if self.chance(self.loss_pct) {
             return;
         }
         let delay = self.rng.range(1, self.params.delay_max_ms + 1);
@@ -870,6 +882,17 @@ impl Sim {
             Fault::Pause { node, ms } => {
                 let n = self.nodes.get_mut(&node).expect("node");
                 n.paused_until = Some(self.now + ms);
+            }
+            Fault::TransferLeader { to } => {
+                if let Some(l) = self.current_leader() {
+                    let n = self.nodes.get_mut(&l).expect("node");
+                    if n.paused_until.is_none_or(|u| u <= self.now) {
+                        let raft = n.raft.as_mut().expect("leader is up");
+                        // Refused when `to` is the leader itself: nothing to do then.
+                        let _ = raft.transfer_leadership(to);
+                        self.process(l)?;
+                    }
+                }
             }
         }
         Ok(())
