@@ -60,6 +60,8 @@ pub enum Fault {
     Pause { node: NodeId, ms: u64 },
     /// Ask whoever leads at that moment to hand leadership to `to`.
     TransferLeader { to: NodeId },
+    /// Crash whoever leads at that moment (at its next unsynced write), for `down_ms`.
+    CrashLeader { down_ms: u64 },
 }
 
 /// Everything a seed decides before the run.
@@ -108,8 +110,11 @@ impl Params {
         for _ in 0..count {
             let at = rng.range(0, run_ms.saturating_sub(500).max(1));
             let node = rng.range(1, nodes + 1);
-            let fault = match rng.range(0, 12) {
+            let fault = match rng.range(0, 13) {
                 11 => Fault::TransferLeader { to: node },
+                12 => Fault::CrashLeader {
+                    down_ms: rng.range(0, 1000),
+                },
                 10 => {
                     let mut nodes_down = BTreeSet::new();
                     for id in 1..=nodes {
@@ -883,6 +888,11 @@ impl Sim {
                 let n = self.nodes.get_mut(&node).expect("node");
                 n.paused_until = Some(self.now + ms);
             }
+            Fault::CrashLeader { down_ms } => {
+                if let Some(l) = self.current_leader() {
+                    self.arm_crash(l, down_ms);
+                }
+            }
             Fault::TransferLeader { to } => {
                 if let Some(l) = self.current_leader() {
                     let n = self.nodes.get_mut(&l).expect("node");
@@ -898,18 +908,21 @@ impl Sim {
         Ok(())
     }
 
-    /// Crashes `node` at the next moment it has unsynced writes (within 100 ms), which is
-    /// where durability bugs hide; a node with writes in flight crashes at once.
+    /// Crashes `node` at a moment it has unsynced writes (within 100 ms), which is where
+    /// durability bugs hide: each time it handles an event with writes in flight it crashes
+    /// with some probability, so crashes land anywhere in the unsynced window.
     fn arm_crash(&mut self, node: NodeId, down_ms: u64) {
         let n = self.nodes.get_mut(&node).expect("node");
         if n.raft.is_none() || n.crash_armed.is_some() {
             return;
         }
-        if !n.pending.is_empty() {
+        let in_flight = !n.pending.is_empty();
+        if in_flight && self.chance(50) {
             self.crash(node);
             self.schedule(down_ms, Event::Restart(node));
             return;
         }
+        let n = self.nodes.get_mut(&node).expect("node");
         n.crash_armed = Some(down_ms);
         let incarnation = n.incarnation;
         self.schedule(100, Event::ArmedCrash { node, incarnation });
@@ -1093,7 +1106,6 @@ impl Sim {
                     done_at,
                 });
                 let incarnation = n.incarnation;
-                let armed = n.crash_armed.is_some();
                 self.schedule_at(
                     done_at,
                     Event::FsyncDone {
@@ -1101,11 +1113,6 @@ impl Sim {
                         incarnation,
                     },
                 );
-                if armed && !self.healed {
-                    // Crash with this batch (and its messages sent early) in flight.
-                    self.fire_armed_crash(id);
-                    return Ok(());
-                }
             }
             if !rd.committed.is_empty() {
                 self.apply(id, rd.committed)?;
@@ -1303,6 +1310,17 @@ impl Sim {
 
     fn check_node(&mut self, id: NodeId) -> Result<(), String> {
         self.record_commits(id)?;
+        self.check_roles(id)?;
+        let n = &self.nodes[&id];
+        if n.crash_armed.is_some() && !n.pending.is_empty() && !self.healed && self.chance(35) {
+            // Crash somewhere inside the unsynced window: with writes (and the messages sent
+            // ahead of them) in flight, possibly after other nodes already acted on them.
+            self.fire_armed_crash(id);
+        }
+        Ok(())
+    }
+
+    fn check_roles(&mut self, id: NodeId) -> Result<(), String> {
         let n = self.nodes.get_mut(&id).expect("node");
         let Some(raft) = n.raft.as_ref() else {
             return Ok(());
