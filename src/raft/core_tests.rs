@@ -399,3 +399,105 @@ fn lease_reads_are_served_only_within_the_lease() {
     r.read_index(3).unwrap();
     assert!(drain(&mut r).iter().all(|rd| rd.read_states.is_empty()));
 }
+
+/// Regression for the bug the simulator found (seed 276 at the time): a follower replaces a
+/// suffix and learns a commit index covering the new entry in the same `Ready`. If a torn
+/// write keeps a prefix of that batch, the restarted node must never treat the replaced (old)
+/// entry as committed. With the contract's order (entries, then hard state) every prefix is
+/// safe; with hard state first, one prefix is not — the test checks both, so the order is
+/// pinned down by the test.
+#[test]
+fn regression_torn_write_never_commits_a_replaced_entry() {
+    let membership = Membership::with_voters([1, 2, 3]);
+    let entry = |index, term, payload: &[u8]| Entry {
+        index,
+        term,
+        kind: EntryKind::Normal,
+        payload: payload.to_vec(),
+    };
+    // Durable before: entries 1..=3, index 3 from an old leader of term 2; commit 2.
+    let config_entry = Entry {
+        index: 1,
+        term: 1,
+        kind: EntryKind::Config,
+        payload: crate::storage::codec::encode(&membership).unwrap(),
+    };
+    let durable_log = vec![config_entry, entry(2, 2, b"a"), entry(3, 2, b"stale")];
+    let durable_hs = HardState {
+        term: 3,
+        vote: None,
+        commit: 2,
+    };
+    let mut r = Raft::restart(
+        config(2),
+        RestartState {
+            hard_state: durable_hs,
+            snapshot: SnapshotMeta::default(),
+            entries: durable_log.clone(),
+            applied: 2,
+        },
+        1,
+    )
+    .unwrap();
+    // The leader of term 3 replaces index 3 and says 3 is committed.
+    r.step(Message {
+        from: 1,
+        to: 2,
+        term: 3,
+        body: MessageBody::Append {
+            prev_index: 2,
+            prev_term: 2,
+            entries: vec![entry(3, 3, b"new")],
+            commit: 3,
+        },
+    })
+    .unwrap();
+    let rd = r.ready();
+    let hs = rd.hard_state.expect("commit changed");
+    assert_eq!(hs.commit, 3);
+    assert_eq!(rd.entries, vec![entry(3, 3, b"new")]);
+
+    // Records of the batch in a given order; restart from every prefix of it.
+    enum Rec {
+        Hs(HardState),
+        E(Entry),
+    }
+    let restart_from = |records: &[Rec]| {
+        let mut log = durable_log.clone();
+        let mut hard_state = durable_hs;
+        for rec in records {
+            match rec {
+                Rec::Hs(h) => hard_state = *h,
+                Rec::E(e) => {
+                    log.retain(|x| x.index < e.index);
+                    log.push(e.clone());
+                }
+            }
+        }
+        let r = Raft::restart(
+            config(2),
+            RestartState {
+                hard_state,
+                snapshot: SnapshotMeta::default(),
+                entries: log,
+                applied: 2,
+            },
+            1,
+        )
+        .unwrap();
+        // Is a stale entry considered committed?
+        r.commit_index() >= 3 && r.log().entry(3).map(|e| e.term) == Some(2)
+    };
+    let contract = [Rec::E(rd.entries[0].clone()), Rec::Hs(hs)];
+    for keep in 0..=contract.len() {
+        assert!(
+            !restart_from(&contract[..keep]),
+            "entries-then-hard-state: prefix {keep} commits a stale entry"
+        );
+    }
+    let hard_state_first = [Rec::Hs(hs), Rec::E(rd.entries[0].clone())];
+    assert!(
+        (0..=2).any(|keep| restart_from(&hard_state_first[..keep])),
+        "hard-state-first must be the unsafe order this test guards against"
+    );
+}
