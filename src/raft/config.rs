@@ -24,9 +24,9 @@ pub struct Config {
     pub check_quorum: bool,
     /// Serve reads from the leader's lease without a heartbeat round, while a quorum has
     /// acknowledged a heartbeat sent less than `election_timeout_min_ticks - 1` ticks ago.
-    /// Unsafe if nodes' tick rates drift apart by more than that margin, if the leader's
-    /// process pauses (it cannot tell time passed), or if a follower restarts and forgets that
-    /// it heard from the leader; requires `check_quorum`. Off by default.
+    /// Unsafe if nodes' tick rates drift apart by more than that margin or if the leader's
+    /// process pauses (it cannot tell that time passed); requires `check_quorum`. Off by
+    /// default.
     pub lease_reads: bool,
     /// Most payload bytes in one AppendEntries message (at least one entry is always sent).
     pub max_append_bytes: u64,

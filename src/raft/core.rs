@@ -97,6 +97,12 @@ pub struct Raft {
     /// Leader with lease reads: (heartbeat round, tick it was sent at), newest last, bounded
     /// by `LEASE_ROUNDS_MAX`.
     heartbeat_rounds: VecDeque<(u64, u64)>,
+    /// Created by `restart`: until an election timeout passes, behave as if a leader was
+    /// heard from just before the crash (it may have been; see the lease check in `step`).
+    restarted: bool,
+    /// Leader: sent TimeoutNow this term. The target's election bypasses followers' lease, so
+    /// this leader's lease can no longer be trusted.
+    lease_revoked: bool,
     // Output not yet handed out.
     hard_state_handed: HardState,
     unstable_from: u64,
@@ -218,6 +224,7 @@ impl Raft {
         raft.unstable_from = log.last_index() + 1;
         raft.log = log;
         raft.hard_state_handed = hard_state;
+        raft.restarted = true;
         Ok(raft)
     }
 
@@ -246,6 +253,8 @@ impl Raft {
             uncommitted_bytes: 0,
             ticks: 0,
             heartbeat_rounds: VecDeque::new(),
+            lease_revoked: false,
+            restarted: false,
             hard_state_handed: HardState::default(),
             unstable_from: 1,
             snapshot_to_install: None,
@@ -455,6 +464,7 @@ impl Raft {
         self.heartbeat_elapsed = 0;
         self.election_elapsed = 0;
         self.heartbeat_rounds.clear();
+        self.lease_revoked = false;
         let next = self.log.last_index() + 1;
         self.progress = self
             .peers()
@@ -553,6 +563,9 @@ impl Raft {
     /// for anyone else until an election timeout after they received it, so no other leader
     /// can exist yet — provided tick rates agree (the clock-drift caveat).
     fn lease_valid(&self) -> bool {
+        if self.lease_revoked {
+            return false;
+        }
         let round = self.reads.quorum_round(&self.peers(), self.quorum());
         self.heartbeat_rounds
             .iter()
@@ -646,6 +659,7 @@ impl Raft {
         let caught_up = pr.match_index == self.log.last_index();
         self.transfer = Some((to, 0));
         if caught_up {
+            self.lease_revoked = true;
             self.send(to, MessageBody::TimeoutNow);
         }
         Ok(())
@@ -726,8 +740,13 @@ impl Raft {
         if m.term > self.term {
             match &m.body {
                 MessageBody::Vote { pre, transfer, .. } => {
+                    // Heard from a leader within the election timeout — or just restarted,
+                    // and so cannot know it did not: a restarted follower must keep the
+                    // promise (not to elect anyone else for a while) that a leader's lease
+                    // relies on.
+                    let min_ticks = u64::from(self.config.election_timeout_min_ticks);
                     let in_lease = self.config.check_quorum
-                        && self.leader.is_some()
+                        && (self.leader.is_some() || (self.restarted && self.ticks < min_ticks))
                         && self.election_elapsed < self.config.election_timeout_min_ticks;
                     if in_lease && !transfer {
                         // Heard from a leader recently: ignore (leader stickiness).
@@ -1065,6 +1084,7 @@ impl Raft {
         self.maybe_commit();
         if let Some((to, _)) = self.transfer {
             if to == from && caught_up {
+                self.lease_revoked = true;
                 self.send(to, MessageBody::TimeoutNow);
             }
         }
@@ -1219,7 +1239,8 @@ impl Raft {
         ready
     }
 
-    /// Reads confirmed but waiting for `applied` (for status and tests).
+    /// Reads held by the leader's queues: waiting for the no-op, for a heartbeat round, or
+    /// (confirmed) for their index to be applied.
     pub fn pending_reads(&self) -> usize {
         self.reads.len()
     }

@@ -501,3 +501,48 @@ fn regression_torn_write_never_commits_a_replaced_entry() {
         "hard-state-first must be the unsafe order this test guards against"
     );
 }
+
+#[test]
+fn restarted_follower_keeps_the_lease_promise_for_an_election_timeout() {
+    let membership = Membership::with_voters([1, 2, 3]);
+    let state = || RestartState {
+        hard_state: HardState {
+            term: 2,
+            vote: Some(1),
+            commit: 1,
+        },
+        snapshot: SnapshotMeta::default(),
+        entries: vec![Entry {
+            index: 1,
+            term: 1,
+            kind: EntryKind::Config,
+            payload: crate::storage::codec::encode(&membership).unwrap(),
+        }],
+        applied: 1,
+    };
+    let vote = |r: &mut Raft| {
+        r.step(Message {
+            from: 3,
+            to: 2,
+            term: 3,
+            body: MessageBody::Vote {
+                pre: false,
+                last_index: 1,
+                last_term: 1,
+                transfer: false,
+            },
+        })
+        .unwrap();
+        r.ready().messages_after_persist
+    };
+    let mut r = Raft::restart(config(2), state(), 1).unwrap();
+    assert!(vote(&mut r).is_empty(), "ignored right after a restart");
+    assert_eq!(r.term(), 2);
+    let mut r2 = Raft::restart(config(2), state(), 1).unwrap();
+    for _ in 0..5 {
+        r2.tick();
+    }
+    r2.ready();
+    let granted = vote(&mut r2);
+    assert_eq!(granted.len(), 1, "answered after an election timeout");
+}

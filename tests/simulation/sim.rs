@@ -80,6 +80,9 @@ pub struct Params {
     pub check_quorum: bool,
     pub max_append_bytes: u64,
     pub max_inflight_msgs: usize,
+    /// Lease reads (only with check-quorum, and then without pauses: a paused leader's lease
+    /// is exactly the clock-drift caveat lease reads carry).
+    pub lease_reads: bool,
     pub run_ms: u64,
     pub faults: Vec<(u64, Fault)>,
 }
@@ -104,6 +107,7 @@ impl Params {
         // From one entry per message to a few dozen.
         let max_append_bytes = [1, 64, 512, 4096][rng.range(0, 4) as usize];
         let max_inflight_msgs = rng.range(1, 9) as usize;
+        let lease_reads = check_quorum && rng.range(0, 3) == 0;
         let mut faults = Vec::new();
         // Mean gap between faults: from a fault every 0.3 s (chaos) to one every 3 s.
         let count = run_ms / rng.range(300, 3000);
@@ -167,6 +171,9 @@ impl Params {
             };
             faults.push((at, fault));
         }
+        if lease_reads {
+            faults.retain(|(_, f)| !matches!(f, Fault::Pause { .. }));
+        }
         faults.sort_by_key(|(at, _)| *at);
         Params {
             seed,
@@ -182,6 +189,7 @@ impl Params {
             check_quorum,
             max_append_bytes,
             max_inflight_msgs,
+            lease_reads,
             run_ms,
             faults,
         }
@@ -194,7 +202,7 @@ impl fmt::Display for Params {
             f,
             "seed {}: {} nodes, {} clients, loss {}%, dup {}%, delay 1..={} ms, fsync 0..={} ms, \
              snapshot every {} (margin {}), pre_vote {}, check_quorum {}, max_append_bytes {}, \
-             max_inflight_msgs {}, run {} ms",
+             max_inflight_msgs {}, lease_reads {}, run {} ms",
             self.seed,
             self.nodes,
             self.clients,
@@ -208,6 +216,7 @@ impl fmt::Display for Params {
             self.check_quorum,
             self.max_append_bytes,
             self.max_inflight_msgs,
+            self.lease_reads,
             self.run_ms
         )?;
         writeln!(f, "fault schedule:")?;
@@ -553,6 +562,7 @@ impl Sim {
         c.check_quorum = self.params.check_quorum;
         c.max_append_bytes = self.params.max_append_bytes;
         c.max_inflight_msgs = self.params.max_inflight_msgs;
+        c.lease_reads = self.params.lease_reads;
         c.max_inflight_bytes = 4096;
         c.max_uncommitted_bytes = 64 << 10;
         c.max_apply_bytes = 1024;
