@@ -22,8 +22,11 @@ pub struct Config {
     /// A leader that has not heard from a quorum within `election_timeout_min_ticks` steps
     /// down; followers that heard from a leader recently ignore vote requests.
     pub check_quorum: bool,
-    /// Serve reads from the leader's lease without a heartbeat round. Unsafe if clocks drift
-    /// by more than the election timeout's margin; requires `check_quorum`. Off by default.
+    /// Serve reads from the leader's lease without a heartbeat round, while a quorum has
+    /// acknowledged a heartbeat sent less than `election_timeout_min_ticks - 1` ticks ago.
+    /// Unsafe if nodes' tick rates drift apart by more than that margin or if the leader's
+    /// process pauses (it cannot tell that time passed); requires `check_quorum`. Off by
+    /// default.
     pub lease_reads: bool,
     /// Most payload bytes in one AppendEntries message (at least one entry is always sent).
     pub max_append_bytes: u64,

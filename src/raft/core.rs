@@ -24,7 +24,10 @@ use super::ready::{RaftError, ReadId, Ready, SnapshotSend};
 use super::rng::Rng;
 use crate::storage::codec;
 use crate::storage::{Entry, EntryKind, HardState, Membership, NodeId, SnapshotMeta};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+
+/// Heartbeat rounds remembered for lease reads (older ones are too old to grant a lease).
+const LEASE_ROUNDS_MAX: usize = 64;
 
 /// A node's role.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,6 +92,17 @@ pub struct Raft {
     reads: ReadIndexQueue,
     /// Leader: bytes appended and not yet committed.
     uncommitted_bytes: u64,
+    /// Ticks since this core was created (the lease clock).
+    ticks: u64,
+    /// Leader with lease reads: (heartbeat round, tick it was sent at), newest last, bounded
+    /// by `LEASE_ROUNDS_MAX`.
+    heartbeat_rounds: VecDeque<(u64, u64)>,
+    /// Created by `restart`: until an election timeout passes, behave as if a leader was
+    /// heard from just before the crash (it may have been; see the lease check in `step`).
+    restarted: bool,
+    /// Leader: sent TimeoutNow this term. The target's election bypasses followers' lease, so
+    /// this leader's lease can no longer be trusted.
+    lease_revoked: bool,
     // Output not yet handed out.
     hard_state_handed: HardState,
     unstable_from: u64,
@@ -210,6 +224,7 @@ impl Raft {
         raft.unstable_from = log.last_index() + 1;
         raft.log = log;
         raft.hard_state_handed = hard_state;
+        raft.restarted = true;
         Ok(raft)
     }
 
@@ -236,6 +251,10 @@ impl Raft {
             transfer: None,
             reads: ReadIndexQueue::default(),
             uncommitted_bytes: 0,
+            ticks: 0,
+            heartbeat_rounds: VecDeque::new(),
+            lease_revoked: false,
+            restarted: false,
             hard_state_handed: HardState::default(),
             unstable_from: 1,
             snapshot_to_install: None,
@@ -444,6 +463,8 @@ impl Raft {
         self.transfer = None;
         self.heartbeat_elapsed = 0;
         self.election_elapsed = 0;
+        self.heartbeat_rounds.clear();
+        self.lease_revoked = false;
         let next = self.log.last_index() + 1;
         self.progress = self
             .peers()
@@ -478,6 +499,7 @@ impl Raft {
 
     /// Advances logical time by one tick.
     pub fn tick(&mut self) {
+        self.ticks += 1;
         self.election_elapsed = self.election_elapsed.saturating_add(1);
         if self.role != Role::Leader {
             if self.election_elapsed >= self.election_timeout {
@@ -515,8 +537,42 @@ impl Raft {
         }
         if self.heartbeat_elapsed >= self.config.heartbeat_ticks {
             self.heartbeat_elapsed = 0;
-            self.broadcast_heartbeat(self.reads.round());
+            let round = if self.config.lease_reads {
+                // Each heartbeat gets its own round so its send time can anchor a lease.
+                let round = self.reads.start_round();
+                self.record_round(round);
+                round
+            } else {
+                self.reads.round()
+            };
+            self.broadcast_heartbeat(round);
         }
+    }
+
+    fn record_round(&mut self, round: u64) {
+        if self.config.lease_reads {
+            self.heartbeat_rounds.push_back((round, self.ticks));
+            if self.heartbeat_rounds.len() > LEASE_ROUNDS_MAX {
+                self.heartbeat_rounds.pop_front();
+            }
+        }
+    }
+
+    /// Lease reads: whether a quorum acknowledged a heartbeat sent less than an election
+    /// timeout ago (minus one tick of margin). Followers that acknowledged it will not vote
+    /// for anyone else until an election timeout after they received it, so no other leader
+    /// can exist yet — provided tick rates agree (the clock-drift caveat).
+    fn lease_valid(&self) -> bool {
+        if self.lease_revoked {
+            return false;
+        }
+        let round = self.reads.quorum_round(&self.peers(), self.quorum());
+        self.heartbeat_rounds
+            .iter()
+            .find(|&&(r, _)| r == round)
+            .is_some_and(|&(_, sent)| {
+                sent + u64::from(self.config.election_timeout_min_ticks) > self.ticks + 1
+            })
     }
 
     fn broadcast_heartbeat(&mut self, read_round: u64) {
@@ -578,7 +634,7 @@ impl Raft {
         }
         if self.log.term(self.commit) != Some(self.term) {
             self.reads.push_before_noop(id);
-        } else if self.config.lease_reads || self.quorum() == 1 {
+        } else if self.quorum() == 1 || (self.config.lease_reads && self.lease_valid()) {
             self.reads.push_confirmed(id, self.commit);
         } else {
             self.reads.push(id, self.commit);
@@ -603,6 +659,7 @@ impl Raft {
         let caught_up = pr.match_index == self.log.last_index();
         self.transfer = Some((to, 0));
         if caught_up {
+            self.lease_revoked = true;
             self.send(to, MessageBody::TimeoutNow);
         }
         Ok(())
@@ -683,8 +740,13 @@ impl Raft {
         if m.term > self.term {
             match &m.body {
                 MessageBody::Vote { pre, transfer, .. } => {
+                    // Heard from a leader within the election timeout — or just restarted,
+                    // and so cannot know it did not: a restarted follower must keep the
+                    // promise (not to elect anyone else for a while) that a leader's lease
+                    // relies on.
+                    let min_ticks = u64::from(self.config.election_timeout_min_ticks);
                     let in_lease = self.config.check_quorum
-                        && self.leader.is_some()
+                        && (self.leader.is_some() || (self.restarted && self.ticks < min_ticks))
                         && self.election_elapsed < self.config.election_timeout_min_ticks;
                     if in_lease && !transfer {
                         // Heard from a leader recently: ignore (leader stickiness).
@@ -1022,6 +1084,7 @@ impl Raft {
         self.maybe_commit();
         if let Some((to, _)) = self.transfer {
             if to == from && caught_up {
+                self.lease_revoked = true;
                 self.send(to, MessageBody::TimeoutNow);
             }
         }
@@ -1064,7 +1127,7 @@ impl Raft {
             self.commit = candidate;
             if first_of_term {
                 // Our no-op committed: we now know the commit index; reads may proceed.
-                let confirm = self.config.lease_reads || self.quorum() == 1;
+                let confirm = self.quorum() == 1;
                 self.reads.noop_committed(self.commit, confirm);
             }
         }
@@ -1138,6 +1201,7 @@ impl Raft {
     pub fn ready(&mut self) -> Ready {
         if self.role == Role::Leader {
             if let Some(round) = self.reads.start_round_if_due() {
+                self.record_round(round);
                 self.broadcast_heartbeat(round);
             }
             for peer in self.peers() {
@@ -1175,7 +1239,8 @@ impl Raft {
         ready
     }
 
-    /// Reads confirmed but waiting for `applied` (for status and tests).
+    /// Reads held by the leader's queues: waiting for the no-op, for a heartbeat round, or
+    /// (confirmed) for their index to be applied.
     pub fn pending_reads(&self) -> usize {
         self.reads.len()
     }

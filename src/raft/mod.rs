@@ -24,6 +24,9 @@ pub mod read_index;
 pub mod ready;
 pub mod rng;
 
+#[cfg(test)]
+mod core_tests;
+
 pub use self::config::Config;
 pub use self::core::{Raft, RestartState, Role};
 pub use self::log::RaftLog;

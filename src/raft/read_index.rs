@@ -40,8 +40,13 @@ pub struct ReadIndexQueue {
 }
 
 impl ReadIndexQueue {
+    /// Reads held in all queues together.
     pub fn len(&self) -> usize {
         self.before_noop.len() + self.pending.len() + self.confirmed.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// The last round started (what periodic heartbeats carry).
@@ -88,11 +93,27 @@ impl ReadIndexQueue {
         if !self.pending.iter().any(|r| r.round == 0) {
             return None;
         }
+        Some(self.start_round())
+    }
+
+    /// Starts a round unconditionally (its heartbeats confirm every read that arrived before).
+    pub fn start_round(&mut self) -> u64 {
         self.round += 1;
         for r in self.pending.iter_mut().filter(|r| r.round == 0) {
             r.round = self.round;
         }
-        Some(self.round)
+        self.round
+    }
+
+    /// The highest round a quorum (counting the leader) has acknowledged.
+    pub fn quorum_round(&self, peers: &[NodeId], quorum: usize) -> u64 {
+        let mut rounds: Vec<u64> = peers
+            .iter()
+            .map(|p| self.acks.get(p).copied().unwrap_or(0))
+            .collect();
+        rounds.push(u64::MAX);
+        rounds.sort_unstable_by(|a, b| b.cmp(a));
+        rounds[quorum - 1]
     }
 
     /// Records `peer`'s acknowledgement of `round`; confirms reads whose round a quorum
@@ -100,14 +121,7 @@ impl ReadIndexQueue {
     pub fn ack(&mut self, peer: NodeId, round: u64, peers: &[NodeId], quorum: usize) {
         let entry = self.acks.entry(peer).or_insert(0);
         *entry = (*entry).max(round);
-        // Rounds acknowledged by each voter, the leader counting as acknowledging everything.
-        let mut rounds: Vec<u64> = peers
-            .iter()
-            .map(|p| self.acks.get(p).copied().unwrap_or(0))
-            .collect();
-        rounds.push(u64::MAX);
-        rounds.sort_unstable_by(|a, b| b.cmp(a));
-        let confirmed_round = rounds[quorum - 1];
+        let confirmed_round = self.quorum_round(peers, quorum);
         while let Some(r) = self.pending.front() {
             if r.round == 0 || r.round > confirmed_round {
                 break;

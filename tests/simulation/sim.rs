@@ -58,6 +58,10 @@ pub enum Fault {
     },
     /// Freeze `node` for `ms` (longer than an election timeout).
     Pause { node: NodeId, ms: u64 },
+    /// Ask whoever leads at that moment to hand leadership to `to`.
+    TransferLeader { to: NodeId },
+    /// Crash whoever leads at that moment (at its next unsynced write), for `down_ms`.
+    CrashLeader { down_ms: u64 },
 }
 
 /// Everything a seed decides before the run.
@@ -76,6 +80,9 @@ pub struct Params {
     pub check_quorum: bool,
     pub max_append_bytes: u64,
     pub max_inflight_msgs: usize,
+    /// Lease reads (only with check-quorum, and then without pauses: a paused leader's lease
+    /// is exactly the clock-drift caveat lease reads carry).
+    pub lease_reads: bool,
     pub run_ms: u64,
     pub faults: Vec<(u64, Fault)>,
 }
@@ -100,13 +107,18 @@ impl Params {
         // From one entry per message to a few dozen.
         let max_append_bytes = [1, 64, 512, 4096][rng.range(0, 4) as usize];
         let max_inflight_msgs = rng.range(1, 9) as usize;
+        let lease_reads = check_quorum && rng.range(0, 3) == 0;
         let mut faults = Vec::new();
         // Mean gap between faults: from a fault every 0.3 s (chaos) to one every 3 s.
         let count = run_ms / rng.range(300, 3000);
         for _ in 0..count {
             let at = rng.range(0, run_ms.saturating_sub(500).max(1));
             let node = rng.range(1, nodes + 1);
-            let fault = match rng.range(0, 11) {
+            let fault = match rng.range(0, 13) {
+                11 => Fault::TransferLeader { to: node },
+                12 => Fault::CrashLeader {
+                    down_ms: rng.range(0, 1000),
+                },
                 10 => {
                     let mut nodes_down = BTreeSet::new();
                     for id in 1..=nodes {
@@ -159,6 +171,9 @@ impl Params {
             };
             faults.push((at, fault));
         }
+        if lease_reads {
+            faults.retain(|(_, f)| !matches!(f, Fault::Pause { .. }));
+        }
         faults.sort_by_key(|(at, _)| *at);
         Params {
             seed,
@@ -174,6 +189,7 @@ impl Params {
             check_quorum,
             max_append_bytes,
             max_inflight_msgs,
+            lease_reads,
             run_ms,
             faults,
         }
@@ -186,7 +202,7 @@ impl fmt::Display for Params {
             f,
             "seed {}: {} nodes, {} clients, loss {}%, dup {}%, delay 1..={} ms, fsync 0..={} ms, \
              snapshot every {} (margin {}), pre_vote {}, check_quorum {}, max_append_bytes {}, \
-             max_inflight_msgs {}, run {} ms",
+             max_inflight_msgs {}, lease_reads {}, run {} ms",
             self.seed,
             self.nodes,
             self.clients,
@@ -200,6 +216,7 @@ impl fmt::Display for Params {
             self.check_quorum,
             self.max_append_bytes,
             self.max_inflight_msgs,
+            self.lease_reads,
             self.run_ms
         )?;
         writeln!(f, "fault schedule:")?;
@@ -278,6 +295,11 @@ enum Event {
     Heal,
     ClientNext(u64),
     ClientTimeout {
+        client: u64,
+        attempt: u64,
+    },
+    /// Re-send the current attempt's request to the client's (new) target.
+    ClientRetry {
         client: u64,
         attempt: u64,
     },
@@ -540,6 +562,7 @@ impl Sim {
         c.check_quorum = self.params.check_quorum;
         c.max_append_bytes = self.params.max_append_bytes;
         c.max_inflight_msgs = self.params.max_inflight_msgs;
+        c.lease_reads = self.params.lease_reads;
         c.max_inflight_bytes = 4096;
         c.max_uncommitted_bytes = 64 << 10;
         c.max_apply_bytes = 1024;
@@ -687,6 +710,12 @@ impl Sim {
                 }
             }
             Event::ClientNext(c) => self.client_next(c),
+            Event::ClientRetry { client, attempt } => {
+                let cl = &self.clients[client as usize];
+                if cl.attempt == attempt && cl.current.is_some() {
+                    self.client_send(client);
+                }
+            }
             Event::ClientTimeout { client, attempt } => {
                 let cl = &self.clients[client as usize];
                 if cl.attempt != attempt || cl.current.is_none() {
@@ -716,7 +745,16 @@ impl Sim {
     }
 
     fn send_raft(&mut self, m: Message) {
-        if self.is_blocked(m.from, m.to) || self.chance(self.loss_pct) {
+        if self.is_blocked(m.from, m.to) {
+            // A transport notices a broken connection now and then and says so.
+            if self.chance(20) {
+                if let Some(raft) = self.nodes.get_mut(&m.from).and_then(|n| n.raft.as_mut()) {
+                    raft.peer_unreachable(m.to);
+                }
+            }
+            return;
+        }
+        if self.chance(self.loss_pct) {
             return;
         }
         let delay = self.rng.range(1, self.params.delay_max_ms + 1);
@@ -860,22 +898,41 @@ impl Sim {
                 let n = self.nodes.get_mut(&node).expect("node");
                 n.paused_until = Some(self.now + ms);
             }
+            Fault::CrashLeader { down_ms } => {
+                if let Some(l) = self.current_leader() {
+                    self.arm_crash(l, down_ms);
+                }
+            }
+            Fault::TransferLeader { to } => {
+                if let Some(l) = self.current_leader() {
+                    let n = self.nodes.get_mut(&l).expect("node");
+                    if n.paused_until.is_none_or(|u| u <= self.now) {
+                        let raft = n.raft.as_mut().expect("leader is up");
+                        // Refused when `to` is the leader itself: nothing to do then.
+                        let _ = raft.transfer_leadership(to);
+                        self.process(l)?;
+                    }
+                }
+            }
         }
         Ok(())
     }
 
-    /// Crashes `node` at the next moment it has unsynced writes (within 100 ms), which is
-    /// where durability bugs hide; a node with writes in flight crashes at once.
+    /// Crashes `node` at a moment it has unsynced writes (within 100 ms), which is where
+    /// durability bugs hide: each time it handles an event with writes in flight it crashes
+    /// with some probability, so crashes land anywhere in the unsynced window.
     fn arm_crash(&mut self, node: NodeId, down_ms: u64) {
         let n = self.nodes.get_mut(&node).expect("node");
         if n.raft.is_none() || n.crash_armed.is_some() {
             return;
         }
-        if !n.pending.is_empty() {
+        let in_flight = !n.pending.is_empty();
+        if in_flight && self.chance(50) {
             self.crash(node);
             self.schedule(down_ms, Event::Restart(node));
             return;
         }
+        let n = self.nodes.get_mut(&node).expect("node");
         n.crash_armed = Some(down_ms);
         let incarnation = n.incarnation;
         self.schedule(100, Event::ArmedCrash { node, incarnation });
@@ -1059,7 +1116,6 @@ impl Sim {
                     done_at,
                 });
                 let incarnation = n.incarnation;
-                let armed = n.crash_armed.is_some();
                 self.schedule_at(
                     done_at,
                     Event::FsyncDone {
@@ -1067,11 +1123,6 @@ impl Sim {
                         incarnation,
                     },
                 );
-                if armed && !self.healed {
-                    // Crash with this batch (and its messages sent early) in flight.
-                    self.fire_armed_crash(id);
-                    return Ok(());
-                }
             }
             if !rd.committed.is_empty() {
                 self.apply(id, rd.committed)?;
@@ -1269,6 +1320,17 @@ impl Sim {
 
     fn check_node(&mut self, id: NodeId) -> Result<(), String> {
         self.record_commits(id)?;
+        self.check_roles(id)?;
+        let n = &self.nodes[&id];
+        if n.crash_armed.is_some() && !n.pending.is_empty() && !self.healed && self.chance(35) {
+            // Crash somewhere inside the unsynced window: with writes (and the messages sent
+            // ahead of them) in flight, possibly after other nodes already acted on them.
+            self.fire_armed_crash(id);
+        }
+        Ok(())
+    }
+
+    fn check_roles(&mut self, id: NodeId) -> Result<(), String> {
         let n = self.nodes.get_mut(&id).expect("node");
         let Some(raft) = n.raft.as_ref() else {
             return Ok(());
@@ -1451,13 +1513,13 @@ impl Sim {
                 self.schedule(delay, Event::ClientNext(c));
             }
             Response::Redirect(Some(leader)) => {
+                // Follow the hint after a short pause.
                 self.clients[c as usize].target = leader;
                 let delay = self.rng.range(1, 10);
-                self.schedule(delay, Event::ClientTimeout { client: c, attempt });
-                // Re-send to the hinted leader right away (the timeout event re-sends).
-                self.clients[c as usize].target = leader;
+                self.schedule(delay, Event::ClientRetry { client: c, attempt });
             }
             Response::Redirect(None) | Response::Retry => {
+                // No leader known: back off, then try a random node.
                 let delay = self.rng.range(20, 60);
                 self.schedule(delay, Event::ClientTimeout { client: c, attempt });
             }
