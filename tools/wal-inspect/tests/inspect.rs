@@ -229,10 +229,12 @@ fn torn_tail_exits_2_and_says_what_opening_would_cut() {
     let dir = tmp.path().join("wal");
     build_wal(&dir, small_opts(), 50, 5, 100);
     let (file, offset, len) = locate(&dir, 50);
-    // The last write tore: the second half of the last record never reached the disk.
+    // The last write tore: from the middle of its last entry on (including the batch's hard
+    // state record, which the WAL writes after the entries) nothing reached the disk.
     let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
     let half = u64::from(len) / 2;
-    std::os::unix::fs::FileExt::write_all_at(&f, &vec![0u8; half as usize], offset + half).unwrap();
+    let lost = half + 256; // the rest of the entry, the hard state record, and some zeros
+    std::os::unix::fs::FileExt::write_all_at(&f, &vec![0u8; lost as usize], offset + half).unwrap();
     drop(f);
 
     let out = inspect(&[s(&dir), "--verify"]);
