@@ -150,6 +150,7 @@ pub struct RunningNode {
     shutdown: watch::Sender<bool>,
     driver: tokio::task::JoinHandle<Result<(), NodeError>>,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
+    storage: std::thread::JoinHandle<()>,
 }
 
 impl RunningNode {
@@ -160,6 +161,15 @@ impl RunningNode {
         let driver = self.driver.await;
         if let Ok(Err(e)) = http {
             tracing::warn!(error = %e, "http server stopped with an error");
+        }
+        // The consensus task is gone, so the storage thread's queue is closed: it finishes
+        // the queued work, flushes sled and exits.
+        let storage = self.storage;
+        if tokio::task::spawn_blocking(move || storage.join())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the storage thread could not be joined");
         }
         match driver {
             Ok(r) => r,
@@ -228,7 +238,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let (requests_tx, requests_rx) = mpsc::channel(QUEUE_CAPACITY);
     let (shutdown, shutdown_rx) = watch::channel(false);
 
-    std::thread::Builder::new()
+    let storage_thread = std::thread::Builder::new()
         .name(format!("raftkv-storage-{}", config.id))
         .spawn(move || storage_loop::run(storage, jobs_rx, events_tx))
         .map_err(|e| NodeError::Stopped(format!("cannot start the storage thread: {e}")))?;
@@ -272,6 +282,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         shutdown,
         driver,
         http,
+        storage: storage_thread,
     })
 }
 
