@@ -2,7 +2,7 @@
 //!
 //! The node layer drives it with ticks, peer messages, proposals and read requests, and takes
 //! back [`Ready`] batches saying what to persist, send and apply (the contract is spelled out in
-//! [`ready`] and docs/raft-core.md). It holds no clock, socket, file or thread; randomness comes
+//! [`ready`] and DESIGN.md ("The consensus core")). It holds no clock, socket, file or thread; randomness comes
 //! from a seed, so the deterministic simulator (tests/simulation.rs) can replay any run exactly.
 //!
 //! - [`core`]: the protocol ([`Raft`]): elections with PreVote and CheckQuorum, replication with

@@ -1,6 +1,6 @@
 //! What the core hands to the node, what the node reports back, and the core's errors.
 //!
-//! The contract (see also docs/raft-core.md), for each [`Ready`] in the order they are taken:
+//! The contract (see also DESIGN.md ("The consensus core")), for each [`Ready`] in the order they are taken:
 //! 1. send `messages_now` (they do not depend on anything of this batch being durable);
 //! 2. durably write, in this order, `snapshot` (install the received snapshot file into the
 //!    state machine and reset the WAL to start after it), then `entries` (the first entry's
