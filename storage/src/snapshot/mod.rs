@@ -145,7 +145,8 @@ pub fn parse_file_name(name: &str) -> Option<(u64, u64)> {
 }
 
 impl SnapshotStore {
-    /// Opens `<data_dir>/snap/`, creating it, and removes temp files a crash left behind.
+    /// Opens `<data_dir>/snap/`, creating it, removes temp files a crash left behind and any
+    /// snapshot beyond the `keep` newest (a crash can land between publish and retain).
     pub fn open(
         vfs: Arc<dyn Vfs>,
         data_dir: &Path,
@@ -168,14 +169,18 @@ impl SnapshotStore {
         if removed {
             vfs.sync_dir(&dir).map_err(io)?;
         }
-        Ok(SnapshotStore {
+        let store = SnapshotStore {
             vfs,
             dir,
             opts: SnapshotOptions {
                 keep: opts.keep.max(1),
                 ..opts
             },
-        })
+        };
+        // A crash between publishing a new file and deleting the oldest leaves `keep + 1`
+        // complete files; finish that step now so the set is bounded after every restart.
+        store.retain()?;
+        Ok(store)
     }
 
     /// The `snap/` directory.

@@ -162,6 +162,38 @@ fn keeps_the_two_newest() {
     assert_eq!(listed, names[2..].to_vec());
 }
 
+/// A crash after publishing a new file but before deleting the oldest leaves three files;
+/// opening the store finishes the retain step (found by the kill -9 test).
+#[test]
+fn open_removes_snapshots_beyond_keep() {
+    let sim = SimFs::new();
+    let keep_all = SnapshotStore::open(
+        Arc::new(sim.clone()),
+        Path::new("/data"),
+        SnapshotOptions {
+            keep: 10,
+            chunk_target_bytes: 1024,
+        },
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sm = filled(dir.path(), 5);
+    let mut names = Vec::new();
+    for i in 0..3u64 {
+        sm.apply(&[put(7 + i, b"k", &i.to_le_bytes())]).unwrap();
+        names.push(keep_all.create(&sm).unwrap().file.name);
+    }
+    assert_eq!(keep_all.list().unwrap().len(), 3);
+    let reopened = store(Arc::new(sim));
+    let listed: Vec<_> = reopened
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|f| f.name)
+        .collect();
+    assert_eq!(listed, names[1..].to_vec());
+}
+
 /// Every single-byte change and every truncation of a snapshot file is detected by `verify`,
 /// and installing a damaged file leaves the state machine untouched.
 #[test]
