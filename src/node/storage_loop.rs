@@ -7,9 +7,11 @@
 //!   write, one fdatasync** — and only then reports them persisted, with the messages that had
 //!   to wait for that fsync. So everything that became ready while the previous fsync ran goes
 //!   into the next one.
-//! - **Apply** runs on its own thread: after the fsync, the group's committed entries (already
-//!   durable) go to the apply thread through a bounded queue, so the next fsync overlaps the
-//!   sled writes; the apply thread reports what each entry did, so waiting proposals answer.
+//! - **Apply** runs on its own thread: the group's committed entries go to the apply thread
+//!   through a bounded queue as soon as they are durable (before the group's fsync when they
+//!   were written by an earlier group), so fsyncs overlap the sled writes; the apply thread
+//!   reports what each entry did, so waiting proposals answer.
+//! - **Commit-only hard states are not fsynced** on their own (see [`flush`]).
 //! - **Compact** when `snapshot_every` entries were applied since the last time (the apply
 //!   thread advances the state machine; this thread flushes it, marks the WAL and purges).
 //! - **Install** a received snapshot file (it is ordered with the appends: everything queued
@@ -212,7 +214,14 @@ pub fn run(
         }
     };
     let appliers = Appliers { jobs: apply_tx };
-    run_jobs(&mut storage, &mut jobs, &events, &appliers);
+    let deferred = run_jobs(&mut storage, &mut jobs, &events, &appliers);
+    if let Some(hs) = deferred {
+        // Not needed for safety (restart takes the larger of commit and applied); it keeps
+        // the WAL's record of the commit index current after a graceful stop.
+        if let Err(e) = storage.append(&[], Some(&hs)) {
+            tracing::warn!(error = %e, "writing the last commit index failed");
+        }
+    }
     drop(appliers);
     let _ = applier.join();
     // A graceful stop leaves sled flushed, so the next start replays nothing.
@@ -229,8 +238,9 @@ fn run_jobs(
     jobs: &mut mpsc::Receiver<StorageJob>,
     events: &mpsc::Sender<StorageEvent>,
     appliers: &Appliers,
-) {
+) -> Option<HardState> {
     let mut receiving: Option<Receiving> = None;
+    let mut deferred: Option<HardState> = None;
     let mut batch = Vec::with_capacity(GROUP_JOBS_MAX);
     while let Some(first) = jobs.blocking_recv() {
         batch.push(first);
@@ -240,18 +250,28 @@ fn run_jobs(
                 Err(_) => break,
             }
         }
-        if let Err(why) = process(storage, &mut batch, &mut receiving, events, appliers) {
+        let result = process(
+            storage,
+            &mut batch,
+            &mut receiving,
+            &mut deferred,
+            events,
+            appliers,
+        );
+        if let Err(why) = result {
             tracing::error!(error = %why, "storage failed; stopping the node");
             let _ = events.blocking_send(StorageEvent::Failed(why));
-            return;
+            return None;
         }
     }
+    deferred
 }
 
 fn process(
     storage: &mut NodeStorage,
     batch: &mut Vec<StorageJob>,
     receiving: &mut Option<Receiving>,
+    deferred: &mut Option<HardState>,
     events: &mpsc::Sender<StorageEvent>,
     appliers: &Appliers,
 ) -> Result<(), String> {
@@ -269,10 +289,13 @@ fn process(
                     flush(
                         storage,
                         std::mem::replace(&mut group, Group::new()),
+                        deferred,
                         events,
                         appliers,
                     )?;
                     appliers.drain()?;
+                    // A commit index held back from before the snapshot is below it: moot.
+                    *deferred = None;
                     install_snapshot(storage, &meta, hard_state.as_ref())?;
                     send(
                         events,
@@ -293,7 +316,7 @@ fn process(
             }
         }
     }
-    flush(storage, group, events, appliers)
+    flush(storage, group, deferred, events, appliers)
 }
 
 fn send(events: &mpsc::Sender<StorageEvent>, event: StorageEvent) -> Result<(), String> {
@@ -302,17 +325,45 @@ fn send(events: &mpsc::Sender<StorageEvent>, event: StorageEvent) -> Result<(), 
         .map_err(|_| "the consensus task is gone".to_string())
 }
 
-/// One append + fsync for the group, then its applies (on the apply thread) and a
-/// compaction if due.
+/// One append + fsync for the group, its applies (on the apply thread) and a compaction if
+/// due.
+///
+/// Two things keep the fsync off the path of a write that is already committed:
+/// - Committed entries that are durable in the WAL already (below this group's first entry
+///   and at or below the WAL's last index) go to the apply thread **before** the append, so
+///   the apply overlaps the fsync; the rest wait for it (a follower may learn that an entry
+///   is committed in the same `Ready` that hands it the entry).
+/// - A hard state whose term and vote are already durable changes only the commit index,
+///   which promises nothing to anyone (etcd's `MustSync` makes the same call): with no entries
+///   to write it is held back in `deferred` and written with the next append. Recovery copes
+///   with a durable commit index behind the applied one (the core restarts from the larger).
 fn flush(
     storage: &mut NodeStorage,
-    group: Group,
+    mut group: Group,
+    deferred: &mut Option<HardState>,
     events: &mpsc::Sender<StorageEvent>,
     appliers: &Appliers,
 ) -> Result<(), String> {
-    if !group.entries.is_empty() || group.hard_state.is_some() {
+    let durable_last = storage.wal().last_index();
+    let first_new = group.entries.first().map_or(u64::MAX, |e| e.index);
+    let ready_now = group
+        .committed
+        .partition_point(|e| e.index <= durable_last && e.index < first_new);
+    let after_fsync = group.committed.split_off(ready_now);
+    if !group.committed.is_empty() {
+        appliers.apply(std::mem::take(&mut group.committed))?;
+    }
+    // The group's hard state, if any, is newer than the one held back.
+    let hard_state = group.hard_state.or(deferred.take());
+    let durable = storage.wal().hard_state();
+    let must_sync = hard_state
+        .as_ref()
+        .is_some_and(|hs| hs.term != durable.term || hs.vote != durable.vote);
+    if group.entries.is_empty() && !must_sync {
+        *deferred = hard_state.filter(|hs| *hs != durable);
+    } else {
         storage
-            .append(&group.entries, group.hard_state.as_ref())
+            .append(&group.entries, hard_state.as_ref())
             .map_err(|e| format!("wal append: {e}"))?;
     }
     if !group.entries.is_empty() || !group.after_persist.is_empty() {
@@ -324,8 +375,8 @@ fn flush(
             },
         )?;
     }
-    if !group.committed.is_empty() {
-        appliers.apply(group.committed)?;
+    if !after_fsync.is_empty() {
+        appliers.apply(after_fsync)?;
     }
     if storage.compaction_due() {
         let report = storage.compact().map_err(|e| format!("compaction: {e}"))?;
