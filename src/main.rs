@@ -8,6 +8,11 @@
 mod cli;
 
 use clap::Parser;
+
+/// mimalloc instead of glibc's malloc: the request path allocates small buffers on several
+/// threads, and glibc's arenas showed up as ~10 % of a node's CPU under load (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {

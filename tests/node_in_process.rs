@@ -43,6 +43,7 @@ fn config(id: u64, ports: &Ports, root: &Path, snapshot_every: u64) -> NodeConfi
         election_timeout_ms: 150,
         snapshot_every,
         catchup_margin: 10,
+        cache_mb: 16,
         request_timeout_ms: 5000,
         limits: Limits::default(),
         lease_reads: false,

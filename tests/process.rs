@@ -140,10 +140,15 @@ impl Cluster {
                 libc::kill(c.id() as i32, libc::SIGTERM);
             }
             let status = c.wait().unwrap();
-            assert!(
-                status.success(),
-                "node {id} did not exit cleanly on SIGTERM: {status}"
-            );
+            if !status.success() {
+                let log = std::fs::read_to_string(self.root.path().join(format!("node{id}.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                panic!(
+                    "node {id} did not exit cleanly on SIGTERM: {status}; its log ends:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
         }
     }
 

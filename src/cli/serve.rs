@@ -42,6 +42,10 @@ pub struct ServeArgs {
     /// Entries kept in the WAL below each compaction point for lagging followers.
     #[arg(long, env = "RAFTKV_CATCHUP_MARGIN", value_name = "N")]
     pub catchup_margin: Option<u64>,
+    /// sled's page cache for the key-value state, in MiB (default 64; the OS page cache
+    /// holds the rest of the data files).
+    #[arg(long, env = "RAFTKV_CACHE_MB", value_name = "MIB")]
+    pub cache_mb: Option<u64>,
     /// Leader heartbeat interval (one consensus tick).
     #[arg(long, env = "RAFTKV_HEARTBEAT_MS", value_name = "MS")]
     pub heartbeat_ms: Option<u64>,
@@ -68,6 +72,7 @@ struct FileConfig {
     heartbeat_ms: Option<u64>,
     election_timeout_ms: Option<u64>,
     catchup_margin: Option<u64>,
+    cache_mb: Option<u64>,
     request_timeout_ms: Option<u64>,
 }
 
@@ -154,6 +159,7 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<NodeConfig> {
             .or(file.snapshot_every)
             .unwrap_or(10_000),
         catchup_margin: args.catchup_margin.or(file.catchup_margin).unwrap_or(5_000),
+        cache_mb: args.cache_mb.or(file.cache_mb).unwrap_or(64),
         request_timeout_ms: file.request_timeout_ms.unwrap_or(5_000),
         limits: Limits::default(),
         lease_reads: false,
@@ -169,6 +175,9 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        // Before anything slow: a SIGTERM that arrives while storage is still being
+        // recovered must stop the node gracefully once it is up, not kill it.
+        let signals = ShutdownSignals::install();
         let running = node::start(config.clone()).await.with_context(|| {
             format!(
                 "node {} cannot start from {}",
@@ -176,29 +185,43 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
                 config.data_dir.display()
             )
         })?;
-        running.run_until(shutdown_signal()).await?;
+        running.run_until(signals.recv()).await?;
         tracing::info!("node stopped");
         Ok(ExitCode::SUCCESS)
     })
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
+/// SIGTERM and SIGINT, caught from the moment they are installed (a signal that arrives
+/// before [`ShutdownSignals::recv`] is waited on is kept, not lost).
+struct ShutdownSignals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignals {
+    fn install() -> ShutdownSignals {
+        use tokio::signal::unix::{signal, SignalKind};
+        ShutdownSignals {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
         }
     }
-    tracing::info!("shutdown signal received; stopping gracefully");
+
+    /// Resolves on SIGTERM or SIGINT.
+    async fn recv(self) {
+        match (self.term, self.int) {
+            (Some(mut term), Some(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        tracing::info!("shutdown signal received; stopping gracefully");
+    }
 }
 
 #[cfg(test)]

@@ -3,34 +3,60 @@
 //! Invariants kept here:
 //! - `messages_after_persist` leave only after the storage thread reported the fsync that
 //!   covers them (they ride with the job and come back in `Persisted`).
-//! - A proposal is answered when the entry at its index is applied: success if the applied
-//!   entry has the proposal's term, "not applied" if another entry took that index, "outcome
-//!   unknown" (504, from the waiting handler) if neither happens in time.
+//! - A proposal is registered in [`Pending`] under its index and term and answered by the
+//!   apply thread (see [`super::apply`]); "outcome unknown" (504) comes from the waiting
+//!   handler if neither happens in time.
+//! - Committed entries go straight to the apply thread, in order; a snapshot install is a
+//!   rendezvous point in that same queue, queued before anything committed after it.
 //! - A read is answered only from a `ReadState` (leadership confirmed after it arrived, its
 //!   index applied) or dropped with "retry".
 
+use super::apply::{ApplyJob, Pending};
 use super::peer::{PeerMessage, SnapshotChunk, SNAPSHOT_CHUNK_BYTES};
-use super::service::{ProposalOutcome, Request};
+use super::service::Request;
 use super::storage_loop::{StorageEvent, StorageJob};
 use super::NodeConfig;
 use crate::api::{ClusterStatus, LeaderHint, LeaderInfo, MemberStatus, ServiceError};
 use crate::raft::{Message, MessageBody, Raft, RaftError, Ready, Role};
 use crate::transport::{PeerTransport, SendError, TransportEvent};
-use raftkv_storage::command::CommandOutcome;
-use raftkv_storage::sm::{EntryOutcome, StateMachine};
+use raftkv_storage::sm::StateMachine;
 use raftkv_storage::snapshot::SnapshotStore;
 use raftkv_storage::NodeId;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
-/// The most proposals waiting for their entry to apply.
-pub const PENDING_PROPOSALS_MAX: usize = 65_536;
-
-type ProposalReply = oneshot::Sender<Result<ProposalOutcome, ServiceError>>;
 type ReadReply = oneshot::Sender<Result<(u64, NodeId), ServiceError>>;
+
+/// The consensus task's side of the apply thread.
+pub struct ApplyQueue {
+    pub jobs: std::sync::mpsc::SyncSender<ApplyJob>,
+    pub pending: Arc<Pending>,
+    /// Notified after every applied batch.
+    pub applied: Arc<Notify>,
+    /// Why the apply thread stopped, if it failed.
+    pub failed: mpsc::Receiver<String>,
+}
+
+impl ApplyQueue {
+    /// Queues `job` in order; waits (without blocking the runtime) while the queue is full.
+    async fn push(&self, mut job: ApplyJob) -> Result<(), super::NodeError> {
+        loop {
+            match self.jobs.try_send(job) {
+                Ok(()) => return Ok(()),
+                Err(std::sync::mpsc::TrySendError::Full(back)) => {
+                    job = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                    return Err(super::NodeError::Stopped("the apply thread is gone".into()))
+                }
+            }
+        }
+    }
+}
 
 /// The consensus task's state.
 pub struct Driver {
@@ -41,12 +67,13 @@ pub struct Driver {
     snapshots: Arc<SnapshotStore>,
     sm: Arc<StateMachine>,
     jobs: mpsc::Sender<StorageJob>,
+    applies: ApplyQueue,
     shutdown: watch::Sender<bool>,
     tick_ms: u64,
     peers: BTreeMap<NodeId, String>,
     client_url: String,
-    /// Proposals by log index: (term, reply).
-    proposals: BTreeMap<u64, (u64, ProposalReply)>,
+    /// Proposals waiting for their entry, answered by the apply thread.
+    pending: Arc<Pending>,
     reads: BTreeMap<u64, ReadReply>,
     next_read_id: u64,
     snapshot_index: u64,
@@ -58,7 +85,9 @@ pub struct Driver {
 }
 
 impl Driver {
-    /// A driver for `raft`, talking to the storage thread through `jobs`.
+    /// A driver for `raft`, talking to the storage thread through `jobs` and to the apply
+    /// thread through `applies`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: &NodeConfig,
         raft: Raft,
@@ -66,8 +95,10 @@ impl Driver {
         snapshots: Arc<SnapshotStore>,
         sm: Arc<StateMachine>,
         jobs: mpsc::Sender<StorageJob>,
+        applies: ApplyQueue,
         shutdown: watch::Sender<bool>,
     ) -> Driver {
+        let pending = applies.pending.clone();
         let snapshot_index = raft.log().base_index();
         let (snapshot_done_tx, snapshot_done_rx) = mpsc::channel(64);
         Driver {
@@ -78,11 +109,12 @@ impl Driver {
             snapshots,
             sm,
             jobs,
+            applies,
             shutdown,
             tick_ms: config.heartbeat_ms,
             peers: config.peers.clone(),
             client_url: config.client_url.clone(),
-            proposals: BTreeMap::new(),
+            pending,
             reads: BTreeMap::new(),
             next_read_id: 1,
             snapshot_index,
@@ -102,6 +134,10 @@ impl Driver {
     ) -> Result<(), super::NodeError> {
         let mut ticker = tokio::time::interval(Duration::from_millis(self.tick_ms));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One `Notified` kept across iterations (re-armed when it fires): creating one per
+        // iteration costs a lock on the waiter list every time round the loop.
+        let applied = self.applies.applied.clone();
+        let mut applied_notified = Box::pin(applied.notified());
         let result = loop {
             tokio::select! {
                 // Biased, with the timer before the queues: under a steady stream of messages
@@ -114,6 +150,11 @@ impl Driver {
                         break Err(e);
                     }
                 }
+                _ = &mut applied_notified => {
+                    applied_notified.set(applied.notified());
+                    self.raft.applied(self.sm.applied_index());
+                }
+                Some(why) = self.applies.failed.recv() => break Err(super::NodeError::Stopped(why)),
                 Some((peer, ok)) = self.snapshot_done_rx.recv() => {
                     self.sending_snapshots.remove(&peer);
                     self.raft.snapshot_sent(peer, ok);
@@ -134,9 +175,7 @@ impl Driver {
     }
 
     fn fail_all(&mut self, why: &str) {
-        for (_, (_, reply)) in std::mem::take(&mut self.proposals) {
-            let _ = reply.send(Err(ServiceError::Unavailable(why.into())));
-        }
+        self.pending.fail_all(why);
         for (_, reply) in std::mem::take(&mut self.reads) {
             let _ = reply.send(Err(ServiceError::Unavailable(why.into())));
         }
@@ -145,54 +184,8 @@ impl Driver {
     fn on_storage(&mut self, ev: StorageEvent) -> Result<(), super::NodeError> {
         match ev {
             StorageEvent::Persisted {
-                last,
-                after_persist,
-            } => {
-                if let Some((index, term)) = last {
-                    self.raft.persisted(index, term);
-                }
-                for m in after_persist {
-                    self.send(m);
-                }
-            }
-            StorageEvent::Applied { index, entries } => {
-                for applied in entries {
-                    let Some((term, reply)) = self.proposals.remove(&applied.index) else {
-                        continue;
-                    };
-                    let result = if term == applied.term {
-                        Ok(match applied.outcome {
-                            EntryOutcome::Command(CommandOutcome::Delete { existed }) => {
-                                ProposalOutcome {
-                                    index: applied.index,
-                                    deleted: existed,
-                                }
-                            }
-                            _ => ProposalOutcome {
-                                index: applied.index,
-                                deleted: false,
-                            },
-                        })
-                    } else {
-                        Err(ServiceError::Unavailable(
-                            "leadership changed before the write committed; it was not applied"
-                                .into(),
-                        ))
-                    };
-                    let _ = reply.send(result);
-                }
-                // Proposals at indexes that were applied with no entry reported (covered by an
-                // installed snapshot) can no longer be matched: their outcome is unknown.
-                let stale: Vec<u64> = self.proposals.range(..=index).map(|(i, _)| *i).collect();
-                for i in stale {
-                    if let Some((_, reply)) = self.proposals.remove(&i) {
-                        let _ = reply.send(Err(ServiceError::Timeout(
-                            "the entry was covered by a snapshot before its result was seen".into(),
-                        )));
-                    }
-                }
-                self.raft.applied(index);
-            }
+                last: (index, term),
+            } => self.raft.persisted(index, term),
             StorageEvent::Compacted {
                 index,
                 term,
@@ -270,7 +263,7 @@ impl Driver {
     fn on_request(&mut self, req: Request) {
         match req {
             Request::Propose { payload, reply } => {
-                if self.proposals.len() >= PENDING_PROPOSALS_MAX {
+                if self.pending.len() >= super::apply::PENDING_PROPOSALS_MAX {
                     let _ = reply.send(Err(ServiceError::Unavailable(
                         "too many writes in flight".into(),
                     )));
@@ -278,9 +271,10 @@ impl Driver {
                 }
                 match self.raft.propose(payload) {
                     Ok((index, term)) => {
-                        if let Some((_, old)) = self.proposals.insert(index, (term, reply)) {
-                            let _ = old.send(Err(ServiceError::Unavailable(
-                                "another write took this log position; it was not applied".into(),
+                        // Only this task inserts, after the check above: this cannot be full.
+                        if let Err(reply) = self.pending.insert(index, term, reply) {
+                            let _ = reply.send(Err(ServiceError::Unavailable(
+                                "too many writes in flight".into(),
                             )));
                         }
                     }
@@ -396,14 +390,7 @@ impl Driver {
     }
 
     fn send(&self, m: Message) {
-        let to = m.to;
-        match self.transport.send(to, PeerMessage::Raft(m)) {
-            Ok(()) => {}
-            Err(SendError::QueueFull(_)) => {
-                tracing::debug!(peer = to, "peer queue full; message dropped");
-            }
-            Err(e) => tracing::debug!(peer = to, error = %e, "message not sent"),
-        }
+        super::storage_loop::send_message(&self.transport, m);
     }
 
     /// Takes every `Ready` the core has and dispatches it.
@@ -412,6 +399,21 @@ impl Driver {
             let rd: Ready = self.raft.ready();
             if rd.is_empty() {
                 return Ok(());
+            }
+            // The install's point in the apply queue comes before anything committed after it.
+            let install = match rd.snapshot {
+                Some(meta) => {
+                    let (apply_point, storage_half) = super::apply::install_sync();
+                    self.applies.push(apply_point).await?;
+                    Some((meta, storage_half))
+                }
+                None => None,
+            };
+            // First, so the apply (and the write's answer) starts before anything else here.
+            // Committed entries are durable here already (the core hands out only entries at or
+            // below what was reported persisted): they need not wait for the storage thread.
+            if !rd.committed.is_empty() {
+                self.applies.push(ApplyJob::Entries(rd.committed)).await?;
             }
             for m in rd.messages_now {
                 self.send(m);
@@ -432,17 +434,15 @@ impl Driver {
                 self.start_snapshot_send(send.to, send.term);
             }
             let durable = rd.hard_state.is_some()
-                || rd.snapshot.is_some()
+                || install.is_some()
                 || !rd.entries.is_empty()
-                || !rd.messages_after_persist.is_empty()
-                || !rd.committed.is_empty();
+                || !rd.messages_after_persist.is_empty();
             if durable {
                 let job = StorageJob::Ready {
                     hard_state: rd.hard_state,
-                    install: rd.snapshot,
+                    install,
                     entries: rd.entries,
                     after_persist: rd.messages_after_persist,
-                    committed: rd.committed,
                 };
                 self.jobs
                     .send(job)

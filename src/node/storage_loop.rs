@@ -4,29 +4,28 @@
 //! - **Group commit.** It takes one job, then every job already queued (up to
 //!   [`GROUP_JOBS_MAX`]), merges their hard states (last wins) and entries (a later batch that
 //!   starts at or below an earlier one's end replaces that suffix) into **one WAL append — one
-//!   write, one fdatasync** — and only then reports them persisted, with the messages that had
-//!   to wait for that fsync. So everything that became ready while the previous fsync ran goes
-//!   into the next one.
-//! - **Apply** runs on its own thread: the group's committed entries go to the apply thread
-//!   through a bounded queue as soon as they are durable (before the group's fsync when they
-//!   were written by an earlier group), so fsyncs overlap the sled writes; the apply thread
-//!   reports what each entry did, so waiting proposals answer.
+//!   write, one fdatasync** — and only then sends the messages that had to wait for that fsync
+//!   (straight to the transport: no hop back through the consensus task) and reports the log
+//!   persisted. So everything that became ready while the previous fsync ran goes into the
+//!   next one.
 //! - **Commit-only hard states are not fsynced** on their own (see [`flush`]).
 //! - **Compact** when `snapshot_every` entries were applied since the last time (the apply
-//!   thread advances the state machine; this thread flushes it, marks the WAL and purges).
-//! - **Install** a received snapshot file (it is ordered with the appends: everything queued
-//!   before it is persisted and applied first).
+//!   thread, [`super::apply`], advances the state machine; this thread flushes it, marks the
+//!   WAL and purges).
+//! - **Install** a received snapshot file, ordered with the appends (everything queued before
+//!   it is persisted first) and with the applies (the apply thread stops at the install's
+//!   point in its queue until the state machine is swapped).
 //! - **Receive** snapshot chunks into a temp file in `snap/`, in order; the last one is synced,
 //!   renamed into place, and reported so the core can be told to install it.
 //!
 //! Any storage failure is fatal: the thread reports it and stops; the node shuts down and
 //! recovery on restart sorts out the disk (the WAL is poisoned after a failed fsync anyway).
 
-use super::peer::SnapshotChunk;
+use super::apply::InstallSync;
+use super::peer::{PeerMessage, SnapshotChunk};
 use crate::raft::Message;
+use crate::transport::PeerTransport;
 use raftkv_storage::node_storage::NodeStorage;
-use raftkv_storage::sm::AppliedEntry;
-use raftkv_storage::sm::StateMachine;
 use raftkv_storage::snapshot::{self, SnapshotFile};
 use raftkv_storage::{Entry, HardState, NodeId, SnapshotMeta};
 use std::fs::File;
@@ -37,71 +36,6 @@ use tokio::sync::mpsc;
 
 /// The most queued jobs merged into one group commit.
 pub const GROUP_JOBS_MAX: usize = 1024;
-/// Committed batches queued for the apply thread.
-pub const APPLY_QUEUE_MAX: usize = 1024;
-
-/// Work for the apply thread.
-enum ApplyJob {
-    Entries(Vec<Entry>),
-    /// Answered once everything queued before it is applied.
-    Barrier(std::sync::mpsc::SyncSender<()>),
-}
-
-/// The apply thread: applies committed entries to the shared state machine, in order.
-fn run_apply(
-    sm: Arc<StateMachine>,
-    jobs: std::sync::mpsc::Receiver<ApplyJob>,
-    events: mpsc::Sender<StorageEvent>,
-) {
-    for job in jobs {
-        match job {
-            ApplyJob::Entries(entries) => match sm.apply(&entries) {
-                Ok(applied) => {
-                    let index = sm.applied_index();
-                    if events
-                        .blocking_send(StorageEvent::Applied {
-                            index,
-                            entries: applied,
-                        })
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "apply failed; stopping the node");
-                    let _ = events.blocking_send(StorageEvent::Failed(format!("apply: {e}")));
-                    return;
-                }
-            },
-            ApplyJob::Barrier(done) => {
-                let _ = done.send(());
-            }
-        }
-    }
-}
-
-struct Appliers {
-    jobs: std::sync::mpsc::SyncSender<ApplyJob>,
-}
-
-impl Appliers {
-    fn apply(&self, entries: Vec<Entry>) -> Result<(), String> {
-        self.jobs
-            .send(ApplyJob::Entries(entries))
-            .map_err(|_| "the apply thread stopped".to_string())
-    }
-
-    /// Waits until everything queued so far is applied.
-    fn drain(&self) -> Result<(), String> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.jobs
-            .send(ApplyJob::Barrier(tx))
-            .map_err(|_| "the apply thread stopped".to_string())?;
-        rx.recv()
-            .map_err(|_| "the apply thread stopped".to_string())
-    }
-}
 
 /// Work for the storage thread.
 #[derive(Debug)]
@@ -109,10 +43,10 @@ pub enum StorageJob {
     /// The durable part of one `Ready`.
     Ready {
         hard_state: Option<HardState>,
-        install: Option<SnapshotMeta>,
+        /// A received snapshot to install, with the apply thread's rendezvous for it.
+        install: Option<(SnapshotMeta, InstallSync)>,
         entries: Vec<Entry>,
         after_persist: Vec<Message>,
-        committed: Vec<Entry>,
     },
     /// A piece of a snapshot file from `from`.
     Chunk { from: NodeId, chunk: SnapshotChunk },
@@ -121,17 +55,8 @@ pub enum StorageJob {
 /// What the storage thread reports back.
 #[derive(Debug)]
 pub enum StorageEvent {
-    /// Durable: the log up to `last` (index, term) if any entries were written, and the hard
-    /// state; `after_persist` may now be sent.
-    Persisted {
-        last: Option<(u64, u64)>,
-        after_persist: Vec<Message>,
-    },
-    /// These entries are applied, in order.
-    Applied {
-        index: u64,
-        entries: Vec<AppliedEntry>,
-    },
+    /// Durable: the log up to (index, term), and the hard state.
+    Persisted { last: (u64, u64) },
     /// The log up to (`index`, `term`) may leave memory: it is in sled and marked in the WAL.
     Compacted {
         index: u64,
@@ -159,7 +84,6 @@ struct Group {
     hard_state: Option<HardState>,
     entries: Vec<Entry>,
     after_persist: Vec<Message>,
-    committed: Vec<Entry>,
 }
 
 impl Group {
@@ -168,17 +92,10 @@ impl Group {
             hard_state: None,
             entries: Vec::new(),
             after_persist: Vec::new(),
-            committed: Vec::new(),
         }
     }
 
-    fn merge(
-        &mut self,
-        hard_state: Option<HardState>,
-        entries: Vec<Entry>,
-        after: Vec<Message>,
-        committed: Vec<Entry>,
-    ) {
+    fn merge(&mut self, hard_state: Option<HardState>, entries: Vec<Entry>, after: Vec<Message>) {
         if hard_state.is_some() {
             self.hard_state = hard_state;
         }
@@ -188,59 +105,34 @@ impl Group {
         }
         self.entries.extend(entries);
         self.after_persist.extend(after);
-        self.committed.extend(committed);
     }
+}
+
+/// The storage thread's state between groups.
+struct StorageLoop {
+    storage: NodeStorage,
+    transport: Arc<PeerTransport<PeerMessage>>,
+    events: mpsc::Sender<StorageEvent>,
+    /// A snapshot file being received.
+    receiving: Option<Receiving>,
+    /// A hard state that changed only the commit index, not yet written (see [`flush`]).
+    deferred: Option<HardState>,
 }
 
 /// Runs the storage thread until the job channel closes or storage fails.
 pub fn run(
-    mut storage: NodeStorage,
+    storage: NodeStorage,
+    transport: Arc<PeerTransport<PeerMessage>>,
     mut jobs: mpsc::Receiver<StorageJob>,
     events: mpsc::Sender<StorageEvent>,
 ) {
-    let (apply_tx, apply_rx) = std::sync::mpsc::sync_channel(APPLY_QUEUE_MAX);
-    let sm = storage.shared_sm();
-    let apply_events = events.clone();
-    let applier = match std::thread::Builder::new()
-        .name("raftkv-apply".into())
-        .spawn(move || run_apply(sm, apply_rx, apply_events))
-    {
-        Ok(handle) => handle,
-        Err(e) => {
-            let _ = events.blocking_send(StorageEvent::Failed(format!(
-                "cannot start the apply thread: {e}"
-            )));
-            return;
-        }
+    let mut state = StorageLoop {
+        storage,
+        transport,
+        events,
+        receiving: None,
+        deferred: None,
     };
-    let appliers = Appliers { jobs: apply_tx };
-    let deferred = run_jobs(&mut storage, &mut jobs, &events, &appliers);
-    if let Some(hs) = deferred {
-        // Not needed for safety (restart takes the larger of commit and applied); it keeps
-        // the WAL's record of the commit index current after a graceful stop.
-        if let Err(e) = storage.append(&[], Some(&hs)) {
-            tracing::warn!(error = %e, "writing the last commit index failed");
-        }
-    }
-    drop(appliers);
-    let _ = applier.join();
-    // A graceful stop leaves sled flushed, so the next start replays nothing.
-    match storage.sm().flush() {
-        Ok(at) => tracing::info!(applied_index = at.index, "state machine flushed"),
-        Err(e) => {
-            tracing::warn!(error = %e, "final state machine flush failed; the WAL still has everything")
-        }
-    }
-}
-
-fn run_jobs(
-    storage: &mut NodeStorage,
-    jobs: &mut mpsc::Receiver<StorageJob>,
-    events: &mpsc::Sender<StorageEvent>,
-    appliers: &Appliers,
-) -> Option<HardState> {
-    let mut receiving: Option<Receiving> = None;
-    let mut deferred: Option<HardState> = None;
     let mut batch = Vec::with_capacity(GROUP_JOBS_MAX);
     while let Some(first) = jobs.blocking_recv() {
         batch.push(first);
@@ -250,149 +142,170 @@ fn run_jobs(
                 Err(_) => break,
             }
         }
-        let result = process(
-            storage,
-            &mut batch,
-            &mut receiving,
-            &mut deferred,
-            events,
-            appliers,
-        );
-        if let Err(why) = result {
+        if let Err(why) = state.process(&mut batch) {
             tracing::error!(error = %why, "storage failed; stopping the node");
-            let _ = events.blocking_send(StorageEvent::Failed(why));
-            return None;
+            let _ = state.events.blocking_send(StorageEvent::Failed(why));
+            return;
         }
     }
-    deferred
+    if let Some(hs) = state.deferred.take() {
+        // Not needed for safety (restart takes the larger of commit and applied); it keeps
+        // the WAL's record of the commit index current after a graceful stop.
+        if let Err(e) = state.storage.append(&[], Some(&hs)) {
+            tracing::warn!(error = %e, "writing the last commit index failed");
+        }
+    }
 }
 
-fn process(
-    storage: &mut NodeStorage,
-    batch: &mut Vec<StorageJob>,
-    receiving: &mut Option<Receiving>,
-    deferred: &mut Option<HardState>,
-    events: &mpsc::Sender<StorageEvent>,
-    appliers: &Appliers,
-) -> Result<(), String> {
-    let mut group = Group::new();
-    for job in batch.drain(..) {
-        match job {
-            StorageJob::Ready {
-                hard_state,
-                install,
-                entries,
-                after_persist,
-                committed,
-            } => {
-                if let Some(meta) = install {
-                    flush(
-                        storage,
-                        std::mem::replace(&mut group, Group::new()),
-                        deferred,
-                        events,
-                        appliers,
-                    )?;
-                    appliers.drain()?;
-                    // A commit index held back from before the snapshot is below it: moot.
-                    *deferred = None;
-                    install_snapshot(storage, &meta, hard_state.as_ref())?;
-                    send(
-                        events,
-                        StorageEvent::Persisted {
-                            last: Some((meta.index, meta.term)),
-                            after_persist: Vec::new(),
-                        },
-                    )?;
-                    group.merge(None, entries, after_persist, committed);
-                } else {
-                    group.merge(hard_state, entries, after_persist, committed);
+/// Flushes sled once the apply thread is done, so the next start replays nothing. Called by
+/// the node after both threads stopped.
+pub fn flush_state_machine(sm: &raftkv_storage::sm::StateMachine) {
+    match sm.flush() {
+        Ok(at) => tracing::info!(applied_index = at.index, "state machine flushed"),
+        Err(e) => {
+            tracing::warn!(error = %e, "final state machine flush failed; the WAL still has everything")
+        }
+    }
+}
+
+impl StorageLoop {
+    fn process(&mut self, batch: &mut Vec<StorageJob>) -> Result<(), String> {
+        let mut group = Group::new();
+        for job in batch.drain(..) {
+            match job {
+                StorageJob::Ready {
+                    hard_state,
+                    install,
+                    entries,
+                    after_persist,
+                } => {
+                    if let Some((meta, sync)) = install {
+                        self.flush(std::mem::replace(&mut group, Group::new()))?;
+                        // A commit index held back from before the snapshot is below it.
+                        self.deferred = None;
+                        sync.reached
+                            .recv()
+                            .map_err(|_| "the apply thread stopped".to_string())?;
+                        install_snapshot(&mut self.storage, &meta, hard_state.as_ref())?;
+                        // The apply thread may go on past the install point.
+                        let _ = sync.installed.send(());
+                        self.send(StorageEvent::Persisted {
+                            last: (meta.index, meta.term),
+                        })?;
+                        group.merge(None, entries, after_persist);
+                    } else {
+                        group.merge(hard_state, entries, after_persist);
+                    }
                 }
-            }
-            StorageJob::Chunk { from, chunk } => {
-                if let Some(event) = receive_chunk(storage, receiving, from, chunk)? {
-                    send(events, event)?;
+                StorageJob::Chunk { from, chunk } => {
+                    let event = receive_chunk(&self.storage, &mut self.receiving, from, chunk)?;
+                    if let Some(event) = event {
+                        self.send(event)?;
+                    }
                 }
             }
         }
+        self.flush(group)
     }
-    flush(storage, group, deferred, events, appliers)
-}
 
-fn send(events: &mpsc::Sender<StorageEvent>, event: StorageEvent) -> Result<(), String> {
-    events
-        .blocking_send(event)
-        .map_err(|_| "the consensus task is gone".to_string())
-}
+    fn send(&self, event: StorageEvent) -> Result<(), String> {
+        self.events
+            .blocking_send(event)
+            .map_err(|_| "the consensus task is gone".to_string())
+    }
 
-/// One append + fsync for the group, its applies (on the apply thread) and a compaction if
-/// due.
-///
-/// Two things keep the fsync off the path of a write that is already committed:
-/// - Committed entries that are durable in the WAL already (below this group's first entry
-///   and at or below the WAL's last index) go to the apply thread **before** the append, so
-///   the apply overlaps the fsync; the rest wait for it (a follower may learn that an entry
-///   is committed in the same `Ready` that hands it the entry).
-/// - A hard state whose term and vote are already durable changes only the commit index,
-///   which promises nothing to anyone (etcd's `MustSync` makes the same call): with no entries
-///   to write it is held back in `deferred` and written with the next append. Recovery copes
-///   with a durable commit index behind the applied one (the core restarts from the larger).
-fn flush(
-    storage: &mut NodeStorage,
-    mut group: Group,
-    deferred: &mut Option<HardState>,
-    events: &mpsc::Sender<StorageEvent>,
-    appliers: &Appliers,
-) -> Result<(), String> {
-    let durable_last = storage.wal().last_index();
-    let first_new = group.entries.first().map_or(u64::MAX, |e| e.index);
-    let ready_now = group
-        .committed
-        .partition_point(|e| e.index <= durable_last && e.index < first_new);
-    let after_fsync = group.committed.split_off(ready_now);
-    if !group.committed.is_empty() {
-        appliers.apply(std::mem::take(&mut group.committed))?;
-    }
-    // The group's hard state, if any, is newer than the one held back.
-    let hard_state = group.hard_state.or(deferred.take());
-    let durable = storage.wal().hard_state();
-    let must_sync = hard_state
-        .as_ref()
-        .is_some_and(|hs| hs.term != durable.term || hs.vote != durable.vote);
-    if group.entries.is_empty() && !must_sync {
-        *deferred = hard_state.filter(|hs| *hs != durable);
-    } else {
-        storage
-            .append(&group.entries, hard_state.as_ref())
-            .map_err(|e| format!("wal append: {e}"))?;
-    }
-    if !group.entries.is_empty() || !group.after_persist.is_empty() {
-        send(
-            events,
-            StorageEvent::Persisted {
-                last: group.entries.last().map(|e| (e.index, e.term)),
-                after_persist: group.after_persist,
-            },
-        )?;
-    }
-    if !after_fsync.is_empty() {
-        appliers.apply(after_fsync)?;
-    }
-    if storage.compaction_due() {
-        let report = storage.compact().map_err(|e| format!("compaction: {e}"))?;
-        let keep_from = report.purged_upto;
-        if let Some(term) = storage.wal().term(keep_from) {
-            send(
-                events,
-                StorageEvent::Compacted {
+    /// One append + fsync for the group, then its waiting messages and a compaction if due.
+    ///
+    /// A hard state whose term and vote are already durable changes only the commit index,
+    /// which promises nothing to anyone (etcd's `MustSync` makes the same call): with no
+    /// entries to write it is held back in `deferred` and written with the next append.
+    /// Recovery copes with a durable commit index behind the applied one (the core restarts
+    /// from the larger of the two).
+    fn flush(&mut self, group: Group) -> Result<(), String> {
+        let plan = plan_hard_state(
+            group.hard_state,
+            self.deferred.take(),
+            &self.storage.wal().hard_state(),
+            !group.entries.is_empty(),
+        );
+        self.deferred = plan.defer;
+        if plan.append {
+            self.storage
+                .append(&group.entries, plan.write.as_ref())
+                .map_err(|e| format!("wal append: {e}"))?;
+        }
+        // Everything in the group is durable: what waited for it may leave.
+        for m in group.after_persist {
+            send_message(&self.transport, m);
+        }
+        if let Some(last) = group.entries.last() {
+            self.send(StorageEvent::Persisted {
+                last: (last.index, last.term),
+            })?;
+        }
+        if self.storage.compaction_due() {
+            let report = self
+                .storage
+                .compact()
+                .map_err(|e| format!("compaction: {e}"))?;
+            let keep_from = report.purged_upto;
+            if let Some(term) = self.storage.wal().term(keep_from) {
+                self.send(StorageEvent::Compacted {
                     index: keep_from,
                     term,
                     snapshot_index: report.snapshot.index,
-                },
-            )?;
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What to do with a group's hard state (see [`StorageLoop::flush`]).
+#[derive(Debug, PartialEq, Eq)]
+struct HardStatePlan {
+    /// Whether to append (and fsync) at all.
+    append: bool,
+    /// The hard state to write with the append.
+    write: Option<HardState>,
+    /// The hard state to hold back for a later append.
+    defer: Option<HardState>,
+}
+
+/// Appends when there are entries or the term or vote changed (a promise to other nodes);
+/// holds back a hard state that changed only the commit index.
+fn plan_hard_state(
+    group: Option<HardState>,
+    deferred: Option<HardState>,
+    durable: &HardState,
+    has_entries: bool,
+) -> HardStatePlan {
+    // The group's hard state, if any, is newer than the one held back.
+    let newest = group.or(deferred);
+    let must_sync = newest
+        .as_ref()
+        .is_some_and(|hs| hs.term != durable.term || hs.vote != durable.vote);
+    if has_entries || must_sync {
+        HardStatePlan {
+            append: true,
+            write: newest,
+            defer: None,
+        }
+    } else {
+        HardStatePlan {
+            append: false,
+            write: None,
+            defer: newest.filter(|hs| hs != durable),
         }
     }
-    Ok(())
+}
+
+/// Sends a Raft message; a full or closed peer queue drops it (Raft retries).
+pub fn send_message(transport: &PeerTransport<PeerMessage>, m: Message) {
+    let to = m.to;
+    if let Err(e) = transport.send(to, PeerMessage::Raft(m)) {
+        tracing::debug!(peer = to, error = %e, "message not sent");
+    }
 }
 
 fn install_snapshot(
@@ -522,6 +435,51 @@ mod tests {
     }
 
     #[test]
+    fn only_term_or_vote_changes_and_entries_force_an_fsync() {
+        let hs = |term, vote, commit| HardState { term, vote, commit };
+        let durable = hs(2, Some(1), 10);
+        // Commit-only: held back, nothing written.
+        let p = plan_hard_state(Some(hs(2, Some(1), 11)), None, &durable, false);
+        assert_eq!(
+            p,
+            HardStatePlan {
+                append: false,
+                write: None,
+                defer: Some(hs(2, Some(1), 11))
+            }
+        );
+        // Still commit-only: the newer one replaces what was held back.
+        let p = plan_hard_state(Some(hs(2, Some(1), 12)), p.defer, &durable, false);
+        assert_eq!(p.defer, Some(hs(2, Some(1), 12)));
+        assert!(!p.append);
+        // Entries arrive with no hard state of their own: the held-back one rides along.
+        let p = plan_hard_state(None, p.defer, &durable, true);
+        assert_eq!(
+            p,
+            HardStatePlan {
+                append: true,
+                write: Some(hs(2, Some(1), 12)),
+                defer: None
+            }
+        );
+        // A new term or vote is a promise: written and fsynced even with no entries.
+        for changed in [hs(3, None, 10), hs(2, Some(3), 10)] {
+            let p = plan_hard_state(Some(changed), Some(hs(2, Some(1), 11)), &durable, false);
+            assert_eq!(p.write, Some(changed));
+            assert!(p.append && p.defer.is_none());
+        }
+        // Nothing new at all: nothing to do.
+        assert_eq!(
+            plan_hard_state(None, None, &durable, false),
+            HardStatePlan {
+                append: false,
+                write: None,
+                defer: None
+            }
+        );
+    }
+
+    #[test]
     fn group_merge_keeps_the_last_hard_state_and_replaces_overlapping_suffixes() {
         let mut g = Group::new();
         let hs = |term| HardState {
@@ -529,15 +487,10 @@ mod tests {
             vote: Some(1),
             commit: 0,
         };
-        g.merge(
-            Some(hs(1)),
-            vec![e(1, 1), e(2, 1), e(3, 1)],
-            vec![],
-            vec![e(1, 1)],
-        );
-        g.merge(None, vec![e(4, 1)], vec![], vec![]);
+        g.merge(Some(hs(1)), vec![e(1, 1), e(2, 1), e(3, 1)], vec![]);
+        g.merge(None, vec![e(4, 1)], vec![]);
         // A new leader's entries replace the suffix from index 3.
-        g.merge(Some(hs(2)), vec![e(3, 2), e(4, 2)], vec![], vec![e(2, 1)]);
+        g.merge(Some(hs(2)), vec![e(3, 2), e(4, 2)], vec![]);
         assert_eq!(g.hard_state, Some(hs(2)));
         assert_eq!(
             g.entries
@@ -546,9 +499,8 @@ mod tests {
                 .collect::<Vec<_>>(),
             [(1, 1), (2, 1), (3, 2), (4, 2)]
         );
-        assert_eq!(g.committed.len(), 2);
         // An overwrite reaching below everything merged so far replaces all of it.
-        g.merge(None, vec![e(1, 3)], vec![], vec![]);
+        g.merge(None, vec![e(1, 3)], vec![]);
         assert_eq!(
             g.entries
                 .iter()
