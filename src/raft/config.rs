@@ -28,6 +28,16 @@ pub struct Config {
     /// process pauses (it cannot tell that time passed); requires `check_quorum`. Off by
     /// default.
     pub lease_reads: bool,
+    /// A follower told that its leader is unreachable ([`Raft::peer_unreachable`]: the
+    /// connection dropped, as it does at once when the leader's process dies) forgets that
+    /// leader and campaigns — PreVote first — after `1 + 2 × rank` ticks instead of a whole
+    /// election timeout, where `rank` counts the other voters with a lower id (so two
+    /// followers that lost the same leader do not split the vote). Safe: PreVote still needs a
+    /// quorum that also lost the leader, and a live leader's next message restores it. Ignored
+    /// with `lease_reads` (a lease relies on followers waiting out the timeout).
+    ///
+    /// [`Raft::peer_unreachable`]: super::Raft::peer_unreachable
+    pub fast_failover: bool,
     /// Most payload bytes in one AppendEntries message (at least one entry is always sent).
     pub max_append_bytes: u64,
     /// Most AppendEntries messages in flight to one follower in replicate state.
@@ -60,6 +70,7 @@ impl Config {
             pre_vote: true,
             check_quorum: true,
             lease_reads: false,
+            fast_failover: true,
             max_append_bytes: 1 << 20,
             max_inflight_msgs: 256,
             max_inflight_bytes: 32 << 20,

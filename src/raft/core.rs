@@ -76,6 +76,8 @@ pub struct Raft {
     role: Role,
     leader: Option<NodeId>,
     election_elapsed: u32,
+    /// Follower: the leader was reported unreachable and an early campaign is scheduled.
+    leader_lost: bool,
     heartbeat_elapsed: u32,
     election_timeout: u32,
     /// Local log durable up to here.
@@ -241,6 +243,7 @@ impl Raft {
             role: Role::Follower,
             leader: None,
             election_elapsed: 0,
+            leader_lost: false,
             heartbeat_elapsed: 0,
             election_timeout: 0,
             persisted: 0,
@@ -333,6 +336,7 @@ impl Raft {
     }
 
     fn reset_election_timeout(&mut self) {
+        self.leader_lost = false;
         self.election_elapsed = 0;
         self.election_timeout = self.rng.range(
             u64::from(self.config.election_timeout_min_ticks),
@@ -702,6 +706,39 @@ impl Raft {
                 pr.become_probe();
             }
         }
+        if self.role == Role::Follower
+            && self.leader == Some(peer)
+            && self.config.fast_failover
+            && !self.config.lease_reads
+        {
+            let rank = self
+                .peers()
+                .into_iter()
+                .filter(|&id| id != peer && id < self.config.id)
+                .count() as u32;
+            let soon = self.election_elapsed.saturating_add(1 + 2 * rank);
+            tracing::debug!(
+                id = self.config.id,
+                leader = peer,
+                in_ticks = 1 + 2 * rank,
+                "leader unreachable: campaigning early"
+            );
+            self.leader = None;
+            self.leader_lost = true;
+            self.election_timeout = self.election_timeout.min(soon);
+        }
+    }
+
+    /// A message from the leader of our term: follow it, and restart the election timer (with
+    /// a fresh random timeout if an early campaign had been scheduled when it was lost).
+    fn follow(&mut self, leader: NodeId) {
+        self.leader = Some(leader);
+        if self.leader_lost {
+            self.leader_lost = false;
+            self.reset_election_timeout();
+        } else {
+            self.election_elapsed = 0;
+        }
     }
 
     /// The node took a snapshot covering at least `index` (whose entry has `term`): drop the
@@ -861,8 +898,7 @@ impl Raft {
                 if self.role != Role::Follower {
                     self.become_follower(m.term, Some(m.from));
                 }
-                self.leader = Some(m.from);
-                self.election_elapsed = 0;
+                self.follow(m.from);
                 self.handle_append(m.from, prev_index, prev_term, entries, commit)?;
             }
             MessageBody::Heartbeat { commit, read_round } => {
@@ -872,8 +908,7 @@ impl Raft {
                 if self.role != Role::Follower {
                     self.become_follower(m.term, Some(m.from));
                 }
-                self.leader = Some(m.from);
-                self.election_elapsed = 0;
+                self.follow(m.from);
                 // The leader caps `commit` at what it knows we hold.
                 let commit = commit.min(self.log.last_index());
                 if commit > self.commit {
@@ -888,8 +923,7 @@ impl Raft {
                 if self.role != Role::Follower {
                     self.become_follower(m.term, Some(m.from));
                 }
-                self.leader = Some(m.from);
-                self.election_elapsed = 0;
+                self.follow(m.from);
                 self.handle_snapshot(m.from, meta);
             }
             MessageBody::TimeoutNow => {

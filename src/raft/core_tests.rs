@@ -546,3 +546,86 @@ fn restarted_follower_keeps_the_lease_promise_for_an_election_timeout() {
     let granted = vote(&mut r2);
     assert_eq!(granted.len(), 1, "answered after an election timeout");
 }
+
+/// A follower of leader 1 in a 3-voter cluster, having just heard a heartbeat.
+fn following(id: u64, lease_reads: bool) -> Raft {
+    let mut c = config(id);
+    c.election_timeout_min_ticks = 10;
+    c.election_timeout_max_ticks = 20;
+    c.lease_reads = lease_reads;
+    let mut r = Raft::bootstrap(c, Membership::with_voters([1, 2, 3]), 7).unwrap();
+    drain(&mut r);
+    r.step(Message {
+        from: 1,
+        to: id,
+        term: 2,
+        body: MessageBody::Heartbeat {
+            commit: 1,
+            read_round: 0,
+        },
+    })
+    .unwrap();
+    drain(&mut r);
+    r
+}
+
+/// Ticks until `r` sends a (pre-)vote request; returns the ticks it took.
+fn ticks_to_campaign(r: &mut Raft, max: u32) -> Option<u32> {
+    for t in 1..=max {
+        r.tick();
+        let asked = drain(r).iter().any(|rd| {
+            rd.messages_now
+                .iter()
+                .chain(&rd.messages_after_persist)
+                .any(|m| matches!(m.body, MessageBody::Vote { .. }))
+        });
+        if asked {
+            return Some(t);
+        }
+    }
+    None
+}
+
+#[test]
+fn a_follower_that_loses_its_leader_campaigns_early_staggered_by_rank() {
+    // Node 2 has no lower-id survivor: one tick. Node 3 ranks behind node 2: three ticks.
+    for (id, want) in [(2, 1), (3, 3)] {
+        let mut r = following(id, false);
+        r.peer_unreachable(1);
+        assert_eq!(r.leader(), None, "node {id} forgets the lost leader");
+        assert_eq!(ticks_to_campaign(&mut r, 30), Some(want), "node {id}");
+    }
+    // Losing a connection to a peer that is not the leader changes nothing.
+    let mut r = following(2, false);
+    r.peer_unreachable(3);
+    assert_eq!(r.leader(), Some(1));
+    assert!(ticks_to_campaign(&mut r, 9).is_none());
+}
+
+#[test]
+fn a_live_leaders_next_message_cancels_the_early_campaign() {
+    let mut r = following(3, false);
+    r.peer_unreachable(1);
+    r.step(Message {
+        from: 1,
+        to: 3,
+        term: 2,
+        body: MessageBody::Heartbeat {
+            commit: 1,
+            read_round: 0,
+        },
+    })
+    .unwrap();
+    assert_eq!(r.leader(), Some(1));
+    // A whole (fresh) election timeout again: at least the 10-tick minimum.
+    assert!(ticks_to_campaign(&mut r, 9).is_none());
+}
+
+#[test]
+fn no_early_campaign_when_leases_are_in_use() {
+    // A leader's lease relies on followers waiting out the election timeout.
+    let mut r = following(2, true);
+    r.peer_unreachable(1);
+    assert_eq!(r.leader(), Some(1));
+    assert!(ticks_to_campaign(&mut r, 9).is_none());
+}

@@ -12,7 +12,9 @@
 //!   stops and TCP flow control pushes back on the sender.
 //! - **Reconnect with exponential backoff** (`reconnect_backoff_min_ms` doubling to `_max_ms`).
 //!   Messages queued while disconnected wait (bounded); a connection error is reported once per
-//!   outage as [`TransportEvent::Unreachable`].
+//!   outage as [`TransportEvent::Unreachable`], and so is an inbound connection the peer
+//!   closed (a dead peer's kernel closes it at once: a follower learns its leader died
+//!   without waiting for an election timeout).
 //! - The writer batches: after one message it writes whatever else is queued (up to
 //!   `write_batch_bytes_max`) before one flush, so a burst costs one syscall.
 //!
@@ -92,7 +94,8 @@ pub enum TransportEvent<M> {
         from: NodeId,
         message: M,
     },
-    /// The connection to `peer` failed; messages to it are being lost or queued.
+    /// The connection to `peer` failed or `peer` closed its connection to us; messages to it
+    /// are being lost or queued.
     Unreachable {
         peer: NodeId,
     },
@@ -504,9 +507,21 @@ async fn run_reader<M: DeserializeOwned + Send + 'static>(
                     return; // the node is gone
                 }
             }
-            Err(FrameError::Closed) => return,
+            Err(FrameError::Closed) => {
+                // The peer closed its side: its process stopped or died (the kernel closes a
+                // killed process's sockets at once), or it is replacing the connection.
+                // Either way the node should know now rather than after a timeout.
+                tracing::info!(
+                    node = config.node_id,
+                    peer = from,
+                    "peer closed its connection"
+                );
+                let _ = events.try_send(TransportEvent::Unreachable { peer: from });
+                return;
+            }
             Err(e) => {
                 tracing::warn!(node = config.node_id, peer = from, error = %e, "bad frame from peer; closing connection");
+                let _ = events.try_send(TransportEvent::Unreachable { peer: from });
                 return;
             }
         }
