@@ -303,11 +303,14 @@ measure_rss() {
     local sys
     declare -gA RSS
     for sys in raftkv etcd; do
-        local total=0 r
+        local total=0 r secs=5
         log "writing $RSS_WRITES distinct keys into $sys (64 clients)"
         while ((total < RSS_WRITES)); do
-            r=$(run_wrk "$sys" 64 30s seq "$((KEY_SPACE + total))" 0)
+            r=$(run_wrk "$sys" 64 "${secs}s" seq "$((KEY_SPACE + total))" 0)
             total=$((total + $(awk '{ print $5 - $4 }' <<<"$r")))
+            # Size the next chunk from the rate just seen, so the run stops near the target.
+            secs=$(awk -v left="$((RSS_WRITES - total))" -v rate="$(awk '{ print $1 }' <<<"$r")" \
+                'BEGIN { s = (rate > 0) ? int(left / rate) + 1 : 5; if (s > 30) s = 30; if (s < 1) s = 1; print s }')
             log "  $sys: $total writes"
         done
         sleep 5

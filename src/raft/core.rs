@@ -158,7 +158,7 @@ impl Raft {
             }
         }
         let mut log = RaftLog::new(snapshot.index, snapshot.term);
-        let mut rest: &[Entry] = &entries;
+        let mut skip = 0;
         if let Some(first) = entries.first() {
             if first.index > snapshot.index + 1 {
                 return Err(RaftError::InvalidRestart(format!(
@@ -178,17 +178,18 @@ impl Raft {
                     _ => {}
                 }
                 log = RaftLog::new(first.index, first.term);
-                rest = &entries[1..];
+                skip = 1;
             }
-        }
-        for e in rest {
-            log.append(e.clone());
         }
         let mut membership = snapshot.membership.clone();
         for e in entries.iter().filter(|e| e.kind == EntryKind::Config) {
             membership = codec::decode(&e.payload).map_err(|err| {
                 RaftError::InvalidRestart(format!("config entry {}: {err}", e.index))
             })?;
+        }
+        // Moved, not cloned: with a long uncompacted log this is hundreds of megabytes.
+        for e in entries.into_iter().skip(skip) {
+            log.append(e);
         }
         if !membership.voters.contains(&config.id) {
             return Err(RaftError::InvalidRestart(format!(
@@ -506,7 +507,10 @@ impl Raft {
         self.ticks += 1;
         self.election_elapsed = self.election_elapsed.saturating_add(1);
         if self.role != Role::Leader {
-            if self.election_elapsed >= self.election_timeout {
+            // The only voter needs nobody's vote and can compete with no one: waiting out an
+            // election timeout would only delay a restarted single-node cluster.
+            let alone = self.membership.voters.len() == 1;
+            if alone || self.election_elapsed >= self.election_timeout {
                 let kind = if self.config.pre_vote {
                     Campaign::PreVote
                 } else {

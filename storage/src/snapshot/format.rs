@@ -216,12 +216,13 @@ pub struct SnapshotFileWriter {
     key_count: u64,
     kv_bytes: u64,
     last_key: Option<Vec<u8>>,
-    synced_upto: u64,
+    writeback_from: u64,
 }
 
-/// While writing, `sync_data` every this many bytes, so the disk works while the walk goes
-/// on instead of all at the end.
-const SYNC_EVERY_BYTES: u64 = 16 << 20;
+/// While writing, start writeback of every this many bytes (without waiting for it), so the
+/// disk works while the walk goes on and the final `sync_data` has little left. A blocking
+/// `sync_data` here instead held the writer ~35 ms per 16 MiB: 0.6 s of a 1.45 s snapshot.
+const WRITEBACK_EVERY_BYTES: u64 = 8 << 20;
 
 impl SnapshotFileWriter {
     /// Starts a snapshot of `meta` in `file` (which must be empty).
@@ -244,7 +245,7 @@ impl SnapshotFileWriter {
             key_count: 0,
             kv_bytes: 0,
             last_key: None,
-            synced_upto: 0,
+            writeback_from: 0,
         };
         let payload = encode_meta(&w.meta);
         w.write_chunk(KIND_META, &payload)?;
@@ -268,9 +269,10 @@ impl SnapshotFileWriter {
             .write_all_at(payload, self.offset + CHUNK_HEADER_BYTES as u64)?;
         self.offset += (CHUNK_HEADER_BYTES + payload.len()) as u64;
         self.seq += 1;
-        if self.offset - self.synced_upto >= SYNC_EVERY_BYTES {
-            self.file.sync_data()?;
-            self.synced_upto = self.offset;
+        if self.offset - self.writeback_from >= WRITEBACK_EVERY_BYTES {
+            self.file
+                .start_writeback(self.writeback_from, self.offset - self.writeback_from)?;
+            self.writeback_from = self.offset;
         }
         Ok(())
     }

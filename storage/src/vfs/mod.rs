@@ -55,6 +55,13 @@ pub trait VfsFile: Send + Sync {
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Makes every completed write durable (fdatasync).
     fn sync_data(&self) -> io::Result<()>;
+    /// A hint, not a durability point: start writing `len` bytes from `offset` back to disk
+    /// now, without waiting (Linux `sync_file_range(SYNC_FILE_RANGE_WRITE)`), so a later
+    /// `sync_data` of a large file has little left to do. The default does nothing.
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
     /// Reserves `len_bytes` of zeroed space (fallocate), so later appends need no block
     /// allocation; never shrinks the file.
     fn allocate(&self, len_bytes: u64) -> io::Result<()>;

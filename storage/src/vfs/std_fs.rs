@@ -31,6 +31,10 @@ impl VfsFile for StdFile {
         self.file.sync_data()
     }
 
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        start_writeback(&self.file, offset, len)
+    }
+
     fn allocate(&self, len_bytes: u64) -> io::Result<()> {
         allocate(&self.file, len_bytes)
     }
@@ -72,6 +76,31 @@ fn allocate(file: &File, len_bytes: u64) -> io::Result<()> {
 #[cfg(not(target_os = "linux"))]
 fn allocate(file: &File, len_bytes: u64) -> io::Result<()> {
     extend(file, len_bytes)
+}
+
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (
+        libc::off64_t::try_from(offset),
+        libc::off64_t::try_from(len),
+    ) else {
+        return Ok(()); // only a hint
+    };
+    // SAFETY: plain syscall on a valid, owned descriptor; it only starts writeback.
+    let rc = unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &File, _offset: u64, _len: u64) -> io::Result<()> {
+    Ok(())
 }
 
 fn extend(file: &File, len_bytes: u64) -> io::Result<()> {

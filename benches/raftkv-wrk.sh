@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# raftkv-wrk.sh: raftkv alone under wrk, for before/after numbers while optimizing.
+#
+# Starts a fresh 3-node raftkv cluster on loopback (data under $WORK), preloads KEY_SPACE keys,
+# then runs wrk against the leader with the same Lua script as compare-etcd.sh, once per
+# (clients, workload) cell, and prints wrk's RESULT line for each. Cheaper than the full etcd
+# comparison (no etcd, no failover, no RSS phase), so it can be run after every change.
+#
+# Usage: benches/raftkv-wrk.sh ["1 64 256"] ["put get"] [5s]
+# Settings (environment): VALUE_SIZE (256), KEY_SPACE (10000), WORK, RAFTKV_BIN, EXTRA (more
+# `raftkv serve` flags, e.g. EXTRA="--cache-mb 16").
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+CLIENTS=${1:-"1 64 256"}
+WORKLOADS=${2:-"put get"}
+DURATION=${3:-5s}
+VALUE_SIZE=${VALUE_SIZE:-256}
+KEY_SPACE=${KEY_SPACE:-10000}
+WORK=${WORK:-$ROOT/target/raftkv-wrk}
+RAFTKV_BIN=${RAFTKV_BIN:-$ROOT/target/release/raftkv}
+export COMPARE_LUA_DIR=$ROOT/benches/compare-etcd
+[[ -x $RAFTKV_BIN ]] || { echo "no raftkv binary at $RAFTKV_BIN (cargo build --release)" >&2; exit 1; }
+command -v wrk >/dev/null || { echo "wrk is missing (apt-get install wrk)" >&2; exit 1; }
+
+rm -rf "$WORK"
+mkdir -p "$WORK"
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null; wait' EXIT
+for i in 1 2 3; do
+    peers=""
+    for j in 1 2 3; do
+        [[ $j == "$i" ]] || peers+="${peers:+,}$j=127.0.0.1:1910$j"
+    done
+    # shellcheck disable=SC2086 # EXTRA is a list of flags
+    RUST_LOG=warn "$RAFTKV_BIN" serve --id "$i" --data-dir "$WORK/n$i" \
+        --client-addr "127.0.0.1:1810$i" --peer-addr "127.0.0.1:1910$i" \
+        --peers "$peers" --cluster-id raftkv-wrk ${EXTRA:-} >"$WORK/n$i.log" 2>&1 &
+    pids+=($!)
+done
+for _ in $(seq 300); do
+    curl -sf -X PUT -d '{"value":"x"}' http://127.0.0.1:18101/kv/warmup >/dev/null && break
+    sleep 0.2
+done
+leader=$(curl -sf http://127.0.0.1:18101/cluster/status | sed -n 's/.*"leader":{"id":\([0-9]*\).*/\1/p')
+[[ -n $leader ]] || { echo "no leader" >&2; exit 1; }
+url="http://127.0.0.1:1810$leader"
+wrk -t2 -c16 -d3s -s "$COMPARE_LUA_DIR/raftkv.lua" "$url" -- seq "$VALUE_SIZE" "$KEY_SPACE" 0 2 >/dev/null
+for c in $CLIENTS; do
+    for w in $WORKLOADS; do
+        t=$((c < 2 ? c : 2))
+        line=$(wrk -t"$t" -c"$c" -d"$DURATION" -s "$COMPARE_LUA_DIR/raftkv.lua" "$url" \
+            -- "$w" "$VALUE_SIZE" "$KEY_SPACE" 0 "$t" | grep '^RESULT')
+        echo "c=$c $w: $line" | awk '{ for (i = 3; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+            printf "%s %s %8.0f req/s  p50 %6.3f ms  p99 %6.3f ms  errors %d\n", $1, $2,
+                (v["requests"] - v["errors"]) / (v["duration_us"] / 1e6), v["p50_us"] / 1000,
+                v["p99_us"] / 1000, v["errors"] }'
+    done
+done
