@@ -30,7 +30,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -315,10 +315,28 @@ async fn run_writer<M: Serialize + Send + 'static>(
                 continue;
             }
         };
+        // The acceptor never writes after the handshake, so the read half only ever sees the
+        // peer going away. Watching it finds a dead or restarted peer at once, instead of at
+        // the next write — whose message the kernel would accept and then lose.
+        let (mut closed, stream) = stream.into_split();
         let mut writer = BufWriter::new(stream);
+        let mut probe = [0u8; 64];
         let failure = loop {
             let first = tokio::select! {
                 m = queue.recv() => m,
+                r = closed.read(&mut probe) => {
+                    break match r {
+                        Ok(0) => std::io::Error::new(
+                            std::io::ErrorKind::ConnectionAborted,
+                            "the peer closed the connection",
+                        ),
+                        Ok(_) => std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            "the peer sent data on a write-only connection",
+                        ),
+                        Err(e) => e,
+                    };
+                }
                 _ = shutdown.changed() => return,
             };
             let Some(first) = first else {

@@ -193,6 +193,43 @@ async fn a_dead_peer_fills_its_bounded_queue_then_catches_up_on_restart() {
     t2.shutdown().await;
 }
 
+/// A peer that restarts: both sides hear that it went away (its inbound connection to us and
+/// our outbound one to it both close), and the first message sent after its restart arrives —
+/// it must not be written into the dead connection and lost.
+#[tokio::test]
+async fn a_restarted_peer_is_noticed_at_once_and_gets_the_next_message() {
+    let (l1, a1) = bind().await;
+    let (l2, a2) = bind().await;
+    let (t1, mut rx1) =
+        PeerTransport::<Msg>::start_with_listener(config(1, &[(2, &a2)]), l1).unwrap();
+    let (t2, mut rx2) =
+        PeerTransport::<Msg>::start_with_listener(config(2, &[(1, &a1)]), l2).unwrap();
+    t1.send(2, "before".into()).unwrap();
+    assert_eq!(next_message(&mut rx2).await, (1, "before".to_string()));
+    t2.send(1, "hello".into()).unwrap();
+    assert_eq!(next_message(&mut rx1).await, (2, "hello".to_string()));
+
+    // Node 2 stops: node 1 is told, without sending anything.
+    t2.shutdown().await;
+    drop(rx2);
+    assert_eq!(next_unreachable(&mut rx1).await, 2);
+
+    // Node 2 comes back on the same address; node 1's next message must reach it.
+    let l2 = TcpListener::bind(&a2).await.unwrap();
+    let (t2, mut rx2) =
+        PeerTransport::<Msg>::start_with_listener(config(2, &[(1, &a1)]), l2).unwrap();
+    // Wait until node 2's own connection to node 1 is up (node 1 then knows it is back).
+    t2.send(1, "back".into()).unwrap();
+    assert_eq!(next_message(&mut rx1).await, (2, "back".to_string()));
+    t1.send(2, "first after restart".into()).unwrap();
+    assert_eq!(
+        next_message(&mut rx2).await,
+        (1, "first after restart".to_string())
+    );
+    t1.shutdown().await;
+    t2.shutdown().await;
+}
+
 #[test]
 fn self_and_zero_ids_are_configuration_errors() {
     let rt = tokio::runtime::Builder::new_current_thread()
