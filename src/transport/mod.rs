@@ -5,6 +5,9 @@
 //!   Raft tolerates lost messages, not unbounded memory: when a peer is slow or dead its queue
 //!   fills and [`PeerTransport::send`] fails at once with [`SendError::QueueFull`], which the
 //!   node reports to the consensus core as "peer unreachable".
+//! - The writer also watches its connection's read half: the acceptor never writes after the
+//!   handshake, so EOF there means the peer died or restarted, and the writer reconnects
+//!   before the next message would be written into a dead socket and lost.
 //! - **Inbound connections only read.** Each one starts with a handshake carrying the cluster
 //!   id, both node ids and the dialer's client URL; a dialer from another cluster, with an
 //!   unknown id, or addressing another node is refused (and logged) before any message is
