@@ -22,6 +22,7 @@
 //! want to measure. Performance is measured here, never asserted in tests.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use raftkv::check_disk::payload;
 use raftkv::storage::wal::{Wal, WalOptions};
 use raftkv::storage::{Entry, EntryKind};
 use std::path::{Path, PathBuf};
@@ -43,25 +44,13 @@ fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir_in(root).expect("create a temp dir for the bench")
 }
 
-fn payload(index: u64) -> Vec<u8> {
-    let mut x = index.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..PAYLOAD_BYTES)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn batch(first: u64, n: u64) -> Vec<Entry> {
     (first..first + n)
         .map(|index| Entry {
             index,
             term: 1,
             kind: EntryKind::Normal,
-            payload: payload(index),
+            payload: payload(index, PAYLOAD_BYTES),
         })
         .collect()
 }

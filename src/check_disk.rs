@@ -407,8 +407,8 @@ impl Vfs for TimedFs {
     }
 }
 
-/// Deterministic, incompressible-looking payload bytes.
-fn payload(index: u64, bytes: usize) -> Vec<u8> {
+/// Deterministic, incompressible-looking payload bytes (also used by `benches/wal.rs`).
+pub fn payload(index: u64, bytes: usize) -> Vec<u8> {
     let mut x = index.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     (0..bytes)
         .map(|_| {

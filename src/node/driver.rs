@@ -72,8 +72,6 @@ pub struct Driver {
     tick_ms: u64,
     peers: BTreeMap<NodeId, String>,
     client_url: String,
-    /// Proposals waiting for their entry, answered by the apply thread.
-    pending: Arc<Pending>,
     reads: BTreeMap<u64, ReadReply>,
     next_read_id: u64,
     snapshot_index: u64,
@@ -98,7 +96,6 @@ impl Driver {
         applies: ApplyQueue,
         shutdown: watch::Sender<bool>,
     ) -> Driver {
-        let pending = applies.pending.clone();
         let snapshot_index = raft.log().base_index();
         let (snapshot_done_tx, snapshot_done_rx) = mpsc::channel(64);
         Driver {
@@ -114,7 +111,6 @@ impl Driver {
             tick_ms: config.heartbeat_ms,
             peers: config.peers.clone(),
             client_url: config.client_url.clone(),
-            pending,
             reads: BTreeMap::new(),
             next_read_id: 1,
             snapshot_index,
@@ -175,7 +171,7 @@ impl Driver {
     }
 
     fn fail_all(&mut self, why: &str) {
-        self.pending.fail_all(why);
+        self.applies.pending.fail_all(why);
         for (_, reply) in std::mem::take(&mut self.reads) {
             let _ = reply.send(Err(ServiceError::Unavailable(why.into())));
         }
@@ -263,7 +259,7 @@ impl Driver {
     fn on_request(&mut self, req: Request) {
         match req {
             Request::Propose { payload, reply } => {
-                if self.pending.len() >= super::apply::PENDING_PROPOSALS_MAX {
+                if self.applies.pending.len() >= super::apply::PENDING_PROPOSALS_MAX {
                     let _ = reply.send(Err(ServiceError::Unavailable(
                         "too many writes in flight".into(),
                     )));
@@ -272,7 +268,7 @@ impl Driver {
                 match self.raft.propose(payload) {
                     Ok((index, term)) => {
                         // Only this task inserts, after the check above: this cannot be full.
-                        if let Err(reply) = self.pending.insert(index, term, reply) {
+                        if let Err(reply) = self.applies.pending.insert(index, term, reply) {
                             let _ = reply.send(Err(ServiceError::Unavailable(
                                 "too many writes in flight".into(),
                             )));
@@ -498,7 +494,8 @@ fn stream_snapshot(
     let mut buf = vec![0u8; SNAPSHOT_CHUNK_BYTES];
     loop {
         let n = read_full(&mut file, &mut buf).map_err(|e| format!("reading the snapshot: {e}"))?;
-        let chunk = SnapshotChunk {
+        // A full queue consumes the message it refuses, so each attempt builds its own.
+        let chunk = || SnapshotChunk {
             term,
             meta: created.meta.clone(),
             file_name: created.file.name.clone(),
@@ -506,24 +503,17 @@ fn stream_snapshot(
             total_bytes,
             data: buf[..n].to_vec(),
         };
-        let last = chunk.is_last();
-        let mut message = PeerMessage::SnapshotChunk(chunk);
+        let first = chunk();
+        let last = first.is_last();
+        let mut attempt = Some(first);
         let mut waited_ms = 0;
         loop {
+            let message = PeerMessage::SnapshotChunk(attempt.take().unwrap_or_else(chunk));
             match transport.send(to, message) {
                 Ok(()) => break,
                 Err(SendError::QueueFull(_)) if waited_ms < 30_000 => {
                     std::thread::sleep(Duration::from_millis(5));
                     waited_ms += 5;
-                    // The message was consumed by try_send's error path; rebuild it.
-                    message = PeerMessage::SnapshotChunk(SnapshotChunk {
-                        term,
-                        meta: created.meta.clone(),
-                        file_name: created.file.name.clone(),
-                        offset,
-                        total_bytes,
-                        data: buf[..n].to_vec(),
-                    });
                 }
                 Err(e) => return Err(format!("sending a chunk: {e}")),
             }
