@@ -34,7 +34,11 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("raftkv: error: {err:#}");
-            ExitCode::FAILURE
+            if err.downcast_ref::<cli::Usage>().is_some() {
+                ExitCode::from(cli::EXIT_USAGE)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -44,6 +44,7 @@ fn config(id: u64, ports: &Ports, root: &Path, snapshot_every: u64) -> NodeConfi
         snapshot_every,
         catchup_margin: 10,
         cache_mb: 16,
+        wal_segment_mb: 64,
         request_timeout_ms: 5000,
         limits: Limits::default(),
         lease_reads: false,

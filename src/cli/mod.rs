@@ -59,6 +59,15 @@ pub enum CheckCommand {
     Disk(check_disk::DiskArgs),
 }
 
+/// A mistake on the command line (a bad flag value, a missing setting): exit status 2, like
+/// clap's own parse errors, so scripts can tell it from a failure of the work itself.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+pub struct Usage(pub anyhow::Error);
+
+/// Exit status for [`Usage`] errors.
+pub const EXIT_USAGE: u8 = 2;
+
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {

@@ -46,6 +46,10 @@ pub struct ServeArgs {
     /// holds the rest of the data files).
     #[arg(long, env = "RAFTKV_CACHE_MB", value_name = "MIB")]
     pub cache_mb: Option<u64>,
+    /// WAL segment size in MiB (default 64). Two segments must fit on the disk beside the
+    /// state machine: use a small value (e.g. 4) on small disks.
+    #[arg(long, env = "RAFTKV_WAL_SEGMENT_MB", value_name = "MIB")]
+    pub wal_segment_mb: Option<u64>,
     /// Leader heartbeat interval (one consensus tick).
     #[arg(long, env = "RAFTKV_HEARTBEAT_MS", value_name = "MS")]
     pub heartbeat_ms: Option<u64>,
@@ -73,6 +77,7 @@ struct FileConfig {
     election_timeout_ms: Option<u64>,
     catchup_margin: Option<u64>,
     cache_mb: Option<u64>,
+    wal_segment_mb: Option<u64>,
     request_timeout_ms: Option<u64>,
 }
 
@@ -160,16 +165,70 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<NodeConfig> {
             .unwrap_or(10_000),
         catchup_margin: args.catchup_margin.or(file.catchup_margin).unwrap_or(5_000),
         cache_mb: args.cache_mb.or(file.cache_mb).unwrap_or(64),
+        wal_segment_mb: args.wal_segment_mb.or(file.wal_segment_mb).unwrap_or(64),
         request_timeout_ms: file.request_timeout_ms.unwrap_or(5_000),
         limits: Limits::default(),
         lease_reads: false,
     };
     config.validate().map_err(anyhow::Error::msg)?;
+    check_addresses(&config)?;
     Ok(config)
 }
 
+/// Every address and URL must parse and resolve before anything touches the disk, so a typo
+/// is an immediate usage error instead of a node that runs forever without its peers.
+fn check_addresses(config: &NodeConfig) -> anyhow::Result<()> {
+    resolve_addr("--client-addr", &config.client_addr)?;
+    resolve_addr("--peer-addr", &config.peer_addr)?;
+    for (id, addr) in &config.peers {
+        resolve_addr(&format!("--peers {id}"), addr)?;
+    }
+    let url = reqwest::Url::parse(&config.client_url).with_context(|| {
+        format!(
+            "--client-url {:?} is not a URL (e.g. http://10.0.0.1:8001)",
+            config.client_url
+        )
+    })?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        bail!(
+            "--client-url {:?} must be an http:// or https:// URL with a host",
+            config.client_url
+        );
+    }
+    Ok(())
+}
+
+/// Checks that `addr` is HOST:PORT and resolves to at least one address.
+fn resolve_addr(flag: &str, addr: &str) -> anyhow::Result<()> {
+    use std::net::ToSocketAddrs;
+    let (host, port) = addr
+        .rsplit_once(':')
+        .with_context(|| format!("{flag} {addr:?} is not HOST:PORT"))?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        bail!("{flag} {addr:?} is not HOST:PORT (port 0..=65535)");
+    }
+    let found = addr
+        .to_socket_addrs()
+        .with_context(|| format!("{flag} {addr:?} does not resolve"))?
+        .next();
+    if found.is_none() {
+        bail!("{flag} {addr:?} resolves to no address");
+    }
+    Ok(())
+}
+
+/// How long a graceful stop (finish in-flight requests, flush) may take before the process
+/// exits anyway: SIGTERM always ends the process.
+pub const SHUTDOWN_GRACE_MS: u64 = 10_000;
+/// How long a node that hit a fatal storage error may take to stop before it exits anyway:
+/// the failed disk may hang the clean-up (a sled flush on a full disk), and a supervisor can
+/// only restart a process that has ended.
+pub const FATAL_EXIT_GRACE_MS: u64 = 3_000;
+/// Exit status after a fatal error, and when a stop overran its grace period.
+pub const EXIT_FATAL: u8 = 1;
+
 pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
-    let config = resolve(args)?;
+    let config = resolve(args).map_err(|e| anyhow::Error::new(super::Usage(e)))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -177,7 +236,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(async move {
         // Before anything slow: a SIGTERM that arrives while storage is still being
         // recovered must stop the node gracefully once it is up, not kill it.
-        let signals = ShutdownSignals::install();
+        let mut signals = ShutdownSignals::install();
         let running = node::start(config.clone()).await.with_context(|| {
             format!(
                 "node {} cannot start from {}",
@@ -185,10 +244,67 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
                 config.data_dir.display()
             )
         })?;
-        running.run_until(signals.recv()).await?;
-        tracing::info!("node stopped");
-        Ok(ExitCode::SUCCESS)
+        let failed = running.failed();
+        let fatal = tokio::select! {
+            _ = signals.recv() => false,
+            _ = failed => true,
+        };
+        let grace_ms = if fatal {
+            FATAL_EXIT_GRACE_MS
+        } else {
+            SHUTDOWN_GRACE_MS
+        };
+        exit_after(
+            grace_ms,
+            if fatal {
+                "stopping after a fatal error"
+            } else {
+                "graceful stop"
+            },
+        );
+        // A second signal during the graceful stop means "now".
+        tokio::spawn(async move {
+            signals.recv().await;
+            eprintln!("raftkv: second shutdown signal; exiting at once");
+            std::process::exit(i32::from(EXIT_FATAL));
+        });
+        let stopped = if fatal {
+            running.abandon().await
+        } else {
+            running.shutdown().await
+        };
+        match stopped {
+            Ok(()) if !fatal => {
+                tracing::info!("node stopped");
+                Ok(ExitCode::SUCCESS)
+            }
+            Ok(()) => Err(anyhow::anyhow!(
+                "node {} stopped on a fatal error",
+                config.id
+            )),
+            Err(e) => Err(anyhow::Error::new(e).context(format!(
+                "node {} stopped on a fatal error (data dir {})",
+                config.id,
+                config.data_dir.display()
+            ))),
+        }
     })
+}
+
+/// Ends the process with [`EXIT_FATAL`] if it is still running `grace_ms` from now, whatever
+/// its threads are blocked in: a plain OS thread, so a stuck runtime cannot hold it up.
+fn exit_after(grace_ms: u64, what: &'static str) {
+    let spawned = std::thread::Builder::new()
+        .name("raftkv-exit-watchdog".into())
+        .spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(grace_ms));
+            eprintln!("raftkv: {what} did not finish within {grace_ms} ms; exiting");
+            std::process::exit(i32::from(EXIT_FATAL));
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the exit watchdog; exiting now");
+        std::process::exit(i32::from(EXIT_FATAL));
+    }
 }
 
 /// SIGTERM and SIGINT, caught from the moment they are installed (a signal that arrives
@@ -207,10 +323,10 @@ impl ShutdownSignals {
         }
     }
 
-    /// Resolves on SIGTERM or SIGINT.
-    async fn recv(self) {
-        match (self.term, self.int) {
-            (Some(mut term), Some(mut int)) => {
+    /// Resolves on the next SIGTERM or SIGINT.
+    async fn recv(&mut self) {
+        match (&mut self.term, &mut self.int) {
+            (Some(term), Some(int)) => {
                 tokio::select! {
                     _ = term.recv() => {}
                     _ = int.recv() => {}

@@ -138,10 +138,15 @@ impl Pending {
         }
     }
 
-    /// Fails every waiting proposal.
+    /// Answers every waiting proposal with "outcome unknown" (504): each of them is in the
+    /// log, and a log entry may commit and apply after this node stops watching it (another
+    /// node may already have committed it), so "did not happen" (503) would be a lie.
     pub fn fail_all(&self, why: &str) {
-        for (_, (_, reply)) in std::mem::take(&mut *self.lock()) {
-            let _ = reply.send(Err(ServiceError::Unavailable(why.into())));
+        let waiting = std::mem::take(&mut *self.lock());
+        for (index, (_, reply)) in waiting {
+            let _ = reply.send(Err(ServiceError::Timeout(format!(
+                "{why} while the write at index {index} was in flight"
+            ))));
         }
     }
 }
@@ -281,9 +286,11 @@ mod tests {
         assert!(later.try_recv().is_err(), "index 9 is not applied yet");
         assert_eq!(pending.len(), 1);
         pending.fail_all("stopping");
+        // In the log but not seen applied: the outcome is unknown (504), never "did not
+        // happen" (503).
         assert!(matches!(
             later.try_recv().unwrap(),
-            Err(ServiceError::Unavailable(_))
+            Err(ServiceError::Timeout(_))
         ));
         assert!(pending.is_empty());
     }

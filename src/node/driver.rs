@@ -163,6 +163,7 @@ impl Driver {
             }
         };
         self.fail_all("the node is shutting down");
+        refuse_unproposed(&mut requests);
         if let Err(e) = &result {
             tracing::error!(error = %e, "consensus task stopping");
             let _ = self.shutdown.send(true);
@@ -170,6 +171,8 @@ impl Driver {
         result
     }
 
+    /// Answers what is in flight as the task stops: proposals in the log get "outcome
+    /// unknown", reads get "retry".
     fn fail_all(&mut self, why: &str) {
         self.applies.pending.fail_all(why);
         for (_, reply) in std::mem::take(&mut self.reads) {
@@ -268,10 +271,12 @@ impl Driver {
                 match self.raft.propose(payload) {
                     Ok((index, term)) => {
                         // Only this task inserts, after the check above: this cannot be full.
+                        // The entry is in the log now: whatever happens next, a refusal
+                        // here could only say "outcome unknown".
                         if let Err(reply) = self.applies.pending.insert(index, term, reply) {
-                            let _ = reply.send(Err(ServiceError::Unavailable(
-                                "too many writes in flight".into(),
-                            )));
+                            let _ = reply.send(Err(ServiceError::Timeout(format!(
+                                "too many writes in flight to watch the one at index {index}"
+                            ))));
                         }
                     }
                     Err(e) => {
@@ -474,6 +479,22 @@ impl Driver {
 }
 
 /// Creates a snapshot file of the current state and sends it in chunks; returns its size.
+/// Answers the requests still queued when the consensus task stops: none of them reached the
+/// core, so a write among them certainly had no effect (503, safe to retry).
+fn refuse_unproposed(requests: &mut mpsc::Receiver<Request>) {
+    requests.close();
+    let stopping = || ServiceError::Unavailable("the node is shutting down".into());
+    while let Ok(req) = requests.try_recv() {
+        match req {
+            Request::Propose { reply, .. } => drop(reply.send(Err(stopping()))),
+            Request::Read { reply } => drop(reply.send(Err(stopping()))),
+            Request::Transfer { reply, .. } => drop(reply.send(Err(stopping()))),
+            Request::Ready { reply } => drop(reply.send(Err(stopping()))),
+            Request::Status { .. } => {}
+        }
+    }
+}
+
 fn stream_snapshot(
     snapshots: &SnapshotStore,
     sm: &StateMachine,

@@ -27,6 +27,8 @@ pub enum IdentityError {
     },
     #[error("{path} is not a valid identity file: {why}")]
     Invalid { path: String, why: String },
+    #[error("{dir} holds node data ({found}) but no {IDENTITY_FILE}: it may belong to another node or cluster, so it is not adopted. Restore {IDENTITY_FILE} (JSON: {{\"cluster_id\": ..., \"node_id\": ...}}) if you know whose data this is, or start with an empty data dir")]
+    Missing { dir: String, found: String },
     #[error("the data dir {dir} belongs to node {found_node} of cluster {found_cluster:?}, not node {node} of cluster {cluster:?}")]
     Mismatch {
         dir: String,
@@ -70,6 +72,12 @@ pub fn check_or_write(data_dir: &Path, want: &Identity) -> Result<(), IdentityEr
             cluster: want.cluster_id.clone(),
         }),
         None => {
+            if let Some(found) = existing_node_data(data_dir) {
+                return Err(IdentityError::Missing {
+                    dir: data_dir.display().to_string(),
+                    found,
+                });
+            }
             let io = |source| IdentityError::Io {
                 path: data_dir.join(IDENTITY_FILE).display().to_string(),
                 source,
@@ -88,6 +96,22 @@ pub fn check_or_write(data_dir: &Path, want: &Identity) -> Result<(), IdentityEr
             .map_err(io)
         }
     }
+}
+
+/// What node data `data_dir` already holds (WAL, state machine or snapshot dirs that are not
+/// empty), if any: such data without an identity file is never adopted silently.
+fn existing_node_data(data_dir: &Path) -> Option<String> {
+    use raftkv_storage::node_storage::{SM_DIR_NAME, WAL_DIR_NAME};
+    use raftkv_storage::snapshot::SNAP_DIR_NAME;
+    let found: Vec<&str> = [WAL_DIR_NAME, SM_DIR_NAME, SNAP_DIR_NAME]
+        .into_iter()
+        .filter(|name| {
+            std::fs::read_dir(data_dir.join(name))
+                .map(|mut entries| entries.next().is_some())
+                .unwrap_or(false)
+        })
+        .collect();
+    (!found.is_empty()).then(|| format!("{}/ not empty", found.join("/, ")))
 }
 
 #[cfg(test)]
@@ -114,5 +138,26 @@ mod tests {
             read(dir.path()),
             Err(IdentityError::Invalid { .. })
         ));
+    }
+
+    #[test]
+    fn data_without_an_identity_file_is_not_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = Identity {
+            cluster_id: "c".into(),
+            node_id: 2,
+        };
+        // Empty subdirectories are not data: a fresh start that made them may be retried.
+        std::fs::create_dir_all(dir.path().join("wal")).unwrap();
+        check_or_write(dir.path(), &me).unwrap();
+        std::fs::remove_file(dir.path().join(IDENTITY_FILE)).unwrap();
+        std::fs::write(dir.path().join("wal").join("0000.wal"), b"x").unwrap();
+        let err = check_or_write(dir.path(), &me).unwrap_err();
+        assert!(matches!(err, IdentityError::Missing { .. }), "{err}");
+        assert!(err.to_string().contains("wal/ not empty"), "{err}");
+        assert!(
+            !dir.path().join(IDENTITY_FILE).exists(),
+            "no identity may be written for data of unknown origin"
+        );
     }
 }

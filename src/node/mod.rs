@@ -55,6 +55,11 @@ use tokio::sync::{mpsc, watch};
 /// Bounded capacity of each of the node's internal queues.
 pub const QUEUE_CAPACITY: usize = 4096;
 
+/// The smallest WAL segment: one must hold the largest entry (1 MiB value + 8 KiB key, framed).
+pub const WAL_SEGMENT_MB_MIN: u64 = 2;
+/// The largest WAL segment.
+pub const WAL_SEGMENT_MB_MAX: u64 = 1024;
+
 /// Everything a node needs to run.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -75,6 +80,9 @@ pub struct NodeConfig {
     pub catchup_margin: u64,
     /// sled's page cache size in MiB.
     pub cache_mb: u64,
+    /// WAL segment size in MiB: two segments (the active one and the next, prepared ahead)
+    /// must fit on the disk beside the state machine.
+    pub wal_segment_mb: u64,
     /// How long a write waits to be committed and applied before answering 504.
     pub request_timeout_ms: u64,
     pub limits: Limits,
@@ -102,6 +110,11 @@ impl NodeConfig {
         }
         if self.snapshot_every == 0 {
             return Err("--snapshot-every must be positive".into());
+        }
+        if !(WAL_SEGMENT_MB_MIN..=WAL_SEGMENT_MB_MAX).contains(&self.wal_segment_mb) {
+            return Err(format!(
+                "--wal-segment-mb must be from {WAL_SEGMENT_MB_MIN} to {WAL_SEGMENT_MB_MAX}"
+            ));
         }
         if self.cluster_id.is_empty() {
             return Err("the cluster id must not be empty".into());
@@ -191,6 +204,30 @@ impl RunningNode {
         }
     }
 
+    /// Resolves once the node stopped by itself (a fatal storage or apply error): the
+    /// consensus task raised the shutdown flag.
+    pub fn failed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut flag = self.shutdown.subscribe();
+        async move {
+            let _ = flag.wait_for(|stopped| *stopped).await;
+        }
+    }
+
+    /// After a fatal error: stops the HTTP server and collects the consensus task's error,
+    /// without waiting for the storage and apply threads or flushing sled — on a failed disk
+    /// those can block for good, and the WAL already holds everything acknowledged.
+    pub async fn abandon(self) -> Result<(), NodeError> {
+        let _ = self.shutdown.send(true);
+        let http = self.http.await;
+        if let Ok(Err(e)) = http {
+            tracing::warn!(error = %e, "http server stopped with an error");
+        }
+        match self.driver.await {
+            Ok(r) => r,
+            Err(e) => Err(NodeError::Stopped(format!("consensus task: {e}"))),
+        }
+    }
+
     /// Waits until the node stops by itself (a fatal storage error) or `stop` resolves, then
     /// shuts down gracefully.
     pub async fn run_until(
@@ -210,6 +247,20 @@ impl RunningNode {
 /// thread and the HTTP API.
 pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     config.validate().map_err(NodeError::Config)?;
+    // Both ports before the disk: a typo in an address must not leave a WAL and an identity
+    // file behind that then block the corrected start.
+    let client_listener = tokio::net::TcpListener::bind(&config.client_addr)
+        .await
+        .map_err(|source| NodeError::Listen {
+            addr: config.client_addr.clone(),
+            source,
+        })?;
+    let peer_listener = tokio::net::TcpListener::bind(&config.peer_addr)
+        .await
+        .map_err(|source| NodeError::Listen {
+            addr: config.peer_addr.clone(),
+            source,
+        })?;
     identity::check_or_write(
         &config.data_dir,
         &identity::Identity {
@@ -220,6 +271,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let opts = NodeStorageOptions {
         snapshot_every: config.snapshot_every,
         catchup_margin: config.catchup_margin,
+        wal: raftkv_storage::wal::WalOptions {
+            segment_bytes_max: config.wal_segment_mb << 20,
+            ..Default::default()
+        },
         sm: raftkv_storage::sm::StateMachineOptions {
             cache_bytes: config.cache_mb.max(1) * 1024 * 1024,
             ..Default::default()
@@ -234,12 +289,6 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let sm = storage.shared_sm();
     let snapshots = storage.shared_snapshots();
 
-    let client_listener = tokio::net::TcpListener::bind(&config.client_addr)
-        .await
-        .map_err(|source| NodeError::Listen {
-            addr: config.client_addr.clone(),
-            source,
-        })?;
     let transport_config = TransportConfig::new(
         config.cluster_id.clone(),
         config.id,
@@ -247,7 +296,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         config.peers.clone(),
     );
     let (transport, inbound) =
-        PeerTransport::<PeerMessage>::start(transport_config, &config.peer_addr).await?;
+        PeerTransport::<PeerMessage>::start_with_listener(transport_config, peer_listener)?;
     let peer_addr = transport.local_addr();
     let transport = Arc::new(transport);
 

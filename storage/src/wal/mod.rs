@@ -865,9 +865,15 @@ impl NextSegmentFile {
         let path = tmp.clone();
         let worker = std::thread::spawn(move || {
             let file = vfs.open(&path, true)?;
-            file.set_len(0)?;
-            zero_fill(file.as_ref(), len_bytes)?;
-            file.sync_data()?;
+            let filled = file
+                .set_len(0)
+                .and_then(|()| zero_fill(file.as_ref(), len_bytes))
+                .and_then(|()| file.sync_data());
+            if let Err(e) = filled {
+                drop(file);
+                remove_temp(vfs.as_ref(), &path);
+                return Err(e);
+            }
             Ok(file)
         });
         NextSegmentFile { tmp, worker }
@@ -884,6 +890,13 @@ impl NextSegmentFile {
                 source: io::Error::other("segment preparation thread panicked"),
             }),
         }
+    }
+}
+
+/// Best-effort removal of a temp file after a failure; the original error is what matters.
+fn remove_temp(vfs: &dyn Vfs, tmp: &Path) {
+    if let Err(e) = vfs.remove_file(tmp) {
+        tracing::warn!(file = %tmp.display(), error = %e, "could not remove a temp file after a failed write");
     }
 }
 
@@ -941,16 +954,27 @@ fn create_segment(
         None => {
             let tmp = dir.join(format!("{name}.tmp"));
             let file = vfs.open(&tmp, true).map_err(io_err(&tmp))?;
-            file.set_len(0).map_err(io_err(&tmp))?;
-            if opts.preallocate {
-                zero_fill(file.as_ref(), opts.segment_bytes_max).map_err(io_err(&tmp))?;
+            let filled = file.set_len(0).and_then(|()| match opts.preallocate {
+                true => zero_fill(file.as_ref(), opts.segment_bytes_max),
+                false => Ok(()),
+            });
+            if let Err(e) = filled {
+                // A disk too small for one segment must not keep the half-filled file.
+                remove_temp(vfs, &tmp);
+                return Err(io_err(&tmp)(e));
             }
             (tmp, file)
         }
     };
-    file.write_all_at(&buf, 0).map_err(io_err(&tmp))?;
-    file.sync_data().map_err(io_err(&tmp))?;
-    vfs.rename(&tmp, &path).map_err(io_err(&path))?;
+    let published = file
+        .write_all_at(&buf, 0)
+        .and_then(|()| file.sync_data())
+        .map_err(io_err(&tmp))
+        .and_then(|()| vfs.rename(&tmp, &path).map_err(io_err(&path)));
+    if let Err(e) = published {
+        remove_temp(vfs, &tmp);
+        return Err(e);
+    }
     vfs.sync_dir(dir).map_err(io_err(dir))?;
     Ok(Active {
         name,
