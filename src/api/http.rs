@@ -72,6 +72,7 @@ pub fn router<S: KvService>(service: Arc<S>) -> Router {
         .route("/cluster/transfer-leader", post(transfer_leader::<S>))
         .route("/health", get(health::<S>))
         .route("/ready", get(ready::<S>))
+        .route("/snapshot", get(snapshot::get_snapshot::<S>))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_bytes_max))
@@ -473,6 +474,9 @@ async fn ready<S: KvService>(State(st): State<Arc<ApiState<S>>>) -> Response {
         },
     }
 }
+
+mod snapshot;
+pub use snapshot::{SNAPSHOT_INDEX_HEADER, SNAPSHOT_TERM_HEADER};
 
 #[cfg(test)]
 mod tests;

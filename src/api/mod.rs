@@ -131,4 +131,24 @@ pub trait KvService: Send + Sync + 'static {
     fn ready(&self) -> impl Future<Output = Result<(), ServiceError>> + Send;
     /// Asks the leader to hand leadership to `to`.
     fn transfer_leader(&self, to: NodeId) -> impl Future<Output = Result<(), ServiceError>> + Send;
+    /// On the leader, after a linearizable read barrier: a fresh snapshot file of the whole
+    /// state (for a backup, or a member rejoining without its state machine). Services
+    /// without snapshot files refuse.
+    fn snapshot(&self) -> impl Future<Output = Result<SnapshotFileOut, ServiceError>> + Send {
+        async {
+            Err(ServiceError::InvalidInput(
+                "this service keeps no snapshot files".into(),
+            ))
+        }
+    }
+}
+
+/// A snapshot file ready to be streamed to a client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotFileOut {
+    /// The last log index (and its term) the snapshot contains.
+    pub index: u64,
+    pub term: u64,
+    pub path: std::path::PathBuf,
+    pub bytes: u64,
 }

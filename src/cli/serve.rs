@@ -154,6 +154,7 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<NodeConfig> {
         client_url,
         peer_addr,
         peers,
+        peer_client_urls: BTreeMap::new(),
         heartbeat_ms: args.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(50),
         election_timeout_ms: args
             .election_timeout_ms

@@ -478,7 +478,6 @@ impl Driver {
     }
 }
 
-/// Creates a snapshot file of the current state and sends it in chunks; returns its size.
 /// Answers the requests still queued when the consensus task stops: none of them reached the
 /// core, so a write among them certainly had no effect (503, safe to retry).
 fn refuse_unproposed(requests: &mut mpsc::Receiver<Request>) {
@@ -495,6 +494,7 @@ fn refuse_unproposed(requests: &mut mpsc::Receiver<Request>) {
     }
 }
 
+/// Creates a snapshot file of the current state and sends it in chunks; returns its size.
 fn stream_snapshot(
     snapshots: &SnapshotStore,
     sm: &StateMachine,

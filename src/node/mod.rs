@@ -38,6 +38,7 @@ pub mod apply;
 pub mod driver;
 pub mod identity;
 pub mod peer;
+pub mod rejoin;
 pub mod service;
 pub mod storage_loop;
 
@@ -45,7 +46,7 @@ use crate::api::Limits;
 use crate::raft::{self, Raft, RestartState};
 use crate::transport::{PeerTransport, TransportConfig};
 use peer::PeerMessage;
-use raftkv_storage::node_storage::{NodeStorage, NodeStorageOptions};
+use raftkv_storage::node_storage::{NodeStorage, NodeStorageError, NodeStorageOptions};
 use raftkv_storage::{Membership, NodeId, SnapshotMeta};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -74,6 +75,9 @@ pub struct NodeConfig {
     pub peer_addr: String,
     /// The other members' peer addresses.
     pub peers: BTreeMap<NodeId, String>,
+    /// The other members' client URLs, by id (leader hints, and where a node that lost its
+    /// state machine fetches a snapshot).
+    pub peer_client_urls: BTreeMap<NodeId, String>,
     pub heartbeat_ms: u64,
     pub election_timeout_ms: u64,
     pub snapshot_every: u64,
@@ -281,10 +285,22 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         },
         ..NodeStorageOptions::default()
     };
-    let data_dir = config.data_dir.clone();
-    let storage = tokio::task::spawn_blocking(move || NodeStorage::open(&data_dir, opts))
-        .await
-        .map_err(|e| NodeError::Stopped(format!("storage open: {e}")))??;
+    let storage = match open_storage(&config, opts.clone()).await {
+        Err(NodeError::Storage(NodeStorageError::NeedsSnapshot {
+            applied_index,
+            needed_index,
+            ..
+        })) => {
+            tracing::warn!(
+                applied_index,
+                needed_index,
+                "the state machine is lost but the WAL is intact; fetching a snapshot from the cluster to rejoin"
+            );
+            rejoin::fetch_snapshot(&config, needed_index).await?;
+            open_storage(&config, opts).await?
+        }
+        other => other?,
+    };
     let raft = restart_or_bootstrap(&config, &storage)?;
     let sm = storage.shared_sm();
     let snapshots = storage.shared_snapshots();
@@ -331,7 +347,12 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         failed: apply_failed_rx,
     };
 
-    let service = Arc::new(service::NodeService::new(&config, requests_tx, sm.clone()));
+    let service = Arc::new(service::NodeService::new(
+        &config,
+        requests_tx,
+        sm.clone(),
+        snapshots.clone(),
+    ));
     let driver = driver::Driver::new(
         &config,
         raft,
@@ -375,6 +396,18 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         apply: apply_thread,
         sm,
     })
+}
+
+/// Opens (recovers) the data dir on a blocking thread.
+async fn open_storage(
+    config: &NodeConfig,
+    opts: NodeStorageOptions,
+) -> Result<NodeStorage, NodeError> {
+    let data_dir = config.data_dir.clone();
+    tokio::task::spawn_blocking(move || NodeStorage::open(&data_dir, opts))
+        .await
+        .map_err(|e| NodeError::Stopped(format!("storage open: {e}")))?
+        .map_err(NodeError::from)
 }
 
 /// A brand-new data dir bootstraps the cluster's initial configuration; otherwise the core

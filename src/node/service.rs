@@ -8,10 +8,11 @@
 use super::NodeConfig;
 use crate::api::{
     ClusterStatus, Consistency, Deleted, KeyValue, KvService, Limits, Listed, ReadValue,
-    ServiceError, Written,
+    ServiceError, SnapshotFileOut, Written,
 };
 use raftkv_storage::command::Command;
 use raftkv_storage::sm::StateMachine;
+use raftkv_storage::snapshot::SnapshotStore;
 use raftkv_storage::NodeId;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,6 +55,7 @@ pub struct NodeService {
     limits: Limits,
     requests: mpsc::Sender<Request>,
     sm: Arc<StateMachine>,
+    snapshots: Arc<SnapshotStore>,
     request_timeout: Duration,
 }
 
@@ -62,12 +64,14 @@ impl NodeService {
         config: &NodeConfig,
         requests: mpsc::Sender<Request>,
         sm: Arc<StateMachine>,
+        snapshots: Arc<SnapshotStore>,
     ) -> NodeService {
         NodeService {
             id: config.id,
             limits: config.limits,
             requests,
             sm,
+            snapshots,
             request_timeout: Duration::from_millis(config.request_timeout_ms),
         }
     }
@@ -260,5 +264,30 @@ impl KvService for NodeService {
 
     async fn transfer_leader(&self, to: NodeId) -> Result<(), ServiceError> {
         self.ask(|reply| Request::Transfer { to, reply }).await?
+    }
+
+    async fn snapshot(&self) -> Result<SnapshotFileOut, ServiceError> {
+        // On the leader only (a follower answers "not the leader"), and after a linearizable
+        // barrier: the file then holds every write acknowledged before the request arrived.
+        let read_index = self.sm.applied_index();
+        self.read_barrier(Consistency::Linearizable).await?;
+        let (snapshots, sm) = (self.snapshots.clone(), self.sm.clone());
+        let created = tokio::task::spawn_blocking(move || snapshots.create(&sm))
+            .await
+            .map_err(|e| ServiceError::Internal(format!("snapshot task: {e}")))?
+            .map_err(|e| ServiceError::Internal(format!("creating a snapshot: {e}")))?;
+        assert!(
+            created.meta.index >= read_index,
+            "a snapshot older than the read barrier"
+        );
+        let bytes = std::fs::metadata(&created.file.path)
+            .map_err(|e| ServiceError::Internal(format!("snapshot file: {e}")))?
+            .len();
+        Ok(SnapshotFileOut {
+            index: created.meta.index,
+            term: created.meta.term,
+            path: created.file.path,
+            bytes,
+        })
     }
 }

@@ -93,6 +93,16 @@ pub enum NodeStorageError {
         #[source]
         source: std::io::Error,
     },
+    /// The state machine is gone or behind the WAL's first entry, and no local snapshot file
+    /// covers the gap. The WAL (votes, log) is intact, so the node may rejoin once a snapshot
+    /// at index `needed_index` or later, fetched from the cluster, is stored in `snap/`.
+    #[error("the state machine of {data_dir} is at index {applied_index} but the WAL starts at index {wal_first_index}: entries up to {needed_index} must come from a snapshot of the cluster")]
+    NeedsSnapshot {
+        data_dir: PathBuf,
+        applied_index: u64,
+        wal_first_index: u64,
+        needed_index: u64,
+    },
     /// The data dir is inconsistent in a way recovery must not paper over.
     #[error("refusing to start from {data_dir}: {why}")]
     Refused { data_dir: PathBuf, why: String },
@@ -230,15 +240,12 @@ impl NodeStorage {
         let applied = sm.applied();
         let last = wal.last_index();
         if applied.index + 1 < first {
-            return Err(refused(
-                data_dir,
-                format!(
-                    "the WAL starts at index {first} but the state machine is at {} and no snapshot file reaches past it: entries {}..={} are gone",
-                    applied.index,
-                    applied.index + 1,
-                    first - 1
-                ),
-            ));
+            return Err(NodeStorageError::NeedsSnapshot {
+                data_dir: data_dir.to_path_buf(),
+                applied_index: applied.index,
+                wal_first_index: first,
+                needed_index: first - 1,
+            });
         }
         let wal_pristine =
             last == 0 && wal.snapshot().is_none() && wal.hard_state() == HardState::default();
@@ -271,7 +278,19 @@ impl NodeStorage {
             wal.reset_to_snapshot(&applied)?;
             recovery.finished_install = true;
         } else if let Some(term) = wal.term(applied.index) {
-            if applied.index > 0 && term != applied.term {
+            if applied.index > 0 && term != applied.term && recovery.restored_snapshot.is_some() {
+                // A snapshot holds only committed state. A WAL entry at its index with another
+                // term diverged from the committed log there, so it and everything after it
+                // never committed: the snapshot wins.
+                tracing::warn!(
+                    index = applied.index,
+                    snapshot_term = applied.term,
+                    wal_term = term,
+                    "the WAL diverges from the restored snapshot at its index; resetting the WAL to the snapshot"
+                );
+                wal.reset_to_snapshot(&applied)?;
+                recovery.finished_install = true;
+            } else if applied.index > 0 && term != applied.term {
                 return Err(refused(
                     data_dir,
                     format!(

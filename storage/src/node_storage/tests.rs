@@ -238,24 +238,48 @@ fn corrupt_sled_is_moved_aside_and_rebuilt() {
     check_consistent(&s, "rebuilt");
 }
 
+/// A node whose state machine is lost while its WAL (votes, log) survives: the open says a
+/// snapshot is needed, and once one from the cluster is received into `snap/` the node
+/// opens with the whole state and its log intact.
 #[test]
-fn refuses_a_gap_between_the_state_and_the_wal() {
+fn a_lost_state_machine_needs_a_snapshot_and_rejoins_with_one() {
     let sim = SimFs::new();
     let sm_dir = tempfile::tempdir().unwrap();
-    {
+    let (snapshot_bytes, hard_state, last_index) = {
         let mut s = open(Arc::new(sim.clone()), sm_dir.path()).unwrap();
         // No snapshot file, and compactions purge the WAL's head.
         for _ in 0..30 {
             write(&mut s, 4).unwrap();
         }
         assert!(s.wal().first_index() > 1);
-    }
+        // What the leader would stream: a snapshot of the same committed state.
+        let created = s.shared_snapshots().create(s.sm()).unwrap();
+        let bytes = sim.read(&created.file.path).unwrap();
+        crate::vfs::Vfs::remove_file(&sim, &created.file.path).unwrap();
+        (bytes, s.wal().hard_state(), s.wal().last_index())
+    };
     std::fs::remove_dir_all(sm_dir.path()).unwrap();
-    let err = open(Arc::new(sim), sm_dir.path()).unwrap_err();
-    assert!(
-        matches!(&err, NodeStorageError::Refused { why, .. } if why.contains("are gone")),
-        "{err}"
-    );
+    let err = open(Arc::new(sim.clone()), sm_dir.path()).unwrap_err();
+    let NodeStorageError::NeedsSnapshot { needed_index, .. } = err else {
+        panic!("{err}");
+    };
+    assert!(needed_index > 0);
+
+    let store = SnapshotStore::open(Arc::new(sim.clone()), data(), small_opts().snapshot).unwrap();
+    // A truncated stream is refused and leaves nothing behind.
+    let half = &snapshot_bytes[..snapshot_bytes.len() / 2];
+    assert!(store.receive(&mut &half[..], 1 << 30).is_err());
+    assert!(store.list().unwrap().is_empty());
+    let got = store
+        .receive(&mut snapshot_bytes.as_slice(), 1 << 30)
+        .unwrap();
+    assert!(got.meta.index >= needed_index);
+
+    let s = open(Arc::new(sim), sm_dir.path()).unwrap();
+    assert_eq!(s.wal().hard_state().term, hard_state.term, "votes kept");
+    assert_eq!(s.wal().hard_state().vote, hard_state.vote, "votes kept");
+    assert_eq!(s.wal().last_index(), last_index, "the log is kept");
+    assert_eq!(state(s.sm()), model_upto(s.sm().applied_index()));
 }
 
 #[test]
@@ -349,9 +373,9 @@ fn crash_at_every_step_recovers_the_durable_committed_prefix() {
                 write(&mut s, 3).unwrap();
                 check_consistent(&s, &context);
             }
-            Err(NodeStorageError::Refused { why, .. }) => {
-                assert!(lose_sled, "{context}: refused with sled intact: {why}");
-                assert!(why.contains("are gone"), "{context}: {why}");
+            Err(NodeStorageError::NeedsSnapshot { needed_index, .. }) => {
+                assert!(lose_sled, "{context}: needs a snapshot with sled intact");
+                assert!(needed_index > 0, "{context}");
                 refused_count += 1;
             }
             Err(e) => panic!("{context}: {e}"),

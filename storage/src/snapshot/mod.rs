@@ -120,6 +120,9 @@ pub struct SnapshotStore {
     vfs: Arc<dyn Vfs>,
     dir: PathBuf,
     opts: SnapshotOptions,
+    /// Held while a file is created: two creations at the same applied index (two followers
+    /// and a backup at once) would otherwise write the same temp file.
+    creating: std::sync::Mutex<()>,
 }
 
 /// The file name of the snapshot at (`index`, `term`).
@@ -176,11 +179,34 @@ impl SnapshotStore {
                 keep: opts.keep.max(1),
                 ..opts
             },
+            creating: std::sync::Mutex::new(()),
         };
         // A crash between publishing a new file and deleting the oldest leaves `keep + 1`
         // complete files; finish that step now so the set is bounded after every restart.
         store.retain()?;
+        store.set_aside_corrupt()?;
         Ok(store)
+    }
+
+    /// Verifies every snapshot file and renames each damaged one `.broken`, loudly: a corrupt
+    /// file is reported when the node starts, not when it is first needed, and is never
+    /// restored or served. Returns the names set aside.
+    pub fn set_aside_corrupt(&self) -> Result<Vec<String>, SnapshotError> {
+        let mut set_aside = Vec::new();
+        for file in self.list()? {
+            match self.verify(&file) {
+                Ok(verified) => {
+                    debug_assert_eq!(verified.meta.index, file.index);
+                }
+                Err(SnapshotError::Format { path, source }) => {
+                    tracing::error!(file = %path.display(), error = %source, "snapshot file is corrupt; renamed .broken, it will never be restored or sent");
+                    self.mark_broken(&file)?;
+                    set_aside.push(file.name);
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        Ok(set_aside)
     }
 
     /// The `snap/` directory.
@@ -216,16 +242,24 @@ impl SnapshotStore {
         Ok(files)
     }
 
-    /// Opens a snapshot file for streaming; the header and meta chunk are checked.
-    pub fn open_reader(&self, file: &SnapshotFile) -> Result<SnapshotFileReader, SnapshotError> {
+    /// Opens a file's reader with its header and meta chunk checked, not its name.
+    fn open_reader_unchecked(
+        &self,
+        file: &SnapshotFile,
+    ) -> Result<SnapshotFileReader, SnapshotError> {
         let handle = self
             .vfs
             .open_read(&file.path)
             .map_err(Self::io_err(&file.path))?;
-        let reader = SnapshotFileReader::open(handle).map_err(|source| SnapshotError::Format {
+        SnapshotFileReader::open(handle).map_err(|source| SnapshotError::Format {
             path: file.path.clone(),
             source,
-        })?;
+        })
+    }
+
+    /// Opens a snapshot file for streaming; the header and meta chunk are checked.
+    pub fn open_reader(&self, file: &SnapshotFile) -> Result<SnapshotFileReader, SnapshotError> {
+        let reader = self.open_reader_unchecked(file)?;
         if (reader.meta().index, reader.meta().term) != (file.index, file.term) {
             return Err(SnapshotError::Format {
                 path: file.path.clone(),
@@ -263,6 +297,8 @@ impl SnapshotStore {
     /// Writes a snapshot of `sm` at its current applied index (see the module doc for the
     /// steps), then keeps only the newest `keep` files.
     pub fn create(&self, sm: &StateMachine) -> Result<CreatedSnapshot, SnapshotError> {
+        // A panic while creating leaves nothing the next creation cannot overwrite.
+        let _creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
         let started = Instant::now();
         let view = sm.begin_snapshot()?;
         let view_open = started.elapsed();
@@ -363,6 +399,80 @@ impl SnapshotStore {
             sync,
             saved_keys,
         })
+    }
+
+    /// Stores a whole snapshot file read from `source` (a backup, or a file fetched from the
+    /// cluster): written to a temp file, synced, verified chunk by chunk and as a whole, and
+    /// only then published under the name its contents give. At most `bytes_max` are read.
+    /// A damaged or oversized stream leaves nothing behind.
+    pub fn receive(
+        &self,
+        source: &mut dyn std::io::Read,
+        bytes_max: u64,
+    ) -> Result<VerifiedSnapshot, SnapshotError> {
+        use std::io::Read as _;
+        let tmp = self
+            .dir
+            .join(format!("receiving-{}.snap.tmp", std::process::id()));
+        let result = (|| {
+            let handle = self.vfs.open(&tmp, true).map_err(Self::io_err(&tmp))?;
+            handle.set_len(0).map_err(Self::io_err(&tmp))?;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut offset = 0u64;
+            let mut limited = source.take(bytes_max.saturating_add(1));
+            loop {
+                let n = limited.read(&mut buf).map_err(Self::io_err(&tmp))?;
+                if n == 0 {
+                    break;
+                }
+                handle
+                    .write_all_at(&buf[..n], offset)
+                    .map_err(Self::io_err(&tmp))?;
+                offset = offset.saturating_add(n as u64);
+            }
+            if offset > bytes_max {
+                return Err(SnapshotError::Format {
+                    path: tmp.clone(),
+                    source: FormatError::Corrupt {
+                        offset: bytes_max,
+                        what: format!("the stream is longer than the limit of {bytes_max} bytes"),
+                    },
+                });
+            }
+            handle.sync_data().map_err(Self::io_err(&tmp))?;
+            let staged = SnapshotFile {
+                path: tmp.clone(),
+                name: String::new(),
+                index: 0,
+                term: 0,
+            };
+            let mut reader = self.open_reader_unchecked(&staged)?;
+            reader
+                .verify_rest()
+                .map_err(|source| SnapshotError::Format {
+                    path: tmp.clone(),
+                    source,
+                })?;
+            let meta = reader.meta().clone();
+            let header = reader.header().clone();
+            let name = file_name(meta.index, meta.term);
+            let path = self.dir.join(&name);
+            self.vfs.rename(&tmp, &path).map_err(Self::io_err(&path))?;
+            self.vfs
+                .sync_dir(&self.dir)
+                .map_err(Self::io_err(&self.dir))?;
+            let file = SnapshotFile {
+                path,
+                name,
+                index: meta.index,
+                term: meta.term,
+            };
+            Ok(VerifiedSnapshot { file, meta, header })
+        })();
+        if result.is_err() && self.vfs.exists(&tmp) {
+            let _ = self.vfs.remove_file(&tmp);
+        }
+        result
     }
 
     /// Deletes all but the newest `keep` snapshot files.
