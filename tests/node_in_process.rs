@@ -39,6 +39,14 @@ fn config(id: u64, ports: &Ports, root: &Path, snapshot_every: u64) -> NodeConfi
             .filter(|(i, _)| **i != id)
             .map(|(i, p)| (*i, format!("127.0.0.1:{p}")))
             .collect(),
+        peer_client_urls: ports
+            .client
+            .iter()
+            .filter(|(i, _)| **i != id)
+            .map(|(i, p)| (*i, format!("http://127.0.0.1:{p}")))
+            .collect(),
+        peer_secret_file: None,
+        peer_tls: None,
         heartbeat_ms: 20,
         election_timeout_ms: 150,
         snapshot_every,
