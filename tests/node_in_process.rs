@@ -152,3 +152,83 @@ async fn three_nodes_write_read_restart_and_catch_up_by_snapshot() {
         n.shutdown().await.unwrap();
     }
 }
+
+/// Members' client URLs come from configuration: a handshake that claims to be the leader
+/// (the version 1 protocol carried a client URL, and the acceptor believed it) is refused
+/// without changing anything, and a node with no URL configured for the leader names it by id
+/// only. The nodes here also authenticate with a cluster secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_urls_come_from_configuration_not_from_handshakes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let root = tempfile::tempdir().unwrap();
+    let secret = root.path().join("peer-secret");
+    std::fs::write(&secret, "node-in-process secret\n").unwrap();
+    let ports = ports(3);
+    let config = |id: u64| {
+        let mut c = config(id, &ports, root.path(), 1000);
+        c.peer_secret_file = Some(secret.clone());
+        c
+    };
+    let mut nodes: BTreeMap<u64, RunningNode> = BTreeMap::new();
+    for id in 1..=3 {
+        nodes.insert(id, node::start(config(id)).await.unwrap());
+    }
+    let c = client(&ports);
+    wait_for("a first write", async || c.put("a", "b").await.ok()).await;
+    let url = |id: u64| format!("http://127.0.0.1:{}", ports.client[&id]);
+    let status = c.status_of(&url(1)).await.unwrap();
+    let leader = status.leader.unwrap().id;
+    let follower = (1..=3).find(|i| *i != leader).unwrap();
+
+    // A forged version 1 handshake to the follower, claiming to be the leader.
+    #[derive(serde::Serialize)]
+    struct HelloV1 {
+        version: u32,
+        cluster_id: String,
+        from: u64,
+        to: u64,
+        client_url: String,
+    }
+    let forged = HelloV1 {
+        version: 1,
+        cluster_id: "test".into(),
+        from: leader,
+        to: follower,
+        client_url: "http://attacker.example:1".into(),
+    };
+    let mut frame = Vec::new();
+    raftkv::transport::frame::encode_frame(&mut frame, &forged, 4096).unwrap();
+    let peer_addr = format!("127.0.0.1:{}", ports.peer[&follower]);
+    let mut raw = tokio::net::TcpStream::connect(&peer_addr).await.unwrap();
+    raw.write_all(&frame).await.unwrap();
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut sink)).await;
+    assert!(closed.is_ok(), "the forged handshake is refused and closed");
+
+    let st = c.status_of(&url(follower)).await.unwrap();
+    let hint = st.leader.expect("the follower knows the leader");
+    assert_eq!((hint.id, hint.client_url), (leader, Some(url(leader))));
+    for m in &st.members {
+        assert_eq!(m.client_url.as_deref(), Some(url(m.id).as_str()), "{m:?}");
+    }
+
+    // The follower restarted without configured URLs: the leader is named by id only.
+    nodes.remove(&follower).unwrap().shutdown().await.unwrap();
+    let mut bare = config(follower);
+    bare.peer_client_urls.clear();
+    nodes.insert(follower, node::start(bare).await.unwrap());
+    let hint = wait_for("the restarted follower to know the leader", async || {
+        let leader = c.status_of(&url(follower)).await.ok()?.leader?;
+        (leader.id != follower).then_some(leader)
+    })
+    .await;
+    assert_eq!(
+        hint.client_url, None,
+        "no URL is configured for node {}",
+        hint.id
+    );
+
+    for (_, n) in nodes {
+        n.shutdown().await.unwrap();
+    }
+}
