@@ -4,6 +4,10 @@
 //! given with `--config`, then defaults. SIGTERM or SIGINT shuts down gracefully: stop
 //! accepting, finish in-flight requests, flush, exit 0. A corrupt data dir or one that belongs
 //! to another node or cluster exits non-zero with the reason (file and offset for damage).
+//!
+//! Peers authenticate with a shared secret (`--peer-secret-file`) and/or mutual TLS
+//! (`--peer-cert`, `--peer-key`, `--peer-ca`: all three or none); the files are loaded before
+//! the data dir is touched. Other members' client URLs come only from `--peer-client-urls`.
 
 use anyhow::{bail, Context};
 use raftkv::api::Limits;
