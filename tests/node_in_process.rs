@@ -232,3 +232,33 @@ async fn client_urls_come_from_configuration_not_from_handshakes() {
         n.shutdown().await.unwrap();
     }
 }
+
+/// A short secret or a missing certificate stops the start before the data dir is created.
+#[tokio::test]
+async fn bad_peer_auth_files_are_refused_before_the_disk_is_touched() {
+    let root = tempfile::tempdir().unwrap();
+    let ports = ports(3);
+    let short = root.path().join("short-secret");
+    std::fs::write(&short, "too short\n").unwrap();
+    let mut c = config(1, &ports, root.path(), 1000);
+    c.peer_secret_file = Some(short);
+    let err = node::start(c.clone())
+        .await
+        .err()
+        .expect("a short secret is refused");
+    assert!(err.to_string().contains("short-secret"), "{err}");
+    assert!(!c.data_dir.exists(), "nothing was written");
+
+    c.peer_secret_file = None;
+    c.peer_tls = Some(node::PeerTlsFiles {
+        cert: root.path().join("missing-cert.pem"),
+        key: root.path().join("missing-key.pem"),
+        ca: root.path().join("missing-ca.pem"),
+    });
+    let err = node::start(c.clone())
+        .await
+        .err()
+        .expect("a missing certificate is refused");
+    assert!(err.to_string().contains("missing-cert.pem"), "{err}");
+    assert!(!c.data_dir.exists(), "nothing was written");
+}
