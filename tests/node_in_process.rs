@@ -262,3 +262,46 @@ async fn bad_peer_auth_files_are_refused_before_the_disk_is_touched() {
     assert!(err.to_string().contains("missing-cert.pem"), "{err}");
     assert!(!c.data_dir.exists(), "nothing was written");
 }
+
+/// Three nodes with mutual TLS and a cluster secret on the peer port elect a leader and
+/// replicate a write to every member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_with_peer_tls_and_a_secret_replicates() {
+    let root = tempfile::tempdir().unwrap();
+    let pki = raftkv::tls::generate_dev_pki(
+        &root.path().join("pki"),
+        &[1, 2, 3],
+        &["127.0.0.1", "localhost"],
+    )
+    .unwrap();
+    let secret = root.path().join("peer-secret");
+    std::fs::write(&secret, "tls cluster secret, 16+ bytes\n").unwrap();
+    let ports = ports(3);
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        let mut c = config(id, &ports, root.path(), 1000);
+        c.peer_secret_file = Some(secret.clone());
+        c.peer_tls = Some(node::PeerTlsFiles {
+            cert: pki.nodes[&id].cert.clone(),
+            key: pki.nodes[&id].key.clone(),
+            ca: pki.ca_cert.clone(),
+        });
+        nodes.push(node::start(c).await.unwrap());
+    }
+    let c = client(&ports);
+    wait_for("a write over TLS", async || {
+        c.put("tls", "works").await.ok()
+    })
+    .await;
+    for port in ports.client.values() {
+        let one = Client::new(ClientConfig::new(vec![format!("http://127.0.0.1:{port}")])).unwrap();
+        let got = wait_for("replication", async || {
+            one.get("tls", Consistency::Stale).await.ok().flatten()
+        })
+        .await;
+        assert_eq!(got.value, "works");
+    }
+    for n in nodes {
+        n.shutdown().await.unwrap();
+    }
+}
