@@ -3,7 +3,7 @@
 //! The crate holds everything above the storage layer (`raftkv-storage`):
 //! - [`raft`]: the consensus core, a deterministic state machine without I/O;
 //! - [`transport`]: peer connections; [`api`]: the HTTP/JSON client API; [`client`]: the Rust
-//!   client;
+//!   client; [`tls`]: certificates and rustls configurations for both ports;
 //! - [`check_disk`]: the operator's disk check.
 
 pub mod api;
@@ -12,6 +12,7 @@ pub mod check_disk;
 pub mod client;
 pub mod node;
 pub mod raft;
+pub mod tls;
 pub mod transport;
 
 pub use raftkv_storage as storage;

@@ -39,6 +39,14 @@ fn config(id: u64, ports: &Ports, root: &Path, snapshot_every: u64) -> NodeConfi
             .filter(|(i, _)| **i != id)
             .map(|(i, p)| (*i, format!("127.0.0.1:{p}")))
             .collect(),
+        peer_client_urls: ports
+            .client
+            .iter()
+            .filter(|(i, _)| **i != id)
+            .map(|(i, p)| (*i, format!("http://127.0.0.1:{p}")))
+            .collect(),
+        peer_secret_file: None,
+        peer_tls: None,
         heartbeat_ms: 20,
         election_timeout_ms: 150,
         snapshot_every,
@@ -143,6 +151,159 @@ async fn three_nodes_write_read_restart_and_catch_up_by_snapshot() {
     assert!(st.snapshot_index > 0, "compaction ran: {st:?}");
 
     for (_, n) in nodes {
+        n.shutdown().await.unwrap();
+    }
+}
+
+/// Members' client URLs come from configuration: a handshake that claims to be the leader
+/// (the version 1 protocol carried a client URL, and the acceptor believed it) is refused
+/// without changing anything, and a node with no URL configured for the leader names it by id
+/// only. The nodes here also authenticate with a cluster secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_urls_come_from_configuration_not_from_handshakes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let root = tempfile::tempdir().unwrap();
+    let secret = root.path().join("peer-secret");
+    std::fs::write(&secret, "node-in-process secret\n").unwrap();
+    let ports = ports(3);
+    let config = |id: u64| {
+        let mut c = config(id, &ports, root.path(), 1000);
+        c.peer_secret_file = Some(secret.clone());
+        c
+    };
+    let mut nodes: BTreeMap<u64, RunningNode> = BTreeMap::new();
+    for id in 1..=3 {
+        nodes.insert(id, node::start(config(id)).await.unwrap());
+    }
+    let c = client(&ports);
+    wait_for("a first write", async || c.put("a", "b").await.ok()).await;
+    let url = |id: u64| format!("http://127.0.0.1:{}", ports.client[&id]);
+    let status = c.status_of(&url(1)).await.unwrap();
+    let leader = status.leader.unwrap().id;
+    let follower = (1..=3).find(|i| *i != leader).unwrap();
+
+    // A forged version 1 handshake to the follower, claiming to be the leader.
+    #[derive(serde::Serialize)]
+    struct HelloV1 {
+        version: u32,
+        cluster_id: String,
+        from: u64,
+        to: u64,
+        client_url: String,
+    }
+    let forged = HelloV1 {
+        version: 1,
+        cluster_id: "test".into(),
+        from: leader,
+        to: follower,
+        client_url: "http://attacker.example:1".into(),
+    };
+    let mut frame = Vec::new();
+    raftkv::transport::frame::encode_frame(&mut frame, &forged, 4096).unwrap();
+    let peer_addr = format!("127.0.0.1:{}", ports.peer[&follower]);
+    let mut raw = tokio::net::TcpStream::connect(&peer_addr).await.unwrap();
+    raw.write_all(&frame).await.unwrap();
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut sink)).await;
+    assert!(closed.is_ok(), "the forged handshake is refused and closed");
+
+    let st = c.status_of(&url(follower)).await.unwrap();
+    let hint = st.leader.expect("the follower knows the leader");
+    assert_eq!((hint.id, hint.client_url), (leader, Some(url(leader))));
+    for m in &st.members {
+        assert_eq!(m.client_url.as_deref(), Some(url(m.id).as_str()), "{m:?}");
+    }
+
+    // The follower restarted without configured URLs: the leader is named by id only.
+    nodes.remove(&follower).unwrap().shutdown().await.unwrap();
+    let mut bare = config(follower);
+    bare.peer_client_urls.clear();
+    nodes.insert(follower, node::start(bare).await.unwrap());
+    let hint = wait_for("the restarted follower to know the leader", async || {
+        let leader = c.status_of(&url(follower)).await.ok()?.leader?;
+        (leader.id != follower).then_some(leader)
+    })
+    .await;
+    assert_eq!(
+        hint.client_url, None,
+        "no URL is configured for node {}",
+        hint.id
+    );
+
+    for (_, n) in nodes {
+        n.shutdown().await.unwrap();
+    }
+}
+
+/// A short secret or a missing certificate stops the start before the data dir is created.
+#[tokio::test]
+async fn bad_peer_auth_files_are_refused_before_the_disk_is_touched() {
+    let root = tempfile::tempdir().unwrap();
+    let ports = ports(3);
+    let short = root.path().join("short-secret");
+    std::fs::write(&short, "too short\n").unwrap();
+    let mut c = config(1, &ports, root.path(), 1000);
+    c.peer_secret_file = Some(short);
+    let err = node::start(c.clone())
+        .await
+        .err()
+        .expect("a short secret is refused");
+    assert!(err.to_string().contains("short-secret"), "{err}");
+    assert!(!c.data_dir.exists(), "nothing was written");
+
+    c.peer_secret_file = None;
+    c.peer_tls = Some(node::PeerTlsFiles {
+        cert: root.path().join("missing-cert.pem"),
+        key: root.path().join("missing-key.pem"),
+        ca: root.path().join("missing-ca.pem"),
+    });
+    let err = node::start(c.clone())
+        .await
+        .err()
+        .expect("a missing certificate is refused");
+    assert!(err.to_string().contains("missing-cert.pem"), "{err}");
+    assert!(!c.data_dir.exists(), "nothing was written");
+}
+
+/// Three nodes with mutual TLS and a cluster secret on the peer port elect a leader and
+/// replicate a write to every member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_with_peer_tls_and_a_secret_replicates() {
+    let root = tempfile::tempdir().unwrap();
+    let pki = raftkv::tls::generate_dev_pki(
+        &root.path().join("pki"),
+        &[1, 2, 3],
+        &["127.0.0.1", "localhost"],
+    )
+    .unwrap();
+    let secret = root.path().join("peer-secret");
+    std::fs::write(&secret, "tls cluster secret, 16+ bytes\n").unwrap();
+    let ports = ports(3);
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        let mut c = config(id, &ports, root.path(), 1000);
+        c.peer_secret_file = Some(secret.clone());
+        c.peer_tls = Some(node::PeerTlsFiles {
+            cert: pki.nodes[&id].cert.clone(),
+            key: pki.nodes[&id].key.clone(),
+            ca: pki.ca_cert.clone(),
+        });
+        nodes.push(node::start(c).await.unwrap());
+    }
+    let c = client(&ports);
+    wait_for("a write over TLS", async || {
+        c.put("tls", "works").await.ok()
+    })
+    .await;
+    for port in ports.client.values() {
+        let one = Client::new(ClientConfig::new(vec![format!("http://127.0.0.1:{port}")])).unwrap();
+        let got = wait_for("replication", async || {
+            one.get("tls", Consistency::Stale).await.ok().flatten()
+        })
+        .await;
+        assert_eq!(got.value, "works");
+    }
+    for n in nodes {
         n.shutdown().await.unwrap();
     }
 }

@@ -82,6 +82,19 @@ impl Cluster {
             .filter(|(i, _)| **i != id)
             .map(|(i, p)| format!("{i}=127.0.0.1:{p}"))
             .collect();
+        let client_urls: Vec<String> = self
+            .client_ports
+            .iter()
+            .filter(|(i, _)| **i != id)
+            .map(|(i, p)| format!("{i}=http://127.0.0.1:{p}"))
+            .collect();
+        // Every member proves the cluster secret, as `cluster up` sets it up.
+        let secret = self.root.path().join("peer-secret");
+        std::fs::write(
+            &secret,
+            format!("process-test-secret-{}\n", self.cluster_id),
+        )
+        .unwrap();
         let mut cmd = Command::new(BIN);
         cmd.args(["serve", "--id", &id.to_string()])
             .arg("--data-dir")
@@ -95,6 +108,9 @@ impl Cluster {
                 &format!("127.0.0.1:{}", self.peer_ports[&id]),
             ])
             .args(["--peers", &peers.join(",")])
+            .args(["--peer-client-urls", &client_urls.join(",")])
+            .arg("--peer-secret-file")
+            .arg(secret)
             .args(["--snapshot-every", &self.snapshot_every.to_string()])
             .args(["--heartbeat-ms", "30", "--election-timeout-ms", "200"])
             .args(["--cluster-id", &self.cluster_id])

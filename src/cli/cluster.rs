@@ -1,11 +1,13 @@
 //! `raftkv cluster up`: a local cluster of child processes, for trying raftkv on one machine.
 //!
 //! Node i listens for clients on 127.0.0.1:800i and for peers on 127.0.0.1:900i, keeps its data
-//! in `DATA_DIR/node<i>`, and has its log lines prefixed with `[n<i>]`. Ctrl-C (or SIGTERM)
+//! in `DATA_DIR/node<i>`, and has its log lines prefixed with `[n<i>]`. The peers authenticate
+//! with a cluster secret generated once in `DATA_DIR/peer-secret` (mode 600), and know each
+//! other's client URLs from their flags. Ctrl-C (or SIGTERM)
 //! stops every node gracefully; running it again resumes from the same data.
 
 use super::kv::render_table;
-use super::local::{nodes, terminate};
+use super::local::{ensure_peer_secret, nodes, terminate};
 use anyhow::{bail, Context};
 use raftkv::client::{Client, ClientConfig};
 use std::path::PathBuf;
@@ -31,6 +33,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
     }
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    let secret = ensure_peer_secret(&args.data_dir)?;
     let specs: Vec<_> = nodes(
         args.nodes,
         CLIENT_PORT_BASE,
@@ -41,6 +44,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
     .into_iter()
     .map(|mut n| {
         n.show_logs = true;
+        n.peer_secret_file = Some(secret.clone());
         n
     })
     .collect();

@@ -1,5 +1,6 @@
 //! Local nodes as child processes of this `raftkv` binary: used by `cluster up` and by the
-//! recovery and failover benchmarks.
+//! recovery and failover benchmarks. Each node is told its peers' client URLs
+//! (`--peer-client-urls`), and `cluster up` gives all of them one generated cluster secret.
 
 use anyhow::Context;
 use std::io::{BufRead, BufReader, Write};
@@ -15,6 +16,10 @@ pub struct LocalNode {
     pub peer_port: u16,
     /// The other members: (id, peer port).
     pub peers: Vec<(u64, u16)>,
+    /// The other members' client ports (passed as `--peer-client-urls`).
+    pub peer_client_ports: Vec<(u64, u16)>,
+    /// The shared cluster secret (`--peer-secret-file`).
+    pub peer_secret_file: Option<PathBuf>,
     pub data_dir: PathBuf,
     pub cluster_id: String,
     pub snapshot_every: Option<u64>,
@@ -36,6 +41,11 @@ impl LocalNode {
             .iter()
             .map(|(id, port)| format!("{id}=127.0.0.1:{port}"))
             .collect();
+        let client_urls: Vec<String> = self
+            .peer_client_ports
+            .iter()
+            .map(|(id, port)| format!("{id}=http://127.0.0.1:{port}"))
+            .collect();
         let mut cmd = Command::new(exe);
         cmd.arg("serve")
             .args(["--id", &self.id.to_string()])
@@ -44,8 +54,12 @@ impl LocalNode {
             .args(["--client-addr", &format!("127.0.0.1:{}", self.client_port)])
             .args(["--peer-addr", &format!("127.0.0.1:{}", self.peer_port)])
             .args(["--peers", &peers.join(",")])
+            .args(["--peer-client-urls", &client_urls.join(",")])
             .args(["--cluster-id", &self.cluster_id])
             .stdin(Stdio::null());
+        if let Some(secret) = &self.peer_secret_file {
+            cmd.arg("--peer-secret-file").arg(secret);
+        }
         if let Some(k) = self.snapshot_every {
             cmd.args(["--snapshot-every", &k.to_string()]);
         }
@@ -107,6 +121,11 @@ pub fn nodes(
                 .filter(|p| *p != id)
                 .map(|p| (p, peer_base + p as u16))
                 .collect(),
+            peer_client_ports: (1..=n)
+                .filter(|p| *p != id)
+                .map(|p| (p, client_base + p as u16))
+                .collect(),
+            peer_secret_file: None,
             data_dir: root.join(format!("node{id}")),
             cluster_id: cluster_id.to_string(),
             snapshot_every: None,
@@ -114,6 +133,33 @@ pub fn nodes(
             show_logs: false,
         })
         .collect()
+}
+
+/// The cluster secret file in `root` (`peer-secret`): kept if it exists and is valid,
+/// otherwise created with 32 random bytes (hex) and mode 600.
+pub fn ensure_peer_secret(root: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let path = root.join("peer-secret");
+    if path.exists() {
+        raftkv::transport::PeerSecret::load(&path)?;
+        return Ok(path);
+    }
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("cannot draw random bytes: {e}"))?;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options
+        .open(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    writeln!(file, "{hex}").with_context(|| format!("cannot write {}", path.display()))?;
+    file.sync_all()
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
 }
 
 /// A base port with `count` free ports after it (probed), for benchmarks in temp dirs.
@@ -147,5 +193,43 @@ pub fn terminate(child: &mut Child, grace: Duration) -> std::io::Result<std::pro
             return child.wait();
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_peer_secret_is_generated_once_private_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = ensure_peer_secret(dir.path()).unwrap();
+        let first = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(first.trim_end().len(), 64, "32 random bytes in hex");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "mode {mode:o}");
+        }
+        assert_eq!(ensure_peer_secret(dir.path()).unwrap(), path);
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            first,
+            "kept on restart"
+        );
+        std::fs::write(&path, "short\n").unwrap();
+        assert!(
+            ensure_peer_secret(dir.path()).is_err(),
+            "a bad secret is not used"
+        );
+    }
+
+    #[test]
+    fn nodes_know_every_peer_and_its_client_port() {
+        let specs = nodes(3, 8000, 9000, std::path::Path::new("/d"), "c");
+        assert_eq!(specs[0].peers, vec![(2, 9002), (3, 9003)]);
+        assert_eq!(specs[0].peer_client_ports, vec![(2, 8002), (3, 8003)]);
+        assert_eq!(specs[2].peer_client_ports, vec![(1, 8001), (2, 8002)]);
     }
 }

@@ -4,10 +4,14 @@
 //! given with `--config`, then defaults. SIGTERM or SIGINT shuts down gracefully: stop
 //! accepting, finish in-flight requests, flush, exit 0. A corrupt data dir or one that belongs
 //! to another node or cluster exits non-zero with the reason (file and offset for damage).
+//!
+//! Peers authenticate with a shared secret (`--peer-secret-file`) and/or mutual TLS
+//! (`--peer-cert`, `--peer-key`, `--peer-ca`: all three or none); the files are loaded before
+//! the data dir is touched. Other members' client URLs come only from `--peer-client-urls`.
 
 use anyhow::{bail, Context};
 use raftkv::api::Limits;
-use raftkv::node::{self, NodeConfig};
+use raftkv::node::{self, NodeConfig, PeerTlsFiles};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -33,6 +37,24 @@ pub struct ServeArgs {
     /// The other members: ID=HOST:PORT of their peer addresses, comma-separated.
     #[arg(long, env = "RAFTKV_PEERS", value_name = "ID=HOST:PORT,...")]
     pub peers: Option<String>,
+    /// The other members' client URLs, ID=URL comma-separated, for leader hints and status
+    /// (never learned from peers).
+    #[arg(long, env = "RAFTKV_PEER_CLIENT_URLS", value_name = "ID=URL,...")]
+    pub peer_client_urls: Option<String>,
+    /// A file with the shared cluster secret (>= 16 bytes; trailing whitespace trimmed) that
+    /// peers prove to each other in the handshake.
+    #[arg(long, env = "RAFTKV_PEER_SECRET_FILE", value_name = "FILE")]
+    pub peer_secret_file: Option<PathBuf>,
+    /// This node's certificate (PEM) for mutual TLS on the peer port; needs --peer-key and
+    /// --peer-ca.
+    #[arg(long, env = "RAFTKV_PEER_CERT", value_name = "FILE")]
+    pub peer_cert: Option<PathBuf>,
+    /// The private key (PEM) of --peer-cert.
+    #[arg(long, env = "RAFTKV_PEER_KEY", value_name = "FILE")]
+    pub peer_key: Option<PathBuf>,
+    /// The CA (PEM) that signs every member's peer certificate.
+    #[arg(long, env = "RAFTKV_PEER_CA", value_name = "FILE")]
+    pub peer_ca: Option<PathBuf>,
     /// The cluster's name; peers of another cluster are refused.
     #[arg(long, env = "RAFTKV_CLUSTER_ID")]
     pub cluster_id: Option<String>,
@@ -71,6 +93,11 @@ struct FileConfig {
     client_url: Option<String>,
     peer_addr: Option<String>,
     peers: Option<BTreeMap<String, String>>,
+    peer_client_urls: Option<BTreeMap<String, String>>,
+    peer_secret_file: Option<PathBuf>,
+    peer_cert: Option<PathBuf>,
+    peer_key: Option<PathBuf>,
+    peer_ca: Option<PathBuf>,
     cluster_id: Option<String>,
     snapshot_every: Option<u64>,
     heartbeat_ms: Option<u64>,
@@ -83,11 +110,21 @@ struct FileConfig {
 
 /// Parses `1=host:port,2=host:port`.
 pub fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<u64, String>> {
+    parse_id_map(s, "HOST:PORT")
+}
+
+/// Parses `1=http://host:port,2=...`; the URLs are checked by `NodeConfig::validate`.
+pub fn parse_peer_client_urls(s: &str) -> anyhow::Result<BTreeMap<u64, String>> {
+    parse_id_map(s, "URL")
+}
+
+/// Parses `ID=VALUE` pairs, comma-separated; ids positive and unique.
+fn parse_id_map(s: &str, what: &str) -> anyhow::Result<BTreeMap<u64, String>> {
     let mut peers = BTreeMap::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (id, addr) = part
             .split_once('=')
-            .with_context(|| format!("peer {part:?} is not ID=HOST:PORT"))?;
+            .with_context(|| format!("peer {part:?} is not ID={what}"))?;
         let id: u64 = id
             .trim()
             .parse()
@@ -142,6 +179,19 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<NodeConfig> {
         }
         (None, None) => BTreeMap::new(),
     };
+    let peer_client_urls = match (&args.peer_client_urls, file.peer_client_urls) {
+        (Some(flag), _) => parse_peer_client_urls(flag)?,
+        (None, Some(table)) => {
+            let joined: Vec<String> = table.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            parse_peer_client_urls(&joined.join(","))?
+        }
+        (None, None) => BTreeMap::new(),
+    };
+    let peer_tls = resolve_peer_tls(
+        args.peer_cert.clone().or(file.peer_cert),
+        args.peer_key.clone().or(file.peer_key),
+        args.peer_ca.clone().or(file.peer_ca),
+    )?;
     let config = NodeConfig {
         id,
         cluster_id: args
@@ -154,7 +204,9 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<NodeConfig> {
         client_url,
         peer_addr,
         peers,
-        peer_client_urls: BTreeMap::new(),
+        peer_client_urls,
+        peer_secret_file: args.peer_secret_file.clone().or(file.peer_secret_file),
+        peer_tls,
         heartbeat_ms: args.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(50),
         election_timeout_ms: args
             .election_timeout_ms
@@ -227,6 +279,19 @@ pub const SHUTDOWN_GRACE_MS: u64 = 10_000;
 pub const FATAL_EXIT_GRACE_MS: u64 = 3_000;
 /// Exit status after a fatal error, and when a stop overran its grace period.
 pub const EXIT_FATAL: u8 = 1;
+
+/// All three peer TLS files, or none.
+fn resolve_peer_tls(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca: Option<PathBuf>,
+) -> anyhow::Result<Option<PeerTlsFiles>> {
+    match (cert, key, ca) {
+        (Some(cert), Some(key), Some(ca)) => Ok(Some(PeerTlsFiles { cert, key, ca })),
+        (None, None, None) => Ok(None),
+        _ => bail!("--peer-cert, --peer-key and --peer-ca go together: give all three or none"),
+    }
+}
 
 pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let config = resolve(args).map_err(|e| anyhow::Error::new(super::Usage(e)))?;
@@ -344,6 +409,7 @@ impl ShutdownSignals {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn peers_parse_and_reject_garbage() {
@@ -373,7 +439,45 @@ mod tests {
         let c = resolve(&args).unwrap();
         assert_eq!((c.id, c.heartbeat_ms, c.election_timeout_ms), (2, 30, 400));
         assert_eq!(c.peers[&1], "127.0.0.1:9001");
+        assert!(c.peer_client_urls.is_empty() && c.peer_tls.is_none());
         std::fs::write(&file, "id = 2\nbogus = 1\n").unwrap();
         assert!(resolve(&args).is_err(), "unknown keys are errors");
+    }
+
+    #[test]
+    fn peer_client_urls_and_tls_files_resolve_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(
+            &file,
+            "id = 1\ndata_dir = \"/tmp/x\"\npeer_secret_file = \"/s\"\n\
+             [peers]\n2 = \"127.0.0.1:9002\"\n3 = \"127.0.0.1:9003\"\n\
+             [peer_client_urls]\n2 = \"http://127.0.0.1:8002\"\n",
+        )
+        .unwrap();
+        let mut args = ServeArgs {
+            config: Some(file),
+            ..ServeArgs::default()
+        };
+        let c = resolve(&args).unwrap();
+        assert_eq!(c.peer_client_urls[&2], "http://127.0.0.1:8002");
+        assert!(!c.peer_client_urls.contains_key(&3), "unconfigured: no URL");
+        assert_eq!(c.peer_secret_file.as_deref(), Some(Path::new("/s")));
+        args.peer_client_urls = Some("2=https://n2.example:8443,3=http://[::1]:8003".into());
+        let c = resolve(&args).unwrap();
+        assert_eq!(c.peer_client_urls[&2], "https://n2.example:8443");
+        assert_eq!(c.peer_client_urls[&3], "http://[::1]:8003");
+        for bad in ["4=http://h:1", "2=ftp://h:1", "2=nonsense", "2=http://"] {
+            args.peer_client_urls = Some(bad.into());
+            assert!(resolve(&args).is_err(), "{bad} must be refused");
+        }
+        args.peer_client_urls = None;
+        args.peer_cert = Some("/c.pem".into());
+        let err = resolve(&args).unwrap_err();
+        assert!(err.to_string().contains("all three"), "{err}");
+        args.peer_key = Some("/k.pem".into());
+        args.peer_ca = Some("/ca.pem".into());
+        let tls = resolve(&args).unwrap().peer_tls.unwrap();
+        assert_eq!(tls.ca, Path::new("/ca.pem"));
     }
 }

@@ -72,6 +72,8 @@ pub struct Driver {
     tick_ms: u64,
     peers: BTreeMap<NodeId, String>,
     client_url: String,
+    /// Other members' client URLs, from configuration.
+    peer_client_urls: BTreeMap<NodeId, String>,
     reads: BTreeMap<u64, ReadReply>,
     next_read_id: u64,
     snapshot_index: u64,
@@ -111,6 +113,7 @@ impl Driver {
             tick_ms: config.heartbeat_ms,
             peers: config.peers.clone(),
             client_url: config.client_url.clone(),
+            peer_client_urls: config.peer_client_urls.clone(),
             reads: BTreeMap::new(),
             next_read_id: 1,
             snapshot_index,
@@ -254,7 +257,7 @@ impl Driver {
             client_url: if id == self.id {
                 Some(self.client_url.clone())
             } else {
-                self.transport.peer_client_url(id)
+                self.peer_client_urls.get(&id).cloned()
             },
         })
     }
@@ -360,7 +363,7 @@ impl Driver {
             .map(|(id, addr)| MemberStatus {
                 id: *id,
                 peer_addr: addr.clone(),
-                client_url: self.transport.peer_client_url(*id),
+                client_url: self.peer_client_urls.get(id).cloned(),
                 match_index: if is_leader {
                     self.raft.progress(*id).map(|p| p.match_index)
                 } else {

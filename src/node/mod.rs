@@ -44,7 +44,7 @@ pub mod storage_loop;
 
 use crate::api::Limits;
 use crate::raft::{self, Raft, RestartState};
-use crate::transport::{PeerTransport, TransportConfig};
+use crate::transport::{PeerAuth, PeerTls, PeerTransport, TransportConfig};
 use peer::PeerMessage;
 use raftkv_storage::node_storage::{NodeStorage, NodeStorageError, NodeStorageOptions};
 use raftkv_storage::{Membership, NodeId, SnapshotMeta};
@@ -75,9 +75,14 @@ pub struct NodeConfig {
     pub peer_addr: String,
     /// The other members' peer addresses.
     pub peers: BTreeMap<NodeId, String>,
-    /// The other members' client URLs, by id (leader hints, and where a node that lost its
-    /// state machine fetches a snapshot).
+    /// The other members' client URLs, for leader hints and status. Configured, never learned
+    /// from a peer: a forged handshake must not redirect clients. A member without one is
+    /// named by id only (followers answer 503 with the leader's id).
     pub peer_client_urls: BTreeMap<NodeId, String>,
+    /// A file holding the shared cluster secret that peers prove in the handshake.
+    pub peer_secret_file: Option<PathBuf>,
+    /// Mutual TLS on the peer port.
+    pub peer_tls: Option<PeerTlsFiles>,
     pub heartbeat_ms: u64,
     pub election_timeout_ms: u64,
     pub snapshot_every: u64,
@@ -123,6 +128,14 @@ impl NodeConfig {
         if self.cluster_id.is_empty() {
             return Err("the cluster id must not be empty".into());
         }
+        for (id, url) in &self.peer_client_urls {
+            if *id != self.id && !self.peers.contains_key(id) {
+                return Err(format!(
+                    "--peer-client-urls names node {id}, which is not in --peers"
+                ));
+            }
+            check_client_url(url).map_err(|e| format!("--peer-client-urls {id}={url}: {e}"))?;
+        }
         Ok(())
     }
 
@@ -144,6 +157,53 @@ impl NodeConfig {
     }
 }
 
+/// PEM files for mutual TLS on the peer port.
+#[derive(Clone, Debug)]
+pub struct PeerTlsFiles {
+    /// This node's certificate (chain), presented as server and as client.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The CA that signs every member's certificate.
+    pub ca: PathBuf,
+}
+
+/// Loads the peer secret and TLS material named in `config`; errors name the file.
+pub fn peer_auth(config: &NodeConfig) -> Result<PeerAuth, NodeError> {
+    let secret = match &config.peer_secret_file {
+        Some(path) => Some(crate::transport::PeerSecret::load(path)?),
+        None => None,
+    };
+    let tls = match &config.peer_tls {
+        Some(files) => Some(PeerTls {
+            server: crate::tls::server_config(&files.cert, &files.key, Some(&files.ca))?,
+            client: crate::tls::client_config(&files.ca, Some((&files.cert, &files.key)))?,
+        }),
+        None => None,
+    };
+    let auth = PeerAuth { secret, tls };
+    if !auth.is_enabled() {
+        tracing::warn!(
+            id = config.id,
+            peer_addr = %config.peer_addr,
+            "THE PEER PORT IS UNAUTHENTICATED: anyone who can reach it can act as a member. \
+             Set --peer-secret-file and/or --peer-cert/--peer-key/--peer-ca"
+        );
+    }
+    Ok(auth)
+}
+
+/// An http:// or https:// URL with a host.
+pub fn check_client_url(url: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!("scheme {:?} is not http or https", parsed.scheme()));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err("the URL has no host".into());
+    }
+    Ok(())
+}
+
 /// Why a node could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -157,6 +217,10 @@ pub enum NodeError {
     Raft(#[from] raft::RaftError),
     #[error(transparent)]
     Transport(#[from] crate::transport::TransportError),
+    #[error(transparent)]
+    PeerSecret(#[from] crate::transport::SecretError),
+    #[error("peer TLS: {0}")]
+    PeerTls(#[from] crate::tls::TlsError),
     #[error("cannot listen for clients on {addr}: {source}")]
     Listen {
         addr: String,
@@ -251,6 +315,8 @@ impl RunningNode {
 /// thread and the HTTP API.
 pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     config.validate().map_err(NodeError::Config)?;
+    // Before the disk is touched: a bad secret or certificate must not leave a data dir.
+    let auth = peer_auth(&config)?;
     // Both ports before the disk: a typo in an address must not leave a WAL and an identity
     // file behind that then block the corrected start.
     let client_listener = tokio::net::TcpListener::bind(&config.client_addr)
@@ -305,12 +371,9 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let sm = storage.shared_sm();
     let snapshots = storage.shared_snapshots();
 
-    let transport_config = TransportConfig::new(
-        config.cluster_id.clone(),
-        config.id,
-        config.client_url.clone(),
-        config.peers.clone(),
-    );
+    let mut transport_config =
+        TransportConfig::new(config.cluster_id.clone(), config.id, config.peers.clone());
+    transport_config.auth = auth;
     let (transport, inbound) =
         PeerTransport::<PeerMessage>::start_with_listener(transport_config, peer_listener)?;
     let peer_addr = transport.local_addr();

@@ -1,4 +1,4 @@
-//! The peer transport: persistent TCP connections between cluster members.
+//! The peer transport: persistent, authenticated TCP (or TLS) connections between members.
 //!
 //! Shape, and why:
 //! - **One outbound connection per peer**, owned by a writer task that drains a bounded queue.
@@ -8,11 +8,22 @@
 //! - The writer also watches its connection's read half: the acceptor never writes after the
 //!   handshake, so EOF there means the peer died or restarted, and the writer reconnects
 //!   before the next message would be written into a dead socket and lost.
-//! - **Inbound connections only read.** Each one starts with a handshake carrying the cluster
-//!   id, both node ids and the dialer's client URL; a dialer from another cluster, with an
-//!   unknown id, or addressing another node is refused (and logged) before any message is
-//!   accepted. Inbound messages go to one bounded channel; when the node falls behind, reading
-//!   stops and TCP flow control pushes back on the sender.
+//! - **Inbound connections only read, and only after authentication.** With mutual TLS
+//!   ([`PeerTls`]) the TLS handshake comes first: the acceptor requires a client certificate
+//!   from the cluster CA and the dialer checks the acceptor's certificate against the same CA
+//!   and the host of the peer address. Then the [`handshake`] names cluster, protocol version
+//!   and both node ids, and — with a shared secret ([`PeerSecret`]) — both sides prove the
+//!   secret by challenge and response. A stranger is refused (and logged) before any message
+//!   is decoded. Without TLS and secret the port is open to anyone who can reach it; the node
+//!   warns loudly.
+//! - **Strangers cost little.** Until the handshake completes a connection may send frames of
+//!   `handshake_bytes_max` (4 KiB) only — `frame_bytes_max` (16 MiB) applies after it — and
+//!   must finish within `handshake_timeout_ms`; at most `pending_handshakes_max` connections
+//!   may be in that state at once (the excess is closed at once). When `accept` fails for
+//!   lack of file descriptors or memory the listener backs off (`accept_backoff_min_ms`
+//!   doubling to `_max_ms`) and logs one line per episode instead of spinning.
+//! - Inbound messages go to one bounded channel; when the node falls behind, reading stops and
+//!   TCP flow control pushes back on the sender.
 //! - **Reconnect with exponential backoff** (`reconnect_backoff_min_ms` doubling to `_max_ms`).
 //!   Messages queued while disconnected wait (bounded); a connection error is reported once per
 //!   outage as [`TransportEvent::Unreachable`], and so is an inbound connection the peer
@@ -20,26 +31,57 @@
 //!   without waiting for an election timeout).
 //! - The writer batches: after one message it writes whatever else is queued (up to
 //!   `write_batch_bytes_max`) before one flush, so a burst costs one syscall.
+//! - No client URL is exchanged: members' client URLs come from the node's configuration.
 //!
 //! The transport is generic over the message type: the node sends Raft messages and snapshot
 //! chunks through it; tests send strings.
 
+pub mod auth;
 pub mod frame;
+mod handshake;
+mod listener;
 
-use frame::{read_frame, write_frame, FrameError};
+pub use auth::{PeerSecret, SecretError};
+use frame::FrameError;
 use raftkv_storage::NodeId;
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 /// The handshake protocol version; bumped on any incompatible change of the peer protocol.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: challenge–response with the cluster secret; no client URL in the handshake.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// How peers prove who they are. Empty (the default) means unauthenticated.
+#[derive(Clone, Debug, Default)]
+pub struct PeerAuth {
+    /// The shared cluster secret, proven in every handshake by both sides.
+    pub secret: Option<PeerSecret>,
+    /// Mutual TLS.
+    pub tls: Option<PeerTls>,
+}
+
+impl PeerAuth {
+    /// Whether anything authenticates peers.
+    pub fn is_enabled(&self) -> bool {
+        self.secret.is_some() || self.tls.is_some()
+    }
+}
+
+/// Mutual TLS on the peer port: built with [`crate::tls::server_config`] (client CA set, so
+/// client certificates are required) and [`crate::tls::client_config`] (with this node's
+/// identity).
+#[derive(Clone, Debug)]
+pub struct PeerTls {
+    pub server: Arc<rustls::ServerConfig>,
+    pub client: Arc<rustls::ClientConfig>,
+}
 
 /// Settings of the transport.
 #[derive(Clone, Debug)]
@@ -47,46 +89,88 @@ pub struct TransportConfig {
     /// Identifies the cluster; peers of another cluster are refused.
     pub cluster_id: String,
     pub node_id: NodeId,
-    /// This node's client (HTTP) URL, announced to peers so they can point clients at it.
-    pub client_url: String,
     /// The other members' peer addresses (`host:port`), by id.
     pub peers: BTreeMap<NodeId, String>,
+    pub auth: PeerAuth,
     /// Messages queued per peer before `send` fails with `QueueFull`.
     pub queue_messages_max: usize,
     /// Inbound messages buffered for the node before readers stop reading.
     pub inbound_messages_max: usize,
-    /// The largest frame accepted or sent.
+    /// The largest frame accepted or sent once a connection is authenticated.
     pub frame_bytes_max: u32,
+    /// The largest handshake frame: all a connection may send before it is authenticated.
+    pub handshake_bytes_max: u32,
+    /// Inbound connections still in their handshake at once; more are closed at once.
+    pub pending_handshakes_max: usize,
     /// Bytes written before a flush when messages are queued back to back.
     pub write_batch_bytes_max: usize,
     pub connect_timeout_ms: u64,
+    /// The whole handshake (TLS included) must complete within this.
     pub handshake_timeout_ms: u64,
     pub reconnect_backoff_min_ms: u64,
     pub reconnect_backoff_max_ms: u64,
+    /// Wait after `accept` fails for lack of descriptors or memory, doubling up to `_max_ms`.
+    pub accept_backoff_min_ms: u64,
+    pub accept_backoff_max_ms: u64,
 }
 
 impl TransportConfig {
-    /// A configuration with default limits.
+    /// A configuration with default limits and no authentication.
     pub fn new(
         cluster_id: impl Into<String>,
         node_id: NodeId,
-        client_url: impl Into<String>,
         peers: BTreeMap<NodeId, String>,
     ) -> TransportConfig {
         TransportConfig {
             cluster_id: cluster_id.into(),
             node_id,
-            client_url: client_url.into(),
             peers,
+            auth: PeerAuth::default(),
             queue_messages_max: 4096,
             inbound_messages_max: 4096,
             frame_bytes_max: 16 << 20,
+            handshake_bytes_max: 4 << 10,
+            pending_handshakes_max: 64,
             write_batch_bytes_max: 1 << 20,
             connect_timeout_ms: 1000,
             handshake_timeout_ms: 2000,
             reconnect_backoff_min_ms: 50,
             reconnect_backoff_max_ms: 2000,
+            accept_backoff_min_ms: 10,
+            accept_backoff_max_ms: 1000,
         }
+    }
+
+    /// Checks the settings, naming the bad one.
+    fn validate(&self) -> Result<(), TransportError> {
+        let bad = |m: String| Err(TransportError::Config(m));
+        if self.peers.contains_key(&self.node_id) {
+            return bad(format!("node {} lists itself as a peer", self.node_id));
+        }
+        if self.node_id == 0 || self.peers.contains_key(&0) {
+            return bad("node id 0 is reserved".into());
+        }
+        if self.queue_messages_max == 0
+            || self.inbound_messages_max == 0
+            || self.pending_handshakes_max == 0
+        {
+            return bad("queue limits must be positive".into());
+        }
+        if self.handshake_bytes_max < 256 {
+            // The handshake frames need about 100 bytes plus the cluster id.
+            return bad(format!(
+                "handshake_bytes_max {} must be at least 256",
+                self.handshake_bytes_max
+            ));
+        }
+        if self.auth.tls.is_some() {
+            for (id, addr) in &self.peers {
+                if let Err(e) = server_name(addr) {
+                    return bad(format!("peer {id}: {e}"));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -127,29 +211,23 @@ pub enum TransportError {
     Config(String),
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct Hello {
-    version: u32,
-    cluster_id: String,
-    from: NodeId,
-    to: NodeId,
-    client_url: String,
-}
+/// A connection to a peer, plain or TLS.
+trait PeerIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> PeerIo for T {}
+type BoxedIo = Box<dyn PeerIo>;
 
-#[derive(Debug, Serialize, Deserialize)]
-enum HelloReply {
-    Accepted { client_url: String },
-    Refused { reason: String },
+/// The TLS server name of a `host:port` peer address: its host, an IP address or DNS name.
+fn server_name(addr: &str) -> Result<rustls::pki_types::ServerName<'static>, String> {
+    let host = addr.rsplit_once(':').map_or(addr, |(host, _port)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| format!("{host:?} (from {addr:?}) is not a TLS server name: {e}"))
 }
-
-/// Client URLs that peers announced in handshakes, by node id.
-type ClientUrls = Arc<Mutex<BTreeMap<NodeId, String>>>;
 
 /// A running transport. Dropping it without [`PeerTransport::shutdown`] stops its tasks.
 pub struct PeerTransport<M> {
     node_id: NodeId,
     queues: BTreeMap<NodeId, mpsc::Sender<M>>,
-    client_urls: ClientUrls,
     local_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
@@ -164,6 +242,7 @@ where
         config: TransportConfig,
         listen_addr: &str,
     ) -> Result<(PeerTransport<M>, mpsc::Receiver<TransportEvent<M>>), TransportError> {
+        config.validate()?;
         let listener =
             TcpListener::bind(listen_addr)
                 .await
@@ -179,20 +258,7 @@ where
         config: TransportConfig,
         listener: TcpListener,
     ) -> Result<(PeerTransport<M>, mpsc::Receiver<TransportEvent<M>>), TransportError> {
-        if config.peers.contains_key(&config.node_id) {
-            return Err(TransportError::Config(format!(
-                "node {} lists itself as a peer",
-                config.node_id
-            )));
-        }
-        if config.node_id == 0 || config.peers.contains_key(&0) {
-            return Err(TransportError::Config("node id 0 is reserved".into()));
-        }
-        if config.queue_messages_max == 0 || config.inbound_messages_max == 0 {
-            return Err(TransportError::Config(
-                "queue limits must be positive".into(),
-            ));
-        }
+        config.validate()?;
         let local_addr = listener
             .local_addr()
             .map_err(|source| TransportError::Listen {
@@ -202,7 +268,6 @@ where
         let config = Arc::new(config);
         let (events_tx, events_rx) = mpsc::channel(config.inbound_messages_max);
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let client_urls: ClientUrls = Arc::default();
         let mut tasks = JoinSet::new();
         let mut queues = BTreeMap::new();
         for (&peer, addr) in &config.peers {
@@ -214,23 +279,27 @@ where
                 addr.clone(),
                 rx,
                 events_tx.clone(),
-                client_urls.clone(),
                 shutdown_rx.clone(),
             ));
         }
-        tasks.spawn(run_listener(
+        tasks.spawn(listener::run_listener(
             config.clone(),
             listener,
             events_tx,
-            client_urls.clone(),
             shutdown_rx,
         ));
-        tracing::info!(node = config.node_id, addr = %local_addr, peers = ?config.peers, "peer transport listening");
+        tracing::info!(
+            node = config.node_id,
+            addr = %local_addr,
+            peers = ?config.peers,
+            secret = config.auth.secret.is_some(),
+            tls = config.auth.tls.is_some(),
+            "peer transport listening"
+        );
         Ok((
             PeerTransport {
                 node_id: config.node_id,
                 queues,
-                client_urls,
                 local_addr,
                 shutdown,
                 tasks,
@@ -246,11 +315,6 @@ where
             mpsc::error::TrySendError::Full(_) => SendError::QueueFull(to),
             mpsc::error::TrySendError::Closed(_) => SendError::Closed,
         })
-    }
-
-    /// The client URL `peer` announced, once it has connected to us or we to it.
-    pub fn peer_client_url(&self, peer: NodeId) -> Option<String> {
-        lock(&self.client_urls).get(&peer).cloned()
     }
 
     /// The address the listener is bound to.
@@ -270,10 +334,6 @@ where
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 async fn sleep_or_shutdown(ms: u64, shutdown: &mut watch::Receiver<bool>) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(Duration::from_millis(ms)) => false,
@@ -288,7 +348,6 @@ async fn run_writer<M: Serialize + Send + 'static>(
     addr: String,
     mut queue: mpsc::Receiver<M>,
     events: mpsc::Sender<TransportEvent<M>>,
-    client_urls: ClientUrls,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff_ms = config.reconnect_backoff_min_ms;
@@ -299,8 +358,7 @@ async fn run_writer<M: Serialize + Send + 'static>(
             return;
         }
         let stream = match connect(&config, peer, &addr).await {
-            Ok((stream, peer_url)) => {
-                lock(&client_urls).insert(peer, peer_url);
+            Ok(stream) => {
                 backoff_ms = config.reconnect_backoff_min_ms;
                 tracing::info!(node = config.node_id, peer, %addr, "connected to peer");
                 stream
@@ -314,14 +372,16 @@ async fn run_writer<M: Serialize + Send + 'static>(
                 if sleep_or_shutdown(backoff_ms, &mut shutdown).await {
                     return;
                 }
-                backoff_ms = (backoff_ms * 2).min(config.reconnect_backoff_max_ms);
+                backoff_ms = backoff_ms
+                    .saturating_mul(2)
+                    .min(config.reconnect_backoff_max_ms);
                 continue;
             }
         };
         // The acceptor never writes after the handshake, so the read half only ever sees the
         // peer going away. Watching it finds a dead or restarted peer at once, instead of at
         // the next write — whose message the kernel would accept and then lose.
-        let (mut closed, stream) = stream.into_split();
+        let (mut closed, stream) = tokio::io::split(stream);
         let mut writer = BufWriter::new(stream);
         let mut probe = [0u8; 64];
         let failure = loop {
@@ -368,185 +428,42 @@ async fn run_writer<M: Serialize + Send + 'static>(
     }
 }
 
-/// Opens a connection to `peer` and runs the dialer's side of the handshake.
-async fn connect(
-    config: &TransportConfig,
-    peer: NodeId,
-    addr: &str,
-) -> Result<(TcpStream, String), String> {
+/// Opens a connection to `peer` (TLS when configured) and runs the dialer's side of the
+/// handshake, all within the connect and handshake timeouts.
+async fn connect(config: &TransportConfig, peer: NodeId, addr: &str) -> Result<BoxedIo, String> {
     let connect = tokio::time::timeout(
         Duration::from_millis(config.connect_timeout_ms),
         TcpStream::connect(addr),
     );
-    let mut stream = connect
+    let tcp = connect
         .await
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| format!("connect: {e}"))?;
-    let _ = stream.set_nodelay(true);
-    let hello = Hello {
-        version: PROTOCOL_VERSION,
-        cluster_id: config.cluster_id.clone(),
-        from: config.node_id,
-        to: peer,
-        client_url: config.client_url.clone(),
-    };
+    let _ = tcp.set_nodelay(true);
     let handshake = async {
-        write_frame(&mut stream, &hello, config.frame_bytes_max).await?;
-        read_frame::<_, HelloReply>(&mut stream, config.frame_bytes_max).await
+        let mut io: BoxedIo = match &config.auth.tls {
+            Some(tls) => {
+                let name = server_name(addr)?;
+                let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
+                let stream = connector
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| format!("TLS handshake: {e}"))?;
+                Box::new(stream)
+            }
+            None => Box::new(tcp),
+        };
+        handshake::dial(&mut io, config, peer)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(io)
     };
-    let reply = tokio::time::timeout(
+    tokio::time::timeout(
         Duration::from_millis(config.handshake_timeout_ms),
         handshake,
     )
     .await
     .map_err(|_| "handshake timed out".to_string())?
-    .map_err(|e| format!("handshake: {e}"))?;
-    match reply {
-        HelloReply::Accepted { client_url } => Ok((stream, client_url)),
-        HelloReply::Refused { reason } => Err(format!("refused by peer: {reason}")),
-    }
-}
-
-async fn run_listener<M: DeserializeOwned + Send + 'static>(
-    config: Arc<TransportConfig>,
-    listener: TcpListener,
-    events: mpsc::Sender<TransportEvent<M>>,
-    client_urls: ClientUrls,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut readers = JoinSet::new();
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = shutdown.changed() => break,
-        };
-        // Reap finished readers so the set stays bounded by live connections.
-        while readers.try_join_next().is_some() {}
-        match accepted {
-            Ok((stream, remote)) => {
-                let _ = stream.set_nodelay(true);
-                readers.spawn(run_reader(
-                    config.clone(),
-                    stream,
-                    remote,
-                    events.clone(),
-                    client_urls.clone(),
-                    shutdown.clone(),
-                ));
-            }
-            Err(e) => {
-                tracing::warn!(node = config.node_id, error = %e, "accept failed");
-                if sleep_or_shutdown(50, &mut shutdown).await {
-                    break;
-                }
-            }
-        }
-    }
-    readers.shutdown().await;
-}
-
-/// Checks a dialer's handshake; `Err` is the reason it is refused.
-fn check_hello(config: &TransportConfig, hello: &Hello) -> Result<(), String> {
-    if hello.version != PROTOCOL_VERSION {
-        return Err(format!(
-            "protocol version {} is not {PROTOCOL_VERSION}",
-            hello.version
-        ));
-    }
-    if hello.cluster_id != config.cluster_id {
-        return Err(format!(
-            "cluster id {:?} is not {:?}",
-            hello.cluster_id, config.cluster_id
-        ));
-    }
-    if hello.to != config.node_id {
-        return Err(format!(
-            "addressed to node {}, this is node {}",
-            hello.to, config.node_id
-        ));
-    }
-    if !config.peers.contains_key(&hello.from) {
-        return Err(format!("node {} is not a member", hello.from));
-    }
-    Ok(())
-}
-
-async fn run_reader<M: DeserializeOwned + Send + 'static>(
-    config: Arc<TransportConfig>,
-    stream: TcpStream,
-    remote: SocketAddr,
-    events: mpsc::Sender<TransportEvent<M>>,
-    client_urls: ClientUrls,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut stream = BufReader::new(stream);
-    let hello = tokio::time::timeout(
-        Duration::from_millis(config.handshake_timeout_ms),
-        read_frame::<_, Hello>(&mut stream, config.frame_bytes_max),
-    )
-    .await;
-    let hello = match hello {
-        Ok(Ok(hello)) => hello,
-        Ok(Err(e)) => {
-            tracing::warn!(node = config.node_id, %remote, error = %e, "bad handshake; closing");
-            return;
-        }
-        Err(_) => {
-            tracing::warn!(node = config.node_id, %remote, "handshake timed out; closing");
-            return;
-        }
-    };
-    if let Err(reason) = check_hello(&config, &hello) {
-        tracing::warn!(node = config.node_id, %remote, from = hello.from, %reason, "refused peer connection");
-        let reply = HelloReply::Refused { reason };
-        let _ = write_frame(stream.get_mut(), &reply, config.frame_bytes_max).await;
-        return;
-    }
-    let reply = HelloReply::Accepted {
-        client_url: config.client_url.clone(),
-    };
-    if write_frame(stream.get_mut(), &reply, config.frame_bytes_max)
-        .await
-        .is_err()
-    {
-        return;
-    }
-    let from = hello.from;
-    lock(&client_urls).insert(from, hello.client_url);
-    loop {
-        let next = tokio::select! {
-            f = read_frame::<_, M>(&mut stream, config.frame_bytes_max) => f,
-            _ = shutdown.changed() => return,
-        };
-        match next {
-            Ok(message) => {
-                if events
-                    .send(TransportEvent::Message { from, message })
-                    .await
-                    .is_err()
-                {
-                    return; // the node is gone
-                }
-            }
-            Err(FrameError::Closed) => {
-                // The peer closed its side: its process stopped or died (the kernel closes a
-                // killed process's sockets at once), or it is replacing the connection.
-                // Either way the node should know now rather than after a timeout.
-                tracing::info!(
-                    node = config.node_id,
-                    peer = from,
-                    "peer closed its connection"
-                );
-                let _ = events.try_send(TransportEvent::Unreachable { peer: from });
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(node = config.node_id, peer = from, error = %e, "bad frame from peer; closing connection");
-                let _ = events.try_send(TransportEvent::Unreachable { peer: from });
-                return;
-            }
-        }
-    }
 }
 
 #[cfg(test)]
