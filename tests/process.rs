@@ -41,6 +41,8 @@ struct Cluster {
     children: BTreeMap<u64, Child>,
     snapshot_every: u64,
     catchup_margin: u64,
+    /// More settings for every node's config file.
+    extra_toml: String,
 }
 
 impl Cluster {
@@ -55,6 +57,7 @@ impl Cluster {
             children: BTreeMap::new(),
             snapshot_every,
             catchup_margin,
+            extra_toml: String::new(),
         }
     }
 
@@ -71,8 +74,8 @@ impl Cluster {
         std::fs::write(
             &config,
             format!(
-                "catchup_margin = {}\nrequest_timeout_ms = 5000\n",
-                self.catchup_margin
+                "catchup_margin = {}\nrequest_timeout_ms = 5000\n{}",
+                self.catchup_margin, self.extra_toml
             ),
         )
         .unwrap();
@@ -89,12 +92,16 @@ impl Cluster {
             .map(|(i, p)| format!("{i}=http://127.0.0.1:{p}"))
             .collect();
         // Every member proves the cluster secret, as `cluster up` sets it up.
+        // Written once: rewriting it while an earlier node starts could show that node a
+        // truncated file.
         let secret = self.root.path().join("peer-secret");
-        std::fs::write(
-            &secret,
-            format!("process-test-secret-{}\n", self.cluster_id),
-        )
-        .unwrap();
+        if !secret.exists() {
+            std::fs::write(
+                &secret,
+                format!("process-test-secret-{}\n", self.cluster_id),
+            )
+            .unwrap();
+        }
         let mut cmd = Command::new(BIN);
         cmd.args(["serve", "--id", &id.to_string()])
             .arg("--data-dir")
@@ -441,6 +448,43 @@ async fn a_follower_past_the_catchup_margin_catches_up_by_snapshot() {
     assert!(
         st.first_index > 1,
         "its log starts after the snapshot: {st:?}"
+    );
+}
+
+/// A follower whose state machine directory is lost but whose WAL (votes, log) survives, past
+/// compactions, rejoins by fetching a snapshot from the leader instead of refusing to start,
+/// keeps its votes, and ends up with every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_that_lost_its_state_machine_rejoins_from_the_leaders_snapshot() {
+    let mut cluster = Cluster::new(100, 20);
+    // Small segments, so that compaction purges the WAL's head and the state below it exists
+    // nowhere on the follower but in the lost state machine.
+    cluster.extra_toml = "wal_segment_mb = 2\n".into();
+    cluster.start_all();
+    let leader = cluster.leader().await;
+    let follower = (1..=3).find(|i| *i != leader).unwrap();
+    let c = cluster.client();
+    let mut want = BTreeMap::new();
+    for i in 0..600 {
+        let (k, v) = (format!("r{i:04}"), format!("{i}").repeat(2000));
+        c.put(&k, &v).await.unwrap();
+        want.insert(k, v);
+    }
+    cluster.caught_up(600).await;
+    cluster.stop(follower);
+    std::fs::remove_dir_all(cluster.data_dir(follower).join("sm")).unwrap();
+    let load = start_load(&cluster, 4, "during-rejoin");
+    cluster.start(follower);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for (k, v) in load.finish().await {
+        want.insert(k, v);
+    }
+    cluster.check_all(&want).await;
+    let log = std::fs::read_to_string(cluster.root.path().join(format!("node{follower}.log")))
+        .unwrap_or_default();
+    assert!(
+        log.contains("stored a snapshot from the cluster; rejoining"),
+        "the follower fetched a snapshot"
     );
 }
 
