@@ -10,6 +10,7 @@
 //!
 //! Invariants: `match_index < next_index`; in `Probe`, at most one append is unanswered.
 
+use super::limits::succ;
 use std::collections::VecDeque;
 
 /// Replication state of one follower.
@@ -132,7 +133,7 @@ impl Progress {
             self.match_index = index;
             self.probe_sent = false;
         }
-        self.next_index = self.next_index.max(index + 1);
+        self.next_index = self.next_index.max(succ(index));
         updated
     }
 
@@ -143,15 +144,15 @@ impl Progress {
             if rejected <= self.match_index {
                 return false;
             }
-            self.next_index = self.match_index + 1;
+            self.next_index = succ(self.match_index);
             return true;
         }
         if self.next_index.saturating_sub(1) != rejected {
             return false;
         }
         self.next_index = rejected
-            .min(match_hint + 1)
-            .max(self.match_index + 1)
+            .min(succ(match_hint))
+            .max(succ(self.match_index))
             .max(1);
         self.probe_sent = false;
         true
@@ -160,9 +161,9 @@ impl Progress {
     pub fn become_probe(&mut self) {
         let next = match self.state {
             ProgressState::Snapshot { pending_index } => {
-                (self.match_index + 1).max(pending_index + 1)
+                succ(self.match_index).max(succ(pending_index))
             }
-            _ => self.match_index + 1,
+            _ => succ(self.match_index),
         };
         self.state = ProgressState::Probe;
         self.next_index = next;
@@ -172,7 +173,7 @@ impl Progress {
 
     pub fn become_replicate(&mut self) {
         self.state = ProgressState::Replicate;
-        self.next_index = self.match_index + 1;
+        self.next_index = succ(self.match_index);
         self.probe_sent = false;
         self.inflights.reset();
     }

@@ -98,7 +98,7 @@ impl ReadIndexQueue {
 
     /// Starts a round unconditionally (its heartbeats confirm every read that arrived before).
     pub fn start_round(&mut self) -> u64 {
-        self.round += 1;
+        self.round = super::limits::succ(self.round);
         for r in self.pending.iter_mut().filter(|r| r.round == 0) {
             r.round = self.round;
         }
@@ -119,6 +119,11 @@ impl ReadIndexQueue {
     /// Records `peer`'s acknowledgement of `round`; confirms reads whose round a quorum
     /// (counting the leader itself) acknowledged. `voters` excludes the leader.
     pub fn ack(&mut self, peer: NodeId, round: u64, peers: &[NodeId], quorum: usize) {
+        if round > self.round {
+            // No such round was started: a confused or forged acknowledgement must not
+            // confirm future rounds in advance.
+            return;
+        }
         let entry = self.acks.entry(peer).or_insert(0);
         *entry = (*entry).max(round);
         let confirmed_round = self.quorum_round(peers, quorum);

@@ -16,6 +16,7 @@
 //! 5. for each of `snapshot_sends`, stream the newest snapshot file to the peer, then step the
 //!    receiving core with `InstallSnapshot` and report `Raft::snapshot_sent` to this one.
 
+use super::limits::InvalidMessage;
 use super::message::Message;
 use crate::storage::{Entry, HardState, NodeId, SnapshotMeta};
 
@@ -104,6 +105,14 @@ pub enum RaftError {
     UnknownPeer(NodeId),
     #[error("message for node {to} delivered to node {id}")]
     WrongRecipient { to: NodeId, id: NodeId },
+    #[error("refused a message from {from}: {error}")]
+    InvalidMessage {
+        from: NodeId,
+        #[source]
+        error: InvalidMessage,
+    },
+    #[error("log index {index} is beyond the index space")]
+    IndexSpaceExhausted { index: u64 },
     #[error("malformed message from {from}: {reason}")]
     MalformedMessage { from: NodeId, reason: String },
     #[error("invalid config: {0}")]
