@@ -12,7 +12,7 @@
 //!   index applied) or dropped with "retry".
 
 use super::apply::{ApplyJob, Pending};
-use super::peer::{PeerMessage, SnapshotChunk, SNAPSHOT_CHUNK_BYTES};
+use super::peer::{self, PeerMessage, RefusalLog, SnapshotChunk, SNAPSHOT_CHUNK_BYTES};
 use super::service::Request;
 use super::storage_loop::{StorageEvent, StorageJob};
 use super::NodeConfig;
@@ -80,6 +80,10 @@ pub struct Driver {
     /// Snapshot senders report (peer, ok) here.
     snapshot_done_tx: mpsc::Sender<(NodeId, bool)>,
     snapshot_done_rx: mpsc::Receiver<(NodeId, bool)>,
+    /// Messages from peers refused by `peer::validate`, counted per peer.
+    refusals: RefusalLog,
+    /// The clock `refusals` is rate-limited by.
+    started: std::time::Instant,
 }
 
 impl Driver {
@@ -117,6 +121,8 @@ impl Driver {
             sending_snapshots: BTreeSet::new(),
             snapshot_done_tx,
             snapshot_done_rx,
+            refusals: RefusalLog::default(),
+            started: std::time::Instant::now(),
         }
     }
 
@@ -212,36 +218,46 @@ impl Driver {
 
     async fn on_transport(&mut self, ev: TransportEvent<PeerMessage>) {
         match ev {
-            TransportEvent::Message { from, message } => match message {
-                PeerMessage::Raft(m) => {
-                    if m.from != from {
+            TransportEvent::Message { from, message } => {
+                if let Err(e) = peer::validate(from, self.id, &message) {
+                    let now_ms = self.started.elapsed().as_millis() as u64;
+                    if let Some(count) = self.refusals.refused(from, now_ms) {
                         tracing::warn!(
-                            from,
-                            claimed = m.from,
-                            "message with a forged sender; dropped"
+                            peer = from,
+                            refused = count,
+                            refused_total = self.refusals.total(from),
+                            error = %e,
+                            "invalid message from a peer; dropped"
                         );
-                        return;
                     }
-                    match self.raft.step(m) {
-                        Ok(()) => {}
-                        Err(RaftError::UnknownPeer(p)) => {
-                            tracing::warn!(peer = p, "message from an unknown peer")
-                        }
-                        Err(e) => tracing::debug!(from, error = %e, "message refused"),
-                    }
+                    return;
                 }
-                PeerMessage::SnapshotChunk(chunk) => {
-                    if self
-                        .jobs
-                        .send(super::storage_loop::StorageJob::Chunk { from, chunk })
-                        .await
-                        .is_err()
-                    {
-                        tracing::warn!("storage thread gone; dropping a snapshot chunk");
-                    }
-                }
-            },
+                self.on_peer_message(from, message).await;
+            }
             TransportEvent::Unreachable { peer } => self.raft.peer_unreachable(peer),
+        }
+    }
+
+    /// Acts on a message that passed `peer::validate`.
+    async fn on_peer_message(&mut self, from: NodeId, message: PeerMessage) {
+        match message {
+            PeerMessage::Raft(m) => match self.raft.step(m) {
+                Ok(()) => {}
+                Err(RaftError::UnknownPeer(p)) => {
+                    tracing::warn!(peer = p, "message from an unknown peer")
+                }
+                Err(e) => tracing::debug!(from, error = %e, "message refused"),
+            },
+            PeerMessage::SnapshotChunk(chunk) => {
+                if self
+                    .jobs
+                    .send(super::storage_loop::StorageJob::Chunk { from, chunk })
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!("storage thread gone; dropping a snapshot chunk");
+                }
+            }
         }
     }
 

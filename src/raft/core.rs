@@ -411,7 +411,11 @@ impl Raft {
         // The core never adopts a term at or above `TERM_MAX`, so this is unreachable short of
         // 2^62 elections; refusing to campaign is still better than wrapping.
         let Some(next_term) = self.term.checked_add(1).filter(|&t| t < TERM_MAX) else {
-            tracing::error!(id = self.config.id, term = self.term, "term space exhausted");
+            tracing::error!(
+                id = self.config.id,
+                term = self.term,
+                "term space exhausted"
+            );
             return;
         };
         if self.role == Role::Leader {
