@@ -533,6 +533,7 @@ impl Raft {
             return;
         }
         self.heartbeat_elapsed += 1;
+        self.tick_snapshot_waits();
         if let Some((to, elapsed)) = self.transfer {
             if elapsed + 1 >= self.config.election_timeout_min_ticks {
                 tracing::debug!(to, "leadership transfer timed out");
@@ -566,6 +567,27 @@ impl Raft {
                 self.reads.round()
             };
             self.broadcast_heartbeat(round);
+        }
+    }
+
+    /// Leader: a delivered snapshot whose install was not acknowledged within
+    /// `snapshot_install_wait_ticks` is given up on; the follower is probed again (and gets a
+    /// new snapshot only if it still needs one).
+    fn tick_snapshot_waits(&mut self) {
+        let wait_ticks = self.config.snapshot_install_wait_ticks;
+        for (&id, pr) in self.progress.iter_mut() {
+            let Some(ticks) = pr.snapshot_delivered_ticks.as_mut() else {
+                continue;
+            };
+            *ticks = ticks.saturating_add(1);
+            if *ticks >= wait_ticks {
+                tracing::info!(
+                    peer = id,
+                    wait_ticks,
+                    "snapshot install not acknowledged; probing again"
+                );
+                pr.become_probe();
+            }
         }
     }
 
@@ -703,15 +725,24 @@ impl Raft {
         self.applied = self.applied.max(index.min(self.applying));
     }
 
-    /// The node finished (or failed) streaming a snapshot to `peer`.
+    /// The node finished (or failed) streaming a snapshot to `peer`. After a success nothing
+    /// is sent to `peer` until it acknowledges the install (or `snapshot_install_wait_ticks`
+    /// pass); after a failure it is probed again.
     pub fn snapshot_sent(&mut self, peer: NodeId, ok: bool) {
         let Some(pr) = self.progress.get_mut(&peer) else {
             return;
         };
         if let ProgressState::Snapshot { .. } = pr.state {
-            if !ok {
-                pr.state = ProgressState::Snapshot { pending_index: 0 };
+            if ok {
+                // Delivered: the follower installs it and then acknowledges its index. Until
+                // then (or `snapshot_install_wait_ticks`) send nothing, above all no second
+                // copy (issue 13: a follower received the same 328 MB snapshot twice).
+                if pr.snapshot_delivered_ticks.is_none() {
+                    pr.snapshot_delivered_ticks = Some(0);
+                }
+                return;
             }
+            pr.state = ProgressState::Snapshot { pending_index: 0 };
             pr.become_probe();
             // Wait for the follower's answer (or the next heartbeat response) before probing.
             pr.probe_sent = true;

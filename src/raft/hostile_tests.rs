@@ -2,10 +2,11 @@
 //! a huge commit or prev index) must never reach the core's state, and a cluster that was sent
 //! them must still elect a leader and commit writes. The node refuses them on receipt already
 //! (`node::peer::validate`); these tests step them straight into `Raft::step`, the worst case.
+//! Also from issue 13: a follower must not receive the same snapshot twice.
 
 use super::limits::{INDEX_MAX, TERM_MAX};
 use super::*;
-use crate::storage::{Entry, EntryKind, Membership, NodeId};
+use crate::storage::{Entry, EntryKind, Membership, NodeId, SnapshotMeta};
 use std::collections::{BTreeMap, VecDeque};
 
 /// Three cores whose writes are durable at once and whose messages are delivered in order.
@@ -13,6 +14,10 @@ struct Cluster {
     nodes: BTreeMap<NodeId, Raft>,
     net: VecDeque<Message>,
     committed: BTreeMap<NodeId, Vec<Vec<u8>>>,
+    /// Messages to and from this node are dropped.
+    cut: Option<NodeId>,
+    /// Snapshot transfers the cores asked for: (from, to).
+    snapshot_sends: Vec<(NodeId, NodeId)>,
 }
 
 impl Cluster {
@@ -23,6 +28,7 @@ impl Cluster {
             let mut c = Config::new(id);
             c.election_timeout_min_ticks = 10;
             c.election_timeout_max_ticks = 20;
+            c.snapshot_install_wait_ticks = 200;
             let raft = Raft::bootstrap(c, Membership::with_voters([1, 2, 3]), seed).unwrap();
             nodes.insert(id, raft);
         }
@@ -30,6 +36,8 @@ impl Cluster {
             nodes,
             net: VecDeque::new(),
             committed: BTreeMap::new(),
+            cut: None,
+            snapshot_sends: Vec::new(),
         };
         for id in 1..=3 {
             cluster.process(id);
@@ -59,6 +67,8 @@ impl Cluster {
             );
             self.net.extend(rd.messages_now);
             self.net.extend(rd.messages_after_persist);
+            self.snapshot_sends
+                .extend(rd.snapshot_sends.iter().map(|s| (id, s.to)));
         }
     }
 
@@ -69,6 +79,9 @@ impl Cluster {
             self.process(id);
         }
         while let Some(m) = self.net.pop_front() {
+            if self.cut.is_some_and(|id| id == m.from || id == m.to) {
+                continue;
+            }
             let to = m.to;
             let desc = m.to_string();
             self.nodes
@@ -265,4 +278,89 @@ fn restart_refuses_a_durable_term_out_of_range() {
         matches!(err, Some(RaftError::InvalidRestart(ref why)) if why.contains("out of range")),
         "{err:?}"
     );
+}
+
+/// A cluster whose follower missed entries the leader compacted away: returns (leader,
+/// follower) right after the leader asked for the first snapshot transfer.
+fn follower_needing_a_snapshot(seed: u64) -> (Cluster, NodeId, NodeId) {
+    let mut c = Cluster::new(seed);
+    c.write_commits(b"a");
+    let leader = c.elect();
+    let follower = if leader == 1 { 2 } else { 1 };
+    c.cut = Some(follower);
+    for k in 0..5 {
+        let r = c.nodes.get_mut(&leader).unwrap();
+        r.propose(format!("w{k}").into_bytes()).unwrap();
+        c.process(leader);
+        c.round();
+    }
+    for _ in 0..5 {
+        c.round();
+    }
+    let r = c.nodes.get_mut(&leader).unwrap();
+    let applied = r.applied_index();
+    let term = r.log().term(applied).unwrap();
+    r.compact(applied, term).unwrap();
+    c.cut = None;
+    for _ in 0..20 {
+        c.round();
+        if !c.snapshot_sends.is_empty() {
+            return (c, leader, follower);
+        }
+    }
+    panic!("the leader never asked for a snapshot");
+}
+
+#[test]
+fn a_delivered_snapshot_is_not_sent_again_while_the_follower_installs_it() {
+    let (mut c, leader, follower) = follower_needing_a_snapshot(14);
+    assert_eq!(c.snapshot_sends, vec![(leader, follower)]);
+    // The node streamed it; the follower is still installing (its core has not seen it).
+    c.nodes
+        .get_mut(&leader)
+        .unwrap()
+        .snapshot_sent(follower, true);
+    for _ in 0..150 {
+        c.round();
+    }
+    assert_eq!(c.snapshot_sends.len(), 1, "a second transfer started");
+    // The install completes: the follower acknowledges and catches up from the log.
+    let r = &c.nodes[&leader];
+    let index = r.log().base_index();
+    let meta = SnapshotMeta {
+        index,
+        term: r.log().base_term(),
+        membership: r.membership().clone(),
+    };
+    let term = r.term();
+    let f = c.nodes.get_mut(&follower).unwrap();
+    f.step(forged(
+        leader,
+        follower,
+        term,
+        MessageBody::InstallSnapshot { meta },
+    ))
+    .unwrap();
+    c.process(follower);
+    c.write_commits(b"after");
+    assert_eq!(c.snapshot_sends.len(), 1);
+    assert!(c.nodes[&follower].log().last_index() > index);
+}
+
+#[test]
+fn an_install_never_acknowledged_is_given_up_after_the_wait() {
+    let (mut c, leader, follower) = follower_needing_a_snapshot(15);
+    c.nodes
+        .get_mut(&leader)
+        .unwrap()
+        .snapshot_sent(follower, true);
+    for _ in 0..199 {
+        c.round();
+    }
+    assert_eq!(c.snapshot_sends.len(), 1);
+    // The follower lost it (say it crashed before installing): after the wait it gets another.
+    for _ in 0..20 {
+        c.round();
+    }
+    assert_eq!(c.snapshot_sends.len(), 2);
 }

@@ -6,7 +6,12 @@
 //! - `Replicate`: the logs match up to `match_index`; the leader streams entries optimistically
 //!   (advancing `next_index` on send), bounded by [`Inflights`] in messages and bytes.
 //! - `Snapshot`: the follower needs entries that were compacted; the node streams a snapshot
-//!   and nothing else is sent until it reports the outcome.
+//!   and nothing else is sent until it reports the outcome. After a successful transfer the
+//!   follower installs it, which can take long for a large one: the state holds until the
+//!   follower acknowledges an index at or past the snapshot's, or until
+//!   `Config::snapshot_install_wait_ticks` pass (`Progress::snapshot_delivered_ticks`), so a
+//!   second transfer of the same snapshot never starts while the first is in flight or being
+//!   installed.
 //!
 //! Invariants: `match_index < next_index`; in `Probe`, at most one append is unanswered.
 
@@ -101,6 +106,9 @@ pub struct Progress {
     pub commit_sent: u64,
     /// A heartbeat response showed the follower lagging: send an append even if empty.
     pub append_due: bool,
+    /// In `Snapshot`: ticks since the node reported the transfer complete (`None` while it
+    /// is still streaming).
+    pub snapshot_delivered_ticks: Option<u32>,
 }
 
 impl Progress {
@@ -114,6 +122,7 @@ impl Progress {
             recent_active: false,
             commit_sent: 0,
             append_due: false,
+            snapshot_delivered_ticks: None,
         }
     }
 
@@ -168,6 +177,7 @@ impl Progress {
         self.state = ProgressState::Probe;
         self.next_index = next;
         self.probe_sent = false;
+        self.snapshot_delivered_ticks = None;
         self.inflights.reset();
     }
 
@@ -175,12 +185,14 @@ impl Progress {
         self.state = ProgressState::Replicate;
         self.next_index = succ(self.match_index);
         self.probe_sent = false;
+        self.snapshot_delivered_ticks = None;
         self.inflights.reset();
     }
 
     pub fn become_snapshot(&mut self, pending_index: u64) {
         self.state = ProgressState::Snapshot { pending_index };
         self.probe_sent = false;
+        self.snapshot_delivered_ticks = None;
         self.inflights.reset();
     }
 }
