@@ -220,21 +220,26 @@ impl Driver {
         match ev {
             TransportEvent::Message { from, message } => {
                 if let Err(e) = peer::validate(from, self.id, &message) {
-                    let now_ms = self.started.elapsed().as_millis() as u64;
-                    if let Some(count) = self.refusals.refused(from, now_ms) {
-                        tracing::warn!(
-                            peer = from,
-                            refused = count,
-                            refused_total = self.refusals.total(from),
-                            error = %e,
-                            "invalid message from a peer; dropped"
-                        );
-                    }
+                    self.refused(from, &e);
                     return;
                 }
                 self.on_peer_message(from, message).await;
             }
             TransportEvent::Unreachable { peer } => self.raft.peer_unreachable(peer),
+        }
+    }
+
+    /// Counts a refused message from `peer`; logs it at most once per peer per interval.
+    fn refused(&mut self, peer: NodeId, error: &dyn std::error::Error) {
+        let now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if let Some(count) = self.refusals.refused(peer, now_ms) {
+            tracing::warn!(
+                peer,
+                refused = count,
+                refused_total = self.refusals.total(peer),
+                error = %error,
+                "invalid message from a peer; dropped"
+            );
         }
     }
 
@@ -246,6 +251,7 @@ impl Driver {
                 Err(RaftError::UnknownPeer(p)) => {
                     tracing::warn!(peer = p, "message from an unknown peer")
                 }
+                Err(e @ RaftError::InvalidMessage { .. }) => self.refused(from, &e),
                 Err(e) => tracing::debug!(from, error = %e, "message refused"),
             },
             PeerMessage::SnapshotChunk(chunk) => {

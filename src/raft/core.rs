@@ -16,7 +16,7 @@
 //! - entries at or below `commit` are never truncated.
 
 use super::config::Config;
-use super::limits::{self, pred, succ, INDEX_MAX, TERM_MAX};
+use super::limits::{self, pred, succ, INDEX_MAX, TERM_JUMP_MAX, TERM_MAX};
 use super::log::RaftLog;
 use super::message::{Message, MessageBody};
 use super::progress::{Progress, ProgressState};
@@ -821,6 +821,15 @@ impl Raft {
             from: m.from,
             error,
         })?;
+        if m.term.saturating_sub(self.term) > TERM_JUMP_MAX {
+            return Err(RaftError::InvalidMessage {
+                from: m.from,
+                error: limits::InvalidMessage::new(
+                    m.body.name(),
+                    format!("term {} jumps too far ahead of {}", m.term, self.term),
+                ),
+            });
+        }
         if m.to != self.config.id {
             return Err(RaftError::WrongRecipient {
                 to: m.to,

@@ -8,7 +8,8 @@
 //!   that need the connection: sender identity, recipient, snapshot chunks) right after
 //!   decoding a frame, and drops what fails;
 //! - [`crate::raft::Raft::step`] calls [`check_message`] again (defence in depth), so the core
-//!   never adopts a term at or above [`TERM_MAX`] whoever calls it.
+//!   never adopts a term at or above [`TERM_MAX`] whoever calls it, nor one more than
+//!   [`TERM_JUMP_MAX`] above its own.
 //!
 //! The bounds are far beyond any real cluster (2^62 elections or entries would take millions
 //! of years at a million per second) and leave headroom, so the core's `+ 1` on a term or
@@ -21,6 +22,11 @@ use super::message::{Message, MessageBody};
 /// Terms are below this (2^62). The core never adopts a term at or above it, and never
 /// campaigns into it.
 pub const TERM_MAX: u64 = 1 << 62;
+/// The core refuses a message whose term is more than this (2^32) above its own: no real
+/// cluster's terms jump that far (one election per millisecond would take 50 days to get
+/// there), and without this one forged term just below [`TERM_MAX`] would use up the term
+/// space at once.
+pub const TERM_JUMP_MAX: u64 = 1 << 32;
 /// Log indexes (and commit indexes, and read rounds) are below this (2^62).
 pub const INDEX_MAX: u64 = 1 << 62;
 /// Most entries in one `Append`. A leader sends at most `max_append_bytes` worth (at least
