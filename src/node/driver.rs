@@ -1,6 +1,11 @@
 //! The consensus task: owns the core, turns events into core calls and `Ready`s into I/O.
 //!
 //! Invariants kept here:
+//! - Every message from a peer passes `peer::validate` (sender = the connection's peer,
+//!   recipient = this node, terms, indexes and sizes in range) before the core or the storage
+//!   thread sees it; refusals are counted per peer and logged at most once per interval.
+//! - A snapshot is streamed to a peer at most once at a time; the core asks for it again only
+//!   after the follower acknowledged (or never acknowledged, in time) the previous install.
 //! - `messages_after_persist` leave only after the storage thread reported the fsync that
 //!   covers them (they ride with the job and come back in `Persisted`).
 //! - A proposal is registered in [`Pending`] under its index and term and answered by the

@@ -132,6 +132,17 @@ impl Cluster {
         }
     }
 
+    /// `m` must be refused where the node receives it (`node::peer::validate`, on the link
+    /// of its claimed sender) and again by the core.
+    fn refused_on_receipt(&mut self, m: Message) {
+        let message = crate::node::peer::PeerMessage::Raft(m.clone());
+        assert!(
+            crate::node::peer::validate(m.from, m.to, &message).is_err(),
+            "validation let {m} through"
+        );
+        self.refused(m);
+    }
+
     /// Steps `m` into its recipient: it must be refused and leave the term alone.
     fn refused(&mut self, m: Message) {
         let to = m.to;
@@ -169,7 +180,24 @@ fn a_forged_vote_with_term_u64_max_is_refused_and_the_cluster_still_elects() {
         for to in 1..=3 {
             let from = if to == 1 { 2 } else { 1 };
             for pre in [false, true] {
-                c.refused(forged(
+                let m = forged(
+                    from,
+                    to,
+                    term,
+                    MessageBody::Vote {
+                        pre,
+                        last_index: 7,
+                        last_term: 1,
+                        transfer: true,
+                    },
+                );
+                if term >= TERM_MAX {
+                    c.refused_on_receipt(m);
+                } else {
+                    // In range: only the core, which knows its own term, can tell.
+                    c.refused(m);
+                }
+                c.refused_on_receipt(forged(
                     from,
                     to,
                     term,
@@ -183,8 +211,9 @@ fn a_forged_vote_with_term_u64_max_is_refused_and_the_cluster_still_elects() {
             }
         }
         c.write_commits(b"after");
-        // Nothing persisted the forged term (the original bug survived restarts through it).
-        assert!(c.nodes.values().all(|r| r.term() < TERM_MAX));
+        // No node adopted the forged term (the original bug persisted it, so it survived
+        // restarts): terms are those of the few real elections.
+        assert!(c.nodes.values().all(|r| r.term() < 100));
     }
 }
 
@@ -207,16 +236,16 @@ fn a_huge_commit_or_prev_index_is_refused_and_writes_still_commit() {
         kind: EntryKind::Normal,
         payload: b"evil".to_vec(),
     };
-    c.refused(forged(leader, follower, term, append(2, u64::MAX, vec![])));
-    c.refused(forged(leader, follower, term, append(INDEX_MAX, 1, vec![])));
-    c.refused(forged(leader, follower, term, append(u64::MAX, 1, vec![])));
-    c.refused(forged(
+    c.refused_on_receipt(forged(leader, follower, term, append(2, u64::MAX, vec![])));
+    c.refused_on_receipt(forged(leader, follower, term, append(INDEX_MAX, 1, vec![])));
+    c.refused_on_receipt(forged(leader, follower, term, append(u64::MAX, 1, vec![])));
+    c.refused_on_receipt(forged(
         leader,
         follower,
         term,
         append(u64::MAX - 1, 1, vec![entry(u64::MAX)]),
     ));
-    c.refused(forged(
+    c.refused_on_receipt(forged(
         leader,
         follower,
         term,
@@ -225,7 +254,7 @@ fn a_huge_commit_or_prev_index_is_refused_and_writes_still_commit() {
             read_round: 0,
         },
     ));
-    c.refused(forged(
+    c.refused_on_receipt(forged(
         follower,
         leader,
         term,

@@ -14,7 +14,9 @@
 //!    report `Raft::applied`; serve each of `read_states` (their index is already applied);
 //!    fail the reads in `reads_dropped` with "retry";
 //! 5. for each of `snapshot_sends`, stream the newest snapshot file to the peer, then step the
-//!    receiving core with `InstallSnapshot` and report `Raft::snapshot_sent` to this one.
+//!    receiving core with `InstallSnapshot` and report `Raft::snapshot_sent` to this one (the
+//!    leader then waits for the install's acknowledgement, up to
+//!    `Config::snapshot_install_wait_ticks`, before it sends that peer anything else).
 
 use super::limits::InvalidMessage;
 use super::message::Message;
