@@ -160,3 +160,24 @@ impl ReadIndexQueue {
         self.acks.clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ack_of_a_round_not_started_confirms_nothing() {
+        let mut q = ReadIndexQueue::default();
+        q.push(1, 5);
+        // A peer "acknowledges" a far-future round before the read's round exists.
+        q.ack(2, 1 << 40, &[2, 3], 2);
+        let round = q.start_round_if_due().expect("a round for the read");
+        q.ack(3, round - 1, &[2, 3], 2);
+        let mut out = Vec::new();
+        q.take_applied(u64::MAX, &mut out);
+        assert!(out.is_empty(), "confirmed by a forged ack: {out:?}");
+        q.ack(2, round, &[2, 3], 2);
+        q.take_applied(u64::MAX, &mut out);
+        assert_eq!(out, vec![ReadState { id: 1, index: 5 }]);
+    }
+}
