@@ -521,6 +521,12 @@ pub struct Sim {
 fn describe_event(ev: &Event) -> String {
     match ev {
         Event::Deliver(NetMsg::Raft(m)) => format!("deliver {m}"),
+        Event::Deliver(NetMsg::Frame { from, to, bytes }) => {
+            format!(
+                "deliver corrupted frame {from}->{to} ({} bytes)",
+                bytes.len()
+            )
+        }
         Event::Deliver(NetMsg::Snapshot { from, to, meta, .. }) => {
             format!(
                 "deliver snapshot {from}->{to} at {}@{}",
