@@ -92,6 +92,9 @@ fn simulation_seeds() {
                         t.crashes += s.crashes;
                         t.snapshots_installed += s.snapshots_installed;
                         t.max_commit = t.max_commit.max(s.max_commit);
+                        t.frames_undecodable += s.frames_undecodable;
+                        t.frames_refused += s.frames_refused;
+                        t.frames_plausible_skipped += s.frames_plausible_skipped;
                     }
                     Err(report) => {
                         eprintln!("{report}");
@@ -109,7 +112,8 @@ fn simulation_seeds() {
     eprintln!(
         "simulated seeds {start}..{}: {} passed, {} failed in {:.1?} \
          ({} events, {} client ops acknowledged, {} with unknown outcome, {} elections, \
-         {} crashes, {} snapshots installed)",
+         {} crashes, {} snapshots installed; byzantine-lite frames: {} refused by the decoder, \
+         {} by validation, {} plausible ones not injected)",
         start + count,
         count as usize - failures.len(),
         failures.len(),
@@ -119,7 +123,10 @@ fn simulation_seeds() {
         t.ops_unknown,
         t.elections,
         t.crashes,
-        t.snapshots_installed
+        t.snapshots_installed,
+        t.frames_undecodable,
+        t.frames_refused,
+        t.frames_plausible_skipped
     );
     assert!(failures.is_empty(), "failed seeds: {failures:?}");
 }
@@ -151,4 +158,26 @@ fn same_seed_same_run() {
         (a.events, a.ops_ok, a.elections),
         (b.events, b.ops_ok, b.elections)
     );
+}
+
+/// Byzantine-lite mode: seeds with the mode inject corrupted frames that the real decoder
+/// and `node::peer::validate` refuse, and the cluster stays safe and live afterwards.
+#[test]
+fn byzantine_lite_frames_are_refused_and_the_cluster_stays_live() {
+    let mut checked = 0;
+    for seed in 0..40 {
+        let params = Params::from_seed(seed, RUN_MS);
+        if params.byzantine.is_none() {
+            continue;
+        }
+        let stats = run_seed(seed).unwrap_or_else(|report| panic!("{report}"));
+        println!(
+            "seed {seed}: {} undecodable, {} refused, {} plausible not injected",
+            stats.frames_undecodable, stats.frames_refused, stats.frames_plausible_skipped
+        );
+        assert!(stats.frames_refused > 0, "seed {seed}: nothing was refused");
+        assert!(stats.ops_ok > 0, "seed {seed}: no write completed");
+        checked += 1;
+    }
+    assert!(checked >= 3, "only {checked} of 40 seeds have the mode");
 }

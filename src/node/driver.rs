@@ -1,6 +1,11 @@
 //! The consensus task: owns the core, turns events into core calls and `Ready`s into I/O.
 //!
 //! Invariants kept here:
+//! - Every message from a peer passes `peer::validate` (sender = the connection's peer,
+//!   recipient = this node, terms, indexes and sizes in range) before the core or the storage
+//!   thread sees it; refusals are counted per peer and logged at most once per interval.
+//! - A snapshot is streamed to a peer at most once at a time; the core asks for it again only
+//!   after the follower acknowledged (or never acknowledged, in time) the previous install.
 //! - `messages_after_persist` leave only after the storage thread reported the fsync that
 //!   covers them (they ride with the job and come back in `Persisted`).
 //! - A proposal is registered in [`Pending`] under its index and term and answered by the
@@ -12,7 +17,7 @@
 //!   index applied) or dropped with "retry".
 
 use super::apply::{ApplyJob, Pending};
-use super::peer::{PeerMessage, SnapshotChunk, SNAPSHOT_CHUNK_BYTES};
+use super::peer::{self, PeerMessage, RefusalLog, SnapshotChunk, SNAPSHOT_CHUNK_BYTES};
 use super::service::Request;
 use super::storage_loop::{StorageEvent, StorageJob};
 use super::NodeConfig;
@@ -82,6 +87,10 @@ pub struct Driver {
     /// Snapshot senders report (peer, ok) here.
     snapshot_done_tx: mpsc::Sender<(NodeId, bool)>,
     snapshot_done_rx: mpsc::Receiver<(NodeId, bool)>,
+    /// Messages from peers refused by `peer::validate`, counted per peer.
+    refusals: RefusalLog,
+    /// The clock `refusals` is rate-limited by.
+    started: std::time::Instant,
 }
 
 impl Driver {
@@ -120,6 +129,8 @@ impl Driver {
             sending_snapshots: BTreeSet::new(),
             snapshot_done_tx,
             snapshot_done_rx,
+            refusals: RefusalLog::default(),
+            started: std::time::Instant::now(),
         }
     }
 
@@ -218,36 +229,52 @@ impl Driver {
 
     async fn on_transport(&mut self, ev: TransportEvent<PeerMessage>) {
         match ev {
-            TransportEvent::Message { from, message } => match message {
-                PeerMessage::Raft(m) => {
-                    if m.from != from {
-                        tracing::warn!(
-                            from,
-                            claimed = m.from,
-                            "message with a forged sender; dropped"
-                        );
-                        return;
-                    }
-                    match self.raft.step(m) {
-                        Ok(()) => {}
-                        Err(RaftError::UnknownPeer(p)) => {
-                            tracing::warn!(peer = p, "message from an unknown peer")
-                        }
-                        Err(e) => tracing::debug!(from, error = %e, "message refused"),
-                    }
+            TransportEvent::Message { from, message } => {
+                if let Err(e) = peer::validate(from, self.id, &message) {
+                    self.refused(from, &e);
+                    return;
                 }
-                PeerMessage::SnapshotChunk(chunk) => {
-                    if self
-                        .jobs
-                        .send(super::storage_loop::StorageJob::Chunk { from, chunk })
-                        .await
-                        .is_err()
-                    {
-                        tracing::warn!("storage thread gone; dropping a snapshot chunk");
-                    }
-                }
-            },
+                self.on_peer_message(from, message).await;
+            }
             TransportEvent::Unreachable { peer } => self.raft.peer_unreachable(peer),
+        }
+    }
+
+    /// Counts a refused message from `peer`; logs it at most once per peer per interval.
+    fn refused(&mut self, peer: NodeId, error: &dyn std::error::Error) {
+        let now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if let Some(count) = self.refusals.refused(peer, now_ms) {
+            tracing::warn!(
+                peer,
+                refused = count,
+                refused_total = self.refusals.total(peer),
+                error = %error,
+                "invalid message from a peer; dropped"
+            );
+        }
+    }
+
+    /// Acts on a message that passed `peer::validate`.
+    async fn on_peer_message(&mut self, from: NodeId, message: PeerMessage) {
+        match message {
+            PeerMessage::Raft(m) => match self.raft.step(m) {
+                Ok(()) => {}
+                Err(RaftError::UnknownPeer(p)) => {
+                    tracing::warn!(peer = p, "message from an unknown peer")
+                }
+                Err(e @ RaftError::InvalidMessage { .. }) => self.refused(from, &e),
+                Err(e) => tracing::debug!(from, error = %e, "message refused"),
+            },
+            PeerMessage::SnapshotChunk(chunk) => {
+                if self
+                    .jobs
+                    .send(super::storage_loop::StorageJob::Chunk { from, chunk })
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!("storage thread gone; dropping a snapshot chunk");
+                }
+            }
         }
     }
 

@@ -53,6 +53,11 @@ pub struct Config {
     pub max_apply_bytes: u64,
     /// Most read requests waiting for confirmation or for their index to be applied.
     pub max_pending_reads: usize,
+    /// A leader that streamed a snapshot to a follower sends it nothing else (and above all no
+    /// second snapshot) until the follower acknowledges the install, or until this many ticks
+    /// passed (the follower may have crashed and lost it). Installing a large snapshot takes
+    /// a while: a second transfer started meanwhile would only repeat the first.
+    pub snapshot_install_wait_ticks: u32,
     /// Most messages buffered for the node between two `ready()` calls; beyond that messages
     /// are dropped (Raft tolerates message loss) and a warning is logged.
     pub max_outbox_msgs: usize,
@@ -79,6 +84,7 @@ impl Config {
             max_apply_bytes: 16 << 20,
             max_pending_reads: 4096,
             max_outbox_msgs: 1 << 16,
+            snapshot_install_wait_ticks: 2400,
         }
     }
 
@@ -98,6 +104,9 @@ impl Config {
         }
         if self.lease_reads && !self.check_quorum {
             return Err("lease_reads requires check_quorum".into());
+        }
+        if self.snapshot_install_wait_ticks == 0 {
+            return Err("snapshot_install_wait_ticks must be at least 1".into());
         }
         if self.max_inflight_msgs == 0 || self.max_pending_reads == 0 || self.max_outbox_msgs == 0 {
             return Err("queue limits must be at least 1".into());

@@ -16,6 +16,7 @@
 //! - entries at or below `commit` are never truncated.
 
 use super::config::Config;
+use super::limits::{self, pred, succ, INDEX_MAX, TERM_JUMP_MAX, TERM_MAX};
 use super::log::RaftLog;
 use super::message::{Message, MessageBody};
 use super::progress::{Progress, ProgressState};
@@ -149,8 +150,9 @@ impl Raft {
             entries,
             applied,
         } = state;
+        check_restart_ranges(&hard_state, &snapshot, &entries)?;
         for pair in entries.windows(2) {
-            if pair[1].index != pair[0].index + 1 || pair[1].term < pair[0].term {
+            if pair[1].index != succ(pair[0].index) || pair[1].term < pair[0].term {
                 return Err(RaftError::InvalidRestart(format!(
                     "log not contiguous at index {}",
                     pair[1].index
@@ -160,7 +162,7 @@ impl Raft {
         let mut log = RaftLog::new(snapshot.index, snapshot.term);
         let mut skip = 0;
         if let Some(first) = entries.first() {
-            if first.index > snapshot.index + 1 {
+            if first.index > succ(snapshot.index) {
                 return Err(RaftError::InvalidRestart(format!(
                     "gap between snapshot {} and first entry {}",
                     snapshot.index, first.index
@@ -224,7 +226,7 @@ impl Raft {
         raft.persisted = log.last_index();
         raft.applied = applied;
         raft.applying = applied;
-        raft.unstable_from = log.last_index() + 1;
+        raft.unstable_from = succ(log.last_index());
         raft.log = log;
         raft.hard_state_handed = hard_state;
         raft.restarted = true;
@@ -406,6 +408,16 @@ impl Raft {
         }
         let pre = kind == Campaign::PreVote;
         let transfer = kind == Campaign::Transfer;
+        // The core never adopts a term at or above `TERM_MAX`, so this is unreachable short of
+        // 2^62 elections; refusing to campaign is still better than wrapping.
+        let Some(next_term) = self.term.checked_add(1).filter(|&t| t < TERM_MAX) else {
+            tracing::error!(
+                id = self.config.id,
+                term = self.term,
+                "term space exhausted"
+            );
+            return;
+        };
         if self.role == Role::Leader {
             self.reads.step_down(&mut self.reads_dropped);
             self.progress.clear();
@@ -416,10 +428,10 @@ impl Raft {
         self.reset_election_timeout();
         let vote_term = if pre {
             self.role = Role::PreCandidate;
-            self.term + 1
+            next_term
         } else {
             self.role = Role::Candidate;
-            self.term += 1;
+            self.term = next_term;
             self.vote = Some(self.config.id);
             self.term
         };
@@ -470,7 +482,7 @@ impl Raft {
         self.election_elapsed = 0;
         self.heartbeat_rounds.clear();
         self.lease_revoked = false;
-        let next = self.log.last_index() + 1;
+        let next = succ(self.log.last_index());
         self.progress = self
             .peers()
             .into_iter()
@@ -521,6 +533,7 @@ impl Raft {
             return;
         }
         self.heartbeat_elapsed += 1;
+        self.tick_snapshot_waits();
         if let Some((to, elapsed)) = self.transfer {
             if elapsed + 1 >= self.config.election_timeout_min_ticks {
                 tracing::debug!(to, "leadership transfer timed out");
@@ -554,6 +567,27 @@ impl Raft {
                 self.reads.round()
             };
             self.broadcast_heartbeat(round);
+        }
+    }
+
+    /// Leader: a delivered snapshot whose install was not acknowledged within
+    /// `snapshot_install_wait_ticks` is given up on; the follower is probed again (and gets a
+    /// new snapshot only if it still needs one).
+    fn tick_snapshot_waits(&mut self) {
+        let wait_ticks = self.config.snapshot_install_wait_ticks;
+        for (&id, pr) in self.progress.iter_mut() {
+            let Some(ticks) = pr.snapshot_delivered_ticks.as_mut() else {
+                continue;
+            };
+            *ticks = ticks.saturating_add(1);
+            if *ticks >= wait_ticks {
+                tracing::info!(
+                    peer = id,
+                    wait_ticks,
+                    "snapshot install not acknowledged; probing again"
+                );
+                pr.become_probe();
+            }
         }
     }
 
@@ -616,7 +650,10 @@ impl Raft {
                 max_bytes: self.config.max_log_bytes,
             });
         }
-        let index = self.log.last_index() + 1;
+        let index = succ(self.log.last_index());
+        if index >= INDEX_MAX {
+            return Err(RaftError::IndexSpaceExhausted { index });
+        }
         self.append_local(Entry {
             index,
             term: self.term,
@@ -688,15 +725,24 @@ impl Raft {
         self.applied = self.applied.max(index.min(self.applying));
     }
 
-    /// The node finished (or failed) streaming a snapshot to `peer`.
+    /// The node finished (or failed) streaming a snapshot to `peer`. After a success nothing
+    /// is sent to `peer` until it acknowledges the install (or `snapshot_install_wait_ticks`
+    /// pass); after a failure it is probed again.
     pub fn snapshot_sent(&mut self, peer: NodeId, ok: bool) {
         let Some(pr) = self.progress.get_mut(&peer) else {
             return;
         };
         if let ProgressState::Snapshot { .. } = pr.state {
-            if !ok {
-                pr.state = ProgressState::Snapshot { pending_index: 0 };
+            if ok {
+                // Delivered: the follower installs it and then acknowledges its index. Until
+                // then (or `snapshot_install_wait_ticks`) send nothing, above all no second
+                // copy (issue 13: a follower received the same 328 MB snapshot twice).
+                if pr.snapshot_delivered_ticks.is_none() {
+                    pr.snapshot_delivered_ticks = Some(0);
+                }
+                return;
             }
+            pr.state = ProgressState::Snapshot { pending_index: 0 };
             pr.become_probe();
             // Wait for the follower's answer (or the next heartbeat response) before probing.
             pr.probe_sent = true;
@@ -769,6 +815,21 @@ impl Raft {
 
     /// Handles a message from a peer.
     pub fn step(&mut self, m: Message) -> Result<(), RaftError> {
+        // Defence in depth: the node validated the message on receipt already. Whoever calls,
+        // no term at or above `TERM_MAX` and no index out of range gets past here.
+        limits::check_message(&m).map_err(|error| RaftError::InvalidMessage {
+            from: m.from,
+            error,
+        })?;
+        if m.term.saturating_sub(self.term) > TERM_JUMP_MAX {
+            return Err(RaftError::InvalidMessage {
+                from: m.from,
+                error: limits::InvalidMessage::new(
+                    m.body.name(),
+                    format!("term {} jumps too far ahead of {}", m.term, self.term),
+                ),
+            });
+        }
         if m.to != self.config.id {
             return Err(RaftError::WrongRecipient {
                 to: m.to,
@@ -867,7 +928,7 @@ impl Raft {
                 }
             }
             MessageBody::VoteResponse { pre, granted } => {
-                if pre && granted && m.term != self.term + 1 {
+                if pre && granted && Some(m.term) != self.term.checked_add(1) {
                     return Ok(()); // a grant from an older pre-vote round
                 }
                 let expected = if pre {
@@ -963,7 +1024,7 @@ impl Raft {
         leader_commit: u64,
     ) -> Result<(), RaftError> {
         for (k, e) in entries.iter().enumerate() {
-            if e.index != prev_index + 1 + k as u64 || e.term > self.term {
+            if Some(e.index) != prev_index.checked_add(1 + k as u64) || e.term > self.term {
                 return Err(RaftError::MalformedMessage {
                     from,
                     reason: format!("entry {k} has index {} term {}", e.index, e.term),
@@ -997,7 +1058,14 @@ impl Raft {
             );
             return Ok(());
         }
-        let last_new = prev_index + entries.len() as u64;
+        // Checked by `limits::check_message`: contiguous entries below `INDEX_MAX`.
+        let last_new = prev_index
+            .checked_add(entries.len() as u64)
+            .filter(|&i| i < INDEX_MAX)
+            .ok_or_else(|| RaftError::MalformedMessage {
+                from,
+                reason: format!("{} entries after {prev_index}", entries.len()),
+            })?;
         let mut conflict_at = None;
         for (k, e) in entries.iter().enumerate() {
             if self.log.term(e.index) != Some(e.term) {
@@ -1018,7 +1086,7 @@ impl Raft {
                     });
                 }
                 self.log.truncate_from(first);
-                self.persisted = self.persisted.min(first - 1);
+                self.persisted = self.persisted.min(pred(first));
             }
             self.unstable_from = self.unstable_from.min(first);
             for e in entries.into_iter().skip(k) {
@@ -1067,7 +1135,7 @@ impl Raft {
             self.persisted = meta.index;
             self.applied = meta.index;
             self.applying = meta.index;
-            self.unstable_from = meta.index + 1;
+            self.unstable_from = succ(meta.index);
             self.membership = meta.membership.clone();
             self.snapshot_to_install = Some(meta);
         }
@@ -1154,7 +1222,7 @@ impl Raft {
         let candidate = matched[self.quorum() - 1];
         if candidate > self.commit && self.log.term(candidate) == Some(self.term) {
             let first_of_term = self.log.term(self.commit) != Some(self.term);
-            for index in self.commit + 1..=candidate {
+            for index in succ(self.commit)..=candidate {
                 if let Some(e) = self.log.entry(index) {
                     if e.term == self.term {
                         self.uncommitted_bytes =
@@ -1187,7 +1255,7 @@ impl Raft {
                 return;
             }
             pr.append_due = false;
-            let prev_index = pr.next_index - 1;
+            let prev_index = pred(pr.next_index);
             if prev_index < base_index {
                 pr.become_snapshot(base_index);
                 self.snapshot_sends.push(SnapshotSend {
@@ -1203,14 +1271,15 @@ impl Raft {
                 .log
                 .slice(pr.next_index, last_index, self.config.max_append_bytes);
             let bytes: u64 = entries.iter().map(|e| e.size_bytes() as u64).sum();
-            let sent_last = prev_index + entries.len() as u64;
+            // `slice` returns entries the log holds: contiguous, below `INDEX_MAX`.
+            let sent_last = entries.last().map_or(prev_index, |e| e.index);
             let Some(pr) = self.progress.get_mut(&peer) else {
                 return;
             };
             match pr.state {
                 ProgressState::Replicate => {
                     if !entries.is_empty() {
-                        pr.next_index = sent_last + 1;
+                        pr.next_index = succ(sent_last);
                         pr.inflights.add(sent_last, bytes);
                     }
                 }
@@ -1257,13 +1326,13 @@ impl Raft {
             ready.entries = self
                 .log
                 .slice(self.unstable_from, self.log.last_index(), u64::MAX);
-            self.unstable_from = self.log.last_index() + 1;
+            self.unstable_from = succ(self.log.last_index());
         }
         let apply_to = self.commit.min(self.persisted);
         if apply_to > self.applying {
             ready.committed =
                 self.log
-                    .slice(self.applying + 1, apply_to, self.config.max_apply_bytes);
+                    .slice(succ(self.applying), apply_to, self.config.max_apply_bytes);
             if let Some(last) = ready.committed.last() {
                 self.applying = last.index;
             }
@@ -1282,6 +1351,25 @@ impl Raft {
     pub fn pending_reads(&self) -> usize {
         self.reads.len()
     }
+}
+
+/// Durable state written before terms and indexes were bounded (or damaged) can hold values
+/// the core must never act on: refuse to start rather than wrap later.
+fn check_restart_ranges(
+    hard_state: &HardState,
+    snapshot: &SnapshotMeta,
+    entries: &[Entry],
+) -> Result<(), RaftError> {
+    let last = entries.last().map_or((0, 0), |e| (e.index, e.term));
+    let terms = [hard_state.term, snapshot.term, last.1];
+    let indexes = [hard_state.commit, snapshot.index, last.0];
+    if terms.iter().any(|&t| t >= TERM_MAX) || indexes.iter().any(|&i| i >= INDEX_MAX) {
+        return Err(RaftError::InvalidRestart(format!(
+            "durable terms {terms:?} or indexes {indexes:?} out of range (terms below \
+             {TERM_MAX}, indexes below {INDEX_MAX})"
+        )));
+    }
+    Ok(())
 }
 
 /// Which kind of election a node starts.

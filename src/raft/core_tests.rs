@@ -115,7 +115,7 @@ fn bad_messages_are_typed_errors() {
     };
     assert!(matches!(
         r.step(gap),
-        Err(RaftError::MalformedMessage { .. })
+        Err(RaftError::InvalidMessage { from: 1, .. })
     ));
 }
 
@@ -147,7 +147,7 @@ fn votes_and_acks_wait_for_persistence_leader_appends_do_not() {
         body: MessageBody::Vote {
             pre: false,
             last_index: 9,
-            last_term: 9,
+            last_term: 2,
             transfer: false,
         },
     })

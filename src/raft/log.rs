@@ -12,6 +12,7 @@
 //! - terms never decrease along the log, and `base_term` is at most the first entry's term;
 //! - `bytes` is the sum of `Entry::size_bytes` over `entries`.
 
+use super::limits::{pred, succ};
 use crate::storage::Entry;
 use std::collections::VecDeque;
 
@@ -47,11 +48,12 @@ impl RaftLog {
 
     /// Index of the first entry held (one past `base_index`).
     pub fn first_index(&self) -> u64 {
-        self.base_index + 1
+        succ(self.base_index)
     }
 
     /// Index of the last entry (`base_index` if none is held).
     pub fn last_index(&self) -> u64 {
+        // Bounded: `append` keeps every entry's index below `INDEX_MAX`.
         self.base_index + self.entries.len() as u64
     }
 
@@ -78,7 +80,7 @@ impl RaftLog {
         if index <= self.base_index {
             return None;
         }
-        self.entries.get((index - self.base_index - 1) as usize)
+        self.entries.get(pred(index - self.base_index) as usize)
     }
 
     /// Entries `lo..=hi` (clamped to what is held), at most `max_bytes` of them but at least
@@ -97,7 +99,7 @@ impl RaftLog {
             }
             bytes += size;
             out.push(e.clone());
-            index += 1;
+            index = succ(index);
         }
         out
     }
@@ -106,8 +108,14 @@ impl RaftLog {
     pub fn append(&mut self, entry: Entry) {
         assert_eq!(
             entry.index,
-            self.last_index() + 1,
+            succ(self.last_index()),
             "log append must be contiguous"
+        );
+        assert!(
+            entry.index < super::limits::INDEX_MAX && entry.term < super::limits::TERM_MAX,
+            "entry {}@{} out of range",
+            entry.index,
+            entry.term
         );
         assert!(
             entry.term >= self.last_term(),
@@ -144,7 +152,7 @@ impl RaftLog {
             if let Some(e) = self.entries.pop_front() {
                 self.bytes -= e.size_bytes() as u64;
             }
-            self.base_index += 1;
+            self.base_index = succ(self.base_index);
         }
         self.base_term = term;
         true
@@ -168,7 +176,7 @@ impl RaftLog {
         let mut i = index.min(self.last_index());
         loop {
             match self.term(i) {
-                Some(t) if t > term && i > self.base_index => i -= 1,
+                Some(t) if t > term && i > self.base_index => i = pred(i),
                 Some(t) => return (i, t),
                 None => return (self.base_index, self.base_term),
             }

@@ -11,12 +11,14 @@
 //! - [`log`]: the in-memory log suffix after the last compaction.
 //! - [`progress`]: the leader's per-follower replication state.
 //! - [`read_index`]: the leader's queues of linearizable reads.
-//! - [`message`]: what cores send each other.
+//! - [`message`]: what cores send each other; [`limits`]: the range every field of one must
+//!   be in, checked on receipt and again in `Raft::step`.
 //! - [`ready`]: what the core hands out, the node's obligations, and errors.
 //! - [`config`], [`rng`]: tunables in ticks and bytes; the seeded generator.
 
 pub mod config;
 pub mod core;
+pub mod limits;
 pub mod log;
 pub mod message;
 pub mod progress;
@@ -26,9 +28,12 @@ pub mod rng;
 
 #[cfg(test)]
 mod core_tests;
+#[cfg(test)]
+mod hostile_tests;
 
 pub use self::config::Config;
 pub use self::core::{Raft, RestartState, Role};
+pub use self::limits::InvalidMessage;
 pub use self::log::RaftLog;
 pub use self::message::{Message, MessageBody};
 pub use self::progress::{Progress, ProgressState};

@@ -6,10 +6,16 @@
 //! - `Replicate`: the logs match up to `match_index`; the leader streams entries optimistically
 //!   (advancing `next_index` on send), bounded by [`Inflights`] in messages and bytes.
 //! - `Snapshot`: the follower needs entries that were compacted; the node streams a snapshot
-//!   and nothing else is sent until it reports the outcome.
+//!   and nothing else is sent until it reports the outcome. After a successful transfer the
+//!   follower installs it, which can take long for a large one: the state holds until the
+//!   follower acknowledges an index at or past the snapshot's, or until
+//!   `Config::snapshot_install_wait_ticks` pass (`Progress::snapshot_delivered_ticks`), so a
+//!   second transfer of the same snapshot never starts while the first is in flight or being
+//!   installed.
 //!
 //! Invariants: `match_index < next_index`; in `Probe`, at most one append is unanswered.
 
+use super::limits::succ;
 use std::collections::VecDeque;
 
 /// Replication state of one follower.
@@ -100,6 +106,9 @@ pub struct Progress {
     pub commit_sent: u64,
     /// A heartbeat response showed the follower lagging: send an append even if empty.
     pub append_due: bool,
+    /// In `Snapshot`: ticks since the node reported the transfer complete (`None` while it
+    /// is still streaming).
+    pub snapshot_delivered_ticks: Option<u32>,
 }
 
 impl Progress {
@@ -113,6 +122,7 @@ impl Progress {
             recent_active: false,
             commit_sent: 0,
             append_due: false,
+            snapshot_delivered_ticks: None,
         }
     }
 
@@ -132,7 +142,7 @@ impl Progress {
             self.match_index = index;
             self.probe_sent = false;
         }
-        self.next_index = self.next_index.max(index + 1);
+        self.next_index = self.next_index.max(succ(index));
         updated
     }
 
@@ -143,15 +153,15 @@ impl Progress {
             if rejected <= self.match_index {
                 return false;
             }
-            self.next_index = self.match_index + 1;
+            self.next_index = succ(self.match_index);
             return true;
         }
         if self.next_index.saturating_sub(1) != rejected {
             return false;
         }
         self.next_index = rejected
-            .min(match_hint + 1)
-            .max(self.match_index + 1)
+            .min(succ(match_hint))
+            .max(succ(self.match_index))
             .max(1);
         self.probe_sent = false;
         true
@@ -160,26 +170,29 @@ impl Progress {
     pub fn become_probe(&mut self) {
         let next = match self.state {
             ProgressState::Snapshot { pending_index } => {
-                (self.match_index + 1).max(pending_index + 1)
+                succ(self.match_index).max(succ(pending_index))
             }
-            _ => self.match_index + 1,
+            _ => succ(self.match_index),
         };
         self.state = ProgressState::Probe;
         self.next_index = next;
         self.probe_sent = false;
+        self.snapshot_delivered_ticks = None;
         self.inflights.reset();
     }
 
     pub fn become_replicate(&mut self) {
         self.state = ProgressState::Replicate;
-        self.next_index = self.match_index + 1;
+        self.next_index = succ(self.match_index);
         self.probe_sent = false;
+        self.snapshot_delivered_ticks = None;
         self.inflights.reset();
     }
 
     pub fn become_snapshot(&mut self, pending_index: u64) {
         self.state = ProgressState::Snapshot { pending_index };
         self.probe_sent = false;
+        self.snapshot_delivered_ticks = None;
         self.inflights.reset();
     }
 }

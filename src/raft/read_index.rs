@@ -98,7 +98,7 @@ impl ReadIndexQueue {
 
     /// Starts a round unconditionally (its heartbeats confirm every read that arrived before).
     pub fn start_round(&mut self) -> u64 {
-        self.round += 1;
+        self.round = super::limits::succ(self.round);
         for r in self.pending.iter_mut().filter(|r| r.round == 0) {
             r.round = self.round;
         }
@@ -119,6 +119,11 @@ impl ReadIndexQueue {
     /// Records `peer`'s acknowledgement of `round`; confirms reads whose round a quorum
     /// (counting the leader itself) acknowledged. `voters` excludes the leader.
     pub fn ack(&mut self, peer: NodeId, round: u64, peers: &[NodeId], quorum: usize) {
+        if round > self.round {
+            // No such round was started: a confused or forged acknowledgement must not
+            // confirm future rounds in advance.
+            return;
+        }
         let entry = self.acks.entry(peer).or_insert(0);
         *entry = (*entry).max(round);
         let confirmed_round = self.quorum_round(peers, quorum);
@@ -153,5 +158,26 @@ impl ReadIndexQueue {
         dropped.extend(self.before_noop.drain(..));
         dropped.extend(self.pending.drain(..).map(|r| r.id));
         self.acks.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ack_of_a_round_not_started_confirms_nothing() {
+        let mut q = ReadIndexQueue::default();
+        q.push(1, 5);
+        // A peer "acknowledges" a far-future round before the read's round exists.
+        q.ack(2, 1 << 40, &[2, 3], 2);
+        let round = q.start_round_if_due().expect("a round for the read");
+        q.ack(3, round - 1, &[2, 3], 2);
+        let mut out = Vec::new();
+        q.take_applied(u64::MAX, &mut out);
+        assert!(out.is_empty(), "confirmed by a forged ack: {out:?}");
+        q.ack(2, round, &[2, 3], 2);
+        q.take_applied(u64::MAX, &mut out);
+        assert_eq!(out, vec![ReadState { id: 1, index: 5 }]);
     }
 }

@@ -14,8 +14,11 @@
 //!    report `Raft::applied`; serve each of `read_states` (their index is already applied);
 //!    fail the reads in `reads_dropped` with "retry";
 //! 5. for each of `snapshot_sends`, stream the newest snapshot file to the peer, then step the
-//!    receiving core with `InstallSnapshot` and report `Raft::snapshot_sent` to this one.
+//!    receiving core with `InstallSnapshot` and report `Raft::snapshot_sent` to this one (the
+//!    leader then waits for the install's acknowledgement, up to
+//!    `Config::snapshot_install_wait_ticks`, before it sends that peer anything else).
 
+use super::limits::InvalidMessage;
 use super::message::Message;
 use crate::storage::{Entry, HardState, NodeId, SnapshotMeta};
 
@@ -104,6 +107,14 @@ pub enum RaftError {
     UnknownPeer(NodeId),
     #[error("message for node {to} delivered to node {id}")]
     WrongRecipient { to: NodeId, id: NodeId },
+    #[error("refused a message from {from}: {error}")]
+    InvalidMessage {
+        from: NodeId,
+        #[source]
+        error: InvalidMessage,
+    },
+    #[error("log index {index} is beyond the index space")]
+    IndexSpaceExhausted { index: u64 },
     #[error("malformed message from {from}: {reason}")]
     MalformedMessage { from: NodeId, reason: String },
     #[error("invalid config: {0}")]

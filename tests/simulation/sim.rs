@@ -12,6 +12,15 @@
 //!   timeout (events for a paused node wait until it resumes);
 //! - the network: seeded loss (0–30 %), duplication, random delay (hence reordering),
 //!   symmetric and one-way partitions, an isolated leader;
+//! - byzantine-lite (a quarter of the seeds, for a window that ends before healing): more
+//!   duplicates, and corrupted-but-well-formed frames on real links: fields set out of range
+//!   (terms and indexes at or beyond `raft::limits`, a wrong `to`, a `from` that is not the
+//!   link's peer) and random byte mutations of the encoded message with the frame checksum
+//!   recomputed. They travel as frames and are received as a node receives them: the real
+//!   frame decoder, then the real `node::peer::validate`, and only then the core. A mutation
+//!   that decodes and validates as a plausible message is not injected: a peer that sends
+//!   plausible lies is a real Byzantine peer, which Raft does not tolerate and which peer
+//!   authentication keeps out (out of scope here);
 //! - clients: put/get/delete through any node, following leader hints, with timeouts and
 //!   retries (same sequence number, deduplicated by the state machine), sometimes giving up
 //!   (outcome unknown).
@@ -26,9 +35,12 @@
 
 use super::kv::{Command, Kv};
 use super::linearizability::{self, Op, OpKind, OpResult};
+use raftkv::node::peer::{self, PeerMessage};
+use raftkv::raft::limits::{INDEX_MAX, TERM_MAX};
 use raftkv::raft::rng::Rng;
 use raftkv::raft::{Config, Message, MessageBody, Raft, RaftError, RestartState, Role};
 use raftkv::storage::{codec, Entry, EntryKind, HardState, Membership, NodeId, SnapshotMeta};
+use raftkv::transport::frame;
 use std::cmp::Reverse;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
@@ -39,6 +51,8 @@ const TICK_MS: u64 = 10;
 const CLIENT_TIMEOUT_MS: u64 = 400;
 const KEYS: u64 = 5;
 const MAX_DEFERRED_EVENTS: usize = 100_000;
+/// The peer transport's default frame limit.
+const FRAME_BYTES_MAX: u32 = 16 << 20;
 
 /// A fault in the schedule.
 #[derive(Clone, Debug)]
@@ -85,6 +99,38 @@ pub struct Params {
     pub lease_reads: bool,
     pub run_ms: u64,
     pub faults: Vec<(u64, Fault)>,
+    /// The byzantine-lite window, if this seed has one.
+    pub byzantine: Option<Byzantine>,
+}
+
+/// Byzantine-lite network mode: between `from_ms` and `until_ms`, each Raft message sent on
+/// a link comes with a corrupted frame with probability `corrupt_pct` and an extra duplicate
+/// with probability `dup_pct`.
+#[derive(Clone, Copy, Debug)]
+pub struct Byzantine {
+    pub from_ms: u64,
+    pub until_ms: u64,
+    pub corrupt_pct: u64,
+    pub dup_pct: u64,
+}
+
+impl Byzantine {
+    /// Drawn from its own generator, so seeds without the mode keep their old schedules.
+    fn from_seed(seed: u64, run_ms: u64) -> Option<Byzantine> {
+        let mut rng = Rng::new(seed.wrapping_mul(0x9FB2_1C65_1E98_DF25) ^ 0xB12A);
+        if rng.range(0, 4) != 0 {
+            return None;
+        }
+        let from_ms = rng.range(0, run_ms / 2);
+        // Ends at least 2 s before healing: liveness is then required of the healed cluster.
+        let until_ms = rng.range(from_ms + 1, run_ms.saturating_sub(2000).max(from_ms + 2));
+        Some(Byzantine {
+            from_ms,
+            until_ms,
+            corrupt_pct: rng.range(5, 51),
+            dup_pct: rng.range(5, 31),
+        })
+    }
 }
 
 impl Params {
@@ -174,6 +220,7 @@ impl Params {
         if lease_reads {
             faults.retain(|(_, f)| !matches!(f, Fault::Pause { .. }));
         }
+        let byzantine = Byzantine::from_seed(seed, run_ms);
         faults.sort_by_key(|(at, _)| *at);
         Params {
             seed,
@@ -192,6 +239,7 @@ impl Params {
             lease_reads,
             run_ms,
             faults,
+            byzantine,
         }
     }
 }
@@ -219,6 +267,9 @@ impl fmt::Display for Params {
             self.lease_reads,
             self.run_ms
         )?;
+        if let Some(b) = self.byzantine {
+            writeln!(f, "byzantine-lite: {b:?}")?;
+        }
         writeln!(f, "fault schedule:")?;
         for (at, fault) in &self.faults {
             writeln!(f, "  t={at:>6} ms  {fault:?}")?;
@@ -249,6 +300,12 @@ enum Response {
 #[derive(Clone, Debug)]
 enum NetMsg {
     Raft(Message),
+    /// An encoded frame on the link `from` → `to` (byzantine-lite injections).
+    Frame {
+        from: NodeId,
+        to: NodeId,
+        bytes: Vec<u8>,
+    },
     Snapshot {
         from: NodeId,
         from_incarnation: u64,
@@ -310,6 +367,7 @@ impl Event {
     fn node(&self) -> Option<NodeId> {
         match self {
             Event::Deliver(NetMsg::Raft(m)) => Some(m.to),
+            Event::Deliver(NetMsg::Frame { to, .. }) => Some(*to),
             Event::Deliver(NetMsg::Snapshot { to, .. }) => Some(*to),
             Event::Deliver(NetMsg::Request { node, .. }) => Some(*node),
             Event::FsyncDone { node, .. } | Event::SnapshotDone { node, .. } => Some(*node),
@@ -455,12 +513,20 @@ pub struct Sim {
     membership: Membership,
     deferred: usize,
     trace: bool,
+    /// Runs the transport's (async) frame decoder on byzantine-lite frames.
+    runtime: tokio::runtime::Runtime,
     pub stats: Stats,
 }
 
 fn describe_event(ev: &Event) -> String {
     match ev {
         Event::Deliver(NetMsg::Raft(m)) => format!("deliver {m}"),
+        Event::Deliver(NetMsg::Frame { from, to, bytes }) => {
+            format!(
+                "deliver corrupted frame {from}->{to} ({} bytes)",
+                bytes.len()
+            )
+        }
         Event::Deliver(NetMsg::Snapshot { from, to, meta, .. }) => {
             format!(
                 "deliver snapshot {from}->{to} at {}@{}",
@@ -481,6 +547,12 @@ pub struct Stats {
     pub crashes: u64,
     pub snapshots_installed: u64,
     pub max_commit: u64,
+    /// Byzantine-lite: corrupted frames delivered and refused by the real decoder.
+    pub frames_undecodable: u64,
+    /// ... and delivered, decoded and refused by `node::peer::validate`.
+    pub frames_refused: u64,
+    /// ... and not injected because they validated as plausible messages.
+    pub frames_plausible_skipped: u64,
 }
 
 impl Sim {
@@ -506,6 +578,9 @@ impl Sim {
             membership,
             deferred: 0,
             trace: std::env::var("RAFTKV_SIM_TRACE").is_ok(),
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("a current-thread runtime"),
             stats: Stats::default(),
         };
         for id in 1..=sim.params.nodes {
@@ -762,7 +837,131 @@ impl Sim {
             let delay2 = self.rng.range(1, 2 * self.params.delay_max_ms + 1);
             self.schedule(delay2, Event::Deliver(NetMsg::Raft(m.clone())));
         }
+        if let Some(b) = self.params.byzantine {
+            if (b.from_ms..b.until_ms).contains(&self.now) {
+                if self.chance(b.dup_pct) {
+                    let delay3 = self.rng.range(1, 3 * self.params.delay_max_ms + 1);
+                    self.schedule(delay3, Event::Deliver(NetMsg::Raft(m.clone())));
+                }
+                if self.chance(b.corrupt_pct) {
+                    self.inject_corrupted(&m);
+                }
+            }
+        }
         self.schedule(delay, Event::Deliver(NetMsg::Raft(m)));
+    }
+
+    // ----- byzantine-lite -----
+
+    /// A value at or beyond the wire limits.
+    fn absurd(&mut self, limit: u64) -> u64 {
+        match self.rng.range(0, 3) {
+            0 => u64::MAX,
+            1 => limit,
+            _ => limit + self.rng.range(0, 1 << 20),
+        }
+    }
+
+    /// Sets one field of `m` out of range (or its addressing wrong).
+    fn falsify(&mut self, m: &mut Message) {
+        let nodes = self.params.nodes;
+        match self.rng.range(0, 4) {
+            0 => m.term = self.absurd(TERM_MAX),
+            1 => {
+                // Another member, a stranger, or 0.
+                let to = [m.from, self.rng.range(1, nodes + 1), 0, nodes + 7];
+                m.to = to[self.rng.range(0, 4) as usize];
+            }
+            2 => {
+                let from = [m.to, self.rng.range(1, nodes + 1), 0];
+                m.from = from[self.rng.range(0, 3) as usize];
+            }
+            _ => {
+                let big = self.absurd(INDEX_MAX);
+                match &mut m.body {
+                    MessageBody::Append {
+                        prev_index,
+                        commit,
+                        entries,
+                        ..
+                    } => match (self.rng.range(0, 3), entries.first_mut()) {
+                        (0, _) => *prev_index = big,
+                        (1, Some(e)) => e.index = big,
+                        _ => *commit = big,
+                    },
+                    MessageBody::AppendResponse { index, .. } => *index = big,
+                    MessageBody::Heartbeat { commit, .. } => *commit = big,
+                    MessageBody::HeartbeatResponse { read_round } => *read_round = big,
+                    MessageBody::Vote { last_index, .. } => *last_index = big,
+                    _ => m.term = self.absurd(TERM_MAX),
+                }
+            }
+        }
+    }
+
+    /// Injects a corrupted copy of `m` on its link, unless it would pass as plausible.
+    fn inject_corrupted(&mut self, m: &Message) {
+        let (from, to) = (m.from, m.to);
+        let mut bad = m.clone();
+        let mutate_bytes = self.rng.range(0, 2) == 0;
+        if !mutate_bytes {
+            self.falsify(&mut bad);
+        }
+        let mut bytes = Vec::new();
+        frame::encode_frame(&mut bytes, &PeerMessage::Raft(bad), FRAME_BYTES_MAX)
+            .expect("a message encodes");
+        if mutate_bytes {
+            let header = frame::FRAME_HEADER_BYTES;
+            for _ in 0..self.rng.range(1, 5) {
+                let at = self.rng.range(header as u64, bytes.len() as u64) as usize;
+                bytes[at] = self.rng.range(0, 256) as u8;
+            }
+            // A valid checksum: the corruption is in what the sender meant, not on the wire.
+            let crc = crc32fast::hash(&bytes[header..]);
+            bytes[4..8].copy_from_slice(&crc.to_le_bytes());
+        }
+        if let Some(Ok(_)) = self.receive_frame(from, to, &bytes) {
+            self.stats.frames_plausible_skipped += 1;
+            return;
+        }
+        let delay = self.rng.range(1, self.params.delay_max_ms + 1);
+        self.schedule(delay, Event::Deliver(NetMsg::Frame { from, to, bytes }));
+    }
+
+    /// What node `to` makes of `bytes` received from `from`: `None` if the frame decoder
+    /// refuses it, else the verdict of `node::peer::validate`.
+    fn receive_frame(
+        &self,
+        from: NodeId,
+        to: NodeId,
+        bytes: &[u8],
+    ) -> Option<Result<PeerMessage, String>> {
+        let decoded: Result<PeerMessage, _> = self
+            .runtime
+            .block_on(frame::read_frame(&mut &bytes[..], FRAME_BYTES_MAX));
+        let message = decoded.ok()?;
+        Some(
+            peer::validate(from, to, &message)
+                .map(|()| message)
+                .map_err(|e| e.to_string()),
+        )
+    }
+
+    /// Delivers a byzantine-lite frame the way a node receives one.
+    fn deliver_frame(&mut self, from: NodeId, to: NodeId, bytes: Vec<u8>) -> Result<(), String> {
+        if self.is_blocked(from, to) || self.nodes[&to].raft.is_none() {
+            return Ok(());
+        }
+        match self.receive_frame(from, to, &bytes) {
+            None => self.stats.frames_undecodable += 1,
+            Some(Err(_)) => self.stats.frames_refused += 1,
+            Some(Ok(m)) => {
+                return Err(format!(
+                    "byzantine-lite: a plausible frame was injected on {from}->{to}: {m:?}"
+                ))
+            }
+        }
+        Ok(())
     }
 
     fn send_client_msg(&mut self, msg: NetMsg) {
@@ -783,6 +982,7 @@ impl Sim {
 
     fn deliver(&mut self, msg: NetMsg) -> Result<(), String> {
         match msg {
+            NetMsg::Frame { from, to, bytes } => self.deliver_frame(from, to, bytes)?,
             NetMsg::Raft(m) => {
                 if self.is_blocked(m.from, m.to) {
                     return Ok(());

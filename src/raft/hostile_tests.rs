@@ -1,0 +1,396 @@
+//! Regression tests for issue 13: messages that are well-formed but absurd (a term of 2^64−1,
+//! a huge commit or prev index) must never reach the core's state, and a cluster that was sent
+//! them must still elect a leader and commit writes. The node refuses them on receipt already
+//! (`node::peer::validate`); these tests step them straight into `Raft::step`, the worst case.
+//! Also from issue 13: a follower must not receive the same snapshot twice.
+
+use super::limits::{INDEX_MAX, TERM_JUMP_MAX, TERM_MAX};
+use super::*;
+use crate::storage::{Entry, EntryKind, Membership, NodeId, SnapshotMeta};
+use std::collections::{BTreeMap, VecDeque};
+
+/// Three cores whose writes are durable at once and whose messages are delivered in order.
+struct Cluster {
+    nodes: BTreeMap<NodeId, Raft>,
+    net: VecDeque<Message>,
+    committed: BTreeMap<NodeId, Vec<Vec<u8>>>,
+    /// Messages to and from this node are dropped.
+    cut: Option<NodeId>,
+    /// Snapshot transfers the cores asked for: (from, to).
+    snapshot_sends: Vec<(NodeId, NodeId)>,
+}
+
+impl Cluster {
+    fn new(seed: u64) -> Cluster {
+        println!("cluster seed {seed}");
+        let mut nodes = BTreeMap::new();
+        for id in 1..=3 {
+            let mut c = Config::new(id);
+            c.election_timeout_min_ticks = 10;
+            c.election_timeout_max_ticks = 20;
+            c.snapshot_install_wait_ticks = 200;
+            let raft = Raft::bootstrap(c, Membership::with_voters([1, 2, 3]), seed).unwrap();
+            nodes.insert(id, raft);
+        }
+        let mut cluster = Cluster {
+            nodes,
+            net: VecDeque::new(),
+            committed: BTreeMap::new(),
+            cut: None,
+            snapshot_sends: Vec::new(),
+        };
+        for id in 1..=3 {
+            cluster.process(id);
+        }
+        cluster
+    }
+
+    fn process(&mut self, id: NodeId) {
+        let r = self.nodes.get_mut(&id).unwrap();
+        loop {
+            let rd = r.ready();
+            if rd.is_empty() {
+                return;
+            }
+            if let Some(e) = rd.entries.last() {
+                r.persisted(e.index, e.term);
+            }
+            if let Some(e) = rd.committed.last() {
+                r.applied(e.index);
+            }
+            let log = self.committed.entry(id).or_default();
+            log.extend(
+                rd.committed
+                    .iter()
+                    .filter(|e| e.kind == EntryKind::Normal)
+                    .map(|e| e.payload.clone()),
+            );
+            self.net.extend(rd.messages_now);
+            self.net.extend(rd.messages_after_persist);
+            self.snapshot_sends
+                .extend(rd.snapshot_sends.iter().map(|s| (id, s.to)));
+        }
+    }
+
+    /// One tick everywhere, then every message (and every answer) delivered.
+    fn round(&mut self) {
+        for id in 1..=3 {
+            self.nodes.get_mut(&id).unwrap().tick();
+            self.process(id);
+        }
+        while let Some(m) = self.net.pop_front() {
+            if self.cut.is_some_and(|id| id == m.from || id == m.to) {
+                continue;
+            }
+            let to = m.to;
+            let desc = m.to_string();
+            self.nodes
+                .get_mut(&to)
+                .unwrap()
+                .step(m)
+                .unwrap_or_else(|e| panic!("{desc}: {e}"));
+            self.process(to);
+        }
+    }
+
+    fn leader(&self) -> Option<NodeId> {
+        self.nodes
+            .values()
+            .find(|r| r.role() == Role::Leader)
+            .map(|r| r.id())
+    }
+
+    fn elect(&mut self) -> NodeId {
+        for _ in 0..200 {
+            self.round();
+            if let Some(id) = self.leader() {
+                return id;
+            }
+        }
+        panic!("no leader elected");
+    }
+
+    /// Proposes `payload` on the leader and asserts every node applies it.
+    fn write_commits(&mut self, payload: &[u8]) {
+        let leader = self.elect();
+        self.nodes
+            .get_mut(&leader)
+            .unwrap()
+            .propose(payload.to_vec())
+            .unwrap();
+        self.process(leader);
+        for _ in 0..50 {
+            self.round();
+        }
+        for id in 1..=3 {
+            let applied = &self.committed[&id];
+            assert_eq!(
+                applied.last().map(Vec::as_slice),
+                Some(payload),
+                "node {id}"
+            );
+        }
+    }
+
+    /// `m` must be refused where the node receives it (`node::peer::validate`, on the link
+    /// of its claimed sender) and again by the core.
+    fn refused_on_receipt(&mut self, m: Message) {
+        let message = crate::node::peer::PeerMessage::Raft(m.clone());
+        assert!(
+            crate::node::peer::validate(m.from, m.to, &message).is_err(),
+            "validation let {m} through"
+        );
+        self.refused(m);
+    }
+
+    /// Steps `m` into its recipient: it must be refused and leave the term alone.
+    fn refused(&mut self, m: Message) {
+        let to = m.to;
+        let r = self.nodes.get_mut(&to).unwrap();
+        let (term, commit, last) = (r.term(), r.commit_index(), r.log().last_index());
+        let desc = m.to_string();
+        match r.step(m) {
+            Err(RaftError::InvalidMessage { .. }) => {}
+            other => panic!("{desc} was not refused: {other:?}"),
+        }
+        assert_eq!(
+            (r.term(), r.commit_index(), r.log().last_index()),
+            (term, commit, last),
+            "{desc} changed node {to}"
+        );
+        self.process(to);
+    }
+}
+
+fn forged(from: NodeId, to: NodeId, term: u64, body: MessageBody) -> Message {
+    Message {
+        from,
+        to,
+        term,
+        body,
+    }
+}
+
+#[test]
+fn a_forged_vote_with_term_u64_max_is_refused_and_the_cluster_still_elects() {
+    // Out of range; and in range but far ahead (it would use up the term space at once).
+    for term in [u64::MAX, TERM_MAX, TERM_MAX - 1, 4 + TERM_JUMP_MAX] {
+        let mut c = Cluster::new(11);
+        c.write_commits(b"before");
+        for to in 1..=3 {
+            let from = if to == 1 { 2 } else { 1 };
+            for pre in [false, true] {
+                let m = forged(
+                    from,
+                    to,
+                    term,
+                    MessageBody::Vote {
+                        pre,
+                        last_index: 7,
+                        last_term: 1,
+                        transfer: true,
+                    },
+                );
+                if term >= TERM_MAX {
+                    c.refused_on_receipt(m);
+                } else {
+                    // In range: only the core, which knows its own term, can tell.
+                    c.refused(m);
+                }
+                c.refused_on_receipt(forged(
+                    from,
+                    to,
+                    term,
+                    MessageBody::Vote {
+                        pre,
+                        last_index: u64::MAX,
+                        last_term: 1,
+                        transfer: true,
+                    },
+                ));
+            }
+        }
+        c.write_commits(b"after");
+        // No node adopted the forged term (the original bug persisted it, so it survived
+        // restarts): terms are those of the few real elections.
+        assert!(c.nodes.values().all(|r| r.term() < 100));
+    }
+}
+
+#[test]
+fn a_huge_commit_or_prev_index_is_refused_and_writes_still_commit() {
+    let mut c = Cluster::new(12);
+    c.write_commits(b"before");
+    let leader = c.elect();
+    let term = c.nodes[&leader].term();
+    let follower = if leader == 1 { 2 } else { 1 };
+    let append = |prev_index, commit, entries: Vec<Entry>| MessageBody::Append {
+        prev_index,
+        prev_term: term,
+        entries,
+        commit,
+    };
+    let entry = |index| Entry {
+        index,
+        term,
+        kind: EntryKind::Normal,
+        payload: b"evil".to_vec(),
+    };
+    c.refused_on_receipt(forged(leader, follower, term, append(2, u64::MAX, vec![])));
+    c.refused_on_receipt(forged(leader, follower, term, append(INDEX_MAX, 1, vec![])));
+    c.refused_on_receipt(forged(leader, follower, term, append(u64::MAX, 1, vec![])));
+    c.refused_on_receipt(forged(
+        leader,
+        follower,
+        term,
+        append(u64::MAX - 1, 1, vec![entry(u64::MAX)]),
+    ));
+    c.refused_on_receipt(forged(
+        leader,
+        follower,
+        term,
+        MessageBody::Heartbeat {
+            commit: u64::MAX,
+            read_round: 0,
+        },
+    ));
+    c.refused_on_receipt(forged(
+        follower,
+        leader,
+        term,
+        MessageBody::AppendResponse {
+            reject: false,
+            index: u64::MAX,
+            hint: None,
+        },
+    ));
+    c.write_commits(b"after");
+}
+
+#[test]
+fn a_commit_beyond_the_append_is_clamped_to_its_last_entry() {
+    // Legitimate: the leader sends its own commit index; the follower may commit only what it
+    // holds. In range but beyond the log, it must not move the follower's commit past its log.
+    let mut c = Cluster::new(13);
+    c.write_commits(b"x");
+    let leader = c.elect();
+    let follower = if leader == 1 { 2 } else { 1 };
+    let term = c.nodes[&leader].term();
+    let last = c.nodes[&follower].log().last_index();
+    let r = c.nodes.get_mut(&follower).unwrap();
+    r.step(forged(
+        leader,
+        follower,
+        term,
+        MessageBody::Append {
+            prev_index: last,
+            prev_term: term,
+            entries: vec![],
+            commit: INDEX_MAX - 1,
+        },
+    ))
+    .unwrap();
+    assert_eq!(r.commit_index(), last);
+}
+
+#[test]
+fn restart_refuses_a_durable_term_out_of_range() {
+    let state = RestartState {
+        hard_state: crate::storage::HardState {
+            term: u64::MAX,
+            vote: Some(2),
+            commit: 0,
+        },
+        ..RestartState::default()
+    };
+    let err = Raft::restart(Config::new(1), state, 1).err();
+    assert!(
+        matches!(err, Some(RaftError::InvalidRestart(ref why)) if why.contains("out of range")),
+        "{err:?}"
+    );
+}
+
+/// A cluster whose follower missed entries the leader compacted away: returns (leader,
+/// follower) right after the leader asked for the first snapshot transfer.
+fn follower_needing_a_snapshot(seed: u64) -> (Cluster, NodeId, NodeId) {
+    let mut c = Cluster::new(seed);
+    c.write_commits(b"a");
+    let leader = c.elect();
+    let follower = if leader == 1 { 2 } else { 1 };
+    c.cut = Some(follower);
+    for k in 0..5 {
+        let r = c.nodes.get_mut(&leader).unwrap();
+        r.propose(format!("w{k}").into_bytes()).unwrap();
+        c.process(leader);
+        c.round();
+    }
+    for _ in 0..5 {
+        c.round();
+    }
+    let r = c.nodes.get_mut(&leader).unwrap();
+    let applied = r.applied_index();
+    let term = r.log().term(applied).unwrap();
+    r.compact(applied, term).unwrap();
+    c.cut = None;
+    for _ in 0..20 {
+        c.round();
+        if !c.snapshot_sends.is_empty() {
+            return (c, leader, follower);
+        }
+    }
+    panic!("the leader never asked for a snapshot");
+}
+
+#[test]
+fn a_delivered_snapshot_is_not_sent_again_while_the_follower_installs_it() {
+    let (mut c, leader, follower) = follower_needing_a_snapshot(14);
+    assert_eq!(c.snapshot_sends, vec![(leader, follower)]);
+    // The node streamed it; the follower is still installing (its core has not seen it).
+    c.nodes
+        .get_mut(&leader)
+        .unwrap()
+        .snapshot_sent(follower, true);
+    for _ in 0..150 {
+        c.round();
+    }
+    assert_eq!(c.snapshot_sends.len(), 1, "a second transfer started");
+    // The install completes: the follower acknowledges and catches up from the log.
+    let r = &c.nodes[&leader];
+    let index = r.log().base_index();
+    let meta = SnapshotMeta {
+        index,
+        term: r.log().base_term(),
+        membership: r.membership().clone(),
+    };
+    let term = r.term();
+    let f = c.nodes.get_mut(&follower).unwrap();
+    f.step(forged(
+        leader,
+        follower,
+        term,
+        MessageBody::InstallSnapshot { meta },
+    ))
+    .unwrap();
+    c.process(follower);
+    c.write_commits(b"after");
+    assert_eq!(c.snapshot_sends.len(), 1);
+    assert!(c.nodes[&follower].log().last_index() > index);
+}
+
+#[test]
+fn an_install_never_acknowledged_is_given_up_after_the_wait() {
+    let (mut c, leader, follower) = follower_needing_a_snapshot(15);
+    c.nodes
+        .get_mut(&leader)
+        .unwrap()
+        .snapshot_sent(follower, true);
+    for _ in 0..199 {
+        c.round();
+    }
+    assert_eq!(c.snapshot_sends.len(), 1);
+    // The follower lost it (say it crashed before installing): after the wait it gets another.
+    for _ in 0..20 {
+        c.round();
+    }
+    assert_eq!(c.snapshot_sends.len(), 2);
+}
