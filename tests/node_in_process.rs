@@ -53,7 +53,6 @@ fn config(id: u64, ports: &Ports, root: &Path, snapshot_every: u64) -> NodeConfi
         catchup_margin: 10,
         cache_mb: 16,
         wal_segment_mb: 64,
-        peer_client_urls: Default::default(),
         request_timeout_ms: 5000,
         limits: Limits::default(),
         lease_reads: false,
