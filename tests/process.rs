@@ -46,8 +46,16 @@ struct Cluster {
 impl Cluster {
     fn new(snapshot_every: u64, catchup_margin: u64) -> Cluster {
         let client_ports: BTreeMap<u64, u16> = (1..=3).map(|i| (i, free_port())).collect();
+        let root = tempfile::tempdir().unwrap();
+        // Every member proves the cluster secret, as `cluster up` sets it up. Written once:
+        // a starting node reads it while the next one is being spawned.
+        std::fs::write(
+            root.path().join("peer-secret"),
+            format!("process-test-secret-{}\n", client_ports[&1]),
+        )
+        .unwrap();
         Cluster {
-            root: tempfile::tempdir().unwrap(),
+            root,
             // Unique per cluster, so that a stray connection between tests is refused.
             cluster_id: format!("test-{}", client_ports[&1]),
             client_ports,
@@ -88,13 +96,7 @@ impl Cluster {
             .filter(|(i, _)| **i != id)
             .map(|(i, p)| format!("{i}=http://127.0.0.1:{p}"))
             .collect();
-        // Every member proves the cluster secret, as `cluster up` sets it up.
         let secret = self.root.path().join("peer-secret");
-        std::fs::write(
-            &secret,
-            format!("process-test-secret-{}\n", self.cluster_id),
-        )
-        .unwrap();
         let mut cmd = Command::new(BIN);
         cmd.args(["serve", "--id", &id.to_string()])
             .arg("--data-dir")
