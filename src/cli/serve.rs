@@ -28,7 +28,8 @@ pub struct ServeArgs {
     /// Address the HTTP client API listens on.
     #[arg(long, env = "RAFTKV_CLIENT_ADDR", value_name = "HOST:PORT")]
     pub client_addr: Option<String>,
-    /// URL other nodes and clients use to reach the client API (default http://CLIENT_ADDR).
+    /// URL clients use to reach the client API (default http://CLIENT_ADDR); give it to the
+    /// other nodes in their --peer-client-urls.
     #[arg(long, env = "RAFTKV_CLIENT_URL", value_name = "URL")]
     pub client_url: Option<String>,
     /// Address the peer transport listens on.

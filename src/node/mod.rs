@@ -69,7 +69,8 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// Where the HTTP API listens.
     pub client_addr: String,
-    /// The URL clients and peers use to reach the HTTP API (default `http://<client_addr>`).
+    /// The URL clients use to reach the HTTP API (default `http://<client_addr>`); the other
+    /// members must be given it in their `peer_client_urls`.
     pub client_url: String,
     /// Where the peer transport listens.
     pub peer_addr: String,

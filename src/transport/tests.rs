@@ -486,13 +486,18 @@ async fn large_frames_before_the_handshake_are_refused_at_the_header() {
     assert_eq!(c1.frame_bytes_max, 16 << 20);
     let (t1, mut rx1) = PeerTransport::<Msg>::start_with_listener(c1, l1).unwrap();
 
+    // A whole 16 MiB frame: the node refuses it at the header and closes, so writing the
+    // payload fails — had the node read (and buffered) it, the write would succeed.
     let mut raw = TcpStream::connect(&a1).await.unwrap();
-    let mut header = Vec::new();
-    header.extend_from_slice(&(16u32 << 20).to_le_bytes());
-    header.extend_from_slice(&[0; 4]);
-    raw.write_all(&header).await.unwrap();
-    // The node closes without waiting for the payload we never send.
-    assert_closed(&mut raw, "16 MiB header").await;
+    let mut big = Vec::with_capacity((16 << 20) + 8);
+    big.extend_from_slice(&(16u32 << 20).to_le_bytes());
+    big.extend_from_slice(&[0; 4]);
+    big.resize((16 << 20) + 8, 0);
+    let written = tokio::time::timeout(Duration::from_secs(5), raw.write_all(&big)).await;
+    assert!(
+        matches!(written, Ok(Err(_))),
+        "the node must close before reading a 16 MiB pre-handshake payload: {written:?}"
+    );
 
     let mut raw = TcpStream::connect(&a1).await.unwrap();
     let hello = Hello {
