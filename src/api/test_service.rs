@@ -106,28 +106,37 @@ impl KvService for MapService {
         })
     }
 
-    async fn list(
-        &self,
-        prefix: String,
-        limit: usize,
-        c: Consistency,
-    ) -> Result<Listed, ServiceError> {
+    async fn list(&self, q: ListQuery, c: Consistency) -> Result<Listed, ServiceError> {
         if c != Consistency::Stale {
             self.redirect()?;
         }
         let d = self.data.lock().unwrap();
+        let lower = match &q.after {
+            Some(a) => std::ops::Bound::Excluded(a.clone()),
+            None => std::ops::Bound::Included(q.prefix.clone()),
+        };
+        let mut items = Vec::new();
+        let mut bytes = 0usize;
+        let mut more = false;
+        for (k, v) in d.0.range((lower, std::ops::Bound::Unbounded)) {
+            if !k.starts_with(&q.prefix) {
+                break;
+            }
+            let size = k.len() + v.len();
+            if items.len() == q.limit || (!items.is_empty() && bytes + size > q.bytes_max) {
+                more = true;
+                break;
+            }
+            bytes += size;
+            items.push(KeyValue {
+                key: k.clone(),
+                value: v.clone(),
+            });
+        }
         Ok(Listed {
-            items: d
-                .0
-                .range(prefix.clone()..)
-                .take_while(|(k, _)| k.starts_with(&prefix))
-                .take(limit)
-                .map(|(k, v)| KeyValue {
-                    key: k.clone(),
-                    value: v.clone(),
-                })
-                .collect(),
+            items,
             index: d.1,
+            more,
         })
     }
 
@@ -168,11 +177,28 @@ impl KvService for MapService {
     }
 }
 
-/// Serves `service` on a free loopback port; returns its base URL.
+/// Serves `service` on a free loopback port with default options; returns its base URL.
 pub(crate) async fn spawn(service: MapService) -> String {
+    spawn_with(service, http::RouterOptions::default(), None).await
+}
+
+/// Serves `service` on a free loopback port; returns its base URL (`https://` with `tls`).
+pub(crate) async fn spawn_with(
+    service: MapService,
+    options: http::RouterOptions,
+    tls: Option<server::Tls>,
+) -> String {
+    tls_server::ensure_provider(); // for the tests' own reqwest clients
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let app = http::router(Arc::new(service));
-    tokio::spawn(http::serve(listener, app, std::future::pending()));
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://{}", listener.local_addr().unwrap());
+    let app = http::router_with(Arc::new(service), &options);
+    tokio::spawn(server::serve(
+        listener,
+        app,
+        options.port,
+        tls,
+        std::future::pending(),
+    ));
     url
 }

@@ -59,8 +59,29 @@ pub enum CheckCommand {
     Disk(check_disk::DiskArgs),
 }
 
-/// Runs the parsed command.
+/// Exit code of a usage error (as clap's own).
+pub const EXIT_USAGE: u8 = 2;
+
+/// A usage error found after argument parsing (a bad value, an unreadable file named by a
+/// flag): exits 2 like clap's own.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Runs the parsed command; a [`UsageError`] is printed and exits 2.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // reqwest's rustls needs a process-wide crypto provider before any client is built.
+    raftkv::api::tls_server::ensure_provider();
+    match dispatch(cli) {
+        Err(e) if e.is::<UsageError>() => {
+            eprintln!("raftkv: error: {e:#}");
+            Ok(ExitCode::from(EXIT_USAGE))
+        }
+        other => other,
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => serve::run(&args),
         Command::Put(args) => kv::put(&args),
