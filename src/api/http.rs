@@ -655,4 +655,4 @@ async fn ready<S: KvService>(State(st): State<Arc<ApiState<S>>>) -> Response {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -202,3 +202,39 @@ pub(crate) async fn spawn_with(
     ));
     url
 }
+
+/// A test CA and a certificate for `127.0.0.1`/`localhost` it signed, written as PEM files
+/// into `dir`: (ca.pem, cert.pem, key.pem). Generated at run time: nothing secret is checked in.
+pub(crate) fn test_pki(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let params =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let paths = (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+/// Serves `service` over HTTPS with a fresh test PKI; returns its URL and the PKI's dir
+/// (`ca.pem` in it).
+pub(crate) async fn spawn_tls(service: MapService) -> (String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, cert, key) = test_pki(dir.path());
+    let config = tls_server::server_config(&cert, &key, None).unwrap();
+    let url = spawn_with(
+        service,
+        http::RouterOptions::default(),
+        Some(server::Tls::from(config)),
+    )
+    .await;
+    (url, dir)
+}
