@@ -131,7 +131,10 @@ fn endpoints_parse_and_keys_encode() {
     assert!(ClientConfig::parse_endpoints("").is_err());
     assert!(ClientConfig::parse_endpoints("a:1").is_err());
     assert_eq!(percent_encode("a b/ü?."), "a%20b%2F%C3%BC%3F%2E");
-    assert_eq!(key_path_and_query("..", "consistency=stale"), "/kv/?key=%2E%2E&consistency=stale");
+    assert_eq!(
+        key_path_and_query("..", "consistency=stale"),
+        "/kv/?key=%2E%2E&consistency=stale"
+    );
     assert_eq!(key_path_and_query("a.b", ""), "/kv/a%2Eb");
 }
 
@@ -158,7 +161,11 @@ async fn awkward_keys_round_trip_through_the_client_and_a_follower() {
         assert_eq!(keys, want);
         for key in crate::api::http::tests::AWKWARD_KEYS {
             assert!(c.delete(key).await.unwrap().deleted, "{key:?}");
-            assert!(c.get(key, Consistency::Linearizable).await.unwrap().is_none());
+            assert!(c
+                .get(key, Consistency::Linearizable)
+                .await
+                .unwrap()
+                .is_none());
         }
     }
 }
@@ -217,7 +224,11 @@ async fn https_works_with_the_cacert_and_fails_without_it() {
     config.ca_file = Some(pki.path().join("ca.pem"));
     let c = Client::new(config).unwrap();
     c.put("k", "over tls").await.unwrap();
-    let got = c.get("k", Consistency::Linearizable).await.unwrap().unwrap();
+    let got = c
+        .get("k", Consistency::Linearizable)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(got.value, "over tls");
     let untrusting = Client::new(ClientConfig::new(vec![url])).unwrap();
     let err = untrusting
