@@ -167,8 +167,7 @@ mod tests {
         let started = std::time::Instant::now();
         let err = read_body(&limits, chunked(vec![b"01234", b"56789", b"abcde"]))
             .await
-            .err()
-            .expect("over the budget");
+            .expect_err("over the budget");
         assert_eq!(err.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(err.headers()["retry-after"], "1");
         assert!(started.elapsed() >= Duration::from_millis(150));
@@ -180,7 +179,6 @@ mod tests {
         let limits = BodyLimits::new(10, 200, 1000);
         let (bytes, held) = read_body(&limits, chunked(vec![b"0123", b"4567"]))
             .await
-            .ok()
             .expect("fits");
         assert_eq!(&bytes[..], b"01234567");
         assert_eq!(limits.available_bytes(), 2);
@@ -189,8 +187,7 @@ mod tests {
         let small = BodyLimits::new(5000, 200, 15);
         let err = read_body(&small, chunked(vec![b"0123456789", b"0123456789"]))
             .await
-            .err()
-            .expect("over the size limit");
+            .expect_err("over the size limit");
         assert_eq!(err.status(), StatusCode::PAYLOAD_TOO_LARGE);
     }
 }

@@ -224,16 +224,25 @@ fn client_port(args: &ServeArgs, file: &mut FileConfig) -> anyhow::Result<Client
         (None, None) => None,
         _ => bail!("--client-cert and --client-key go together"),
     };
+    // Unreadable or invalid files are usage errors, reported before the node starts.
+    if let Some((cert, key)) = &tls_cert_key {
+        raftkv::api::tls_server::server_config(cert, key, None)?;
+    }
+    let auth_token_file = args.auth_token_file.clone().or(file.auth_token_file.take());
+    if let Some(path) = &auth_token_file {
+        raftkv::api::auth::AuthToken::from_file(path)?;
+    }
     Ok(ClientPortSettings {
         limits,
         tls_cert_key,
         forward_ca: args.client_ca.clone().or(file.client_ca.take()),
-        auth_token_file: args.auth_token_file.clone().or(file.auth_token_file.take()),
+        auth_token_file,
     })
 }
 
 pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
-    let config = resolve(args)?;
+    // Everything `resolve` refuses is a usage error (exit 2), found before the disk is touched.
+    let config = resolve(args).map_err(|e| super::UsageError(format!("{e:#}")))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -322,5 +331,43 @@ mod tests {
         assert_eq!(c.peers[&1], "127.0.0.1:9001");
         std::fs::write(&file, "id = 2\nbogus = 1\n").unwrap();
         assert!(resolve(&args).is_err(), "unknown keys are errors");
+    }
+
+    #[test]
+    fn client_port_flags_beat_the_file_and_bad_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(
+            &file,
+            "id = 1\ndata_dir = \"/tmp/x\"\n[client_port]\nidle_timeout_ms = 5000\nclient_connections_max = 10\nlist_bytes_max = 1000\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(file.clone()),
+            client_connections_max: Some(20),
+            ..ServeArgs::default()
+        };
+        let c = resolve(&args).unwrap();
+        let limits = &c.client_port.limits;
+        assert_eq!(
+            (
+                limits.idle_timeout_ms,
+                limits.client_connections_max,
+                limits.list_bytes_max
+            ),
+            (5000, 20, 1000)
+        );
+        let zero = ServeArgs {
+            config: Some(file.clone()),
+            http_idle_timeout_ms: Some(0),
+            ..ServeArgs::default()
+        };
+        assert!(resolve(&zero).is_err());
+        let missing = ServeArgs {
+            config: Some(file),
+            auth_token_file: Some(dir.path().join("no-such-token")),
+            ..ServeArgs::default()
+        };
+        assert!(resolve(&missing).is_err());
     }
 }

@@ -243,8 +243,10 @@ async fn https_works_with_the_cacert_and_fails_without_it() {
 
 #[tokio::test]
 async fn the_token_is_sent_on_every_request() {
-    let mut options = crate::api::http::RouterOptions::default();
-    options.auth_token = Some(crate::api::auth::AuthToken::new("t0ken").unwrap());
+    let options = crate::api::http::RouterOptions {
+        auth_token: crate::api::auth::AuthToken::new("t0ken"),
+        ..Default::default()
+    };
     let url = crate::api::test_service::spawn_with(MapService::leader(1), options, None).await;
     let mut config = ClientConfig::new(vec![url.clone()]);
     config.token = Some("t0ken".into());

@@ -428,8 +428,10 @@ async fn lists_stop_at_the_byte_cap_and_continue_exactly_once() {
 
 #[tokio::test]
 async fn a_token_is_required_except_on_probes() {
-    let mut options = RouterOptions::default();
-    options.auth_token = Some(crate::api::auth::AuthToken::new("s3cret").unwrap());
+    let options = RouterOptions {
+        auth_token: crate::api::auth::AuthToken::new("s3cret"),
+        ..RouterOptions::default()
+    };
     let leader = spawn_with(MapService::leader(1), options.clone(), None).await;
     let follower = spawn_with(
         MapService::follower(2, 1, Some(leader.clone())),
