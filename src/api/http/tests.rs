@@ -484,3 +484,67 @@ fn constant_time_eq_compares() {
     assert!(!constant_time_eq(b"abc", b"ab"));
     assert!(constant_time_eq(b"", b""));
 }
+
+/// A "leader" that reads each request and then, per `answer`, hangs or hangs up.
+async fn bad_leader(hang_up: bool) -> String {
+    use tokio::io::AsyncReadExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                if !hang_up {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                }
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn forwarding_honours_the_request_timeout_and_a_lost_write_is_504() {
+    let options = RouterOptions {
+        port: ClientPortConfig {
+            forward_timeout_ms: 300,
+            ..ClientPortConfig::default()
+        },
+        ..RouterOptions::default()
+    };
+    let silent = bad_leader(false).await;
+    let follower = spawn_with(
+        MapService::follower(2, 1, Some(silent)),
+        options.clone(),
+        None,
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let (s, j, _) = call(reqwest::Method::GET, &format!("{follower}/kv/k"), None).await;
+    assert_eq!(s, 503, "a read is safe to retry: {j}");
+    let (s, j, _) = call(
+        reqwest::Method::PUT,
+        &format!("{follower}/kv/k"),
+        Some(r#"{"value":"v"}"#),
+    )
+    .await;
+    assert_eq!(s, 504, "a sent write's outcome is unknown: {j}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let hanging_up = bad_leader(true).await;
+    let follower = spawn_with(MapService::follower(2, 1, Some(hanging_up)), options, None).await;
+    let (s, j, _) = call(
+        reqwest::Method::PUT,
+        &format!("{follower}/kv/k"),
+        Some(r#"{"value":"v"}"#),
+    )
+    .await;
+    assert_eq!(s, 504, "{j}");
+}

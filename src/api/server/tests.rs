@@ -219,3 +219,44 @@ fn only_hyper_error_heads_are_rewritten() {
     assert!(rewrite_hyper_error(b"HTTP/1.1 200 OK\r\n\r\n").is_none());
     assert!(rewrite_hyper_error(b"{\"value\":1}").is_none());
 }
+
+#[tokio::test]
+async fn shutdown_finishes_the_request_in_flight_then_returns() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = crate::api::http::router(Arc::new(MapService::leader(1)));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(
+        listener,
+        router,
+        ClientPortConfig::default(),
+        None,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let body = br#"{"value":"late"}"#;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "PUT /kv/k HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&body[..5]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop_tx.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "no longer accepting"
+    );
+    s.write_all(&body[5..]).await.unwrap();
+    let (response, _) = read_to_close(&mut s).await;
+    let (status, json) = parse(&response);
+    assert_eq!((status, json["value"].as_str()), (200, Some("late")));
+    tokio::time::timeout(Duration::from_secs(2), server)
+        .await
+        .expect("serve returns once the connection is done")
+        .unwrap()
+        .unwrap();
+}
