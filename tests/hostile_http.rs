@@ -117,6 +117,17 @@ async fn stalled_bodies_keep_memory_bounded_and_bad_requests_get_json() {
         let got = c.get(key, Consistency::Linearizable).await.unwrap();
         assert_eq!(got.map(|r| r.value).as_deref(), Some(key));
     }
+    // The longest key: 8 KiB of two-byte characters, 24 KiB once percent-encoded.
+    let longest = "ü".repeat(4096);
+    c.put(&longest, "long").await.unwrap();
+    let got = c.get(&longest, Consistency::Linearizable).await.unwrap();
+    assert_eq!(got.map(|r| r.value).as_deref(), Some("long"));
+    let too_long = format!("{longest}x");
+    let err = c.put(&too_long, "x").await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Rejected { status: 413, .. }),
+        "{err}"
+    );
     let big_value = "v".repeat(20_000);
     for i in 0..10 {
         c.put(&format!("big/{i}"), &big_value).await.unwrap();

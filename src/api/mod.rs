@@ -8,6 +8,11 @@
 //! Errors carry their meaning ([`ServiceError`]), and the HTTP layer alone decides status
 //! codes: 400 bad input, 413 over a limit, 503 (+ `Retry-After`) no leader or no quorum,
 //! 504 a write whose outcome is unknown, 500 only for a node-side failure.
+//!
+//! The client port is hostile ground, so it is bounded layer by layer: [`server`] accepts
+//! and bounds connections (count, header/idle timeouts, TLS from [`tls_server`]), [`auth`]
+//! checks the bearer token, [`body`] bounds request bodies in time and bytes, and [`http`]
+//! validates everything else before the service sees it.
 
 pub mod auth;
 pub mod body;
