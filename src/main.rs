@@ -34,11 +34,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("raftkv: error: {err:#}");
-            if err.downcast_ref::<cli::Usage>().is_some() {
-                ExitCode::from(cli::EXIT_USAGE)
-            } else {
-                ExitCode::FAILURE
-            }
+            ExitCode::FAILURE
         }
     }
 }

@@ -1,26 +1,42 @@
 //! The HTTP/JSON client API (axum), over any [`KvService`].
 //!
-//! Routes: `PUT|GET|DELETE /kv/{key}`, `GET /kv?prefix=P&limit=N`, `GET /cluster/status`,
-//! `POST /cluster/transfer-leader`, `GET /health`, `GET /ready`.
+//! Routes: `PUT|GET|DELETE /kv/{key}`, `GET /kv?prefix=P&limit=N&start=K`,
+//! `GET /cluster/status`, `POST /cluster/transfer-leader`, `GET /health`, `GET /ready`.
+//! Connections are accepted and bounded by [`super::server`]; bodies are buffered under a
+//! deadline and a byte budget by [`super::body`]; a token, when configured, is checked by
+//! [`super::auth`] before a body is read.
 //!
-//! Every rejection is JSON `{"error": "..."}` with a 4xx status — malformed JSON, missing
-//! fields, bad percent-encoding, oversized keys and bodies, unknown consistency levels, wrong
-//! methods and unknown paths — so bad input never reaches the service and never yields a 500.
-//! Bodies are read whatever their content type (curl's `-d` sends a form type), and capped at
-//! a size derived from the value limit before they are buffered.
+//! Every rejection is JSON `{"error": "...", "kind": "..."}` with a 4xx status — malformed
+//! JSON, a body that is not an object (`["x"]`), missing fields, bad percent-encoding,
+//! oversized keys and bodies, unknown consistency levels, wrong methods and unknown paths —
+//! so bad input never reaches the service and never yields a 500. A 404 says which: kind
+//! `key_not_found` (the key does not exist) or `no_such_endpoint` (routing). Bodies are read
+//! whatever their content type (curl's `-d` sends a form type), and capped at a size derived
+//! from the value limit.
+//!
+//! **Keys** are the single path segment after `/kv/`, percent-decoded exactly once and never
+//! normalized: `/kv/%2E%2E` is the key `..`, `/kv/a%2Fb` the key `a/b`.
+//!
+//! **Lists** stop at `limit` pairs or `list_bytes_max` bytes of keys plus values, whichever
+//! comes first (always at least one pair). A cut list says `"more": true` and
+//! `"next": "<last key returned>"`; `start=<next>` continues strictly after that key.
 //!
 //! **Forwarding.** When the service answers "not the leader" and names a leader whose client
-//! URL is known, the request is proxied there once, marked with `X-Raftkv-Forwarded-By`; a
-//! forwarded request that again meets a non-leader gets 503 instead of a second hop (no
-//! loops). A forwarded write whose connection fails after it was sent gets 504 (outcome
-//! unknown), never a retry. Stale reads are always served locally.
+//! URL is known, the request is proxied there once, marked with `X-Raftkv-Forwarded-By`, with
+//! the client's `Authorization` header, under the node's request timeout; the leader's body
+//! is streamed back, not buffered. A forwarded request that again meets a non-leader gets 503
+//! instead of a second hop (no loops). A forwarded write whose connection fails after it was
+//! sent gets 504 (outcome unknown), never a retry. Stale reads are always served locally.
 
-use super::{Consistency, KvService, Limits, ServiceError};
+use super::auth::{self, AuthToken};
+use super::body::{self, BodyLimits};
+use super::server::ClientPortConfig;
+use super::{Consistency, KvService, Limits, ListQuery, ServiceError};
 use crate::api::types::*;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -37,37 +53,65 @@ pub const FORWARDED_TO_HEADER: &str = "x-raftkv-forwarded-to";
 pub const LEADER_URL_HEADER: &str = "x-raftkv-leader-url";
 /// The default number of keys a list returns.
 pub const LIST_LIMIT_DEFAULT: usize = 1000;
+/// Time allowed to open a connection to the leader when forwarding.
+pub const FORWARD_CONNECT_TIMEOUT_MS: u64 = 2000;
+
+/// The error kinds of the two different 404s.
+pub const KIND_KEY_NOT_FOUND: &str = "key_not_found";
+pub const KIND_NO_SUCH_ENDPOINT: &str = "no_such_endpoint";
+
+/// How a router is built beyond its service: limits, authentication, forwarding TLS.
+#[derive(Clone, Debug, Default)]
+pub struct RouterOptions {
+    pub port: ClientPortConfig,
+    /// When set, every route but the probes needs this bearer token.
+    pub auth_token: Option<AuthToken>,
+    /// TLS settings for forwarding to `https://` leaders (trusted CAs).
+    pub forward_tls: Option<Arc<rustls::ClientConfig>>,
+}
 
 struct ApiState<S> {
     service: Arc<S>,
     limits: Limits,
+    list_bytes_max: usize,
+    forward_timeout: Duration,
     forwarder: reqwest::Client,
 }
 
-/// Builds the router for `service`.
+/// Builds the router for `service` with default options.
 pub fn router<S: KvService>(service: Arc<S>) -> Router {
+    router_with(service, &RouterOptions::default())
+}
+
+/// Builds the router for `service`.
+pub fn router_with<S: KvService>(service: Arc<S>, options: &RouterOptions) -> Router {
     let limits = service.limits();
     let node_id = service.node_id();
     // JSON may escape each byte as \u00XX (6 bytes); allow that plus room for the envelope.
     let body_bytes_max = limits.value_bytes_max.saturating_mul(6) + (64 << 10);
-    let forwarder = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .connect_timeout(Duration::from_secs(2))
-        .pool_max_idle_per_host(64)
-        .build()
-        .unwrap_or_else(|_| reqwest::Client::new());
+    let port = &options.port;
+    let body_limits = Arc::new(BodyLimits::new(
+        port.body_buffer_bytes_max,
+        port.body_read_timeout_ms,
+        body_bytes_max,
+    ));
     let state = Arc::new(ApiState {
         service,
         limits,
-        forwarder,
+        list_bytes_max: port.list_bytes_max,
+        forward_timeout: Duration::from_millis(port.forward_timeout_ms),
+        forwarder: forwarder(options.forward_tls.clone()),
     });
-    Router::new()
+    let mut router = Router::new()
         .route(
             "/kv/{key}",
             get(get_key::<S>).put(put_key::<S>).delete(delete_key::<S>),
         )
         .route("/kv", get(list_keys::<S>))
-        .route("/kv/", get(empty_key).put(empty_key).delete(empty_key))
+        .route(
+            "/kv/",
+            get(get_key::<S>).put(put_key::<S>).delete(delete_key::<S>),
+        )
         .route("/cluster/status", get(status::<S>))
         .route("/cluster/transfer-leader", post(transfer_leader::<S>))
         .route("/health", get(health::<S>))
@@ -76,6 +120,17 @@ pub fn router<S: KvService>(service: Arc<S>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_bytes_max))
+        .layer(axum::middleware::from_fn_with_state(
+            body_limits,
+            body::buffer_body,
+        ));
+    if let Some(token) = options.auth_token.clone() {
+        router = router.layer(axum::middleware::from_fn_with_state(
+            token,
+            auth::require_token,
+        ));
+    }
+    router
         .layer(axum::middleware::map_response(
             move |mut r: Response| async move {
                 r.headers_mut()
@@ -86,25 +141,51 @@ pub fn router<S: KvService>(service: Arc<S>) -> Router {
         .with_state(state)
 }
 
-/// Serves `router` on `listener` until `shutdown` completes, then finishes in-flight requests.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+/// The HTTP client that forwards to the leader (its timeout is set per request).
+fn forwarder(tls: Option<Arc<rustls::ClientConfig>>) -> reqwest::Client {
+    super::tls_server::ensure_provider();
+    let mut b = reqwest::Client::builder()
+        .connect_timeout(Duration::from_millis(FORWARD_CONNECT_TIMEOUT_MS))
+        .pool_max_idle_per_host(64);
+    if let Some(tls) = tls {
+        b = b.tls_backend_preconfigured((*tls).clone());
+    }
+    b.build().unwrap_or_else(|e| {
+        tracing::error!(error = %e, "cannot build the forwarding client; forwarding without TLS");
+        reqwest::Client::new()
+    })
 }
 
+/// A JSON error whose kind follows from its status.
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    error_kind(status, default_kind(status), message)
+}
+
+/// A JSON error `{"error": message, "kind": kind}`.
+pub(crate) fn error_kind(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
     (
         status,
         Json(ErrorBody {
             error: message.into(),
+            kind: Some(kind.to_string()),
         }),
     )
         .into_response()
+}
+
+fn default_kind(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "bad_request",
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => KIND_NO_SUCH_ENDPOINT,
+        405 => "method_not_allowed",
+        408 => "request_timeout",
+        413 => "too_large",
+        503 => "unavailable",
+        504 => "outcome_unknown",
+        _ => "internal",
+    }
 }
 
 /// A request refused before it reaches the service.
@@ -145,8 +226,9 @@ pub fn error_response(e: &ServiceError) -> Response {
 }
 
 async fn not_found(uri: Uri) -> Response {
-    error(
+    error_kind(
         StatusCode::NOT_FOUND,
+        KIND_NO_SUCH_ENDPOINT,
         format!("no such endpoint: {}", uri.path()),
     )
 }
@@ -158,20 +240,46 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Response {
     )
 }
 
-async fn empty_key() -> Response {
-    error(StatusCode::BAD_REQUEST, "the key must not be empty")
+/// The key a request addresses: the path segment after `/kv/`, percent-decoded once, or for
+/// `/kv/?key=K` the query parameter — the form for `.` and `..`, which URL libraries
+/// (WHATWG parsers, reqwest's included) remove as dot segments even when percent-encoded.
+struct KeyArg(Result<String, Rejection>);
+
+#[derive(Deserialize)]
+struct KeyQuery {
+    key: Option<String>,
 }
 
-fn check_key(
-    path: Result<Path<String>, PathRejection>,
-    limits: &Limits,
-) -> Result<String, Rejection> {
-    let Path(key) = path.map_err(|e| {
-        Rejection(
-            StatusCode::BAD_REQUEST,
-            format!("invalid key in path: {}", e.body_text()),
-        )
-    })?;
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for KeyArg {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        if parts.uri.path() == "/kv/" {
+            let key = Query::<KeyQuery>::try_from_uri(&parts.uri)
+                .map_err(|e| {
+                    Rejection(
+                        StatusCode::BAD_REQUEST,
+                        format!("invalid query string: {}", e.body_text()),
+                    )
+                })
+                .map(|Query(q)| q.key.unwrap_or_default());
+            return Ok(KeyArg(key));
+        }
+        let path = Path::<String>::from_request_parts(parts, state).await;
+        Ok(KeyArg(path.map(|Path(k)| k).map_err(|e: PathRejection| {
+            Rejection(
+                StatusCode::BAD_REQUEST,
+                format!("invalid key in path: {}", e.body_text()),
+            )
+        })))
+    }
+}
+
+fn check_key(key: KeyArg, limits: &Limits) -> Result<String, Rejection> {
+    let key = key.0?;
     if key.is_empty() {
         return Err(Rejection(
             StatusCode::BAD_REQUEST,
@@ -191,6 +299,25 @@ fn check_key(
     Ok(key)
 }
 
+/// Where a key request is forwarded: the key re-encoded by the client's rules, with the
+/// original query but its `key` parameter.
+fn key_target(key: &str, uri: &Uri) -> String {
+    let rest: Vec<&str> = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.starts_with("key="))
+        .collect();
+    crate::client::key_path_and_query(key, &rest.join("&"))
+}
+
+/// Where any other request is forwarded: its own path and query.
+fn same_target(uri: &Uri) -> String {
+    uri.path_and_query()
+        .map_or(uri.path(), |p| p.as_str())
+        .to_string()
+}
+
 fn check_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Rejection> {
     body.map_err(|e| {
         let status = e.status();
@@ -206,7 +333,16 @@ fn check_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Rejection> {
     })
 }
 
+/// Parses a JSON object body. serde would read a struct from an array too (`["x"]`), so
+/// anything but an object is refused first.
 fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes, shape: &str) -> Result<T, Rejection> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_some_and(|b| *b != b'{') {
+        return Err(Rejection(
+            StatusCode::BAD_REQUEST,
+            format!("the body must be a JSON object: expected {shape}"),
+        ));
+    }
     serde_json::from_slice(body).map_err(|e| {
         Rejection(
             StatusCode::BAD_REQUEST,
@@ -220,6 +356,8 @@ struct ReadParams {
     consistency: Option<String>,
     prefix: Option<String>,
     limit: Option<String>,
+    /// A list continues strictly after this key (the `next` of the previous page).
+    start: Option<String>,
 }
 
 fn read_params(
@@ -248,7 +386,7 @@ async fn forward<S: KvService>(
     st: &ApiState<S>,
     e: ServiceError,
     method: Method,
-    uri: &Uri,
+    target_path: &str,
     headers: &HeaderMap,
     body: Bytes,
     is_write: bool,
@@ -267,42 +405,19 @@ async fn forward<S: KvService>(
     }) else {
         return error_response(&e);
     };
-    let target = format!(
-        "{url}{}",
-        uri.path_and_query().map_or(uri.path(), |p| p.as_str())
-    );
-    let request = st
+    let target = format!("{url}{target_path}");
+    let mut request = st
         .forwarder
         .request(method, &target)
+        .timeout(st.forward_timeout)
         .header(FORWARDED_BY_HEADER, st.service.node_id().to_string())
         .header("content-type", "application/json")
         .body(body);
+    if let Some(auth) = headers.get(header::AUTHORIZATION) {
+        request = request.header(header::AUTHORIZATION, auth.clone());
+    }
     match request.send().await {
-        Ok(resp) => {
-            let status = resp.status();
-            let retry_after = resp.headers().get("retry-after").cloned();
-            match resp.bytes().await {
-                Ok(bytes) => {
-                    let mut out = (status, bytes).into_response();
-                    out.headers_mut()
-                        .insert("content-type", HeaderValue::from_static("application/json"));
-                    if let Some(v) = retry_after {
-                        out.headers_mut().insert("retry-after", v);
-                    }
-                    out.headers_mut()
-                        .insert(FORWARDED_TO_HEADER, HeaderValue::from(id));
-                    if let Ok(v) = HeaderValue::from_str(&url) {
-                        out.headers_mut().insert(LEADER_URL_HEADER, v);
-                    }
-                    out
-                }
-                Err(err) if is_write => error(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!("the leader (node {id}) did not finish answering: {err}; the outcome is unknown"),
-                ),
-                Err(err) => unavailable(format!("the leader (node {id}) did not finish answering: {err}")),
-            }
-        }
+        Ok(resp) => relay(resp, id, &url),
         Err(err) if err.is_connect() || !is_write => unavailable(format!(
             "cannot reach the leader (node {id}) at {url}: {err}"
         )),
@@ -311,6 +426,29 @@ async fn forward<S: KvService>(
             format!("forwarding to the leader (node {id}) failed: {err}; the outcome is unknown"),
         ),
     }
+}
+
+/// The leader's answer, its body streamed through as it arrives. A body cut off midway
+/// cuts the client's response off too, which the client reads as "outcome unknown".
+fn relay(resp: reqwest::Response, id: u64, url: &str) -> Response {
+    let status = resp.status();
+    let retry_after = resp.headers().get("retry-after").cloned();
+    let content_type = resp.headers().get("content-type").cloned();
+    let mut out = Response::new(Body::from_stream(resp.bytes_stream()));
+    *out.status_mut() = status;
+    let h = out.headers_mut();
+    h.insert(
+        "content-type",
+        content_type.unwrap_or(HeaderValue::from_static("application/json")),
+    );
+    if let Some(v) = retry_after {
+        h.insert("retry-after", v);
+    }
+    h.insert(FORWARDED_TO_HEADER, HeaderValue::from(id));
+    if let Ok(v) = HeaderValue::from_str(url) {
+        h.insert(LEADER_URL_HEADER, v);
+    }
+    out
 }
 
 struct LeaderHintUrl {
@@ -322,7 +460,7 @@ async fn put_key<S: KvService>(
     State(st): State<Arc<ApiState<S>>>,
     uri: Uri,
     headers: HeaderMap,
-    path: Result<Path<String>, PathRejection>,
+    path: KeyArg,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Rejection> {
     let key = check_key(path, &st.limits)?;
@@ -346,7 +484,10 @@ async fn put_key<S: KvService>(
             leader: Some(w.leader),
         })
         .into_response(),
-        Err(e) => forward(&st, e, Method::PUT, &uri, &headers, body, true).await,
+        Err(e) => {
+            let target = key_target(&key, &uri);
+            forward(&st, e, Method::PUT, &target, &headers, body, true).await
+        }
     })
 }
 
@@ -354,7 +495,7 @@ async fn delete_key<S: KvService>(
     State(st): State<Arc<ApiState<S>>>,
     uri: Uri,
     headers: HeaderMap,
-    path: Result<Path<String>, PathRejection>,
+    path: KeyArg,
 ) -> Result<Response, Rejection> {
     let key = check_key(path, &st.limits)?;
     Ok(match st.service.delete(key.clone()).await {
@@ -365,7 +506,19 @@ async fn delete_key<S: KvService>(
             leader: d.leader,
         })
         .into_response(),
-        Err(e) => forward(&st, e, Method::DELETE, &uri, &headers, Bytes::new(), true).await,
+        Err(e) => {
+            let target = key_target(&key, &uri);
+            forward(
+                &st,
+                e,
+                Method::DELETE,
+                &target,
+                &headers,
+                Bytes::new(),
+                true,
+            )
+            .await
+        }
     })
 }
 
@@ -373,7 +526,7 @@ async fn get_key<S: KvService>(
     State(st): State<Arc<ApiState<S>>>,
     uri: Uri,
     headers: HeaderMap,
-    path: Result<Path<String>, PathRejection>,
+    path: KeyArg,
     query: Result<Query<ReadParams>, QueryRejection>,
 ) -> Result<Response, Rejection> {
     let key = check_key(path, &st.limits)?;
@@ -392,11 +545,15 @@ async fn get_key<S: KvService>(
         .into_response(),
         Ok(ReadValue {
             value: None, index, ..
-        }) => error(
+        }) => error_kind(
             StatusCode::NOT_FOUND,
+            KIND_KEY_NOT_FOUND,
             format!("key not found (as of index {index})"),
         ),
-        Err(e) => forward(&st, e, Method::GET, &uri, &headers, Bytes::new(), false).await,
+        Err(e) => {
+            let target = key_target(&key, &uri);
+            forward(&st, e, Method::GET, &target, &headers, Bytes::new(), false).await
+        }
     })
 }
 
@@ -421,20 +578,40 @@ async fn list_keys<S: KvService>(
         }
     };
     let prefix = params.prefix.unwrap_or_default();
-    if prefix.len() > st.limits.key_bytes_max {
+    let start = params.start;
+    let too_long = |k: &str| k.len() > st.limits.key_bytes_max;
+    if too_long(&prefix) || start.as_deref().is_some_and(too_long) {
         return Err(Rejection(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "prefix exceeds the key size limit".into(),
+            "prefix or start exceeds the key size limit".into(),
         ));
     }
-    Ok(match st.service.list(prefix, limit, consistency).await {
-        Ok(l) => Json(ListResponse {
-            count: l.items.len(),
-            items: l.items,
-            index: l.index,
-        })
-        .into_response(),
-        Err(e) => forward(&st, e, Method::GET, &uri, &headers, Bytes::new(), false).await,
+    let query = ListQuery {
+        prefix,
+        after: start,
+        limit,
+        bytes_max: st.list_bytes_max,
+    };
+    Ok(match st.service.list(query, consistency).await {
+        Ok(l) => {
+            let next = if l.more {
+                l.items.last().map(|kv| kv.key.clone())
+            } else {
+                None
+            };
+            Json(ListResponse {
+                count: l.items.len(),
+                items: l.items,
+                index: l.index,
+                more: l.more,
+                next,
+            })
+            .into_response()
+        }
+        Err(e) => {
+            let target = same_target(&uri);
+            forward(&st, e, Method::GET, &target, &headers, Bytes::new(), false).await
+        }
     })
 }
 
@@ -455,7 +632,10 @@ async fn transfer_leader<S: KvService>(
     let TransferBody { to } = parse_json(&body, r#"{"to": <node id>}"#)?;
     Ok(match st.service.transfer_leader(to).await {
         Ok(()) => Json(serde_json::json!({ "transferred_to": to })).into_response(),
-        Err(e) => forward(&st, e, Method::POST, &uri, &headers, body, false).await,
+        Err(e) => {
+            let target = same_target(&uri);
+            forward(&st, e, Method::POST, &target, &headers, body, false).await
+        }
     })
 }
 
@@ -479,4 +659,4 @@ mod snapshot;
 pub use snapshot::{SNAPSHOT_INDEX_HEADER, SNAPSHOT_TERM_HEADER};
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -8,10 +8,19 @@
 //! Errors carry their meaning ([`ServiceError`]), and the HTTP layer alone decides status
 //! codes: 400 bad input, 413 over a limit, 503 (+ `Retry-After`) no leader or no quorum,
 //! 504 a write whose outcome is unknown, 500 only for a node-side failure.
+//!
+//! The client port is hostile ground, so it is bounded layer by layer: [`server`] accepts
+//! and bounds connections (count, header/idle timeouts, TLS from [`tls_server`]), [`auth`]
+//! checks the bearer token, [`body`] bounds request bodies in time and bytes, and [`http`]
+//! validates everything else before the service sees it.
 
+pub mod auth;
+pub mod body;
 pub mod http;
+pub mod server;
 #[cfg(test)]
 pub(crate) mod test_service;
+pub mod tls_server;
 pub mod types;
 
 use raftkv_storage::NodeId;
@@ -97,6 +106,17 @@ impl Default for Limits {
     }
 }
 
+/// One page of a listing: keys under `prefix`, strictly after `after`, in key order, at most
+/// `limit` of them and at most `bytes_max` bytes of keys plus values (but always at least one
+/// pair, so a listing always progresses).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListQuery {
+    pub prefix: String,
+    pub after: Option<String>,
+    pub limit: usize,
+    pub bytes_max: usize,
+}
+
 /// What a node offers clients. Every method may be called concurrently.
 pub trait KvService: Send + Sync + 'static {
     /// This node's id.
@@ -117,11 +137,10 @@ pub trait KvService: Send + Sync + 'static {
         key: String,
         consistency: Consistency,
     ) -> impl Future<Output = Result<ReadValue, ServiceError>> + Send;
-    /// Lists keys starting with `prefix`, in order, at most `limit`.
+    /// One page of keys as `query` says; `Listed::more` if the page was cut by a cap.
     fn list(
         &self,
-        prefix: String,
-        limit: usize,
+        query: ListQuery,
         consistency: Consistency,
     ) -> impl Future<Output = Result<Listed, ServiceError>> + Send;
     /// This node's view of the cluster.

@@ -106,28 +106,37 @@ impl KvService for MapService {
         })
     }
 
-    async fn list(
-        &self,
-        prefix: String,
-        limit: usize,
-        c: Consistency,
-    ) -> Result<Listed, ServiceError> {
+    async fn list(&self, q: ListQuery, c: Consistency) -> Result<Listed, ServiceError> {
         if c != Consistency::Stale {
             self.redirect()?;
         }
         let d = self.data.lock().unwrap();
+        let lower = match &q.after {
+            Some(a) => std::ops::Bound::Excluded(a.clone()),
+            None => std::ops::Bound::Included(q.prefix.clone()),
+        };
+        let mut items = Vec::new();
+        let mut bytes = 0usize;
+        let mut more = false;
+        for (k, v) in d.0.range((lower, std::ops::Bound::Unbounded)) {
+            if !k.starts_with(&q.prefix) {
+                break;
+            }
+            let size = k.len() + v.len();
+            if items.len() == q.limit || (!items.is_empty() && bytes + size > q.bytes_max) {
+                more = true;
+                break;
+            }
+            bytes += size;
+            items.push(KeyValue {
+                key: k.clone(),
+                value: v.clone(),
+            });
+        }
         Ok(Listed {
-            items: d
-                .0
-                .range(prefix.clone()..)
-                .take_while(|(k, _)| k.starts_with(&prefix))
-                .take(limit)
-                .map(|(k, v)| KeyValue {
-                    key: k.clone(),
-                    value: v.clone(),
-                })
-                .collect(),
+            items,
             index: d.1,
+            more,
         })
     }
 
@@ -168,11 +177,68 @@ impl KvService for MapService {
     }
 }
 
-/// Serves `service` on a free loopback port; returns its base URL.
+/// Serves `service` on a free loopback port with default options; returns its base URL.
 pub(crate) async fn spawn(service: MapService) -> String {
+    spawn_with(service, http::RouterOptions::default(), None).await
+}
+
+/// Serves `service` on a free loopback port; returns its base URL (`https://` with `tls`).
+pub(crate) async fn spawn_with(
+    service: MapService,
+    options: http::RouterOptions,
+    tls: Option<server::Tls>,
+) -> String {
+    tls_server::ensure_provider(); // for the tests' own reqwest clients
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let app = http::router(Arc::new(service));
-    tokio::spawn(http::serve(listener, app, std::future::pending()));
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://{}", listener.local_addr().unwrap());
+    let app = http::router_with(Arc::new(service), &options);
+    tokio::spawn(server::serve(
+        listener,
+        app,
+        options.port,
+        tls,
+        std::future::pending(),
+    ));
     url
+}
+
+/// A test CA and a certificate for `127.0.0.1`/`localhost` it signed, written as PEM files
+/// into `dir`: (ca.pem, cert.pem, key.pem). Generated at run time: nothing secret is checked in.
+pub(crate) fn test_pki(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let params =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+/// Serves `service` over HTTPS with a fresh test PKI; returns its URL and the PKI's dir
+/// (`ca.pem` in it).
+pub(crate) async fn spawn_tls(service: MapService) -> (String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, cert, key) = test_pki(dir.path());
+    let config = tls_server::server_config(&cert, &key, None).unwrap();
+    let url = spawn_with(
+        service,
+        http::RouterOptions::default(),
+        Some(server::Tls::from(config)),
+    )
+    .await;
+    (url, dir)
 }

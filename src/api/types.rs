@@ -50,6 +50,9 @@ pub struct ReadValue {
 pub struct Listed {
     pub items: Vec<KeyValue>,
     pub index: u64,
+    /// The listing stopped at a count or byte cap with more keys under the prefix.
+    #[serde(default)]
+    pub more: bool,
 }
 
 /// One key and its value.
@@ -78,18 +81,27 @@ pub struct DeleteResponse {
     pub leader: NodeId,
 }
 
-/// Response of `GET /kv?prefix=P&limit=N`.
+/// Response of `GET /kv?prefix=P&limit=N&start=K`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListResponse {
     pub items: Vec<KeyValue>,
     pub count: usize,
     pub index: u64,
+    /// More keys lie under the prefix past this page (it stopped at `limit` or the byte cap).
+    #[serde(default)]
+    pub more: bool,
+    /// When `more`: the last key returned; `start=<next>` continues strictly after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
-/// Every error body: `{"error": "..."}`.
+/// Every error body: `{"error": "...", "kind": "..."}`. Kinds include `key_not_found` (a
+/// missing key) and `no_such_endpoint` (a routing 404), which clients must not confuse.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
 }
 
 /// The leader as reported in a status.

@@ -135,7 +135,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
 
 fn load(a: &LoadArgs) -> anyhow::Result<ExitCode> {
     let opts = LoadOptions {
-        endpoints: ClientConfig::parse_endpoints(&a.endpoints)?,
+        endpoints: ClientConfig::parse_endpoints(&a.endpoints)
+            .map_err(|e| super::UsageError(e.to_string()))?,
         clients: a.clients,
         stop: match (a.requests, a.duration) {
             (Some(n), _) => Stop::Requests(n),
@@ -433,7 +434,7 @@ struct FailoverReport {
 
 fn failover(a: &FailoverArgs) -> anyhow::Result<ExitCode> {
     if a.trials == 0 {
-        bail!("--trials must be at least 1");
+        return Err(super::UsageError("--trials must be at least 1".into()).into());
     }
     let root = tempfile::tempdir().context("cannot create a temp dir")?;
     let base = free_port_base(8)?;

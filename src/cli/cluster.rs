@@ -8,7 +8,7 @@
 
 use super::kv::render_table;
 use super::local::{ensure_peer_secret, nodes, terminate};
-use anyhow::{bail, Context};
+use anyhow::Context;
 use raftkv::client::{Client, ClientConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,7 +29,7 @@ const PEER_PORT_BASE: u16 = 9000;
 
 pub fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
     if args.nodes != 3 && args.nodes != 5 {
-        bail!("--nodes must be 3 or 5");
+        return Err(super::UsageError("--nodes must be 3 or 5".into()).into());
     }
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;

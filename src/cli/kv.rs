@@ -2,13 +2,20 @@
 //!
 //! Exit codes (public interface): 0 success; 1 a missing key (`get`) or a rejected request;
 //! 3 the cluster was unavailable within the retry budget (safe to retry); 4 a write's outcome
-//! is unknown (it may or may not have been applied). Usage errors exit 2 (clap).
+//! is unknown (it may or may not have been applied). Usage errors exit 2: clap's, and the
+//! ones found after parsing (bad endpoints, an unreadable CA or token file) as [`UsageError`].
+//!
+//! When no endpoint answers at all, the command says so within about 2 s (1 s to connect to
+//! each endpoint), not after the whole retry budget.
 
 use anyhow::Context;
 use raftkv::api::{ClusterStatus, Consistency};
 use raftkv::client::{Client, ClientConfig, ClientError, DEFAULT_ENDPOINTS};
 use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
+
+use super::UsageError;
 
 /// Exit code: the cluster was unavailable.
 pub const EXIT_UNAVAILABLE: u8 = 3;
@@ -20,6 +27,15 @@ pub struct EndpointArgs {
     /// The nodes' client URLs, comma-separated.
     #[arg(long, env = "RAFTKV_ENDPOINTS", default_value = DEFAULT_ENDPOINTS, value_name = "URL,...")]
     pub endpoints: String,
+    /// Trust this CA (PEM) for https:// endpoints (default: the system's roots).
+    #[arg(long, env = "RAFTKV_CACERT", value_name = "FILE")]
+    pub cacert: Option<PathBuf>,
+    /// Send the bearer token in this file (see `serve --auth-token-file`).
+    #[arg(long, value_name = "FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+    /// The bearer token itself (prefer --token-file: a flag shows in `ps`).
+    #[arg(long, env = "RAFTKV_TOKEN", hide_env_values = true, hide = true)]
+    pub token: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -52,8 +68,9 @@ pub struct ListArgs {
     /// Only keys starting with this prefix.
     #[arg(default_value = "")]
     pub prefix: String,
-    #[arg(long, default_value_t = 1000)]
-    pub limit: usize,
+    /// The most keys printed; pages are followed until then.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub limit: u64,
     #[arg(long, default_value = "linearizable", value_parser = parse_consistency)]
     pub consistency: Consistency,
     #[command(flatten)]
@@ -88,9 +105,24 @@ fn parse_consistency(s: &str) -> Result<Consistency, String> {
         .ok_or_else(|| format!("unknown consistency {s:?}: use linearizable, lease or stale"))
 }
 
+/// The client the flags describe; anything wrong with them is a usage error (exit 2).
 fn client(args: &EndpointArgs) -> anyhow::Result<Client> {
-    let endpoints = ClientConfig::parse_endpoints(&args.endpoints)?;
-    Ok(Client::new(ClientConfig::new(endpoints))?)
+    let usage = |e: String| anyhow::Error::new(UsageError(e));
+    let endpoints =
+        ClientConfig::parse_endpoints(&args.endpoints).map_err(|e| usage(e.to_string()))?;
+    let mut config = ClientConfig::new(endpoints);
+    config.ca_file = args.cacert.clone();
+    config.token = match (&args.token_file, &args.token) {
+        (Some(path), _) => Some(
+            raftkv::api::auth::AuthToken::from_file(path)
+                .map_err(|e| usage(e.to_string()))?
+                .expose()
+                .to_string(),
+        ),
+        (None, Some(t)) => Some(t.trim().to_string()),
+        (None, None) => None,
+    };
+    Client::new(config).map_err(|e| usage(e.to_string()))
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -153,7 +185,8 @@ pub fn del(args: &DelArgs) -> anyhow::Result<ExitCode> {
 
 pub fn list(args: &ListArgs) -> anyhow::Result<ExitCode> {
     let c = client(&args.endpoints)?;
-    match runtime()?.block_on(c.list(&args.prefix, args.limit, args.consistency)) {
+    let limit = usize::try_from(args.limit).unwrap_or(usize::MAX);
+    match runtime()?.block_on(c.list(&args.prefix, limit, args.consistency)) {
         Ok(r) => {
             let mut out = std::io::stdout().lock();
             for kv in r.items {

@@ -21,6 +21,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run one node.
@@ -59,17 +61,29 @@ pub enum CheckCommand {
     Disk(check_disk::DiskArgs),
 }
 
-/// A mistake on the command line (a bad flag value, a missing setting): exit status 2, like
-/// clap's own parse errors, so scripts can tell it from a failure of the work itself.
-#[derive(Debug, thiserror::Error)]
-#[error("{0:#}")]
-pub struct Usage(pub anyhow::Error);
-
-/// Exit status for [`Usage`] errors.
+/// Exit code of a usage error (as clap's own).
 pub const EXIT_USAGE: u8 = 2;
 
-/// Runs the parsed command.
+/// A usage error found after argument parsing (a bad value, an unreadable file named by a
+/// flag): exits 2 like clap's own.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Runs the parsed command; a [`UsageError`] is printed and exits 2.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // reqwest's rustls needs a process-wide crypto provider before any client is built.
+    raftkv::api::tls_server::ensure_provider();
+    match dispatch(cli) {
+        Err(e) if e.is::<UsageError>() => {
+            eprintln!("raftkv: error: {e:#}");
+            Ok(ExitCode::from(EXIT_USAGE))
+        }
+        other => other,
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => serve::run(&args),
         Command::Put(args) => kv::put(&args),

@@ -10,8 +10,9 @@
 //! the data dir is touched. Other members' client URLs come only from `--peer-client-urls`.
 
 use anyhow::{bail, Context};
+use raftkv::api::server::ClientPortConfig;
 use raftkv::api::Limits;
-use raftkv::node::{self, NodeConfig, PeerTlsFiles};
+use raftkv::node::{self, ClientPortSettings, NodeConfig, PeerTlsFiles};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -79,6 +80,36 @@ pub struct ServeArgs {
     /// Election timeout (randomized between 1x and 2x this).
     #[arg(long, env = "RAFTKV_ELECTION_TIMEOUT_MS", value_name = "MS")]
     pub election_timeout_ms: Option<u64>,
+    /// Client connections served at once; more are answered 503 and closed (default 4096).
+    #[arg(long, env = "RAFTKV_CLIENT_CONNECTIONS_MAX", value_name = "N")]
+    pub client_connections_max: Option<usize>,
+    /// Close a client connection idle this long (default 60000).
+    #[arg(long, env = "RAFTKV_HTTP_IDLE_TIMEOUT_MS", value_name = "MS")]
+    pub http_idle_timeout_ms: Option<u64>,
+    /// Serve the client API over HTTPS with this certificate chain (PEM); needs --client-key.
+    #[arg(
+        long,
+        env = "RAFTKV_CLIENT_CERT",
+        value_name = "FILE",
+        requires = "client_key"
+    )]
+    pub client_cert: Option<PathBuf>,
+    /// The private key (PEM) of --client-cert.
+    #[arg(
+        long,
+        env = "RAFTKV_CLIENT_KEY",
+        value_name = "FILE",
+        requires = "client_cert"
+    )]
+    pub client_key: Option<PathBuf>,
+    /// The CA (PEM) that signed the members' client certificates, trusted when forwarding
+    /// requests to an https:// leader.
+    #[arg(long, env = "RAFTKV_CLIENT_CA", value_name = "FILE")]
+    pub client_ca: Option<PathBuf>,
+    /// Require `Authorization: Bearer <token>` (the token in this file) on every route but
+    /// /health and /ready.
+    #[arg(long, env = "RAFTKV_AUTH_TOKEN_FILE", value_name = "FILE")]
+    pub auth_token_file: Option<PathBuf>,
     /// A TOML file with the same settings (snake_case keys; `peers` as a table id = "host:port").
     #[arg(long, env = "RAFTKV_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -107,6 +138,12 @@ struct FileConfig {
     cache_mb: Option<u64>,
     wal_segment_mb: Option<u64>,
     request_timeout_ms: Option<u64>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    auth_token_file: Option<PathBuf>,
+    /// Every client-port limit (`[client_port]`, keys as in `ClientPortConfig`).
+    client_port: Option<ClientPortConfig>,
 }
 
 /// Parses `1=host:port,2=host:port`.
@@ -142,7 +179,7 @@ fn parse_id_map(s: &str, what: &str) -> anyhow::Result<BTreeMap<u64, String>> {
 
 /// Resolves flags, environment, file and defaults into a node configuration.
 pub fn resolve(args: &ServeArgs) -> anyhow::Result<NodeConfig> {
-    let file: FileConfig = match &args.config {
+    let mut file: FileConfig = match &args.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read the config file {}", path.display()))?;
@@ -151,6 +188,7 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<NodeConfig> {
         }
         None => FileConfig::default(),
     };
+    let client_port = client_port(args, &mut file)?;
     let id = args.id.or(file.id).context("--id is required")?;
     let data_dir = args
         .data_dir
@@ -223,6 +261,7 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<NodeConfig> {
         request_timeout_ms: file.request_timeout_ms.unwrap_or(5_000),
         limits: Limits::default(),
         lease_reads: false,
+        client_port,
     };
     config.validate().map_err(anyhow::Error::msg)?;
     check_addresses(&config)?;
@@ -294,8 +333,42 @@ fn resolve_peer_tls(
     }
 }
 
+/// The client port's settings: flags over the file's keys and `[client_port]` table.
+fn client_port(args: &ServeArgs, file: &mut FileConfig) -> anyhow::Result<ClientPortSettings> {
+    let mut limits = file.client_port.take().unwrap_or_default();
+    if let Some(n) = args.client_connections_max {
+        limits.client_connections_max = n;
+    }
+    if let Some(ms) = args.http_idle_timeout_ms {
+        limits.idle_timeout_ms = ms;
+    }
+    limits.validate().map_err(anyhow::Error::msg)?;
+    let cert = args.client_cert.clone().or(file.client_cert.take());
+    let key = args.client_key.clone().or(file.client_key.take());
+    let tls_cert_key = match (cert, key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => bail!("--client-cert and --client-key go together"),
+    };
+    // Unreadable or invalid files are usage errors, reported before the node starts.
+    if let Some((cert, key)) = &tls_cert_key {
+        raftkv::api::tls_server::server_config(cert, key, None)?;
+    }
+    let auth_token_file = args.auth_token_file.clone().or(file.auth_token_file.take());
+    if let Some(path) = &auth_token_file {
+        raftkv::api::auth::AuthToken::from_file(path)?;
+    }
+    Ok(ClientPortSettings {
+        limits,
+        tls_cert_key,
+        forward_ca: args.client_ca.clone().or(file.client_ca.take()),
+        auth_token_file,
+    })
+}
+
 pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
-    let config = resolve(args).map_err(|e| anyhow::Error::new(super::Usage(e)))?;
+    // Everything `resolve` refuses is a usage error (exit 2), found before the disk is touched.
+    let config = resolve(args).map_err(|e| super::UsageError(format!("{e:#}")))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -480,5 +553,43 @@ mod tests {
         args.peer_ca = Some("/ca.pem".into());
         let tls = resolve(&args).unwrap().peer_tls.unwrap();
         assert_eq!(tls.ca, Path::new("/ca.pem"));
+    }
+
+    #[test]
+    fn client_port_flags_beat_the_file_and_bad_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(
+            &file,
+            "id = 1\ndata_dir = \"/tmp/x\"\n[client_port]\nidle_timeout_ms = 5000\nclient_connections_max = 10\nlist_bytes_max = 1000\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(file.clone()),
+            client_connections_max: Some(20),
+            ..ServeArgs::default()
+        };
+        let c = resolve(&args).unwrap();
+        let limits = &c.client_port.limits;
+        assert_eq!(
+            (
+                limits.idle_timeout_ms,
+                limits.client_connections_max,
+                limits.list_bytes_max
+            ),
+            (5000, 20, 1000)
+        );
+        let zero = ServeArgs {
+            config: Some(file.clone()),
+            http_idle_timeout_ms: Some(0),
+            ..ServeArgs::default()
+        };
+        assert!(resolve(&zero).is_err());
+        let missing = ServeArgs {
+            config: Some(file),
+            auth_token_file: Some(dir.path().join("no-such-token")),
+            ..ServeArgs::default()
+        };
+        assert!(resolve(&missing).is_err());
     }
 }

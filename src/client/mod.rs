@@ -12,11 +12,22 @@
 //!   request was sent, or that met a node-side 500, returns [`ClientError::OutcomeUnknown`]: the
 //!   write may or may not be applied, and only the caller knows whether repeating it is safe.
 //!   Reads are idempotent and are retried in those cases.
+//! - **Unreachable is said fast.** Connecting gets `connect_timeout_ms` (1 s); when no
+//!   endpoint has answered anything within `unreachable_ms` (2 s), the operation fails as
+//!   unavailable at once instead of spending the whole retry budget.
+//! - **Keys are keys.** Every byte outside RFC 3986's unreserved set is percent-encoded, and so
+//!   is `.`, so `.`/`..` never meet URL dot-segment removal; only a 404 of kind
+//!   `key_not_found` means "no such key" (a routing 404 is a rejection).
+//! - **TLS and tokens.** `ca_file` is the only CA trusted for `https://` endpoints (without it,
+//!   the system's roots); `token` is sent as `Authorization: Bearer <token>`.
+//! - **Lists page.** [`Client::list`] follows the server's continuations (`more`/`next`) up to
+//!   its limit; each page is a consistent read, the whole list is not one snapshot.
 
-use crate::api::http::{FORWARDED_TO_HEADER, LEADER_URL_HEADER};
+use crate::api::http::{FORWARDED_TO_HEADER, KIND_KEY_NOT_FOUND, LEADER_URL_HEADER};
 use crate::api::types::*;
 use crate::api::Consistency;
 use raftkv_storage::NodeId;
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -34,6 +45,16 @@ pub struct ClientConfig {
     pub retry_budget_ms: u64,
     pub backoff_min_ms: u64,
     pub backoff_max_ms: u64,
+    /// Time allowed to open a connection to one endpoint.
+    pub connect_timeout_ms: u64,
+    /// Give up once no endpoint has answered anything for this long.
+    pub unreachable_ms: u64,
+    /// Trust only this CA (PEM) for `https://` endpoints.
+    pub ca_file: Option<PathBuf>,
+    /// Sent as `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+    /// The most pairs asked for in one list page.
+    pub list_page_max: usize,
 }
 
 impl ClientConfig {
@@ -45,6 +66,11 @@ impl ClientConfig {
             retry_budget_ms: 15_000,
             backoff_min_ms: 50,
             backoff_max_ms: 1000,
+            connect_timeout_ms: 1000,
+            unreachable_ms: 2000,
+            ca_file: None,
+            token: None,
+            list_page_max: 1000,
         }
     }
 
@@ -106,8 +132,10 @@ pub struct Client {
 
 enum Attempt {
     Done(u16, Vec<u8>),
-    /// Safe to try another endpoint (nothing applied).
+    /// Safe to try another endpoint (nothing applied); the endpoint answered.
     Retry(String),
+    /// Nothing was sent: the endpoint could not be reached.
+    Unreachable(String),
     /// The request may have been applied.
     Unknown(String),
 }
@@ -118,12 +146,7 @@ impl Client {
         if config.endpoints.is_empty() {
             return Err(ClientError::Config("no endpoints given".into()));
         }
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_millis(config.request_timeout_ms))
-            .connect_timeout(Duration::from_millis(config.request_timeout_ms.min(2000)))
-            .pool_max_idle_per_host(64)
-            .build()
-            .map_err(|e| ClientError::Config(e.to_string()))?;
+        let http = http_client(&config)?;
         Ok(Client {
             http,
             config,
@@ -160,11 +183,11 @@ impl Client {
         key: &str,
         consistency: Consistency,
     ) -> Result<Option<KvResponse>, ClientError> {
-        let path = format!("{}?consistency={}", key_path(key), consistency.as_str());
+        let path = key_path_and_query(key, &format!("consistency={}", consistency.as_str()));
         let (status, bytes) = self
             .request(reqwest::Method::GET, &path, None, false)
             .await?;
-        if status == 404 {
+        if status == 404 && error_kind(&bytes).as_deref() == Some(KIND_KEY_NOT_FOUND) {
             return Ok(None);
         }
         expect_json(status, &bytes).map(Some)
@@ -178,18 +201,57 @@ impl Client {
         expect_json(status, &bytes)
     }
 
-    /// Lists keys starting with `prefix`, in order.
+    /// Lists up to `limit` keys starting with `prefix`, in order, following the server's
+    /// continuations; `more`/`next` say whether keys remain past `limit`.
     pub async fn list(
         &self,
         prefix: &str,
         limit: usize,
         consistency: Consistency,
     ) -> Result<ListResponse, ClientError> {
-        let path = format!(
+        let mut out = ListResponse {
+            items: Vec::new(),
+            count: 0,
+            index: 0,
+            more: false,
+            next: None,
+        };
+        let mut start: Option<String> = None;
+        while out.items.len() < limit {
+            let want = (limit - out.items.len()).min(self.config.list_page_max.max(1));
+            let page = self
+                .list_page(prefix, start.as_deref(), want, consistency)
+                .await?;
+            out.index = out.index.max(page.index);
+            out.items.extend(page.items);
+            out.more = page.more;
+            out.next = page.next.clone();
+            match page.next {
+                Some(next) if page.more => start = Some(next),
+                _ => break,
+            }
+        }
+        out.count = out.items.len();
+        Ok(out)
+    }
+
+    /// One page of a listing: at most `limit` keys under `prefix`, strictly after `start`.
+    pub async fn list_page(
+        &self,
+        prefix: &str,
+        start: Option<&str>,
+        limit: usize,
+        consistency: Consistency,
+    ) -> Result<ListResponse, ClientError> {
+        let mut path = format!(
             "/kv?prefix={}&limit={limit}&consistency={}",
             percent_encode(prefix),
             consistency.as_str()
         );
+        if let Some(start) = start {
+            path.push_str("&start=");
+            path.push_str(&percent_encode(start));
+        }
         let (status, bytes) = self
             .request(reqwest::Method::GET, &path, None, false)
             .await?;
@@ -230,11 +292,12 @@ impl Client {
 
     /// Every endpoint's status, in endpoint order.
     pub async fn status_all(&self) -> Vec<(String, Result<ClusterStatus, ClientError>)> {
-        let mut out = Vec::with_capacity(self.config.endpoints.len());
-        for e in &self.config.endpoints {
-            out.push((e.clone(), self.status_of(e).await));
-        }
-        out
+        let all = self
+            .config
+            .endpoints
+            .iter()
+            .map(|e| async move { (e.clone(), self.status_of(e).await) });
+        futures_util::future::join_all(all).await
     }
 
     /// Sends one request with leader discovery and safe retries.
@@ -250,34 +313,56 @@ impl Client {
         let mut backoff_ms = self.config.backoff_min_ms;
         let mut last_error = String::from("no attempt made");
         let mut round = 0usize;
+        let started = Instant::now();
+        let unreachable = Duration::from_millis(self.config.unreachable_ms);
+        let mut answered = false;
         loop {
             let start = (*lock(&self.leader)).unwrap_or(round % n);
             for step in 0..n {
                 let i = (start + step) % n;
-                match self.attempt(i, &method, path, body.clone(), is_write).await {
+                let why = match self.attempt(i, &method, path, body.clone(), is_write).await {
                     Attempt::Done(status, bytes) => return Ok((status, bytes)),
                     Attempt::Unknown(why) => return Err(ClientError::OutcomeUnknown(why)),
+                    Attempt::Unreachable(why) => why,
                     Attempt::Retry(why) => {
-                        // A node that could not serve is not the leader.
-                        let mut leader = lock(&self.leader);
-                        if *leader == Some(i) {
-                            *leader = None;
-                        }
-                        last_error = why;
+                        answered = true;
+                        why
                     }
+                };
+                self.forget_leader(i);
+                last_error = why;
+                if !answered && started.elapsed() >= unreachable {
+                    return Err(ClientError::Unavailable(format!(
+                        "no endpoint answered within {} ms; last: {last_error}",
+                        unreachable.as_millis()
+                    )));
                 }
                 if Instant::now() >= deadline {
                     return Err(ClientError::Unavailable(last_error));
                 }
             }
             round += 1;
+            // While nothing has answered, wake in time to give up within `unreachable`.
+            let give_up_at = if answered {
+                deadline
+            } else {
+                deadline.min(started + unreachable)
+            };
             let sleep = Duration::from_millis(backoff_ms)
-                .min(deadline.saturating_duration_since(Instant::now()));
-            if sleep.is_zero() {
+                .min(give_up_at.saturating_duration_since(Instant::now()));
+            if sleep.is_zero() && answered {
                 return Err(ClientError::Unavailable(last_error));
             }
             tokio::time::sleep(sleep).await;
             backoff_ms = (backoff_ms * 2).min(self.config.backoff_max_ms);
+        }
+    }
+
+    /// A node that could not serve is not the leader.
+    fn forget_leader(&self, i: usize) {
+        let mut leader = lock(&self.leader);
+        if *leader == Some(i) {
+            *leader = None;
         }
     }
 
@@ -298,7 +383,7 @@ impl Client {
         }
         let resp = match req.send().await {
             Ok(r) => r,
-            Err(e) if e.is_connect() => return Attempt::Retry(format!("{endpoint}: {e}")),
+            Err(e) if e.is_connect() => return Attempt::Unreachable(format!("{endpoint}: {e}")),
             Err(e) if is_write => {
                 return Attempt::Unknown(format!(
                     "{endpoint}: the request was sent but failed: {e}"
@@ -347,8 +432,37 @@ impl Client {
     }
 }
 
+/// The HTTP client: timeouts, the trusted CA, the bearer token.
+fn http_client(config: &ClientConfig) -> Result<reqwest::Client, ClientError> {
+    crate::api::tls_server::ensure_provider();
+    let mut b = reqwest::Client::builder()
+        .timeout(Duration::from_millis(config.request_timeout_ms))
+        .connect_timeout(Duration::from_millis(
+            config.connect_timeout_ms.min(config.request_timeout_ms),
+        ))
+        .pool_max_idle_per_host(64);
+    if let Some(ca) = &config.ca_file {
+        let tls = crate::api::tls_server::client_config(ca, None)
+            .map_err(|e| ClientError::Config(e.to_string()))?;
+        b = b.tls_backend_preconfigured((*tls).clone());
+    }
+    if let Some(token) = &config.token {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| ClientError::Config("the token is not printable ASCII".into()))?;
+        value.set_sensitive(true);
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+        b = b.default_headers(headers);
+    }
+    b.build().map_err(|e| ClientError::Config(e.to_string()))
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn error_kind(bytes: &[u8]) -> Option<String> {
+    serde_json::from_slice::<ErrorBody>(bytes).ok()?.kind
 }
 
 fn error_text(bytes: &[u8]) -> String {
@@ -374,14 +488,31 @@ fn expect_json<T: serde::de::DeserializeOwned>(
 
 /// `/kv/<key, percent-encoded>`.
 fn key_path(key: &str) -> String {
-    format!("/kv/{}", percent_encode(key))
+    key_path_and_query(key, "")
 }
 
-/// Percent-encodes everything but RFC 3986 unreserved characters.
+/// The path (and query) addressing `key`, with `query` (already encoded) appended:
+/// `/kv/<key, percent-encoded>?query`, except for the keys `.` and `..`, which every WHATWG
+/// URL parser removes as dot segments even percent-encoded: `/kv/?key=%2E%2E&query`.
+pub fn key_path_and_query(key: &str, query: &str) -> String {
+    let encoded = percent_encode(key);
+    let sep = |first: char| match query.is_empty() {
+        true => String::new(),
+        false => format!("{first}{query}"),
+    };
+    if key == "." || key == ".." {
+        format!("/kv/?key={encoded}{}", sep('&'))
+    } else {
+        format!("/kv/{encoded}{}", sep('?'))
+    }
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters, and `.` too, so no URL
+/// library or proxy ever sees a dot segment (`..` is sent as `%2E%2E`).
 pub fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~') {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));

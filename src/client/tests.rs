@@ -130,5 +130,132 @@ fn endpoints_parse_and_keys_encode() {
     );
     assert!(ClientConfig::parse_endpoints("").is_err());
     assert!(ClientConfig::parse_endpoints("a:1").is_err());
-    assert_eq!(percent_encode("a b/ü?"), "a%20b%2F%C3%BC%3F");
+    assert_eq!(percent_encode("a b/ü?."), "a%20b%2F%C3%BC%3F%2E");
+    assert_eq!(
+        key_path_and_query("..", "consistency=stale"),
+        "/kv/?key=%2E%2E&consistency=stale"
+    );
+    assert_eq!(key_path_and_query("a.b", ""), "/kv/a%2Eb");
+}
+
+#[tokio::test]
+async fn awkward_keys_round_trip_through_the_client_and_a_follower() {
+    let leader = spawn(MapService::leader(1)).await;
+    let follower = spawn(MapService::follower(2, 1, Some(leader.clone()))).await;
+    for endpoints in [vec![follower.clone()], vec![leader.clone()]] {
+        let c = client(endpoints, 5000);
+        for (i, key) in crate::api::http::tests::AWKWARD_KEYS.iter().enumerate() {
+            let value = format!("v{i}");
+            let w = c.put(key, &value).await.unwrap();
+            assert_eq!(w.key, *key);
+            let got = c.get(key, Consistency::Linearizable).await.unwrap();
+            assert_eq!(got.map(|r| r.value), Some(value), "{key:?}");
+        }
+        let long = "ü".repeat(32); // 64 bytes: the map service's key limit
+        c.put(&long, "x").await.unwrap();
+        assert!(c.delete(&long).await.unwrap().deleted);
+        let listed = c.list("", 100, Consistency::Linearizable).await.unwrap();
+        let mut want: Vec<&str> = crate::api::http::tests::AWKWARD_KEYS.to_vec();
+        want.sort();
+        let keys: Vec<&str> = listed.items.iter().map(|kv| kv.key.as_str()).collect();
+        assert_eq!(keys, want);
+        for key in crate::api::http::tests::AWKWARD_KEYS {
+            assert!(c.delete(key).await.unwrap().deleted, "{key:?}");
+            assert!(c
+                .get(key, Consistency::Linearizable)
+                .await
+                .unwrap()
+                .is_none());
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_routing_404_is_not_a_missing_key() {
+    let url = spawn(MapService::leader(1)).await;
+    // An endpoint with a path prefix the server does not have: every route is unknown.
+    let c = client(vec![format!("{url}/not-raftkv")], 1000);
+    let err = c.get("k", Consistency::Linearizable).await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Rejected { status: 404, .. }),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn list_follows_continuations_up_to_its_limit() {
+    let url = spawn(MapService::leader(1)).await;
+    let mut c = ClientConfig::new(vec![url]);
+    c.list_page_max = 3;
+    let c = Client::new(c).unwrap();
+    for i in 0..10 {
+        c.put(&format!("k{i}"), "v").await.unwrap();
+    }
+    let all = c.list("k", 100, Consistency::Linearizable).await.unwrap();
+    let keys: Vec<String> = all.items.iter().map(|kv| kv.key.clone()).collect();
+    assert_eq!(keys, (0..10).map(|i| format!("k{i}")).collect::<Vec<_>>());
+    assert!(!all.more);
+    let some = c.list("k", 7, Consistency::Linearizable).await.unwrap();
+    assert_eq!((some.count, some.more), (7, true));
+    assert_eq!(some.next.as_deref(), Some("k6"));
+}
+
+#[tokio::test]
+async fn unreachable_endpoints_are_reported_within_two_seconds() {
+    let dead = vec![
+        dead_endpoint().await,
+        dead_endpoint().await,
+        dead_endpoint().await,
+    ];
+    let c = Client::new(ClientConfig::new(dead)).unwrap(); // the CLI's defaults: 15 s budget
+    let started = std::time::Instant::now();
+    let err = c.get("k", Consistency::Linearizable).await.unwrap_err();
+    let elapsed = started.elapsed();
+    assert!(matches!(err, ClientError::Unavailable(_)), "{err}");
+    assert!(elapsed < Duration::from_millis(2500), "{elapsed:?}");
+    assert!(err.to_string().contains("no endpoint answered"), "{err}");
+}
+
+#[tokio::test]
+async fn https_works_with_the_cacert_and_fails_without_it() {
+    let (url, pki) = crate::api::test_service::spawn_tls(MapService::leader(1)).await;
+    assert!(url.starts_with("https://"));
+    let mut config = ClientConfig::new(vec![url.clone()]);
+    config.ca_file = Some(pki.path().join("ca.pem"));
+    let c = Client::new(config).unwrap();
+    c.put("k", "over tls").await.unwrap();
+    let got = c
+        .get("k", Consistency::Linearizable)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.value, "over tls");
+    let untrusting = Client::new(ClientConfig::new(vec![url])).unwrap();
+    let err = untrusting
+        .get("k", Consistency::Linearizable)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::Unavailable(_)), "{err}");
+    let mut bad = ClientConfig::new(vec!["https://127.0.0.1:1".into()]);
+    bad.ca_file = Some(pki.path().join("missing.pem"));
+    assert!(matches!(Client::new(bad), Err(ClientError::Config(_))));
+}
+
+#[tokio::test]
+async fn the_token_is_sent_on_every_request() {
+    let options = crate::api::http::RouterOptions {
+        auth_token: crate::api::auth::AuthToken::new("t0ken"),
+        ..Default::default()
+    };
+    let url = crate::api::test_service::spawn_with(MapService::leader(1), options, None).await;
+    let mut config = ClientConfig::new(vec![url.clone()]);
+    config.token = Some("t0ken".into());
+    let c = Client::new(config).unwrap();
+    c.put("k", "v").await.unwrap();
+    let anonymous = client(vec![url], 1000);
+    let err = anonymous.put("k", "v").await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Rejected { status: 401, .. }),
+        "{err}"
+    );
 }

@@ -42,6 +42,8 @@ pub mod rejoin;
 pub mod service;
 pub mod storage_loop;
 
+use crate::api::http::RouterOptions;
+use crate::api::server::{ClientPortConfig, Tls};
 use crate::api::Limits;
 use crate::raft::{self, Raft, RestartState};
 use crate::transport::{PeerAuth, PeerTls, PeerTransport, TransportConfig};
@@ -62,7 +64,7 @@ pub const WAL_SEGMENT_MB_MIN: u64 = 2;
 pub const WAL_SEGMENT_MB_MAX: u64 = 1024;
 
 /// Everything a node needs to run.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct NodeConfig {
     pub id: NodeId,
     pub cluster_id: String,
@@ -98,6 +100,56 @@ pub struct NodeConfig {
     pub limits: Limits,
     /// Serve `consistency=lease` reads from the leader's lease (see DESIGN.md).
     pub lease_reads: bool,
+    /// The client port's limits, TLS and authentication.
+    pub client_port: ClientPortSettings,
+}
+
+/// How the client port is served beyond its address.
+#[derive(Clone, Debug, Default)]
+pub struct ClientPortSettings {
+    /// Timeouts and limits (`forward_timeout_ms` is replaced by `request_timeout_ms`).
+    pub limits: ClientPortConfig,
+    /// Serve HTTPS with this certificate chain and private key (PEM files).
+    pub tls_cert_key: Option<(PathBuf, PathBuf)>,
+    /// The CA that signed the members' client certificates: trusted when forwarding to an
+    /// `https://` leader.
+    pub forward_ca: Option<PathBuf>,
+    /// Require `Authorization: Bearer <the token in this file>`.
+    pub auth_token_file: Option<PathBuf>,
+}
+
+/// Builds the router options and TLS acceptor, reading every file before the disk is touched.
+fn client_port(config: &NodeConfig) -> Result<(RouterOptions, Option<Tls>), NodeError> {
+    let settings = &config.client_port;
+    let mut limits = settings.limits.clone();
+    limits.forward_timeout_ms = config.request_timeout_ms;
+    limits.validate().map_err(NodeError::Config)?;
+    let tls_err = |e: crate::api::tls_server::TlsError| NodeError::Config(e.to_string());
+    crate::api::tls_server::ensure_provider();
+    let tls = match &settings.tls_cert_key {
+        Some((cert, key)) => {
+            let server = crate::api::tls_server::server_config(cert, key, None).map_err(tls_err)?;
+            Some(Tls::from(server))
+        }
+        None => None,
+    };
+    let forward_tls = match &settings.forward_ca {
+        Some(ca) => Some(crate::api::tls_server::client_config(ca, None).map_err(tls_err)?),
+        None => None,
+    };
+    let auth_token = match &settings.auth_token_file {
+        Some(path) => Some(
+            crate::api::auth::AuthToken::from_file(path)
+                .map_err(|e| NodeError::Config(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let options = RouterOptions {
+        port: limits,
+        auth_token,
+        forward_tls,
+    };
+    Ok((options, tls))
 }
 
 impl NodeConfig {
@@ -318,6 +370,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     config.validate().map_err(NodeError::Config)?;
     // Before the disk is touched: a bad secret or certificate must not leave a data dir.
     let auth = peer_auth(&config)?;
+    let (router_options, client_tls) = client_port(&config)?;
     // Both ports before the disk: a typo in an address must not leave a WAL and an identity
     // file behind that then block the corrected start.
     let client_listener = tokio::net::TcpListener::bind(&config.client_addr)
@@ -429,11 +482,13 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     );
     let driver = tokio::spawn(driver.run(inbound, events_rx, requests_rx, shutdown_rx.clone()));
 
-    let router = crate::api::http::router(service.clone());
+    let router = crate::api::http::router_with(service.clone(), &router_options);
     let mut http_shutdown = shutdown_rx;
-    let http = tokio::spawn(crate::api::http::serve(
+    let http = tokio::spawn(crate::api::server::serve(
         client_listener,
         router,
+        router_options.port.clone(),
+        client_tls,
         async move {
             while !*http_shutdown.borrow() {
                 if http_shutdown.changed().await.is_err() {

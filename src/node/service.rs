@@ -7,7 +7,7 @@
 
 use super::NodeConfig;
 use crate::api::{
-    ClusterStatus, Consistency, Deleted, KeyValue, KvService, Limits, Listed, ReadValue,
+    ClusterStatus, Consistency, Deleted, KeyValue, KvService, Limits, ListQuery, Listed, ReadValue,
     ServiceError, SnapshotFileOut, Written,
 };
 use raftkv_storage::command::Command;
@@ -229,16 +229,16 @@ impl KvService for NodeService {
         })
     }
 
-    async fn list(
-        &self,
-        prefix: String,
-        limit: usize,
-        consistency: Consistency,
-    ) -> Result<Listed, ServiceError> {
+    async fn list(&self, q: ListQuery, consistency: Consistency) -> Result<Listed, ServiceError> {
         self.read_barrier(consistency).await?;
         let page = self
             .sm
-            .scan_prefix(prefix.as_bytes(), limit)
+            .scan_prefix_page(
+                q.prefix.as_bytes(),
+                q.after.as_ref().map(|a| a.as_bytes()),
+                q.limit,
+                q.bytes_max,
+            )
             .map_err(sm_error)?;
         Ok(Listed {
             items: page
@@ -251,6 +251,7 @@ impl KvService for NodeService {
                 })
                 .collect(),
             index: page.applied_index,
+            more: page.value.more,
         })
     }
 

@@ -11,7 +11,7 @@ use super::{forward, ApiState};
 use crate::api::KvService;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use std::sync::Arc;
 use tokio::io::AsyncReadExt;
@@ -25,12 +25,22 @@ const STREAM_CHUNK_BYTES: usize = 1 << 20;
 
 pub(super) async fn get_snapshot<S: KvService>(
     State(st): State<Arc<ApiState<S>>>,
-    uri: Uri,
     headers: HeaderMap,
 ) -> Response {
     let out = match st.service.snapshot().await {
         Ok(out) => out,
-        Err(e) => return forward(&st, e, Method::GET, &uri, &headers, Bytes::new(), false).await,
+        Err(e) => {
+            return forward(
+                &st,
+                e,
+                Method::GET,
+                "/snapshot",
+                &headers,
+                Bytes::new(),
+                false,
+            )
+            .await
+        }
     };
     let file = match tokio::fs::File::open(&out.path).await {
         Ok(f) => f,

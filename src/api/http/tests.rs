@@ -3,7 +3,8 @@
 use super::*;
 use crate::api::test_service::MapService;
 
-use crate::api::test_service::spawn;
+use crate::api::test_service::{spawn, spawn_with};
+use crate::client::percent_encode;
 
 async fn call(
     method: reqwest::Method,
@@ -227,7 +228,13 @@ async fn follower_forwards_to_the_leader_once() {
     let a_url = format!("http://{}", a_listener.local_addr().unwrap());
     let b = spawn(MapService::follower(4, 3, Some(a_url.clone()))).await;
     let a = router(Arc::new(MapService::follower(3, 4, Some(b.clone()))));
-    tokio::spawn(serve(a_listener, a, std::future::pending()));
+    tokio::spawn(crate::api::server::serve(
+        a_listener,
+        a,
+        ClientPortConfig::default(),
+        None,
+        std::future::pending(),
+    ));
     let (s, j, h) = call(
         reqwest::Method::PUT,
         &format!("{b}/kv/x"),
@@ -287,4 +294,257 @@ fn service_errors_map_to_statuses() {
     for (e, want) in cases {
         assert_eq!(error_response(&e).status().as_u16(), want, "{e:?}");
     }
+}
+
+#[tokio::test]
+async fn values_must_be_strings_in_an_object() {
+    let url = spawn(MapService::leader(1)).await;
+    for body in [
+        r#"["x"]"#,
+        "1",
+        "null",
+        "{}",
+        r#""x""#,
+        r#"{"value":["x"]}"#,
+        r#"{"value":null}"#,
+    ] {
+        let (s, j, _) = call(reqwest::Method::PUT, &format!("{url}/kv/k"), Some(body)).await;
+        assert_eq!(s, 400, "{body}: {j}");
+        let e = j["error"].as_str().unwrap();
+        assert!(
+            e.contains(r#"{"value": "..."}"#),
+            "{body}: names the shape: {e}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_two_404s_have_different_kinds() {
+    let url = spawn(MapService::leader(1)).await;
+    let (s, j, _) = call(reqwest::Method::GET, &format!("{url}/kv/missing"), None).await;
+    assert_eq!((s, j["kind"].as_str()), (404, Some(KIND_KEY_NOT_FOUND)));
+    let (s, j, _) = call(reqwest::Method::GET, &format!("{url}/kv/a/b"), None).await;
+    assert_eq!((s, j["kind"].as_str()), (404, Some(KIND_NO_SUCH_ENDPOINT)));
+}
+
+/// Keys that URL handling likes to mangle.
+pub(crate) const AWKWARD_KEYS: [&str; 10] = [
+    ".", "..", "a/b", "%", "?x", "#y", "a b", "ü", "../..", "a/./b",
+];
+
+#[tokio::test]
+async fn awkward_keys_round_trip_through_a_forwarding_follower() {
+    let leader = spawn(MapService::leader(1)).await;
+    let follower = spawn(MapService::follower(2, 1, Some(leader.clone()))).await;
+    for (i, key) in AWKWARD_KEYS.iter().enumerate() {
+        let path = crate::client::key_path_and_query(key, "");
+        let body = format!(r#"{{"value":"v{i}"}}"#);
+        let (s, j, h) = call(
+            reqwest::Method::PUT,
+            &format!("{follower}{path}"),
+            Some(&body),
+        )
+        .await;
+        assert_eq!((s, j["key"].as_str()), (200, Some(*key)), "{key:?}: {j}");
+        assert_eq!(h[FORWARDED_TO_HEADER], "1");
+        let (s, j, _) = call(reqwest::Method::GET, &format!("{leader}{path}"), None).await;
+        assert_eq!(
+            (s, j["value"].as_str()),
+            (200, Some(format!("v{i}").as_str())),
+            "{key:?}"
+        );
+        let (s, j, _) = call(reqwest::Method::GET, &format!("{follower}{path}"), None).await;
+        assert_eq!((s, j["key"].as_str()), (200, Some(*key)), "{key:?}");
+    }
+    let (s, j, _) = call(
+        reqwest::Method::GET,
+        &format!("{leader}/kv?limit=100"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, j["count"].as_u64()),
+        (200, Some(AWKWARD_KEYS.len() as u64)),
+        "{j}"
+    );
+}
+
+#[tokio::test]
+async fn lists_stop_at_the_byte_cap_and_continue_exactly_once() {
+    let mut options = RouterOptions::default();
+    options.port.list_bytes_max = 2000;
+    let leader = spawn_with(MapService::leader(1), options.clone(), None).await;
+    let follower = spawn_with(
+        MapService::follower(2, 1, Some(leader.clone())),
+        options,
+        None,
+    )
+    .await;
+    // 20 pairs of ~510 bytes: at most 3 fit in 2000 bytes.
+    let mut want = Vec::new();
+    for i in 0..20 {
+        let key = format!("p/{i:02}");
+        let body = format!(r#"{{"value":"{}"}}"#, "v".repeat(506));
+        let u = format!("{leader}/kv/{}", percent_encode(&key));
+        let (s, _, _) = call(reqwest::Method::PUT, &u, Some(&body)).await;
+        assert_eq!(s, 200);
+        want.push(key);
+    }
+    call(
+        reqwest::Method::PUT,
+        &format!("{leader}/kv/q"),
+        Some(r#"{"value":"x"}"#),
+    )
+    .await;
+    // Page through the follower (forwarded, streamed) with the continuation token.
+    let mut got = Vec::new();
+    let mut start: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let mut u = format!("{follower}/kv?prefix=p%2F&limit=100");
+        if let Some(s) = &start {
+            u.push_str(&format!("&start={}", percent_encode(s)));
+        }
+        let (s, j, _) = call(reqwest::Method::GET, &u, None).await;
+        assert_eq!(s, 200, "{j}");
+        let items = j["items"].as_array().unwrap();
+        assert!(!items.is_empty() && items.len() <= 3, "{}", items.len());
+        got.extend(
+            items
+                .iter()
+                .map(|kv| kv["key"].as_str().unwrap().to_string()),
+        );
+        pages += 1;
+        if j["more"] != true {
+            assert!(j.get("next").is_none());
+            break;
+        }
+        assert_eq!(j["next"], items.last().unwrap()["key"]);
+        start = j["next"].as_str().map(String::from);
+    }
+    assert_eq!(got, want, "every key exactly once, in order");
+    assert!(pages >= 7, "{pages} pages");
+}
+
+#[tokio::test]
+async fn a_token_is_required_except_on_probes() {
+    let options = RouterOptions {
+        auth_token: crate::api::auth::AuthToken::new("s3cret"),
+        ..RouterOptions::default()
+    };
+    let leader = spawn_with(MapService::leader(1), options.clone(), None).await;
+    let follower = spawn_with(
+        MapService::follower(2, 1, Some(leader.clone())),
+        options,
+        None,
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let put = |url: String, auth: Option<&'static str>| {
+        let mut r = client.put(url).body(r#"{"value":"v"}"#);
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        r.send()
+    };
+    let r = put(format!("{leader}/kv/k"), None).await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    let j: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(j["kind"], "unauthorized");
+    let r = put(format!("{leader}/kv/k"), Some("Bearer wrong"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let j: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(j["kind"], "forbidden");
+    let r = put(format!("{leader}/kv/k"), Some("Basic czNjcmV0"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // Right token, through the follower: the header is passed on to the leader.
+    let r = put(format!("{follower}/kv/k"), Some("Bearer s3cret"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()[FORWARDED_TO_HEADER], "1");
+    for probe in ["/health", "/ready"] {
+        let r = client.get(format!("{leader}{probe}")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{probe}");
+    }
+    let r = client.get(format!("{leader}/nope")).send().await.unwrap();
+    assert_eq!(r.status(), 401, "unknown paths are not probes");
+}
+
+#[test]
+fn constant_time_eq_compares() {
+    use crate::api::auth::constant_time_eq;
+    assert!(constant_time_eq(b"abc", b"abc"));
+    assert!(!constant_time_eq(b"abc", b"abd"));
+    assert!(!constant_time_eq(b"abc", b"ab"));
+    assert!(constant_time_eq(b"", b""));
+}
+
+/// A "leader" that reads each request and then, per `answer`, hangs or hangs up.
+async fn bad_leader(hang_up: bool) -> String {
+    use tokio::io::AsyncReadExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                if !hang_up {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                }
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn forwarding_honours_the_request_timeout_and_a_lost_write_is_504() {
+    let options = RouterOptions {
+        port: ClientPortConfig {
+            forward_timeout_ms: 300,
+            ..ClientPortConfig::default()
+        },
+        ..RouterOptions::default()
+    };
+    let silent = bad_leader(false).await;
+    let follower = spawn_with(
+        MapService::follower(2, 1, Some(silent)),
+        options.clone(),
+        None,
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let (s, j, _) = call(reqwest::Method::GET, &format!("{follower}/kv/k"), None).await;
+    assert_eq!(s, 503, "a read is safe to retry: {j}");
+    let (s, j, _) = call(
+        reqwest::Method::PUT,
+        &format!("{follower}/kv/k"),
+        Some(r#"{"value":"v"}"#),
+    )
+    .await;
+    assert_eq!(s, 504, "a sent write's outcome is unknown: {j}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let hanging_up = bad_leader(true).await;
+    let follower = spawn_with(MapService::follower(2, 1, Some(hanging_up)), options, None).await;
+    let (s, j, _) = call(
+        reqwest::Method::PUT,
+        &format!("{follower}/kv/k"),
+        Some(r#"{"value":"v"}"#),
+    )
+    .await;
+    assert_eq!(s, 504, "{j}");
 }

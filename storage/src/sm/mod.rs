@@ -462,6 +462,19 @@ impl StateMachine {
         end: Bound<&[u8]>,
         limit: usize,
     ) -> Result<ReadAt<ScanPage>, SmError> {
+        self.scan_bounded(start, end, limit, usize::MAX)
+    }
+
+    /// Like [`StateMachine::scan`], but also stops before the keys plus values returned would
+    /// exceed `bytes_max` (always returning at least one pair, so a caller paging through
+    /// makes progress). sled is not read past the pair that crossed the cap.
+    pub fn scan_bounded(
+        &self,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<ReadAt<ScanPage>, SmError> {
         let limit = limit.min(self.opts.scan_limit_max);
         let lower = match start {
             Bound::Included(k) => Bound::Included(data_key(k)),
@@ -483,12 +496,16 @@ impl StateMachine {
                 applied_index: cur.applied.index,
             });
         }
+        let mut bytes = 0usize;
         for item in cur.tree.range((lower, upper)) {
             let (k, v) = item?;
-            if pairs.len() == limit {
+            let size = k.len().saturating_sub(1).saturating_add(v.len());
+            if pairs.len() == limit || (!pairs.is_empty() && bytes.saturating_add(size) > bytes_max)
+            {
                 more = true;
                 break;
             }
+            bytes = bytes.saturating_add(size);
             pairs.push((k[1..].to_vec(), v.to_vec()));
         }
         Ok(ReadAt {
@@ -499,13 +516,30 @@ impl StateMachine {
 
     /// Pairs whose key starts with `prefix`, in key order, at most `limit` of them.
     pub fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Result<ReadAt<ScanPage>, SmError> {
+        self.scan_prefix_page(prefix, None, limit, usize::MAX)
+    }
+
+    /// One page of the pairs whose key starts with `prefix`: strictly after `after` (the
+    /// last key of the previous page) when given, at most `limit` pairs and `bytes_max` bytes
+    /// of keys plus values (see [`StateMachine::scan_bounded`]).
+    pub fn scan_prefix_page(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<ReadAt<ScanPage>, SmError> {
+        // A continuation key below the prefix starts at the prefix; one above it yields an
+        // empty range.
+        let start = match after {
+            Some(a) if a >= prefix => Bound::Excluded(a),
+            _ => Bound::Included(prefix),
+        };
         match prefix_end(prefix) {
-            Some(end) => self.scan(
-                Bound::Included(prefix),
-                Bound::Excluded(end.as_slice()),
-                limit,
-            ),
-            None => self.scan(Bound::Included(prefix), Bound::Unbounded, limit),
+            Some(end) => {
+                self.scan_bounded(start, Bound::Excluded(end.as_slice()), limit, bytes_max)
+            }
+            None => self.scan_bounded(start, Bound::Unbounded, limit, bytes_max),
         }
     }
 

@@ -230,6 +230,53 @@ fn scans_are_ordered_limited_and_say_their_index() {
     assert!(page.pairs.is_empty() && page.more);
 }
 
+#[test]
+fn prefix_pages_stop_at_the_byte_cap_and_continue_after_the_last_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let sm = open(dir.path());
+    // p/00..p/19 with 100-byte values (104 bytes a pair), and keys around the prefix.
+    let mut entries = vec![put(1, 1, b"o", b"x"), put(2, 1, b"q", b"x")];
+    for i in 0..20u64 {
+        let key = format!("p/{i:02}");
+        entries.push(put(i + 3, 1, key.as_bytes(), &[b'v'; 100]));
+    }
+    sm.apply(&entries).unwrap();
+    let mut after: Option<Vec<u8>> = None;
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    loop {
+        let page = sm
+            .scan_prefix_page(b"p/", after.as_deref(), 100, 350)
+            .unwrap()
+            .value;
+        pages += 1;
+        // 350 bytes hold three 104-byte pairs; never an empty page.
+        assert!((1..=3).contains(&page.pairs.len()), "{}", page.pairs.len());
+        seen.extend(page.pairs.iter().map(|(k, _)| k.clone()));
+        if !page.more {
+            break;
+        }
+        after = page.pairs.last().map(|(k, _)| k.clone());
+    }
+    let want: Vec<Vec<u8>> = (0..20).map(|i| format!("p/{i:02}").into_bytes()).collect();
+    assert_eq!(seen, want, "every key once, in order");
+    assert_eq!(pages, 7);
+    // A cap below one pair still returns one pair, so paging always progresses.
+    let page = sm.scan_prefix_page(b"p/", None, 100, 1).unwrap().value;
+    assert_eq!((page.pairs.len(), page.more), (1, true));
+    // A continuation key outside the prefix: below starts at the prefix, above is empty.
+    let page = sm
+        .scan_prefix_page(b"p/", Some(b"a"), 2, usize::MAX)
+        .unwrap()
+        .value;
+    assert_eq!(page.pairs[0].0, b"p/00".to_vec());
+    let page = sm
+        .scan_prefix_page(b"p/", Some(b"z"), 2, usize::MAX)
+        .unwrap()
+        .value;
+    assert!(page.pairs.is_empty() && !page.more);
+}
+
 /// Interleaves a snapshot walk with random applies; the walk must yield exactly the state at
 /// the applied index where it began.
 #[test]
