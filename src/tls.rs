@@ -59,6 +59,13 @@ pub enum TlsError {
     },
 }
 
+/// Installs ring as the process's rustls provider (once; later calls do nothing), so every
+/// rustls user in the process — reqwest included, built without a provider of its own —
+/// finds one.
+pub fn ensure_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 fn read_capped(path: &Path) -> Result<Vec<u8>, TlsError> {
     let read_err = |source| TlsError::Read {
         path: path.to_path_buf(),

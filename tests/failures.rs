@@ -31,6 +31,12 @@ fn free_port() -> u16 {
     }
 }
 
+/// A plain HTTP client (the process-wide TLS provider installed first, as reqwest requires).
+fn http_client() -> reqwest::Client {
+    raftkv::tls::ensure_provider();
+    reqwest::Client::new()
+}
+
 /// One single-voter node (it elects itself at once), restartable on the same data dir.
 struct Node {
     data_dir: PathBuf,
@@ -157,6 +163,7 @@ fn start_load(url: String, writers: usize, value_bytes: usize) -> Load {
     let told = Arc::new(Mutex::new(BTreeMap::new()));
     let first_failure = Arc::new(Mutex::new(None));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    raftkv::tls::ensure_provider();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(15))
         .build()
@@ -224,7 +231,7 @@ impl Load {
 /// writes answered "not applied" absent.
 async fn check_answers(node: &mut Node, told: &BTreeMap<String, Told>) {
     node.start();
-    let http = reqwest::Client::new();
+    let http = http_client();
     node.ready(&http).await;
     let mut counts = BTreeMap::new();
     for (key, t) in told {
@@ -295,7 +302,7 @@ async fn sigterm_under_load_ends_the_process_and_every_answer_is_honest() {
     let root = tempfile::tempdir().unwrap();
     let mut node = Node::new(root.path(), &[]);
     node.start();
-    node.ready(&reqwest::Client::new()).await;
+    node.ready(&http_client()).await;
     let load = start_load(node.url(), 16, 256);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let pid = node.child.as_ref().unwrap().id();
@@ -364,7 +371,7 @@ async fn a_full_disk_stops_the_node_promptly_and_every_answer_is_honest() {
     let mut node = Node::new(&disk.0, &["--wal-segment-mb", "4"]);
     node.log = root.path().join("node1.log");
     node.start();
-    node.ready(&reqwest::Client::new()).await;
+    node.ready(&http_client()).await;
     let load = start_load(node.url(), 8, 32 << 10);
     let started = Instant::now();
     let (status, _) = node.wait_exit(started, Duration::from_secs(120));
@@ -414,7 +421,7 @@ async fn a_small_disk_refuses_big_segments_cleanly_and_runs_with_small_ones() {
     // With 4 MiB segments the same disk holds a working node.
     node.extra = vec!["--wal-segment-mb".into(), "4".into()];
     node.start();
-    let http = reqwest::Client::new();
+    let http = http_client();
     node.ready(&http).await;
     for i in 0..200 {
         let r = http

@@ -555,7 +555,7 @@ async fn bad_http_input_gets_4xx_json_and_the_node_keeps_serving() {
     cluster.start_all();
     let leader = cluster.leader().await;
     let url = cluster.url(leader);
-    raftkv::api::tls_server::ensure_provider();
+    raftkv::tls::ensure_provider();
     let http = reqwest::Client::new();
     let long_key = "k".repeat(9000);
     let big = format!(r#"{{"value":"{}"}}"#, "v".repeat((1 << 20) + 1));

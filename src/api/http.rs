@@ -143,7 +143,7 @@ pub fn router_with<S: KvService>(service: Arc<S>, options: &RouterOptions) -> Ro
 
 /// The HTTP client that forwards to the leader (its timeout is set per request).
 fn forwarder(tls: Option<Arc<rustls::ClientConfig>>) -> reqwest::Client {
-    super::tls_server::ensure_provider();
+    crate::tls::ensure_provider();
     let mut b = reqwest::Client::builder()
         .connect_timeout(Duration::from_millis(FORWARD_CONNECT_TIMEOUT_MS))
         .pool_max_idle_per_host(64);

@@ -10,7 +10,7 @@
 //! 504 a write whose outcome is unknown, 500 only for a node-side failure.
 //!
 //! The client port is hostile ground, so it is bounded layer by layer: [`server`] accepts
-//! and bounds connections (count, header/idle timeouts, TLS from [`tls_server`]), [`auth`]
+//! and bounds connections (count, header/idle timeouts, TLS from [`crate::tls`]), [`auth`]
 //! checks the bearer token, [`body`] bounds request bodies in time and bytes, and [`http`]
 //! validates everything else before the service sees it.
 
@@ -20,7 +20,6 @@ pub mod http;
 pub mod server;
 #[cfg(test)]
 pub(crate) mod test_service;
-pub mod tls_server;
 pub mod types;
 
 use raftkv_storage::NodeId;

@@ -188,7 +188,7 @@ pub(crate) async fn spawn_with(
     options: http::RouterOptions,
     tls: Option<server::Tls>,
 ) -> String {
-    tls_server::ensure_provider(); // for the tests' own reqwest clients
+    crate::tls::ensure_provider(); // for the tests' own reqwest clients
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let scheme = if tls.is_some() { "https" } else { "http" };
     let url = format!("{scheme}://{}", listener.local_addr().unwrap());
@@ -233,7 +233,7 @@ pub(crate) fn test_pki(
 pub(crate) async fn spawn_tls(service: MapService) -> (String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let (_, cert, key) = test_pki(dir.path());
-    let config = tls_server::server_config(&cert, &key, None).unwrap();
+    let config = crate::tls::server_config(&cert, &key, None).unwrap();
     let url = spawn_with(
         service,
         http::RouterOptions::default(),

@@ -73,7 +73,7 @@ pub struct UsageError(pub String);
 /// Runs the parsed command; a [`UsageError`] is printed and exits 2.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // reqwest's rustls needs a process-wide crypto provider before any client is built.
-    raftkv::api::tls_server::ensure_provider();
+    raftkv::tls::ensure_provider();
     match dispatch(cli) {
         Err(e) if e.is::<UsageError>() => {
             eprintln!("raftkv: error: {e:#}");

@@ -352,7 +352,7 @@ fn client_port(args: &ServeArgs, file: &mut FileConfig) -> anyhow::Result<Client
     };
     // Unreadable or invalid files are usage errors, reported before the node starts.
     if let Some((cert, key)) = &tls_cert_key {
-        raftkv::api::tls_server::server_config(cert, key, None)?;
+        raftkv::tls::server_config(cert, key, None)?;
     }
     let auth_token_file = args.auth_token_file.clone().or(file.auth_token_file.take());
     if let Some(path) = &auth_token_file {

@@ -434,7 +434,7 @@ impl Client {
 
 /// The HTTP client: timeouts, the trusted CA, the bearer token.
 fn http_client(config: &ClientConfig) -> Result<reqwest::Client, ClientError> {
-    crate::api::tls_server::ensure_provider();
+    crate::tls::ensure_provider();
     let mut b = reqwest::Client::builder()
         .timeout(Duration::from_millis(config.request_timeout_ms))
         .connect_timeout(Duration::from_millis(
@@ -442,8 +442,8 @@ fn http_client(config: &ClientConfig) -> Result<reqwest::Client, ClientError> {
         ))
         .pool_max_idle_per_host(64);
     if let Some(ca) = &config.ca_file {
-        let tls = crate::api::tls_server::client_config(ca, None)
-            .map_err(|e| ClientError::Config(e.to_string()))?;
+        let tls =
+            crate::tls::client_config(ca, None).map_err(|e| ClientError::Config(e.to_string()))?;
         b = b.tls_backend_preconfigured((*tls).clone());
     }
     if let Some(token) = &config.token {

@@ -124,17 +124,17 @@ fn client_port(config: &NodeConfig) -> Result<(RouterOptions, Option<Tls>), Node
     let mut limits = settings.limits.clone();
     limits.forward_timeout_ms = config.request_timeout_ms;
     limits.validate().map_err(NodeError::Config)?;
-    let tls_err = |e: crate::api::tls_server::TlsError| NodeError::Config(e.to_string());
-    crate::api::tls_server::ensure_provider();
+    let tls_err = |e: crate::tls::TlsError| NodeError::Config(e.to_string());
+    crate::tls::ensure_provider();
     let tls = match &settings.tls_cert_key {
         Some((cert, key)) => {
-            let server = crate::api::tls_server::server_config(cert, key, None).map_err(tls_err)?;
+            let server = crate::tls::server_config(cert, key, None).map_err(tls_err)?;
             Some(Tls::from(server))
         }
         None => None,
     };
     let forward_tls = match &settings.forward_ca {
-        Some(ca) => Some(crate::api::tls_server::client_config(ca, None).map_err(tls_err)?),
+        Some(ca) => Some(crate::tls::client_config(ca, None).map_err(tls_err)?),
         None => None,
     };
     let auth_token = match &settings.auth_token_file {

@@ -36,11 +36,7 @@ pub async fn fetch_snapshot(config: &NodeConfig, needed_index: u64) -> Result<()
             "the state machine is lost and no --peer-client-urls are configured to fetch a snapshot from".into(),
         ));
     }
-    let http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(2))
-        .read_timeout(Duration::from_secs(30))
-        .build()
-        .map_err(|e| NodeError::Config(format!("http client: {e}")))?;
+    let http = http_client(config)?;
     let deadline = Instant::now() + Duration::from_millis(REJOIN_TIMEOUT_MS);
     let mut last_error = String::new();
     while Instant::now() < deadline {
@@ -66,6 +62,33 @@ pub async fn fetch_snapshot(config: &NodeConfig, needed_index: u64) -> Result<()
     Err(NodeError::Stopped(format!(
         "could not fetch a snapshot at index {needed_index} or later within {REJOIN_TIMEOUT_MS} ms (last: {last_error})"
     )))
+}
+
+/// A client for the other members' client ports: their CA (`--client-ca`) for https URLs,
+/// and the cluster's bearer token (`--auth-token-file`) on every request.
+fn http_client(config: &NodeConfig) -> Result<reqwest::Client, NodeError> {
+    crate::tls::ensure_provider();
+    let settings = &config.client_port;
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .read_timeout(Duration::from_secs(30));
+    if let Some(ca) = &settings.forward_ca {
+        let tls =
+            crate::tls::client_config(ca, None).map_err(|e| NodeError::Config(e.to_string()))?;
+        builder = builder.tls_backend_preconfigured((*tls).clone());
+    }
+    if let Some(path) = &settings.auth_token_file {
+        let token = crate::api::auth::AuthToken::from_file(path)
+            .map_err(|e| NodeError::Config(e.to_string()))?;
+        let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+            .map_err(|e| NodeError::Config(format!("auth token: {e}")))?;
+        let headers =
+            reqwest::header::HeaderMap::from_iter([(reqwest::header::AUTHORIZATION, value)]);
+        builder = builder.default_headers(headers);
+    }
+    builder
+        .build()
+        .map_err(|e| NodeError::Config(format!("http client: {e}")))
 }
 
 /// One attempt against one member: only its leader answers (the request is marked as
