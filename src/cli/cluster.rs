@@ -7,7 +7,7 @@
 //! stops every node gracefully; running it again resumes from the same data.
 
 use super::kv::render_table;
-use super::local::{ensure_peer_secret, nodes, terminate};
+use super::local::{ensure_peer_secret, nodes, terminate, LocalTls};
 use anyhow::Context;
 use raftkv::client::{Client, ClientConfig};
 use std::path::PathBuf;
@@ -22,6 +22,10 @@ pub struct UpArgs {
     /// Parent directory of the nodes' data dirs.
     #[arg(long, default_value = "./data", value_name = "DIR")]
     pub data_dir: PathBuf,
+    /// TLS on the client and peer ports (mutual on the peer port), with a development CA
+    /// generated once into DATA_DIR/pki (clients: `--cacert DATA_DIR/pki/ca.pem`).
+    #[arg(long)]
+    pub tls: bool,
 }
 
 const CLIENT_PORT_BASE: u16 = 8000;
@@ -34,6 +38,10 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let secret = ensure_peer_secret(&args.data_dir)?;
+    let pki = match args.tls {
+        true => Some(ensure_dev_pki(&args.data_dir, args.nodes)?),
+        false => None,
+    };
     let specs: Vec<_> = nodes(
         args.nodes,
         CLIENT_PORT_BASE,
@@ -45,6 +53,14 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
     .map(|mut n| {
         n.show_logs = true;
         n.peer_secret_file = Some(secret.clone());
+        n.tls = pki.as_ref().and_then(|pki| {
+            let node = pki.nodes.get(&n.id)?;
+            Some(LocalTls {
+                ca: pki.ca_cert.clone(),
+                cert: node.cert.clone(),
+                key: node.key.clone(),
+            })
+        });
         n
     })
     .collect();
@@ -62,7 +78,9 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let client = Client::new(ClientConfig::new(specs.iter().map(|s| s.url()).collect()))?;
+    let mut client_config = ClientConfig::new(specs.iter().map(|s| s.url()).collect());
+    client_config.ca_file = pki.as_ref().map(|p| p.ca_cert.clone());
+    let client = Client::new(client_config)?;
     let code = runtime.block_on(async {
         // Wait for a leader, then show the members.
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -73,7 +91,11 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
                 .any(|(_, s)| s.as_ref().is_ok_and(|s| s.leader.is_some()));
             if led || Instant::now() > deadline {
                 println!("\n{}", render_table(&all));
-                if led {
+                if led && pki.is_some() {
+                    let ca = pki.as_ref().map(|p| p.ca_cert.display().to_string()).unwrap_or_default();
+                    let urls: Vec<String> = specs.iter().map(|s| s.url()).collect();
+                    println!("cluster is up (TLS). Try: export RAFTKV_CACERT={ca} RAFTKV_ENDPOINTS={}; raftkv put hello world && raftkv get hello   (Ctrl-C stops all nodes)\n", urls.join(","));
+                } else if led {
                     println!("cluster is up. Try: raftkv put hello world && raftkv get hello   (Ctrl-C stops all nodes)\n");
                 } else {
                     println!("no leader yet; the nodes keep trying (Ctrl-C stops all nodes)\n");
@@ -103,6 +125,42 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
     println!("stopping all nodes");
     stop_all(&mut children);
     Ok(code)
+}
+
+/// The development CA and node certificates in `DATA_DIR/pki`: made once (for 127.0.0.1 and
+/// localhost), reused while every node's files are there, so a restarted cluster keeps its
+/// identities.
+fn ensure_dev_pki(root: &std::path::Path, n: u64) -> anyhow::Result<raftkv::tls::DevPki> {
+    let dir = root.join("pki");
+    let ids: Vec<u64> = (1..=n).collect();
+    let existing = raftkv::tls::DevPki {
+        ca_cert: dir.join("ca.pem"),
+        nodes: ids
+            .iter()
+            .map(|id| {
+                let identity = raftkv::tls::DevIdentity {
+                    cert: dir.join(format!("node{id}.pem")),
+                    key: dir.join(format!("node{id}-key.pem")),
+                };
+                (*id, identity)
+            })
+            .collect(),
+    };
+    let complete = existing.ca_cert.exists()
+        && existing
+            .nodes
+            .values()
+            .all(|n| n.cert.exists() && n.key.exists());
+    if complete {
+        return Ok(existing);
+    }
+    let pki = raftkv::tls::generate_dev_pki(&dir, &ids, &["127.0.0.1", "localhost"])
+        .with_context(|| format!("cannot generate certificates in {}", dir.display()))?;
+    println!(
+        "generated a development CA and node certificates in {}",
+        dir.display()
+    );
+    Ok(pki)
 }
 
 fn stop_all(children: &mut [(u64, std::process::Child)]) {

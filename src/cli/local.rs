@@ -26,11 +26,29 @@ pub struct LocalNode {
     pub catchup_margin: Option<u64>,
     /// Print the node's log lines prefixed with `[n<id>]`; otherwise discard them.
     pub show_logs: bool,
+    /// TLS on both ports (a generated development CA): `https://` client URLs.
+    pub tls: Option<LocalTls>,
+}
+
+/// The files of a node's TLS identity and the CA that signed every member's.
+#[derive(Clone, Debug)]
+pub struct LocalTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl LocalNode {
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        format!("{}://127.0.0.1:{}", self.scheme(), self.client_port)
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     /// Starts the node.
@@ -44,7 +62,7 @@ impl LocalNode {
         let client_urls: Vec<String> = self
             .peer_client_ports
             .iter()
-            .map(|(id, port)| format!("{id}=http://127.0.0.1:{port}"))
+            .map(|(id, port)| format!("{id}={}://127.0.0.1:{port}", self.scheme()))
             .collect();
         let mut cmd = Command::new(exe);
         cmd.arg("serve")
@@ -59,6 +77,16 @@ impl LocalNode {
             .stdin(Stdio::null());
         if let Some(secret) = &self.peer_secret_file {
             cmd.arg("--peer-secret-file").arg(secret);
+        }
+        if let Some(tls) = &self.tls {
+            cmd.arg("--client-url").arg(self.url());
+            cmd.arg("--peer-cert").arg(&tls.cert);
+            cmd.arg("--peer-key").arg(&tls.key);
+            cmd.arg("--peer-ca").arg(&tls.ca);
+            cmd.arg("--client-cert").arg(&tls.cert);
+            cmd.arg("--client-key").arg(&tls.key);
+            // Followers forward to an https:// leader: trust the same CA.
+            cmd.arg("--client-ca").arg(&tls.ca);
         }
         if let Some(k) = self.snapshot_every {
             cmd.args(["--snapshot-every", &k.to_string()]);
@@ -131,6 +159,7 @@ pub fn nodes(
             snapshot_every: None,
             catchup_margin: None,
             show_logs: false,
+            tls: None,
         })
         .collect()
 }

@@ -317,6 +317,8 @@ pub const SHUTDOWN_GRACE_MS: u64 = 10_000;
 /// the failed disk may hang the clean-up (a sled flush on a full disk), and a supervisor can
 /// only restart a process that has ended.
 pub const FATAL_EXIT_GRACE_MS: u64 = 3_000;
+/// Signals this soon after the first are the same request to stop, not a second one.
+pub const SECOND_SIGNAL_AFTER_MS: u64 = 1_000;
 /// Exit status after a fatal error, and when a stop overran its grace period.
 pub const EXIT_FATAL: u8 = 1;
 
@@ -402,9 +404,15 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
                 "graceful stop"
             },
         );
-        // A second signal during the graceful stop means "now".
+        // A second signal during the graceful stop means "now" — unless it comes within a
+        // second of the first: Ctrl-C reaches a whole process group, and a supervisor such as
+        // `cluster up` then sends its own SIGTERM as well.
+        drop(signals);
         tokio::spawn(async move {
-            signals.recv().await;
+            tokio::time::sleep(std::time::Duration::from_millis(SECOND_SIGNAL_AFTER_MS)).await;
+            // Fresh listeners: they report only signals sent from now on (tokio's handler
+            // stays installed meanwhile, so none of them kills the process).
+            ShutdownSignals::install().recv().await;
             eprintln!("raftkv: second shutdown signal; exiting at once");
             std::process::exit(i32::from(EXIT_FATAL));
         });
