@@ -6,141 +6,14 @@
 //! The full-disk tests mount a small tmpfs, which needs root; without it they print why and
 //! pass without running (CI runs as root).
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_raftkv");
-
-fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU16, Ordering};
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let _ = NEXT.compare_exchange(
-        0,
-        21_000 + (std::process::id() % 300) as u16 * 100,
-        Ordering::SeqCst,
-        Ordering::SeqCst,
-    );
-    loop {
-        let port = NEXT.fetch_add(1, Ordering::SeqCst);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
-/// A plain HTTP client (the process-wide TLS provider installed first, as reqwest requires).
-fn http_client() -> reqwest::Client {
-    raftkv::tls::ensure_provider();
-    reqwest::Client::new()
-}
-
-/// One single-voter node (it elects itself at once), restartable on the same data dir.
-struct Node {
-    data_dir: PathBuf,
-    log: PathBuf,
-    client_port: u16,
-    peer_port: u16,
-    extra: Vec<String>,
-    child: Option<Child>,
-}
-
-impl Node {
-    fn new(root: &Path, extra: &[&str]) -> Node {
-        Node {
-            data_dir: root.join("node1"),
-            log: root.join("node1.log"),
-            client_port: free_port(),
-            peer_port: free_port(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            child: None,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
-    }
-
-    fn command(&self) -> Command {
-        let mut cmd = Command::new(BIN);
-        cmd.args(["serve", "--id", "1", "--cluster-id", "failures"])
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .args(["--client-addr", &format!("127.0.0.1:{}", self.client_port)])
-            .args(["--peer-addr", &format!("127.0.0.1:{}", self.peer_port)])
-            .args(["--heartbeat-ms", "30", "--election-timeout-ms", "200"])
-            .args(&self.extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
-        cmd
-    }
-
-    fn start(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        self.child = Some(self.command().stderr(log).spawn().unwrap());
-    }
-
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(25)..].join("\n")
-    }
-
-    /// Waits (bounded) for the process to end by itself; returns its status and how long it
-    /// took from `since`.
-    fn wait_exit(
-        &mut self,
-        since: Instant,
-        bound: Duration,
-    ) -> (std::process::ExitStatus, Duration) {
-        let child = self.child.as_mut().expect("running");
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                self.child = None;
-                return (status, since.elapsed());
-            }
-            assert!(
-                since.elapsed() < bound,
-                "the node did not exit within {bound:?}; its log ends:\n{}",
-                self.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    async fn ready(&self, http: &reqwest::Client) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = http.get(format!("{}/ready", self.url())).send().await {
-                if r.status().is_success() {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node not ready; its log ends:\n{}",
-                self.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+use support::{http_client, Node};
 
 /// What a client was told about one write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -68,7 +68,9 @@ async fn read_body(
     mut body: Body,
 ) -> Result<(Bytes, Option<OwnedSemaphorePermit>), Response> {
     let deadline = tokio::time::Instant::now() + limits.read_timeout;
-    let mut buf = Vec::new();
+    // Chunks as they came (no copy, no doubling growth): memory tracks the permits held.
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut buffered = 0usize;
     let mut held: Option<OwnedSemaphorePermit> = None;
     loop {
         let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
@@ -95,7 +97,7 @@ async fn read_body(
         let Ok(data) = frame.into_data() else {
             continue; // trailers carry no body bytes
         };
-        if buf.len().saturating_add(data.len()) > limits.body_bytes_max {
+        if buffered.saturating_add(data.len()) > limits.body_bytes_max {
             return Err(closing(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_large",
@@ -124,9 +126,20 @@ async fn read_body(
             Some(h) => h.merge(permit),
             None => held = Some(permit),
         }
-        buf.extend_from_slice(&data);
+        buffered += data.len();
+        chunks.push(data);
     }
-    Ok((Bytes::from(buf), held))
+    let bytes = match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => {
+            let mut whole = Vec::with_capacity(buffered);
+            chunks.drain(..).for_each(|c| whole.extend_from_slice(&c));
+            Bytes::from(whole)
+        }
+    };
+    debug_assert_eq!(bytes.len(), buffered);
+    Ok((bytes, held))
 }
 
 /// A JSON error that also closes the connection (its body may be unread).

@@ -68,7 +68,7 @@ impl Default for ClientPortConfig {
         ClientPortConfig {
             header_read_timeout_ms: 10_000,
             body_read_timeout_ms: 10_000,
-            body_buffer_bytes_max: 64 << 20,
+            body_buffer_bytes_max: 16 << 20,
             idle_timeout_ms: 60_000,
             client_connections_max: 4096,
             list_bytes_max: 4 << 20,

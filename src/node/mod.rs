@@ -118,11 +118,43 @@ pub struct ClientPortSettings {
     pub auth_token_file: Option<PathBuf>,
 }
 
+/// File descriptors kept free of client connections for the WAL, sled, snapshot files and
+/// peer connections.
+pub const FDS_RESERVED: u64 = 256;
+
+/// At most the open-file limit minus [`FDS_RESERVED`] client connections: past it, idle
+/// clients would take the descriptors the node needs for its files and peers (and every
+/// accept would fail with EMFILE). Logged when it lowers the setting.
+fn clamp_to_fd_limit(client_connections_max: usize) -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass and reads nothing else.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
+    if !ok || limit.rlim_cur == libc::RLIM_INFINITY {
+        return client_connections_max;
+    }
+    let room = limit.rlim_cur.saturating_sub(FDS_RESERVED).max(16);
+    let room = usize::try_from(room).unwrap_or(usize::MAX);
+    if client_connections_max > room {
+        tracing::warn!(
+            configured = client_connections_max,
+            allowed = room,
+            open_files_limit = limit.rlim_cur,
+            "client connections capped below the open-file limit (raise it with ulimit -n)"
+        );
+        return room;
+    }
+    client_connections_max
+}
+
 /// Builds the router options and TLS acceptor, reading every file before the disk is touched.
 fn client_port(config: &NodeConfig) -> Result<(RouterOptions, Option<Tls>), NodeError> {
     let settings = &config.client_port;
     let mut limits = settings.limits.clone();
     limits.forward_timeout_ms = config.request_timeout_ms;
+    limits.client_connections_max = clamp_to_fd_limit(limits.client_connections_max);
     limits.validate().map_err(NodeError::Config)?;
     let tls_err = |e: crate::tls::TlsError| NodeError::Config(e.to_string());
     crate::tls::ensure_provider();
