@@ -10,8 +10,8 @@
 //! 504 a write whose outcome is unknown, 500 only for a node-side failure.
 
 pub mod http;
-#[cfg(test)]
-pub(crate) mod test_service;
+#[doc(hidden)]
+pub mod test_service;
 pub mod types;
 
 use raftkv_storage::NodeId;

@@ -2,24 +2,27 @@
 //!
 //! As a leader it serves everything from a `BTreeMap`; as a follower it answers writes and
 //! non-stale reads with "not the leader", naming a leader, exactly as the node does.
+//!
+//! Compiled in every build (hidden from the docs, not part of the API) because the
+//! `http_request` fuzz target and its corpus replay (`crate::fuzz_targets`) serve it too.
 
 use super::*;
 use raftkv_storage::NodeId;
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 /// A service over a map. As a follower it answers writes and non-stale reads with
 /// "not the leader", naming `leader`.
-pub(crate) struct MapService {
+pub struct MapService {
     id: NodeId,
     data: Mutex<(BTreeMap<String, String>, u64)>,
     leader: Option<LeaderHint>,
     /// When set, every write fails with this error.
-    pub(crate) write_error: Option<ServiceError>,
+    pub write_error: Option<ServiceError>,
 }
 
 impl MapService {
-    pub(crate) fn leader(id: NodeId) -> MapService {
+    pub fn leader(id: NodeId) -> MapService {
         MapService {
             id,
             data: Mutex::default(),
@@ -28,7 +31,7 @@ impl MapService {
         }
     }
 
-    pub(crate) fn follower(id: NodeId, leader: NodeId, url: Option<String>) -> MapService {
+    pub fn follower(id: NodeId, leader: NodeId, url: Option<String>) -> MapService {
         MapService {
             id,
             data: Mutex::default(),
@@ -169,10 +172,11 @@ impl KvService for MapService {
 }
 
 /// Serves `service` on a free loopback port; returns its base URL.
+#[cfg(test)]
 pub(crate) async fn spawn(service: MapService) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let app = http::router(Arc::new(service));
+    let app = http::router(std::sync::Arc::new(service));
     tokio::spawn(http::serve(listener, app, std::future::pending()));
     url
 }
