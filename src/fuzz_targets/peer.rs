@@ -24,33 +24,45 @@ pub fn peer_frame(data: &[u8]) {
         stream[0..4].copy_from_slice(&payload_len.to_le_bytes());
         stream[4..8].copy_from_slice(&crc.to_le_bytes());
     }
-    let messages = super::block_on(async {
-        let mut reader = stream.as_slice();
-        let mut messages = Vec::new();
-        while let Ok(m) = read_frame::<_, PeerMessage>(&mut reader, FRAME_BYTES_MAX).await {
-            messages.push(m);
+    check_stream::<PeerMessage>(&stream, FRAME_BYTES_MAX, |message| {
+        if let PeerMessage::SnapshotChunk(chunk) = message {
+            let _ = chunk.is_last();
         }
-        messages
     });
-    for message in &messages {
-        check_message(message);
+}
+
+/// Reads frames of `T` off `stream` until one fails; `inspect` runs on each decoded value (the
+/// helpers a receiver calls on it), and every value must survive its encoder. Generic so the
+/// handshake's messages can be fuzzed the same way, with the handshake's own frame limit.
+fn check_stream<T>(stream: &[u8], frame_bytes_max: u32, inspect: impl Fn(&T))
+where
+    T: serde::de::DeserializeOwned + serde::Serialize + PartialEq + std::fmt::Debug,
+{
+    let values = super::block_on(async {
+        let mut reader = stream;
+        let mut values = Vec::new();
+        while let Ok(v) = read_frame::<_, T>(&mut reader, frame_bytes_max).await {
+            values.push(v);
+        }
+        values
+    });
+    for value in &values {
+        inspect(value);
+        check_round_trip(value, frame_bytes_max);
     }
 }
 
-fn check_message(message: &PeerMessage) {
-    if let PeerMessage::SnapshotChunk(chunk) = message {
-        let _ = chunk.is_last();
-    }
+fn check_round_trip<T>(value: &T, frame_bytes_max: u32)
+where
+    T: serde::de::DeserializeOwned + serde::Serialize + PartialEq + std::fmt::Debug,
+{
     let mut buf = Vec::new();
-    if let Err(e) = encode_frame(&mut buf, message, FRAME_BYTES_MAX) {
-        panic!("a decoded {message:?} does not encode: {e}");
+    if let Err(e) = encode_frame(&mut buf, value, frame_bytes_max) {
+        panic!("a decoded {value:?} does not encode: {e}");
     }
-    let again = super::block_on(read_frame::<_, PeerMessage>(
-        &mut buf.as_slice(),
-        FRAME_BYTES_MAX,
-    ));
+    let again = super::block_on(read_frame::<_, T>(&mut buf.as_slice(), frame_bytes_max));
     match again {
-        Ok(again) => assert_eq!(&again, message, "a peer message survives its encoder"),
-        Err(e) => panic!("a re-encoded {message:?} does not decode: {e}"),
+        Ok(again) => assert_eq!(&again, value, "a decoded value survives its encoder"),
+        Err(e) => panic!("a re-encoded {value:?} does not decode: {e}"),
     }
 }
