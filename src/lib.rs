@@ -5,11 +5,14 @@
 //! - [`transport`]: peer connections; [`api`]: the HTTP/JSON client API; [`client`]: the Rust
 //!   client; [`tls`]: certificates and rustls configurations for both ports;
 //! - [`check_disk`]: the operator's disk check.
+//! - `fuzz_targets` (hidden): the fuzz target bodies, shared by `fuzz/` and the corpus replay test.
 
 pub mod api;
 pub mod bench;
 pub mod check_disk;
 pub mod client;
+#[doc(hidden)]
+pub mod fuzz_targets;
 pub mod node;
 pub mod raft;
 pub mod tls;

@@ -18,8 +18,8 @@ pub mod auth;
 pub mod body;
 pub mod http;
 pub mod server;
-#[cfg(test)]
-pub(crate) mod test_service;
+#[doc(hidden)]
+pub mod test_service;
 pub mod types;
 
 use raftkv_storage::NodeId;

@@ -2,24 +2,27 @@
 //!
 //! As a leader it serves everything from a `BTreeMap`; as a follower it answers writes and
 //! non-stale reads with "not the leader", naming a leader, exactly as the node does.
+//!
+//! Compiled in every build (hidden from the docs, not part of the API) because the
+//! `http_request` fuzz target and its corpus replay (`crate::fuzz_targets`) serve it too.
 
 use super::*;
 use raftkv_storage::NodeId;
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 /// A service over a map. As a follower it answers writes and non-stale reads with
 /// "not the leader", naming `leader`.
-pub(crate) struct MapService {
+pub struct MapService {
     id: NodeId,
     data: Mutex<(BTreeMap<String, String>, u64)>,
     leader: Option<LeaderHint>,
     /// When set, every write fails with this error.
-    pub(crate) write_error: Option<ServiceError>,
+    pub write_error: Option<ServiceError>,
 }
 
 impl MapService {
-    pub(crate) fn leader(id: NodeId) -> MapService {
+    pub fn leader(id: NodeId) -> MapService {
         MapService {
             id,
             data: Mutex::default(),
@@ -28,7 +31,7 @@ impl MapService {
         }
     }
 
-    pub(crate) fn follower(id: NodeId, leader: NodeId, url: Option<String>) -> MapService {
+    pub fn follower(id: NodeId, leader: NodeId, url: Option<String>) -> MapService {
         MapService {
             id,
             data: Mutex::default(),
@@ -178,11 +181,13 @@ impl KvService for MapService {
 }
 
 /// Serves `service` on a free loopback port with default options; returns its base URL.
+#[cfg(test)]
 pub(crate) async fn spawn(service: MapService) -> String {
     spawn_with(service, http::RouterOptions::default(), None).await
 }
 
 /// Serves `service` on a free loopback port; returns its base URL (`https://` with `tls`).
+#[cfg(test)]
 pub(crate) async fn spawn_with(
     service: MapService,
     options: http::RouterOptions,
@@ -192,7 +197,7 @@ pub(crate) async fn spawn_with(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let scheme = if tls.is_some() { "https" } else { "http" };
     let url = format!("{scheme}://{}", listener.local_addr().unwrap());
-    let app = http::router_with(Arc::new(service), &options);
+    let app = http::router_with(std::sync::Arc::new(service), &options);
     tokio::spawn(server::serve(
         listener,
         app,
@@ -205,6 +210,7 @@ pub(crate) async fn spawn_with(
 
 /// A test CA and a certificate for `127.0.0.1`/`localhost` it signed, written as PEM files
 /// into `dir`: (ca.pem, cert.pem, key.pem). Generated at run time: nothing secret is checked in.
+#[cfg(test)]
 pub(crate) fn test_pki(
     dir: &std::path::Path,
 ) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
@@ -230,6 +236,7 @@ pub(crate) fn test_pki(
 
 /// Serves `service` over HTTPS with a fresh test PKI; returns its URL and the PKI's dir
 /// (`ca.pem` in it).
+#[cfg(test)]
 pub(crate) async fn spawn_tls(service: MapService) -> (String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let (_, cert, key) = test_pki(dir.path());

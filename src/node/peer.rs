@@ -43,7 +43,8 @@ pub struct SnapshotChunk {
 }
 
 impl SnapshotChunk {
-    /// Whether this chunk ends the file.
+    /// Whether this chunk ends the file. `offset` comes off the wire: the sum saturates
+    /// rather than wrap (a chunk that far out never matches the receiver's next offset).
     pub fn is_last(&self) -> bool {
         self.offset.saturating_add(self.data.len() as u64) >= self.total_bytes
     }
@@ -278,5 +279,24 @@ mod tests {
         assert_eq!(log.refused(1, REFUSAL_LOG_INTERVAL_MS), Some(3));
         assert_eq!(log.total(1), 4);
         assert_eq!(log.total(3), 0);
+    }
+
+    /// A decoded chunk's offset is hostile: `offset + len` must not overflow.
+    #[test]
+    fn is_last_does_not_overflow_on_a_hostile_offset() {
+        let mut chunk = SnapshotChunk {
+            term: 1,
+            meta: SnapshotMeta::default(),
+            file_name: String::new(),
+            offset: u64::MAX,
+            total_bytes: u64::MAX,
+            data: vec![1, 2],
+        };
+        assert!(chunk.is_last());
+        chunk.offset = 10;
+        chunk.total_bytes = 20;
+        assert!(!chunk.is_last());
+        chunk.data = vec![0; 10];
+        assert!(chunk.is_last());
     }
 }

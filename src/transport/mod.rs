@@ -38,7 +38,7 @@
 
 pub mod auth;
 pub mod frame;
-mod handshake;
+pub(crate) mod handshake;
 mod listener;
 
 pub use auth::{PeerSecret, SecretError};

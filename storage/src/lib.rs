@@ -19,6 +19,8 @@ pub mod crash_point;
 pub mod node_storage;
 pub mod sm;
 pub mod snapshot;
+#[cfg(test)]
+mod test_util;
 pub mod types;
 pub mod vfs;
 pub mod wal;

@@ -71,20 +71,12 @@ fn data() -> &'static Path {
     Path::new("/node")
 }
 
-/// Opens the storage. These tests reopen sled in the same process right after dropping it,
-/// and sled 0.34 releases its file lock from a background thread a moment after the drop:
-/// a `WouldBlock` on the lock is retried briefly (a new process never sees this).
+/// Opens the storage, retrying sled's in-process lock briefly (see
+/// [`crate::test_util::retry_sled_lock`]): these tests reopen right after a drop.
 fn open(vfs: Arc<dyn Vfs>, sm_dir: &Path) -> Result<NodeStorage, NodeStorageError> {
-    let mut attempts = 0;
-    loop {
-        match NodeStorage::open_with(vfs.clone(), data(), sm_dir, small_opts()) {
-            Err(e) if attempts < 200 && e.to_string().contains("could not acquire lock") => {
-                attempts += 1;
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            other => return other,
-        }
-    }
+    crate::test_util::retry_sled_lock(|| {
+        NodeStorage::open_with(vfs.clone(), data(), sm_dir, small_opts())
+    })
 }
 
 /// Appends `n` entries at term 1 with commit = last, applies them, compacts when due.

@@ -43,8 +43,14 @@ fn config(index: u64, term: u64, voters: &[u64]) -> Entry {
     }
 }
 
+/// Opens the state machine, retrying sled's in-process lock briefly (see
+/// [`crate::test_util::retry_sled_lock`]): several tests reopen right after a drop.
+fn open_with(dir: &Path, opts: StateMachineOptions) -> Result<StateMachine, SmError> {
+    crate::test_util::retry_sled_lock(|| StateMachine::open(dir, opts.clone()))
+}
+
 fn open(dir: &Path) -> StateMachine {
-    StateMachine::open(dir, StateMachineOptions::default()).unwrap()
+    open_with(dir, StateMachineOptions::default()).unwrap()
 }
 
 /// A tiny seeded generator: tests print the seed on failure.
@@ -184,7 +190,7 @@ fn state_and_applied_position_survive_reopen() {
 #[test]
 fn scans_are_ordered_limited_and_say_their_index() {
     let dir = tempfile::tempdir().unwrap();
-    let sm = StateMachine::open(
+    let sm = open_with(
         dir.path(),
         StateMachineOptions {
             scan_limit_max: 3,
@@ -283,7 +289,7 @@ fn prefix_pages_stop_at_the_byte_cap_and_continue_after_the_last_key() {
 fn snapshot_view_is_consistent_while_applies_go_on() {
     for seed in 0..12u64 {
         let dir = tempfile::tempdir().unwrap();
-        let sm = StateMachine::open(
+        let sm = open_with(
             dir.path(),
             StateMachineOptions {
                 snapshot_block_pairs: 1 + seed as usize % 4,
@@ -353,7 +359,7 @@ fn snapshot_view_is_consistent_while_applies_go_on() {
 #[test]
 fn applies_wait_when_the_side_table_is_full_and_resume_after_the_view_closes() {
     let dir = tempfile::tempdir().unwrap();
-    let sm = StateMachine::open(
+    let sm = open_with(
         dir.path(),
         StateMachineOptions {
             cow_bytes_max: 4,
@@ -462,7 +468,7 @@ fn corrupt_bookkeeping_is_refused_with_a_clear_error() {
         drop(cur);
         sm.flush().unwrap();
     }
-    let err = StateMachine::open(dir.path(), StateMachineOptions::default()).unwrap_err();
+    let err = open_with(dir.path(), StateMachineOptions::default()).unwrap_err();
     assert!(
         matches!(&err, SmError::Corrupt { what, .. } if what.contains("m/applied")),
         "{err}"

@@ -46,7 +46,14 @@ pub struct ReplayedLog {
 
 impl ReplayedLog {
     pub fn last_index(&self) -> u64 {
-        self.first_index + self.locs.len() as u64 - 1
+        // `first_index >= 1` (see `reset`), and entries are only appended at
+        // `last_index() + 1`, checked: this neither underflows nor overflows.
+        self.first_index - 1 + self.locs.len() as u64
+    }
+
+    /// The index the next entry must have, `None` if the log already ends at `u64::MAX`.
+    fn next_index(&self) -> Option<u64> {
+        self.last_index().checked_add(1)
     }
 
     pub fn last_term(&self) -> u64 {
@@ -55,7 +62,7 @@ impl ReplayedLog {
 
     /// The term of `index`, if the log knows it (including `first_index - 1`).
     pub fn term(&self, index: u64) -> Option<u64> {
-        if index + 1 == self.first_index {
+        if index.checked_add(1) == Some(self.first_index) {
             return Some(self.prev_term);
         }
         if index < self.first_index {
@@ -67,6 +74,10 @@ impl ReplayedLog {
     }
 
     fn reset(&mut self, next_index: u64, prev_term: u64) {
+        assert!(
+            next_index >= 1,
+            "invariant: a log's first index is at least 1"
+        );
         self.first_index = next_index;
         self.prev_term = prev_term;
         self.locs.clear();
@@ -206,7 +217,7 @@ impl Replayer<'_> {
         if frame.rtype == record::RecordType::Entry {
             // Hot path: no payload copy.
             let (index, term) = frame.entry_index_term().map_err(|e| e.to_string())?;
-            if index != log.last_index() + 1 {
+            if log.next_index() != Some(index) {
                 return Err(format!(
                     "entry index {index} does not follow the last index {}",
                     log.last_index()
@@ -255,7 +266,10 @@ impl Replayer<'_> {
                 from_index,
                 prev_term,
             } => {
-                if from_index > log.last_index() + 1 {
+                if from_index == 0 {
+                    return Err("truncate from index 0".into());
+                }
+                if log.next_index().is_some_and(|next| from_index > next) {
                     return Err(format!(
                         "truncate from {from_index} beyond the last index {}",
                         log.last_index()
@@ -281,10 +295,9 @@ impl Replayer<'_> {
                 next_index,
                 prev_term,
             } => {
-                let matches = log
-                    .snapshot
-                    .as_ref()
-                    .is_some_and(|s| s.index + 1 == next_index && s.term == prev_term);
+                let matches = log.snapshot.as_ref().is_some_and(|s| {
+                    s.index.checked_add(1) == Some(next_index) && s.term == prev_term
+                });
                 if !matches {
                     return Err(format!(
                         "reset to {next_index} does not match the latest snapshot marker"
@@ -312,7 +325,7 @@ impl Replayer<'_> {
             self.log.reset(h.first_index, h.prev_term);
             return Ok(());
         }
-        if h.first_index != self.log.last_index() + 1 || h.prev_term != self.log.last_term() {
+        if self.log.next_index() != Some(h.first_index) || h.prev_term != self.log.last_term() {
             return Err(format!(
                 "segment starts at index {} (previous term {}) but the log ends at {} (term {})",
                 h.first_index,
@@ -365,7 +378,7 @@ pub fn scan_dir(vfs: &dyn Vfs, dir: &Path, opts: ScanOptions) -> std::io::Result
             last_good_index: last_good,
             reason,
         };
-        if i > 0 && *seq != names[i - 1].0 + 1 {
+        if i > 0 && names[i - 1].0.checked_add(1) != Some(*seq) {
             scan.corruption = Some(corrupt(
                 0,
                 format!(
@@ -520,6 +533,83 @@ mod tests {
             parse_segment_name("0000000000000003-0000000000001234.wal.broken"),
             None
         );
+    }
+
+    /// Scans one segment (seq 1) holding `records` after a header with `first_index`.
+    fn scan_one(first_index: u64, records: impl FnOnce(&mut Vec<u8>)) -> Scan {
+        let vfs = crate::vfs::SimFs::new();
+        let dir = Path::new("/wal");
+        let mut bytes = Vec::new();
+        record::encode_segment_header(
+            &mut bytes,
+            &SegmentHeader {
+                seq: 1,
+                first_index,
+                prev_term: 1,
+            },
+        );
+        records(&mut bytes);
+        let path = dir.join(segment_file_name(1, first_index));
+        vfs.open(&path, true)
+            .and_then(|f| f.write_all_at(&bytes, 0))
+            .unwrap();
+        scan_dir(
+            &vfs,
+            dir,
+            ScanOptions {
+                record_bytes_max: 1 << 20,
+            },
+        )
+        .unwrap()
+    }
+
+    fn noop(index: u64) -> crate::Entry {
+        crate::Entry {
+            index,
+            term: 1,
+            kind: crate::EntryKind::Noop,
+            payload: Vec::new(),
+        }
+    }
+
+    /// Found by the `wal_record` fuzz target: a truncate record from index 0 made the log's
+    /// first index 0 and `last_index()` underflowed (a panic in debug builds, a wrapped index
+    /// in release builds).
+    #[test]
+    fn a_truncate_from_index_zero_is_corruption_not_an_underflow() {
+        let scan = scan_one(10, |b| {
+            record::encode_entry(b, 1, &noop(10));
+            record::encode_truncate(b, 1, 0, 0);
+        });
+        let corruption = scan.corruption.expect("a truncate from 0 is corruption");
+        assert!(corruption.reason.contains("index 0"), "{corruption}");
+        assert_eq!(scan.log.last_index(), 10);
+    }
+
+    /// Indexes at the top of the range: no `+ 1` may overflow while replaying them.
+    #[test]
+    fn indexes_at_u64_max_are_refused_without_overflow() {
+        let scan = scan_one(u64::MAX, |b| {
+            record::encode_entry(b, 1, &noop(u64::MAX));
+            record::encode_entry(b, 1, &noop(u64::MAX));
+        });
+        assert!(scan.corruption.is_some());
+        assert_eq!(scan.log.last_index(), u64::MAX);
+        assert_eq!(scan.log.term(u64::MAX), Some(1));
+        let scan = scan_one(5, |b| {
+            let meta = crate::SnapshotMeta {
+                index: u64::MAX,
+                term: 1,
+                membership: crate::Membership::with_voters([1]),
+            };
+            record::encode_snapshot_marker(b, 1, &meta);
+            record::encode_reset(b, 1, 0, 1);
+            record::encode_truncate(b, 1, u64::MAX, 1);
+        });
+        let corruption = scan
+            .corruption
+            .expect("a reset past u64::MAX is corruption");
+        assert!(corruption.reason.contains("reset"), "{corruption}");
     }
 
     #[test]
