@@ -26,6 +26,21 @@ fn config(id: NodeId, peers: &[(NodeId, &str)]) -> TransportConfig {
     c
 }
 
+/// After an attack on node 1 (`t1`, listening at `a1`): node 2 on `l2` still connects and
+/// gets a message through; then both stop.
+async fn still_serves_a_real_peer(
+    t1: PeerTransport<Msg>,
+    rx1: &mut mpsc::Receiver<TransportEvent<Msg>>,
+    l2: TcpListener,
+    a1: &str,
+) {
+    let (t2, _rx2) = PeerTransport::<Msg>::start_with_listener(config(2, &[(1, a1)]), l2).unwrap();
+    t2.send(1, "still here".into()).unwrap();
+    assert_eq!(next_message(rx1).await, (2, "still here".to_string()));
+    t1.shutdown().await;
+    t2.shutdown().await;
+}
+
 async fn next_message(rx: &mut mpsc::Receiver<TransportEvent<Msg>>) -> (NodeId, Msg) {
     loop {
         let ev = tokio::time::timeout(Duration::from_secs(10), rx.recv())
@@ -145,11 +160,7 @@ async fn garbage_and_oversized_frames_close_only_that_connection() {
     assert!(closed.is_ok(), "the oversized connection is closed");
 
     // Node 1 still serves its real peer.
-    let (t2, _rx2) = PeerTransport::<Msg>::start_with_listener(config(2, &[(1, &a1)]), l2).unwrap();
-    t2.send(1, "still here".into()).unwrap();
-    assert_eq!(next_message(&mut rx1).await, (2, "still here".to_string()));
-    t1.shutdown().await;
-    t2.shutdown().await;
+    still_serves_a_real_peer(t1, &mut rx1, l2, &a1).await;
 }
 
 #[tokio::test]
@@ -510,11 +521,7 @@ async fn large_frames_before_the_handshake_are_refused_at_the_header() {
     let _ = write_frame(&mut raw, &hello, 1 << 20).await;
     assert_closed(&mut raw, "oversized hello").await;
 
-    let (t2, _rx2) = PeerTransport::<Msg>::start_with_listener(config(2, &[(1, &a1)]), l2).unwrap();
-    t2.send(1, "still here".into()).unwrap();
-    assert_eq!(next_message(&mut rx1).await, (2, "still here".to_string()));
-    t1.shutdown().await;
-    t2.shutdown().await;
+    still_serves_a_real_peer(t1, &mut rx1, l2, &a1).await;
 }
 
 /// 200 connections that never handshake: at most `pending_handshakes_max` are kept (the rest
