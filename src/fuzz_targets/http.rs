@@ -189,8 +189,12 @@ mod tests {
     fn router_responses_must_have_json_bodies() {
         let node = format!("{NODE_HEADER}: 1\r\n");
         let good = response("200 OK", &node, r#"{"value":"x"}"#);
-        let hyper_400 = response("400 Bad Request", "", "");
-        check_responses(&[good.clone(), hyper_400].concat());
+        // The HTTP stack's own errors (no node header) must be JSON too, as the client
+        // port's rewrite makes them; an empty-bodied one is a finding.
+        let stack_400 = response("400 Bad Request", "", r#"{"error":"x","kind":"bad_request"}"#);
+        check_responses(&[good.clone(), stack_400].concat());
+        let bare_400 = response("400 Bad Request", "", "");
+        assert!(std::panic::catch_unwind(|| check_responses(&bare_400)).is_err());
         let bad = response("200 OK", &node, "not json");
         assert!(std::panic::catch_unwind(|| check_responses(&bad)).is_err());
         let truncated = &good[..good.len() - 2];
