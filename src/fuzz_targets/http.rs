@@ -191,7 +191,11 @@ mod tests {
         let good = response("200 OK", &node, r#"{"value":"x"}"#);
         // The HTTP stack's own errors (no node header) must be JSON too, as the client
         // port's rewrite makes them; an empty-bodied one is a finding.
-        let stack_400 = response("400 Bad Request", "", r#"{"error":"x","kind":"bad_request"}"#);
+        let stack_400 = response(
+            "400 Bad Request",
+            "",
+            r#"{"error":"x","kind":"bad_request"}"#,
+        );
         check_responses(&[good.clone(), stack_400].concat());
         let bare_400 = response("400 Bad Request", "", "");
         assert!(std::panic::catch_unwind(|| check_responses(&bare_400)).is_err());
