@@ -15,6 +15,7 @@ pub mod client;
 pub mod fuzz_targets;
 pub mod node;
 pub mod raft;
+pub mod small_file;
 pub mod tls;
 pub mod transport;
 

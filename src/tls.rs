@@ -14,7 +14,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -67,21 +67,16 @@ pub fn ensure_provider() {
 }
 
 fn read_capped(path: &Path) -> Result<Vec<u8>, TlsError> {
-    let read_err = |source| TlsError::Read {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = std::fs::File::open(path).map_err(read_err)?;
-    let mut bytes = Vec::new();
-    file.take(PEM_FILE_BYTES_MAX + 1)
-        .read_to_end(&mut bytes)
-        .map_err(read_err)?;
-    if bytes.len() as u64 > PEM_FILE_BYTES_MAX {
-        return Err(TlsError::TooLarge {
+    use crate::small_file::{read_capped, SmallFileError};
+    read_capped(path, PEM_FILE_BYTES_MAX).map_err(|e| match e {
+        SmallFileError::Io(source) => TlsError::Read {
             path: path.to_path_buf(),
-        });
-    }
-    Ok(bytes)
+            source,
+        },
+        SmallFileError::TooLarge(_) => TlsError::TooLarge {
+            path: path.to_path_buf(),
+        },
+    })
 }
 
 /// Every certificate in a PEM file (a chain: leaf first); at least one.

@@ -51,14 +51,18 @@ impl AuthToken {
 
     /// Reads a token file; surrounding whitespace (a trailing newline) is ignored.
     pub fn from_file(path: &Path) -> Result<AuthToken, AuthError> {
-        let text = std::fs::read(path).map_err(|source| AuthError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
         let invalid = || AuthError::Invalid(path.display().to_string());
-        if text.len() > TOKEN_BYTES_MAX + 2 {
-            return Err(invalid());
-        }
+        // The token plus a trailing newline (CRLF) at most; never more is read.
+        let text = match crate::small_file::read_capped(path, TOKEN_BYTES_MAX as u64 + 2) {
+            Ok(text) => text,
+            Err(crate::small_file::SmallFileError::TooLarge(_)) => return Err(invalid()),
+            Err(crate::small_file::SmallFileError::Io(source)) => {
+                return Err(AuthError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })
+            }
+        };
         let text = std::str::from_utf8(&text).map_err(|_| invalid())?;
         AuthToken::new(text.trim()).ok_or_else(invalid)
     }

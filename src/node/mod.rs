@@ -213,6 +213,8 @@ impl NodeConfig {
         if self.cluster_id.is_empty() {
             return Err("the cluster id must not be empty".into());
         }
+        check_client_url(&self.client_url)
+            .map_err(|e| format!("--client-url {:?}: {e}", self.client_url))?;
         for (id, url) in &self.peer_client_urls {
             if *id != self.id && !self.peers.contains_key(id) {
                 return Err(format!(

@@ -14,7 +14,6 @@
 use hmac::{Hmac, Mac};
 use raftkv_storage::NodeId;
 use sha2::Sha256;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Bytes of a handshake nonce.
@@ -82,18 +81,15 @@ impl PeerSecret {
             path: path.to_path_buf(),
             source,
         };
-        let file = std::fs::File::open(path).map_err(read_err)?;
-        let mode = file.metadata().map_err(read_err)?;
+        let mode = std::fs::metadata(path).map_err(read_err)?;
         warn_if_readable_by_others(path, &mode);
-        let mut bytes = Vec::new();
-        file.take(SECRET_FILE_BYTES_MAX + 1)
-            .read_to_end(&mut bytes)
-            .map_err(read_err)?;
-        if bytes.len() as u64 > SECRET_FILE_BYTES_MAX {
-            return Err(SecretError::TooLarge {
-                path: path.to_path_buf(),
-            });
-        }
+        let mut bytes =
+            crate::small_file::read_capped(path, SECRET_FILE_BYTES_MAX).map_err(|e| match e {
+                crate::small_file::SmallFileError::Io(source) => read_err(source),
+                crate::small_file::SmallFileError::TooLarge(_) => SecretError::TooLarge {
+                    path: path.to_path_buf(),
+                },
+            })?;
         let trimmed = bytes.trim_ascii_end().len();
         bytes.truncate(trimmed);
         let len = bytes.len();
