@@ -283,6 +283,10 @@ pub struct IdleIo<I> {
     inner: I,
     idle: Duration,
     timer: Pin<Box<tokio::time::Sleep>>,
+    /// The last read or write. The timer is not re-armed on every I/O (that costs a timer
+    /// wheel update per call on the hot path): when it fires, it is pushed to
+    /// `last_activity + idle` if traffic happened meanwhile.
+    last_activity: tokio::time::Instant,
     /// A JSON answer being written in place of hyper's, and how much of it is written.
     replacement: Option<(Vec<u8>, usize)>,
 }
@@ -293,13 +297,28 @@ impl<I> IdleIo<I> {
             inner,
             idle,
             timer: Box::pin(tokio::time::sleep(idle)),
+            last_activity: tokio::time::Instant::now(),
             replacement: None,
         }
     }
 
     fn touch(&mut self) {
-        let at = tokio::time::Instant::now() + self.idle;
-        self.timer.as_mut().reset(at);
+        self.last_activity = tokio::time::Instant::now();
+    }
+
+    /// Ready once the connection has been idle for `idle`: re-arms the timer while traffic
+    /// since it was set keeps the connection alive.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let deadline = self.last_activity + self.idle;
+            if deadline <= tokio::time::Instant::now() {
+                return Poll::Ready(());
+            }
+            self.timer.as_mut().reset(deadline);
+        }
     }
 }
 
@@ -315,7 +334,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for IdleIo<I> {
                 this.touch();
                 Poll::Ready(r)
             }
-            Poll::Pending => match this.timer.as_mut().poll(cx) {
+            Poll::Pending => match this.poll_idle(cx) {
                 Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "client connection idle for too long",
