@@ -208,6 +208,20 @@ pub(crate) async fn spawn_with(
     url
 }
 
+/// A leader (node 1) and a follower (node 2) that names it, both served with `options`;
+/// returns their URLs.
+#[cfg(test)]
+pub(crate) async fn spawn_leader_and_follower(options: http::RouterOptions) -> (String, String) {
+    let leader = spawn_with(MapService::leader(1), options.clone(), None).await;
+    let follower = spawn_with(
+        MapService::follower(2, 1, Some(leader.clone())),
+        options,
+        None,
+    )
+    .await;
+    (leader, follower)
+}
+
 /// A test CA and a certificate for `127.0.0.1`/`localhost` it signed, written as PEM files
 /// into `dir`: (ca.pem, cert.pem, key.pem). Generated at run time: nothing secret is checked in.
 #[cfg(test)]

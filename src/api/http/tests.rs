@@ -3,7 +3,7 @@
 use super::*;
 use crate::api::test_service::MapService;
 
-use crate::api::test_service::{spawn, spawn_with};
+use crate::api::test_service::{spawn, spawn_leader_and_follower, spawn_with};
 use crate::client::percent_encode;
 
 async fn call(
@@ -373,13 +373,7 @@ async fn awkward_keys_round_trip_through_a_forwarding_follower() {
 async fn lists_stop_at_the_byte_cap_and_continue_exactly_once() {
     let mut options = RouterOptions::default();
     options.port.list_bytes_max = 2000;
-    let leader = spawn_with(MapService::leader(1), options.clone(), None).await;
-    let follower = spawn_with(
-        MapService::follower(2, 1, Some(leader.clone())),
-        options,
-        None,
-    )
-    .await;
+    let (leader, follower) = spawn_leader_and_follower(options).await;
     // 20 pairs of ~510 bytes: at most 3 fit in 2000 bytes.
     let mut want = Vec::new();
     for i in 0..20 {
@@ -432,13 +426,7 @@ async fn a_token_is_required_except_on_probes() {
         auth_token: crate::api::auth::AuthToken::new("s3cret"),
         ..RouterOptions::default()
     };
-    let leader = spawn_with(MapService::leader(1), options.clone(), None).await;
-    let follower = spawn_with(
-        MapService::follower(2, 1, Some(leader.clone())),
-        options,
-        None,
-    )
-    .await;
+    let (leader, follower) = spawn_leader_and_follower(options).await;
     let client = reqwest::Client::new();
     let put = |url: String, auth: Option<&'static str>| {
         let mut r = client.put(url).body(r#"{"value":"v"}"#);
