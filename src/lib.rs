@@ -13,6 +13,7 @@ pub mod check_disk;
 pub mod client;
 #[doc(hidden)]
 pub mod fuzz_targets;
+pub mod metrics;
 pub mod node;
 pub mod raft;
 pub mod small_file;

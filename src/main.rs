@@ -17,19 +17,10 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    // A node logs its life at info; one-shot commands only warn.
-    let default_level = match args.command {
-        cli::Command::Serve(_) => "info",
-        _ => "warn",
-    };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .init();
+    if let Err(e) = init_logging(&args) {
+        eprintln!("raftkv: error: {e}");
+        return ExitCode::from(cli::EXIT_USAGE);
+    }
     match cli::run(args) {
         Ok(code) => code,
         Err(err) => {
@@ -37,4 +28,35 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs to stderr in the chosen format, filtered by `--log-level`, else `RUST_LOG`, else the
+/// command's default (a node logs its life at info; one-shot commands only warn).
+fn init_logging(args: &cli::Cli) -> Result<(), String> {
+    use tracing_subscriber::EnvFilter;
+    let default_level = match args.command {
+        cli::Command::Serve(_) => "info",
+        _ => "warn",
+    };
+    let filter = match &args.log_level {
+        Some(level) => EnvFilter::try_new(level)
+            .map_err(|e| format!("--log-level {level:?} is not a level or filter: {e}"))?,
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match args.log_format {
+        cli::LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // One object per line with the event's fields at the top level: `jq 'select(.term)'`.
+        cli::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
+    Ok(())
 }

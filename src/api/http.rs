@@ -1,7 +1,9 @@
 //! The HTTP/JSON client API (axum), over any [`KvService`].
 //!
 //! Routes: `PUT|GET|DELETE /kv/{key}`, `GET /kv?prefix=P&limit=N&start=K`,
-//! `GET /cluster/status`, `POST /cluster/transfer-leader`, `GET /health`, `GET /ready`.
+//! `GET /cluster/status`, `POST /cluster/transfer-leader`, `GET /health`, `GET /ready`,
+//! `GET /snapshot`, `GET /metrics` (Prometheus; every request is counted and timed by route,
+//! see [`metrics`]).
 //! Connections are accepted and bounded by [`super::server`]; bodies are buffered under a
 //! deadline and a byte budget by [`super::body`]; a token, when configured, is checked by
 //! [`super::auth`] before a body is read.
@@ -33,6 +35,7 @@ use super::body::{self, BodyLimits};
 use super::server::ClientPortConfig;
 use super::{Consistency, KvService, Limits, ListQuery, ServiceError};
 use crate::api::types::*;
+use crate::metrics::Metrics;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -68,6 +71,8 @@ pub struct RouterOptions {
     pub auth_token: Option<AuthToken>,
     /// TLS settings for forwarding to `https://` leaders (trusted CAs).
     pub forward_tls: Option<Arc<rustls::ClientConfig>>,
+    /// The node's metrics; a router without them keeps its own (HTTP series only).
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 struct ApiState<S> {
@@ -76,6 +81,7 @@ struct ApiState<S> {
     list_bytes_max: usize,
     forward_timeout: Duration,
     forwarder: reqwest::Client,
+    metrics: Arc<Metrics>,
 }
 
 /// Builds the router for `service` with default options.
@@ -95,12 +101,17 @@ pub fn router_with<S: KvService>(service: Arc<S>, options: &RouterOptions) -> Ro
         port.body_read_timeout_ms,
         body_bytes_max,
     ));
+    let metrics = options
+        .metrics
+        .clone()
+        .unwrap_or_else(|| Arc::new(Metrics::standalone()));
     let state = Arc::new(ApiState {
         service,
         limits,
         list_bytes_max: port.list_bytes_max,
         forward_timeout: Duration::from_millis(port.forward_timeout_ms),
         forwarder: forwarder(options.forward_tls.clone()),
+        metrics: metrics.clone(),
     });
     let mut router = Router::new()
         .route(
@@ -117,6 +128,7 @@ pub fn router_with<S: KvService>(service: Arc<S>, options: &RouterOptions) -> Ro
         .route("/health", get(health::<S>))
         .route("/ready", get(ready::<S>))
         .route("/snapshot", get(snapshot::get_snapshot::<S>))
+        .route("/metrics", get(metrics::get_metrics::<S>))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_bytes_max))
@@ -130,6 +142,11 @@ pub fn router_with<S: KvService>(service: Arc<S>, options: &RouterOptions) -> Ro
             auth::require_token,
         ));
     }
+    // Outermost: refused requests (401, 413, ...) are counted too.
+    router = router.layer(axum::middleware::from_fn_with_state(
+        metrics,
+        self::metrics::record,
+    ));
     router
         .layer(axum::middleware::map_response(
             move |mut r: Response| async move {
@@ -655,6 +672,7 @@ async fn ready<S: KvService>(State(st): State<Arc<ApiState<S>>>) -> Response {
     }
 }
 
+mod metrics;
 mod snapshot;
 pub use snapshot::{SNAPSHOT_INDEX_HEADER, SNAPSHOT_TERM_HEADER};
 

@@ -149,6 +149,15 @@ pub trait KvService: Send + Sync + 'static {
     fn ready(&self) -> impl Future<Output = Result<(), ServiceError>> + Send;
     /// Asks the leader to hand leadership to `to`.
     fn transfer_leader(&self, to: NodeId) -> impl Future<Output = Result<(), ServiceError>> + Send;
+    /// Sets `metrics`' scrape-time gauges (leadership, indexes, pending writes, database
+    /// size) just before `GET /metrics` encodes them. A service without them sets none.
+    fn refresh_metrics(
+        &self,
+        metrics: &crate::metrics::Metrics,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = metrics;
+        async {}
+    }
     /// On the leader, after a linearizable read barrier: a fresh snapshot file of the whole
     /// state (for a backup, or a member rejoining without its state machine). Services
     /// without snapshot files refuse.

@@ -31,7 +31,7 @@ pub struct UpArgs {
 const CLIENT_PORT_BASE: u16 = 8000;
 const PEER_PORT_BASE: u16 = 9000;
 
-pub fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
+pub fn up(args: &UpArgs, log_args: Vec<String>) -> anyhow::Result<ExitCode> {
     if args.nodes != 3 && args.nodes != 5 {
         return Err(super::UsageError("--nodes must be 3 or 5".into()).into());
     }
@@ -52,6 +52,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
     .into_iter()
     .map(|mut n| {
         n.show_logs = true;
+        n.log_args = log_args.clone();
         n.peer_secret_file = Some(secret.clone());
         n.tls = pki.as_ref().and_then(|pki| {
             let node = pki.nodes.get(&n.id)?;

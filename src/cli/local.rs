@@ -26,6 +26,8 @@ pub struct LocalNode {
     pub catchup_margin: Option<u64>,
     /// Print the node's log lines prefixed with `[n<id>]`; otherwise discard them.
     pub show_logs: bool,
+    /// `--log-format` / `--log-level` passed on to the node.
+    pub log_args: Vec<String>,
     /// TLS on both ports (a generated development CA): `https://` client URLs.
     pub tls: Option<LocalTls>,
 }
@@ -78,6 +80,7 @@ impl LocalNode {
         if let Some(secret) = &self.peer_secret_file {
             cmd.arg("--peer-secret-file").arg(secret);
         }
+        cmd.args(&self.log_args);
         if let Some(tls) = &self.tls {
             cmd.arg("--client-url").arg(self.url());
             cmd.arg("--peer-cert").arg(&tls.cert);
@@ -159,6 +162,7 @@ pub fn nodes(
             snapshot_every: None,
             catchup_margin: None,
             show_logs: false,
+            log_args: Vec::new(),
             tls: None,
         })
         .collect()

@@ -19,6 +19,40 @@ use std::process::ExitCode;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log lines as human-readable text or as one JSON object per line (for a log shipper).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "RAFTKV_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+    /// error, warn, info, debug or trace, or a filter such as `info,raftkv::transport=debug`
+    /// (default: info for `serve`, warn for other commands; RUST_LOG when this is not given).
+    #[arg(
+        long,
+        global = true,
+        env = "RAFTKV_LOG_LEVEL",
+        value_name = "LEVEL|FILTER"
+    )]
+    pub log_level: Option<String>,
+}
+
+/// How log lines are written to stderr.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl LogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
 }
 
 // Parsed once per process: the size of the largest variant does not matter.
@@ -84,6 +118,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    // What `cluster up` hands on to its nodes.
+    let mut log_args = vec!["--log-format".to_string(), cli.log_format.as_str().into()];
+    if let Some(level) = &cli.log_level {
+        log_args.extend(["--log-level".to_string(), level.clone()]);
+    }
     match cli.command {
         Command::Serve(args) => serve::run(&args),
         Command::Put(args) => kv::put(&args),
@@ -92,7 +131,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::List(args) => kv::list(&args),
         Command::Status(args) => kv::status(&args),
         Command::TransferLeader(args) => kv::transfer(&args),
-        Command::Cluster(ClusterCommand::Up(args)) => cluster::up(&args),
+        Command::Cluster(ClusterCommand::Up(args)) => cluster::up(&args, log_args),
         Command::Bench(args) => bench::run(&args),
         Command::Check(CheckCommand::Disk(args)) => check_disk::run(&args),
     }

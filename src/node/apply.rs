@@ -156,6 +156,8 @@ impl Pending {
 pub struct ApplyReports {
     pub applied: Arc<Notify>,
     pub failed: tokio::sync::mpsc::Sender<String>,
+    /// `raftkv_apply_duration_seconds` and `raftkv_server_proposals_applied_total`.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Entries merged into one state machine batch at most: one sled batch has a fixed cost of
@@ -191,8 +193,13 @@ pub fn run(
                         Err(_) => break,
                     }
                 }
+                let started = std::time::Instant::now();
                 match sm.apply(&entries) {
                     Ok(applied) => {
+                        let m = &reports.metrics;
+                        m.apply_duration
+                            .observe(crate::metrics::seconds(started.elapsed()));
+                        m.proposals_applied.inc_by(entries.len() as u64);
                         pending.resolve(&applied, sm.applied_index());
                         reports.applied.notify_one();
                     }
@@ -307,6 +314,7 @@ mod tests {
         let reports = ApplyReports {
             applied: Arc::new(Notify::new()),
             failed,
+            metrics: Arc::new(crate::metrics::Metrics::standalone()),
         };
         let thread = {
             let (sm, pending) = (sm.clone(), pending.clone());
@@ -356,6 +364,7 @@ mod tests {
         let reports = ApplyReports {
             applied: Arc::new(Notify::new()),
             failed,
+            metrics: Arc::new(crate::metrics::Metrics::standalone()),
         };
         let pending = Arc::new(Pending::default());
         let thread = std::thread::spawn(move || run(sm, pending, rx, reports));

@@ -22,6 +22,7 @@ use super::service::Request;
 use super::storage_loop::{StorageEvent, StorageJob};
 use super::NodeConfig;
 use crate::api::{ClusterStatus, LeaderHint, LeaderInfo, MemberStatus, ServiceError};
+use crate::metrics::{seconds, Metrics};
 use crate::raft::{Message, MessageBody, Raft, RaftError, Ready, Role};
 use crate::transport::{PeerTransport, SendError, TransportEvent};
 use raftkv_storage::sm::StateMachine;
@@ -30,8 +31,28 @@ use raftkv_storage::NodeId;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
+
+/// A heartbeat round-trip probe older than this many ticks is dropped unanswered (the
+/// heartbeat or its response was lost; measuring from it would overstate the round trip).
+const ROUND_TRIP_PROBE_TICKS_MAX: u64 = 10;
+
+/// What the consensus task last logged about leadership, to log each change once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Seen {
+    role: Role,
+    term: u64,
+    leader: Option<NodeId>,
+}
+
+/// One heartbeat in flight to a peer, timed for `raftkv_peer_round_trip_seconds`.
+#[derive(Clone, Copy, Debug)]
+struct Probe {
+    read_round: u64,
+    sent: Instant,
+    tick: u64,
+}
 
 type ReadReply = oneshot::Sender<Result<(u64, NodeId), ServiceError>>;
 
@@ -91,6 +112,13 @@ pub struct Driver {
     refusals: RefusalLog,
     /// The clock `refusals` is rate-limited by.
     started: std::time::Instant,
+    metrics: Arc<Metrics>,
+    /// Leadership as last logged.
+    seen: Seen,
+    /// Ticks since start (the age of round-trip probes).
+    ticks: u64,
+    /// The heartbeat being timed, per peer.
+    probes: BTreeMap<NodeId, Probe>,
 }
 
 impl Driver {
@@ -106,8 +134,14 @@ impl Driver {
         jobs: mpsc::Sender<StorageJob>,
         applies: ApplyQueue,
         shutdown: watch::Sender<bool>,
+        metrics: Arc<Metrics>,
     ) -> Driver {
         let snapshot_index = raft.log().base_index();
+        let seen = Seen {
+            role: raft.role(),
+            term: raft.term(),
+            leader: raft.leader(),
+        };
         let (snapshot_done_tx, snapshot_done_rx) = mpsc::channel(64);
         Driver {
             id: config.id,
@@ -131,6 +165,10 @@ impl Driver {
             snapshot_done_rx,
             refusals: RefusalLog::default(),
             started: std::time::Instant::now(),
+            metrics,
+            seen,
+            ticks: 0,
+            probes: BTreeMap::new(),
         }
     }
 
@@ -154,7 +192,7 @@ impl Driver {
                 // and requests, heartbeats and elections must still tick.
                 biased;
                 _ = shutdown.changed() => break Ok(()),
-                _ = ticker.tick() => self.raft.tick(),
+                _ = ticker.tick() => self.on_tick(),
                 Some(ev) = events.recv() => {
                     if let Err(e) = self.on_storage(ev) {
                         break Err(e);
@@ -175,6 +213,7 @@ impl Driver {
             if let Err(e) = self.drain_ready().await {
                 break Err(e);
             }
+            self.observe_leadership();
         };
         self.fail_all("the node is shutting down");
         refuse_unproposed(&mut requests);
@@ -183,6 +222,96 @@ impl Driver {
             let _ = self.shutdown.send(true);
         }
         result
+    }
+
+    fn on_tick(&mut self) {
+        self.raft.tick();
+        self.ticks += 1;
+        let oldest = self.ticks.saturating_sub(ROUND_TRIP_PROBE_TICKS_MAX);
+        self.probes.retain(|_, p| p.tick >= oldest);
+    }
+
+    /// Logs each change of role, term or leader once, and counts new leaders.
+    fn observe_leadership(&mut self) {
+        let now = Seen {
+            role: self.raft.role(),
+            term: self.raft.term(),
+            leader: self.raft.leader(),
+        };
+        if now == self.seen {
+            return;
+        }
+        let before = std::mem::replace(&mut self.seen, now);
+        debug_assert!(now.term >= before.term, "the term never decreases");
+        if now.role != before.role || now.term != before.term {
+            match now.role {
+                Role::PreCandidate | Role::Candidate => tracing::info!(
+                    term = now.term,
+                    pre_vote = now.role == Role::PreCandidate,
+                    last_index = self.raft.log().last_index(),
+                    "election started"
+                ),
+                Role::Leader => tracing::info!(
+                    term = now.term,
+                    last_index = self.raft.log().last_index(),
+                    commit_index = self.raft.commit_index(),
+                    "became leader"
+                ),
+                Role::Follower if before.role == Role::Leader => {
+                    tracing::info!(term = now.term, previous_term = before.term, "stepped down")
+                }
+                Role::Follower => {}
+            }
+        }
+        if now.leader != before.leader {
+            match now.leader {
+                Some(leader) => {
+                    self.metrics.leader_changes_seen.inc();
+                    tracing::info!(
+                        term = now.term,
+                        leader,
+                        previous_leader = before.leader.unwrap_or(0),
+                        "leader changed"
+                    );
+                }
+                None => tracing::info!(
+                    term = now.term,
+                    previous_leader = before.leader.unwrap_or(0),
+                    "leader lost"
+                ),
+            }
+        }
+    }
+
+    /// Times the first heartbeat in flight to each peer.
+    fn probe_sent(&mut self, m: &Message) {
+        if let MessageBody::Heartbeat { read_round, .. } = m.body {
+            let probe = Probe {
+                read_round,
+                sent: Instant::now(),
+                tick: self.ticks,
+            };
+            self.probes.entry(m.to).or_insert(probe);
+        }
+    }
+
+    /// Observes a heartbeat's round trip when its response arrives.
+    fn probe_answered(&mut self, from: NodeId, m: &Message) {
+        let MessageBody::HeartbeatResponse { read_round } = m.body else {
+            return;
+        };
+        let Some(probe) = self.probes.get(&from).copied() else {
+            return;
+        };
+        if read_round < probe.read_round {
+            return; // an answer to an older heartbeat
+        }
+        self.probes.remove(&from);
+        if read_round == probe.read_round {
+            if let Some(peer) = self.metrics.peer(from) {
+                peer.round_trip.observe(seconds(probe.sent.elapsed()));
+            }
+        }
     }
 
     /// Answers what is in flight as the task stops: proposals in the log get "outcome
@@ -257,14 +386,17 @@ impl Driver {
     /// Acts on a message that passed `peer::validate`.
     async fn on_peer_message(&mut self, from: NodeId, message: PeerMessage) {
         match message {
-            PeerMessage::Raft(m) => match self.raft.step(m) {
-                Ok(()) => {}
-                Err(RaftError::UnknownPeer(p)) => {
-                    tracing::warn!(peer = p, "message from an unknown peer")
+            PeerMessage::Raft(m) => {
+                self.probe_answered(from, &m);
+                match self.raft.step(m) {
+                    Ok(()) => {}
+                    Err(RaftError::UnknownPeer(p)) => {
+                        tracing::warn!(peer = p, "message from an unknown peer")
+                    }
+                    Err(e @ RaftError::InvalidMessage { .. }) => self.refused(from, &e),
+                    Err(e) => tracing::debug!(from, error = %e, "message refused"),
                 }
-                Err(e @ RaftError::InvalidMessage { .. }) => self.refused(from, &e),
-                Err(e) => tracing::debug!(from, error = %e, "message refused"),
-            },
+            }
             PeerMessage::SnapshotChunk(chunk) => {
                 if self
                     .jobs
@@ -420,7 +552,8 @@ impl Driver {
         }
     }
 
-    fn send(&self, m: Message) {
+    fn send(&mut self, m: Message) {
+        self.probe_sent(&m);
         super::storage_loop::send_message(&self.transport, m);
     }
 
@@ -444,7 +577,9 @@ impl Driver {
             // Committed entries are durable here already (the core hands out only entries at or
             // below what was reported persisted): they need not wait for the storage thread.
             if !rd.committed.is_empty() {
+                let committed = rd.committed.len() as u64;
                 self.applies.push(ApplyJob::Entries(rd.committed)).await?;
+                self.metrics.proposals_committed.inc_by(committed);
             }
             for m in rd.messages_now {
                 self.send(m);
@@ -492,10 +627,21 @@ impl Driver {
         let sm = self.sm.clone();
         let transport = self.transport.clone();
         let done = self.snapshot_done_tx.clone();
+        let metrics = self.metrics.clone();
         tokio::task::spawn_blocking(move || {
-            let ok = match stream_snapshot(&snapshots, &sm, &transport, to, term) {
-                Ok(bytes) => {
-                    tracing::info!(peer = to, bytes, "snapshot sent");
+            let started = Instant::now();
+            let ok = match stream_snapshot(&snapshots, &sm, &transport, to, term, &metrics) {
+                Ok(sent) => {
+                    let took = started.elapsed();
+                    metrics.snapshot_send_duration.observe(seconds(took));
+                    tracing::info!(
+                        peer = to,
+                        index = sent.index,
+                        term = sent.term,
+                        bytes = sent.bytes,
+                        duration_ms = took.as_millis() as u64,
+                        "snapshot sent"
+                    );
                     true
                 }
                 Err(e) => {
@@ -524,17 +670,29 @@ fn refuse_unproposed(requests: &mut mpsc::Receiver<Request>) {
     }
 }
 
-/// Creates a snapshot file of the current state and sends it in chunks; returns its size.
+/// What [`stream_snapshot`] sent.
+struct SnapshotSent {
+    index: u64,
+    term: u64,
+    bytes: u64,
+}
+
+/// Creates a snapshot file of the current state and sends it in chunks.
 fn stream_snapshot(
     snapshots: &SnapshotStore,
     sm: &StateMachine,
     transport: &PeerTransport<PeerMessage>,
     to: NodeId,
     term: u64,
-) -> Result<u64, String> {
+    metrics: &Metrics,
+) -> Result<SnapshotSent, String> {
+    let create_started = Instant::now();
     let created = snapshots
         .create(sm)
         .map_err(|e| format!("creating a snapshot: {e}"))?;
+    metrics
+        .snapshot_create_duration
+        .observe(seconds(create_started.elapsed()));
     let mut file = std::fs::File::open(&created.file.path)
         .map_err(|e| format!("opening {}: {e}", created.file.path.display()))?;
     let total_bytes = file
@@ -571,7 +729,11 @@ fn stream_snapshot(
         }
         offset += n as u64;
         if last || n == 0 {
-            return Ok(offset);
+            return Ok(SnapshotSent {
+                index: created.meta.index,
+                term: created.meta.term,
+                bytes: offset,
+            });
         }
     }
 }

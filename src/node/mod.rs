@@ -180,6 +180,7 @@ fn client_port(config: &NodeConfig) -> Result<(RouterOptions, Option<Tls>), Node
         port: limits,
         auth_token,
         forward_tls,
+        metrics: None,
     };
     Ok((options, tls))
 }
@@ -456,12 +457,14 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         other => other?,
     };
     let raft = restart_or_bootstrap(&config, &storage)?;
+    let metrics = Arc::new(crate::metrics::Metrics::new(config.peers.keys().copied()));
     let sm = storage.shared_sm();
     let snapshots = storage.shared_snapshots();
 
     let mut transport_config =
         TransportConfig::new(config.cluster_id.clone(), config.id, config.peers.clone());
     transport_config.auth = auth;
+    transport_config.metrics = Some(metrics.clone());
     let (transport, inbound) =
         PeerTransport::<PeerMessage>::start_with_listener(transport_config, peer_listener)?;
     let peer_addr = transport.local_addr();
@@ -472,10 +475,18 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let (requests_tx, requests_rx) = mpsc::channel(QUEUE_CAPACITY);
     let (shutdown, shutdown_rx) = watch::channel(false);
 
-    let storage_transport = transport.clone();
+    let (storage_transport, storage_metrics) = (transport.clone(), metrics.clone());
     let storage_thread = std::thread::Builder::new()
         .name(format!("raftkv-storage-{}", config.id))
-        .spawn(move || storage_loop::run(storage, storage_transport, jobs_rx, events_tx))
+        .spawn(move || {
+            storage_loop::run(
+                storage,
+                storage_transport,
+                jobs_rx,
+                events_tx,
+                storage_metrics,
+            )
+        })
         .map_err(|e| NodeError::Stopped(format!("cannot start the storage thread: {e}")))?;
 
     let (apply_tx, apply_rx) = std::sync::mpsc::sync_channel(apply::APPLY_QUEUE_MAX);
@@ -485,6 +496,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let reports = apply::ApplyReports {
         applied: applied.clone(),
         failed: apply_failed_tx,
+        metrics: metrics.clone(),
     };
     let (apply_sm, apply_pending) = (sm.clone(), pending.clone());
     let apply_thread = std::thread::Builder::new()
@@ -493,7 +505,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         .map_err(|e| NodeError::Stopped(format!("cannot start the apply thread: {e}")))?;
     let applies = driver::ApplyQueue {
         jobs: apply_tx,
-        pending,
+        pending: pending.clone(),
         applied,
         failed: apply_failed_rx,
     };
@@ -503,6 +515,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         requests_tx,
         sm.clone(),
         snapshots.clone(),
+        pending,
+        metrics.clone(),
     ));
     let driver = driver::Driver::new(
         &config,
@@ -513,9 +527,14 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         jobs_tx,
         applies,
         shutdown.clone(),
+        metrics.clone(),
     );
     let driver = tokio::spawn(driver.run(inbound, events_rx, requests_rx, shutdown_rx.clone()));
 
+    let router_options = RouterOptions {
+        metrics: Some(metrics),
+        ..router_options
+    };
     let router = crate::api::http::router_with(service.clone(), &router_options);
     let mut http_shutdown = shutdown_rx;
     let http = tokio::spawn(crate::api::server::serve(

@@ -5,11 +5,13 @@
 //! ReadIndex confirmation, then read the shared state machine; stale reads read it at once.
 //! Every request is checked against the limits before it reaches the log.
 
+use super::apply::Pending;
 use super::NodeConfig;
 use crate::api::{
     ClusterStatus, Consistency, Deleted, KeyValue, KvService, Limits, ListQuery, Listed, ReadValue,
     ServiceError, SnapshotFileOut, Written,
 };
+use crate::metrics::Metrics;
 use raftkv_storage::command::Command;
 use raftkv_storage::sm::StateMachine;
 use raftkv_storage::snapshot::SnapshotStore;
@@ -57,6 +59,9 @@ pub struct NodeService {
     sm: Arc<StateMachine>,
     snapshots: Arc<SnapshotStore>,
     request_timeout: Duration,
+    /// The writes waiting to apply (for `raftkv_server_proposals_pending_total`).
+    pending: Arc<Pending>,
+    metrics: Arc<Metrics>,
 }
 
 impl NodeService {
@@ -65,6 +70,8 @@ impl NodeService {
         requests: mpsc::Sender<Request>,
         sm: Arc<StateMachine>,
         snapshots: Arc<SnapshotStore>,
+        pending: Arc<Pending>,
+        metrics: Arc<Metrics>,
     ) -> NodeService {
         NodeService {
             id: config.id,
@@ -73,6 +80,8 @@ impl NodeService {
             sm,
             snapshots,
             request_timeout: Duration::from_millis(config.request_timeout_ms),
+            pending,
+            metrics,
         }
     }
 
@@ -87,7 +96,18 @@ impl NodeService {
         })
     }
 
+    /// Proposes `command` and waits for it to apply; counts the failures that reached this
+    /// node's log or queue (`raftkv_server_proposals_failed_total`): not "not the leader",
+    /// which a client or the forwarder resolves, and not invalid input.
     async fn propose(&self, command: Command) -> Result<ProposalOutcome, ServiceError> {
+        let result = self.propose_and_wait(command).await;
+        if let Err(ServiceError::Unavailable(_) | ServiceError::Timeout(_)) = &result {
+            self.metrics.proposals_failed.inc();
+        }
+        result
+    }
+
+    async fn propose_and_wait(&self, command: Command) -> Result<ProposalOutcome, ServiceError> {
         let payload = command
             .encode()
             .map_err(|e| ServiceError::InvalidInput(e.to_string()))?;
@@ -267,16 +287,35 @@ impl KvService for NodeService {
         self.ask(|reply| Request::Transfer { to, reply }).await?
     }
 
+    async fn refresh_metrics(&self, metrics: &Metrics) {
+        // A node too busy to answer its status keeps the last scrape's gauges.
+        if let Ok(status) = self.status().await {
+            let db_size_bytes = self.sm.size_on_disk_bytes().ok();
+            metrics.refresh(&status, self.pending.len(), db_size_bytes);
+        }
+    }
+
     async fn snapshot(&self) -> Result<SnapshotFileOut, ServiceError> {
         // On the leader only (a follower answers "not the leader"), and after a linearizable
         // barrier: the file then holds every write acknowledged before the request arrived.
         let read_index = self.sm.applied_index();
         self.read_barrier(Consistency::Linearizable).await?;
         let (snapshots, sm) = (self.snapshots.clone(), self.sm.clone());
+        let started = std::time::Instant::now();
         let created = tokio::task::spawn_blocking(move || snapshots.create(&sm))
             .await
             .map_err(|e| ServiceError::Internal(format!("snapshot task: {e}")))?
             .map_err(|e| ServiceError::Internal(format!("creating a snapshot: {e}")))?;
+        let took = started.elapsed();
+        self.metrics
+            .snapshot_create_duration
+            .observe(crate::metrics::seconds(took));
+        tracing::info!(
+            index = created.meta.index,
+            term = created.meta.term,
+            duration_ms = took.as_millis() as u64,
+            "snapshot file created for a client"
+        );
         assert!(
             created.meta.index >= read_index,
             "a snapshot older than the read barrier"

@@ -23,6 +23,7 @@
 
 use super::apply::InstallSync;
 use super::peer::{PeerMessage, SnapshotChunk};
+use crate::metrics::{seconds, Metrics};
 use crate::raft::Message;
 use crate::transport::PeerTransport;
 use raftkv_storage::node_storage::NodeStorage;
@@ -32,6 +33,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::sync::mpsc;
 
 /// The most queued jobs merged into one group commit.
@@ -74,6 +76,7 @@ pub enum StorageEvent {
 }
 
 struct Receiving {
+    started: Instant,
     file_name: String,
     tmp: PathBuf,
     file: File,
@@ -117,6 +120,7 @@ struct StorageLoop {
     receiving: Option<Receiving>,
     /// A hard state that changed only the commit index, not yet written (see [`flush`]).
     deferred: Option<HardState>,
+    metrics: Arc<Metrics>,
 }
 
 /// Runs the storage thread until the job channel closes or storage fails.
@@ -125,6 +129,7 @@ pub fn run(
     transport: Arc<PeerTransport<PeerMessage>>,
     mut jobs: mpsc::Receiver<StorageJob>,
     events: mpsc::Sender<StorageEvent>,
+    metrics: Arc<Metrics>,
 ) {
     let mut state = StorageLoop {
         storage,
@@ -132,6 +137,7 @@ pub fn run(
         events,
         receiving: None,
         deferred: None,
+        metrics,
     };
     let mut batch = Vec::with_capacity(GROUP_JOBS_MAX);
     while let Some(first) = jobs.blocking_recv() {
@@ -186,7 +192,18 @@ impl StorageLoop {
                         sync.reached
                             .recv()
                             .map_err(|_| "the apply thread stopped".to_string())?;
+                        let started = Instant::now();
                         install_snapshot(&mut self.storage, &meta, hard_state.as_ref())?;
+                        let took = started.elapsed();
+                        self.metrics
+                            .snapshot_install_duration
+                            .observe(seconds(took));
+                        tracing::info!(
+                            index = meta.index,
+                            term = meta.term,
+                            duration_ms = took.as_millis() as u64,
+                            "installed snapshot from the leader"
+                        );
                         // The apply thread may go on past the install point.
                         let _ = sync.installed.send(());
                         self.send(StorageEvent::Persisted {
@@ -230,9 +247,14 @@ impl StorageLoop {
         );
         self.deferred = plan.defer;
         if plan.append {
-            self.storage
+            let stats = self
+                .storage
                 .append(&group.entries, plan.write.as_ref())
                 .map_err(|e| format!("wal append: {e}"))?;
+            self.metrics
+                .wal_fsync_duration
+                .observe(seconds(stats.fsync_duration));
+            self.metrics.wal_append_bytes.inc_by(stats.bytes);
         }
         // Everything in the group is durable: what waited for it may leave.
         for m in group.after_persist {
@@ -244,11 +266,20 @@ impl StorageLoop {
             })?;
         }
         if self.storage.compaction_due() {
+            let started = Instant::now();
             let report = self
                 .storage
                 .compact()
                 .map_err(|e| format!("compaction: {e}"))?;
             let keep_from = report.purged_upto;
+            tracing::info!(
+                index = report.snapshot.index,
+                term = report.snapshot.term,
+                purged_upto = keep_from,
+                segments_removed = report.segments_removed,
+                duration_ms = started.elapsed().as_millis() as u64,
+                "compacted the log"
+            );
             if let Some(term) = self.storage.wal().term(keep_from) {
                 self.send(StorageEvent::Compacted {
                     index: keep_from,
@@ -338,11 +369,6 @@ fn install_snapshot(
             .append(&[], Some(hs))
             .map_err(|e| format!("wal append: {e}"))?;
     }
-    tracing::info!(
-        index = meta.index,
-        term = meta.term,
-        "installed snapshot from the leader"
-    );
     Ok(())
 }
 
@@ -363,6 +389,7 @@ fn receive_chunk(
         let tmp = dir.join(format!("{expected}.recv.tmp"));
         let file = File::create(&tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
         *receiving = Some(Receiving {
+            started: Instant::now(),
             file_name: expected.clone(),
             tmp,
             file,
@@ -411,6 +438,7 @@ fn receive_chunk(
         from,
         index = chunk.meta.index,
         bytes = done.next_offset,
+        duration_ms = done.started.elapsed().as_millis() as u64,
         "received snapshot file"
     );
     Ok(Some(StorageEvent::SnapshotReceived {

@@ -71,6 +71,14 @@ pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
     r: &mut R,
     frame_bytes_max: u32,
 ) -> Result<T, FrameError> {
+    Ok(read_frame_sized(r, frame_bytes_max).await?.0)
+}
+
+/// Reads one frame like [`read_frame`]; also returns its size on the wire (header included).
+pub async fn read_frame_sized<R: AsyncRead + Unpin, T: DeserializeOwned>(
+    r: &mut R,
+    frame_bytes_max: u32,
+) -> Result<(T, usize), FrameError> {
     let mut header = [0u8; FRAME_HEADER_BYTES];
     match r.read_exact(&mut header).await {
         Ok(_) => {}
@@ -90,7 +98,8 @@ pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
     if crc32fast::hash(&payload) != crc {
         return Err(FrameError::BadCrc);
     }
-    Ok(codec::decode(&payload)?)
+    let value = codec::decode(&payload)?;
+    Ok((value, FRAME_HEADER_BYTES + payload.len()))
 }
 
 #[cfg(test)]

@@ -189,13 +189,21 @@ async fn run_reader<M: DeserializeOwned + Send + 'static>(
     drop(permit);
     tracing::debug!(node, peer = from, %remote, "peer authenticated");
     let mut stream = BufReader::new(io);
+    let received_bytes = config
+        .metrics
+        .as_ref()
+        .and_then(|m| m.peer(from))
+        .map(|p| p.received_bytes.clone());
     loop {
         let next = tokio::select! {
-            f = super::frame::read_frame::<_, M>(&mut stream, config.frame_bytes_max) => f,
+            f = super::frame::read_frame_sized::<_, M>(&mut stream, config.frame_bytes_max) => f,
             _ = shutdown.changed() => return,
         };
         match next {
-            Ok(message) => {
+            Ok((message, frame_bytes)) => {
+                if let Some(counter) = &received_bytes {
+                    counter.inc_by(frame_bytes as u64);
+                }
                 if events
                     .send(TransportEvent::Message { from, message })
                     .await

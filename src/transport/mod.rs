@@ -112,6 +112,8 @@ pub struct TransportConfig {
     /// Wait after `accept` fails for lack of descriptors or memory, doubling up to `_max_ms`.
     pub accept_backoff_min_ms: u64,
     pub accept_backoff_max_ms: u64,
+    /// Where per-peer bytes sent and received are counted (`raftkv_peer_*_bytes_total`).
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl TransportConfig {
@@ -138,6 +140,7 @@ impl TransportConfig {
             reconnect_backoff_max_ms: 2000,
             accept_backoff_min_ms: 10,
             accept_backoff_max_ms: 1000,
+            metrics: None,
         }
     }
 
@@ -353,6 +356,11 @@ async fn run_writer<M: Serialize + Send + 'static>(
     let mut backoff_ms = config.reconnect_backoff_min_ms;
     let mut reported_down = false;
     let mut buf = Vec::new();
+    let sent_bytes = config
+        .metrics
+        .as_ref()
+        .and_then(|m| m.peer(peer))
+        .map(|p| p.sent_bytes.clone());
     loop {
         if *shutdown.borrow() {
             return;
@@ -420,6 +428,9 @@ async fn run_writer<M: Serialize + Send + 'static>(
             }
             if let Err(e) = writer.flush().await {
                 break e;
+            }
+            if let Some(counter) = &sent_bytes {
+                counter.inc_by(buf.len() as u64);
             }
         };
         tracing::warn!(node = config.node_id, peer, error = %failure, "peer connection lost; reconnecting");

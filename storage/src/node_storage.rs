@@ -382,7 +382,7 @@ impl NodeStorage {
         &mut self,
         entries: &[Entry],
         hard_state: Option<&HardState>,
-    ) -> Result<(), NodeStorageError> {
+    ) -> Result<crate::wal::AppendStats, NodeStorageError> {
         Ok(self.wal.append(entries, hard_state)?)
     }
 

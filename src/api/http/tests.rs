@@ -536,3 +536,36 @@ async fn forwarding_honours_the_request_timeout_and_a_lost_write_is_504() {
     .await;
     assert_eq!(s, 504, "{j}");
 }
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_template_never_by_key() {
+    let url = spawn(MapService::leader(1)).await;
+    for key in ["a", "b", "c"] {
+        let (s, _, _) = call(
+            reqwest::Method::PUT,
+            &format!("{url}/kv/{key}"),
+            Some(r#"{"value":"1"}"#),
+        )
+        .await;
+        assert_eq!(s, 200);
+    }
+    let (s, _, _) = call(reqwest::Method::GET, &format!("{url}/kv/missing"), None).await;
+    assert_eq!(s, 404);
+    let (s, _, _) = call(reqwest::Method::GET, &format!("{url}/no/such/path"), None).await;
+    assert_eq!(s, 404);
+    let resp = reqwest::get(format!("{url}/metrics")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], crate::metrics::CONTENT_TYPE);
+    let text = resp.text().await.unwrap();
+    for line in [
+        "raftkv_http_requests_total{route=\"PUT /kv/{key}\",code=\"200\"} 3",
+        "raftkv_http_requests_total{route=\"GET /kv/{key}\",code=\"404\"} 1",
+        "raftkv_http_requests_total{route=\"other\",code=\"404\"} 1",
+        "raftkv_http_request_duration_seconds_count{route=\"PUT /kv/{key}\"} 3",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
+    for key in ["\"a\"", "missing", "/no/such"] {
+        assert!(!text.contains(key), "a key or path became a label: {key}");
+    }
+}

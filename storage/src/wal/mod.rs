@@ -139,6 +139,15 @@ struct Active {
 }
 
 /// The write-ahead log of one node. See the module docs.
+/// What one [`Wal::append`] wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AppendStats {
+    /// Bytes written (records and their headers); 0 when there was nothing to write.
+    pub bytes: u64,
+    /// How long the fdatasync took.
+    pub fsync_duration: Duration,
+}
+
 pub struct Wal {
     vfs: Arc<dyn Vfs>,
     dir: PathBuf,
@@ -392,11 +401,11 @@ impl Wal {
         &mut self,
         entries: &[Entry],
         hard_state: Option<&HardState>,
-    ) -> Result<(), WalError> {
+    ) -> Result<AppendStats, WalError> {
         self.check_usable()?;
         let truncate_from = self.validate_append(entries, hard_state)?;
         if entries.is_empty() && hard_state.is_none() {
-            return Ok(());
+            return Ok(AppendStats::default());
         }
         let mut bytes = 0u64;
         if hard_state.is_some() {
@@ -448,7 +457,7 @@ impl Wal {
         );
         let result = self.write_and_sync(&buf);
         self.buf = buf;
-        result?;
+        let fsync_duration = result?;
         // Durable: now, and only now, update memory.
         if let Some(hs) = hard_state {
             self.log.hard_state = *hs;
@@ -459,7 +468,10 @@ impl Wal {
                 .truncate((from - self.log.first_index) as usize);
         }
         self.log.locs.extend(locs);
-        Ok(())
+        Ok(AppendStats {
+            bytes,
+            fsync_duration,
+        })
     }
 
     fn validate_append(
@@ -776,16 +788,20 @@ impl Wal {
         }
     }
 
-    fn write_and_sync(&mut self, buf: &[u8]) -> Result<(), WalError> {
+    /// Writes `buf` at the end of the active segment and fdatasyncs it; returns how long the
+    /// fdatasync took (the figure operators watch: `raftkv_wal_fsync_duration_seconds`).
+    fn write_and_sync(&mut self, buf: &[u8]) -> Result<Duration, WalError> {
         let path = self.dir.join(&self.active.name);
         if let Err(e) = self.active.file.write_all_at(buf, self.active.write_offset) {
             return self.poison(&path, "write", e);
         }
+        let sync_started = Instant::now();
         if let Err(e) = self.active.file.sync_data() {
             return self.poison(&path, "fdatasync", e);
         }
+        let fsync_duration = sync_started.elapsed();
         self.active.write_offset += buf.len() as u64;
-        Ok(())
+        Ok(fsync_duration)
     }
 
     fn rotate_if_full(&mut self, next_write_bytes: u64) -> Result<(), WalError> {

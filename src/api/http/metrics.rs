@@ -1,0 +1,85 @@
+//! `GET /metrics` and the middleware that counts and times every client request.
+//!
+//! Requests are labelled by route template, not by path: a key must never become a label
+//! (one series per key would grow the node's memory with every key a client invents). The
+//! template comes from axum's `MatchedPath` and is mapped onto a fixed table of
+//! `&'static str`, so recording allocates nothing; unknown paths and methods count as
+//! `other`.
+
+use super::ApiState;
+use crate::api::KvService;
+use crate::metrics::{Metrics, CONTENT_TYPE};
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderValue, Method};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The route label of everything the table below does not name.
+pub const ROUTE_OTHER: &str = "other";
+
+/// `METHOD template` for a known route, else [`ROUTE_OTHER`].
+pub fn route_label(method: &Method, matched: Option<&str>) -> &'static str {
+    let Some(path) = matched else {
+        return ROUTE_OTHER;
+    };
+    // `/kv/?key=K` is the same endpoint as `/kv/{key}` (for keys a path cannot carry).
+    let path = if path == "/kv/" { "/kv/{key}" } else { path };
+    match (method.as_str(), path) {
+        ("GET", "/kv/{key}") => "GET /kv/{key}",
+        ("PUT", "/kv/{key}") => "PUT /kv/{key}",
+        ("DELETE", "/kv/{key}") => "DELETE /kv/{key}",
+        ("GET", "/kv") => "GET /kv",
+        ("GET", "/cluster/status") => "GET /cluster/status",
+        ("POST", "/cluster/transfer-leader") => "POST /cluster/transfer-leader",
+        ("GET", "/health") => "GET /health",
+        ("GET", "/ready") => "GET /ready",
+        ("GET", "/snapshot") => "GET /snapshot",
+        ("GET", "/metrics") => "GET /metrics",
+        _ => ROUTE_OTHER,
+    }
+}
+
+/// Counts and times one request (until its response head is ready; a streamed body such as
+/// `/snapshot`'s is not included).
+pub(super) async fn record(
+    State(metrics): State<Arc<Metrics>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let matched = request.extensions().get::<MatchedPath>();
+    let route = route_label(request.method(), matched.map(MatchedPath::as_str));
+    let started = Instant::now();
+    let response = next.run(request).await;
+    metrics.observe_http(route, response.status().as_u16(), started.elapsed());
+    response
+}
+
+/// The node's metrics, refreshed from its current status.
+pub(super) async fn get_metrics<S: KvService>(State(st): State<Arc<ApiState<S>>>) -> Response {
+    st.service.refresh_metrics(&st.metrics).await;
+    let mut response = st.metrics.encode().into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_never_become_labels() {
+        assert_eq!(
+            route_label(&Method::PUT, Some("/kv/{key}")),
+            "PUT /kv/{key}"
+        );
+        assert_eq!(route_label(&Method::GET, Some("/kv/")), "GET /kv/{key}");
+        assert_eq!(route_label(&Method::GET, Some("/kv")), "GET /kv");
+        assert_eq!(route_label(&Method::PATCH, Some("/kv/{key}")), ROUTE_OTHER);
+        assert_eq!(route_label(&Method::GET, None), ROUTE_OTHER);
+        assert_eq!(route_label(&Method::GET, Some("/a/b/c")), ROUTE_OTHER);
+    }
+}
