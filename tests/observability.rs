@@ -171,16 +171,16 @@ fn check_json_logs(nodes: &[Node], leader: u64, term: u64) {
         }
         let changed = events
             .iter()
-            .filter(|v| v["message"] == "leader changed")
-            .last()
+            .rev()
+            .find(|v| v["message"] == "leader changed")
             .unwrap_or_else(|| panic!("node {} logged no leader change", n.id));
         assert_eq!(changed["leader"].as_u64(), Some(leader), "node {}", n.id);
         assert_eq!(changed["term"].as_u64(), Some(term), "node {}", n.id);
         if n.id == leader {
             let became = events
                 .iter()
-                .filter(|v| v["message"] == "became leader")
-                .last()
+                .rev()
+                .find(|v| v["message"] == "became leader")
                 .expect("the leader logged it");
             assert_eq!(became["term"].as_u64(), Some(term));
         }
