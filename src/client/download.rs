@@ -154,7 +154,11 @@ impl Client {
         if out.is_empty() {
             let why: Vec<String> = all
                 .iter()
-                .filter_map(|(_, s)| s.as_ref().err().map(|e| e.to_string()))
+                .filter_map(|(_, s)| match s {
+                    Ok(_) => None,
+                    Err(ClientError::Unavailable(why)) => Some(why.clone()),
+                    Err(e) => Some(e.to_string()),
+                })
                 .collect();
             return Err(ClientError::Unavailable(format!(
                 "no endpoint answered: {}",

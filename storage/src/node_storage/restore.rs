@@ -82,9 +82,9 @@ pub fn build_from_backup(
         "invariant: a restore starts from an empty state machine"
     );
     let mut builder = sm.begin_install()?;
-    let damaged = |source| BackupError::Damaged {
+    let damaged = |damage| BackupError::Damaged {
         path: backup_path.to_path_buf(),
-        source,
+        damage,
     };
     while let Some((key, value)) = reader.next_pair().map_err(damaged)? {
         builder.insert(key, value)?;

@@ -354,19 +354,11 @@ impl BackupReader {
 /// A backup failure.
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
-    #[error("backup I/O on {path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error("backup I/O on {path}: {cause}")]
+    Io { path: PathBuf, cause: io::Error },
     /// The file (or the stream being saved) is damaged; the error says where.
-    #[error("backup {path} is damaged: {source}")]
-    Damaged {
-        path: PathBuf,
-        #[source]
-        source: FormatError,
-    },
+    #[error("backup {path} is damaged: {damage}")]
+    Damaged { path: PathBuf, damage: FormatError },
     #[error("invalid backup: {0}")]
     Invalid(String),
 }
@@ -388,16 +380,16 @@ impl VerifiedBackup {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> BackupError + '_ {
-    move |source| BackupError::Io {
+    move |cause| BackupError::Io {
         path: path.to_path_buf(),
-        source,
+        cause,
     }
 }
 
 fn damaged(path: &Path) -> impl FnOnce(FormatError) -> BackupError + '_ {
-    move |source| BackupError::Damaged {
+    move |damage| BackupError::Damaged {
         path: path.to_path_buf(),
-        source,
+        damage,
     }
 }
 
@@ -509,7 +501,7 @@ impl BackupWriter {
         if end > self.bytes_max {
             return Err(BackupError::Damaged {
                 path: self.part.clone(),
-                source: corrupt(
+                damage: corrupt(
                     self.base.saturating_add(self.bytes_max),
                     format!(
                         "the snapshot stream is longer than the limit of {} bytes",
@@ -542,7 +534,7 @@ impl BackupWriter {
                 .try_into()
                 .map_err(|_| BackupError::Damaged {
                     path: self.part.clone(),
-                    source: corrupt(
+                    damage: corrupt(
                         self.base + self.written,
                         format!(
                             "the snapshot stream ended after {} bytes, inside its header",
@@ -552,7 +544,7 @@ impl BackupWriter {
                 })?;
         let inner = SnapshotHeader::decode(&head).map_err(|e| BackupError::Damaged {
             path: self.part.clone(),
-            source: shifted(self.base)(e),
+            damage: shifted(self.base)(e),
         })?;
         let header = BackupHeader {
             cluster_id: self.cluster_id.clone(),

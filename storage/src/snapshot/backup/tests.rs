@@ -69,7 +69,7 @@ fn read_all(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
 fn damage_of(path: &Path) -> (u64, String) {
     match verify(&StdFs, path) {
         Err(BackupError::Damaged {
-            source: FormatError::Corrupt { offset, what },
+            damage: FormatError::Corrupt { offset, what },
             ..
         }) => (offset, what),
         other => panic!("{} should be refused as damaged: {other:?}", path.display()),
