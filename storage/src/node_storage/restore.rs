@@ -15,7 +15,7 @@
 
 use super::{NodeStorageError, NodeStorageOptions, SM_DIR_NAME, WAL_DIR_NAME};
 use crate::sm::StateMachine;
-use crate::snapshot::backup::{self, BackupError, BackupHeader};
+use crate::snapshot::backup::{self, BackupError, BackupHeader, BackupReader};
 use crate::types::{HardState, Membership, SnapshotMeta};
 use crate::vfs::StdFs;
 use crate::wal::Wal;
@@ -39,17 +39,8 @@ fn refused(data_dir: &Path, why: String) -> NodeStorageError {
     }
 }
 
-/// Builds `sm/` and `wal/` in `data_dir` (neither may hold anything yet) from the backup at
-/// `backup_path`, with `membership` as the new cluster's voters.
-pub fn build_from_backup(
-    backup_path: &Path,
-    data_dir: &Path,
-    membership: Membership,
-    opts: &NodeStorageOptions,
-) -> Result<RestoredStorage, NodeStorageError> {
-    if membership.voters.is_empty() {
-        return Err(refused(data_dir, "the new membership has no voters".into()));
-    }
+/// Refuses a data dir whose `sm/` or `wal/` holds anything.
+fn check_unused(data_dir: &Path) -> Result<(), NodeStorageError> {
     for name in [SM_DIR_NAME, WAL_DIR_NAME] {
         let dir = data_dir.join(name);
         let occupied = std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some());
@@ -63,20 +54,17 @@ pub fn build_from_backup(
             ));
         }
     }
-    let mut reader = backup::open(&StdFs, backup_path)?;
-    let envelope = reader.header().clone();
-    if envelope.index == 0 {
-        return Err(refused(
-            data_dir,
-            "the backup is at index 0: it holds no committed state".into(),
-        ));
-    }
-    let meta = SnapshotMeta {
-        index: envelope.index,
-        term: envelope.term,
-        membership,
-    };
-    let sm = StateMachine::open(&data_dir.join(SM_DIR_NAME), opts.sm.clone())?;
+    Ok(())
+}
+
+/// Streams the backup's pairs into a fresh tree of `sm` and swaps it in at `meta` once the
+/// whole file verified; returns the number of pairs.
+fn fill_state_machine(
+    reader: &mut BackupReader,
+    backup_path: &Path,
+    sm: &StateMachine,
+    meta: &SnapshotMeta,
+) -> Result<u64, NodeStorageError> {
     assert!(
         sm.was_created() && sm.applied_index() == 0,
         "invariant: a restore starts from an empty state machine"
@@ -91,18 +79,59 @@ pub fn build_from_backup(
     }
     let key_count = builder.key_count();
     // The whole file verified (next_pair returned None): only now does the state change.
-    builder.finish(&meta)?;
+    builder.finish(meta)?;
+    Ok(key_count)
+}
+
+/// A new WAL that starts right after `meta`: its snapshot marker, the log reset to
+/// `meta.index + 1`, and the hard state (term `meta.term`, no vote, commit `meta.index`).
+fn start_wal(
+    data_dir: &Path,
+    meta: &SnapshotMeta,
+    opts: &NodeStorageOptions,
+) -> Result<(), NodeStorageError> {
     let mut wal = Wal::open(&data_dir.join(WAL_DIR_NAME), opts.wal)?;
     if wal.last_index() != 0 || wal.snapshot().is_some() {
         return Err(refused(data_dir, "the WAL is not empty".into()));
     }
-    wal.reset_to_snapshot(&meta)?;
+    wal.reset_to_snapshot(meta)?;
     let hard_state = HardState {
         term: meta.term,
         vote: None,
         commit: meta.index,
     };
     wal.append(&[], Some(&hard_state))?;
+    Ok(())
+}
+
+/// Builds `sm/` and `wal/` in `data_dir` (neither may hold anything yet) from the backup at
+/// `backup_path`, with `membership` as the new cluster's voters.
+pub fn build_from_backup(
+    backup_path: &Path,
+    data_dir: &Path,
+    membership: Membership,
+    opts: &NodeStorageOptions,
+) -> Result<RestoredStorage, NodeStorageError> {
+    if membership.voters.is_empty() {
+        return Err(refused(data_dir, "the new membership has no voters".into()));
+    }
+    check_unused(data_dir)?;
+    let mut reader = backup::open(&StdFs, backup_path)?;
+    let envelope = reader.header().clone();
+    if envelope.index == 0 {
+        return Err(refused(
+            data_dir,
+            "the backup is at index 0: it holds no committed state".into(),
+        ));
+    }
+    let meta = SnapshotMeta {
+        index: envelope.index,
+        term: envelope.term,
+        membership,
+    };
+    let sm = StateMachine::open(&data_dir.join(SM_DIR_NAME), opts.sm.clone())?;
+    let key_count = fill_state_machine(&mut reader, backup_path, &sm, &meta)?;
+    start_wal(data_dir, &meta, opts)?;
     sm.flush()?;
     tracing::info!(
         data_dir = %data_dir.display(),
