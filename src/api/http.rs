@@ -451,6 +451,10 @@ fn relay(resp: reqwest::Response, id: u64, url: &str) -> Response {
     let status = resp.status();
     let retry_after = resp.headers().get("retry-after").cloned();
     let content_type = resp.headers().get("content-type").cloned();
+    let snapshot_headers: Vec<(&str, HeaderValue)> = snapshot::SNAPSHOT_HEADERS
+        .iter()
+        .filter_map(|name| Some((*name, resp.headers().get(*name)?.clone())))
+        .collect();
     let mut out = Response::new(Body::from_stream(resp.bytes_stream()));
     *out.status_mut() = status;
     let h = out.headers_mut();
@@ -460,6 +464,9 @@ fn relay(resp: reqwest::Response, id: u64, url: &str) -> Response {
     );
     if let Some(v) = retry_after {
         h.insert("retry-after", v);
+    }
+    for (name, v) in snapshot_headers {
+        h.insert(name, v);
     }
     h.insert(FORWARDED_TO_HEADER, HeaderValue::from(id));
     if let Ok(v) = HeaderValue::from_str(url) {
@@ -674,7 +681,7 @@ async fn ready<S: KvService>(State(st): State<Arc<ApiState<S>>>) -> Response {
 
 mod metrics;
 mod snapshot;
-pub use snapshot::{SNAPSHOT_INDEX_HEADER, SNAPSHOT_TERM_HEADER};
+pub use snapshot::{CLUSTER_ID_HEADER, SNAPSHOT_INDEX_HEADER, SNAPSHOT_TERM_HEADER};
 
 #[cfg(test)]
 pub(crate) mod tests;

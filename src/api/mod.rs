@@ -176,6 +176,8 @@ pub struct SnapshotFileOut {
     /// The last log index (and its term) the snapshot contains.
     pub index: u64,
     pub term: u64,
+    /// The cluster the snapshot was taken from (a backup records it).
+    pub cluster_id: String,
     pub path: std::path::PathBuf,
     pub bytes: u64,
 }

@@ -19,7 +19,14 @@ pub struct MapService {
     leader: Option<LeaderHint>,
     /// When set, every write fails with this error.
     pub write_error: Option<ServiceError>,
+    /// When set, a leader serves `GET /snapshot` as a snapshot file of the map written here,
+    /// from cluster [`SNAPSHOT_CLUSTER_ID`]; otherwise it refuses like any service without
+    /// snapshot files.
+    pub snapshot_dir: Option<std::path::PathBuf>,
 }
+
+/// The cluster id a map service's snapshots come from (not a valid header value unencoded).
+pub const SNAPSHOT_CLUSTER_ID: &str = "test cluster/ü";
 
 impl MapService {
     pub fn leader(id: NodeId) -> MapService {
@@ -28,6 +35,7 @@ impl MapService {
             data: Mutex::default(),
             leader: None,
             write_error: None,
+            snapshot_dir: None,
         }
     }
 
@@ -40,6 +48,7 @@ impl MapService {
                 client_url: url,
             }),
             write_error: None,
+            snapshot_dir: None,
         }
     }
 
@@ -177,6 +186,43 @@ impl KvService for MapService {
             return Err(ServiceError::InvalidInput("unknown node 99".into()));
         }
         Ok(())
+    }
+
+    async fn snapshot(&self) -> Result<SnapshotFileOut, ServiceError> {
+        self.redirect()?;
+        let Some(dir) = &self.snapshot_dir else {
+            return Err(ServiceError::InvalidInput(
+                "this service keeps no snapshot files".into(),
+            ));
+        };
+        let (pairs, index) = {
+            let d = self.data.lock().unwrap_or_else(|p| p.into_inner());
+            (d.0.clone(), d.1.max(1))
+        };
+        let meta = raftkv_storage::SnapshotMeta {
+            index,
+            term: 1,
+            membership: raftkv_storage::Membership::with_voters([self.id]),
+        };
+        let path = dir.join(raftkv_storage::snapshot::file_name(index, 1));
+        let internal = |e: std::io::Error| ServiceError::Internal(e.to_string());
+        let written = (|| {
+            use raftkv_storage::vfs::Vfs as _;
+            let file = raftkv_storage::vfs::StdFs.open(&path, true)?;
+            let mut w = raftkv_storage::snapshot::format::SnapshotFileWriter::new(file, meta, 256)?;
+            for (k, v) in &pairs {
+                w.push(k.as_bytes(), v.as_bytes())?;
+            }
+            w.finish()
+        })()
+        .map_err(internal)?;
+        Ok(SnapshotFileOut {
+            index,
+            term: 1,
+            cluster_id: SNAPSHOT_CLUSTER_ID.into(),
+            path,
+            bytes: written.file_bytes,
+        })
     }
 }
 

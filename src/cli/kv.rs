@@ -1,4 +1,5 @@
-//! The client subcommands: `put`, `get`, `del`, `list`, `status`, `transfer-leader`.
+//! The client subcommands: `put`, `get`, `del`, `list`, `status`, `transfer-leader` (and the
+//! helpers `snapshot save` shares).
 //!
 //! Exit codes (public interface): 0 success; 1 a missing key (`get`) or a rejected request;
 //! 3 the cluster was unavailable within the retry budget (safe to retry); 4 a write's outcome
@@ -106,7 +107,7 @@ fn parse_consistency(s: &str) -> Result<Consistency, String> {
 }
 
 /// The client the flags describe; anything wrong with them is a usage error (exit 2).
-fn client(args: &EndpointArgs) -> anyhow::Result<Client> {
+pub(super) fn client(args: &EndpointArgs) -> anyhow::Result<Client> {
     let usage = |e: String| anyhow::Error::new(UsageError(e));
     let endpoints =
         ClientConfig::parse_endpoints(&args.endpoints).map_err(|e| usage(e.to_string()))?;
@@ -125,7 +126,7 @@ fn client(args: &EndpointArgs) -> anyhow::Result<Client> {
     Client::new(config).map_err(|e| usage(e.to_string()))
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(super) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -133,7 +134,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// Prints a client error and picks the exit code.
-fn failure(e: ClientError) -> ExitCode {
+pub(super) fn failure(e: ClientError) -> ExitCode {
     eprintln!("raftkv: {e}");
     match e {
         ClientError::Unavailable(_) => ExitCode::from(EXIT_UNAVAILABLE),

@@ -9,6 +9,7 @@ mod cluster;
 mod kv;
 mod local;
 mod serve;
+mod snapshot;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -81,6 +82,19 @@ pub enum Command {
     /// Check that this machine is fit to run a node.
     #[command(subcommand)]
     Check(CheckCommand),
+    /// Back up the cluster's state to a file, or restore one into a new cluster.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Save a consistent copy of the cluster's state (taken on the leader at a linearizable
+    /// read index) to FILE: streamed to FILE.part, verified, synced, renamed.
+    Save(snapshot::SaveArgs),
+    /// Build a new member's data dir from a backup, as a member of a new cluster (restore
+    /// every member from the same file, then start each with `raftkv serve`).
+    Restore(snapshot::RestoreArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -134,5 +148,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cluster(ClusterCommand::Up(args)) => cluster::up(&args, log_args),
         Command::Bench(args) => bench::run(&args),
         Command::Check(CheckCommand::Disk(args)) => check_disk::run(&args),
+        Command::Snapshot(SnapshotCommand::Save(args)) => snapshot::save(&args),
+        Command::Snapshot(SnapshotCommand::Restore(args)) => snapshot::restore(&args),
     }
 }

@@ -22,6 +22,12 @@
 //!   the system's roots); `token` is sent as `Authorization: Bearer <token>`.
 //! - **Lists page.** [`Client::list`] follows the server's continuations (`more`/`next`) up to
 //!   its limit; each page is a consistent read, the whole list is not one snapshot.
+//! - **Snapshots stream.** [`Client::snapshot`] asks the leader for the whole state as a
+//!   snapshot file and hands it out piece by piece (see [`download`]).
+
+mod download;
+
+pub use download::SnapshotDownload;
 
 use crate::api::http::{FORWARDED_TO_HEADER, KIND_KEY_NOT_FOUND, LEADER_URL_HEADER};
 use crate::api::types::*;
@@ -434,9 +440,16 @@ impl Client {
 
 /// The HTTP client: timeouts, the trusted CA, the bearer token.
 fn http_client(config: &ClientConfig) -> Result<reqwest::Client, ClientError> {
+    http_builder(config)?
+        .timeout(Duration::from_millis(config.request_timeout_ms))
+        .build()
+        .map_err(|e| ClientError::Config(e.to_string()))
+}
+
+/// The connect timeout, the trusted CA and the bearer token; no total timeout yet.
+fn http_builder(config: &ClientConfig) -> Result<reqwest::ClientBuilder, ClientError> {
     crate::tls::ensure_provider();
     let mut b = reqwest::Client::builder()
-        .timeout(Duration::from_millis(config.request_timeout_ms))
         .connect_timeout(Duration::from_millis(
             config.connect_timeout_ms.min(config.request_timeout_ms),
         ))
@@ -454,7 +467,7 @@ fn http_client(config: &ClientConfig) -> Result<reqwest::Client, ClientError> {
         headers.insert(reqwest::header::AUTHORIZATION, value);
         b = b.default_headers(headers);
     }
-    b.build().map_err(|e| ClientError::Config(e.to_string()))
+    Ok(b)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -505,6 +518,27 @@ pub fn key_path_and_query(key: &str, query: &str) -> String {
     } else {
         format!("/kv/{encoded}{}", sep('?'))
     }
+}
+
+/// Decodes `%XX` escapes; `None` if an escape is malformed or the result is not UTF-8.
+pub fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// Percent-encodes everything but RFC 3986 unreserved characters, and `.` too, so no URL

@@ -259,3 +259,67 @@ async fn the_token_is_sent_on_every_request() {
         "{err}"
     );
 }
+
+#[test]
+fn percent_decoding_inverts_encoding_and_refuses_garbage() {
+    for s in ["", "plain", "test cluster/ü", "%", "a%2Fb", "日本"] {
+        assert_eq!(percent_decode(&percent_encode(s)).as_deref(), Some(s));
+    }
+    for bad in ["%", "%4", "%zz", "%ff", "a%e6%97"] {
+        assert_eq!(percent_decode(bad), None, "{bad:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_snapshot_streams_from_the_leader_into_a_verified_backup() {
+    use crate::api::test_service::SNAPSHOT_CLUSTER_ID;
+    use raftkv_storage::snapshot::backup::BackupWriter;
+    let dir = tempfile::tempdir().unwrap();
+    let mut leader = MapService::leader(1);
+    leader.snapshot_dir = Some(dir.path().to_path_buf());
+    let leader = spawn(leader).await;
+    let follower = spawn(MapService::follower(2, 1, Some(leader.clone()))).await;
+    let c = client(
+        vec![dead_endpoint().await, follower.clone(), leader.clone()],
+        5000,
+    );
+    for i in 0..300 {
+        c.put(&format!("key/{i:03}"), &format!("value {i}"))
+            .await
+            .unwrap();
+    }
+    let mut download = c.snapshot().await.unwrap();
+    // Found through the status of every endpoint: the leader, asked directly.
+    assert_eq!(download.endpoint, leader);
+    assert_eq!(download.cluster_id, SNAPSHOT_CLUSTER_ID);
+    assert_eq!((download.index, download.term), (300, 1));
+    let file = dir.path().join("backup.rkv");
+    let vfs = std::sync::Arc::new(raftkv_storage::vfs::StdFs);
+    let mut w = BackupWriter::create(vfs, &file, &download.cluster_id, 0, 1 << 30).unwrap();
+    while let Some(piece) = download.chunk().await.unwrap() {
+        w.write(&piece).unwrap();
+    }
+    assert_eq!(Some(download.received_bytes()), download.bytes);
+    let saved = w.finish().unwrap();
+    assert_eq!(saved.header.cluster_id, SNAPSHOT_CLUSTER_ID);
+    assert_eq!((saved.header.index, saved.snapshot.key_count), (300, 300));
+
+    // Through a follower alone: forwarded, with the snapshot headers relayed.
+    let via = client(vec![follower], 5000);
+    let mut download = via.snapshot().await.unwrap();
+    assert_eq!(download.cluster_id, SNAPSHOT_CLUSTER_ID);
+    assert_eq!(download.index, 300);
+    let mut bytes = 0;
+    while let Some(piece) = download.chunk().await.unwrap() {
+        bytes += piece.len() as u64;
+    }
+    assert_eq!(bytes, saved.snapshot.file_bytes);
+
+    // A leader that keeps no snapshot files rejects the request: not retried.
+    let plain = client(vec![spawn(MapService::leader(1)).await], 5000);
+    let err = plain.snapshot().await.err().unwrap();
+    assert!(
+        matches!(err, ClientError::Rejected { status: 400, .. }),
+        "{err}"
+    );
+}

@@ -5,13 +5,20 @@
 //! Input: a mode byte (bit 0: repair every chunk CRC, the body CRC, the file length and the
 //! header CRC, so chunk parsing and the end-of-file checks are reached; bits 1..: the chunk
 //! size the file is re-written with), then the file's bytes.
+//!
+//! The same bytes also go through the backup reader (`storage::snapshot::backup`, which
+//! `raftkv snapshot restore` and `wal-inspect` run on operator-supplied files): raw, as a
+//! hostile envelope, and wrapped in a valid envelope by the backup writer, where they must
+//! verify exactly when they verify alone, with the same contents.
 
+use crate::storage::snapshot::backup::{self, BackupWriter};
 use crate::storage::snapshot::format::{
     SnapshotFileReader, SnapshotFileWriter, SnapshotHeader, CHUNK_HEADER_BYTES, HEADER_BYTES,
 };
 use crate::storage::vfs::{SimFs, Vfs};
 use crate::storage::SnapshotMeta;
 use std::path::Path;
+use std::sync::Arc;
 
 /// A fully verified file's contents.
 struct Contents {
@@ -31,7 +38,16 @@ pub fn snapshot_file(data: &[u8]) {
         repair(&mut file);
     }
     let vfs = SimFs::new();
-    let Some(read) = read_all(&vfs, Path::new("/snap/fuzz.snap"), &file) else {
+    // Raw bytes as a backup: any verdict, never a panic.
+    read_backup(&vfs, Path::new("/backup/raw.rkv"), Some(bytes));
+    let alone = read_all(&vfs, Path::new("/snap/fuzz.snap"), &file);
+    let wrapped = wrap(&vfs, &file);
+    assert_eq!(
+        wrapped.as_ref().map(|c| (&c.meta, &c.pairs)),
+        alone.as_ref().map(|c| (&c.meta, &c.pairs)),
+        "a snapshot verifies inside a backup exactly when it verifies alone"
+    );
+    let Some(read) = alone else {
         return;
     };
     let key_count = read.pairs.len() as u64;
@@ -79,6 +95,40 @@ fn read_all(vfs: &SimFs, path: &Path, bytes: &[u8]) -> Option<Contents> {
         meta,
         pairs,
     })
+}
+
+/// Reads the backup at `path` (first written with `bytes`, if given) to the end; `None` if it
+/// does not verify.
+fn read_backup(vfs: &SimFs, path: &Path, bytes: Option<&[u8]>) -> Option<Contents> {
+    if let Some(bytes) = bytes {
+        let written = vfs.open(path, true).and_then(|f| f.write_all_at(bytes, 0));
+        assert!(written.is_ok(), "the simulated disk has no faults set");
+    }
+    let mut reader = backup::open(vfs, path).ok()?;
+    let header = reader.snapshot_header().clone();
+    let meta = reader.meta().clone();
+    let mut pairs = Vec::new();
+    while let Some((key, value)) = reader.next_pair().ok()? {
+        pairs.push((key.to_vec(), value.to_vec()));
+    }
+    Some(Contents {
+        header,
+        meta,
+        pairs,
+    })
+}
+
+/// Streams `file` through the backup writer (which verifies what it wrote) and reads the
+/// published backup; `None` if the writer refused it.
+fn wrap(vfs: &SimFs, file: &[u8]) -> Option<Contents> {
+    let path = Path::new("/backup/fuzz.rkv");
+    let mut w = BackupWriter::create(Arc::new(vfs.clone()), path, "fuzz", 0, u64::MAX).ok()?;
+    w.write(file).ok()?;
+    w.finish().ok()?;
+    match read_backup(vfs, path, None) {
+        Some(contents) => Some(contents),
+        None => panic!("a backup the writer verified does not read back"),
+    }
 }
 
 /// Writes `contents` again with the real writer; returns the new file's bytes.

@@ -39,6 +39,7 @@ pub mod driver;
 pub mod identity;
 pub mod peer;
 pub mod rejoin;
+pub mod restore;
 pub mod service;
 pub mod storage_loop;
 

@@ -54,6 +54,7 @@ pub enum Request {
 /// The node's client API.
 pub struct NodeService {
     id: NodeId,
+    cluster_id: String,
     limits: Limits,
     requests: mpsc::Sender<Request>,
     sm: Arc<StateMachine>,
@@ -75,6 +76,7 @@ impl NodeService {
     ) -> NodeService {
         NodeService {
             id: config.id,
+            cluster_id: config.cluster_id.clone(),
             limits: config.limits,
             requests,
             sm,
@@ -326,6 +328,7 @@ impl KvService for NodeService {
         Ok(SnapshotFileOut {
             index: created.meta.index,
             term: created.meta.term,
+            cluster_id: self.cluster_id.clone(),
             path: created.file.path,
             bytes,
         })

@@ -33,6 +33,8 @@
 //!
 //! **Installing a leader's snapshot** ([`NodeStorage::install_snapshot`]): build and swap the
 //! sled tree (durable), then reset the WAL to start after it. A crash in between is step 5.
+//!
+//! **Restoring a backup** into a new data dir: [`restore::build_from_backup`].
 
 use crate::sm::{AppliedEntry, SmError, StateMachine, StateMachineOptions};
 use crate::snapshot::{
@@ -87,6 +89,8 @@ pub enum NodeStorageError {
     Sm(#[from] SmError),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Backup(#[from] crate::snapshot::backup::BackupError),
     #[error("I/O on {path}: {source}")]
     Io {
         path: PathBuf,
@@ -483,6 +487,8 @@ impl NodeStorage {
         Ok(meta)
     }
 }
+
+pub mod restore;
 
 #[cfg(test)]
 mod tests;

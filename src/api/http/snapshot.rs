@@ -4,7 +4,9 @@
 //! acknowledged before the request; a follower forwards it like any read. The body is the
 //! snapshot file byte for byte (the format `wal-inspect --snapshot FILE --verify` checks), so
 //! what a client receives can be verified end to end; `X-Raftkv-Snapshot-Index` and `-Term`
-//! name its position. Used by a member rejoining without its state machine, and for backups.
+//! name its position, and `X-Raftkv-Cluster-Id` (percent-encoded UTF-8) the cluster, which a
+//! backup records. Used by a member rejoining without its state machine, and for backups
+//! (`raftkv snapshot save`).
 //! The file is read in 1 MiB pieces: memory stays flat whatever the state's size.
 
 use super::{forward, ApiState};
@@ -20,6 +22,14 @@ use tokio::io::AsyncReadExt;
 pub const SNAPSHOT_INDEX_HEADER: &str = "x-raftkv-snapshot-index";
 /// The term of that index.
 pub const SNAPSHOT_TERM_HEADER: &str = "x-raftkv-snapshot-term";
+/// The cluster's id, percent-encoded (`crate::client::percent_encode`).
+pub const CLUSTER_ID_HEADER: &str = "x-raftkv-cluster-id";
+/// The headers a follower relays from the leader's answer.
+pub const SNAPSHOT_HEADERS: [&str; 3] = [
+    SNAPSHOT_INDEX_HEADER,
+    SNAPSHOT_TERM_HEADER,
+    CLUSTER_ID_HEADER,
+];
 /// Bytes read from the file per body chunk.
 const STREAM_CHUNK_BYTES: usize = 1 << 20;
 
@@ -77,5 +87,9 @@ pub(super) async fn get_snapshot<S: KvService>(
     h.insert("content-length", HeaderValue::from(total));
     h.insert(SNAPSHOT_INDEX_HEADER, HeaderValue::from(out.index));
     h.insert(SNAPSHOT_TERM_HEADER, HeaderValue::from(out.term));
+    // Percent-encoding leaves only unreserved ASCII: always a valid header value.
+    if let Ok(v) = HeaderValue::from_str(&crate::client::percent_encode(&out.cluster_id)) {
+        h.insert(CLUSTER_ID_HEADER, v);
+    }
     response
 }

@@ -22,6 +22,7 @@
 //! once the whole file has verified. A file that fails verification during recovery is renamed
 //! `<name>.broken` and the next older one is tried ([`SnapshotStore::restore_newest`]).
 
+pub mod backup;
 pub mod format;
 
 use crate::sm::{SmError, StateMachine};

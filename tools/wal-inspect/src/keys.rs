@@ -31,6 +31,8 @@ struct PairView {
 
 /// What is known before the keys.
 struct KeysHeader {
+    /// `snapshot` or `backup`.
+    kind: &'static str,
     file: String,
     index: Option<u64>,
     term: Option<u64>,
@@ -77,7 +79,8 @@ impl KeysWriter<'_> {
             let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
             writeln!(
                 self.out,
-                "snapshot {}: index {}, term {}, {} keys; prefix {}",
+                "{} {}: index {}, term {}, {} keys; prefix {}",
+                h.kind,
                 h.file,
                 opt(h.index),
                 opt(h.term),
@@ -160,7 +163,9 @@ pub fn dump(
         json,
         listed: 0,
     };
+    let backup = reader.as_ref().is_some_and(|r| r.backup().is_some());
     writer.begin(&KeysHeader {
+        kind: if backup { "backup" } else { "snapshot" },
         file: path.display().to_string(),
         index: reader.as_ref().map(|r| r.meta().index),
         term: reader.as_ref().map(|r| r.meta().term),

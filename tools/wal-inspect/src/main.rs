@@ -15,7 +15,8 @@
 //! - `--snapshots DIR` names the snapshot directory (or a data dir holding `snap/`); with no
 //!   positional DIR the summary or `--verify` covers snapshots only.
 //! - `--snapshot FILE`: one file verified and described; with `--keys [PREFIX]` its pairs in
-//!   key order, streamed.
+//!   key order, streamed. FILE may also be a backup (`raftkv snapshot save`), with its
+//!   envelope (cluster id, CRC chain) checked too.
 //!
 //! Every mode takes `--json` and exits with the verdict: 0 clean, 1 corrupt (a damaged WAL or
 //! snapshot file, or any error: missing directory, unreadable file, bad arguments), 2 only a
@@ -24,6 +25,7 @@
 mod entries;
 mod keys;
 mod payload;
+mod reader;
 mod snapshots;
 mod summary;
 mod verdict;
@@ -52,6 +54,7 @@ use verdict::{Verdict, VerifyReport};
 ///   wal-inspect data/ --entries 100..200   entries with their decoded commands
 ///   wal-inspect --snapshots data/snap      snapshot files only
 ///   wal-inspect --snapshot data/snap/F.snap --keys user/   keys of one snapshot
+///   wal-inspect --snapshot backup.rkv --verify   check a backup (raftkv snapshot save)
 ///
 /// Exit status: 0 clean; 1 corruption (opening the WAL would refuse, or a snapshot file does
 /// not verify) or an error; 2 only a torn tail (opening would cut it off).
@@ -85,7 +88,8 @@ struct Args {
     #[arg(long, value_name = "DIR")]
     snapshots: Option<PathBuf>,
 
-    /// One snapshot file: verify and describe it (and list its keys with --keys).
+    /// One snapshot file or backup (`raftkv snapshot save`): verify and describe it (and list
+    /// its keys with --keys).
     #[arg(
         long,
         value_name = "FILE",

@@ -7,14 +7,20 @@
 //! chunk's CRC and sequence, key order, the end chunk's counts and the body CRC. The reader
 //! holds one chunk at a time, so verifying a large snapshot needs no more memory than that.
 //!
+//! `--snapshot FILE` also takes a backup (`raftkv snapshot save`), told by its magic bytes: the
+//! same verification plus the envelope's (cluster id, length, CRC chain), offsets in the
+//! backup file.
+//!
 //! Judged: files named like snapshots (`<term:016x>-<index:016x>.snap`, the names
 //! `SnapshotStore` lists). Listed but not judged: `*.tmp` (a snapshot being written, or left
 //! by a crash; opening the store removes it), `*.broken` (set aside by recovery) and anything
 //! else (the store ignores it). A snapshot that disappears between listing and opening (a
 //! live node keeps only the newest two) is reported as `vanished`, not as damage.
 
+use crate::reader::FileReader;
 use crate::verdict::Verdict;
-use raftkv_storage::snapshot::format::{FormatError, SnapshotFileReader};
+use raftkv_storage::snapshot::backup::{has_backup_magic, BackupHeader};
+use raftkv_storage::snapshot::format::FormatError;
 use raftkv_storage::snapshot::parse_file_name;
 use raftkv_storage::vfs::{StdFs, Vfs};
 use serde::Serialize;
@@ -75,14 +81,12 @@ impl ReadFailure {
     }
 }
 
-/// Opens `path` as a snapshot and checks its header and meta chunk; when `named` gives the
-/// (index, term) in its file name, checks that the contents agree (as `SnapshotStore` does).
-pub fn open_reader(
-    path: &Path,
-    named: Option<(u64, u64)>,
-) -> Result<SnapshotFileReader, ReadFailure> {
+/// Opens `path` as a snapshot (or a backup) and checks its headers and meta chunk; when
+/// `named` gives the (index, term) in its file name, checks that the contents agree (as
+/// `SnapshotStore` does).
+pub fn open_reader(path: &Path, named: Option<(u64, u64)>) -> Result<FileReader, ReadFailure> {
     let handle = StdFs.open_read(path).map_err(ReadFailure::from_open)?;
-    let reader = SnapshotFileReader::open(handle).map_err(ReadFailure::from_format)?;
+    let reader = FileReader::open(handle).map_err(ReadFailure::from_format)?;
     let meta = reader.meta();
     if let Some((index, term)) = named {
         if (meta.index, meta.term) != (index, term) {
@@ -98,7 +102,37 @@ pub fn open_reader(
     Ok(reader)
 }
 
-/// One snapshot file and what verifying it found.
+/// What a backup's envelope adds to its snapshot.
+#[derive(Clone, Debug, Serialize)]
+pub struct BackupView {
+    /// The cluster the backup was saved from.
+    pub cluster_id: String,
+    pub saved_at_unix_ms: u64,
+    /// Where the embedded snapshot file starts, and its length.
+    pub snapshot_offset: u64,
+    pub snapshot_bytes: u64,
+}
+
+impl BackupView {
+    fn of(h: &BackupHeader) -> BackupView {
+        BackupView {
+            cluster_id: h.cluster_id.clone(),
+            saved_at_unix_ms: h.saved_at_unix_ms,
+            snapshot_offset: h.snapshot_offset(),
+            snapshot_bytes: h.snapshot_bytes,
+        }
+    }
+}
+
+/// Whether the file at `path` starts like a backup (false if it cannot be read).
+fn looks_like_backup(path: &Path) -> bool {
+    StdFs
+        .open_read(path)
+        .and_then(|f| has_backup_magic(f.as_ref()))
+        .unwrap_or(false)
+}
+
+/// One snapshot file (or backup) and what verifying it found.
 #[derive(Clone, Debug, Serialize)]
 pub struct SnapshotFileView {
     pub file: String,
@@ -116,6 +150,12 @@ pub struct SnapshotFileView {
     /// `ok`, `damaged`, `unreadable` or `vanished`.
     pub status: &'static str,
     pub damage: Option<DamageView>,
+    /// A backup's envelope (absent for a snapshot file, or when the envelope is damaged).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupView>,
+    /// The file starts with the backup magic.
+    #[serde(skip)]
+    pub is_backup: bool,
 }
 
 impl SnapshotFileView {
@@ -137,6 +177,8 @@ impl SnapshotFileView {
             learners: None,
             status: "ok",
             damage: None,
+            backup: None,
+            is_backup: looks_like_backup(path),
             file,
         };
         let failure = match open_reader(path, named) {
@@ -149,6 +191,7 @@ impl SnapshotFileView {
                 view.kv_bytes = Some(header.kv_bytes);
                 view.voters = Some(meta.membership.voters.iter().copied().collect());
                 view.learners = Some(meta.membership.learners.iter().copied().collect());
+                view.backup = reader.backup().map(BackupView::of);
                 reader.verify_rest().err().map(ReadFailure::from_format)
             }
             Err(e) => Some(e),
@@ -192,10 +235,11 @@ impl SnapshotFileView {
     /// The block `--verify` prints for a file that failed.
     fn write_failure(&self, out: &mut String) -> std::fmt::Result {
         if let Some(d) = &self.damage {
-            let what = if self.status == "unreadable" {
-                "UNREADABLE SNAPSHOT"
-            } else {
-                "CORRUPT SNAPSHOT"
+            let what = match (self.status == "unreadable", self.is_backup) {
+                (true, false) => "UNREADABLE SNAPSHOT",
+                (false, false) => "CORRUPT SNAPSHOT",
+                (true, true) => "UNREADABLE BACKUP",
+                (false, true) => "CORRUPT BACKUP",
             };
             writeln!(out, "{what}: {}", self.path)?;
             writeln!(out, "  byte offset:     {} (0x{:x})", d.offset, d.offset)?;
@@ -214,7 +258,15 @@ impl SnapshotFileView {
 
     fn write_text(&self, out: &mut String) -> std::fmt::Result {
         let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
-        writeln!(out, "snapshot {}: {}", self.path, self.status)?;
+        let kind = if self.is_backup { "backup" } else { "snapshot" };
+        writeln!(out, "{kind} {}: {}", self.path, self.status)?;
+        if let Some(b) = &self.backup {
+            writeln!(
+                out,
+                "  cluster {:?}, saved at {} ms since the Unix epoch; snapshot of {} bytes at byte {}",
+                b.cluster_id, b.saved_at_unix_ms, b.snapshot_bytes, b.snapshot_offset
+            )?;
+        }
         writeln!(
             out,
             "  index {}, term {}, {} keys, {} key+value bytes, {} file bytes",
