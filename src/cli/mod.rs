@@ -8,6 +8,7 @@ mod check_disk;
 mod cluster;
 mod kv;
 mod local;
+mod ready;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -37,6 +38,8 @@ pub enum Command {
     List(kv::ListArgs),
     /// Every member's view of the cluster.
     Status(kv::StatusArgs),
+    /// Probe `/ready` on every endpoint (exit 0 all ready, 1 one not ready, 3 one unreachable).
+    Ready(ready::ReadyArgs),
     /// Move leadership to another node.
     TransferLeader(kv::TransferArgs),
     /// Run a local cluster.
@@ -91,6 +94,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Del(args) => kv::del(&args),
         Command::List(args) => kv::list(&args),
         Command::Status(args) => kv::status(&args),
+        Command::Ready(args) => ready::run(&args),
         Command::TransferLeader(args) => kv::transfer(&args),
         Command::Cluster(ClusterCommand::Up(args)) => cluster::up(&args),
         Command::Bench(args) => bench::run(&args),
