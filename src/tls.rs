@@ -178,6 +178,39 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
+/// A client configuration that trusts no CA at all: for an HTTP client on a system without CA
+/// certificates (a `FROM scratch` container) that was given none. `http://` servers work;
+/// every `https://` server is refused (unknown issuer) — the safe way to have no roots.
+pub fn client_config_trusting_nothing() -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Config)?
+        .with_root_certificates(Arc::new(RootCertStore::empty()))
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Builds an HTTP client with the system's CA certificates, or — when `configure(builder)`
+/// cannot be built because the system has none (a `FROM scratch` container) — with
+/// [`client_config_trusting_nothing`]. Returns the client and whether it fell back. For clients
+/// that were given no CA file of their own.
+pub fn http_client_with_system_roots(
+    configure: impl Fn(reqwest::ClientBuilder) -> reqwest::ClientBuilder,
+) -> Result<(reqwest::Client, bool), reqwest::Error> {
+    ensure_provider();
+    let system = configure(reqwest::Client::builder()).build();
+    let Err(no_roots) = system else {
+        return system.map(|c| (c, false));
+    };
+    let Ok(nothing) = client_config_trusting_nothing() else {
+        return Err(no_roots);
+    };
+    configure(reqwest::Client::builder())
+        .tls_backend_preconfigured((*nothing).clone())
+        .build()
+        .map(|c| (c, true))
+}
+
 /// Files written by [`generate_dev_pki`].
 #[derive(Clone, Debug)]
 pub struct DevPki {

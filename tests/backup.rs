@@ -352,7 +352,10 @@ async fn a_backup_saved_under_load_restores_into_a_new_cluster() {
     let old_client = client(&old);
     let deadline = Instant::now() + Duration::from_secs(30);
     while let Err(e) = old_client.put("old-only", "x").await {
-        assert!(Instant::now() < deadline, "the old cluster took no write: {e}");
+        assert!(
+            Instant::now() < deadline,
+            "the old cluster took no write: {e}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(

@@ -622,3 +622,65 @@ fn corrupt_flags_and_foreign_data_dirs_are_refused() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+/// Runs `raftkv ready --endpoints ...` as in the container image: with no CA certificates on
+/// the system (an empty bundle and an empty certificate directory).
+fn ready_probe(endpoints: &[String]) -> std::process::Output {
+    let no_cas = tempfile::tempdir().unwrap();
+    Command::new(BIN)
+        .args(["ready", "--endpoints", &endpoints.join(",")])
+        .env("SSL_CERT_FILE", "/dev/null")
+        .env("SSL_CERT_DIR", no_cas.path())
+        .output()
+        .unwrap()
+}
+
+/// `raftkv ready`, the health check of the container image, against real nodes and without
+/// system CAs (where the client used to refuse to build): exit 1 while a lone member answers
+/// but knows no leader, 0 once the cluster is up, 3 — within the probe's timeouts — when an
+/// endpoint refuses or accepts and never answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_probe_reports_not_ready_ready_and_unreachable() {
+    let mut cluster = Cluster::new(1000, 100);
+    cluster.start(1);
+    let lone = vec![cluster.url(1)];
+    let out = wait_for("node 1 to answer /ready", async || {
+        let out = ready_probe(&lone);
+        (out.status.code() == Some(1)).then_some(out)
+    })
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("not ready (503)"), "{text}");
+    cluster.start(2);
+    cluster.start(3);
+    cluster.leader().await;
+    let all: Vec<String> = (1..=3).map(|i| cluster.url(i)).collect();
+    let out = wait_for("every node to be ready", async || {
+        let out = ready_probe(&all);
+        (out.status.code() == Some(0)).then_some(out)
+    })
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    for (i, line) in (1..=3).zip(text.lines()) {
+        assert_eq!(line, format!("{} ready (node {i})", cluster.url(i)));
+    }
+    // Nothing listens on one port; the other accepts connections but never answers.
+    let refused = format!("http://127.0.0.1:{}", free_port());
+    let silent_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent = format!("http://{}", silent_listener.local_addr().unwrap());
+    for dead in [refused, silent] {
+        let started = Instant::now();
+        let out = ready_probe(&[all[0].clone(), dead.clone()]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert_eq!(out.status.code(), Some(3), "{dead}: {text}");
+        assert!(text.contains(&format!("{dead} unreachable")), "{text}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{dead}: the probe took {:?}",
+            started.elapsed()
+        );
+    }
+    for id in 1..=3 {
+        cluster.stop(id);
+    }
+}

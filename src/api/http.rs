@@ -158,19 +158,40 @@ pub fn router_with<S: KvService>(service: Arc<S>, options: &RouterOptions) -> Ro
         .with_state(state)
 }
 
-/// The HTTP client that forwards to the leader (its timeout is set per request).
+/// The HTTP client that forwards to the leader (its timeout is set per request). Without
+/// `--client-ca` it trusts the system's CAs, or none where the system has none (a scratch
+/// container): forwarding to an `http://` leader works either way.
 fn forwarder(tls: Option<Arc<rustls::ClientConfig>>) -> reqwest::Client {
     crate::tls::ensure_provider();
-    let mut b = reqwest::Client::builder()
-        .connect_timeout(Duration::from_millis(FORWARD_CONNECT_TIMEOUT_MS))
-        .pool_max_idle_per_host(64);
+    let configure = |b: reqwest::ClientBuilder| {
+        b.connect_timeout(Duration::from_millis(FORWARD_CONNECT_TIMEOUT_MS))
+            .pool_max_idle_per_host(64)
+    };
     if let Some(tls) = tls {
-        b = b.tls_backend_preconfigured((*tls).clone());
+        match configure(reqwest::Client::builder())
+            .tls_backend_preconfigured((*tls).clone())
+            .build()
+        {
+            Ok(client) => return client,
+            Err(e) => tracing::error!(
+                error = %e,
+                "cannot build the forwarding client with --client-ca; using the system's CAs"
+            ),
+        }
     }
-    b.build().unwrap_or_else(|e| {
-        tracing::error!(error = %e, "cannot build the forwarding client; forwarding without TLS");
-        reqwest::Client::new()
-    })
+    match crate::tls::http_client_with_system_roots(configure) {
+        Ok((client, false)) => client,
+        Ok((client, true)) => {
+            tracing::warn!(
+                "no CA certificates on this system: forwarding to an https:// leader needs --client-ca"
+            );
+            client
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the forwarding client; using the defaults");
+            reqwest::Client::new()
+        }
+    }
 }
 
 /// A JSON error whose kind follows from its status.
@@ -669,9 +690,11 @@ async fn health<S: KvService>(State(st): State<Arc<ApiState<S>>>) -> Response {
 
 async fn ready<S: KvService>(State(st): State<Arc<ApiState<S>>>) -> Response {
     match st.service.ready().await {
-        Ok(()) => {
-            Json(serde_json::json!({ "ready": true, "id": st.service.node_id() })).into_response()
-        }
+        Ok(()) => Json(ReadyResponse {
+            ready: true,
+            id: st.service.node_id(),
+        })
+        .into_response(),
         Err(e) => match e {
             ServiceError::Unavailable(why) => unavailable(format!("not ready: {why}")),
             other => error_response(&other),

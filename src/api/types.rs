@@ -104,6 +104,13 @@ pub struct ErrorBody {
     pub kind: Option<String>,
 }
 
+/// Response of `GET /ready` when the node is ready (200); otherwise an [`ErrorBody`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadyResponse {
+    pub ready: bool,
+    pub id: NodeId,
+}
+
 /// The leader as reported in a status.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaderInfo {

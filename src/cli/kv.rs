@@ -108,6 +108,13 @@ fn parse_consistency(s: &str) -> Result<Consistency, String> {
 
 /// The client the flags describe; anything wrong with them is a usage error (exit 2).
 pub(super) fn client(args: &EndpointArgs) -> anyhow::Result<Client> {
+    let config = client_config(args)?;
+    Client::new(config).map_err(|e| UsageError(e.to_string()).into())
+}
+
+/// The client settings the flags describe, default timeouts; anything wrong with them is a
+/// usage error (exit 2).
+pub fn client_config(args: &EndpointArgs) -> anyhow::Result<ClientConfig> {
     let usage = |e: String| anyhow::Error::new(UsageError(e));
     let endpoints =
         ClientConfig::parse_endpoints(&args.endpoints).map_err(|e| usage(e.to_string()))?;
@@ -123,10 +130,10 @@ pub(super) fn client(args: &EndpointArgs) -> anyhow::Result<Client> {
         (None, Some(t)) => Some(t.trim().to_string()),
         (None, None) => None,
     };
-    Client::new(config).map_err(|e| usage(e.to_string()))
+    Ok(config)
 }
 
-pub(super) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -8,6 +8,7 @@ mod check_disk;
 mod cluster;
 mod kv;
 mod local;
+mod ready;
 mod serve;
 mod snapshot;
 
@@ -72,6 +73,8 @@ pub enum Command {
     List(kv::ListArgs),
     /// Every member's view of the cluster.
     Status(kv::StatusArgs),
+    /// Probe `/ready` on every endpoint (exit 0 all ready, 1 one not ready, 3 one unreachable).
+    Ready(ready::ReadyArgs),
     /// Move leadership to another node.
     TransferLeader(kv::TransferArgs),
     /// Run a local cluster.
@@ -144,6 +147,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Del(args) => kv::del(&args),
         Command::List(args) => kv::list(&args),
         Command::Status(args) => kv::status(&args),
+        Command::Ready(args) => ready::run(&args),
         Command::TransferLeader(args) => kv::transfer(&args),
         Command::Cluster(ClusterCommand::Up(args)) => cluster::up(&args, log_args),
         Command::Bench(args) => bench::run(&args),

@@ -268,14 +268,35 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<NodeConfig> {
     Ok(config)
 }
 
-/// Every address must parse and resolve before anything touches the disk, so a typo is an
-/// immediate usage error instead of a node that runs forever without its peers (URLs are
-/// checked by `NodeConfig::validate`).
+/// Every address must be HOST:PORT before anything touches the disk, and the two this node
+/// listens on must resolve: a typo there is an immediate usage error. A peer's host need not
+/// resolve yet: in a container network a peer's name exists only once that peer's container
+/// runs, and the transport resolves it again on every connection attempt. An unresolvable
+/// peer is logged, so a typo there still shows (URLs are checked by `NodeConfig::validate`).
 fn check_addresses(config: &NodeConfig) -> anyhow::Result<()> {
     resolve_addr("--client-addr", &config.client_addr)?;
     resolve_addr("--peer-addr", &config.peer_addr)?;
     for (id, addr) in &config.peers {
-        resolve_addr(&format!("--peers {id}"), addr)?;
+        let flag = format!("--peers {id}");
+        check_host_port(&flag, addr)?;
+        if let Err(e) = resolve_addr(&flag, addr) {
+            tracing::warn!(
+                peer = id,
+                addr = %addr,
+                "{e:#}; will retry on every connection attempt (not up yet, or a typo?)"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Checks that `addr` is HOST:PORT with a port in 0..=65535.
+fn check_host_port(flag: &str, addr: &str) -> anyhow::Result<()> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .with_context(|| format!("{flag} {addr:?} is not HOST:PORT"))?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        bail!("{flag} {addr:?} is not HOST:PORT (port 0..=65535)");
     }
     Ok(())
 }
@@ -283,12 +304,7 @@ fn check_addresses(config: &NodeConfig) -> anyhow::Result<()> {
 /// Checks that `addr` is HOST:PORT and resolves to at least one address.
 fn resolve_addr(flag: &str, addr: &str) -> anyhow::Result<()> {
     use std::net::ToSocketAddrs;
-    let (host, port) = addr
-        .rsplit_once(':')
-        .with_context(|| format!("{flag} {addr:?} is not HOST:PORT"))?;
-    if host.is_empty() || port.parse::<u16>().is_err() {
-        bail!("{flag} {addr:?} is not HOST:PORT (port 0..=65535)");
-    }
+    check_host_port(flag, addr)?;
     let found = addr
         .to_socket_addrs()
         .with_context(|| format!("{flag} {addr:?} does not resolve"))?
@@ -550,6 +566,43 @@ mod tests {
         args.peer_ca = Some("/ca.pem".into());
         let tls = resolve(&args).unwrap().peer_tls.unwrap();
         assert_eq!(tls.ca, Path::new("/ca.pem"));
+    }
+
+    #[test]
+    fn a_peer_that_does_not_resolve_yet_is_accepted_but_a_listen_address_is_not() {
+        // `.invalid` never resolves (RFC 6761): a peer container that is not up yet.
+        let mut args = ServeArgs {
+            id: Some(1),
+            data_dir: Some("/tmp/x".into()),
+            peers: Some("2=node2-peer.invalid:9001,3=127.0.0.1:9003".into()),
+            ..ServeArgs::default()
+        };
+        let c = resolve(&args).unwrap();
+        assert_eq!(c.peers[&2], "node2-peer.invalid:9001");
+        for malformed in ["2=node2-peer.invalid", "2=:9001", "2=h:70000"] {
+            args.peers = Some(malformed.into());
+            assert!(resolve(&args).is_err(), "{malformed} must be refused");
+        }
+        args.peers = None;
+        for (flag, listen) in [
+            ("client", "nowhere.invalid:8001"),
+            ("peer", "nowhere.invalid:9001"),
+        ] {
+            let mut a = ServeArgs {
+                id: Some(1),
+                data_dir: Some("/tmp/x".into()),
+                ..ServeArgs::default()
+            };
+            match flag {
+                "client" => a.client_addr = Some(listen.into()),
+                _ => a.peer_addr = Some(listen.into()),
+            }
+            let err = resolve(&a).unwrap_err();
+            assert!(
+                err.to_string().contains("does not resolve"),
+                "{flag}: {err}"
+            );
+        }
     }
 
     #[test]

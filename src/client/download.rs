@@ -8,7 +8,7 @@
 //! never buffered whole, under a read timeout instead of a total one: a large state takes as
 //! long as it takes, a stalled one fails.
 
-use super::{error_text, http_builder, percent_decode, Client, ClientError};
+use super::{build_http, error_text, percent_decode, Client, ClientError};
 use crate::api::http::{CLUSTER_ID_HEADER, SNAPSHOT_INDEX_HEADER, SNAPSHOT_TERM_HEADER};
 use axum::body::Bytes;
 use std::time::{Duration, Instant};
@@ -95,10 +95,8 @@ impl Client {
     /// (see the module doc). Fails as unavailable when no endpoint answers or no leader served
     /// it within the retry budget.
     pub async fn snapshot(&self) -> Result<SnapshotDownload, ClientError> {
-        let http = http_builder(&self.config)?
-            .read_timeout(Duration::from_millis(self.config.request_timeout_ms))
-            .build()
-            .map_err(|e| ClientError::Config(e.to_string()))?;
+        let read_timeout = Duration::from_millis(self.config.request_timeout_ms);
+        let http = build_http(&self.config, move |b| b.read_timeout(read_timeout))?;
         let deadline = Instant::now() + Duration::from_millis(self.config.retry_budget_ms);
         let mut backoff_ms = self.config.backoff_min_ms;
         loop {

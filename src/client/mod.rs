@@ -296,6 +296,34 @@ impl Client {
         expect_json(status, &bytes)
     }
 
+    /// One node's readiness (`GET /ready`, no retries, no forwarding): its id when it
+    /// answered 200; [`ClientError::Rejected`] when it answered anything else (not ready: no
+    /// leader known, behind on applying, stopping); [`ClientError::Unavailable`] when it could
+    /// not be reached or did not answer within the request timeout.
+    pub async fn ready_of(&self, endpoint: &str) -> Result<NodeId, ClientError> {
+        let url = format!("{}/ready", endpoint.trim_end_matches('/'));
+        let unavailable = |e: reqwest::Error| {
+            // reqwest's own text omits the cause ("connection refused", "timed out").
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                why.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            ClientError::Unavailable(format!("{endpoint}: {why}"))
+        };
+        let resp = self.http.get(&url).send().await.map_err(unavailable)?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.map_err(unavailable)?;
+        let ready: ReadyResponse = expect_json(status, &bytes)?;
+        match ready.ready {
+            true => Ok(ready.id),
+            false => Err(ClientError::Protocol(format!(
+                "{endpoint}: answered 200 with \"ready\": false"
+            ))),
+        }
+    }
+
     /// Every endpoint's status, in endpoint order.
     pub async fn status_all(&self) -> Vec<(String, Result<ClusterStatus, ClientError>)> {
         let all = self
@@ -438,36 +466,48 @@ impl Client {
     }
 }
 
-/// The HTTP client: timeouts, the trusted CA, the bearer token.
+/// The HTTP client: timeouts, the trusted CA, the bearer token. Without `ca_file`, the
+/// system's CAs — or none where the system has none (a scratch container, where `raftkv
+/// ready` is the health check): `http://` endpoints work either way.
 fn http_client(config: &ClientConfig) -> Result<reqwest::Client, ClientError> {
-    http_builder(config)?
-        .timeout(Duration::from_millis(config.request_timeout_ms))
-        .build()
-        .map_err(|e| ClientError::Config(e.to_string()))
+    let total = Duration::from_millis(config.request_timeout_ms);
+    build_http(config, move |b| b.timeout(total))
 }
 
-/// The connect timeout, the trusted CA and the bearer token; no total timeout yet.
-fn http_builder(config: &ClientConfig) -> Result<reqwest::ClientBuilder, ClientError> {
+/// The connect timeout, the trusted CA and the bearer token, then `finish` (the caller's own
+/// timeouts: a total one for requests, a read timeout for a long stream).
+fn build_http(
+    config: &ClientConfig,
+    finish: impl Fn(reqwest::ClientBuilder) -> reqwest::ClientBuilder,
+) -> Result<reqwest::Client, ClientError> {
     crate::tls::ensure_provider();
-    let mut b = reqwest::Client::builder()
-        .connect_timeout(Duration::from_millis(
-            config.connect_timeout_ms.min(config.request_timeout_ms),
-        ))
-        .pool_max_idle_per_host(64);
-    if let Some(ca) = &config.ca_file {
-        let tls =
-            crate::tls::client_config(ca, None).map_err(|e| ClientError::Config(e.to_string()))?;
-        b = b.tls_backend_preconfigured((*tls).clone());
-    }
+    let mut headers = reqwest::header::HeaderMap::new();
     if let Some(token) = &config.token {
         let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
             .map_err(|_| ClientError::Config("the token is not printable ASCII".into()))?;
         value.set_sensitive(true);
-        let mut headers = reqwest::header::HeaderMap::new();
         headers.insert(reqwest::header::AUTHORIZATION, value);
-        b = b.default_headers(headers);
     }
-    Ok(b)
+    let configure = |b: reqwest::ClientBuilder| {
+        finish(
+            b.connect_timeout(Duration::from_millis(
+                config.connect_timeout_ms.min(config.request_timeout_ms),
+            ))
+            .pool_max_idle_per_host(64)
+            .default_headers(headers.clone()),
+        )
+    };
+    let built = match &config.ca_file {
+        Some(ca) => {
+            let tls = crate::tls::client_config(ca, None)
+                .map_err(|e| ClientError::Config(e.to_string()))?;
+            configure(reqwest::Client::builder())
+                .tls_backend_preconfigured((*tls).clone())
+                .build()
+        }
+        None => crate::tls::http_client_with_system_roots(configure).map(|(client, _)| client),
+    };
+    built.map_err(|e| ClientError::Config(e.to_string()))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

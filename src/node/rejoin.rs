@@ -64,31 +64,36 @@ pub async fn fetch_snapshot(config: &NodeConfig, needed_index: u64) -> Result<()
     )))
 }
 
-/// A client for the other members' client ports: their CA (`--client-ca`) for https URLs,
+/// A client for the other members' client ports: their CA (`--client-ca`) for https URLs —
+/// without it the system's CAs, or none where the system has none (a scratch container) —
 /// and the cluster's bearer token (`--auth-token-file`) on every request.
 fn http_client(config: &NodeConfig) -> Result<reqwest::Client, NodeError> {
     crate::tls::ensure_provider();
     let settings = &config.client_port;
-    let mut builder = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(2))
-        .read_timeout(Duration::from_secs(30));
-    if let Some(ca) = &settings.forward_ca {
-        let tls =
-            crate::tls::client_config(ca, None).map_err(|e| NodeError::Config(e.to_string()))?;
-        builder = builder.tls_backend_preconfigured((*tls).clone());
-    }
+    let mut headers = reqwest::header::HeaderMap::new();
     if let Some(path) = &settings.auth_token_file {
         let token = crate::api::auth::AuthToken::from_file(path)
             .map_err(|e| NodeError::Config(e.to_string()))?;
         let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.expose()))
             .map_err(|e| NodeError::Config(format!("auth token: {e}")))?;
-        let headers =
-            reqwest::header::HeaderMap::from_iter([(reqwest::header::AUTHORIZATION, value)]);
-        builder = builder.default_headers(headers);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
     }
-    builder
-        .build()
-        .map_err(|e| NodeError::Config(format!("http client: {e}")))
+    let configure = |b: reqwest::ClientBuilder| {
+        b.connect_timeout(Duration::from_secs(2))
+            .read_timeout(Duration::from_secs(30))
+            .default_headers(headers.clone())
+    };
+    let built = match &settings.forward_ca {
+        Some(ca) => {
+            let tls = crate::tls::client_config(ca, None)
+                .map_err(|e| NodeError::Config(e.to_string()))?;
+            configure(reqwest::Client::builder())
+                .tls_backend_preconfigured((*tls).clone())
+                .build()
+        }
+        None => crate::tls::http_client_with_system_roots(configure).map(|(client, _)| client),
+    };
+    built.map_err(|e| NodeError::Config(format!("http client: {e}")))
 }
 
 /// One attempt against one member: only its leader answers (the request is marked as
