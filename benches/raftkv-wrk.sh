@@ -3,7 +3,8 @@
 #
 # Starts a fresh 3-node raftkv cluster on loopback (data under $WORK), preloads KEY_SPACE keys,
 # then runs wrk against the leader with the same Lua script as compare-etcd.sh, once per
-# (clients, workload) cell, and prints wrk's RESULT line for each. Cheaper than the full etcd
+# (clients, workload) cell, and prints wrk's RESULT line for each, with the nodes' CPU time
+# per request (all three nodes, user + system). Cheaper than the full etcd
 # comparison (no etcd, no failover, no RSS phase), so it can be run after every change.
 #
 # Usage: benches/raftkv-wrk.sh ["1 64 256"] ["put get"] [5s]
@@ -46,14 +47,27 @@ leader=$(curl -sf http://127.0.0.1:18101/cluster/status | sed -n 's/.*"leader":{
 [[ -n $leader ]] || { echo "no leader" >&2; exit 1; }
 url="http://127.0.0.1:1810$leader"
 wrk -t2 -c16 -d3s -s "$COMPARE_LUA_DIR/raftkv.lua" "$url" -- seq "$VALUE_SIZE" "$KEY_SPACE" 0 2 >/dev/null
+# CPU time (user + system, clock ticks) of the three nodes together: CPU per request is far
+# steadier than throughput on a shared VM, where the same binary's req/s moves by tens of %.
+cpu_ticks() {
+    local total=0 pid
+    for pid in "${pids[@]}"; do
+        total=$((total + $(awk '{ print $14 + $15 }' "/proc/$pid/stat")))
+    done
+    echo "$total"
+}
+hz=$(getconf CLK_TCK)
 for c in $CLIENTS; do
     for w in $WORKLOADS; do
         t=$((c < 2 ? c : 2))
+        before=$(cpu_ticks)
         line=$(wrk -t"$t" -c"$c" -d"$DURATION" -s "$COMPARE_LUA_DIR/raftkv.lua" "$url" \
             -- "$w" "$VALUE_SIZE" "$KEY_SPACE" 0 "$t" | grep '^RESULT')
-        echo "c=$c $w: $line" | awk '{ for (i = 3; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
-            printf "%s %s %8.0f req/s  p50 %6.3f ms  p99 %6.3f ms  errors %d\n", $1, $2,
-                (v["requests"] - v["errors"]) / (v["duration_us"] / 1e6), v["p50_us"] / 1000,
-                v["p99_us"] / 1000, v["errors"] }'
+        ticks=$(($(cpu_ticks) - before))
+        echo "c=$c $w: $line cpu_ticks=$ticks hz=$hz" | awk '{ for (i = 3; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+            ok = v["requests"] - v["errors"]
+            printf "%s %s %8.0f req/s  p50 %6.3f ms  p99 %6.3f ms  errors %d  cpu %5.1f us/req\n", $1, $2,
+                ok / (v["duration_us"] / 1e6), v["p50_us"] / 1000, v["p99_us"] / 1000, v["errors"],
+                (ok > 0 ? v["cpu_ticks"] / v["hz"] * 1e6 / ok : 0) }'
     done
 done
