@@ -211,6 +211,35 @@ pub fn http_client_with_system_roots(
         .map(|c| (c, true))
 }
 
+/// An HTTP client that trusts the CA in `ca_file`, or without one the system's CAs (none in a
+/// `FROM scratch` container: see [`http_client_with_system_roots`]); `configure` sets the
+/// caller's timeouts and headers. The one place the CLI client and the rejoining node choose
+/// their roots.
+pub fn http_client(
+    ca_file: Option<&Path>,
+    configure: impl Fn(reqwest::ClientBuilder) -> reqwest::ClientBuilder,
+) -> Result<reqwest::Client, HttpClientError> {
+    let built = match ca_file {
+        Some(ca) => {
+            let tls = client_config(ca, None)?;
+            configure(reqwest::Client::builder())
+                .tls_backend_preconfigured((*tls).clone())
+                .build()
+        }
+        None => http_client_with_system_roots(configure).map(|(client, _)| client),
+    };
+    Ok(built?)
+}
+
+/// Why [`http_client`] could not build a client.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpClientError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("{0}")]
+    Build(#[from] reqwest::Error),
+}
+
 /// Files written by [`generate_dev_pki`].
 #[derive(Clone, Debug)]
 pub struct DevPki {

@@ -497,17 +497,8 @@ fn build_http(
             .default_headers(headers.clone()),
         )
     };
-    let built = match &config.ca_file {
-        Some(ca) => {
-            let tls = crate::tls::client_config(ca, None)
-                .map_err(|e| ClientError::Config(e.to_string()))?;
-            configure(reqwest::Client::builder())
-                .tls_backend_preconfigured((*tls).clone())
-                .build()
-        }
-        None => crate::tls::http_client_with_system_roots(configure).map(|(client, _)| client),
-    };
-    built.map_err(|e| ClientError::Config(e.to_string()))
+    crate::tls::http_client(config.ca_file.as_deref(), configure)
+        .map_err(|e| ClientError::Config(e.to_string()))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -286,12 +286,13 @@ impl Driver {
     /// Times the first heartbeat in flight to each peer.
     fn probe_sent(&mut self, m: &Message) {
         if let MessageBody::Heartbeat { read_round, .. } = m.body {
-            let probe = Probe {
+            let tick = self.ticks;
+            // The clock is read only when a probe starts, not for every heartbeat.
+            self.probes.entry(m.to).or_insert_with(|| Probe {
                 read_round,
                 sent: Instant::now(),
-                tick: self.ticks,
-            };
-            self.probes.entry(m.to).or_insert(probe);
+                tick,
+            });
         }
     }
 

@@ -83,17 +83,8 @@ fn http_client(config: &NodeConfig) -> Result<reqwest::Client, NodeError> {
             .read_timeout(Duration::from_secs(30))
             .default_headers(headers.clone())
     };
-    let built = match &settings.forward_ca {
-        Some(ca) => {
-            let tls = crate::tls::client_config(ca, None)
-                .map_err(|e| NodeError::Config(e.to_string()))?;
-            configure(reqwest::Client::builder())
-                .tls_backend_preconfigured((*tls).clone())
-                .build()
-        }
-        None => crate::tls::http_client_with_system_roots(configure).map(|(client, _)| client),
-    };
-    built.map_err(|e| NodeError::Config(format!("http client: {e}")))
+    crate::tls::http_client(settings.forward_ca.as_deref(), configure)
+        .map_err(|e| NodeError::Config(format!("http client: {e}")))
 }
 
 /// One attempt against one member: only its leader answers (the request is marked as

@@ -29,7 +29,9 @@
 //! backup file, chunk number) rather than only detected. The envelope is written last, over a
 //! zeroed placeholder, so a file whose writer died never verifies.
 
-use super::format::{FormatError, PairRef, SnapshotFileReader, SnapshotHeader, HEADER_BYTES};
+use super::format::{
+    corrupt, u32_at, u64_at, FormatError, PairRef, SnapshotFileReader, SnapshotHeader, HEADER_BYTES,
+};
 use crate::types::SnapshotMeta;
 use crate::vfs::{FileBytes, Vfs, VfsFile};
 use std::io;
@@ -93,25 +95,6 @@ fn envelope_crc(fixed: &[u8], cluster_id: &[u8]) -> u32 {
     h.update(fixed);
     h.update(cluster_id);
     h.finalize()
-}
-
-fn corrupt(offset: u64, what: impl Into<String>) -> FormatError {
-    FormatError::Corrupt {
-        offset,
-        what: what.into(),
-    }
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
 }
 
 /// Checks a cluster id can be carried by a backup (and named in a node's identity file).

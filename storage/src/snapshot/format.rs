@@ -85,20 +85,20 @@ pub enum FormatError {
     Corrupt { offset: u64, what: String },
 }
 
-fn corrupt(offset: u64, what: impl Into<String>) -> FormatError {
+pub(super) fn corrupt(offset: u64, what: impl Into<String>) -> FormatError {
     FormatError::Corrupt {
         offset,
         what: what.into(),
     }
 }
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
+pub(super) fn u32_at(b: &[u8], at: usize) -> u32 {
     let mut a = [0u8; 4];
     a.copy_from_slice(&b[at..at + 4]);
     u32::from_le_bytes(a)
 }
 
-fn u64_at(b: &[u8], at: usize) -> u64 {
+pub(super) fn u64_at(b: &[u8], at: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[at..at + 8]);
     u64::from_le_bytes(a)
