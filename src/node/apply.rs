@@ -1,73 +1,41 @@
-//! The apply thread: applies committed entries to the state machine, in log order, and
-//! answers the proposals waiting for them.
+//! The apply worker: applies committed entries to the state machine, in log order, and
+//! answers the proposals waiting for them — as deterministic steps ([`ApplyWorker`]) that the
+//! node's apply thread ([`run`]) and the simulator drive alike.
 //!
-//! It is fed straight by the consensus task, not through the storage thread: the core hands
+//! It is fed straight by the consensus step, not through the storage worker: the core hands
 //! out only entries that are already durable locally (`commit.min(persisted)`), so nothing
 //! has to wait for the next fsync, and a write's answer leaves as soon as sled has it — no hop
 //! back through the consensus task. That task learns the applied index through a
-//! [`tokio::sync::Notify`], which never blocks the apply thread (a blocking report could
-//! deadlock against the consensus task blocked on a full apply queue).
+//! [`tokio::sync::watch`], which never blocks the apply thread (a blocking report could
+//! deadlock against the consensus task waiting on a full apply queue).
 //!
 //! Invariants:
 //! - Entries reach the state machine in index order with no gap: everything goes through one
 //!   FIFO queue, and a snapshot install is a point in that queue ([`ApplyJob::Install`]) at
-//!   which the apply thread stops until the storage thread has installed it. Entries handed
+//!   which the apply worker stops until the storage worker has installed it. Entries handed
 //!   out after the snapshot queue behind that point.
 //! - A proposal is answered once: success if the entry applied at its index has its term,
 //!   "not applied" if another entry took the index, "outcome unknown" if a snapshot covered
 //!   the index before its entry was seen here.
 
-use super::service::ProposalOutcome;
+use super::messages::{ApplyJob, ProposalOutcome, ProposalReply, WorkerError};
 use crate::api::ServiceError;
+use crate::metrics::Metrics;
 use raftkv_storage::command::CommandOutcome;
 use raftkv_storage::sm::{AppliedEntry, EntryOutcome, StateMachine};
 use raftkv_storage::Entry;
 use std::collections::BTreeMap;
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard};
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{mpsc, watch};
 
-/// Committed batches queued for the apply thread.
+/// Committed batches queued for the apply worker.
 pub const APPLY_QUEUE_MAX: usize = 1024;
 /// The most proposals waiting for their entry to apply.
 pub const PENDING_PROPOSALS_MAX: usize = 65_536;
-
-pub type ProposalReply = oneshot::Sender<Result<ProposalOutcome, ServiceError>>;
-
-/// Work for the apply thread.
-pub enum ApplyJob {
-    /// Committed, locally durable entries, in order, following the previous batch.
-    Entries(Vec<Entry>),
-    /// A snapshot install: tell `reached` that everything before is applied, then wait on
-    /// `installed` while the storage thread swaps the state machine.
-    Install {
-        reached: SyncSender<()>,
-        installed: Receiver<()>,
-    },
-}
-
-/// The storage thread's half of an [`ApplyJob::Install`].
-#[derive(Debug)]
-pub struct InstallSync {
-    pub reached: Receiver<()>,
-    pub installed: SyncSender<()>,
-}
-
-/// Both halves of one install rendezvous.
-pub fn install_sync() -> (ApplyJob, InstallSync) {
-    let (reached_tx, reached_rx) = std::sync::mpsc::sync_channel(1);
-    let (installed_tx, installed_rx) = std::sync::mpsc::sync_channel(1);
-    (
-        ApplyJob::Install {
-            reached: reached_tx,
-            installed: installed_rx,
-        },
-        InstallSync {
-            reached: reached_rx,
-            installed: installed_tx,
-        },
-    )
-}
+/// Entries merged into one state machine batch at most: one sled batch has a fixed cost of
+/// tens of microseconds, so everything queued while the last one ran goes in the next.
+pub const APPLY_BATCH_ENTRIES_MAX: usize = 4096;
 
 /// Proposals waiting for their entry, by log index: (term, reply). Shared by the consensus
 /// task (which adds them) and the apply thread (which answers them).
@@ -151,74 +119,172 @@ impl Pending {
     }
 }
 
-/// How the apply thread reports: `applied` is notified after every batch (the index is the
-/// state machine's), `failed` carries the reason it stopped on an error.
-pub struct ApplyReports {
-    pub applied: Arc<Notify>,
-    pub failed: tokio::sync::mpsc::Sender<String>,
-    /// `raftkv_apply_duration_seconds` and `raftkv_server_proposals_applied_total`.
-    pub metrics: Arc<crate::metrics::Metrics>,
+/// The apply worker: the state machine's writer, and the one that answers waiting writes.
+pub struct ApplyWorker {
+    sm: Arc<StateMachine>,
+    pending: Arc<Pending>,
+    metrics: Arc<Metrics>,
+    /// An install point taken off the queue while merging entries, done next.
+    held: Option<ApplyJob>,
 }
 
-/// Entries merged into one state machine batch at most: one sled batch has a fixed cost of
-/// tens of microseconds, so everything queued while the last one ran goes in the next.
-pub const APPLY_BATCH_ENTRIES_MAX: usize = 4096;
+/// What [`ApplyWorker::next`] found to do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ApplyWork {
+    /// Apply these entries (merged from every queued batch up to an install point).
+    Entries(Vec<Entry>),
+    /// Stop at the install of the snapshot at this index until the storage worker has done
+    /// it, then call [`ApplyWorker::installed`].
+    Install { index: u64 },
+}
+
+impl ApplyWorker {
+    pub fn new(sm: Arc<StateMachine>, pending: Arc<Pending>, metrics: Arc<Metrics>) -> ApplyWorker {
+        ApplyWorker {
+            sm,
+            pending,
+            metrics,
+            held: None,
+        }
+    }
+
+    /// The next unit of work: a held install point, or `first` merged with what `more`
+    /// yields (up to [`APPLY_BATCH_ENTRIES_MAX`] entries, stopping at an install point, which
+    /// is held for the next call). `None` when there is nothing.
+    pub fn next(
+        &mut self,
+        first: Option<ApplyJob>,
+        mut more: impl FnMut() -> Option<ApplyJob>,
+    ) -> Option<ApplyWork> {
+        let job = match self.held.take() {
+            Some(held) => {
+                debug_assert!(first.is_none(), "nothing is taken while an install is held");
+                held
+            }
+            None => first.or_else(&mut more)?,
+        };
+        let mut entries = match job {
+            ApplyJob::Install { index } => return Some(ApplyWork::Install { index }),
+            ApplyJob::Entries(entries) => entries,
+        };
+        while entries.len() < APPLY_BATCH_ENTRIES_MAX {
+            match more() {
+                Some(ApplyJob::Entries(next)) => entries.extend(next),
+                Some(install) => {
+                    self.held = Some(install);
+                    break;
+                }
+                None => break,
+            }
+        }
+        debug_assert!(
+            entries.windows(2).all(|w| w[1].index == w[0].index + 1),
+            "committed batches follow each other"
+        );
+        Some(ApplyWork::Entries(entries))
+    }
+
+    /// Applies `entries` (in one sled batch) and answers the writes waiting for them.
+    pub fn apply(&mut self, entries: &[Entry]) -> Result<(), WorkerError> {
+        let applied = self.sm.apply(entries)?;
+        self.metrics.proposals_applied.inc_by(entries.len() as u64);
+        let at = self.sm.applied_index();
+        debug_assert!(
+            entries.last().is_none_or(|e| e.index <= at),
+            "a successful apply reaches its last entry"
+        );
+        self.pending.resolve(&applied, at);
+        Ok(())
+    }
+
+    /// After the storage worker installed the snapshot at `index`: answers the writes the
+    /// snapshot covered.
+    pub fn installed(&mut self, index: u64) {
+        let at = self.sm.applied_index();
+        assert!(
+            at >= index,
+            "the state machine is at {at} after installing {index}"
+        );
+        self.pending.resolve(&[], at);
+    }
+
+    /// The state machine's applied index.
+    pub fn applied_index(&self) -> u64 {
+        self.sm.applied_index()
+    }
+}
+
+/// The apply thread's half of the install rendezvous with the storage thread.
+pub struct InstallMeeting {
+    /// Tells the storage thread everything before the install point is applied.
+    pub reached: SyncSender<()>,
+    /// The storage thread says the state machine is swapped.
+    pub installed: Receiver<()>,
+}
+
+/// Both halves of the node's install rendezvous (one pair serves every install: both threads
+/// meet the installs in the same order).
+pub fn install_meeting() -> (InstallMeeting, super::storage_worker::InstallMeeting) {
+    let (reached_tx, reached_rx) = std::sync::mpsc::sync_channel(1);
+    let (installed_tx, installed_rx) = std::sync::mpsc::sync_channel(1);
+    (
+        InstallMeeting {
+            reached: reached_tx,
+            installed: installed_rx,
+        },
+        super::storage_worker::InstallMeeting {
+            reached: reached_rx,
+            installed: installed_tx,
+        },
+    )
+}
+
+/// How the apply thread reports: the applied index after every batch, and why it stopped if
+/// it failed.
+pub struct ApplyReports {
+    pub applied: watch::Sender<u64>,
+    pub failed: mpsc::Sender<WorkerError>,
+}
 
 /// Runs the apply thread until the queue closes, an apply fails or an install is abandoned.
 pub fn run(
-    sm: Arc<StateMachine>,
-    pending: Arc<Pending>,
-    jobs: Receiver<ApplyJob>,
+    mut worker: ApplyWorker,
+    mut jobs: mpsc::Receiver<ApplyJob>,
+    meeting: InstallMeeting,
     reports: ApplyReports,
 ) {
-    let mut held: Option<ApplyJob> = None;
     loop {
-        let job = match held.take() {
-            Some(job) => job,
-            None => match jobs.recv() {
-                Ok(job) => job,
-                Err(_) => return,
-            },
-        };
-        match job {
-            ApplyJob::Entries(mut entries) => {
-                // Merge what else is queued, up to an install point.
-                while entries.len() < APPLY_BATCH_ENTRIES_MAX {
-                    match jobs.try_recv() {
-                        Ok(ApplyJob::Entries(more)) => entries.extend(more),
-                        Ok(install) => {
-                            held = Some(install);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
-                let started = std::time::Instant::now();
-                match sm.apply(&entries) {
-                    Ok(applied) => {
-                        let m = &reports.metrics;
-                        m.apply_duration
-                            .observe(crate::metrics::seconds(started.elapsed()));
-                        m.proposals_applied.inc_by(entries.len() as u64);
-                        pending.resolve(&applied, sm.applied_index());
-                        reports.applied.notify_one();
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "apply failed; stopping the node");
-                        let _ = reports.failed.try_send(format!("apply: {e}"));
-                        return;
-                    }
-                }
+        let first = if worker.held.is_some() {
+            None
+        } else {
+            match jobs.blocking_recv() {
+                Some(job) => Some(job),
+                None => return,
             }
-            ApplyJob::Install { reached, installed } => {
-                if reached.send(()).is_err() || installed.recv().is_err() {
+        };
+        let Some(work) = worker.next(first, || jobs.try_recv().ok()) else {
+            continue;
+        };
+        match work {
+            ApplyWork::Entries(entries) => {
+                let started = std::time::Instant::now();
+                if let Err(e) = worker.apply(&entries) {
+                    tracing::error!(error = %e, "apply failed; stopping the node");
+                    let _ = reports.failed.try_send(e);
+                    return;
+                }
+                let took = crate::metrics::seconds(started.elapsed());
+                worker.metrics.apply_duration.observe(took);
+            }
+            ApplyWork::Install { index } => {
+                if meeting.reached.send(()).is_err() || meeting.installed.recv().is_err() {
                     // The storage thread gave up on the install: it is stopping the node.
                     return;
                 }
-                pending.resolve(&[], sm.applied_index());
-                reports.applied.notify_one();
+                worker.installed(index);
             }
         }
+        reports.applied.send_replace(worker.applied_index());
     }
 }
 
@@ -229,6 +295,7 @@ mod tests {
     use raftkv_storage::sm::StateMachineOptions;
     use raftkv_storage::EntryKind;
     use std::time::Duration;
+    use tokio::sync::oneshot;
 
     fn put(index: u64, term: u64, key: &str) -> Entry {
         Entry {
@@ -302,31 +369,44 @@ mod tests {
         assert!(pending.is_empty());
     }
 
+    fn thread(
+        sm: &Arc<StateMachine>,
+        pending: &Arc<Pending>,
+    ) -> (
+        mpsc::Sender<ApplyJob>,
+        super::super::storage_worker::InstallMeeting,
+        watch::Receiver<u64>,
+        mpsc::Receiver<WorkerError>,
+        std::thread::JoinHandle<()>,
+    ) {
+        let (jobs, rx) = mpsc::channel(APPLY_QUEUE_MAX);
+        let (failed, failed_rx) = mpsc::channel(1);
+        let (applied, applied_rx) = watch::channel(0);
+        let (ours, storage_half) = install_meeting();
+        let metrics = Arc::new(crate::metrics::Metrics::standalone());
+        let worker = ApplyWorker::new(sm.clone(), pending.clone(), metrics);
+        let reports = ApplyReports { applied, failed };
+        let handle = std::thread::spawn(move || run(worker, rx, ours, reports));
+        (jobs, storage_half, applied_rx, failed_rx, handle)
+    }
+
+    fn open_sm(dir: &std::path::Path) -> Arc<StateMachine> {
+        Arc::new(StateMachine::open(&dir.join("sm"), StateMachineOptions::default()).unwrap())
+    }
+
     #[test]
     fn the_apply_thread_waits_at_an_install_point_until_the_storage_thread_is_done() {
         let dir = tempfile::tempdir().unwrap();
-        let sm = Arc::new(
-            StateMachine::open(&dir.path().join("sm"), StateMachineOptions::default()).unwrap(),
-        );
+        let sm = open_sm(dir.path());
         let pending = Arc::new(Pending::default());
-        let (jobs, rx) = std::sync::mpsc::sync_channel(APPLY_QUEUE_MAX);
-        let (failed, mut failed_rx) = tokio::sync::mpsc::channel(1);
-        let reports = ApplyReports {
-            applied: Arc::new(Notify::new()),
-            failed,
-            metrics: Arc::new(crate::metrics::Metrics::standalone()),
-        };
-        let thread = {
-            let (sm, pending) = (sm.clone(), pending.clone());
-            std::thread::spawn(move || run(sm, pending, rx, reports))
-        };
+        let (jobs, storage_half, applied, mut failed_rx, handle) = thread(&sm, &pending);
         let mut first = waiting(&pending, 1, 1);
-        jobs.send(ApplyJob::Entries(vec![put(1, 1, "a"), put(2, 1, "b")]))
+        jobs.blocking_send(ApplyJob::Entries(vec![put(1, 1, "a"), put(2, 1, "b")]))
             .unwrap();
-        let (point, storage_half) = install_sync();
-        jobs.send(point).unwrap();
+        jobs.blocking_send(ApplyJob::Install { index: 10 }).unwrap();
         // Queued behind the install point: must not be applied before the install.
-        jobs.send(ApplyJob::Entries(vec![put(11, 2, "c")])).unwrap();
+        jobs.blocking_send(ApplyJob::Entries(vec![put(11, 2, "c")]))
+            .unwrap();
         storage_half
             .reached
             .recv_timeout(Duration::from_secs(10))
@@ -348,30 +428,52 @@ mod tests {
         sm.apply(&entries).unwrap();
         storage_half.installed.send(()).unwrap();
         drop(jobs);
-        thread.join().unwrap();
+        handle.join().unwrap();
         assert_eq!(sm.applied_index(), 11);
+        assert_eq!(*applied.borrow(), 11, "the applied index is published");
         assert!(failed_rx.try_recv().is_err(), "no failure reported");
     }
 
     #[test]
     fn an_apply_gap_stops_the_thread_and_reports_why() {
         let dir = tempfile::tempdir().unwrap();
-        let sm = Arc::new(
-            StateMachine::open(&dir.path().join("sm"), StateMachineOptions::default()).unwrap(),
-        );
-        let (jobs, rx) = std::sync::mpsc::sync_channel(4);
-        let (failed, mut failed_rx) = tokio::sync::mpsc::channel(1);
-        let reports = ApplyReports {
-            applied: Arc::new(Notify::new()),
-            failed,
-            metrics: Arc::new(crate::metrics::Metrics::standalone()),
-        };
+        let sm = open_sm(dir.path());
         let pending = Arc::new(Pending::default());
-        let thread = std::thread::spawn(move || run(sm, pending, rx, reports));
-        jobs.send(ApplyJob::Entries(vec![put(5, 1, "gap")]))
+        let (jobs, _storage_half, _applied, mut failed_rx, handle) = thread(&sm, &pending);
+        jobs.blocking_send(ApplyJob::Entries(vec![put(5, 1, "gap")]))
             .unwrap();
-        thread.join().unwrap();
+        handle.join().unwrap();
         let why = failed_rx.try_recv().unwrap();
-        assert!(why.starts_with("apply:"), "{why}");
+        assert!(matches!(why, WorkerError::Apply(_)), "{why}");
+    }
+
+    #[test]
+    fn batches_merge_up_to_an_install_point_which_is_held_for_the_next_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = open_sm(dir.path());
+        let metrics = Arc::new(crate::metrics::Metrics::standalone());
+        let mut worker = ApplyWorker::new(sm, Arc::new(Pending::default()), metrics);
+        let mut queue: std::collections::VecDeque<ApplyJob> = [
+            ApplyJob::Entries(vec![put(1, 1, "a")]),
+            ApplyJob::Entries(vec![put(2, 1, "b"), put(3, 1, "c")]),
+            ApplyJob::Install { index: 9 },
+            ApplyJob::Entries(vec![put(10, 2, "d")]),
+        ]
+        .into();
+        let first = worker.next(None, || queue.pop_front());
+        let Some(ApplyWork::Entries(merged)) = first else {
+            panic!("{first:?}");
+        };
+        assert_eq!(
+            merged.iter().map(|e| e.index).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+        assert_eq!(
+            worker.next(None, || queue.pop_front()),
+            Some(ApplyWork::Install { index: 9 })
+        );
+        let after = worker.next(None, || queue.pop_front());
+        assert!(matches!(after, Some(ApplyWork::Entries(ref e)) if e[0].index == 10));
+        assert_eq!(worker.next(None, || queue.pop_front()), None);
     }
 }

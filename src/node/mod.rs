@@ -1,56 +1,64 @@
 //! The node runtime: the consensus core, storage, peer transport and HTTP API wired together.
 //!
-//! Tasks and queues (every queue bounded):
+//! The runtime is three deterministic parts and a thin shell around them:
 //!
 //! ```text
 //!  HTTP handlers ──requests (4096)──▶ consensus task ──jobs (4096)──▶ storage thread
 //!     ▲    ▲                          │  │  ▲    ▲                      │  │
 //!     │    └── oneshot (status, read) ┘  │  │    └──events (4096)───────┘  └─▶ peer transport
 //!     │                                  │  │                                (after fsync)
-//!     │                  committed (1024)▼  └── notify (applied index)
-//!     └──── write replies ────────── apply thread
+//!     │                  committed (1024)▼  └── watch (applied index)
+//!     └──── write replies ────────── apply thread ◀─ install rendezvous ─▶ storage thread
 //!  peer transport ──inbound (4096)──▶ consensus task ──▶ peer transport (per-peer queues, 4096)
-//!  snapshot sender threads (one per peer at most) ──▶ peer transport
+//!  snapshot streams (one per peer at most) ──▶ peer transport
 //! ```
 //!
-//! - The **consensus task** ([`driver`]) owns the [`Raft`](crate::raft::Raft) core: ticks from a
-//!   timer, messages from the transport, proposals and reads from the API, and storage events.
-//!   After each event it takes the core's `Ready`: messages that need nothing durable go out at
-//!   once (a leader's appends go out while its own fsync runs), the rest go to the storage
-//!   thread together with the entries and hard state to persist and the entries to apply.
-//! - The **storage thread** ([`storage_loop`]) owns the WAL, sled and the snapshot files; it
-//!   group-commits (one write + one fdatasync for everything queued), compacts, and answers
-//!   with events; messages that promise durable state leave only after its fsync, sent by
-//!   this thread itself.
-//! - The **apply thread** ([`apply`]) applies committed entries to sled while the next fsync
-//!   runs, and answers the writes waiting for them.
+//! - [`consensus::Consensus`] owns the [`Raft`](crate::raft::Raft) core and turns one
+//!   [`messages::Input`] (tick, peer message, request, storage event, applied index, snapshot
+//!   stream done) into [`messages::Outputs`]: messages to send now, storage jobs, apply jobs,
+//!   snapshot streams to start. Messages that need nothing durable go out at once (a leader's
+//!   appends go out while its own fsync runs); the rest ride with the storage job.
+//! - [`storage_worker::StorageWorker`] owns the WAL, sled and the snapshot files (all through
+//!   [`NodeStorage`] on the `Vfs`); it group-commits (one write + one fdatasync for everything
+//!   queued), compacts, receives snapshot files, installs them, and hands out the messages
+//!   that waited for its fsync.
+//! - [`apply::ApplyWorker`] applies committed entries to sled while the next fsync runs, and
+//!   answers the writes waiting for them. A snapshot install is a rendezvous of the two
+//!   workers at the same point of both queues.
+//! - The shell — [`driver`] (a tokio task: timer, transport, API, snapshot streams) and the
+//!   storage and apply threads ([`storage_worker::run`], [`apply::run`]) — only moves inputs
+//!   and outputs; every wait is a notification. `tests/simulation` drives the same three
+//!   parts with a simulated clock, disk (`SimFs`) and network instead.
 //! - **Reads** are served by the HTTP handlers from the shared state machine, after the
-//!   consensus task confirmed a ReadIndex (linearizable) or directly (stale).
+//!   consensus step confirmed a ReadIndex and saw its index applied (linearizable) or
+//!   directly (stale).
 //!
-//! The path of a write: `PUT` → handler validates → consensus task `propose` → leader appends
-//! and sends `Append` to followers while the storage thread fsyncs its own copy → a quorum of
+//! The path of a write: `PUT` → handler validates → consensus `propose` → leader appends and
+//! sends `Append` to followers while the storage thread fsyncs its own copy → a quorum of
 //! durable copies (the leader counts itself once its fsync is reported) commits → the apply
 //! thread applies it and matches it to the waiting proposal (by index and term) → 200 with the
 //! index. Hops between threads cost tens of microseconds each on a busy machine, so the path
 //! has as few as the ordering rules allow.
 
 pub mod apply;
+pub mod consensus;
 pub mod driver;
 pub mod identity;
+pub mod messages;
 pub mod peer;
 pub mod rejoin;
 pub mod restore;
 pub mod service;
-pub mod storage_loop;
+pub mod storage_worker;
 
 use crate::api::http::RouterOptions;
 use crate::api::server::{ClientPortConfig, Tls};
 use crate::api::Limits;
-use crate::raft::{self, Raft, RestartState};
+use crate::raft;
 use crate::transport::{PeerAuth, PeerTls, PeerTransport, TransportConfig};
 use peer::PeerMessage;
 use raftkv_storage::node_storage::{NodeStorage, NodeStorageError, NodeStorageOptions};
-use raftkv_storage::{Membership, NodeId, SnapshotMeta};
+use raftkv_storage::{Membership, NodeId};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -348,7 +356,7 @@ impl RunningNode {
         let (storage, apply, sm) = (self.storage, self.apply, self.sm);
         let joined = tokio::task::spawn_blocking(move || {
             let ok = storage.join().is_ok() & apply.join().is_ok();
-            storage_loop::flush_state_machine(&sm);
+            storage_worker::flush_state_machine(&sm);
             ok
         })
         .await;
@@ -457,7 +465,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         }
         other => other?,
     };
-    let raft = restart_or_bootstrap(&config, &storage)?;
+    let seed = config.id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ wall_clock_seed();
+    let raft = consensus::open_core(config.raft_config(), config.membership(), &storage, seed)?;
     let metrics = Arc::new(crate::metrics::Metrics::new(config.peers.keys().copied()));
     let sm = storage.shared_sm();
     let snapshots = storage.shared_snapshots();
@@ -475,62 +484,75 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let (events_tx, events_rx) = mpsc::channel(QUEUE_CAPACITY);
     let (requests_tx, requests_rx) = mpsc::channel(QUEUE_CAPACITY);
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let (apply_meeting, storage_meeting) = apply::install_meeting();
 
-    let (storage_transport, storage_metrics) = (transport.clone(), metrics.clone());
+    let worker = storage_worker::StorageWorker::new(storage, metrics.clone());
+    let storage_transport = transport.clone();
     let storage_thread = std::thread::Builder::new()
         .name(format!("raftkv-storage-{}", config.id))
         .spawn(move || {
-            storage_loop::run(
-                storage,
+            storage_worker::run(
+                worker,
                 storage_transport,
                 jobs_rx,
                 events_tx,
-                storage_metrics,
+                storage_meeting,
             )
         })
         .map_err(|e| NodeError::Stopped(format!("cannot start the storage thread: {e}")))?;
 
-    let (apply_tx, apply_rx) = std::sync::mpsc::sync_channel(apply::APPLY_QUEUE_MAX);
+    let (apply_tx, apply_rx) = mpsc::channel(apply::APPLY_QUEUE_MAX);
     let (apply_failed_tx, apply_failed_rx) = mpsc::channel(1);
+    let (applied_tx, applied_rx) = watch::channel(sm.applied_index());
     let pending = Arc::new(apply::Pending::default());
-    let applied = Arc::new(tokio::sync::Notify::new());
+    let apply_worker = apply::ApplyWorker::new(sm.clone(), pending.clone(), metrics.clone());
     let reports = apply::ApplyReports {
-        applied: applied.clone(),
+        applied: applied_tx,
         failed: apply_failed_tx,
-        metrics: metrics.clone(),
     };
-    let (apply_sm, apply_pending) = (sm.clone(), pending.clone());
     let apply_thread = std::thread::Builder::new()
         .name(format!("raftkv-apply-{}", config.id))
-        .spawn(move || apply::run(apply_sm, apply_pending, apply_rx, reports))
+        .spawn(move || apply::run(apply_worker, apply_rx, apply_meeting, reports))
         .map_err(|e| NodeError::Stopped(format!("cannot start the apply thread: {e}")))?;
-    let applies = driver::ApplyQueue {
-        jobs: apply_tx,
-        pending: pending.clone(),
-        applied,
-        failed: apply_failed_rx,
-    };
 
     let service = Arc::new(service::NodeService::new(
         &config,
         requests_tx,
         sm.clone(),
         snapshots.clone(),
-        pending,
+        pending.clone(),
         metrics.clone(),
     ));
+    let info = consensus::NodeInfo {
+        id: config.id,
+        cluster_id: config.cluster_id.clone(),
+        client_url: config.client_url.clone(),
+        peer_addr: peer_addr.to_string(),
+        peers: config.peers.clone(),
+        peer_client_urls: config.peer_client_urls.clone(),
+        tick_ms: config.heartbeat_ms,
+    };
+    let consensus = consensus::Consensus::new(info, raft, sm.clone(), pending, metrics.clone());
     let driver = driver::Driver::new(
-        &config,
-        raft,
+        consensus,
+        config.heartbeat_ms,
         transport,
         snapshots,
         sm.clone(),
         jobs_tx,
-        applies,
+        apply_tx,
         shutdown.clone(),
         metrics.clone(),
     );
-    let driver = tokio::spawn(driver.run(inbound, events_rx, requests_rx, shutdown_rx.clone()));
+    let inputs = driver::DriverInputs {
+        inbound,
+        events: events_rx,
+        requests: requests_rx,
+        applied: applied_rx,
+        apply_failed: apply_failed_rx,
+        shutdown: shutdown_rx.clone(),
+    };
+    let driver = tokio::spawn(driver.run(inputs));
 
     let router_options = RouterOptions {
         metrics: Some(metrics),
@@ -581,40 +603,6 @@ async fn open_storage(
         .await
         .map_err(|e| NodeError::Stopped(format!("storage open: {e}")))?
         .map_err(NodeError::from)
-}
-
-/// A brand-new data dir bootstraps the cluster's initial configuration; otherwise the core
-/// restarts from what storage recovered.
-fn restart_or_bootstrap(config: &NodeConfig, storage: &NodeStorage) -> Result<Raft, NodeError> {
-    let wal = storage.wal();
-    let seed = config.id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ wall_clock_seed();
-    let fresh = wal.last_index() == 0 && wal.snapshot().is_none() && wal.hard_state().term == 0;
-    if fresh {
-        tracing::info!(id = config.id, voters = ?config.membership().voters, "bootstrapping a new member");
-        return Ok(Raft::bootstrap(
-            config.raft_config(),
-            config.membership(),
-            seed,
-        )?);
-    }
-    let snapshot = wal.snapshot().cloned().unwrap_or_else(|| SnapshotMeta {
-        index: 0,
-        term: 0,
-        membership: config.membership(),
-    });
-    let entries = if wal.last_index() >= wal.first_index() {
-        wal.entries(wal.first_index(), wal.last_index() + 1, usize::MAX)
-            .map_err(|e| NodeError::Stopped(format!("reading the WAL: {e}")))?
-    } else {
-        Vec::new()
-    };
-    let state = RestartState {
-        hard_state: wal.hard_state(),
-        snapshot,
-        entries,
-        applied: storage.sm().applied_index(),
-    };
-    Ok(Raft::restart(config.raft_config(), state, seed)?)
 }
 
 /// Seeds the election-timeout randomness; only timing depends on it, never safety.

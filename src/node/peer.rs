@@ -15,39 +15,20 @@
 
 use crate::raft::limits::{self, InvalidMessage, SNAPSHOT_BYTES_MAX};
 use crate::raft::{Message, MessageBody};
-use raftkv_storage::{snapshot, NodeId, SnapshotMeta};
+pub use raftkv_storage::snapshot::transfer::SnapshotChunk;
+use raftkv_storage::snapshot::transfer::CHUNK_BYTES_MAX;
+use raftkv_storage::{snapshot, NodeId};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Bytes of snapshot data per chunk.
-pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+pub const SNAPSHOT_CHUNK_BYTES: usize = CHUNK_BYTES_MAX;
 
 /// One message between nodes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerMessage {
     Raft(Message),
     SnapshotChunk(SnapshotChunk),
-}
-
-/// A piece of a snapshot file.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SnapshotChunk {
-    /// The leader's term when it started the transfer.
-    pub term: u64,
-    pub meta: SnapshotMeta,
-    /// The file's name in `snap/` (index and term).
-    pub file_name: String,
-    pub offset: u64,
-    pub total_bytes: u64,
-    pub data: Vec<u8>,
-}
-
-impl SnapshotChunk {
-    /// Whether this chunk ends the file. `offset` comes off the wire: the sum saturates
-    /// rather than wrap (a chunk that far out never matches the receiver's next offset).
-    pub fn is_last(&self) -> bool {
-        self.offset.saturating_add(self.data.len() as u64) >= self.total_bytes
-    }
 }
 
 /// Checks a message received on the connection authenticated as `link_peer` by node `me`.
@@ -171,7 +152,7 @@ impl RefusalLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use raftkv_storage::Membership;
+    use raftkv_storage::{Membership, SnapshotMeta};
 
     fn chunk(file_name: &str, offset: u64, total_bytes: u64, len: usize) -> PeerMessage {
         PeerMessage::SnapshotChunk(SnapshotChunk {

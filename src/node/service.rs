@@ -20,36 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
-/// What an applied write did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ProposalOutcome {
-    pub index: u64,
-    /// For a delete: whether the key existed.
-    pub deleted: bool,
-}
-
-/// A request to the consensus task.
-#[derive(Debug)]
-pub enum Request {
-    Propose {
-        payload: Vec<u8>,
-        reply: oneshot::Sender<Result<ProposalOutcome, ServiceError>>,
-    },
-    /// A ReadIndex; answered with (read index, leader) once it is safe.
-    Read {
-        reply: oneshot::Sender<Result<(u64, NodeId), ServiceError>>,
-    },
-    Transfer {
-        to: NodeId,
-        reply: oneshot::Sender<Result<(), ServiceError>>,
-    },
-    Status {
-        reply: oneshot::Sender<ClusterStatus>,
-    },
-    Ready {
-        reply: oneshot::Sender<Result<(), ServiceError>>,
-    },
-}
+pub use super::messages::{ProposalOutcome, Request};
 
 /// The node's client API.
 pub struct NodeService {
@@ -147,17 +118,11 @@ impl NodeService {
                 ))
             }
         };
-        // The core hands out a read once it counts `index` applied; the apply thread's write
-        // to sled may trail its report by a moment.
-        let deadline = tokio::time::Instant::now() + self.request_timeout;
-        while self.sm.applied_index() < index {
-            if tokio::time::Instant::now() >= deadline {
-                return Err(ServiceError::Unavailable(format!(
-                    "the state machine did not reach the read index {index} in time"
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        // The consensus step answers only once the state machine has applied `index`.
+        debug_assert!(
+            self.sm.applied_index() >= index,
+            "read released before its index applied"
+        );
         Ok(Some(leader))
     }
 

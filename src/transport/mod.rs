@@ -320,6 +320,14 @@ where
         })
     }
 
+    /// Queues `message` for `to`, waiting (by notification, not polling) while the peer's
+    /// queue is full. For bulk transfers that must not drop a piece (snapshot chunks); the
+    /// caller bounds the wait.
+    pub async fn send_wait(&self, to: NodeId, message: M) -> Result<(), SendError> {
+        let queue = self.queues.get(&to).ok_or(SendError::UnknownPeer(to))?;
+        queue.send(message).await.map_err(|_| SendError::Closed)
+    }
+
     /// The address the listener is bound to.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr

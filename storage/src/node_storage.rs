@@ -130,6 +130,19 @@ pub struct RecoveryStats {
     pub total_elapsed: Duration,
 }
 
+/// What a node's consensus core restarts from: everything durable about the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestartState {
+    pub hard_state: HardState,
+    /// The newest snapshot marker (`None`: the log was never compacted).
+    pub snapshot: Option<SnapshotMeta>,
+    /// Every entry the WAL holds, contiguous (they may start before the snapshot's index: the
+    /// WAL keeps a catch-up margin).
+    pub entries: Vec<Entry>,
+    /// The state machine's applied index (at least the snapshot's).
+    pub applied: u64,
+}
+
 /// What a compaction did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CompactionReport {
@@ -138,6 +151,9 @@ pub struct CompactionReport {
     /// Segments wholly at or below this index were removed.
     pub purged_upto: u64,
     pub segments_removed: usize,
+    /// The term of the entry at `purged_upto`, if the log still knows it (the consensus core
+    /// may let go of its memory of the entries up to there).
+    pub purged_upto_term: Option<u64>,
     /// The WAL's first index afterwards.
     pub wal_first_index: u64,
 }
@@ -360,6 +376,50 @@ impl NodeStorage {
         &self.wal
     }
 
+    /// The durable hard state (term, vote, commit).
+    pub fn hard_state(&self) -> HardState {
+        self.wal.hard_state()
+    }
+
+    /// Whether nothing was ever written here: no entry, no snapshot, no vote. Only such a
+    /// node may bootstrap a configuration (anything else must restart from what it has).
+    pub fn is_fresh(&self) -> bool {
+        let fresh = self.wal.last_index() == 0
+            && self.wal.snapshot().is_none()
+            && self.wal.hard_state() == HardState::default();
+        debug_assert!(
+            !fresh || self.sm.applied_index() == 0,
+            "open refuses a state machine ahead of an empty WAL"
+        );
+        fresh
+    }
+
+    /// The durable log, hard state and applied index the consensus core restarts from.
+    pub fn restart_state(&self) -> Result<RestartState, NodeStorageError> {
+        let (first, last) = (self.wal.first_index(), self.wal.last_index());
+        let entries = if last >= first {
+            self.wal.entries(first, last + 1, usize::MAX)?
+        } else {
+            Vec::new()
+        };
+        debug_assert!(
+            entries.windows(2).all(|w| w[1].index == w[0].index + 1),
+            "the WAL's entries are contiguous"
+        );
+        let applied = self.sm.applied_index();
+        let snapshot = self.wal.snapshot().cloned();
+        debug_assert!(
+            applied >= snapshot.as_ref().map_or(0, |m| m.index),
+            "open replays up to the snapshot at least"
+        );
+        Ok(RestartState {
+            hard_state: self.wal.hard_state(),
+            snapshot,
+            entries,
+            applied,
+        })
+    }
+
     /// The state machine (reads, and the applied position).
     pub fn sm(&self) -> &StateMachine {
         &self.sm
@@ -462,6 +522,7 @@ impl NodeStorage {
             "compacted"
         );
         Ok(CompactionReport {
+            purged_upto_term: self.wal.term(purged_upto),
             snapshot,
             purged_upto,
             segments_removed: purge.segments_removed,

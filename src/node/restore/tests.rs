@@ -93,7 +93,14 @@ fn a_restored_dir_restarts_as_a_member_of_the_new_cluster() {
             assert_eq!(got.as_deref(), Some(v.as_bytes()), "{k}");
         }
         // What `raftkv serve` does next: not a fresh bootstrap, a restart from the marker.
-        let raft = crate::node::restart_or_bootstrap(&node_config(&dir, id), &storage).unwrap();
+        let config = node_config(&dir, id);
+        let raft = crate::node::consensus::open_core(
+            config.raft_config(),
+            config.membership(),
+            &storage,
+            1,
+        )
+        .unwrap();
         assert_eq!((raft.term(), raft.commit_index()), (4, 700));
         assert_eq!(raft.membership(), &Membership::with_voters([4, 5, 6]));
         identity::check_or_write(

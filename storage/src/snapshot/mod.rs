@@ -24,6 +24,7 @@
 
 pub mod backup;
 pub mod format;
+pub mod transfer;
 
 use crate::sm::{SmError, StateMachine};
 use crate::types::SnapshotMeta;
@@ -215,7 +216,7 @@ impl SnapshotStore {
         &self.dir
     }
 
-    fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
+    pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
         move |source| SnapshotError::Io {
             path: path.to_path_buf(),
             source,

@@ -46,6 +46,10 @@ struct State {
     next_inode: u64,
     generation: u64,
     armed: Vec<(Fault, u64)>,
+    /// A power cut armed for the n-th sync from now: (countdown, torn-write seed).
+    power_cut: Option<(u64, u64)>,
+    /// How many armed power cuts have happened.
+    power_cuts: u64,
     syncs: u64,
     writes: u64,
 }
@@ -93,6 +97,45 @@ impl SimFs {
     pub fn fail_after(&self, fault: Fault, nth: u64) {
         assert!(nth >= 1, "fail_after counts from 1");
         self.lock().armed.push((fault, nth));
+    }
+
+    /// Arms a power cut at the `nth` (1-based) `sync_data` or `sync_dir` from now: that call
+    /// does not happen; the disk becomes what [`crash_torn`](Self::crash_torn) with `seed`
+    /// leaves (a random prefix of the unsynced writes survives), the call fails, and every
+    /// handle opened before goes stale. This is a crash inside the unsynced window of
+    /// whatever was being made durable.
+    pub fn cut_power_at_sync(&self, nth: u64, seed: u64) {
+        assert!(nth >= 1, "cut_power_at_sync counts from 1");
+        self.lock().power_cut = Some((nth, seed));
+    }
+
+    /// Disarms a power cut that has not happened yet.
+    pub fn cancel_power_cut(&self) {
+        self.lock().power_cut = None;
+    }
+
+    /// How many armed power cuts have happened so far.
+    pub fn power_cuts(&self) -> u64 {
+        self.lock().power_cuts
+    }
+
+    /// Counts one sync against an armed power cut; performs the cut when it is due.
+    fn sync_point(&self) -> io::Result<()> {
+        let seed = {
+            let mut st = self.lock();
+            let Some((countdown, seed)) = st.power_cut else {
+                return Ok(());
+            };
+            if countdown > 1 {
+                st.power_cut = Some((countdown - 1, seed));
+                return Ok(());
+            }
+            st.power_cut = None;
+            st.power_cuts += 1;
+            seed
+        };
+        self.crash_inner(Some(seed));
+        Err(io::Error::other("simfs: power cut"))
     }
 
     /// Disarms every pending fault.
@@ -266,6 +309,8 @@ impl VfsFile for SimFile {
     }
 
     fn sync_data(&self) -> io::Result<()> {
+        self.with(|_, _| Ok(()))?;
+        self.fs.sync_point()?;
         self.with(|st, ino| {
             let fault = SimFs::take_fault(st, |f| f == Fault::SyncError);
             let inode = st.inodes.get_mut(&ino).ok_or_else(not_found)?;
@@ -379,6 +424,7 @@ impl Vfs for SimFs {
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.sync_point()?;
         let mut st = self.lock();
         st.durable_names.retain(|p, _| p.parent() != Some(dir));
         let live: Vec<(PathBuf, u64)> = st
@@ -403,6 +449,35 @@ impl Vfs for SimFs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_power_cut_at_a_sync_keeps_only_what_was_durable_before_it_and_a_torn_prefix() {
+        let fs = SimFs::new();
+        let dir = Path::new("/d");
+        let a = fs.open(&dir.join("a"), true).unwrap();
+        a.write_all_at(b"one", 0).unwrap();
+        a.sync_data().unwrap();
+        fs.sync_dir(dir).unwrap();
+        fs.cut_power_at_sync(2, 7);
+        a.write_all_at(b"two", 3).unwrap();
+        a.sync_data().unwrap(); // the first sync from now happens
+        a.write_all_at(b"three", 6).unwrap();
+        assert!(a.sync_data().is_err(), "the second one is the cut");
+        assert_eq!(fs.power_cuts(), 1);
+        assert!(
+            a.size_bytes().is_err(),
+            "handles from before the cut are stale"
+        );
+        let after = fs.read(&dir.join("a")).unwrap();
+        assert!(after.starts_with(b"onetwo"), "{after:?}");
+        assert!(
+            b"onetwothree".starts_with(&after[..]),
+            "a prefix survives: {after:?}"
+        );
+        // The disk works again (a restarted process opens it).
+        let b = fs.open(&dir.join("a"), false).unwrap();
+        b.sync_data().unwrap();
+    }
 
     #[test]
     fn crash_drops_unsynced_writes_and_names() {

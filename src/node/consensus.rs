@@ -1,0 +1,531 @@
+//! The consensus step: owns the core and turns each [`Input`] into [`Outputs`], with no thread,
+//! socket or clock of its own. The node's consensus task ([`super::driver`]) and the simulator
+//! (`tests/simulation`) both drive this exact code.
+//!
+//! Invariants kept here:
+//! - Every message from a peer passes `peer::validate` (sender = the connection's peer,
+//!   recipient = this node, terms, indexes and sizes in range) before the core or the storage
+//!   worker sees it; refusals are counted per peer and logged at most once per interval
+//!   (measured in ticks: this code never reads a clock).
+//! - A snapshot is streamed to a peer at most once at a time; the core asks for it again only
+//!   after the previous stream ended ([`Input::SnapshotSent`]).
+//! - `messages_after_persist` ride with their storage job and leave only after the storage
+//!   worker's fsync that covers them.
+//! - A proposal is registered in [`Pending`] under its index and term and answered by the
+//!   apply worker; "outcome unknown" (504) comes from the waiting handler if neither happens
+//!   in time, or from [`Consensus::fail_all`] when the node stops.
+//! - Committed entries go straight to the apply worker, in order; a snapshot install is a
+//!   point in that same queue, queued before anything committed after it.
+//! - A read is answered only from a `ReadState` (leadership confirmed after it arrived) and
+//!   only once the state machine has applied its index; or dropped with "retry".
+
+use super::apply::{Pending, PENDING_PROPOSALS_MAX};
+use super::messages::{
+    ApplyJob, Input, Outputs, PeerMessage, ReadReply, Request, StorageEvent, StorageJob,
+    WorkerError,
+};
+use super::peer::{self, RefusalLog};
+use crate::api::{ClusterStatus, LeaderHint, LeaderInfo, MemberStatus, ServiceError};
+use crate::metrics::Metrics;
+use crate::raft::{self, Message, MessageBody, Raft, RaftError, Ready, Role};
+use raftkv_storage::node_storage::NodeStorage;
+use raftkv_storage::sm::StateMachine;
+use raftkv_storage::{Membership, NodeId, SnapshotMeta};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+/// What the node tells about itself and its peers (status, leader hints).
+#[derive(Clone, Debug, Default)]
+pub struct NodeInfo {
+    pub id: NodeId,
+    pub cluster_id: String,
+    pub client_url: String,
+    /// The address the peer transport listens on.
+    pub peer_addr: String,
+    /// The other members' peer addresses.
+    pub peers: BTreeMap<NodeId, String>,
+    /// The other members' client URLs, from configuration.
+    pub peer_client_urls: BTreeMap<NodeId, String>,
+    /// The tick interval (for rate-limiting log lines by tick count).
+    pub tick_ms: u64,
+}
+
+/// Why the consensus step stopped the node.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("storage worker: {0}")]
+    Storage(WorkerError),
+    #[error("apply worker: {0}")]
+    Apply(WorkerError),
+}
+
+/// What the consensus step last logged about leadership, to log each change once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Seen {
+    role: Role,
+    term: u64,
+    leader: Option<NodeId>,
+}
+
+/// The consensus step's state.
+pub struct Consensus {
+    info: NodeInfo,
+    raft: Raft,
+    sm: Arc<StateMachine>,
+    pending: Arc<Pending>,
+    metrics: Arc<Metrics>,
+    /// Reads waiting for the core to confirm leadership, by read id.
+    reads: BTreeMap<u64, ReadReply>,
+    /// Confirmed reads waiting for the state machine to apply their index: index → replies.
+    confirmed_reads: BTreeMap<u64, Vec<(NodeId, ReadReply)>>,
+    next_read_id: u64,
+    snapshot_index: u64,
+    /// Peers a snapshot is being streamed to.
+    sending_snapshots: BTreeSet<NodeId>,
+    /// Messages from peers refused by `peer::validate`, counted per peer.
+    refusals: RefusalLog,
+    /// Ticks since start (the clock of `refusals`).
+    ticks: u64,
+    /// Leadership as last logged.
+    seen: Seen,
+}
+
+/// A brand-new data dir bootstraps `membership`; otherwise the core restarts from what
+/// storage recovered (its own configuration wins over `membership`).
+pub fn open_core(
+    config: raft::Config,
+    membership: Membership,
+    storage: &NodeStorage,
+    seed: u64,
+) -> Result<Raft, super::NodeError> {
+    if storage.is_fresh() {
+        tracing::info!(id = config.id, voters = ?membership.voters, "bootstrapping a new member");
+        return Ok(Raft::bootstrap(config, membership, seed)?);
+    }
+    let state = storage.restart_state()?;
+    let snapshot = state.snapshot.unwrap_or(SnapshotMeta {
+        index: 0,
+        term: 0,
+        membership,
+    });
+    let state = raft::RestartState {
+        hard_state: state.hard_state,
+        snapshot,
+        entries: state.entries,
+        applied: state.applied,
+    };
+    Ok(Raft::restart(config, state, seed)?)
+}
+
+impl Consensus {
+    /// The step for `raft`, whose state machine is `sm` and whose waiting writes are `pending`
+    /// (shared with the apply worker, which answers them).
+    pub fn new(
+        info: NodeInfo,
+        raft: Raft,
+        sm: Arc<StateMachine>,
+        pending: Arc<Pending>,
+        metrics: Arc<Metrics>,
+    ) -> Consensus {
+        assert_eq!(info.id, raft.id(), "the info describes this node");
+        assert!(info.tick_ms > 0, "ticks take time");
+        let seen = Seen {
+            role: raft.role(),
+            term: raft.term(),
+            leader: raft.leader(),
+        };
+        Consensus {
+            snapshot_index: raft.log().base_index(),
+            info,
+            raft,
+            sm,
+            pending,
+            metrics,
+            reads: BTreeMap::new(),
+            confirmed_reads: BTreeMap::new(),
+            next_read_id: 1,
+            sending_snapshots: BTreeSet::new(),
+            refusals: RefusalLog::default(),
+            ticks: 0,
+            seen,
+        }
+    }
+
+    /// The core (read-only: for status and checks).
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// Handles `input`, then takes every `Ready` the core has into `out`.
+    pub fn step(&mut self, input: Input, out: &mut Outputs) -> Result<(), StepError> {
+        match input {
+            Input::Tick => {
+                self.raft.tick();
+                self.ticks += 1;
+            }
+            Input::Peer { from, message } => self.on_peer(from, message, out),
+            Input::Unreachable { peer } => self.raft.peer_unreachable(peer),
+            Input::Request(req) => self.on_request(req),
+            Input::Storage(ev) => self.on_storage(ev)?,
+            Input::Applied => self.raft.applied(self.sm.applied_index()),
+            Input::ApplyFailed(e) => return Err(StepError::Apply(e)),
+            Input::SnapshotSent { peer, ok } => {
+                self.sending_snapshots.remove(&peer);
+                self.raft.snapshot_sent(peer, ok);
+            }
+        }
+        self.drain_ready(out);
+        self.release_reads();
+        self.observe_leadership();
+        Ok(())
+    }
+
+    fn on_storage(&mut self, ev: StorageEvent) -> Result<(), StepError> {
+        match ev {
+            StorageEvent::Persisted {
+                last: (index, term),
+            } => self.raft.persisted(index, term),
+            StorageEvent::Compacted {
+                index,
+                term,
+                snapshot_index,
+            } => {
+                self.snapshot_index = snapshot_index;
+                // The apply worker's report of this index may still be in flight.
+                self.raft.applied(self.sm.applied_index());
+                if let Err(e) = self.raft.compact(index, term) {
+                    tracing::warn!(index, term, error = %e, "core compaction refused");
+                }
+            }
+            StorageEvent::SnapshotReceived { from, term, meta } => {
+                let m = Message {
+                    from,
+                    to: self.info.id,
+                    term,
+                    body: MessageBody::InstallSnapshot { meta },
+                };
+                if let Err(e) = self.raft.step(m) {
+                    tracing::warn!(from, error = %e, "snapshot install refused by the core");
+                }
+            }
+            StorageEvent::Failed(e) => return Err(StepError::Storage(e)),
+        }
+        Ok(())
+    }
+
+    fn on_peer(&mut self, from: NodeId, message: PeerMessage, out: &mut Outputs) {
+        if let Err(e) = peer::validate(from, self.info.id, &message) {
+            self.refused(from, &e);
+            return;
+        }
+        match message {
+            PeerMessage::Raft(m) => match self.raft.step(m) {
+                Ok(()) => {}
+                Err(RaftError::UnknownPeer(p)) => {
+                    tracing::warn!(peer = p, "message from an unknown peer")
+                }
+                Err(e @ RaftError::InvalidMessage { .. }) => self.refused(from, &e),
+                Err(e) => tracing::debug!(from, error = %e, "message refused"),
+            },
+            PeerMessage::SnapshotChunk(chunk) => {
+                out.storage.push(StorageJob::Chunk { from, chunk });
+            }
+        }
+    }
+
+    /// Counts a refused message from `peer`; logs it at most once per peer per interval.
+    fn refused(&mut self, peer: NodeId, error: &dyn std::error::Error) {
+        let now_ms = self.ticks.saturating_mul(self.info.tick_ms);
+        if let Some(count) = self.refusals.refused(peer, now_ms) {
+            tracing::warn!(
+                peer,
+                refused = count,
+                refused_total = self.refusals.total(peer),
+                error = %error,
+                "invalid message from a peer; dropped"
+            );
+        }
+    }
+
+    fn on_request(&mut self, req: Request) {
+        match req {
+            Request::Propose { payload, reply } => {
+                if self.pending.len() >= PENDING_PROPOSALS_MAX {
+                    let _ = reply.send(Err(ServiceError::Unavailable(
+                        "too many writes in flight".into(),
+                    )));
+                    return;
+                }
+                match self.raft.propose(payload) {
+                    Ok((index, term)) => {
+                        // Only this step inserts, after the check above: this cannot be full.
+                        // The entry is in the log now: whatever happens next, a refusal here
+                        // could only say "outcome unknown".
+                        if let Err(reply) = self.pending.insert(index, term, reply) {
+                            let _ = reply.send(Err(ServiceError::Timeout(format!(
+                                "too many writes in flight to watch the one at index {index}"
+                            ))));
+                        }
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(self.map_raft_error(e)));
+                    }
+                }
+            }
+            Request::Read { reply } => {
+                let id = self.next_read_id;
+                self.next_read_id += 1;
+                match self.raft.read_index(id) {
+                    Ok(()) => {
+                        self.reads.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(self.map_raft_error(e)));
+                    }
+                }
+            }
+            Request::Transfer { to, reply } => {
+                let result = self
+                    .raft
+                    .transfer_leadership(to)
+                    .map_err(|e| self.map_raft_error(e));
+                let _ = reply.send(result);
+            }
+            Request::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            Request::Ready { reply } => {
+                let _ = reply.send(self.readiness());
+            }
+        }
+    }
+
+    /// Takes every `Ready` the core has into `out`.
+    fn drain_ready(&mut self, out: &mut Outputs) {
+        loop {
+            let rd: Ready = self.raft.ready();
+            if rd.is_empty() {
+                return;
+            }
+            // The install's point in the apply queue comes before anything committed after it.
+            if let Some(meta) = &rd.snapshot {
+                out.apply.push(ApplyJob::Install { index: meta.index });
+            }
+            // Committed entries are durable here already (the core hands out only entries at
+            // or below what was reported persisted): they need not wait for the storage worker.
+            if !rd.committed.is_empty() {
+                let committed = rd.committed.len() as u64;
+                out.apply.push(ApplyJob::Entries(rd.committed));
+                self.metrics.proposals_committed.inc_by(committed);
+            }
+            out.messages.extend(rd.messages_now);
+            let leader = self.raft.leader().unwrap_or(self.info.id);
+            for rs in rd.read_states {
+                if let Some(reply) = self.reads.remove(&rs.id) {
+                    let waiting = self.confirmed_reads.entry(rs.index).or_default();
+                    waiting.push((leader, reply));
+                }
+            }
+            for id in rd.reads_dropped {
+                if let Some(reply) = self.reads.remove(&id) {
+                    let _ = reply.send(Err(ServiceError::Unavailable(
+                        "leadership changed before the read was confirmed; retry".into(),
+                    )));
+                }
+            }
+            for send in rd.snapshot_sends {
+                if self.sending_snapshots.insert(send.to) {
+                    out.snapshot_sends.push((send.to, send.term));
+                }
+            }
+            let durable = rd.hard_state.is_some()
+                || rd.snapshot.is_some()
+                || !rd.entries.is_empty()
+                || !rd.messages_after_persist.is_empty();
+            if durable {
+                out.storage.push(StorageJob::Ready {
+                    hard_state: rd.hard_state,
+                    install: rd.snapshot,
+                    entries: rd.entries,
+                    after_persist: rd.messages_after_persist,
+                });
+            }
+        }
+    }
+
+    /// Answers the confirmed reads whose index the state machine has applied.
+    fn release_reads(&mut self) {
+        let applied = self.sm.applied_index();
+        while let Some(entry) = self.confirmed_reads.first_entry() {
+            if *entry.key() > applied {
+                break;
+            }
+            let index = *entry.key();
+            for (leader, reply) in entry.remove() {
+                let _ = reply.send(Ok((index, leader)));
+            }
+        }
+        debug_assert!(
+            self.confirmed_reads.keys().all(|&i| i > applied),
+            "a read whose index is applied never waits"
+        );
+    }
+
+    /// Answers what is in flight as the node stops: proposals in the log get "outcome
+    /// unknown", reads get "retry".
+    pub fn fail_all(&mut self, why: &str) {
+        self.pending.fail_all(why);
+        let confirmed = std::mem::take(&mut self.confirmed_reads);
+        let replies = confirmed.into_values().flatten().map(|(_, reply)| reply);
+        for reply in std::mem::take(&mut self.reads).into_values().chain(replies) {
+            let _ = reply.send(Err(ServiceError::Unavailable(why.into())));
+        }
+    }
+
+    fn leader_hint(&self) -> Option<LeaderHint> {
+        self.raft.leader().map(|id| LeaderHint {
+            id,
+            client_url: if id == self.info.id {
+                Some(self.info.client_url.clone())
+            } else {
+                self.info.peer_client_urls.get(&id).cloned()
+            },
+        })
+    }
+
+    fn map_raft_error(&self, e: RaftError) -> ServiceError {
+        match e {
+            RaftError::NotLeader { .. } => ServiceError::NotLeader {
+                leader: self.leader_hint(),
+            },
+            RaftError::UnknownPeer(p) => {
+                ServiceError::InvalidInput(format!("node {p} is not a member"))
+            }
+            RaftError::TransferInProgress { to } => {
+                ServiceError::Unavailable(format!("leadership is moving to node {to}"))
+            }
+            other => ServiceError::Unavailable(other.to_string()),
+        }
+    }
+
+    fn readiness(&self) -> Result<(), ServiceError> {
+        let Some(_) = self.raft.leader() else {
+            return Err(ServiceError::Unavailable("no leader is known".into()));
+        };
+        let commit = self.raft.commit_index();
+        if self.raft.log().term(commit) != Some(self.raft.term()) {
+            return Err(ServiceError::Unavailable(
+                "the leader's first entry of this term is not committed here yet".into(),
+            ));
+        }
+        // The state machine, not the core, says what is applied: the core counts an
+        // accepted snapshot as applied before the storage worker has installed it.
+        let applied = self.sm.applied_index();
+        if applied < commit {
+            return Err(ServiceError::Unavailable(format!(
+                "applied {applied} of {commit} committed entries"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The node's view of the cluster.
+    pub fn status(&self) -> ClusterStatus {
+        let leader = self.raft.leader().map(|id| LeaderInfo {
+            id,
+            client_url: self.leader_hint().and_then(|h| h.client_url),
+        });
+        let is_leader = self.raft.role() == Role::Leader;
+        let mut members: Vec<MemberStatus> = self
+            .info
+            .peers
+            .iter()
+            .map(|(id, addr)| MemberStatus {
+                id: *id,
+                peer_addr: addr.clone(),
+                client_url: self.info.peer_client_urls.get(id).cloned(),
+                match_index: if is_leader {
+                    self.raft.progress(*id).map(|p| p.match_index)
+                } else {
+                    None
+                },
+            })
+            .collect();
+        members.push(MemberStatus {
+            id: self.info.id,
+            peer_addr: self.info.peer_addr.clone(),
+            client_url: Some(self.info.client_url.clone()),
+            match_index: is_leader.then(|| self.raft.persisted_index()),
+        });
+        members.sort_by_key(|m| m.id);
+        ClusterStatus {
+            id: self.info.id,
+            cluster_id: self.info.cluster_id.clone(),
+            role: self.raft.role().name().to_string(),
+            term: self.raft.term(),
+            leader,
+            first_index: self.raft.log().first_index(),
+            last_index: self.raft.log().last_index(),
+            commit_index: self.raft.commit_index(),
+            applied_index: self.sm.applied_index(),
+            snapshot_index: self.snapshot_index.max(self.raft.log().base_index()),
+            members,
+        }
+    }
+
+    /// Logs each change of role, term or leader once, and counts new leaders.
+    fn observe_leadership(&mut self) {
+        let now = Seen {
+            role: self.raft.role(),
+            term: self.raft.term(),
+            leader: self.raft.leader(),
+        };
+        if now == self.seen {
+            return;
+        }
+        let before = std::mem::replace(&mut self.seen, now);
+        assert!(now.term >= before.term, "the term never decreases");
+        if now.role != before.role || now.term != before.term {
+            self.log_role_change(before, now);
+        }
+        if now.leader != before.leader {
+            match now.leader {
+                Some(leader) => {
+                    self.metrics.leader_changes_seen.inc();
+                    tracing::info!(
+                        term = now.term,
+                        leader,
+                        previous_leader = before.leader.unwrap_or(0),
+                        "leader changed"
+                    );
+                }
+                None => tracing::info!(
+                    term = now.term,
+                    previous_leader = before.leader.unwrap_or(0),
+                    "leader lost"
+                ),
+            }
+        }
+    }
+
+    fn log_role_change(&self, before: Seen, now: Seen) {
+        match now.role {
+            Role::PreCandidate | Role::Candidate => tracing::info!(
+                term = now.term,
+                pre_vote = now.role == Role::PreCandidate,
+                last_index = self.raft.log().last_index(),
+                "election started"
+            ),
+            Role::Leader => tracing::info!(
+                term = now.term,
+                last_index = self.raft.log().last_index(),
+                commit_index = self.raft.commit_index(),
+                "became leader"
+            ),
+            Role::Follower if before.role == Role::Leader => {
+                tracing::info!(term = now.term, previous_term = before.term, "stepped down")
+            }
+            Role::Follower => {}
+        }
+    }
+}

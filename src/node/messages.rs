@@ -1,0 +1,190 @@
+//! Everything the node's parts say to each other, in one place, so that the parts are siblings
+//! that share a vocabulary rather than a chain that reaches into its neighbours.
+//!
+//! ```text
+//!  API ──Request──▶ consensus ──StorageJob──▶ storage worker ──StorageEvent──▶ consensus
+//!                      │  ▲                          │ (messages after fsync) ──▶ peers
+//!                      │  └──── applied index ◀── apply worker ◀──ApplyJob───┘ (install
+//!                      └──ApplyJob───────────────────▲                          rendezvous)
+//! ```
+//!
+//! The consensus step ([`super::consensus`]) turns one [`Input`] into [`Outputs`]; the storage
+//! and apply workers ([`super::storage_worker`], [`super::apply`]) turn jobs into events. None
+//! of them owns a thread, a socket or a clock: the node's shell ([`super::driver`] and the two
+//! worker threads) or the simulator (`tests/simulation`) moves these values between them.
+
+use crate::api::{ClusterStatus, ServiceError};
+use crate::raft::Message;
+use raftkv_storage::node_storage::NodeStorageError;
+use raftkv_storage::sm::SmError;
+use raftkv_storage::snapshot::transfer::SnapshotChunk;
+use raftkv_storage::snapshot::SnapshotError;
+use raftkv_storage::{Entry, HardState, NodeId, SnapshotMeta};
+use tokio::sync::oneshot;
+
+pub use super::peer::PeerMessage;
+
+/// What an applied write did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProposalOutcome {
+    pub index: u64,
+    /// For a delete: whether the key existed.
+    pub deleted: bool,
+}
+
+/// Where a write's answer goes.
+pub type ProposalReply = oneshot::Sender<Result<ProposalOutcome, ServiceError>>;
+/// Where a read barrier's answer goes: (read index, leader that confirmed it).
+pub type ReadReply = oneshot::Sender<Result<(u64, NodeId), ServiceError>>;
+
+/// A request from the client API to the consensus step.
+#[derive(Debug)]
+pub enum Request {
+    Propose {
+        payload: Vec<u8>,
+        reply: ProposalReply,
+    },
+    /// A ReadIndex; answered once it is safe *and* the state machine has applied the index.
+    Read { reply: ReadReply },
+    Transfer {
+        to: NodeId,
+        reply: oneshot::Sender<Result<(), ServiceError>>,
+    },
+    Status {
+        reply: oneshot::Sender<ClusterStatus>,
+    },
+    Ready {
+        reply: oneshot::Sender<Result<(), ServiceError>>,
+    },
+}
+
+/// One input to the consensus step.
+#[derive(Debug)]
+pub enum Input {
+    /// One heartbeat interval passed.
+    Tick,
+    /// A message from an authenticated peer (validated by the step before anything else).
+    Peer {
+        from: NodeId,
+        message: PeerMessage,
+    },
+    /// The transport lost its connection to `peer`.
+    Unreachable {
+        peer: NodeId,
+    },
+    Request(Request),
+    Storage(StorageEvent),
+    /// The apply worker finished a batch or an install: the state machine's applied index
+    /// moved.
+    Applied,
+    /// The apply worker stopped on an error.
+    ApplyFailed(WorkerError),
+    /// Streaming a snapshot to `peer` ended (`ok`: every chunk was handed to the transport).
+    SnapshotSent {
+        peer: NodeId,
+        ok: bool,
+    },
+}
+
+/// What one consensus step asks the shell to do, in order within each list.
+#[derive(Debug, Default)]
+pub struct Outputs {
+    /// Messages that depend on nothing unsynced: send now.
+    pub messages: Vec<Message>,
+    /// Jobs for the storage worker, in order.
+    pub storage: Vec<StorageJob>,
+    /// Jobs for the apply worker, in order.
+    pub apply: Vec<ApplyJob>,
+    /// Start streaming a fresh snapshot to (peer, leader term).
+    pub snapshot_sends: Vec<(NodeId, u64)>,
+}
+
+impl Outputs {
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+            && self.storage.is_empty()
+            && self.apply.is_empty()
+            && self.snapshot_sends.is_empty()
+    }
+}
+
+/// Work for the storage worker.
+#[derive(Debug)]
+pub enum StorageJob {
+    /// The durable part of one `Ready`.
+    Ready {
+        hard_state: Option<HardState>,
+        /// A received snapshot to install; the apply worker meets the storage worker at the
+        /// matching [`ApplyJob::Install`] before the state machine is swapped.
+        install: Option<SnapshotMeta>,
+        entries: Vec<Entry>,
+        /// Messages that may leave only once this job is durable.
+        after_persist: Vec<Message>,
+    },
+    /// A piece of a snapshot file from `from`.
+    Chunk { from: NodeId, chunk: SnapshotChunk },
+}
+
+/// What the storage worker reports to the consensus step.
+#[derive(Debug)]
+pub enum StorageEvent {
+    /// Durable: the log up to (index, term), and the hard state.
+    Persisted { last: (u64, u64) },
+    /// The log up to (`index`, `term`) may leave memory: it is in sled and marked in the WAL.
+    Compacted {
+        index: u64,
+        term: u64,
+        snapshot_index: u64,
+    },
+    /// A snapshot file from `from` arrived whole and is in `snap/`.
+    SnapshotReceived {
+        from: NodeId,
+        term: u64,
+        meta: SnapshotMeta,
+    },
+    /// Storage failed; the node must stop.
+    Failed(WorkerError),
+}
+
+/// Work for the apply worker.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ApplyJob {
+    /// Committed, locally durable entries, in order, following the previous batch.
+    Entries(Vec<Entry>),
+    /// The install of the snapshot at `index`: everything before is applied first, then the
+    /// apply worker waits until the storage worker has swapped the state machine.
+    Install { index: u64 },
+}
+
+/// Why a worker (storage, apply, snapshot transfer) stopped the node.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("{context}: {source}")]
+    Storage {
+        context: &'static str,
+        #[source]
+        source: NodeStorageError,
+    },
+    #[error("snapshot transfer: {0}")]
+    Snapshot(#[from] SnapshotError),
+    #[error("apply: {0}")]
+    Apply(#[from] SmError),
+    #[error("snapshot file {name} holds ({found_index}, {found_term}), the leader sent ({index}, {term})")]
+    InstallMismatch {
+        name: String,
+        found_index: u64,
+        found_term: u64,
+        index: u64,
+        term: u64,
+    },
+    #[error("the {0} is gone")]
+    Gone(&'static str),
+}
+
+impl WorkerError {
+    /// A storage failure while doing `context`.
+    pub fn storage(context: &'static str) -> impl FnOnce(NodeStorageError) -> WorkerError {
+        move |source| WorkerError::Storage { context, source }
+    }
+}
