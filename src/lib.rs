@@ -1,7 +1,10 @@
 //! raftkv: a durable, Raft-replicated key-value store.
 //!
-//! The crate holds everything above the storage layer (`raftkv-storage`):
-//! - [`raft`]: the consensus core, a deterministic state machine without I/O;
+//! The crate holds everything above the storage layer (`raftkv-storage`, re-exported as
+//! [`storage`]):
+//! - [`raft`]: the consensus core, a deterministic state machine without I/O; it and
+//!   [`transport`] take their vocabulary from the leaf crate `raftkv-types`, never from storage
+//!   (`tests/seams.rs` checks it);
 //! - [`transport`]: peer connections; [`api`]: the HTTP/JSON client API; [`client`]: the Rust
 //!   client; [`tls`]: certificates and rustls configurations for both ports;
 //! - [`check_disk`]: the operator's disk check.

@@ -3,7 +3,7 @@
 //! The node decides how long a tick is (e.g. `heartbeat_ms / heartbeat_ticks`); the core only
 //! counts ticks, which keeps it free of clocks and deterministic.
 
-use crate::storage::NodeId;
+use raftkv_types::NodeId;
 
 /// Configuration of one consensus core.
 #[derive(Clone, Debug, PartialEq, Eq)]

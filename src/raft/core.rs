@@ -23,8 +23,8 @@ use super::progress::{Progress, ProgressState};
 use super::read_index::ReadIndexQueue;
 use super::ready::{RaftError, ReadId, Ready, SnapshotSend};
 use super::rng::Rng;
-use crate::storage::codec;
-use crate::storage::{Entry, EntryKind, HardState, Membership, NodeId, SnapshotMeta};
+use raftkv_types::codec;
+use raftkv_types::{Entry, EntryKind, HardState, Membership, NodeId, SnapshotMeta};
 use std::collections::{BTreeMap, VecDeque};
 
 /// Heartbeat rounds remembered for lease reads (older ones are too old to grant a lease).

@@ -3,7 +3,7 @@
 //! lease reads, and bounds.
 
 use super::*;
-use crate::storage::{Entry, EntryKind, HardState, Membership, SnapshotMeta};
+use raftkv_types::{Entry, EntryKind, HardState, Membership, SnapshotMeta};
 
 fn config(id: u64) -> Config {
     let mut c = Config::new(id);
@@ -420,7 +420,7 @@ fn regression_torn_write_never_commits_a_replaced_entry() {
         index: 1,
         term: 1,
         kind: EntryKind::Config,
-        payload: crate::storage::codec::encode(&membership).unwrap(),
+        payload: raftkv_types::codec::encode(&membership).unwrap(),
     };
     let durable_log = vec![config_entry, entry(2, 2, b"a"), entry(3, 2, b"stale")];
     let durable_hs = HardState {
@@ -516,7 +516,7 @@ fn restarted_follower_keeps_the_lease_promise_for_an_election_timeout() {
             index: 1,
             term: 1,
             kind: EntryKind::Config,
-            payload: crate::storage::codec::encode(&membership).unwrap(),
+            payload: raftkv_types::codec::encode(&membership).unwrap(),
         }],
         applied: 1,
     };

@@ -6,7 +6,7 @@
 
 use super::limits::{INDEX_MAX, TERM_JUMP_MAX, TERM_MAX};
 use super::*;
-use crate::storage::{Entry, EntryKind, Membership, NodeId, SnapshotMeta};
+use raftkv_types::{Entry, EntryKind, Membership, NodeId, SnapshotMeta};
 use std::collections::{BTreeMap, VecDeque};
 
 /// Three cores whose writes are durable at once and whose messages are delivered in order.
@@ -296,7 +296,7 @@ fn a_commit_beyond_the_append_is_clamped_to_its_last_entry() {
 #[test]
 fn restart_refuses_a_durable_term_out_of_range() {
     let state = RestartState {
-        hard_state: crate::storage::HardState {
+        hard_state: raftkv_types::HardState {
             term: u64::MAX,
             vote: Some(2),
             commit: 0,

@@ -15,7 +15,7 @@
 //! of years at a million per second) and leave headroom, so the core's `+ 1` on a term or
 //! index it holds can never overflow: [`succ`] asserts exactly that.
 
-use crate::storage::{Entry, SnapshotMeta};
+use raftkv_types::{Entry, SnapshotMeta};
 
 use super::message::{Message, MessageBody};
 
@@ -239,7 +239,7 @@ fn check_append(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::{EntryKind, Membership};
+    use raftkv_types::{EntryKind, Membership};
 
     fn msg(term: u64, body: MessageBody) -> Message {
         Message {

@@ -13,7 +13,7 @@
 //! - `bytes` is the sum of `Entry::size_bytes` over `entries`.
 
 use super::limits::{pred, succ};
-use crate::storage::Entry;
+use raftkv_types::Entry;
 use std::collections::VecDeque;
 
 /// The log suffix after (`base_index`, `base_term`), the last compacted or snapshotted entry.
@@ -187,7 +187,7 @@ impl RaftLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::EntryKind;
+    use raftkv_types::EntryKind;
 
     fn entry(index: u64, term: u64) -> Entry {
         Entry {

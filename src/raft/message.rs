@@ -1,11 +1,11 @@
-//! The messages consensus cores exchange. The node frames them with `storage::codec` over TCP.
+//! The messages consensus cores exchange. The node frames them with `raftkv_types::codec` over TCP.
 //!
 //! Every message carries the sender's term; the term rules in `core.rs` look at it before the
 //! body. Snapshot data never travels in a message: the node streams the snapshot file in
 //! chunks and, once the follower holds all of it, steps an [`MessageBody::InstallSnapshot`]
 //! carrying only the metadata into the follower's core.
 
-use crate::storage::{Entry, NodeId, SnapshotMeta};
+use raftkv_types::{Entry, NodeId, SnapshotMeta};
 use serde::{Deserialize, Serialize};
 
 /// One message between two cores.
@@ -101,11 +101,11 @@ impl std::fmt::Display for Message {
                     }
                     write!(f, "{}@{}", e.index, e.term)?;
                     match e.kind {
-                        crate::storage::EntryKind::Normal => {
+                        raftkv_types::EntryKind::Normal => {
                             write!(f, ":{}", String::from_utf8_lossy(&e.payload))?
                         }
-                        crate::storage::EntryKind::Noop => write!(f, ":noop")?,
-                        crate::storage::EntryKind::Config => write!(f, ":config")?,
+                        raftkv_types::EntryKind::Noop => write!(f, ":noop")?,
+                        raftkv_types::EntryKind::Config => write!(f, ":config")?,
                     }
                 }
                 write!(f, "]")

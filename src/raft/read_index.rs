@@ -13,7 +13,7 @@
 //! most `max_pending_reads` reads.
 
 use super::ready::{ReadId, ReadState};
-use crate::storage::NodeId;
+use raftkv_types::NodeId;
 use std::collections::{BTreeMap, VecDeque};
 
 #[derive(Clone, Debug)]

@@ -20,7 +20,7 @@
 
 use super::limits::InvalidMessage;
 use super::message::Message;
-use crate::storage::{Entry, HardState, NodeId, SnapshotMeta};
+use raftkv_types::{Entry, HardState, NodeId, SnapshotMeta};
 
 /// An opaque id the node gives a read request, returned with the read's outcome.
 pub type ReadId = u64;

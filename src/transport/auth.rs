@@ -12,7 +12,7 @@
 //! (who can relay and then hijack the TCP stream) is stopped only by TLS, not by the secret.
 
 use hmac::{Hmac, Mac};
-use raftkv_storage::NodeId;
+use raftkv_types::NodeId;
 use sha2::Sha256;
 use std::path::{Path, PathBuf};
 

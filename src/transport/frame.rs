@@ -4,7 +4,7 @@
 //! offset  size  field
 //!      0     4  payload length n, u32 little-endian (<= frame_bytes_max)
 //!      4     4  CRC-32 of the payload, u32 little-endian
-//!      8     n  payload: one value encoded with `raftkv_storage::codec`
+//!      8     n  payload: one value encoded with `raftkv_types::codec`
 //! ```
 //!
 //! TCP already checksums, but weakly; the CRC costs little and turns a bug or a bit flip in a
@@ -12,7 +12,7 @@
 //! before the payload buffer is allocated, so a peer cannot make us allocate more than
 //! `frame_bytes_max`.
 
-use raftkv_storage::codec;
+use raftkv_types::codec;
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 

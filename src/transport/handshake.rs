@@ -20,7 +20,7 @@
 use super::auth::{self, Nonce, Proof, Role, Transcript};
 use super::frame::{read_frame, write_frame, FrameError};
 use super::{TransportConfig, PROTOCOL_VERSION};
-use raftkv_storage::NodeId;
+use raftkv_types::NodeId;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 

@@ -43,7 +43,7 @@ mod listener;
 
 pub use auth::{PeerSecret, SecretError};
 use frame::FrameError;
-use raftkv_storage::NodeId;
+use raftkv_types::NodeId;
 use serde::{de::DeserializeOwned, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

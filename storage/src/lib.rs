@@ -3,8 +3,9 @@
 //! - [`wal`]: the checksummed, segmented write-ahead log holding the Raft log and hard state.
 //! - [`vfs`]: the file-system layer under it, real ([`vfs::StdFs`]) or simulated with faults
 //!   and crashes ([`vfs::SimFs`]) for tests.
-//! - [`types`]: entries, hard state, membership and snapshot metadata, shared with consensus.
-//! - [`codec`]: the single place a serialization codec is used (payloads only, never framing).
+//! - [`types`], [`codec`]: re-exported from the leaf crate `raftkv-types` (entries, hard state,
+//!   membership, snapshot metadata; the single serialization codec, payloads only), so that
+//!   `raftkv_storage::Entry` and `raftkv_storage::codec` paths keep working.
 //! - [`command`]: the versioned client commands a `Normal` entry carries, and their limits.
 //! - [`sm`]: the key-value state machine on sled: applies committed entries, serves reads.
 //! - [`snapshot`]: snapshot files (a consistent image at one applied index): write, verify,
@@ -13,7 +14,6 @@
 //!   recovery, and compacted together.
 //! - [`crash_point`]: a file system that dies after N mutating steps, for crash tests.
 
-pub mod codec;
 pub mod command;
 pub mod crash_point;
 pub mod node_storage;
@@ -21,8 +21,13 @@ pub mod sm;
 pub mod snapshot;
 #[cfg(test)]
 mod test_util;
-pub mod types;
 pub mod vfs;
 pub mod wal;
 
+/// The shared vocabulary, defined in `raftkv-types`; re-exported under its old path.
+pub mod types {
+    pub use raftkv_types::{Entry, EntryKind, HardState, Membership, NodeId, SnapshotMeta};
+}
+
+pub use raftkv_types::codec;
 pub use types::{Entry, EntryKind, HardState, Membership, NodeId, SnapshotMeta};

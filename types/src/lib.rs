@@ -1,13 +1,17 @@
-//! The data types every layer of raftkv agrees on: log entries, hard state, membership and
-//! snapshot metadata.
+//! The vocabulary every layer of raftkv shares: log entries, hard state, membership and
+//! snapshot metadata, and [`codec`], the one place a serialization codec is used.
 //!
-//! They live in the storage crate because the write-ahead log persists them byte by byte; the
-//! consensus core (`raftkv::raft`) uses the same types so that what it hands out to persist is
-//! exactly what the WAL writes, with no conversion on the hot path.
+//! A leaf crate (serde, bincode and thiserror only) so that the consensus core
+//! (`raftkv::raft`) and the peer transport (`raftkv::transport`) speak the same types as the
+//! write-ahead log without linking sled or the storage crate. The WAL (`raftkv-storage`)
+//! persists these types byte by byte, and the consensus core hands out exactly these types to
+//! persist, with no conversion on the hot path.
 //!
 //! Invariants:
 //! - Node ids are non-zero: `0` encodes "no vote" on disk.
 //! - Log indexes start at 1; index 0 with term 0 is the empty log's sentinel.
+
+pub mod codec;
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -101,4 +105,19 @@ pub struct SnapshotMeta {
     pub index: u64,
     pub term: u64,
     pub membership: Membership,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_kind_byte_round_trips_and_unknown_bytes_are_rejected() {
+        for kind in [EntryKind::Normal, EntryKind::Noop, EntryKind::Config] {
+            assert_eq!(EntryKind::from_u8(kind as u8), Some(kind));
+        }
+        for byte in [0u8, 4, u8::MAX] {
+            assert_eq!(EntryKind::from_u8(byte), None);
+        }
+    }
 }

@@ -41,7 +41,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::{Entry, EntryKind};
+    use crate::{Entry, EntryKind};
 
     #[test]
     fn round_trip_and_rejects_garbage() {
