@@ -5,8 +5,6 @@
 //! and fault schedule, and the command that replays it. Seeds that once found a bug are kept
 //! as named regression tests below.
 
-#[path = "simulation/kv.rs"]
-mod kv;
 #[path = "simulation/linearizability.rs"]
 mod linearizability;
 #[path = "simulation/sim.rs"]

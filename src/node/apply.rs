@@ -208,6 +208,12 @@ impl ApplyWorker {
         self.pending.resolve(&[], at);
     }
 
+    /// Whether an install point taken off the queue waits to be done next: then there is
+    /// work even with an empty queue.
+    pub fn holds_install(&self) -> bool {
+        self.held.is_some()
+    }
+
     /// The state machine's applied index.
     pub fn applied_index(&self) -> u64 {
         self.sm.applied_index()
@@ -254,7 +260,7 @@ pub fn run(
     reports: ApplyReports,
 ) {
     loop {
-        let first = if worker.held.is_some() {
+        let first = if worker.holds_install() {
             None
         } else {
             match jobs.blocking_recv() {

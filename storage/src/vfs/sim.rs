@@ -50,6 +50,9 @@ struct State {
     power_cut: Option<(u64, u64)>,
     /// How many armed power cuts have happened.
     power_cuts: u64,
+    /// Open handles per inode: as on POSIX, a removed file stays readable through a handle
+    /// opened before (a snapshot streamed while a newer one replaces it).
+    open: BTreeMap<u64, usize>,
     syncs: u64,
     writes: u64,
 }
@@ -168,6 +171,8 @@ impl SimFs {
         let mut st = self.lock();
         let mut rng = seed.unwrap_or(0);
         st.generation += 1;
+        // Every handle is stale now (the process that held them is gone).
+        st.open.clear();
         st.names = st.durable_names.clone();
         let live: Vec<u64> = st.names.values().copied().collect();
         st.inodes.retain(|ino, _| live.contains(ino));
@@ -243,6 +248,21 @@ struct SimFile {
     inode: u64,
     generation: u64,
     writable: bool,
+}
+
+impl Drop for SimFile {
+    fn drop(&mut self) {
+        let mut st = self.fs.lock();
+        if st.generation != self.generation {
+            return;
+        }
+        if let Some(count) = st.open.get_mut(&self.inode) {
+            *count -= 1;
+            if *count == 0 {
+                st.open.remove(&self.inode);
+            }
+        }
+    }
 }
 
 impl SimFile {
@@ -391,6 +411,7 @@ impl Vfs for SimFs {
             }
             None => return Err(not_found()),
         };
+        *st.open.entry(inode).or_default() += 1;
         Ok(Box::new(SimFile {
             fs: self.clone(),
             inode,
@@ -400,8 +421,9 @@ impl Vfs for SimFs {
     }
 
     fn open_read(&self, path: &Path) -> io::Result<Box<dyn VfsFile>> {
-        let st = self.lock();
+        let mut st = self.lock();
         let inode = *st.names.get(path).ok_or_else(not_found)?;
+        *st.open.entry(inode).or_default() += 1;
         Ok(Box::new(SimFile {
             fs: self.clone(),
             inode,
@@ -441,7 +463,10 @@ impl Vfs for SimFs {
             .chain(st.durable_names.values())
             .copied()
             .collect();
-        st.inodes.retain(|ino, _| referenced.contains(ino));
+        let open = std::mem::take(&mut st.open);
+        st.inodes
+            .retain(|ino, _| referenced.contains(ino) || open.contains_key(ino));
+        st.open = open;
         Ok(())
     }
 }
