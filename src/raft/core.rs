@@ -1,8 +1,8 @@
 //! The Raft consensus state machine: elections, replication, commitment, compaction,
 //! leadership transfer and ReadIndex, with no I/O.
 //!
-//! Inputs: [`Raft::tick`], [`Raft::step`] (in [`step`]: term rules, then one handler per
-//! role), [`Raft::propose`], [`Raft::read_index`],
+//! Inputs: [`Raft::tick`], [`Raft::step`] (in `core/step.rs`: term rules, then one handler
+//! per role), [`Raft::propose`], [`Raft::read_index`],
 //! [`Raft::transfer_leadership`] and the reports [`Raft::persisted`], [`Raft::applied`],
 //! [`Raft::snapshot_sent`], [`Raft::peer_unreachable`], [`Raft::compact`]. Output: [`Raft::ready`].
 //! The same inputs always give the same outputs: randomness comes from the seeded [`Rng`] and
