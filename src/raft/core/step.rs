@@ -20,7 +20,7 @@ use crate::raft::limits::{self, pred, succ, INDEX_MAX, TERM_JUMP_MAX};
 use crate::raft::message::{Message, MessageBody};
 use crate::raft::progress::ProgressState;
 use crate::raft::ready::RaftError;
-use crate::storage::{Entry, NodeId, SnapshotMeta};
+use raftkv_types::{Entry, NodeId, SnapshotMeta};
 use std::cmp::Ordering;
 
 impl Raft {
