@@ -36,6 +36,7 @@ use super::server::ClientPortConfig;
 use super::{Consistency, KvService, Limits, ListQuery, ServiceError};
 use crate::api::types::*;
 use crate::metrics::Metrics;
+use crate::storage::command::CommandError;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -94,7 +95,7 @@ pub fn router_with<S: KvService>(service: Arc<S>, options: &RouterOptions) -> Ro
     let limits = service.limits();
     let node_id = service.node_id();
     // JSON may escape each byte as \u00XX (6 bytes); allow that plus room for the envelope.
-    let body_bytes_max = limits.value_bytes_max.saturating_mul(6) + (64 << 10);
+    let body_bytes_max = limits.command.value_bytes_max.saturating_mul(6) + (64 << 10);
     let port = &options.port;
     let body_limits = Arc::new(BodyLimits::new(
         port.body_buffer_bytes_max,
@@ -318,23 +319,19 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for KeyArg {
 
 fn check_key(key: KeyArg, limits: &Limits) -> Result<String, Rejection> {
     let key = key.0?;
-    if key.is_empty() {
-        return Err(Rejection(
-            StatusCode::BAD_REQUEST,
-            "the key must not be empty".into(),
-        ));
-    }
-    if key.len() > limits.key_bytes_max {
-        return Err(Rejection(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "key of {} bytes exceeds the limit of {} bytes",
-                key.len(),
-                limits.key_bytes_max
-            ),
-        ));
-    }
+    limits
+        .command
+        .check_key(key.as_bytes())
+        .map_err(limit_rejection)?;
     Ok(key)
+}
+
+/// A request over a command limit, answered as the service answers it (413 or 400).
+fn limit_rejection(e: CommandError) -> Rejection {
+    match ServiceError::from(e) {
+        ServiceError::TooLarge(m) => Rejection(StatusCode::PAYLOAD_TOO_LARGE, m),
+        other => Rejection(StatusCode::BAD_REQUEST, other.to_string()),
+    }
 }
 
 /// Where a key request is forwarded: the key re-encoded by the client's rules, with the
@@ -511,16 +508,10 @@ async fn put_key<S: KvService>(
     let key = check_key(path, &st.limits)?;
     let body = check_body(body)?;
     let PutBody { value } = parse_json(&body, r#"{"value": "..."}"#)?;
-    if value.len() > st.limits.value_bytes_max {
-        return Err(Rejection(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "value of {} bytes exceeds the limit of {} bytes",
-                value.len(),
-                st.limits.value_bytes_max
-            ),
-        ));
-    }
+    st.limits
+        .command
+        .check_value(value.as_bytes())
+        .map_err(limit_rejection)?;
     Ok(match st.service.put(key.clone(), value.clone()).await {
         Ok(w) => Json(KvResponse {
             key,
@@ -624,7 +615,7 @@ async fn list_keys<S: KvService>(
     };
     let prefix = params.prefix.unwrap_or_default();
     let start = params.start;
-    let too_long = |k: &str| k.len() > st.limits.key_bytes_max;
+    let too_long = |k: &str| k.len() > st.limits.command.key_bytes_max;
     if too_long(&prefix) || start.as_deref().is_some_and(too_long) {
         return Err(Rejection(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -22,6 +22,7 @@ pub mod server;
 pub mod test_service;
 pub mod types;
 
+use raftkv_storage::command::{CommandError, CommandLimits};
 use raftkv_storage::NodeId;
 use std::future::Future;
 pub use types::*;
@@ -87,10 +88,14 @@ pub enum ServiceError {
 }
 
 /// Size limits clients are held to (checked before anything reaches the log).
+///
+/// Key and value sizes are the storage layer's [`CommandLimits`], held here rather than
+/// copied: the HTTP layer checks requests with them, and the node's service checks every
+/// command with [`raftkv_storage::command::Command::validate`] against the same values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
-    pub key_bytes_max: usize,
-    pub value_bytes_max: usize,
+    /// Key and value bytes (`key_bytes_max`, `value_bytes_max`).
+    pub command: CommandLimits,
     /// The most keys one list request returns.
     pub list_limit_max: usize,
 }
@@ -98,9 +103,23 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            key_bytes_max: 8 << 10,
-            value_bytes_max: 1 << 20,
+            command: CommandLimits::default(),
             list_limit_max: 10_000,
+        }
+    }
+}
+
+/// A command over a limit is the client's fault: 413 if too large, 400 otherwise.
+impl From<CommandError> for ServiceError {
+    fn from(e: CommandError) -> ServiceError {
+        match e {
+            CommandError::KeyTooLarge { .. } | CommandError::ValueTooLarge { .. } => {
+                ServiceError::TooLarge(e.to_string())
+            }
+            CommandError::EmptyKey
+            | CommandError::UnsupportedVersion(_)
+            | CommandError::Decode(_)
+            | CommandError::Encode(_) => ServiceError::InvalidInput(e.to_string()),
         }
     }
 }

@@ -7,6 +7,7 @@
 //! `http_request` fuzz target and its corpus replay (`crate::fuzz_targets`) serve it too.
 
 use super::*;
+use raftkv_storage::command::CommandLimits;
 use raftkv_storage::NodeId;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -77,8 +78,10 @@ impl KvService for MapService {
 
     fn limits(&self) -> Limits {
         Limits {
-            key_bytes_max: 64,
-            value_bytes_max: 1024,
+            command: CommandLimits {
+                key_bytes_max: 64,
+                value_bytes_max: 1024,
+            },
             list_limit_max: 100,
         }
     }

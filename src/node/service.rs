@@ -126,22 +126,6 @@ impl NodeService {
         Ok(Some(leader))
     }
 
-    fn check_key(&self, key: &str) -> Result<(), ServiceError> {
-        if key.is_empty() {
-            return Err(ServiceError::InvalidInput(
-                "the key must not be empty".into(),
-            ));
-        }
-        if key.len() > self.limits.key_bytes_max {
-            return Err(ServiceError::TooLarge(format!(
-                "key of {} bytes exceeds the limit of {} bytes",
-                key.len(),
-                self.limits.key_bytes_max
-            )));
-        }
-        Ok(())
-    }
-
     async fn ask<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<T>) -> Request,
@@ -171,20 +155,12 @@ impl KvService for NodeService {
     }
 
     async fn put(&self, key: String, value: String) -> Result<Written, ServiceError> {
-        self.check_key(&key)?;
-        if value.len() > self.limits.value_bytes_max {
-            return Err(ServiceError::TooLarge(format!(
-                "value of {} bytes exceeds the limit of {} bytes",
-                value.len(),
-                self.limits.value_bytes_max
-            )));
-        }
-        let outcome = self
-            .propose(Command::Put {
-                key: key.into_bytes(),
-                value: value.into_bytes(),
-            })
-            .await?;
+        let command = Command::Put {
+            key: key.into_bytes(),
+            value: value.into_bytes(),
+        };
+        command.validate(&self.limits.command)?;
+        let outcome = self.propose(command).await?;
         Ok(Written {
             index: outcome.index,
             leader: self.id,
@@ -192,12 +168,11 @@ impl KvService for NodeService {
     }
 
     async fn delete(&self, key: String) -> Result<Deleted, ServiceError> {
-        self.check_key(&key)?;
-        let outcome = self
-            .propose(Command::Delete {
-                key: key.into_bytes(),
-            })
-            .await?;
+        let command = Command::Delete {
+            key: key.into_bytes(),
+        };
+        command.validate(&self.limits.command)?;
+        let outcome = self.propose(command).await?;
         Ok(Deleted {
             deleted: outcome.deleted,
             index: outcome.index,
@@ -206,7 +181,7 @@ impl KvService for NodeService {
     }
 
     async fn get(&self, key: String, consistency: Consistency) -> Result<ReadValue, ServiceError> {
-        self.check_key(&key)?;
+        self.limits.command.check_key(key.as_bytes())?;
         let leader = self.read_barrier(consistency).await?;
         let read = self.sm.get(key.as_bytes()).map_err(sm_error)?;
         Ok(ReadValue {

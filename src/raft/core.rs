@@ -1,7 +1,8 @@
 //! The Raft consensus state machine: elections, replication, commitment, compaction,
 //! leadership transfer and ReadIndex, with no I/O.
 //!
-//! Inputs: [`Raft::tick`], [`Raft::step`], [`Raft::propose`], [`Raft::read_index`],
+//! Inputs: [`Raft::tick`], [`Raft::step`] (in `core/step.rs`: term rules, then one handler
+//! per role), [`Raft::propose`], [`Raft::read_index`],
 //! [`Raft::transfer_leadership`] and the reports [`Raft::persisted`], [`Raft::applied`],
 //! [`Raft::snapshot_sent`], [`Raft::peer_unreachable`], [`Raft::compact`]. Output: [`Raft::ready`].
 //! The same inputs always give the same outputs: randomness comes from the seeded [`Rng`] and
@@ -15,8 +16,10 @@
 //!   response leaves only after the vote is durable;
 //! - entries at or below `commit` are never truncated.
 
+mod step;
+
 use super::config::Config;
-use super::limits::{self, pred, succ, INDEX_MAX, TERM_JUMP_MAX, TERM_MAX};
+use super::limits::{pred, succ, INDEX_MAX, TERM_MAX};
 use super::log::RaftLog;
 use super::message::{Message, MessageBody};
 use super::progress::{Progress, ProgressState};
@@ -338,6 +341,17 @@ impl Raft {
             .collect()
     }
 
+    /// Moves `commit` forward to `commit`, which the log holds.
+    fn set_commit(&mut self, commit: u64) {
+        assert!(
+            commit >= self.commit && commit <= self.log.last_index(),
+            "commit {commit} outside {}..={}",
+            self.commit,
+            self.log.last_index()
+        );
+        self.commit = commit;
+    }
+
     fn reset_election_timeout(&mut self) {
         self.leader_lost = false;
         self.election_elapsed = 0;
@@ -641,13 +655,13 @@ impl Raft {
         if self.uncommitted_bytes >= self.config.max_uncommitted_bytes {
             return Err(RaftError::ProposalBacklogFull {
                 uncommitted_bytes: self.uncommitted_bytes,
-                max_bytes: self.config.max_uncommitted_bytes,
+                uncommitted_bytes_max: self.config.max_uncommitted_bytes,
             });
         }
         if self.log.bytes() >= self.config.max_log_bytes {
             return Err(RaftError::LogFull {
                 log_bytes: self.log.bytes(),
-                max_bytes: self.config.max_log_bytes,
+                log_bytes_max: self.config.max_log_bytes,
             });
         }
         let index = succ(self.log.last_index());
@@ -674,7 +688,7 @@ impl Raft {
         }
         if self.reads.len() >= self.config.max_pending_reads {
             return Err(RaftError::ReadBacklogFull {
-                max: self.config.max_pending_reads,
+                pending_reads_max: self.config.max_pending_reads,
             });
         }
         if self.log.term(self.commit) != Some(self.term) {
@@ -684,6 +698,7 @@ impl Raft {
         } else {
             self.reads.push(id, self.commit);
         }
+        debug_assert!(self.reads.len() <= self.config.max_pending_reads);
         Ok(())
     }
 
@@ -779,18 +794,6 @@ impl Raft {
         }
     }
 
-    /// A message from the leader of our term: follow it, and restart the election timer (with
-    /// a fresh random timeout if an early campaign had been scheduled when it was lost).
-    fn follow(&mut self, leader: NodeId) {
-        self.leader = Some(leader);
-        if self.leader_lost {
-            self.leader_lost = false;
-            self.reset_election_timeout();
-        } else {
-            self.election_elapsed = 0;
-        }
-    }
-
     /// The node took a snapshot covering at least `index` (whose entry has `term`): drop the
     /// log up to `index`. `index` must be applied.
     pub fn compact(&mut self, index: u64, term: u64) -> Result<(), RaftError> {
@@ -813,414 +816,25 @@ impl Raft {
         Ok(())
     }
 
-    /// Handles a message from a peer.
-    pub fn step(&mut self, m: Message) -> Result<(), RaftError> {
-        // Defence in depth: the node validated the message on receipt already. Whoever calls,
-        // no term at or above `TERM_MAX` and no index out of range gets past here.
-        limits::check_message(&m).map_err(|error| RaftError::InvalidMessage {
-            from: m.from,
-            error,
-        })?;
-        if m.term.saturating_sub(self.term) > TERM_JUMP_MAX {
-            return Err(RaftError::InvalidMessage {
-                from: m.from,
-                error: limits::InvalidMessage::new(
-                    m.body.name(),
-                    format!("term {} jumps too far ahead of {}", m.term, self.term),
-                ),
-            });
-        }
-        if m.to != self.config.id {
-            return Err(RaftError::WrongRecipient {
-                to: m.to,
-                id: self.config.id,
-            });
-        }
-        if !self.membership.voters.contains(&m.from) || m.from == self.config.id {
-            return Err(RaftError::UnknownPeer(m.from));
-        }
-        if m.term > self.term {
-            match &m.body {
-                MessageBody::Vote { pre, transfer, .. } => {
-                    // Heard from a leader within the election timeout — or just restarted,
-                    // and so cannot know it did not: a restarted follower must keep the
-                    // promise (not to elect anyone else for a while) that a leader's lease
-                    // relies on.
-                    let min_ticks = u64::from(self.config.election_timeout_min_ticks);
-                    let in_lease = self.config.check_quorum
-                        && (self.leader.is_some() || (self.restarted && self.ticks < min_ticks))
-                        && self.election_elapsed < self.config.election_timeout_min_ticks;
-                    if in_lease && !transfer {
-                        // Heard from a leader recently: ignore (leader stickiness).
-                        return Ok(());
-                    }
-                    if !pre {
-                        self.become_follower(m.term, None);
-                    }
-                }
-                MessageBody::VoteResponse {
-                    pre: true,
-                    granted: true,
-                } => {}
-                MessageBody::Append { .. }
-                | MessageBody::Heartbeat { .. }
-                | MessageBody::InstallSnapshot { .. }
-                | MessageBody::TimeoutNow => self.become_follower(m.term, Some(m.from)),
-                _ => self.become_follower(m.term, None),
-            }
-        } else if m.term < self.term {
-            match &m.body {
-                MessageBody::Append { .. } | MessageBody::Heartbeat { .. }
-                    if self.config.check_quorum || self.config.pre_vote =>
-                {
-                    // Tell a stale leader about the newer term so it steps down.
-                    self.send(
-                        m.from,
-                        MessageBody::AppendResponse {
-                            reject: true,
-                            index: 0,
-                            hint: None,
-                        },
-                    );
-                }
-                MessageBody::Vote { pre: true, .. } => {
-                    self.send(
-                        m.from,
-                        MessageBody::VoteResponse {
-                            pre: true,
-                            granted: false,
-                        },
-                    );
-                }
-                _ => {}
-            }
-            return Ok(());
-        }
-
-        match m.body {
-            MessageBody::Vote {
-                pre,
-                last_index,
-                last_term,
-                ..
-            } => {
-                let can_vote = self.vote == Some(m.from)
-                    || (self.vote.is_none() && self.leader.is_none())
-                    || (pre && m.term > self.term);
-                if can_vote && self.log.is_up_to_date(last_index, last_term) {
-                    if !pre {
-                        self.vote = Some(m.from);
-                        self.election_elapsed = 0;
-                    }
-                    self.send_with_term(
-                        m.from,
-                        m.term,
-                        MessageBody::VoteResponse { pre, granted: true },
-                    );
-                } else {
-                    self.send(
-                        m.from,
-                        MessageBody::VoteResponse {
-                            pre,
-                            granted: false,
-                        },
-                    );
-                }
-            }
-            MessageBody::VoteResponse { pre, granted } => {
-                if pre && granted && Some(m.term) != self.term.checked_add(1) {
-                    return Ok(()); // a grant from an older pre-vote round
-                }
-                let expected = if pre {
-                    Role::PreCandidate
-                } else {
-                    Role::Candidate
-                };
-                if self.role != expected {
-                    return Ok(());
-                }
-                self.votes.insert(m.from, granted);
-                if self.votes_won() {
-                    self.election_won();
-                } else if self.votes_lost() {
-                    self.become_follower(self.term, None);
-                }
-            }
-            MessageBody::Append {
-                prev_index,
-                prev_term,
-                entries,
-                commit,
-            } => {
-                if self.role == Role::Leader {
-                    tracing::warn!(
-                        from = m.from,
-                        term = m.term,
-                        "append from another leader of my term"
-                    );
-                    return Ok(());
-                }
-                if self.role != Role::Follower {
-                    self.become_follower(m.term, Some(m.from));
-                }
-                self.follow(m.from);
-                self.handle_append(m.from, prev_index, prev_term, entries, commit)?;
-            }
-            MessageBody::Heartbeat { commit, read_round } => {
-                if self.role == Role::Leader {
-                    return Ok(());
-                }
-                if self.role != Role::Follower {
-                    self.become_follower(m.term, Some(m.from));
-                }
-                self.follow(m.from);
-                // The leader caps `commit` at what it knows we hold.
-                let commit = commit.min(self.log.last_index());
-                if commit > self.commit {
-                    self.commit = commit;
-                }
-                self.send(m.from, MessageBody::HeartbeatResponse { read_round });
-            }
-            MessageBody::InstallSnapshot { meta } => {
-                if self.role == Role::Leader {
-                    return Ok(());
-                }
-                if self.role != Role::Follower {
-                    self.become_follower(m.term, Some(m.from));
-                }
-                self.follow(m.from);
-                self.handle_snapshot(m.from, meta);
-            }
-            MessageBody::TimeoutNow => {
-                if self.role != Role::Leader {
-                    tracing::debug!(id = self.config.id, "TimeoutNow: campaigning");
-                    self.campaign(Campaign::Transfer);
-                }
-            }
-            MessageBody::AppendResponse {
-                reject,
-                index,
-                hint,
-            } => {
-                if self.role == Role::Leader {
-                    self.handle_append_response(m.from, reject, index, hint);
-                }
-            }
-            MessageBody::HeartbeatResponse { read_round } => {
-                if self.role == Role::Leader {
-                    self.handle_heartbeat_response(m.from, read_round);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn handle_append(
-        &mut self,
-        from: NodeId,
-        prev_index: u64,
-        prev_term: u64,
-        entries: Vec<Entry>,
-        leader_commit: u64,
-    ) -> Result<(), RaftError> {
-        for (k, e) in entries.iter().enumerate() {
-            if Some(e.index) != prev_index.checked_add(1 + k as u64) || e.term > self.term {
-                return Err(RaftError::MalformedMessage {
-                    from,
-                    reason: format!("entry {k} has index {} term {}", e.index, e.term),
-                });
-            }
-        }
-        if prev_index < self.commit {
-            // Everything up to our commit index matches the leader already.
-            let index = self.commit;
-            self.send(
-                from,
-                MessageBody::AppendResponse {
-                    reject: false,
-                    index,
-                    hint: None,
-                },
-            );
-            return Ok(());
-        }
-        if self.log.term(prev_index) != Some(prev_term) {
-            let hint = self
-                .log
-                .find_conflict_by_term(prev_index.min(self.log.last_index()), prev_term);
-            self.send(
-                from,
-                MessageBody::AppendResponse {
-                    reject: true,
-                    index: prev_index,
-                    hint: Some(hint),
-                },
-            );
-            return Ok(());
-        }
-        // Checked by `limits::check_message`: contiguous entries below `INDEX_MAX`.
-        let last_new = prev_index
-            .checked_add(entries.len() as u64)
-            .filter(|&i| i < INDEX_MAX)
-            .ok_or_else(|| RaftError::MalformedMessage {
-                from,
-                reason: format!("{} entries after {prev_index}", entries.len()),
-            })?;
-        let mut conflict_at = None;
-        for (k, e) in entries.iter().enumerate() {
-            if self.log.term(e.index) != Some(e.term) {
-                conflict_at = Some(k);
-                break;
-            }
-        }
-        if let Some(k) = conflict_at {
-            let first = entries[k].index;
-            if first <= self.log.last_index() {
-                if first <= self.commit {
-                    return Err(RaftError::MalformedMessage {
-                        from,
-                        reason: format!(
-                            "entry {first} conflicts with a committed entry (commit {})",
-                            self.commit
-                        ),
-                    });
-                }
-                self.log.truncate_from(first);
-                self.persisted = self.persisted.min(pred(first));
-            }
-            self.unstable_from = self.unstable_from.min(first);
-            for e in entries.into_iter().skip(k) {
-                self.log.append(e);
-            }
-        }
-        let commit = leader_commit.min(last_new);
-        if commit > self.commit {
-            self.commit = commit;
-        }
-        self.send(
-            from,
-            MessageBody::AppendResponse {
-                reject: false,
-                index: last_new,
-                hint: None,
-            },
-        );
-        Ok(())
-    }
-
-    fn handle_snapshot(&mut self, from: NodeId, meta: SnapshotMeta) {
-        if meta.index <= self.commit {
-            let index = self.commit;
-            self.send(
-                from,
-                MessageBody::AppendResponse {
-                    reject: false,
-                    index,
-                    hint: None,
-                },
-            );
-            return;
-        }
-        if self.log.term(meta.index) == Some(meta.term) {
-            // We hold the snapshot's last entry: the log matches up to it; just commit.
-            self.commit = meta.index;
-        } else {
-            tracing::debug!(
-                id = self.config.id,
-                index = meta.index,
-                "installing snapshot"
-            );
-            self.log.reset(meta.index, meta.term);
-            self.commit = meta.index;
-            self.persisted = meta.index;
-            self.applied = meta.index;
-            self.applying = meta.index;
-            self.unstable_from = succ(meta.index);
-            self.membership = meta.membership.clone();
-            self.snapshot_to_install = Some(meta);
-        }
-        let index = self.commit;
-        self.send(
-            from,
-            MessageBody::AppendResponse {
-                reject: false,
-                index,
-                hint: None,
-            },
-        );
-    }
-
-    fn handle_append_response(
-        &mut self,
-        from: NodeId,
-        reject: bool,
-        index: u64,
-        hint: Option<(u64, u64)>,
-    ) {
-        let last_index = self.log.last_index();
-        let Some(pr) = self.progress.get_mut(&from) else {
-            return;
-        };
-        pr.recent_active = true;
-        if reject {
-            let match_hint = match hint {
-                Some((hint_index, hint_term)) => {
-                    self.log.find_conflict_by_term(hint_index, hint_term).0
-                }
-                None => return,
-            };
-            if pr.maybe_decr_to(index, match_hint) && pr.state == ProgressState::Replicate {
-                pr.become_probe();
-            }
-            return;
-        }
-        let index = index.min(last_index);
-        if !pr.maybe_update(index) {
-            return;
-        }
-        match pr.state {
-            ProgressState::Probe => pr.become_replicate(),
-            ProgressState::Snapshot { pending_index } if pr.match_index >= pending_index => {
-                pr.become_probe();
-            }
-            ProgressState::Replicate => pr.inflights.free_to(index),
-            ProgressState::Snapshot { .. } => {}
-        }
-        let caught_up = pr.match_index == last_index;
-        self.maybe_commit();
-        if let Some((to, _)) = self.transfer {
-            if to == from && caught_up {
-                self.lease_revoked = true;
-                self.send(to, MessageBody::TimeoutNow);
-            }
-        }
-    }
-
-    fn handle_heartbeat_response(&mut self, from: NodeId, read_round: u64) {
-        let last_index = self.log.last_index();
-        let Some(pr) = self.progress.get_mut(&from) else {
-            return;
-        };
-        pr.recent_active = true;
-        pr.probe_sent = false;
-        if pr.match_index < last_index {
-            pr.append_due = true;
-            if pr.state == ProgressState::Replicate && pr.inflights.full() {
-                pr.inflights.free_first();
-            }
-        }
-        let peers = self.peers();
-        let quorum = self.quorum();
-        self.reads.ack(from, read_round, &peers, quorum);
-    }
-
     /// Leader: advances `commit` to the highest index a quorum holds, if it is of this term.
     fn maybe_commit(&mut self) {
+        debug_assert_eq!(self.role, Role::Leader);
         let mut matched: Vec<u64> = self.progress.values().map(|p| p.match_index).collect();
+        // Thesis §10.2.1: the leader counts itself only up to what it has persisted.
         matched.push(self.persisted.min(self.log.last_index()));
         matched.sort_unstable_by(|a, b| b.cmp(a));
         let candidate = matched[self.quorum() - 1];
+        // Figure 8: only an entry of this leader's term is committed by counting replicas.
         if candidate > self.commit && self.log.term(candidate) == Some(self.term) {
+            debug_assert!(
+                self.progress
+                    .values()
+                    .filter(|p| p.match_index >= candidate)
+                    .count()
+                    + usize::from(self.persisted >= candidate)
+                    >= self.quorum(),
+                "committing {candidate} without a durable quorum"
+            );
             let first_of_term = self.log.term(self.commit) != Some(self.term);
             for index in succ(self.commit)..=candidate {
                 if let Some(e) = self.log.entry(index) {
@@ -1230,7 +844,7 @@ impl Raft {
                     }
                 }
             }
-            self.commit = candidate;
+            self.set_commit(candidate);
             if first_of_term {
                 // Our no-op committed: we now know the commit index; reads may proceed.
                 let confirm = self.quorum() == 1;
@@ -1281,9 +895,14 @@ impl Raft {
                     if !entries.is_empty() {
                         pr.next_index = succ(sent_last);
                         pr.inflights.add(sent_last, bytes);
+                        pr.debug_check();
                     }
                 }
-                _ => pr.probe_sent = true,
+                _ => {
+                    // Probe (a snapshot wait is paused): the one append left unanswered.
+                    debug_assert!(!pr.probe_sent, "a second unanswered probe");
+                    pr.probe_sent = true;
+                }
             }
             // The follower may commit only what it is known (or about to be known) to hold.
             let commit_sent = commit.min(sent_last);

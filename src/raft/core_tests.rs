@@ -222,7 +222,12 @@ fn proposals_and_reads_are_bounded() {
     );
     // Reads: one pending (not yet released because its index is not applied) fills the queue.
     r.read_index(1).unwrap();
-    assert_eq!(r.read_index(2), Err(RaftError::ReadBacklogFull { max: 1 }));
+    assert_eq!(
+        r.read_index(2),
+        Err(RaftError::ReadBacklogFull {
+            pending_reads_max: 1
+        })
+    );
 }
 
 #[test]

@@ -83,9 +83,9 @@ impl RaftLog {
         self.entries.get(pred(index - self.base_index) as usize)
     }
 
-    /// Entries `lo..=hi` (clamped to what is held), at most `max_bytes` of them but at least
+    /// Entries `lo..=hi` (clamped to what is held), at most `bytes_max` of them but at least
     /// one if any is in range.
-    pub fn slice(&self, lo: u64, hi: u64, max_bytes: u64) -> Vec<Entry> {
+    pub fn slice(&self, lo: u64, hi: u64, bytes_max: u64) -> Vec<Entry> {
         let lo = lo.max(self.first_index());
         let hi = hi.min(self.last_index());
         let mut out = Vec::new();
@@ -94,7 +94,7 @@ impl RaftLog {
         while index <= hi {
             let Some(e) = self.entry(index) else { break };
             let size = e.size_bytes() as u64;
-            if !out.is_empty() && bytes + size > max_bytes {
+            if !out.is_empty() && bytes + size > bytes_max {
                 break;
             }
             bytes += size;
@@ -137,6 +137,7 @@ impl RaftLog {
                 self.bytes -= e.size_bytes() as u64;
             }
         }
+        self.debug_check();
     }
 
     /// Drops entries up to and including `index`, which becomes the new base. Returns false
@@ -155,7 +156,18 @@ impl RaftLog {
             self.base_index = succ(self.base_index);
         }
         self.base_term = term;
+        self.debug_check();
         true
+    }
+
+    /// The `bytes` invariant where it is cheap to check: an empty log holds no bytes (and
+    /// removing an entry never underflows, which debug builds check on every subtraction).
+    fn debug_check(&self) {
+        debug_assert!(
+            !self.entries.is_empty() || self.bytes == 0,
+            "an empty log counts {} bytes",
+            self.bytes
+        );
     }
 
     /// Discards everything: the log now starts after (`index`, `term`) (snapshot install).

@@ -36,26 +36,27 @@ pub struct Inflights {
     /// (last index carried, bytes carried) per message, oldest first.
     messages: VecDeque<(u64, u64)>,
     bytes: u64,
-    max_msgs: usize,
-    max_bytes: u64,
+    msgs_max: usize,
+    bytes_max: u64,
 }
 
 impl Inflights {
-    pub fn new(max_msgs: usize, max_bytes: u64) -> Inflights {
+    pub fn new(msgs_max: usize, bytes_max: u64) -> Inflights {
         Inflights {
             messages: VecDeque::new(),
             bytes: 0,
-            max_msgs,
-            max_bytes,
+            msgs_max,
+            bytes_max,
         }
     }
 
     /// Whether another message may be sent.
     pub fn full(&self) -> bool {
-        self.messages.len() >= self.max_msgs || self.bytes >= self.max_bytes
+        self.messages.len() >= self.msgs_max || self.bytes >= self.bytes_max
     }
 
     pub fn add(&mut self, last_index: u64, bytes: u64) {
+        debug_assert!(!self.full(), "an append sent past the inflight window");
         self.messages.push_back((last_index, bytes));
         self.bytes += bytes;
     }
@@ -112,13 +113,13 @@ pub struct Progress {
 }
 
 impl Progress {
-    pub fn new(next_index: u64, max_msgs: usize, max_bytes: u64) -> Progress {
+    pub fn new(next_index: u64, msgs_max: usize, bytes_max: u64) -> Progress {
         Progress {
             match_index: 0,
             next_index,
             state: ProgressState::Probe,
             probe_sent: false,
-            inflights: Inflights::new(max_msgs, max_bytes),
+            inflights: Inflights::new(msgs_max, bytes_max),
             recent_active: false,
             commit_sent: 0,
             append_due: false,
@@ -143,6 +144,7 @@ impl Progress {
             self.probe_sent = false;
         }
         self.next_index = self.next_index.max(succ(index));
+        self.debug_check();
         updated
     }
 
@@ -154,6 +156,7 @@ impl Progress {
                 return false;
             }
             self.next_index = succ(self.match_index);
+            self.debug_check();
             return true;
         }
         if self.next_index.saturating_sub(1) != rejected {
@@ -164,6 +167,7 @@ impl Progress {
             .max(succ(self.match_index))
             .max(1);
         self.probe_sent = false;
+        self.debug_check();
         true
     }
 
@@ -179,6 +183,7 @@ impl Progress {
         self.probe_sent = false;
         self.snapshot_delivered_ticks = None;
         self.inflights.reset();
+        self.debug_check();
     }
 
     pub fn become_replicate(&mut self) {
@@ -187,6 +192,7 @@ impl Progress {
         self.probe_sent = false;
         self.snapshot_delivered_ticks = None;
         self.inflights.reset();
+        self.debug_check();
     }
 
     pub fn become_snapshot(&mut self, pending_index: u64) {
@@ -194,6 +200,16 @@ impl Progress {
         self.probe_sent = false;
         self.snapshot_delivered_ticks = None;
         self.inflights.reset();
+    }
+
+    /// The module's invariant: the leader never sends what it knows the follower holds.
+    pub(super) fn debug_check(&self) {
+        debug_assert!(
+            self.match_index < self.next_index,
+            "match_index {} not below next_index {}",
+            self.match_index,
+            self.next_index
+        );
     }
 }
 

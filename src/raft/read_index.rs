@@ -102,6 +102,13 @@ impl ReadIndexQueue {
         for r in self.pending.iter_mut().filter(|r| r.round == 0) {
             r.round = self.round;
         }
+        debug_assert!(
+            self.pending
+                .iter()
+                .zip(self.pending.iter().skip(1))
+                .all(|(a, b)| a.round <= b.round),
+            "pending reads out of round order"
+        );
         self.round
     }
 

@@ -94,15 +94,15 @@ pub enum RaftError {
     NotLeader { leader: Option<NodeId> },
     #[error("leadership transfer to {to} in progress")]
     TransferInProgress { to: NodeId },
-    #[error("too many uncommitted bytes ({uncommitted_bytes} >= {max_bytes})")]
+    #[error("too many uncommitted bytes ({uncommitted_bytes} >= {uncommitted_bytes_max})")]
     ProposalBacklogFull {
         uncommitted_bytes: u64,
-        max_bytes: u64,
+        uncommitted_bytes_max: u64,
     },
-    #[error("log holds {log_bytes} bytes (max {max_bytes}): compact first")]
-    LogFull { log_bytes: u64, max_bytes: u64 },
-    #[error("too many pending reads (max {max})")]
-    ReadBacklogFull { max: usize },
+    #[error("log holds {log_bytes} bytes (max {log_bytes_max}): compact first")]
+    LogFull { log_bytes: u64, log_bytes_max: u64 },
+    #[error("too many pending reads (max {pending_reads_max})")]
+    ReadBacklogFull { pending_reads_max: usize },
     #[error("node {0} is not a member")]
     UnknownPeer(NodeId),
     #[error("message for node {to} delivered to node {id}")]

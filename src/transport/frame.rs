@@ -26,8 +26,8 @@ pub enum FrameError {
     Closed,
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
-    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
-    TooLarge { len: u64, max: u64 },
+    #[error("frame of {len_bytes} bytes exceeds the limit of {bytes_max} bytes")]
+    TooLarge { len_bytes: u64, bytes_max: u64 },
     #[error("frame checksum mismatch")]
     BadCrc,
     #[error("undecodable frame: {0}")]
@@ -43,8 +43,8 @@ pub fn encode_frame<T: Serialize>(
     let payload = codec::encode(value)?;
     if payload.len() as u64 > u64::from(frame_bytes_max) {
         return Err(FrameError::TooLarge {
-            len: payload.len() as u64,
-            max: u64::from(frame_bytes_max),
+            len_bytes: payload.len() as u64,
+            bytes_max: u64::from(frame_bytes_max),
         });
     }
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
@@ -89,8 +89,8 @@ pub async fn read_frame_sized<R: AsyncRead + Unpin, T: DeserializeOwned>(
     let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
     if len > frame_bytes_max {
         return Err(FrameError::TooLarge {
-            len: u64::from(len),
-            max: u64::from(frame_bytes_max),
+            len_bytes: u64::from(len),
+            bytes_max: u64::from(frame_bytes_max),
         });
     }
     let mut payload = vec![0u8; len as usize];

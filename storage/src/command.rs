@@ -17,9 +17,11 @@
 //! layer checks UTF-8 at its own boundary. Keeping the storage layer byte-clean costs nothing
 //! and leaves room for binary clients without a format change.
 //!
-//! Limits ([`CommandLimits`], default key ≤ 8 KiB, value ≤ 1 MiB) are checked by
-//! [`Command::validate`] *before* a command is proposed. They are not rechecked on apply: once
-//! an entry is committed every node must apply it identically, whatever its own configuration.
+//! Limits ([`CommandLimits`], default key ≤ 8 KiB, value ≤ 1 MiB, key non-empty) are defined
+//! here, next to the command they bound, and checked by [`Command::validate`] *before* a command
+//! is proposed (the node's service does; the HTTP layer checks keys of reads with
+//! [`CommandLimits::check_key`] too). They are not rechecked on apply: once an entry is
+//! committed every node must apply it identically, whatever its own configuration.
 
 use crate::codec::{self, CodecError};
 use serde::{Deserialize, Serialize};
@@ -74,20 +76,41 @@ impl Default for CommandLimits {
     }
 }
 
+impl CommandLimits {
+    /// A key is non-empty and at most `key_bytes_max` long (for writes and reads alike).
+    pub fn check_key(&self, key: &[u8]) -> Result<(), CommandError> {
+        if key.is_empty() {
+            return Err(CommandError::EmptyKey);
+        }
+        if key.len() > self.key_bytes_max {
+            return Err(CommandError::KeyTooLarge {
+                len_bytes: key.len(),
+                bytes_max: self.key_bytes_max,
+            });
+        }
+        Ok(())
+    }
+
+    /// A value is at most `value_bytes_max` long.
+    pub fn check_value(&self, value: &[u8]) -> Result<(), CommandError> {
+        if value.len() > self.value_bytes_max {
+            return Err(CommandError::ValueTooLarge {
+                len_bytes: value.len(),
+                bytes_max: self.value_bytes_max,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// A command that is invalid or cannot be decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
-    #[error("key is {len_bytes} bytes, over the limit of {limit_bytes}")]
-    KeyTooLarge {
-        len_bytes: usize,
-        limit_bytes: usize,
-    },
-    #[error("value is {len_bytes} bytes, over the limit of {limit_bytes}")]
-    ValueTooLarge {
-        len_bytes: usize,
-        limit_bytes: usize,
-    },
-    #[error("the key is empty")]
+    #[error("key of {len_bytes} bytes exceeds the limit of {bytes_max} bytes")]
+    KeyTooLarge { len_bytes: usize, bytes_max: usize },
+    #[error("value of {len_bytes} bytes exceeds the limit of {bytes_max} bytes")]
+    ValueTooLarge { len_bytes: usize, bytes_max: usize },
+    #[error("the key must not be empty")]
     EmptyKey,
     #[error(
         "command format version {0} is not supported (this build reads version {COMMAND_VERSION})"
@@ -125,25 +148,11 @@ impl Command {
         }
     }
 
-    /// Checks the size limits; call before proposing.
+    /// Checks the size limits (key first, then value); call before proposing.
     pub fn validate(&self, limits: &CommandLimits) -> Result<(), CommandError> {
-        let key = self.key();
-        if key.is_empty() {
-            return Err(CommandError::EmptyKey);
-        }
-        if key.len() > limits.key_bytes_max {
-            return Err(CommandError::KeyTooLarge {
-                len_bytes: key.len(),
-                limit_bytes: limits.key_bytes_max,
-            });
-        }
+        limits.check_key(self.key())?;
         if let Command::Put { value, .. } = self {
-            if value.len() > limits.value_bytes_max {
-                return Err(CommandError::ValueTooLarge {
-                    len_bytes: value.len(),
-                    limit_bytes: limits.value_bytes_max,
-                });
-            }
+            limits.check_value(value)?;
         }
         Ok(())
     }
@@ -297,7 +306,7 @@ mod tests {
             long_key.validate(&limits),
             Err(CommandError::KeyTooLarge {
                 len_bytes: 5,
-                limit_bytes: 4
+                bytes_max: 4
             })
         ));
         let long_value = Command::Put {
@@ -308,7 +317,7 @@ mod tests {
             long_value.validate(&limits),
             Err(CommandError::ValueTooLarge {
                 len_bytes: 9,
-                limit_bytes: 8
+                bytes_max: 8
             })
         ));
         let empty = Command::Delete { key: Vec::new() };
@@ -316,6 +325,20 @@ mod tests {
             empty.validate(&limits),
             Err(CommandError::EmptyKey)
         ));
+        // The key is judged first, as the HTTP layer does before it reads the body.
+        let both_bad = Command::Put {
+            key: Vec::new(),
+            value: vec![0; 9],
+        };
+        assert!(matches!(
+            both_bad.validate(&limits),
+            Err(CommandError::EmptyKey)
+        ));
+        assert!(limits.check_key(b"abcd").is_ok());
+        assert_eq!(
+            limits.check_key(b"abcde").unwrap_err().to_string(),
+            "key of 5 bytes exceeds the limit of 4 bytes"
+        );
         let defaults = CommandLimits::default();
         assert_eq!(defaults.key_bytes_max, 8192);
         assert_eq!(defaults.value_bytes_max, 1 << 20);

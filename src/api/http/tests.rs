@@ -296,6 +296,36 @@ fn service_errors_map_to_statuses() {
     }
 }
 
+#[test]
+fn command_limit_errors_map_to_the_statuses_of_the_http_checks() {
+    use crate::storage::command::Command;
+    let limits = Limits::default().command;
+    let cases = [
+        (Command::Delete { key: Vec::new() }, 400),
+        (
+            Command::Delete {
+                key: vec![b'k'; limits.key_bytes_max + 1],
+            },
+            413,
+        ),
+        (
+            Command::Put {
+                key: b"k".to_vec(),
+                value: vec![b'v'; limits.value_bytes_max + 1],
+            },
+            413,
+        ),
+    ];
+    for (command, want) in cases {
+        let e = command.validate(&limits).unwrap_err();
+        // What the node's service answers, and what the HTTP layer's own check answers.
+        let service = error_response(&ServiceError::from(e)).status().as_u16();
+        let e = command.validate(&limits).unwrap_err();
+        let http = limit_rejection(e).into_response().status().as_u16();
+        assert_eq!((service, http), (want, want), "{command:?}");
+    }
+}
+
 #[tokio::test]
 async fn values_must_be_strings_in_an_object() {
     let url = spawn(MapService::leader(1)).await;

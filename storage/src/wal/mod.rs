@@ -81,8 +81,8 @@ pub enum WalError {
     Compacted { index: u64, first_index: u64 },
     #[error("entry {index} is beyond the last index {last_index}")]
     Unavailable { index: u64, last_index: u64 },
-    #[error("record of {bytes} bytes exceeds the limit of {max} bytes")]
-    TooLarge { bytes: u64, max: u64 },
+    #[error("record of {len_bytes} bytes exceeds the limit of {bytes_max} bytes")]
+    TooLarge { len_bytes: u64, bytes_max: u64 },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> WalError + '_ {
@@ -418,8 +418,8 @@ impl Wal {
             let len = record::entry_record_bytes(e) as u64;
             if len - record::HEADER_BYTES as u64 > self.opts.record_bytes_max {
                 return Err(WalError::TooLarge {
-                    bytes: len,
-                    max: self.opts.record_bytes_max,
+                    len_bytes: len,
+                    bytes_max: self.opts.record_bytes_max,
                 });
             }
             bytes += len;

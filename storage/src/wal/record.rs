@@ -101,8 +101,8 @@ pub enum FrameError {
     },
     /// The declared length exceeds the record limit.
     TooLong {
-        len: u64,
-        max: u64,
+        len_bytes: u64,
+        bytes_max: u64,
     },
     BadType(u8),
     BadReserved,
@@ -121,8 +121,11 @@ impl std::fmt::Display for FrameError {
             FrameError::Short { needed, available } => {
                 write!(f, "short record: needs {needed} bytes, {available} remain")
             }
-            FrameError::TooLong { len, max } => {
-                write!(f, "record length {len} exceeds the limit {max}")
+            FrameError::TooLong {
+                len_bytes,
+                bytes_max,
+            } => {
+                write!(f, "record length {len_bytes} exceeds the limit {bytes_max}")
             }
             FrameError::BadType(t) => write!(f, "unknown record type {t}"),
             FrameError::BadReserved => write!(f, "reserved header bytes are not zero"),
@@ -382,8 +385,8 @@ pub fn read_frame(bytes: &[u8], seq: u64, record_bytes_max: u64) -> Result<Frame
     }
     if len > record_bytes_max {
         return Err(FrameError::TooLong {
-            len,
-            max: record_bytes_max,
+            len_bytes: len,
+            bytes_max: record_bytes_max,
         });
     }
     let available = (bytes.len() - HEADER_BYTES) as u64;
