@@ -100,7 +100,7 @@ impl Cluster {
                 "prevote" => config.pre_vote = v.parse().expect("bool"),
                 "checkquorum" => config.check_quorum = v.parse().expect("bool"),
                 "lease" => config.lease_reads = v.parse().expect("bool"),
-                "maxappend" => config.max_append_bytes = v.parse().expect("bytes"),
+                "maxappend" => config.append_bytes_max = v.parse().expect("bytes"),
                 _ => panic!("unknown cluster option {k}"),
             }
         }

@@ -39,20 +39,20 @@ pub struct Config {
     /// [`Raft::peer_unreachable`]: super::Raft::peer_unreachable
     pub fast_failover: bool,
     /// Most payload bytes in one AppendEntries message (at least one entry is always sent).
-    pub max_append_bytes: u64,
+    pub append_bytes_max: u64,
     /// Most AppendEntries messages in flight to one follower in replicate state.
-    pub max_inflight_msgs: usize,
+    pub inflight_msgs_max: usize,
     /// Most entry bytes in flight to one follower in replicate state.
-    pub max_inflight_bytes: u64,
+    pub inflight_bytes_max: u64,
     /// A leader refuses proposals while this many bytes of its log are not yet committed.
-    pub max_uncommitted_bytes: u64,
+    pub uncommitted_bytes_max: u64,
     /// A leader refuses proposals while its in-memory log (since the last compaction) holds
     /// more than this many bytes: the node must compact first.
-    pub max_log_bytes: u64,
+    pub log_bytes_max: u64,
     /// Most entry bytes handed out to apply in one ready batch (at least one entry).
-    pub max_apply_bytes: u64,
+    pub apply_bytes_max: u64,
     /// Most read requests waiting for confirmation or for their index to be applied.
-    pub max_pending_reads: usize,
+    pub pending_reads_max: usize,
     /// A leader that streamed a snapshot to a follower sends it nothing else (and above all no
     /// second snapshot) until the follower acknowledges the install, or until this many ticks
     /// passed (the follower may have crashed and lost it). Installing a large snapshot takes
@@ -60,7 +60,7 @@ pub struct Config {
     pub snapshot_install_wait_ticks: u32,
     /// Most messages buffered for the node between two `ready()` calls; beyond that messages
     /// are dropped (Raft tolerates message loss) and a warning is logged.
-    pub max_outbox_msgs: usize,
+    pub outbox_msgs_max: usize,
 }
 
 impl Config {
@@ -76,14 +76,14 @@ impl Config {
             check_quorum: true,
             lease_reads: false,
             fast_failover: true,
-            max_append_bytes: 1 << 20,
-            max_inflight_msgs: 256,
-            max_inflight_bytes: 32 << 20,
-            max_uncommitted_bytes: 64 << 20,
-            max_log_bytes: 1 << 30,
-            max_apply_bytes: 16 << 20,
-            max_pending_reads: 4096,
-            max_outbox_msgs: 1 << 16,
+            append_bytes_max: 1 << 20,
+            inflight_msgs_max: 256,
+            inflight_bytes_max: 32 << 20,
+            uncommitted_bytes_max: 64 << 20,
+            log_bytes_max: 1 << 30,
+            apply_bytes_max: 16 << 20,
+            pending_reads_max: 4096,
+            outbox_msgs_max: 1 << 16,
             snapshot_install_wait_ticks: 2400,
         }
     }
@@ -108,10 +108,10 @@ impl Config {
         if self.snapshot_install_wait_ticks == 0 {
             return Err("snapshot_install_wait_ticks must be at least 1".into());
         }
-        if self.max_inflight_msgs == 0 || self.max_pending_reads == 0 || self.max_outbox_msgs == 0 {
+        if self.inflight_msgs_max == 0 || self.pending_reads_max == 0 || self.outbox_msgs_max == 0 {
             return Err("queue limits must be at least 1".into());
         }
-        if self.max_append_bytes == 0 || self.max_inflight_bytes == 0 || self.max_apply_bytes == 0 {
+        if self.append_bytes_max == 0 || self.inflight_bytes_max == 0 || self.apply_bytes_max == 0 {
             return Err("byte limits must be at least 1".into());
         }
         Ok(())

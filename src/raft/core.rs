@@ -373,7 +373,7 @@ impl Raft {
                 | MessageBody::VoteResponse { pre: true, .. }
         );
         let outbox_len = self.messages_now.len() + self.messages_after_persist.len();
-        if outbox_len >= self.config.max_outbox_msgs {
+        if outbox_len >= self.config.outbox_msgs_max {
             tracing::warn!(
                 to,
                 "outbox full ({outbox_len} messages): dropping a message"
@@ -503,8 +503,8 @@ impl Raft {
             .map(|p| {
                 let mut pr = Progress::new(
                     next,
-                    self.config.max_inflight_msgs,
-                    self.config.max_inflight_bytes,
+                    self.config.inflight_msgs_max,
+                    self.config.inflight_bytes_max,
                 );
                 pr.recent_active = true;
                 (p, pr)
@@ -652,16 +652,16 @@ impl Raft {
         if let Some((to, _)) = self.transfer {
             return Err(RaftError::TransferInProgress { to });
         }
-        if self.uncommitted_bytes >= self.config.max_uncommitted_bytes {
+        if self.uncommitted_bytes >= self.config.uncommitted_bytes_max {
             return Err(RaftError::ProposalBacklogFull {
                 uncommitted_bytes: self.uncommitted_bytes,
-                uncommitted_bytes_max: self.config.max_uncommitted_bytes,
+                uncommitted_bytes_max: self.config.uncommitted_bytes_max,
             });
         }
-        if self.log.bytes() >= self.config.max_log_bytes {
+        if self.log.bytes() >= self.config.log_bytes_max {
             return Err(RaftError::LogFull {
                 log_bytes: self.log.bytes(),
-                log_bytes_max: self.config.max_log_bytes,
+                log_bytes_max: self.config.log_bytes_max,
             });
         }
         let index = succ(self.log.last_index());
@@ -686,9 +686,9 @@ impl Raft {
                 leader: self.leader,
             });
         }
-        if self.reads.len() >= self.config.max_pending_reads {
+        if self.reads.len() >= self.config.pending_reads_max {
             return Err(RaftError::ReadBacklogFull {
-                pending_reads_max: self.config.max_pending_reads,
+                pending_reads_max: self.config.pending_reads_max,
             });
         }
         if self.log.term(self.commit) != Some(self.term) {
@@ -698,7 +698,7 @@ impl Raft {
         } else {
             self.reads.push(id, self.commit);
         }
-        debug_assert!(self.reads.len() <= self.config.max_pending_reads);
+        debug_assert!(self.reads.len() <= self.config.pending_reads_max);
         Ok(())
     }
 
@@ -883,7 +883,7 @@ impl Raft {
             };
             let entries = self
                 .log
-                .slice(pr.next_index, last_index, self.config.max_append_bytes);
+                .slice(pr.next_index, last_index, self.config.append_bytes_max);
             let bytes: u64 = entries.iter().map(|e| e.size_bytes() as u64).sum();
             // `slice` returns entries the log holds: contiguous, below `INDEX_MAX`.
             let sent_last = entries.last().map_or(prev_index, |e| e.index);
@@ -951,7 +951,7 @@ impl Raft {
         if apply_to > self.applying {
             ready.committed =
                 self.log
-                    .slice(succ(self.applying), apply_to, self.config.max_apply_bytes);
+                    .slice(succ(self.applying), apply_to, self.config.apply_bytes_max);
             if let Some(last) = ready.committed.last() {
                 self.applying = last.index;
             }

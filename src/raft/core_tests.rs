@@ -201,8 +201,8 @@ fn single_voter_and_lease_reads_need_no_round() {
 #[test]
 fn proposals_and_reads_are_bounded() {
     let mut c = config(1);
-    c.max_uncommitted_bytes = 100;
-    c.max_pending_reads = 1;
+    c.uncommitted_bytes_max = 100;
+    c.pending_reads_max = 1;
     let mut r = single_leader(c);
     let mut refused = None;
     for _ in 0..10 {

@@ -29,7 +29,7 @@ pub const TERM_MAX: u64 = 1 << 62;
 pub const TERM_JUMP_MAX: u64 = 1 << 32;
 /// Log indexes (and commit indexes, and read rounds) are below this (2^62).
 pub const INDEX_MAX: u64 = 1 << 62;
-/// Most entries in one `Append`. A leader sends at most `max_append_bytes` worth (at least
+/// Most entries in one `Append`. A leader sends at most `append_bytes_max` worth (at least
 /// one entry); at ≥ 28 encoded bytes per entry a 16 MiB frame holds fewer than this anyway.
 pub const APPEND_ENTRIES_MAX: usize = 1 << 20;
 /// Most payload bytes of one entry (the default peer frame limit: no larger entry can arrive).

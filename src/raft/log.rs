@@ -5,7 +5,7 @@
 //! make the core's behaviour depend on I/O timing. Keeping the suffix after the compaction
 //! point here keeps the core single-threaded and deterministic. The bound is explicit: the
 //! node compacts (see `Raft::compact`) every `snapshot_every` applied entries, and a leader
-//! refuses proposals once the log exceeds `Config::max_log_bytes`.
+//! refuses proposals once the log exceeds `Config::log_bytes_max`.
 //!
 //! Invariants:
 //! - entries are contiguous: `entries[k].index == base_index + 1 + k`;

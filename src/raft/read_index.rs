@@ -10,7 +10,7 @@
 //! so reads arriving before that wait in `before_noop` (bounded like the rest).
 //!
 //! Invariants: rounds increase; `pending` is ordered by round; every queue together holds at
-//! most `max_pending_reads` reads.
+//! most `pending_reads_max` reads.
 
 use super::ready::{ReadId, ReadState};
 use raftkv_types::NodeId;

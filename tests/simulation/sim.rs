@@ -117,8 +117,8 @@ pub struct Params {
     pub chunk_bytes: usize,
     pub pre_vote: bool,
     pub check_quorum: bool,
-    pub max_append_bytes: u64,
-    pub max_inflight_msgs: usize,
+    pub append_bytes_max: u64,
+    pub inflight_msgs_max: usize,
     /// Lease reads (only with check-quorum, and then without pauses: a paused leader's lease
     /// is exactly the clock-drift caveat lease reads carry).
     pub lease_reads: bool,
@@ -176,8 +176,8 @@ impl Params {
         let pre_vote = protocol != 1 && protocol != 3;
         let check_quorum = protocol != 2 && protocol != 3;
         // From one entry per message to a few dozen.
-        let max_append_bytes = [1, 64, 512, 4096][rng.range(0, 4) as usize];
-        let max_inflight_msgs = rng.range(1, 9) as usize;
+        let append_bytes_max = [1, 64, 512, 4096][rng.range(0, 4) as usize];
+        let inflight_msgs_max = rng.range(1, 9) as usize;
         let lease_reads = check_quorum && rng.range(0, 3) == 0;
         let mut faults = Vec::new();
         // Mean gap between faults: from a fault every 0.3 s (chaos) to one every 3 s.
@@ -265,8 +265,8 @@ impl Params {
             chunk_bytes,
             pre_vote,
             check_quorum,
-            max_append_bytes,
-            max_inflight_msgs,
+            append_bytes_max,
+            inflight_msgs_max,
             lease_reads,
             run_ms,
             faults,
@@ -280,8 +280,8 @@ impl fmt::Display for Params {
         writeln!(
             f,
             "seed {}: {} nodes, {} clients, loss {}%, dup {}%, delay 1..={} ms, fsync 0..={} ms, \
-             snapshot every {} (margin {}), segment {} B, chunk {} B, pre_vote {}, check_quorum {}, max_append_bytes {}, \
-             max_inflight_msgs {}, lease_reads {}, run {} ms",
+             snapshot every {} (margin {}), segment {} B, chunk {} B, pre_vote {}, check_quorum {}, append_bytes_max {}, \
+             inflight_msgs_max {}, lease_reads {}, run {} ms",
             self.seed,
             self.nodes,
             self.clients,
@@ -295,8 +295,8 @@ impl fmt::Display for Params {
             self.chunk_bytes,
             self.pre_vote,
             self.check_quorum,
-            self.max_append_bytes,
-            self.max_inflight_msgs,
+            self.append_bytes_max,
+            self.inflight_msgs_max,
             self.lease_reads,
             self.run_ms
         )?;
@@ -660,13 +660,13 @@ impl Sim {
         c.election_timeout_max_ticks = 20;
         c.pre_vote = self.params.pre_vote;
         c.check_quorum = self.params.check_quorum;
-        c.max_append_bytes = self.params.max_append_bytes;
-        c.max_inflight_msgs = self.params.max_inflight_msgs;
+        c.append_bytes_max = self.params.append_bytes_max;
+        c.inflight_msgs_max = self.params.inflight_msgs_max;
         c.lease_reads = self.params.lease_reads;
-        c.max_inflight_bytes = 4096;
-        c.max_uncommitted_bytes = 64 << 10;
-        c.max_apply_bytes = 1024;
-        c.max_pending_reads = 64;
+        c.inflight_bytes_max = 4096;
+        c.uncommitted_bytes_max = 64 << 10;
+        c.apply_bytes_max = 1024;
+        c.pending_reads_max = 64;
         c
     }
 
@@ -917,25 +917,28 @@ impl Sim {
         live.storage_scheduled = false;
         let take = live.storage_jobs.len().min(GROUP_JOBS_MAX);
         let jobs: Vec<StorageJob> = live.storage_jobs.drain(..take).collect();
-        let mut written = Vec::new();
-        for job in &jobs {
-            if let StorageJob::Ready { entries, .. } = job {
-                written.extend(entries.iter().map(|e| (e.index, e.term)));
-            }
-        }
         live.storage.submit(jobs);
-        self.drive_storage(id, written)
+        self.drive_storage(id)
     }
 
-    fn drive_storage(&mut self, id: NodeId, written: Vec<(u64, u64)>) -> Result<(), String> {
+    fn drive_storage(&mut self, id: NodeId) -> Result<(), String> {
         let mut out = Vec::new();
         let live = self.live(id).expect("live");
         let result = live.storage.run(&mut out);
         let progress = match result {
             Ok(p) => p,
-            Err(e) => return self.storage_failed(id, e.to_string()),
+            Err(e) => {
+                // As the storage thread does, what was handed out before the failure goes
+                // out (messages reach the network); then the node stops.
+                for o in out {
+                    if let StorageOutput::Send(m) = o {
+                        self.send_peer(m.from, m.to, PeerMessage::Raft(m));
+                    }
+                }
+                return self.storage_failed(id, e.to_string());
+            }
         };
-        self.mark_durable(id, &written);
+        self.refresh_durable(id);
         self.storage_outputs(id, out)?;
         if self.nodes[&id].live.is_none() {
             return Ok(());
@@ -950,6 +953,9 @@ impl Sim {
     /// A storage failure: expected only from an armed power cut (then the node is down, like
     /// a real node that stops on a storage error); anything else is a bug.
     fn storage_failed(&mut self, id: NodeId, why: String) -> Result<(), String> {
+        // What was synced before the failure stays on the disk (the WAL's index holds exactly
+        // that after a failed call).
+        self.refresh_durable(id);
         let n = self.nodes.get_mut(&id).expect("node");
         match n.power_cut_down_ms.take() {
             Some(down_ms) if n.fs.power_cuts() > 0 => {
@@ -1020,9 +1026,7 @@ impl Sim {
         live.apply_at_install = None;
         live.apply.installed(index);
         self.stats.snapshots_installed += 1;
-        let base = self.checker.durable.entry(id).or_default();
-        base.0 = base.0.max(index);
-        base.1.clear();
+        self.refresh_durable(id);
         self.storage_outputs(id, out)?;
         if self.nodes[&id].live.is_none() {
             return Ok(());
@@ -1030,7 +1034,7 @@ impl Sim {
         self.step(id, Input::Applied)?;
         // The storage worker goes on with what was queued behind the install.
         if self.live(id).is_some_and(|l| l.storage.has_work()) {
-            self.drive_storage(id, Vec::new())?;
+            self.drive_storage(id)?;
         }
         Ok(())
     }
@@ -1580,9 +1584,6 @@ impl Sim {
         let vfs: Arc<dyn Vfs> = Arc::new(n.fs.clone());
         let storage = open_storage(vfs, n.sm_dir.path(), opts)
             .map_err(|e| format!("node {id}: recovery failed: {e}"))?;
-        let restart = storage
-            .restart_state()
-            .map_err(|e| format!("node {id}: {e}"))?;
         let raft = consensus::open_core(config, membership, &storage, seed)
             .map_err(|e| format!("node {id}: the core does not start: {e}"))?;
         let metrics = Arc::new(Metrics::standalone());
@@ -1618,9 +1619,7 @@ impl Sim {
             reads: Vec::new(),
         });
         // What the disk holds is durable, whatever was believed before the crash.
-        let base = restart.snapshot.as_ref().map_or(0, |m| m.index);
-        let log = restart.entries.iter().map(|e| (e.index, e.term)).collect();
-        self.checker.durable.insert(id, (base, log));
+        self.refresh_durable(id);
         Ok(())
     }
 
@@ -1681,13 +1680,19 @@ impl Sim {
         Ok(())
     }
 
-    /// After a storage group returned: its entries are on the node's disk, durably.
-    fn mark_durable(&mut self, id: NodeId, written: &[(u64, u64)]) {
-        let (_, log) = self.checker.durable.entry(id).or_default();
-        for &(index, term) in written {
-            log.split_off(&index);
-            log.insert(index, term);
-        }
+    /// What node `id`'s disk holds durably, as its WAL knows it (the WAL's index moves only
+    /// after an fsync): the entries, and the snapshot marker below which all is durable
+    /// committed state.
+    fn refresh_durable(&mut self, id: NodeId) {
+        let Some(live) = self.nodes[&id].live.as_ref() else {
+            return;
+        };
+        let wal = live.storage.storage().wal();
+        let base = wal.snapshot().map_or(0, |m| m.index);
+        let log = (wal.first_index()..=wal.last_index())
+            .filter_map(|i| wal.term(i).map(|t| (i, t)))
+            .collect();
+        self.checker.durable.insert(id, (base, log));
     }
 
     /// Entries reach the state machine only once committed and durable on a majority, in
