@@ -1,75 +1,54 @@
-//! The consensus core alone: three in-memory cores in one process, no I/O. Messages are handed
-//! from one core to the next directly and every "fsync" completes at once, so this measures
-//! the ceiling that consensus logic itself puts on committed proposals per second, with 1 and
-//! with 256 proposals in flight.
+//! The consensus core alone: three in-memory cores in one process (`raftkv::raft::harness`),
+//! no I/O. Messages are handed from one core to the next directly and every "fsync" completes
+//! at once (in memory), so this measures the ceiling that consensus logic itself puts on
+//! committed proposals per second, with 1 and with 256 proposals in flight.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use raftkv::raft::{Config, Message, Raft, Role};
-use raftkv::storage::Membership;
-use std::collections::VecDeque;
+use raftkv::raft::harness;
+use raftkv::raft::{Config, Raft, Role};
 
 const PAYLOAD_BYTES: usize = 64;
 /// Compact every node's log once this many entries are applied beyond the last compaction.
 const COMPACT_EVERY: u64 = 10_000;
+const IDS: [u64; 3] = [1, 2, 3];
+/// The node that is elected and takes the proposals.
+const LEADER: u64 = 1;
 
 struct Cluster {
-    nodes: Vec<Raft>,
-    network: VecDeque<Message>,
-    leader_applied: u64,
+    h: harness::Cluster,
 }
 
 impl Cluster {
     fn new() -> Cluster {
-        let membership = Membership::with_voters([1, 2, 3]);
-        let nodes = (1..=3)
-            .map(|id| Raft::bootstrap(Config::new(id), membership.clone(), 7).expect("bootstrap"))
-            .collect();
-        let mut c = Cluster {
-            nodes,
-            network: VecDeque::new(),
-            leader_applied: 0,
-        };
-        while c.nodes[0].role() != Role::Leader {
-            c.nodes[0].tick();
+        let configs = IDS.into_iter().map(Config::new).collect();
+        let h = harness::Cluster::bootstrap(configs, 7, ()).expect("bootstrap");
+        let mut c = Cluster { h };
+        while c.leader().role() != Role::Leader {
+            c.h.raft_mut(LEADER).tick();
             c.pump();
         }
         c.pump();
         c
     }
 
-    /// Runs every core until nothing moves: persist, send, deliver, apply.
+    fn leader(&self) -> &Raft {
+        self.h.raft(LEADER).expect("the leader is up")
+    }
+
+    /// Runs every core until nothing moves: one `Ready` from each (persist, send, apply),
+    /// then every queued message stepped, again and again.
     fn pump(&mut self) {
         loop {
             let mut moved = false;
-            for k in 0..self.nodes.len() {
-                let node = &mut self.nodes[k];
-                let rd = node.ready();
-                if rd.is_empty() {
-                    continue;
-                }
-                moved = true;
-                if let Some(last) = rd.entries.last() {
-                    node.persisted(last.index, last.term);
-                }
-                self.network.extend(rd.messages_now);
-                self.network.extend(rd.messages_after_persist);
-                if let Some(last) = rd.committed.last() {
-                    let index = last.index;
-                    node.applied(index);
-                    if k == 0 {
-                        self.leader_applied = index;
-                    }
-                    if index >= node.log().base_index() + 2 * COMPACT_EVERY {
-                        let upto = index - COMPACT_EVERY;
-                        let term = node.log().term(upto).expect("held");
-                        node.compact(upto, term).expect("compact");
-                    }
+            for id in IDS {
+                if self.h.process_one(id) {
+                    moved = true;
+                    self.maybe_compact(id);
                 }
             }
-            while let Some(m) = self.network.pop_front() {
+            while let Some(envelope) = self.h.network_mut().pop_front() {
                 moved = true;
-                let to = (m.to - 1) as usize;
-                self.nodes[to].step(m).expect("step");
+                self.h.hand_over(envelope);
             }
             if !moved {
                 return;
@@ -77,16 +56,28 @@ impl Cluster {
         }
     }
 
+    fn maybe_compact(&mut self, id: u64) {
+        let raft = self.h.raft(id).expect("up");
+        let applied = raft.applied_index();
+        if applied >= raft.log().base_index() + 2 * COMPACT_EVERY {
+            self.h
+                .compact(id, applied - COMPACT_EVERY)
+                .expect("compact");
+        }
+    }
+
     /// Proposes `window` commands and runs until all are applied on the leader.
     fn round(&mut self, window: usize) {
         let mut last = 0;
         for _ in 0..window {
-            let (index, _) = self.nodes[0]
+            let (index, _) = self
+                .h
+                .raft_mut(LEADER)
                 .propose(vec![7u8; PAYLOAD_BYTES])
                 .expect("leader accepts");
             last = index;
         }
-        while self.leader_applied < last {
+        while self.leader().applied_index() < last {
             self.pump();
         }
     }

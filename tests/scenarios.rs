@@ -6,9 +6,9 @@
 //! Format: lines starting with `#` are comments; `> command args` runs a command; the lines
 //! after it, up to the next command or comment, are its expected output.
 //!
-//! The harness is a cluster of cores whose durable writes complete synchronously; messages
-//! queue in a network and move only when a command delivers them, so each scenario controls
-//! the interleaving exactly. Commands:
+//! The cluster is `raftkv::raft::harness`: cores whose durable writes complete synchronously;
+//! messages queue in a network and move only when a command delivers them, so each scenario
+//! controls the interleaving exactly. Commands:
 //! - `cluster nodes=N [prevote=B] [checkquorum=B] [lease=B] [maxappend=BYTES]`: bootstrap.
 //! - `campaign ID`: tick ID until its election timeout fires and it starts a (pre-)election.
 //! - `tick IDS [N]` / `heartbeat ID`: tick nodes N times / until the leader sends heartbeats.
@@ -21,55 +21,74 @@
 //! - `status [IDS]`, `applied IDS`, `append ID TERM TEXT...` (force entries into a crashed
 //!   node's durable log, to build divergent logs).
 
-use raftkv::raft::{Config, Message, MessageBody, Raft, RestartState, Role};
-use raftkv::storage::{Entry, EntryKind, HardState, Membership, NodeId, SnapshotMeta};
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use raftkv::raft::harness::{self, Envelope, Observer};
+use raftkv::raft::{Config, Message, MessageBody, Raft, Ready, Role};
+use raftkv::storage::{Entry, EntryKind, NodeId, SnapshotMeta};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
-#[derive(Default, Clone)]
-struct Durable {
-    hard_state: HardState,
-    snapshot: SnapshotMeta,
-    log: Vec<Entry>,
-    applied: u64,
+/// The scenario's view of what the harness does: the command output, and each node's
+/// in-memory state machine (the payloads applied since it last started).
+#[derive(Default)]
+struct Transcript {
+    out: String,
+    applied: BTreeMap<NodeId, Vec<String>>,
 }
 
-struct Node {
-    raft: Option<Raft>,
-    config: Config,
-    durable: Durable,
-    /// Payloads applied so far (for status).
-    applied: Vec<String>,
-}
-
-enum Queued {
-    Msg(Message),
-    Snapshot { from: NodeId, to: NodeId, term: u64 },
-}
-
-impl Queued {
-    fn route(&self) -> (NodeId, NodeId) {
-        match self {
-            Queued::Msg(m) => (m.from, m.to),
-            Queued::Snapshot { from, to, .. } => (*from, *to),
+impl Observer for Transcript {
+    fn ready(&mut self, id: NodeId, rd: &Ready) {
+        let applied = self.applied.entry(id).or_default();
+        if let Some(meta) = &rd.snapshot {
+            applied.push(format!("snapshot {}@{}", meta.index, meta.term));
         }
+        applied.extend(rd.committed.iter().map(entry_text));
+        let out = &mut self.out;
+        for rs in &rd.read_states {
+            let _ = writeln!(out, "n{id} read ctx={} ready at index {}", rs.id, rs.index);
+        }
+        for r in &rd.reads_dropped {
+            let _ = writeln!(out, "n{id} read ctx={r} dropped");
+        }
+        for m in &rd.messages_now {
+            let _ = writeln!(out, "{m}");
+        }
+        for m in &rd.messages_after_persist {
+            let _ = writeln!(out, "{m} [after fsync]");
+        }
+        for s in &rd.snapshot_sends {
+            let _ = writeln!(out, "{id}->{} send snapshot (term {})", s.to, s.term);
+        }
+    }
+
+    fn snapshot_streamed(&mut self, from: NodeId, to: NodeId, meta: &SnapshotMeta) {
+        let _ = writeln!(
+            self.out,
+            "{from}->{to} snapshot {}@{} streamed",
+            meta.index, meta.term
+        );
     }
 }
 
 struct Cluster {
-    nodes: BTreeMap<NodeId, Node>,
-    queue: VecDeque<Queued>,
-    groups: Option<Vec<BTreeSet<NodeId>>>,
-    out: String,
+    h: harness::Cluster<Transcript>,
 }
 
 fn parse_ids(arg: &str, cluster: &Cluster) -> Vec<NodeId> {
     if arg == "all" {
-        return cluster.nodes.keys().copied().collect();
+        return cluster.h.ids();
     }
     arg.split(',')
         .map(|s| s.parse().expect("node id"))
+        .collect()
+}
+
+fn parse_routes(args: &[&str]) -> Vec<(NodeId, NodeId)> {
+    args.iter()
+        .map(|a| {
+            let (f, t) = a.split_once("->").expect("FROM->TO");
+            (f.parse().expect("id"), t.parse().expect("id"))
+        })
         .collect()
 }
 
@@ -104,188 +123,66 @@ impl Cluster {
                 _ => panic!("unknown cluster option {k}"),
             }
         }
-        let membership = Membership::with_voters(1..=n);
-        let mut nodes = BTreeMap::new();
+        let configs = (1..=n)
+            .map(|id| {
+                let mut c = config.clone();
+                c.id = id;
+                c
+            })
+            .collect();
+        let h = harness::Cluster::bootstrap(configs, 42, Transcript::default()).expect("bootstrap");
+        let mut cluster = Cluster { h };
         for id in 1..=n {
-            let mut c = config.clone();
-            c.id = id;
-            let raft = Raft::bootstrap(c.clone(), membership.clone(), 42).expect("bootstrap");
-            nodes.insert(
-                id,
-                Node {
-                    raft: Some(raft),
-                    config: c,
-                    durable: Durable::default(),
-                    applied: Vec::new(),
-                },
-            );
+            cluster.h.process(id);
         }
-        let mut cluster = Cluster {
-            nodes,
-            queue: VecDeque::new(),
-            groups: None,
-            out: String::new(),
-        };
-        for id in 1..=n {
-            cluster.process(id);
-        }
-        cluster.out.clear();
+        cluster.out().clear();
         cluster
     }
 
+    fn out(&mut self) -> &mut String {
+        &mut self.h.observer_mut().out
+    }
+
     fn raft(&mut self, id: NodeId) -> &mut Raft {
-        self.nodes
-            .get_mut(&id)
-            .and_then(|n| n.raft.as_mut())
-            .unwrap_or_else(|| panic!("node {id} is down"))
-    }
-
-    fn cut(&self, from: NodeId, to: NodeId) -> bool {
-        match &self.groups {
-            None => false,
-            Some(groups) => !groups.iter().any(|g| g.contains(&from) && g.contains(&to)),
-        }
-    }
-
-    /// Handles everything node `id` has ready: persist synchronously, queue messages, apply.
-    fn process(&mut self, id: NodeId) {
-        loop {
-            let node = self.nodes.get_mut(&id).expect("node");
-            let Some(raft) = node.raft.as_mut() else {
-                return;
-            };
-            let rd = raft.ready();
-            if rd.is_empty() {
-                break;
-            }
-            let d = &mut node.durable;
-            let mut persisted = None;
-            if let Some(meta) = &rd.snapshot {
-                d.snapshot = meta.clone();
-                d.log.clear();
-                d.applied = meta.index;
-                node.applied
-                    .push(format!("snapshot {}@{}", meta.index, meta.term));
-                persisted = Some((meta.index, meta.term));
-            }
-            for e in &rd.entries {
-                d.log.retain(|x| x.index < e.index);
-                d.log.push(e.clone());
-                persisted = Some((e.index, e.term));
-            }
-            if let Some(hs) = rd.hard_state {
-                d.hard_state = hs;
-            }
-            if let Some((i, t)) = persisted {
-                raft.persisted(i, t);
-            }
-            let mut last_applied = None;
-            for e in &rd.committed {
-                node.applied.push(entry_text(e));
-                d.applied = e.index;
-                last_applied = Some(e.index);
-            }
-            if let Some(i) = last_applied {
-                raft.applied(i);
-            }
-            for rs in &rd.read_states {
-                let _ = writeln!(
-                    self.out,
-                    "n{id} read ctx={} ready at index {}",
-                    rs.id, rs.index
-                );
-            }
-            for r in &rd.reads_dropped {
-                let _ = writeln!(self.out, "n{id} read ctx={r} dropped");
-            }
-            for m in rd.messages_now {
-                let _ = writeln!(self.out, "{m}");
-                self.queue.push_back(Queued::Msg(m));
-            }
-            for m in rd.messages_after_persist {
-                let _ = writeln!(self.out, "{m} [after fsync]");
-                self.queue.push_back(Queued::Msg(m));
-            }
-            for s in rd.snapshot_sends {
-                let _ = writeln!(self.out, "{id}->{} send snapshot (term {})", s.to, s.term);
-                self.queue.push_back(Queued::Snapshot {
-                    from: id,
-                    to: s.to,
-                    term: s.term,
-                });
-            }
-        }
+        self.h.raft_mut(id)
     }
 
     fn announce_roles<F: FnOnce(&mut Cluster)>(&mut self, f: F) {
-        let before: BTreeMap<NodeId, Option<(Role, u64)>> = self
-            .nodes
-            .iter()
-            .map(|(&id, n)| (id, n.raft.as_ref().map(|r| (r.role(), r.term()))))
-            .collect();
+        let roles = |c: &Cluster| -> BTreeMap<NodeId, Option<(Role, u64)>> {
+            c.h.ids()
+                .into_iter()
+                .map(|id| (id, c.h.raft(id).map(|r| (r.role(), r.term()))))
+                .collect()
+        };
+        let before = roles(self);
         f(self);
-        for (&id, n) in &self.nodes {
-            let now = n.raft.as_ref().map(|r| (r.role(), r.term()));
+        for (id, now) in roles(self) {
             if let (Some(Some(b)), Some(a)) = (before.get(&id), now) {
                 if b.0 != a.0 {
-                    let _ = writeln!(self.out, "n{id} became {} at term {}", a.0.name(), a.1);
+                    let _ = writeln!(self.out(), "n{id} became {} at term {}", a.0.name(), a.1);
                 }
             }
         }
-    }
-
-    fn deliver_one(&mut self, q: Queued) {
-        let (from, to) = q.route();
-        if self.cut(from, to) || self.nodes[&to].raft.is_none() {
-            return;
-        }
-        match q {
-            Queued::Msg(m) => {
-                self.raft(to).step(m).expect("step");
-            }
-            Queued::Snapshot { from, to, term } => {
-                let meta = self.nodes[&from].durable.snapshot.clone();
-                let _ = writeln!(
-                    self.out,
-                    "{from}->{to} snapshot {}@{} streamed",
-                    meta.index, meta.term
-                );
-                self.raft(to)
-                    .step(Message {
-                        from,
-                        to,
-                        term,
-                        body: MessageBody::InstallSnapshot { meta },
-                    })
-                    .expect("step");
-                if let Some(r) = self.nodes.get_mut(&from).and_then(|n| n.raft.as_mut()) {
-                    r.snapshot_sent(to, true);
-                }
-                self.process(from);
-            }
-        }
-        self.process(to);
     }
 
     fn deliver(&mut self, filter: &[(NodeId, NodeId)]) {
-        let pending: Vec<Queued> = self.queue.drain(..).collect();
-        let mut keep = VecDeque::new();
+        let pending = std::mem::take(self.h.network_mut());
+        let mut keep = std::collections::VecDeque::new();
         for q in pending {
             if filter.is_empty() || filter.contains(&q.route()) {
-                self.announce_roles(|c| c.deliver_one(q));
+                self.announce_roles(|c| c.h.deliver(q));
             } else {
                 keep.push_back(q);
             }
         }
-        keep.extend(self.queue.drain(..));
-        self.queue = keep;
+        keep.extend(self.h.network_mut().drain(..));
+        *self.h.network_mut() = keep;
     }
 
     fn status(&mut self, ids: &[NodeId]) {
-        let mut out = std::mem::take(&mut self.out);
-        for id in ids {
-            let n = &self.nodes[id];
-            match &n.raft {
+        let mut out = std::mem::take(self.out());
+        for &id in ids {
+            match self.h.raft(id) {
                 None => {
                     let _ = writeln!(out, "n{id}: down");
                 }
@@ -316,195 +213,177 @@ impl Cluster {
                 }
             }
         }
-        self.out = out;
+        *self.out() = out;
+    }
+
+    /// Ticks `id` until it asks for (pre-)votes, at most 100 times.
+    fn campaign(&mut self, id: NodeId) {
+        assert!(
+            self.raft(id).role() != Role::Leader,
+            "campaign: n{id} is the leader"
+        );
+        self.announce_roles(|c| {
+            for _ in 0..100 {
+                c.raft(id).tick();
+                let before = c.h.network().len();
+                c.h.process(id);
+                let asked_votes = c.h.network().iter().skip(before).any(|q| {
+                    matches!(
+                        q,
+                        Envelope::Message(Message {
+                            body: MessageBody::Vote { .. },
+                            ..
+                        })
+                    )
+                });
+                if asked_votes {
+                    break;
+                }
+            }
+        });
+    }
+
+    /// Forces entries of `term` into crashed node `id`'s durable log (to build divergent logs).
+    fn append(&mut self, id: NodeId, term: u64, texts: &[&str]) {
+        assert!(!self.h.is_up(id), "append works on crashed nodes");
+        let d = self.h.durable_mut(id);
+        for text in texts {
+            let index = d.last_index() + 1;
+            d.append(Entry {
+                index,
+                term,
+                kind: EntryKind::Normal,
+                payload: text.as_bytes().to_vec(),
+            });
+        }
+        d.hard_state.term = d.hard_state.term.max(term);
     }
 
     fn run(&mut self, line: &str) -> String {
         let words: Vec<&str> = line.split_whitespace().collect();
         let (cmd, args) = (words[0], &words[1..]);
-        self.out.clear();
+        self.out().clear();
         match cmd {
-            "campaign" => {
-                let id: NodeId = args[0].parse().expect("id");
-                assert!(
-                    self.raft(id).role() != Role::Leader,
-                    "campaign: n{id} is the leader"
-                );
-                self.announce_roles(|c| {
-                    for _ in 0..100 {
-                        c.raft(id).tick();
-                        let before = c.queue.len();
-                        c.process(id);
-                        let asked_votes = c.queue.iter().skip(before).any(|q| {
-                            matches!(
-                                q,
-                                Queued::Msg(Message {
-                                    body: MessageBody::Vote { .. },
-                                    ..
-                                })
-                            )
-                        });
-                        if asked_votes {
-                            break;
-                        }
-                    }
-                });
-            }
+            "campaign" => self.campaign(args[0].parse().expect("id")),
             "tick" => {
                 let ids = parse_ids(args[0], self);
                 let n: u32 = args.get(1).map_or(1, |s| s.parse().expect("count"));
                 self.announce_roles(|c| {
                     for _ in 0..n {
                         for &id in &ids {
-                            if c.nodes[&id].raft.is_some() {
+                            if c.h.is_up(id) {
                                 c.raft(id).tick();
-                                c.process(id);
+                                c.h.process(id);
                             }
                         }
                     }
                 });
             }
-            "deliver" => {
-                let filter: Vec<(NodeId, NodeId)> = args
-                    .iter()
-                    .map(|a| {
-                        let (f, t) = a.split_once("->").expect("FROM->TO");
-                        (f.parse().expect("id"), t.parse().expect("id"))
-                    })
-                    .collect();
-                self.deliver(&filter);
-            }
+            "deliver" => self.deliver(&parse_routes(args)),
             "stabilize" => {
                 for _ in 0..100 {
-                    if self.queue.is_empty() {
+                    if self.h.network().is_empty() {
                         break;
                     }
                     self.deliver(&[]);
                 }
             }
             "drop" => {
-                let filter: Vec<(NodeId, NodeId)> = args
-                    .iter()
-                    .map(|a| {
-                        let (f, t) = a.split_once("->").expect("FROM->TO");
-                        (f.parse().expect("id"), t.parse().expect("id"))
-                    })
-                    .collect();
-                let n = self.queue.len();
-                self.queue
-                    .retain(|q| !(filter.is_empty() || filter.contains(&q.route())));
-                let _ = writeln!(self.out, "dropped {} messages", n - self.queue.len());
+                let filter = parse_routes(args);
+                let network = self.h.network_mut();
+                let n = network.len();
+                network.retain(|q| !(filter.is_empty() || filter.contains(&q.route())));
+                let dropped = n - network.len();
+                let _ = writeln!(self.out(), "dropped {dropped} messages");
             }
             "partition" => {
                 let groups = args[0]
                     .split('|')
                     .map(|g| g.split(',').map(|s| s.parse().expect("id")).collect())
                     .collect();
-                self.groups = Some(groups);
+                self.h.partition(groups);
             }
-            "heal" => self.groups = None,
-            "propose" => {
-                let id: NodeId = args[0].parse().expect("id");
-                let r = self.raft(id).propose(args[1].as_bytes().to_vec());
-                let _ = match r {
-                    Ok((i, t)) => writeln!(self.out, "n{id} proposed at {i}@{t}"),
-                    Err(e) => writeln!(self.out, "n{id} refused: {e}"),
-                };
-                self.process(id);
-            }
-            "read" => {
-                let id: NodeId = args[0].parse().expect("id");
-                let ctx: u64 = args[1].parse().expect("ctx");
-                if let Err(e) = self.raft(id).read_index(ctx) {
-                    let _ = writeln!(self.out, "n{id} refused read: {e}");
-                }
-                self.process(id);
-            }
-            "transfer" => {
-                let id: NodeId = args[0].parse().expect("id");
-                let to: NodeId = args[1].parse().expect("id");
-                if let Err(e) = self.raft(id).transfer_leadership(to) {
-                    let _ = writeln!(self.out, "n{id} refused transfer: {e}");
-                }
-                self.process(id);
-            }
-            "compact" => {
-                let id: NodeId = args[0].parse().expect("id");
-                let index: u64 = args[1].parse().expect("index");
-                let r = self.raft(id);
-                let term = r.log().term(index).expect("term");
-                let membership = r.membership().clone();
-                r.compact(index, term).expect("compact");
-                let n = self.nodes.get_mut(&id).expect("node");
-                n.durable.snapshot = SnapshotMeta {
-                    index,
-                    term,
-                    membership,
-                };
-                n.durable.log.retain(|e| e.index > index);
-                let _ = writeln!(self.out, "n{id} snapshot at {index}@{term}, log compacted");
-            }
-            "crash" => {
-                let id: NodeId = args[0].parse().expect("id");
-                let n = self.nodes.get_mut(&id).expect("node");
-                n.raft = None;
-                n.applied.clear();
-                self.queue.retain(|q| q.route().1 != id);
-                let _ = writeln!(self.out, "n{id} crashed");
-            }
-            "append" => {
-                // Force entries into a crashed node's durable log (to build divergent logs).
-                let id: NodeId = args[0].parse().expect("id");
-                let term: u64 = args[1].parse().expect("term");
-                let n = self.nodes.get_mut(&id).expect("node");
-                assert!(n.raft.is_none(), "append works on crashed nodes");
-                for text in &args[2..] {
-                    let index = n
-                        .durable
-                        .log
-                        .last()
-                        .map_or(n.durable.snapshot.index, |e| e.index)
-                        + 1;
-                    n.durable.log.push(Entry {
-                        index,
-                        term,
-                        kind: EntryKind::Normal,
-                        payload: text.as_bytes().to_vec(),
-                    });
-                }
-                n.durable.hard_state.term = n.durable.hard_state.term.max(term);
-            }
-            "restart" => {
-                let id: NodeId = args[0].parse().expect("id");
-                let n = self.nodes.get_mut(&id).expect("node");
-                let d = n.durable.clone();
-                let state = RestartState {
-                    hard_state: d.hard_state,
-                    snapshot: d.snapshot.clone(),
-                    entries: d.log.clone(),
-                    applied: d.snapshot.index,
-                };
-                n.raft = Some(Raft::restart(n.config.clone(), state, 42).expect("restart"));
-                let _ = writeln!(self.out, "n{id} restarted");
-                self.process(id);
-            }
+            "heal" => self.h.heal(),
             "applied" => {
                 for id in parse_ids(args[0], self) {
-                    let line = format!("n{id} applied: {}\n", self.nodes[&id].applied.join(" "));
-                    self.out.push_str(&line);
+                    let applied = self.h.observer().applied.get(&id);
+                    let line = format!(
+                        "n{id} applied: {}\n",
+                        applied.map_or(String::new(), |a| a.join(" "))
+                    );
+                    self.out().push_str(&line);
                 }
             }
             "status" => {
                 let ids = if args.is_empty() {
-                    self.nodes.keys().copied().collect()
+                    self.h.ids()
                 } else {
                     parse_ids(args[0], self)
                 };
                 self.status(&ids);
             }
+            _ => self.run_on_node(cmd, args),
+        }
+        std::mem::take(self.out())
+    }
+
+    /// The commands aimed at one node.
+    fn run_on_node(&mut self, cmd: &str, args: &[&str]) {
+        match cmd {
+            "propose" => {
+                let id: NodeId = args[0].parse().expect("id");
+                let r = self.raft(id).propose(args[1].as_bytes().to_vec());
+                let _ = match r {
+                    Ok((i, t)) => writeln!(self.out(), "n{id} proposed at {i}@{t}"),
+                    Err(e) => writeln!(self.out(), "n{id} refused: {e}"),
+                };
+                self.h.process(id);
+            }
+            "read" => {
+                let id: NodeId = args[0].parse().expect("id");
+                let ctx: u64 = args[1].parse().expect("ctx");
+                if let Err(e) = self.raft(id).read_index(ctx) {
+                    let _ = writeln!(self.out(), "n{id} refused read: {e}");
+                }
+                self.h.process(id);
+            }
+            "transfer" => {
+                let id: NodeId = args[0].parse().expect("id");
+                let to: NodeId = args[1].parse().expect("id");
+                if let Err(e) = self.raft(id).transfer_leadership(to) {
+                    let _ = writeln!(self.out(), "n{id} refused transfer: {e}");
+                }
+                self.h.process(id);
+            }
+            "compact" => {
+                let id: NodeId = args[0].parse().expect("id");
+                let index: u64 = args[1].parse().expect("index");
+                let meta = self.h.compact(id, index).expect("compact");
+                let _ = writeln!(
+                    self.out(),
+                    "n{id} snapshot at {index}@{}, log compacted",
+                    meta.term
+                );
+            }
+            "crash" => {
+                let id: NodeId = args[0].parse().expect("id");
+                self.h.crash(id);
+                self.h.observer_mut().applied.remove(&id);
+                let _ = writeln!(self.out(), "n{id} crashed");
+            }
+            "append" => {
+                let id: NodeId = args[0].parse().expect("id");
+                let term: u64 = args[1].parse().expect("term");
+                self.append(id, term, &args[2..]);
+            }
+            "restart" => {
+                let id: NodeId = args[0].parse().expect("id");
+                self.h.restart(id).expect("restart");
+                let _ = writeln!(self.out(), "n{id} restarted");
+                self.h.process(id);
+            }
             _ => panic!("unknown command {cmd}"),
         }
-        std::mem::take(&mut self.out)
     }
 }
 

@@ -3,7 +3,7 @@
 //! lease reads, and bounds.
 
 use super::*;
-use raftkv_types::{Entry, EntryKind, HardState, Membership, SnapshotMeta};
+use raftkv_types::{Entry, EntryKind, HardState, Membership, NodeId, SnapshotMeta};
 
 fn config(id: u64) -> Config {
     let mut c = Config::new(id);
@@ -24,21 +24,23 @@ fn single_leader(mut c: Config) -> Raft {
     r
 }
 
-fn drain(r: &mut Raft) -> Vec<Ready> {
-    let mut out = Vec::new();
-    loop {
-        let rd = r.ready();
-        if rd.is_empty() {
-            return out;
-        }
-        if let Some(e) = rd.entries.last() {
-            r.persisted(e.index, e.term);
-        }
-        if let Some(e) = rd.committed.last() {
-            r.applied(e.index);
-        }
-        out.push(rd);
+/// Records every `Ready` the harness handles.
+#[derive(Default)]
+struct Handed(Vec<Ready>);
+
+impl harness::Observer for Handed {
+    fn ready(&mut self, _id: NodeId, rd: &Ready) {
+        self.0.push(rd.clone());
     }
+}
+
+/// Handles everything `r` has ready (persisted, applied; messages go nowhere) and returns the
+/// batches. These tests look at what the core hands out, not at what is durable.
+fn drain(r: &mut Raft) -> Vec<Ready> {
+    let mut handed = Handed::default();
+    let mut sent = std::collections::VecDeque::new();
+    harness::process(r, &mut harness::Durable::default(), &mut sent, &mut handed);
+    handed.0
 }
 
 #[test]

@@ -6,39 +6,51 @@
 
 use super::limits::{INDEX_MAX, TERM_JUMP_MAX, TERM_MAX};
 use super::*;
-use raftkv_types::{Entry, EntryKind, Membership, NodeId, SnapshotMeta};
-use std::collections::{BTreeMap, VecDeque};
+use raftkv_types::{Entry, EntryKind, NodeId, SnapshotMeta};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// What the tests read back: the Normal payloads each node applied, and the snapshot
+/// transfers the cores asked for, (from, to). The transfers are not delivered: the tests
+/// stand in for the node's streaming.
+#[derive(Default)]
+struct Record {
+    committed: BTreeMap<NodeId, Vec<Vec<u8>>>,
+    snapshot_sends: Vec<(NodeId, NodeId)>,
+}
+
+impl harness::Observer for Record {
+    fn ready(&mut self, id: NodeId, rd: &Ready) {
+        let log = self.committed.entry(id).or_default();
+        log.extend(
+            rd.committed
+                .iter()
+                .filter(|e| e.kind == EntryKind::Normal)
+                .map(|e| e.payload.clone()),
+        );
+        self.snapshot_sends
+            .extend(rd.snapshot_sends.iter().map(|s| (id, s.to)));
+    }
+}
 
 /// Three cores whose writes are durable at once and whose messages are delivered in order.
 struct Cluster {
-    nodes: BTreeMap<NodeId, Raft>,
-    net: VecDeque<Message>,
-    committed: BTreeMap<NodeId, Vec<Vec<u8>>>,
-    /// Messages to and from this node are dropped.
-    cut: Option<NodeId>,
-    /// Snapshot transfers the cores asked for: (from, to).
-    snapshot_sends: Vec<(NodeId, NodeId)>,
+    h: harness::Cluster<Record>,
 }
 
 impl Cluster {
     fn new(seed: u64) -> Cluster {
         println!("cluster seed {seed}");
-        let mut nodes = BTreeMap::new();
-        for id in 1..=3 {
-            let mut c = Config::new(id);
-            c.election_timeout_min_ticks = 10;
-            c.election_timeout_max_ticks = 20;
-            c.snapshot_install_wait_ticks = 200;
-            let raft = Raft::bootstrap(c, Membership::with_voters([1, 2, 3]), seed).unwrap();
-            nodes.insert(id, raft);
-        }
-        let mut cluster = Cluster {
-            nodes,
-            net: VecDeque::new(),
-            committed: BTreeMap::new(),
-            cut: None,
-            snapshot_sends: Vec::new(),
-        };
+        let configs = (1..=3)
+            .map(|id| {
+                let mut c = Config::new(id);
+                c.election_timeout_min_ticks = 10;
+                c.election_timeout_max_ticks = 20;
+                c.snapshot_install_wait_ticks = 200;
+                c
+            })
+            .collect();
+        let h = harness::Cluster::bootstrap(configs, seed, Record::default()).unwrap();
+        let mut cluster = Cluster { h };
         for id in 1..=3 {
             cluster.process(id);
         }
@@ -46,58 +58,50 @@ impl Cluster {
     }
 
     fn process(&mut self, id: NodeId) {
-        let r = self.nodes.get_mut(&id).unwrap();
-        loop {
-            let rd = r.ready();
-            if rd.is_empty() {
-                return;
+        self.h.process(id);
+    }
+
+    fn node(&self, id: NodeId) -> &Raft {
+        self.h.raft(id).unwrap()
+    }
+
+    fn node_mut(&mut self, id: NodeId) -> &mut Raft {
+        self.h.raft_mut(id)
+    }
+
+    fn snapshot_sends(&self) -> &[(NodeId, NodeId)] {
+        &self.h.observer().snapshot_sends
+    }
+
+    /// Drops messages to and from `id` (None: none).
+    fn cut(&mut self, id: Option<NodeId>) {
+        match id {
+            Some(id) => {
+                let rest = (1..=3).filter(|&n| n != id).collect();
+                self.h.partition(vec![BTreeSet::from([id]), rest]);
             }
-            if let Some(e) = rd.entries.last() {
-                r.persisted(e.index, e.term);
-            }
-            if let Some(e) = rd.committed.last() {
-                r.applied(e.index);
-            }
-            let log = self.committed.entry(id).or_default();
-            log.extend(
-                rd.committed
-                    .iter()
-                    .filter(|e| e.kind == EntryKind::Normal)
-                    .map(|e| e.payload.clone()),
-            );
-            self.net.extend(rd.messages_now);
-            self.net.extend(rd.messages_after_persist);
-            self.snapshot_sends
-                .extend(rd.snapshot_sends.iter().map(|s| (id, s.to)));
+            None => self.h.heal(),
         }
     }
 
     /// One tick everywhere, then every message (and every answer) delivered.
     fn round(&mut self) {
         for id in 1..=3 {
-            self.nodes.get_mut(&id).unwrap().tick();
+            self.node_mut(id).tick();
             self.process(id);
         }
-        while let Some(m) = self.net.pop_front() {
-            if self.cut.is_some_and(|id| id == m.from || id == m.to) {
-                continue;
+        while let Some(envelope) = self.h.network_mut().pop_front() {
+            if let harness::Envelope::Message(_) = envelope {
+                self.h.deliver(envelope);
             }
-            let to = m.to;
-            let desc = m.to_string();
-            self.nodes
-                .get_mut(&to)
-                .unwrap()
-                .step(m)
-                .unwrap_or_else(|e| panic!("{desc}: {e}"));
-            self.process(to);
         }
     }
 
     fn leader(&self) -> Option<NodeId> {
-        self.nodes
-            .values()
-            .find(|r| r.role() == Role::Leader)
-            .map(|r| r.id())
+        self.h
+            .ids()
+            .into_iter()
+            .find(|&id| self.node(id).role() == Role::Leader)
     }
 
     fn elect(&mut self) -> NodeId {
@@ -113,17 +117,13 @@ impl Cluster {
     /// Proposes `payload` on the leader and asserts every node applies it.
     fn write_commits(&mut self, payload: &[u8]) {
         let leader = self.elect();
-        self.nodes
-            .get_mut(&leader)
-            .unwrap()
-            .propose(payload.to_vec())
-            .unwrap();
+        self.node_mut(leader).propose(payload.to_vec()).unwrap();
         self.process(leader);
         for _ in 0..50 {
             self.round();
         }
         for id in 1..=3 {
-            let applied = &self.committed[&id];
+            let applied = &self.h.observer().committed[&id];
             assert_eq!(
                 applied.last().map(Vec::as_slice),
                 Some(payload),
@@ -146,7 +146,7 @@ impl Cluster {
     /// Steps `m` into its recipient: it must be refused and leave the term alone.
     fn refused(&mut self, m: Message) {
         let to = m.to;
-        let r = self.nodes.get_mut(&to).unwrap();
+        let r = self.node_mut(to);
         let (term, commit, last) = (r.term(), r.commit_index(), r.log().last_index());
         let desc = m.to_string();
         match r.step(m) {
@@ -213,7 +213,7 @@ fn a_forged_vote_with_term_u64_max_is_refused_and_the_cluster_still_elects() {
         c.write_commits(b"after");
         // No node adopted the forged term (the original bug persisted it, so it survived
         // restarts): terms are those of the few real elections.
-        assert!(c.nodes.values().all(|r| r.term() < 100));
+        assert!(c.h.ids().into_iter().all(|id| c.node(id).term() < 100));
     }
 }
 
@@ -222,7 +222,7 @@ fn a_huge_commit_or_prev_index_is_refused_and_writes_still_commit() {
     let mut c = Cluster::new(12);
     c.write_commits(b"before");
     let leader = c.elect();
-    let term = c.nodes[&leader].term();
+    let term = c.node(leader).term();
     let follower = if leader == 1 { 2 } else { 1 };
     let append = |prev_index, commit, entries: Vec<Entry>| MessageBody::Append {
         prev_index,
@@ -275,9 +275,9 @@ fn a_commit_beyond_the_append_is_clamped_to_its_last_entry() {
     c.write_commits(b"x");
     let leader = c.elect();
     let follower = if leader == 1 { 2 } else { 1 };
-    let term = c.nodes[&leader].term();
-    let last = c.nodes[&follower].log().last_index();
-    let r = c.nodes.get_mut(&follower).unwrap();
+    let term = c.node(leader).term();
+    let last = c.node(follower).log().last_index();
+    let r = c.node_mut(follower);
     r.step(forged(
         leader,
         follower,
@@ -317,9 +317,9 @@ fn follower_needing_a_snapshot(seed: u64) -> (Cluster, NodeId, NodeId) {
     c.write_commits(b"a");
     let leader = c.elect();
     let follower = if leader == 1 { 2 } else { 1 };
-    c.cut = Some(follower);
+    c.cut(Some(follower));
     for k in 0..5 {
-        let r = c.nodes.get_mut(&leader).unwrap();
+        let r = c.node_mut(leader);
         r.propose(format!("w{k}").into_bytes()).unwrap();
         c.process(leader);
         c.round();
@@ -327,14 +327,12 @@ fn follower_needing_a_snapshot(seed: u64) -> (Cluster, NodeId, NodeId) {
     for _ in 0..5 {
         c.round();
     }
-    let r = c.nodes.get_mut(&leader).unwrap();
-    let applied = r.applied_index();
-    let term = r.log().term(applied).unwrap();
-    r.compact(applied, term).unwrap();
-    c.cut = None;
+    let applied = c.node(leader).applied_index();
+    c.h.compact(leader, applied).unwrap();
+    c.cut(None);
     for _ in 0..20 {
         c.round();
-        if !c.snapshot_sends.is_empty() {
+        if !c.snapshot_sends().is_empty() {
             return (c, leader, follower);
         }
     }
@@ -344,18 +342,15 @@ fn follower_needing_a_snapshot(seed: u64) -> (Cluster, NodeId, NodeId) {
 #[test]
 fn a_delivered_snapshot_is_not_sent_again_while_the_follower_installs_it() {
     let (mut c, leader, follower) = follower_needing_a_snapshot(14);
-    assert_eq!(c.snapshot_sends, vec![(leader, follower)]);
+    assert_eq!(c.snapshot_sends(), [(leader, follower)]);
     // The node streamed it; the follower is still installing (its core has not seen it).
-    c.nodes
-        .get_mut(&leader)
-        .unwrap()
-        .snapshot_sent(follower, true);
+    c.node_mut(leader).snapshot_sent(follower, true);
     for _ in 0..150 {
         c.round();
     }
-    assert_eq!(c.snapshot_sends.len(), 1, "a second transfer started");
+    assert_eq!(c.snapshot_sends().len(), 1, "a second transfer started");
     // The install completes: the follower acknowledges and catches up from the log.
-    let r = &c.nodes[&leader];
+    let r = c.node(leader);
     let index = r.log().base_index();
     let meta = SnapshotMeta {
         index,
@@ -363,7 +358,7 @@ fn a_delivered_snapshot_is_not_sent_again_while_the_follower_installs_it() {
         membership: r.membership().clone(),
     };
     let term = r.term();
-    let f = c.nodes.get_mut(&follower).unwrap();
+    let f = c.node_mut(follower);
     f.step(forged(
         leader,
         follower,
@@ -373,24 +368,21 @@ fn a_delivered_snapshot_is_not_sent_again_while_the_follower_installs_it() {
     .unwrap();
     c.process(follower);
     c.write_commits(b"after");
-    assert_eq!(c.snapshot_sends.len(), 1);
-    assert!(c.nodes[&follower].log().last_index() > index);
+    assert_eq!(c.snapshot_sends().len(), 1);
+    assert!(c.node(follower).log().last_index() > index);
 }
 
 #[test]
 fn an_install_never_acknowledged_is_given_up_after_the_wait() {
     let (mut c, leader, follower) = follower_needing_a_snapshot(15);
-    c.nodes
-        .get_mut(&leader)
-        .unwrap()
-        .snapshot_sent(follower, true);
+    c.node_mut(leader).snapshot_sent(follower, true);
     for _ in 0..199 {
         c.round();
     }
-    assert_eq!(c.snapshot_sends.len(), 1);
+    assert_eq!(c.snapshot_sends().len(), 1);
     // The follower lost it (say it crashed before installing): after the wait it gets another.
     for _ in 0..20 {
         c.round();
     }
-    assert_eq!(c.snapshot_sends.len(), 2);
+    assert_eq!(c.snapshot_sends().len(), 2);
 }

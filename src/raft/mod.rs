@@ -15,9 +15,13 @@
 //!   be in, checked on receipt and again in `Raft::step`.
 //! - [`ready`]: what the core hands out, the node's obligations, and errors.
 //! - [`config`], [`rng`]: tunables in ticks and bytes; the seeded generator.
+//! - `harness` (hidden): an in-memory cluster of cores that honours the ready/advance contract,
+//!   shared by the core's unit tests, the golden scenarios and the core bench.
 
 pub mod config;
 pub mod core;
+#[doc(hidden)]
+pub mod harness;
 pub mod limits;
 pub mod log;
 pub mod message;
