@@ -87,6 +87,21 @@ fn http_client(config: &NodeConfig) -> Result<reqwest::Client, NodeError> {
         .map_err(|e| NodeError::Config(format!("http client: {e}")))
 }
 
+/// Why one member gave no usable snapshot.
+#[derive(Debug, thiserror::Error)]
+enum FetchError {
+    #[error("request: {0}")]
+    Request(#[from] reqwest::Error),
+    #[error("answered {0}")]
+    Status(reqwest::StatusCode),
+    #[error("storing the snapshot: {0}")]
+    Store(#[from] raftkv_storage::snapshot::SnapshotError),
+    #[error("the storing task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+    #[error("its snapshot is at index {index}, below the {needed_index} needed")]
+    TooOld { index: u64, needed_index: u64 },
+}
+
 /// One attempt against one member: only its leader answers (the request is marked as
 /// already forwarded, so a follower refuses instead of proxying gigabytes).
 async fn fetch_from(
@@ -94,15 +109,14 @@ async fn fetch_from(
     http: &reqwest::Client,
     url: &str,
     needed_index: u64,
-) -> Result<u64, String> {
+) -> Result<u64, FetchError> {
     let mut response = http
         .get(format!("{url}/snapshot"))
         .header(crate::api::http::FORWARDED_BY_HEADER, config.id.to_string())
         .send()
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     if !response.status().is_success() {
-        return Err(format!("answered {}", response.status()));
+        return Err(FetchError::Status(response.status()));
     }
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let data_dir = config.data_dir.clone();
@@ -125,15 +139,12 @@ async fn fetch_from(
         }
     }
     drop(tx);
-    let stored = store
-        .await
-        .map_err(|e| format!("storing task: {e}"))?
-        .map_err(|e| e.to_string())?;
+    let stored = store.await??;
     if stored.meta.index < needed_index {
-        return Err(format!(
-            "its snapshot is at index {}, below the {needed_index} needed",
-            stored.meta.index
-        ));
+        return Err(FetchError::TooOld {
+            index: stored.meta.index,
+            needed_index,
+        });
     }
     Ok(stored.meta.index)
 }
