@@ -79,6 +79,9 @@ pub struct Consensus {
     /// Confirmed reads waiting for the state machine to apply their index: index → replies.
     confirmed_reads: BTreeMap<u64, Vec<(NodeId, ReadReply)>>,
     next_read_id: u64,
+    /// The state machine's applied index as the apply worker last reported it (reading it
+    /// from the state machine would wait on its lock while a batch applies).
+    applied_index: u64,
     snapshot_index: u64,
     /// Peers a snapshot is being streamed to.
     sending_snapshots: BTreeSet<NodeId>,
@@ -135,6 +138,7 @@ impl Consensus {
             leader: raft.leader(),
         };
         Consensus {
+            applied_index: sm.applied_index(),
             snapshot_index: raft.log().base_index(),
             info,
             raft,
@@ -167,7 +171,11 @@ impl Consensus {
             Input::Unreachable { peer } => self.raft.peer_unreachable(peer),
             Input::Request(req) => self.on_request(req),
             Input::Storage(ev) => self.on_storage(ev)?,
-            Input::Applied => self.raft.applied(self.sm.applied_index()),
+            Input::Applied { index } => {
+                // Reports may arrive late, never out of order: the index only grows.
+                self.applied_index = self.applied_index.max(index);
+                self.raft.applied(self.applied_index);
+            }
             Input::ApplyFailed(e) => return Err(StepError::Apply(e)),
             Input::SnapshotSent { peer, ok } => {
                 self.sending_snapshots.remove(&peer);
@@ -192,7 +200,8 @@ impl Consensus {
             } => {
                 self.snapshot_index = snapshot_index;
                 // The apply worker's report of this index may still be in flight.
-                self.raft.applied(self.sm.applied_index());
+                self.applied_index = self.applied_index.max(self.sm.applied_index());
+                self.raft.applied(self.applied_index);
                 if let Err(e) = self.raft.compact(index, term) {
                     tracing::warn!(index, term, error = %e, "core compaction refused");
                 }
@@ -355,7 +364,10 @@ impl Consensus {
 
     /// Answers the confirmed reads whose index the state machine has applied.
     fn release_reads(&mut self) {
-        let applied = self.sm.applied_index();
+        if self.confirmed_reads.is_empty() {
+            return;
+        }
+        let applied = self.applied_index;
         while let Some(entry) = self.confirmed_reads.first_entry() {
             if *entry.key() > applied {
                 break;

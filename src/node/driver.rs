@@ -118,7 +118,9 @@ impl Driver {
                     Input::Tick
                 }
                 Some(ev) = inputs.events.recv() => Input::Storage(ev),
-                Ok(()) = inputs.applied.changed() => Input::Applied,
+                Ok(()) = inputs.applied.changed() => Input::Applied {
+                    index: *inputs.applied.borrow_and_update(),
+                },
                 Some(e) = inputs.apply_failed.recv() => Input::ApplyFailed(e),
                 Some((peer, ok)) = self.snapshot_done_rx.recv() => Input::SnapshotSent { peer, ok },
                 Some(ev) = inputs.inbound.recv() => match ev {

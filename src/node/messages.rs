@@ -75,8 +75,10 @@ pub enum Input {
     Request(Request),
     Storage(StorageEvent),
     /// The apply worker finished a batch or an install: the state machine's applied index
-    /// moved.
-    Applied,
+    /// is now `index`.
+    Applied {
+        index: u64,
+    },
     /// The apply worker stopped on an error.
     ApplyFailed(WorkerError),
     /// Streaming a snapshot to `peer` ended (`ok`: every chunk was handed to the transport).

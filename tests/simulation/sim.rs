@@ -1001,7 +1001,8 @@ impl Sim {
                 live.apply
                     .apply(&entries)
                     .map_err(|e| format!("node {id}: apply failed: {e}"))?;
-                self.step(id, Input::Applied)
+                let index = live.apply.applied_index();
+                self.step(id, Input::Applied { index })
             }
             ApplyWork::Install { index } => {
                 self.live(id).expect("live").apply_at_install = Some(index);
@@ -1031,7 +1032,8 @@ impl Sim {
         if self.nodes[&id].live.is_none() {
             return Ok(());
         }
-        self.step(id, Input::Applied)?;
+        let index = self.live(id).expect("live").apply.applied_index();
+        self.step(id, Input::Applied { index })?;
         // The storage worker goes on with what was queued behind the install.
         if self.live(id).is_some_and(|l| l.storage.has_work()) {
             self.drive_storage(id)?;
@@ -1645,7 +1647,13 @@ impl Sim {
                 }
             }
         }
-        self.step(id, Input::Applied)
+        let index = self.nodes[&id]
+            .live
+            .as_ref()
+            .expect("started")
+            .sm
+            .applied_index();
+        self.step(id, Input::Applied { index })
     }
 
     // ----- checks -----
