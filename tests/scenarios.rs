@@ -469,7 +469,7 @@ impl Cluster {
                         index,
                         term,
                         kind: EntryKind::Normal,
-                        payload: text.as_bytes().to_vec(),
+                        payload: text.as_bytes().to_vec().into(),
                     });
                 }
                 n.durable.hard_state.term = n.durable.hard_state.term.max(term);

@@ -63,7 +63,7 @@ impl Cluster {
                 rd.committed
                     .iter()
                     .filter(|e| e.kind == EntryKind::Normal)
-                    .map(|e| e.payload.clone()),
+                    .map(|e| e.payload.to_vec()),
             );
             self.net.extend(rd.messages_now);
             self.net.extend(rd.messages_after_persist);
@@ -234,7 +234,7 @@ fn a_huge_commit_or_prev_index_is_refused_and_writes_still_commit() {
         index,
         term,
         kind: EntryKind::Normal,
-        payload: b"evil".to_vec(),
+        payload: b"evil".to_vec().into(),
     };
     c.refused_on_receipt(forged(leader, follower, term, append(2, u64::MAX, vec![])));
     c.refused_on_receipt(forged(leader, follower, term, append(INDEX_MAX, 1, vec![])));
