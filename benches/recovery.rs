@@ -29,7 +29,8 @@ fn entry(index: u64) -> Entry {
             value,
         }
         .encode()
-        .expect("encode"),
+        .expect("encode")
+        .into(),
     }
 }
 

@@ -39,7 +39,8 @@ fn put_entry(index: u64, key: u64) -> Entry {
             value,
         }
         .encode()
-        .expect("encode"),
+        .expect("encode")
+        .into(),
     }
 }
 

@@ -50,7 +50,7 @@ fn batch(first: u64, n: u64) -> Vec<Entry> {
             index,
             term: 1,
             kind: EntryKind::Normal,
-            payload: payload(index, PAYLOAD_BYTES),
+            payload: payload(index, PAYLOAD_BYTES).into(),
         })
         .collect()
 }

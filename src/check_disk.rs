@@ -602,7 +602,7 @@ fn measure(
             index,
             term: 1,
             kind: EntryKind::Normal,
-            payload: payload(index, opts.value_bytes),
+            payload: payload(index, opts.value_bytes).into(),
         }));
         let size = batch.len() * (ENTRY_OVERHEAD_BYTES + opts.value_bytes);
         let same = raw_bytes.get(..size).ok_or_else(|| {

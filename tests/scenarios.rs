@@ -253,7 +253,7 @@ impl Cluster {
                 index,
                 term,
                 kind: EntryKind::Normal,
-                payload: text.as_bytes().to_vec(),
+                payload: text.as_bytes().to_vec().into(),
             });
         }
         d.hard_state.term = d.hard_state.term.max(term);

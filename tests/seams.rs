@@ -2,7 +2,8 @@
 //! - the consensus core (`src/raft/`) and the peer transport (`src/transport/`) take their
 //!   vocabulary from the leaf crate `raftkv-types`, never from the sled-linked `raftkv-storage`
 //!   (neither by name nor through the `raftkv::storage` alias);
-//! - `raftkv-types` stays a leaf: serde, bincode and thiserror only;
+//! - `raftkv-types` stays a leaf: serde, bincode, bytes (an entry's shared payload) and
+//!   thiserror only;
 //! - bincode is used in one module, `types/src/codec.rs`.
 //!
 //! These read the source tree, so they check what `cargo check` cannot: a path that would
@@ -91,7 +92,7 @@ fn types_crate_is_a_leaf() {
         .expect("types/Cargo.toml has [dependencies]");
     let mut names: Vec<&str> = dependencies.keys().map(String::as_str).collect();
     names.sort_unstable();
-    assert_eq!(names, ["bincode", "serde", "thiserror"]);
+    assert_eq!(names, ["bincode", "bytes", "serde", "thiserror"]);
 }
 
 #[test]

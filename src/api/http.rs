@@ -512,7 +512,8 @@ async fn put_key<S: KvService>(
         .command
         .check_value(value.as_bytes())
         .map_err(limit_rejection)?;
-    Ok(match st.service.put(key.clone(), value.clone()).await {
+    // Parsing is the value's one copy here (JSON may escape it); the service borrows it.
+    Ok(match st.service.put(&key, &value).await {
         Ok(w) => Json(KvResponse {
             key,
             value,

@@ -141,11 +141,13 @@ pub trait KvService: Send + Sync + 'static {
     fn node_id(&self) -> NodeId;
     /// The limits requests are checked against.
     fn limits(&self) -> Limits;
-    /// Writes `key`; completes once the write is committed and applied.
+    /// Writes `key`; completes once the write is committed and applied. Borrowed: the HTTP
+    /// layer keeps the key and value to echo them, and the service copies them only once,
+    /// into the log entry's payload.
     fn put(
         &self,
-        key: String,
-        value: String,
+        key: &str,
+        value: &str,
     ) -> impl Future<Output = Result<Written, ServiceError>> + Send;
     /// Deletes `key`; completes once committed and applied.
     fn delete(&self, key: String) -> impl Future<Output = Result<Deleted, ServiceError>> + Send;

@@ -86,11 +86,11 @@ impl KvService for MapService {
         }
     }
 
-    async fn put(&self, key: String, value: String) -> Result<Written, ServiceError> {
+    async fn put(&self, key: &str, value: &str) -> Result<Written, ServiceError> {
         self.check_write()?;
         let mut d = self.data.lock().unwrap();
         d.1 += 1;
-        d.0.insert(key, value);
+        d.0.insert(key.to_string(), value.to_string());
         Ok(Written {
             index: d.1,
             leader: self.id,

@@ -50,7 +50,7 @@ fn entry(index: u64, term: u64, kind: EntryKind, payload: Vec<u8>) -> Entry {
         index,
         term,
         kind,
-        payload,
+        payload: payload.into(),
     }
 }
 

@@ -313,7 +313,8 @@ mod tests {
                 value: b"v".to_vec(),
             }
             .encode()
-            .unwrap(),
+            .unwrap()
+            .into(),
         }
     }
 

@@ -12,7 +12,7 @@ use crate::api::{
     ServiceError, SnapshotFileOut, Written,
 };
 use crate::metrics::Metrics;
-use raftkv_storage::command::Command;
+use raftkv_storage::command::CommandRef;
 use raftkv_storage::sm::StateMachine;
 use raftkv_storage::snapshot::SnapshotStore;
 use raftkv_storage::NodeId;
@@ -72,7 +72,7 @@ impl NodeService {
     /// Proposes `command` and waits for it to apply; counts the failures that reached this
     /// node's log or queue (`raftkv_server_proposals_failed_total`): not "not the leader",
     /// which a client or the forwarder resolves, and not invalid input.
-    async fn propose(&self, command: Command) -> Result<ProposalOutcome, ServiceError> {
+    async fn propose(&self, command: CommandRef<'_>) -> Result<ProposalOutcome, ServiceError> {
         let result = self.propose_and_wait(command).await;
         if let Err(ServiceError::Unavailable(_) | ServiceError::Timeout(_)) = &result {
             self.metrics.proposals_failed.inc();
@@ -80,7 +80,10 @@ impl NodeService {
         result
     }
 
-    async fn propose_and_wait(&self, command: Command) -> Result<ProposalOutcome, ServiceError> {
+    async fn propose_and_wait(
+        &self,
+        command: CommandRef<'_>,
+    ) -> Result<ProposalOutcome, ServiceError> {
         let payload = command
             .encode()
             .map_err(|e| ServiceError::InvalidInput(e.to_string()))?;
@@ -154,10 +157,10 @@ impl KvService for NodeService {
         self.limits
     }
 
-    async fn put(&self, key: String, value: String) -> Result<Written, ServiceError> {
-        let command = Command::Put {
-            key: key.into_bytes(),
-            value: value.into_bytes(),
+    async fn put(&self, key: &str, value: &str) -> Result<Written, ServiceError> {
+        let command = CommandRef::Put {
+            key: key.as_bytes(),
+            value: value.as_bytes(),
         };
         command.validate(&self.limits.command)?;
         let outcome = self.propose(command).await?;
@@ -168,8 +171,8 @@ impl KvService for NodeService {
     }
 
     async fn delete(&self, key: String) -> Result<Deleted, ServiceError> {
-        let command = Command::Delete {
-            key: key.into_bytes(),
+        let command = CommandRef::Delete {
+            key: key.as_bytes(),
         };
         command.validate(&self.limits.command)?;
         let outcome = self.propose(command).await?;

@@ -474,7 +474,7 @@ mod tests {
             index,
             term,
             kind: EntryKind::Normal,
-            payload: vec![index as u8],
+            payload: vec![index as u8].into(),
         }
     }
 

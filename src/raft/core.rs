@@ -27,7 +27,7 @@ use super::read_index::ReadIndexQueue;
 use super::ready::{RaftError, ReadId, Ready, SnapshotSend};
 use super::rng::Rng;
 use raftkv_types::codec;
-use raftkv_types::{Entry, EntryKind, HardState, Membership, NodeId, SnapshotMeta};
+use raftkv_types::{Bytes, Entry, EntryKind, HardState, Membership, NodeId, SnapshotMeta};
 use std::collections::{BTreeMap, VecDeque};
 
 /// Heartbeat rounds remembered for lease reads (older ones are too old to grant a lease).
@@ -138,7 +138,7 @@ impl Raft {
             index: 1,
             term: 1,
             kind: EntryKind::Config,
-            payload,
+            payload: payload.into(),
         });
         raft.commit = 1;
         raft.unstable_from = 1;
@@ -515,7 +515,7 @@ impl Raft {
             index: next,
             term: self.term,
             kind: EntryKind::Noop,
-            payload: Vec::new(),
+            payload: Bytes::new(),
         };
         self.append_local(noop);
         self.maybe_commit();
@@ -643,7 +643,9 @@ impl Raft {
     }
 
     /// Proposes a command. On the leader returns the (index, term) it will have if committed.
-    pub fn propose(&mut self, payload: Vec<u8>) -> Result<(u64, u64), RaftError> {
+    /// The payload is taken as a shared buffer (a `Vec<u8>` converts without a copy); the log,
+    /// every `Ready` and every `Append` share it from here on.
+    pub fn propose(&mut self, payload: impl Into<Bytes>) -> Result<(u64, u64), RaftError> {
         if self.role != Role::Leader {
             return Err(RaftError::NotLeader {
                 leader: self.leader,
@@ -672,7 +674,7 @@ impl Raft {
             index,
             term: self.term,
             kind: EntryKind::Normal,
-            payload,
+            payload: payload.into(),
         });
         self.maybe_commit();
         Ok((index, self.term))

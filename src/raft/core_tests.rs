@@ -110,7 +110,7 @@ fn bad_messages_are_typed_errors() {
                 index: 5,
                 term: 2,
                 kind: EntryKind::Normal,
-                payload: vec![],
+                payload: vec![].into(),
             }],
             commit: 1,
         },
@@ -244,7 +244,7 @@ fn restart_validates_and_adopts_a_torn_newer_term() {
         index,
         term,
         kind: EntryKind::Normal,
-        payload: vec![],
+        payload: vec![].into(),
     };
     // A gap between the snapshot and the log.
     let gap = RestartState {
@@ -420,14 +420,14 @@ fn regression_torn_write_never_commits_a_replaced_entry() {
         index,
         term,
         kind: EntryKind::Normal,
-        payload: payload.to_vec(),
+        payload: payload.to_vec().into(),
     };
     // Durable before: entries 1..=3, index 3 from an old leader of term 2; commit 2.
     let config_entry = Entry {
         index: 1,
         term: 1,
         kind: EntryKind::Config,
-        payload: raftkv_types::codec::encode(&membership).unwrap(),
+        payload: raftkv_types::codec::encode(&membership).unwrap().into(),
     };
     let durable_log = vec![config_entry, entry(2, 2, b"a"), entry(3, 2, b"stale")];
     let durable_hs = HardState {
@@ -523,7 +523,7 @@ fn restarted_follower_keeps_the_lease_promise_for_an_election_timeout() {
             index: 1,
             term: 1,
             kind: EntryKind::Config,
-            payload: raftkv_types::codec::encode(&membership).unwrap(),
+            payload: raftkv_types::codec::encode(&membership).unwrap().into(),
         }],
         applied: 1,
     };

@@ -410,7 +410,7 @@ mod tests {
             index,
             term,
             kind: EntryKind::Normal,
-            payload: vec![],
+            payload: vec![].into(),
         }
     }
 
@@ -486,7 +486,7 @@ mod tests {
         assert_eq!((r.log().last_index(), r.term()), (before, term));
         assert_eq!(
             r.log().entry(before).map(|e| e.payload.clone()),
-            Some(b"x".to_vec())
+            Some(b"x".to_vec().into())
         );
     }
 

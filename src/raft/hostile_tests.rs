@@ -25,7 +25,7 @@ impl harness::Observer for Record {
             rd.committed
                 .iter()
                 .filter(|e| e.kind == EntryKind::Normal)
-                .map(|e| e.payload.clone()),
+                .map(|e| e.payload.to_vec()),
         );
         self.snapshot_sends
             .extend(rd.snapshot_sends.iter().map(|s| (id, s.to)));
@@ -234,7 +234,7 @@ fn a_huge_commit_or_prev_index_is_refused_and_writes_still_commit() {
         index,
         term,
         kind: EntryKind::Normal,
-        payload: b"evil".to_vec(),
+        payload: b"evil".to_vec().into(),
     };
     c.refused_on_receipt(forged(leader, follower, term, append(2, u64::MAX, vec![])));
     c.refused_on_receipt(forged(leader, follower, term, append(INDEX_MAX, 1, vec![])));

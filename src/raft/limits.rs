@@ -255,7 +255,7 @@ mod tests {
             index,
             term,
             kind: EntryKind::Normal,
-            payload: vec![1],
+            payload: vec![1].into(),
         }
     }
 

@@ -206,7 +206,7 @@ mod tests {
             index,
             term,
             kind: EntryKind::Normal,
-            payload: vec![0; 3],
+            payload: vec![0; 3].into(),
         }
     }
 

@@ -34,22 +34,33 @@ pub enum FrameError {
     Decode(#[from] codec::CodecError),
 }
 
-/// Encodes `value` as one frame appended to `out`.
+/// Encodes `value` as one frame appended to `out`. The value is serialized straight into
+/// `out` after a header placeholder (no intermediate buffer); on an error `out` is left as it
+/// was.
 pub fn encode_frame<T: Serialize>(
     out: &mut Vec<u8>,
     value: &T,
     frame_bytes_max: u32,
 ) -> Result<(), FrameError> {
-    let payload = codec::encode(value)?;
-    if payload.len() as u64 > u64::from(frame_bytes_max) {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; FRAME_HEADER_BYTES]);
+    if let Err(e) = codec::encode_into(out, value) {
+        out.truncate(start);
+        return Err(e.into());
+    }
+    let payload_start = start + FRAME_HEADER_BYTES;
+    let len_bytes = (out.len() - payload_start) as u64;
+    if len_bytes > u64::from(frame_bytes_max) {
+        out.truncate(start);
         return Err(FrameError::TooLarge {
-            len_bytes: payload.len() as u64,
+            len_bytes,
             bytes_max: u64::from(frame_bytes_max),
         });
     }
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    out.extend_from_slice(&payload);
+    let crc = crc32fast::hash(&out[payload_start..]);
+    // Fits: `len_bytes <= frame_bytes_max`, a u32.
+    out[start..start + 4].copy_from_slice(&(len_bytes as u32).to_le_bytes());
+    out[start + 4..payload_start].copy_from_slice(&crc.to_le_bytes());
     Ok(())
 }
 
@@ -142,5 +153,25 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, FrameError::Decode(_)), "{err}");
+    }
+
+    #[test]
+    fn frames_append_in_the_documented_layout_and_a_refused_one_leaves_no_trace() {
+        let value = ("abc".to_string(), 5u64);
+        let payload = codec::encode(&value).unwrap();
+        let mut out = b"earlier frames".to_vec();
+        encode_frame(&mut out, &value, 1024).unwrap();
+        let (before, frame) = out.split_at(14);
+        assert_eq!(before, b"earlier frames");
+        assert_eq!(&frame[0..4], &(payload.len() as u32).to_le_bytes());
+        assert_eq!(&frame[4..8], &crc32fast::hash(&payload).to_le_bytes());
+        assert_eq!(&frame[8..], payload.as_slice());
+
+        let err = encode_frame(&mut out, &value, 4).unwrap_err();
+        assert!(
+            matches!(err, FrameError::TooLarge { bytes_max: 4, .. }),
+            "{err}"
+        );
+        assert_eq!(out.len(), 14 + FRAME_HEADER_BYTES + payload.len());
     }
 }

@@ -8,6 +8,11 @@
 //! - `version` changes only if an existing variant's layout ever has to change; the decoder
 //!   then knows which layout a payload uses. Today only version 1 exists.
 //!
+//! [`CommandRef`] is the same command borrowing its key and value, and the one definition of
+//! the layout: the node's service encodes a write from the request's own buffers, and the
+//! state machine applies a payload without copying the value out of it first. [`Command`]
+//! owns its bytes (tests, tools) and converts through it.
+//!
 //! A payload with an unknown version or variant is a typed error ([`CommandError::Decode`])
 //! and the state machine refuses to apply it, never skips it: skipping would let a node
 //! running older code diverge from one running newer code.
@@ -24,7 +29,7 @@
 //! committed every node must apply it identically, whatever its own configuration.
 
 use crate::codec::{self, CodecError};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
 
 /// The envelope version this code writes.
 pub const COMMAND_VERSION: u16 = 1;
@@ -34,20 +39,30 @@ pub const KEY_BYTES_MAX_DEFAULT: usize = 8 * 1024;
 /// Default largest value, in bytes.
 pub const VALUE_BYTES_MAX_DEFAULT: usize = 1024 * 1024;
 
-/// A client command. Append new variants at the end only (see the module doc).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A client command that owns its key and value. Encodes and decodes through [`CommandRef`].
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
     /// Sets `key` to `value`.
+    Put { key: Vec<u8>, value: Vec<u8> },
+    /// Removes `key` (a no-op if it is absent; the result says which).
+    Delete { key: Vec<u8> },
+}
+
+/// A client command borrowing its key and value. Its serde layout is the on-disk format:
+/// append new variants at the end only (see the module doc), in step with [`Command`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandRef<'a> {
+    /// Sets `key` to `value`.
     Put {
-        #[serde(with = "byte_buf")]
-        key: Vec<u8>,
-        #[serde(with = "byte_buf")]
-        value: Vec<u8>,
+        #[serde(serialize_with = "byte_str")]
+        key: &'a [u8],
+        #[serde(serialize_with = "byte_str")]
+        value: &'a [u8],
     },
     /// Removes `key` (a no-op if it is absent; the result says which).
     Delete {
-        #[serde(with = "byte_buf")]
-        key: Vec<u8>,
+        #[serde(serialize_with = "byte_str")]
+        key: &'a [u8],
     },
 }
 
@@ -123,9 +138,9 @@ pub enum CommandError {
 }
 
 #[derive(Serialize)]
-struct EnvelopeRef<'a> {
+struct EnvelopeOut<'a> {
     version: u16,
-    command: &'a Command,
+    command: CommandRef<'a>,
 }
 
 #[derive(Deserialize)]
@@ -134,13 +149,22 @@ struct VersionOnly {
 }
 
 #[derive(Deserialize)]
-struct Envelope {
+struct EnvelopeIn<'a> {
     #[allow(dead_code)]
     version: u16,
-    command: Command,
+    #[serde(borrow)]
+    command: CommandRef<'a>,
 }
 
 impl Command {
+    /// The borrowed view of this command.
+    pub fn borrowed(&self) -> CommandRef<'_> {
+        match self {
+            Command::Put { key, value } => CommandRef::Put { key, value },
+            Command::Delete { key } => CommandRef::Delete { key },
+        }
+    }
+
     /// The key this command touches.
     pub fn key(&self) -> &[u8] {
         match self {
@@ -150,24 +174,49 @@ impl Command {
 
     /// Checks the size limits (key first, then value); call before proposing.
     pub fn validate(&self, limits: &CommandLimits) -> Result<(), CommandError> {
+        self.borrowed().validate(limits)
+    }
+
+    /// The payload of a `Normal` log entry carrying this command.
+    pub fn encode(&self) -> Result<Vec<u8>, CommandError> {
+        self.borrowed().encode()
+    }
+
+    /// Decodes a `Normal` entry's payload into owned bytes.
+    pub fn decode(payload: &[u8]) -> Result<Command, CommandError> {
+        CommandRef::decode(payload).map(CommandRef::to_command)
+    }
+}
+
+impl<'a> CommandRef<'a> {
+    /// The key this command touches.
+    pub fn key(&self) -> &'a [u8] {
+        match *self {
+            CommandRef::Put { key, .. } | CommandRef::Delete { key } => key,
+        }
+    }
+
+    /// Checks the size limits (key first, then value); call before proposing.
+    pub fn validate(&self, limits: &CommandLimits) -> Result<(), CommandError> {
         limits.check_key(self.key())?;
-        if let Command::Put { value, .. } = self {
+        if let CommandRef::Put { value, .. } = self {
             limits.check_value(value)?;
         }
         Ok(())
     }
 
-    /// The payload of a `Normal` log entry carrying this command.
+    /// The payload of a `Normal` log entry carrying this command: the one copy of the key
+    /// and value on their way into the log.
     pub fn encode(&self) -> Result<Vec<u8>, CommandError> {
-        codec::encode(&EnvelopeRef {
+        codec::encode(&EnvelopeOut {
             version: COMMAND_VERSION,
-            command: self,
+            command: *self,
         })
         .map_err(CommandError::Encode)
     }
 
-    /// Decodes a `Normal` entry's payload.
-    pub fn decode(payload: &[u8]) -> Result<Command, CommandError> {
+    /// Decodes a `Normal` entry's payload; the key and value point into `payload`.
+    pub fn decode(payload: &'a [u8]) -> Result<CommandRef<'a>, CommandError> {
         // The version is the first two bytes; read it alone so an unknown version is reported
         // as such rather than as a garbled body.
         let head = &payload[..payload.len().min(2)];
@@ -177,48 +226,27 @@ impl Command {
         if version != COMMAND_VERSION {
             return Err(CommandError::UnsupportedVersion(version));
         }
-        let envelope: Envelope = codec::decode(payload).map_err(CommandError::Decode)?;
+        let envelope: EnvelopeIn<'a> = codec::decode(payload).map_err(CommandError::Decode)?;
         Ok(envelope.command)
+    }
+
+    /// An owned copy.
+    pub fn to_command(self) -> Command {
+        match self {
+            CommandRef::Put { key, value } => Command::Put {
+                key: key.to_vec(),
+                value: value.to_vec(),
+            },
+            CommandRef::Delete { key } => Command::Delete { key: key.to_vec() },
+        }
     }
 }
 
-/// Serde glue so `Vec<u8>` is (de)serialized as one byte string, not a sequence of u8
-/// (which bincode would decode one element at a time).
-mod byte_buf {
-    use serde::de::{Error, SeqAccess, Visitor};
-    use serde::{Deserializer, Serializer};
-    use std::fmt;
-
-    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(bytes)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        d.deserialize_byte_buf(ByteBufVisitor)
-    }
-
-    struct ByteBufVisitor;
-
-    impl<'de> Visitor<'de> for ByteBufVisitor {
-        type Value = Vec<u8>;
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("a byte string")
-        }
-        fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-            Ok(v.to_vec())
-        }
-        fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
-            Ok(v)
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
-            // Bounded by the input: each element consumes at least one byte of it.
-            let mut out = Vec::new();
-            while let Some(b) = seq.next_element::<u8>()? {
-                out.push(b);
-            }
-            Ok(out)
-        }
-    }
+/// Writes a byte slice as one byte string (a u64 length, then the bytes), not as a sequence
+/// of u8 (the same bytes with bincode, but encoded one element at a time). Reading it back
+/// borrows the bytes from the input (serde's `&[u8]` does that by itself).
+fn byte_str<S: Serializer>(bytes: &&[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_bytes(bytes)
 }
 
 #[cfg(test)]
@@ -238,6 +266,25 @@ mod tests {
             let bytes = cmd.encode().unwrap();
             assert_eq!(Command::decode(&bytes).unwrap(), cmd);
         }
+    }
+
+    #[test]
+    fn decoding_borrows_the_key_and_value_from_the_payload() {
+        let payload = Command::Put {
+            key: b"key".to_vec(),
+            value: vec![9; 100],
+        }
+        .encode()
+        .unwrap();
+        let CommandRef::Put { key, value } = CommandRef::decode(&payload).unwrap() else {
+            panic!("a put decodes as a put");
+        };
+        assert_eq!((key, value), (&b"key"[..], &[9u8; 100][..]));
+        let inside = payload.as_ptr_range();
+        assert!(inside.contains(&key.as_ptr()) && inside.contains(&value.as_ptr()));
+        // Borrowed and owned encode to the same bytes.
+        let again = CommandRef::Put { key, value }.encode().unwrap();
+        assert_eq!(again, payload);
     }
 
     #[test]

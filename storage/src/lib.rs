@@ -26,7 +26,7 @@ pub mod wal;
 
 /// The shared vocabulary, defined in `raftkv-types`; re-exported under its old path.
 pub mod types {
-    pub use raftkv_types::{Entry, EntryKind, HardState, Membership, NodeId, SnapshotMeta};
+    pub use raftkv_types::{Bytes, Entry, EntryKind, HardState, Membership, NodeId, SnapshotMeta};
 }
 
 pub use raftkv_types::codec;

@@ -78,7 +78,7 @@ fn run_child(dir: &Path) -> ! {
                 index,
                 term: 1,
                 kind: EntryKind::Normal,
-                payload: command_at(index).encode().unwrap(),
+                payload: command_at(index).encode().unwrap().into(),
             })
             .collect();
         let hs = HardState {

@@ -56,7 +56,7 @@ fn entry_at(index: u64) -> Entry {
         index,
         term: 1 + index / 10_000,
         kind: EntryKind::Normal,
-        payload: command_at(index).encode().unwrap(),
+        payload: command_at(index).encode().unwrap().into(),
     }
 }
 

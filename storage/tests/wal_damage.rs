@@ -26,7 +26,9 @@ fn entry(index: u64, term: u64) -> Entry {
         } else {
             EntryKind::Normal
         },
-        payload: format!("set key-{index} value-{}", index * term).into_bytes(),
+        payload: format!("set key-{index} value-{}", index * term)
+            .into_bytes()
+            .into(),
     }
 }
 

@@ -132,7 +132,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                             index,
                             term,
                             kind: EntryKind::Normal,
-                            payload: format!("v{counter}").into_bytes(),
+                            payload: format!("v{counter}").into_bytes().into(),
                         }
                     })
                     .collect();

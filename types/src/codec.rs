@@ -9,7 +9,7 @@
 //! than the input's own size allows, so a hostile frame cannot exhaust memory.
 
 use bincode::Options;
-use serde::{de::DeserializeOwned, Serialize};
+use serde::{Deserialize, Serialize};
 
 /// A payload that could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]
@@ -31,8 +31,17 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
         .map_err(|e| CodecError(e.to_string()))
 }
 
-/// Decodes exactly one `T` from all of `bytes`; trailing bytes are an error.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+/// Encodes `value` like [`encode`], appended to `out` (no intermediate buffer: a frame
+/// writer serializes straight into its batch).
+pub fn encode_into<T: Serialize>(out: &mut Vec<u8>, value: &T) -> Result<(), CodecError> {
+    options(u64::MAX)
+        .serialize_into(out, value)
+        .map_err(|e| CodecError(e.to_string()))
+}
+
+/// Decodes exactly one `T` from all of `bytes`; trailing bytes are an error. A `T` that
+/// borrows (`&[u8]` fields) points into `bytes` instead of copying.
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, CodecError> {
     options(bytes.len() as u64)
         .deserialize(bytes)
         .map_err(|e| CodecError(e.to_string()))
@@ -41,7 +50,16 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Entry, EntryKind};
+    use crate::{Bytes, Entry, EntryKind};
+
+    /// `Entry` as it was when its payload was a `Vec<u8>`: the wire format to keep.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct EntryWithVec {
+        index: u64,
+        term: u64,
+        kind: EntryKind,
+        payload: Vec<u8>,
+    }
 
     #[test]
     fn round_trip_and_rejects_garbage() {
@@ -49,7 +67,7 @@ mod tests {
             index: 7,
             term: 3,
             kind: EntryKind::Normal,
-            payload: b"hello".to_vec(),
+            payload: Bytes::from_static(b"hello"),
         };
         let bytes = encode(&e).unwrap();
         assert_eq!(decode::<Entry>(&bytes).unwrap(), e);
@@ -60,5 +78,50 @@ mod tests {
         let mut trailing = bytes;
         trailing.push(0);
         assert!(decode::<Entry>(&trailing).is_err());
+    }
+
+    #[test]
+    fn a_shared_payload_encodes_exactly_as_a_vec_did() {
+        for payload in [Vec::new(), b"v".to_vec(), vec![0xab; 300]] {
+            let old = EntryWithVec {
+                index: 9,
+                term: 4,
+                kind: EntryKind::Config,
+                payload: payload.clone(),
+            };
+            let new = Entry {
+                index: 9,
+                term: 4,
+                kind: EntryKind::Config,
+                payload: Bytes::from(payload.clone()),
+            };
+            let bytes = encode(&new).unwrap();
+            assert_eq!(bytes, encode(&old).unwrap());
+            // The layout itself: index, term, kind's variant (u32), u64 length, the bytes.
+            let mut expected = Vec::new();
+            expected.extend_from_slice(&9u64.to_le_bytes());
+            expected.extend_from_slice(&4u64.to_le_bytes());
+            expected.extend_from_slice(&2u32.to_le_bytes());
+            expected.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+            expected.extend_from_slice(&payload);
+            assert_eq!(bytes, expected);
+            // Each decodes what the other wrote.
+            assert_eq!(decode::<Entry>(&encode(&old).unwrap()).unwrap(), new);
+            assert_eq!(decode::<EntryWithVec>(&bytes).unwrap(), old);
+        }
+    }
+
+    #[test]
+    fn encode_into_appends_what_encode_returns() {
+        let e = Entry {
+            index: 1,
+            term: 1,
+            kind: EntryKind::Normal,
+            payload: Bytes::from_static(b"abc"),
+        };
+        let mut out = b"head".to_vec();
+        encode_into(&mut out, &e).unwrap();
+        assert_eq!(&out[..4], b"head");
+        assert_eq!(&out[4..], encode(&e).unwrap().as_slice());
     }
 }

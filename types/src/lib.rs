@@ -1,11 +1,16 @@
 //! The vocabulary every layer of raftkv shares: log entries, hard state, membership and
 //! snapshot metadata, and [`codec`], the one place a serialization codec is used.
 //!
-//! A leaf crate (serde, bincode and thiserror only) so that the consensus core
+//! A leaf crate (serde, bincode, bytes and thiserror only) so that the consensus core
 //! (`raftkv::raft`) and the peer transport (`raftkv::transport`) speak the same types as the
 //! write-ahead log without linking sled or the storage crate. The WAL (`raftkv-storage`)
 //! persists these types byte by byte, and the consensus core hands out exactly these types to
 //! persist, with no conversion on the hot path.
+//!
+//! An entry's payload is a [`Bytes`]: one allocation shared by every clone of the entry (the
+//! in-memory log, each `Ready` batch, the `Append` to each follower, the committed batch the
+//! state machine applies), so replicating a write never copies its value. On the wire and on
+//! disk it is the same length-prefixed byte string a `Vec<u8>` was (see [`codec`]'s tests).
 //!
 //! Invariants:
 //! - Node ids are non-zero: `0` encodes "no vote" on disk.
@@ -13,6 +18,7 @@
 
 pub mod codec;
 
+pub use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
@@ -52,19 +58,65 @@ impl EntryKind {
     }
 }
 
-/// One Raft log entry.
+/// One Raft log entry. Cloning it shares the payload (a reference count), never copies it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     pub index: u64,
     pub term: u64,
     pub kind: EntryKind,
-    pub payload: Vec<u8>,
+    /// Serialized as a byte string (see [`payload_serde`]): bincode writes it exactly as it
+    /// wrote the `Vec<u8>` this used to be, a u64 length then the bytes.
+    #[serde(with = "payload_serde")]
+    pub payload: Bytes,
 }
 
 impl Entry {
     /// Bytes this entry takes in a message or a batch budget (payload plus fixed fields).
     pub fn size_bytes(&self) -> usize {
         self.payload.len() + 17
+    }
+}
+
+/// Serde glue for [`Entry::payload`]: one byte string, read into a single buffer that the
+/// `Bytes` then owns (no second copy). By hand rather than through the `bytes` crate's `serde`
+/// feature, which would change the feature set, and so the build, of every crate that links
+/// `bytes` (tokio, hyper, axum).
+mod payload_serde {
+    use bytes::Bytes;
+    use serde::de::{Error, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+    use std::fmt;
+
+    pub fn serialize<S: Serializer>(payload: &Bytes, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(payload)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+        d.deserialize_byte_buf(PayloadVisitor)
+    }
+
+    struct PayloadVisitor;
+
+    impl<'de> Visitor<'de> for PayloadVisitor {
+        type Value = Bytes;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a byte string")
+        }
+        fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Bytes, E> {
+            Ok(Bytes::copy_from_slice(v))
+        }
+        fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Bytes, E> {
+            Ok(Bytes::from(v))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Bytes, A::Error> {
+            // Formats that write bytes as a sequence (JSON). Bounded by the input: each element
+            // consumes at least one byte of it.
+            let mut out = Vec::new();
+            while let Some(b) = seq.next_element::<u8>()? {
+                out.push(b);
+            }
+            Ok(Bytes::from(out))
+        }
     }
 }
 

@@ -24,7 +24,7 @@ fn entry_at(index: u64, term: u64) -> Entry {
         index,
         term,
         kind: EntryKind::Normal,
-        payload: command_at(index).encode().unwrap(),
+        payload: command_at(index).encode().unwrap().into(),
     }
 }
 

@@ -30,7 +30,7 @@
 mod cow;
 
 use crate::codec;
-use crate::command::{Command, CommandError, CommandOutcome};
+use crate::command::{CommandError, CommandOutcome, CommandRef};
 use crate::types::{Entry, EntryKind, Membership, SnapshotMeta};
 use cow::CowTable;
 use sled::IVec;
@@ -204,8 +204,9 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
-enum Op {
-    Command(Command),
+/// A decoded entry; a command's key and value point into the entry's payload.
+enum Op<'a> {
+    Command(CommandRef<'a>),
     Noop,
     Config(Membership),
 }
@@ -340,12 +341,14 @@ impl StateMachine {
                 });
             }
             ops.push(match e.kind {
-                EntryKind::Normal => Op::Command(Command::decode(&e.payload).map_err(
-                    |source| SmError::Command {
-                        index: e.index,
-                        source,
-                    },
-                )?),
+                EntryKind::Normal => {
+                    Op::Command(CommandRef::decode(&e.payload).map_err(|source| {
+                        SmError::Command {
+                            index: e.index,
+                            source,
+                        }
+                    })?)
+                }
                 EntryKind::Noop => Op::Noop,
                 EntryKind::Config => {
                     Op::Config(
@@ -381,14 +384,15 @@ impl StateMachine {
         let mut out = Vec::with_capacity(ops.len());
         for (e, op) in fresh.iter().zip(&ops) {
             let outcome = match op {
-                Op::Command(Command::Put { key, value }) => {
-                    batch.insert(data_key(key), value.as_slice());
+                Op::Command(CommandRef::Put { key, value }) => {
+                    // sled copies the value into its own buffer: the one copy on apply.
+                    batch.insert(data_key(key), *value);
                     present.insert(key, true);
                     EntryOutcome::Command(CommandOutcome::Put)
                 }
-                Op::Command(Command::Delete { key }) => {
+                Op::Command(CommandRef::Delete { key }) => {
                     let dk = data_key(key);
-                    let existed = match present.get(key.as_slice()) {
+                    let existed = match present.get(key) {
                         Some(p) => *p,
                         None => cur.tree.contains_key(&dk)?,
                     };

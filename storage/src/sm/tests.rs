@@ -12,7 +12,8 @@ pub(crate) fn put(index: u64, term: u64, key: &[u8], value: &[u8]) -> Entry {
             value: value.to_vec(),
         }
         .encode()
-        .unwrap(),
+        .unwrap()
+        .into(),
     }
 }
 
@@ -21,7 +22,10 @@ pub(crate) fn del(index: u64, term: u64, key: &[u8]) -> Entry {
         index,
         term,
         kind: EntryKind::Normal,
-        payload: Command::Delete { key: key.to_vec() }.encode().unwrap(),
+        payload: Command::Delete { key: key.to_vec() }
+            .encode()
+            .unwrap()
+            .into(),
     }
 }
 
@@ -30,7 +34,7 @@ fn noop(index: u64, term: u64) -> Entry {
         index,
         term,
         kind: EntryKind::Noop,
-        payload: Vec::new(),
+        payload: Default::default(),
     }
 }
 
@@ -39,7 +43,9 @@ fn config(index: u64, term: u64, voters: &[u64]) -> Entry {
         index,
         term,
         kind: EntryKind::Config,
-        payload: codec::encode(&Membership::with_voters(voters.iter().copied())).unwrap(),
+        payload: codec::encode(&Membership::with_voters(voters.iter().copied()))
+            .unwrap()
+            .into(),
     }
 }
 
@@ -154,7 +160,7 @@ fn gaps_and_bad_payloads_are_typed_errors_that_apply_nothing() {
         })
     ));
     let mut bad = put(3, 1, b"z", b"z");
-    bad.payload = vec![9, 0, 1];
+    bad.payload = vec![9, 0, 1].into();
     assert!(matches!(
         sm.apply(&[put(2, 1, b"x", b"y"), bad]),
         Err(SmError::Command { index: 3, .. })

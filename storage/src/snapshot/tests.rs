@@ -16,7 +16,8 @@ fn put(index: u64, key: &[u8], value: &[u8]) -> Entry {
             value: value.to_vec(),
         }
         .encode()
-        .unwrap(),
+        .unwrap()
+        .into(),
     }
 }
 
@@ -25,7 +26,9 @@ fn config(index: u64) -> Entry {
         index,
         term: 2,
         kind: EntryKind::Config,
-        payload: crate::codec::encode(&Membership::with_voters([1, 2, 3])).unwrap(),
+        payload: crate::codec::encode(&Membership::with_voters([1, 2, 3]))
+            .unwrap()
+            .into(),
     }
 }
 
@@ -351,7 +354,8 @@ fn a_snapshot_taken_under_load_matches_the_state_at_its_index() {
                                 key: key.into_bytes(),
                             }
                             .encode()
-                            .unwrap(),
+                            .unwrap()
+                            .into(),
                         });
                     } else {
                         batch.push(put(index, key.as_bytes(), b"changed"));

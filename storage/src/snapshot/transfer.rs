@@ -292,7 +292,9 @@ mod tests {
             index: 1,
             term: 1,
             kind: EntryKind::Config,
-            payload: crate::codec::encode(&Membership::with_voters([1, 2, 3])).expect("encode"),
+            payload: crate::codec::encode(&Membership::with_voters([1, 2, 3]))
+                .expect("encode")
+                .into(),
         }];
         for i in 0..keys {
             let cmd = crate::command::Command::Put {
@@ -303,7 +305,7 @@ mod tests {
                 index: i + 2,
                 term: 1,
                 kind: EntryKind::Normal,
-                payload: cmd.encode().expect("encode"),
+                payload: cmd.encode().expect("encode").into(),
             });
         }
         sm.apply(&entries).expect("apply");

@@ -22,7 +22,7 @@
 //! | 5    | truncate        | from_index u64 ‖ prev_term u64 |
 //! | 6    | reset           | next_index u64 ‖ prev_term u64 |
 
-use crate::types::{Entry, EntryKind, HardState, Membership, SnapshotMeta};
+use crate::types::{Bytes, Entry, EntryKind, HardState, Membership, SnapshotMeta};
 
 /// Bytes of a record header.
 pub const HEADER_BYTES: usize = 12;
@@ -288,7 +288,8 @@ fn decode_payload(rtype: RecordType, payload: &[u8]) -> Result<Record, FrameErro
             let term = r.u64("entry term")?;
             let kind_byte = r.take(1, "entry kind")?[0];
             let kind = EntryKind::from_u8(kind_byte).ok_or(FrameError::BadPayload("entry kind"))?;
-            let payload = std::mem::take(&mut r.bytes).to_vec();
+            // The one copy out of the segment's buffer; clones of the entry share it.
+            let payload = Bytes::copy_from_slice(std::mem::take(&mut r.bytes));
             Record::Entry(Entry {
                 index,
                 term,
@@ -425,7 +426,7 @@ mod tests {
                 index: 100,
                 term: 5,
                 kind: EntryKind::Normal,
-                payload: b"cmd".to_vec(),
+                payload: b"cmd".to_vec().into(),
             }),
             Record::HardState(HardState {
                 term: 5,
@@ -493,7 +494,7 @@ mod tests {
                 index: 1,
                 term: 1,
                 kind: EntryKind::Normal,
-                payload: vec![7; 100],
+                payload: vec![7; 100].into(),
             },
         );
         assert!(matches!(

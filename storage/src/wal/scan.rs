@@ -568,7 +568,7 @@ mod tests {
             index,
             term: 1,
             kind: crate::EntryKind::Noop,
-            payload: Vec::new(),
+            payload: Default::default(),
         }
     }
 

@@ -12,7 +12,7 @@ pub(crate) fn entry(index: u64, term: u64) -> Entry {
         index,
         term,
         kind: EntryKind::Normal,
-        payload: format!("command-{index}-{term}").into_bytes(),
+        payload: format!("command-{index}-{term}").into_bytes().into(),
     }
 }
 
@@ -185,7 +185,7 @@ fn invalid_appends_are_rejected_without_writing() {
         Err(WalError::Invalid(_))
     ));
     let huge = Entry {
-        payload: vec![0; 5000],
+        payload: vec![0; 5000].into(),
         ..entry(5, 2)
     };
     assert!(matches!(
@@ -450,7 +450,7 @@ fn real_disk_round_trip_with_mmap_reads() {
     for chunk in 0..50u64 {
         let batch: Vec<Entry> = (chunk * 40 + 1..=chunk * 40 + 40)
             .map(|i| Entry {
-                payload: vec![(i % 251) as u8; 256],
+                payload: vec![(i % 251) as u8; 256].into(),
                 ..entry(i, 1 + chunk / 10)
             })
             .collect();
@@ -488,7 +488,7 @@ fn a_torn_append_never_leaves_a_commit_index_over_the_suffix_it_replaced() {
         fs.fail_after(Fault::ShortWrite, 1);
         let _ = wal.append(
             &[Entry {
-                payload: vec![7; 64],
+                payload: vec![7; 64].into(),
                 ..entry(3, 3)
             }],
             Some(&hs(3, 3)),

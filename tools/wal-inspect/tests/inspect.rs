@@ -48,7 +48,7 @@ fn build_wal(dir: &Path, opts: WalOptions, n: u64, batch: u64, bytes: usize) {
                 index,
                 term: if index <= n / 2 { 1 } else { 2 },
                 kind: EntryKind::Normal,
-                payload: payload(index, bytes),
+                payload: payload(index, bytes).into(),
             })
             .collect();
         let hs = HardState {
@@ -177,7 +177,7 @@ fn entries_lists_a_range_in_text_and_json() {
         index: 201,
         term: 3,
         kind: EntryKind::Noop,
-        payload: b"hello".to_vec(),
+        payload: b"hello".to_vec().into(),
     };
     wal.append(&[short], None).unwrap();
     drop(wal);

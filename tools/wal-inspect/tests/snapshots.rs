@@ -100,7 +100,7 @@ fn write(s: &mut NodeStorage, first: u64, last: u64, term: u64) {
             index,
             term,
             kind: EntryKind::Normal,
-            payload: command_at(index).encode().unwrap(),
+            payload: command_at(index).encode().unwrap().into(),
         })
         .collect();
     let hs = HardState {
@@ -544,7 +544,7 @@ fn entries_show_decoded_puts_and_deletes() {
         index: 106,
         term: 2,
         kind: EntryKind::Normal,
-        payload: b"not a command".to_vec(),
+        payload: b"not a command".to_vec().into(),
     };
     s_.append(&[odd], None).unwrap();
     drop(s_);
