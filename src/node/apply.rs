@@ -5,9 +5,9 @@
 //! It is fed straight by the consensus step, not through the storage worker: the core hands
 //! out only entries that are already durable locally (`commit.min(persisted)`), so nothing
 //! has to wait for the next fsync, and a write's answer leaves as soon as sled has it — no hop
-//! back through the consensus task. That task learns the applied index through a
-//! [`tokio::sync::watch`], which never blocks the apply thread (a blocking report could
-//! deadlock against the consensus task waiting on a full apply queue).
+//! back through the consensus task. That task learns the applied index through
+//! [`AppliedIndex`] (an atomic and a `Notify`), which never blocks the apply thread (a blocking
+//! report could deadlock against the consensus task waiting on a full apply queue).
 //!
 //! Invariants:
 //! - Entries reach the state machine in index order with no gap: everything goes through one
@@ -25,9 +25,10 @@ use raftkv_storage::command::CommandOutcome;
 use raftkv_storage::sm::{AppliedEntry, EntryOutcome, StateMachine};
 use raftkv_storage::Entry;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, Notify};
 
 /// Committed batches queued for the apply worker.
 pub const APPLY_QUEUE_MAX: usize = 1024;
@@ -245,10 +246,45 @@ pub fn install_meeting() -> (InstallMeeting, super::storage_worker::InstallMeeti
     )
 }
 
+/// The applied index as the apply thread publishes it after every batch: an atomic for the
+/// value and a `Notify` for the wake-up, so the consensus task can keep one `Notified` armed
+/// across its loop (creating a waiter per iteration costs a lock on the waiter list each time).
+#[derive(Debug, Default)]
+pub struct AppliedIndex {
+    index: AtomicU64,
+    changed: Notify,
+}
+
+impl AppliedIndex {
+    pub fn new(index: u64) -> AppliedIndex {
+        AppliedIndex {
+            index: AtomicU64::new(index),
+            changed: Notify::new(),
+        }
+    }
+
+    /// Publishes `index` (never lowers it) and wakes the waiter.
+    pub fn publish(&self, index: u64) {
+        self.index.fetch_max(index, Ordering::Release);
+        self.changed.notify_one();
+    }
+
+    /// The last published index.
+    pub fn get(&self) -> u64 {
+        self.index.load(Ordering::Acquire)
+    }
+
+    /// Resolves after the next [`publish`](Self::publish) (or at once if one happened since the
+    /// last wake-up).
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+}
+
 /// How the apply thread reports: the applied index after every batch, and why it stopped if
 /// it failed.
 pub struct ApplyReports {
-    pub applied: watch::Sender<u64>,
+    pub applied: Arc<AppliedIndex>,
     pub failed: mpsc::Sender<WorkerError>,
 }
 
@@ -290,7 +326,7 @@ pub fn run(
                 worker.installed(index);
             }
         }
-        reports.applied.send_replace(worker.applied_index());
+        reports.applied.publish(worker.applied_index());
     }
 }
 
@@ -382,13 +418,14 @@ mod tests {
     ) -> (
         mpsc::Sender<ApplyJob>,
         super::super::storage_worker::InstallMeeting,
-        watch::Receiver<u64>,
+        Arc<AppliedIndex>,
         mpsc::Receiver<WorkerError>,
         std::thread::JoinHandle<()>,
     ) {
         let (jobs, rx) = mpsc::channel(APPLY_QUEUE_MAX);
         let (failed, failed_rx) = mpsc::channel(1);
-        let (applied, applied_rx) = watch::channel(0);
+        let applied = Arc::new(AppliedIndex::new(0));
+        let applied_rx = applied.clone();
         let (ours, storage_half) = install_meeting();
         let metrics = Arc::new(crate::metrics::Metrics::standalone());
         let worker = ApplyWorker::new(sm.clone(), pending.clone(), metrics);
@@ -437,7 +474,7 @@ mod tests {
         drop(jobs);
         handle.join().unwrap();
         assert_eq!(sm.applied_index(), 11);
-        assert_eq!(*applied.borrow(), 11, "the applied index is published");
+        assert_eq!(applied.get(), 11, "the applied index is published");
         assert!(failed_rx.try_recv().is_err(), "no failure reported");
     }
 

@@ -1,7 +1,7 @@
 //! The consensus task: the thin async shell around [`Consensus`]. It turns the timer, the
 //! transport, the API's requests and the workers' reports into [`Input`]s, and the step's
 //! [`Outputs`] into I/O: messages to the transport, jobs to the storage and apply threads,
-//! snapshot streams. Every wait is a notification (channel, watch, timer), never a poll.
+//! snapshot streams. Every wait is a notification (channel, `Notify`, timer), never a poll.
 //!
 //! What lives here and not in the step, because it needs a clock or a socket: the heartbeat
 //! round-trip probes behind `raftkv_peer_round_trip_seconds`, and the snapshot streams.
@@ -44,7 +44,7 @@ pub struct DriverInputs {
     pub events: mpsc::Receiver<StorageEvent>,
     pub requests: mpsc::Receiver<Request>,
     /// The apply thread's applied index.
-    pub applied: watch::Receiver<u64>,
+    pub applied: Arc<super::apply::AppliedIndex>,
     pub apply_failed: mpsc::Receiver<WorkerError>,
     pub shutdown: watch::Receiver<bool>,
 }
@@ -107,6 +107,9 @@ impl Driver {
         let mut ticker = tokio::time::interval(Duration::from_millis(self.tick_ms));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut out = Outputs::default();
+        // One `Notified` kept across iterations (re-armed when it fires).
+        let applied = inputs.applied.clone();
+        let mut applied_changed = Box::pin(applied.changed());
         let result = loop {
             let input = tokio::select! {
                 // Biased, with the timer before the queues: under a steady stream of messages
@@ -118,9 +121,10 @@ impl Driver {
                     Input::Tick
                 }
                 Some(ev) = inputs.events.recv() => Input::Storage(ev),
-                Ok(()) = inputs.applied.changed() => Input::Applied {
-                    index: *inputs.applied.borrow_and_update(),
-                },
+                _ = &mut applied_changed => {
+                    applied_changed.set(applied.changed());
+                    Input::Applied { index: applied.get() }
+                }
                 Some(e) = inputs.apply_failed.recv() => Input::ApplyFailed(e),
                 Some((peer, ok)) = self.snapshot_done_rx.recv() => Input::SnapshotSent { peer, ok },
                 Some(ev) = inputs.inbound.recv() => match ev {

@@ -7,7 +7,7 @@
 //!     ▲    ▲                          │  │  ▲    ▲                      │  │
 //!     │    └── oneshot (status, read) ┘  │  │    └──events (4096)───────┘  └─▶ peer transport
 //!     │                                  │  │                                (after fsync)
-//!     │                  committed (1024)▼  └── watch (applied index)
+//!     │                  committed (1024)▼  └── Notify + atomic (applied index)
 //!     └──── write replies ────────── apply thread ◀─ install rendezvous ─▶ storage thread
 //!  peer transport ──inbound (4096)──▶ consensus task ──▶ peer transport (per-peer queues, 4096)
 //!  snapshot streams (one per peer at most) ──▶ peer transport
@@ -503,7 +503,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
 
     let (apply_tx, apply_rx) = mpsc::channel(apply::APPLY_QUEUE_MAX);
     let (apply_failed_tx, apply_failed_rx) = mpsc::channel(1);
-    let (applied_tx, applied_rx) = watch::channel(sm.applied_index());
+    let applied_tx = Arc::new(apply::AppliedIndex::new(sm.applied_index()));
+    let applied_rx = applied_tx.clone();
     let pending = Arc::new(apply::Pending::default());
     let apply_worker = apply::ApplyWorker::new(sm.clone(), pending.clone(), metrics.clone());
     let reports = apply::ApplyReports {
