@@ -143,21 +143,19 @@ pub(super) async fn run_listener<M: DeserializeOwned + Send + 'static>(
 async fn authenticate(
     config: &TransportConfig,
     stream: TcpStream,
-) -> Result<(BoxedIo, u64), String> {
+) -> Result<(BoxedIo, u64), super::LinkError> {
     let mut io: BoxedIo = match &config.auth.tls {
         Some(tls) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
             let tls_stream = acceptor
                 .accept(stream)
                 .await
-                .map_err(|e| format!("TLS handshake: {e}"))?;
+                .map_err(super::LinkError::Tls)?;
             Box::new(tls_stream)
         }
         None => Box::new(stream),
     };
-    let from = handshake::accept(&mut io, config)
-        .await
-        .map_err(|e| e.to_string())?;
+    let from = handshake::accept(&mut io, config).await?;
     Ok((io, from))
 }
 

@@ -449,40 +449,54 @@ async fn run_writer<M: Serialize + Send + 'static>(
 
 /// Opens a connection to `peer` (TLS when configured) and runs the dialer's side of the
 /// handshake, all within the connect and handshake timeouts.
-async fn connect(config: &TransportConfig, peer: NodeId, addr: &str) -> Result<BoxedIo, String> {
+/// Why a peer connection could not be set up (logged; the link retries with backoff).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LinkError {
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("{0}")]
+    ServerName(String),
+    #[error("TLS handshake: {0}")]
+    Tls(std::io::Error),
+    #[error("handshake: {0}")]
+    Handshake(#[from] handshake::HandshakeError),
+    #[error("handshake timed out")]
+    HandshakeTimeout,
+}
+
+/// Opens a connection to `peer` (TLS when configured) and runs the dialer's side of the
+/// handshake, all within the connect and handshake timeouts.
+async fn connect(config: &TransportConfig, peer: NodeId, addr: &str) -> Result<BoxedIo, LinkError> {
     let connect = tokio::time::timeout(
         Duration::from_millis(config.connect_timeout_ms),
         TcpStream::connect(addr),
     );
     let tcp = connect
         .await
-        .map_err(|_| "connect timed out".to_string())?
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(|_| LinkError::ConnectTimeout)?
+        .map_err(LinkError::Connect)?;
     let _ = tcp.set_nodelay(true);
     let handshake = async {
         let mut io: BoxedIo = match &config.auth.tls {
             Some(tls) => {
-                let name = server_name(addr)?;
+                let name = server_name(addr).map_err(LinkError::ServerName)?;
                 let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
-                let stream = connector
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|e| format!("TLS handshake: {e}"))?;
+                let stream = connector.connect(name, tcp).await.map_err(LinkError::Tls)?;
                 Box::new(stream)
             }
             None => Box::new(tcp),
         };
-        handshake::dial(&mut io, config, peer)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok::<_, String>(io)
+        handshake::dial(&mut io, config, peer).await?;
+        Ok::<_, LinkError>(io)
     };
     tokio::time::timeout(
         Duration::from_millis(config.handshake_timeout_ms),
         handshake,
     )
     .await
-    .map_err(|_| "handshake timed out".to_string())?
+    .map_err(|_| LinkError::HandshakeTimeout)?
 }
 
 #[cfg(test)]
