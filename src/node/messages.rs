@@ -101,16 +101,6 @@ pub struct Outputs {
     pub snapshot_sends: Vec<(NodeId, u64)>,
 }
 
-impl Outputs {
-    /// Whether there is nothing to do.
-    pub fn is_empty(&self) -> bool {
-        self.messages.is_empty()
-            && self.storage.is_empty()
-            && self.apply.is_empty()
-            && self.snapshot_sends.is_empty()
-    }
-}
-
 /// Work for the storage worker.
 #[derive(Debug)]
 pub enum StorageJob {

@@ -710,6 +710,11 @@ impl Sim {
         self.nodes.get_mut(&id).and_then(|n| n.live.as_mut())
     }
 
+    /// The running incarnation of a node known to be up.
+    fn live_ref(&self, id: NodeId) -> &Live {
+        self.nodes[&id].live.as_ref().expect("the node is up")
+    }
+
     fn incarnation(&self, id: NodeId) -> u64 {
         self.nodes[&id].incarnation
     }
@@ -1660,6 +1665,7 @@ impl Sim {
 
     /// Log matching bookkeeping for every entry a node writes.
     fn record_written(&mut self, id: NodeId, entries: &[Entry]) -> Result<(), String> {
+        // The field, not `live_ref`: the checker is written below while the log is read.
         let raft = self.nodes[&id]
             .live
             .as_ref()
@@ -1706,12 +1712,7 @@ impl Sim {
     /// Entries reach the state machine only once committed and durable on a majority, in
     /// order, and every node applies the same entry at an index.
     fn check_apply(&mut self, id: NodeId, entries: &[Entry]) -> Result<(), String> {
-        let applied = self.nodes[&id]
-            .live
-            .as_ref()
-            .expect("live")
-            .sm
-            .applied_index();
+        let applied = self.live_ref(id).sm.applied_index();
         let majority = self.params.nodes as usize / 2 + 1;
         for e in entries.iter().filter(|e| e.index > applied) {
             let content = (e.term, entry_hash(e));

@@ -65,11 +65,6 @@ impl std::fmt::Debug for ChunkSource {
 }
 
 impl ChunkSource {
-    /// The file being sent.
-    pub fn file(&self) -> &SnapshotFile {
-        &self.file
-    }
-
     /// The file's size.
     pub fn total_bytes(&self) -> u64 {
         self.total_bytes
@@ -129,6 +124,8 @@ struct Incoming {
     tmp_name: String,
     handle: Box<dyn VfsFile>,
     next_offset: u64,
+    /// The size the first chunk announced; every later chunk must announce the same.
+    total_bytes: u64,
 }
 
 /// Receives one snapshot file at a time from chunks.
@@ -168,7 +165,7 @@ impl ChunkSink {
         }
         if chunk.offset == 0 {
             self.abandon(store);
-            self.incoming = Some(Self::start(store, expected.clone())?);
+            self.incoming = Some(Self::start(store, expected.clone(), chunk.total_bytes)?);
         }
         let Some(inc) = self.incoming.as_mut() else {
             return Ok(Received::Dropped(format!(
@@ -176,10 +173,13 @@ impl ChunkSink {
                 chunk.offset
             )));
         };
-        if inc.file_name != expected || inc.next_offset != chunk.offset {
+        if inc.file_name != expected
+            || inc.next_offset != chunk.offset
+            || inc.total_bytes != chunk.total_bytes
+        {
             let why = format!(
-                "chunk at offset {} of {expected} from node {from}, expected offset {} of {}",
-                chunk.offset, inc.next_offset, inc.file_name
+                "chunk at offset {} of {} bytes of {expected} from node {from}, expected offset {} of {} bytes of {}",
+                chunk.offset, chunk.total_bytes, inc.next_offset, inc.total_bytes, inc.file_name
             );
             self.abandon(store);
             return Ok(Received::Dropped(why));
@@ -193,7 +193,10 @@ impl ChunkSink {
             return Ok(Received::Partial);
         }
         let done = self.incoming.take().expect("checked above");
-        debug_assert!(done.next_offset >= chunk.total_bytes);
+        debug_assert_eq!(
+            done.next_offset, done.total_bytes,
+            "the last chunk ends the file"
+        );
         done.handle
             .sync_data()
             .map_err(SnapshotStore::io_err(&tmp))?;
@@ -205,7 +208,11 @@ impl ChunkSink {
         })
     }
 
-    fn start(store: &SnapshotStore, file_name: String) -> Result<Incoming, SnapshotError> {
+    fn start(
+        store: &SnapshotStore,
+        file_name: String,
+        total_bytes: u64,
+    ) -> Result<Incoming, SnapshotError> {
         let tmp_name = format!("{file_name}.recv.tmp");
         let tmp = store.dir().join(&tmp_name);
         let handle = store
@@ -218,6 +225,7 @@ impl ChunkSink {
             tmp_name,
             handle,
             next_offset: 0,
+            total_bytes,
         })
     }
 
@@ -316,88 +324,105 @@ mod tests {
         SnapshotStore::open(fs.clone(), Path::new(dir), SnapshotOptions::default()).expect("open")
     }
 
-    #[test]
-    fn a_file_streamed_in_small_chunks_arrives_whole_and_verifies() {
+    /// A leader's snapshot of `keys` keys on a simulated disk, opened for streaming to a
+    /// follower on the same disk.
+    struct Transfer {
+        _tmp: tempfile::TempDir,
+        fs: Arc<SimFs>,
+        follower: SnapshotStore,
+        meta: SnapshotMeta,
+        source: ChunkSource,
+        sink: ChunkSink,
+    }
+
+    fn transfer(keys: u64, term: u64, chunk_bytes: usize) -> Transfer {
         let tmp = tempfile::tempdir().expect("tempdir");
         let fs = Arc::new(SimFs::new());
-        let sm = filled_sm(&tmp.path().join("sm"), 200);
+        let sm = filled_sm(&tmp.path().join("sm"), keys);
         let (leader, follower) = (store(&fs, "/a"), store(&fs, "/b"));
         let created = leader.create(&sm).expect("create");
-        let mut source = leader
-            .chunk_source(&created.file, &created.meta, 7, 997)
+        let source = leader
+            .chunk_source(&created.file, &created.meta, term, chunk_bytes)
             .expect("source");
-        let mut sink = ChunkSink::default();
+        Transfer {
+            _tmp: tmp,
+            fs,
+            follower,
+            meta: created.meta,
+            source,
+            sink: ChunkSink::default(),
+        }
+    }
+
+    impl Transfer {
+        fn next(&mut self) -> SnapshotChunk {
+            self.source.next_chunk().expect("read").expect("a chunk")
+        }
+
+        fn receive(&mut self, chunk: SnapshotChunk) -> Received {
+            self.sink
+                .receive(&self.follower, 1, chunk)
+                .expect("no I/O error")
+        }
+    }
+
+    #[test]
+    fn a_file_streamed_in_small_chunks_arrives_whole_and_verifies() {
+        let mut t = transfer(200, 7, 997);
         let mut chunks = 0;
         let mut last = None;
-        while let Some(chunk) = source.next_chunk().expect("read") {
+        while let Some(chunk) = t.source.next_chunk().expect("read") {
             assert!(chunk.data.len() <= 997);
             chunks += 1;
-            last = Some(sink.receive(&follower, 1, chunk).expect("write"));
+            last = Some(t.receive(chunk));
         }
         assert!(chunks > 10, "{chunks} chunks");
         let Some(Received::Complete { term, meta, bytes }) = last else {
             panic!("not complete: {last:?}");
         };
-        assert_eq!((term, bytes), (7, source.total_bytes()));
-        assert_eq!(meta, created.meta);
-        let files = follower.list().expect("list");
+        assert_eq!((term, bytes), (7, t.source.total_bytes()));
+        assert_eq!(meta, t.meta);
+        let files = t.follower.list().expect("list");
         assert_eq!(files.len(), 1);
-        assert_eq!(
-            follower.verify(&files[0]).expect("verify").meta,
-            created.meta
-        );
+        assert_eq!(t.follower.verify(&files[0]).expect("verify").meta, t.meta);
     }
 
     #[test]
     fn a_gap_abandons_the_transfer_and_publishes_nothing() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let fs = Arc::new(SimFs::new());
-        let sm = filled_sm(&tmp.path().join("sm"), 50);
-        let (leader, follower) = (store(&fs, "/a"), store(&fs, "/b"));
-        let created = leader.create(&sm).expect("create");
-        let mut source = leader
-            .chunk_source(&created.file, &created.meta, 3, 512)
-            .expect("source");
-        let mut sink = ChunkSink::default();
-        let first = source.next_chunk().expect("read").expect("chunk");
-        assert_eq!(
-            sink.receive(&follower, 1, first).expect("ok"),
-            Received::Partial
-        );
-        let _lost = source.next_chunk().expect("read").expect("chunk");
-        let third = source.next_chunk().expect("read").expect("chunk");
-        assert!(matches!(
-            sink.receive(&follower, 1, third).expect("ok"),
-            Received::Dropped(_)
-        ));
+        let mut t = transfer(50, 3, 512);
+        let first = t.next();
+        assert_eq!(t.receive(first), Received::Partial);
+        let _lost = t.next();
+        let third = t.next();
+        assert!(matches!(t.receive(third), Received::Dropped(_)));
         // Nothing published, and the temp file is gone.
-        assert!(follower.list().expect("list").is_empty());
-        assert!(fs.list_dir(Path::new("/b/snap")).expect("ls").is_empty());
+        assert!(t.follower.list().expect("list").is_empty());
+        assert!(t.fs.list_dir(Path::new("/b/snap")).expect("ls").is_empty());
         // A chunk without a start is dropped too.
-        let more = source.next_chunk().expect("read").expect("chunk");
-        assert!(matches!(
-            sink.receive(&follower, 1, more).expect("ok"),
-            Received::Dropped(_)
-        ));
+        let more = t.next();
+        assert!(matches!(t.receive(more), Received::Dropped(_)));
+    }
+
+    #[test]
+    fn a_chunk_announcing_another_size_abandons_the_transfer() {
+        let mut t = transfer(50, 3, 512);
+        let first = t.next();
+        assert_eq!(t.receive(first), Received::Partial);
+        let mut second = t.next();
+        second.total_bytes = second.offset + second.data.len() as u64;
+        assert!(matches!(t.receive(second), Received::Dropped(_)));
+        assert!(t.follower.list().expect("list").is_empty());
     }
 
     #[test]
     fn a_crash_before_the_last_chunk_leaves_no_snapshot() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let fs = Arc::new(SimFs::new());
-        let sm = filled_sm(&tmp.path().join("sm"), 50);
-        let (leader, follower) = (store(&fs, "/a"), store(&fs, "/b"));
-        let created = leader.create(&sm).expect("create");
-        let mut source = leader
-            .chunk_source(&created.file, &created.meta, 3, 256)
-            .expect("source");
-        let mut sink = ChunkSink::default();
+        let mut t = transfer(50, 3, 256);
         for _ in 0..3 {
-            let chunk = source.next_chunk().expect("read").expect("chunk");
-            sink.receive(&follower, 1, chunk).expect("write");
+            let chunk = t.next();
+            assert_eq!(t.receive(chunk), Received::Partial);
         }
-        fs.crash();
-        let reopened = store(&fs, "/b");
+        t.fs.crash();
+        let reopened = store(&t.fs, "/b");
         assert!(reopened.list().expect("list").is_empty());
     }
 }
