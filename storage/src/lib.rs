@@ -26,8 +26,11 @@ pub mod wal;
 
 /// The shared vocabulary, defined in `raftkv-types`; re-exported under its old path.
 pub mod types {
-    pub use raftkv_types::{Bytes, Entry, EntryKind, HardState, Membership, NodeId, SnapshotMeta};
+    pub use raftkv_types::{
+        Bytes, Entry, EntryKind, HardState, MemberAddrs, Membership, MembershipError, NodeId,
+        SnapshotMeta,
+    };
 }
 
 pub use raftkv_types::codec;
-pub use types::{Entry, EntryKind, HardState, Membership, NodeId, SnapshotMeta};
+pub use types::{Entry, EntryKind, HardState, MemberAddrs, Membership, NodeId, SnapshotMeta};

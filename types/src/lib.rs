@@ -17,10 +17,12 @@
 //! - Log indexes start at 1; index 0 with term 0 is the empty log's sentinel.
 
 pub mod codec;
+mod membership;
+
+pub use membership::{MemberAddrs, Membership, MembershipError, ADDR_BYTES_MAX, MEMBERS_MAX};
 
 pub use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
 
 /// A cluster member's id. Never 0.
 pub type NodeId = u64;
@@ -129,26 +131,6 @@ pub struct HardState {
     pub vote: Option<NodeId>,
     /// The highest index known to be committed (may lag; never ahead of a quorum's log).
     pub commit: u64,
-}
-
-/// The cluster configuration: who votes and who only receives the log.
-///
-/// Learners are empty until membership changes arrive; the type carries them now so that the
-/// WAL and snapshot formats need no change then.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Membership {
-    pub voters: BTreeSet<NodeId>,
-    pub learners: BTreeSet<NodeId>,
-}
-
-impl Membership {
-    /// A configuration of voters only.
-    pub fn with_voters(voters: impl IntoIterator<Item = NodeId>) -> Membership {
-        Membership {
-            voters: voters.into_iter().collect(),
-            learners: BTreeSet::new(),
-        }
-    }
 }
 
 /// Where a snapshot stands in the log: everything up to `index` (at `term`) is in it.

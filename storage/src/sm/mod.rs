@@ -29,7 +29,6 @@
 
 mod cow;
 
-use crate::codec;
 use crate::command::{CommandError, CommandOutcome, CommandRef};
 use crate::types::{Entry, EntryKind, Membership, SnapshotMeta};
 use cow::CowTable;
@@ -97,7 +96,7 @@ pub enum SmError {
     Membership {
         index: u64,
         #[source]
-        source: codec::CodecError,
+        source: crate::types::MembershipError,
     },
     #[error("entries must follow the applied index {applied} without a gap, got index {next}")]
     Gap { applied: u64, next: u64 },
@@ -351,12 +350,12 @@ impl StateMachine {
                 }
                 EntryKind::Noop => Op::Noop,
                 EntryKind::Config => {
-                    Op::Config(
-                        codec::decode(&e.payload).map_err(|source| SmError::Membership {
+                    Op::Config(Membership::decode(&e.payload).map_err(|source| {
+                        SmError::Membership {
                             index: e.index,
                             source,
-                        })?,
-                    )
+                        }
+                    })?)
                 }
             });
         }
@@ -610,7 +609,8 @@ fn range_is_empty(lower: &Bound<Vec<u8>>, upper: &Bound<Vec<u8>>) -> bool {
 }
 
 fn encode_membership(m: &Membership) -> Result<Vec<u8>, SmError> {
-    codec::encode(m).map_err(|source| SmError::Membership { index: 0, source })
+    m.encode()
+        .map_err(|source| SmError::Membership { index: 0, source })
 }
 
 fn write_meta(tree: &sled::Tree, applied: &SnapshotMeta) -> Result<(), SmError> {
@@ -646,8 +646,8 @@ fn read_meta(tree: &sled::Tree) -> Result<SnapshotMeta, String> {
     let mut term = [0u8; 8];
     index.copy_from_slice(&applied[..8]);
     term.copy_from_slice(&applied[8..]);
-    let membership: Membership =
-        codec::decode(&get(META_MEMBERSHIP)?).map_err(|e| format!("m/membership: {e}"))?;
+    let membership =
+        Membership::decode(&get(META_MEMBERSHIP)?).map_err(|e| format!("m/membership: {e}"))?;
     Ok(SnapshotMeta {
         index: u64::from_be_bytes(index),
         term: u64::from_be_bytes(term),

@@ -43,7 +43,8 @@ fn config(index: u64, term: u64, voters: &[u64]) -> Entry {
         index,
         term,
         kind: EntryKind::Config,
-        payload: codec::encode(&Membership::with_voters(voters.iter().copied()))
+        payload: Membership::with_voters(voters.iter().copied())
+            .encode()
             .unwrap()
             .into(),
     }

@@ -164,6 +164,7 @@ fn encode_meta(meta: &SnapshotMeta) -> Vec<u8> {
             p.extend_from_slice(&id.to_le_bytes());
         }
     }
+    m.encode_tail(&mut p);
     p
 }
 
@@ -188,17 +189,20 @@ fn decode_meta(p: &[u8], offset: u64) -> Result<SnapshotMeta, FormatError> {
             at += 8;
         }
     }
-    if at != p.len() {
-        return Err(corrupt(offset, "meta chunk has trailing bytes"));
-    }
     let [voters, learners] = sets;
+    let mut membership = Membership {
+        voters: voters.into_iter().collect(),
+        learners: learners.into_iter().collect(),
+        ..Membership::default()
+    };
+    // The joint half and addresses follow (absent in the older form of the chunk).
+    membership
+        .decode_tail(&p[at..])
+        .map_err(|e| corrupt(offset, &format!("meta chunk membership: {e}")))?;
     Ok(SnapshotMeta {
         index: u64_at(p, 0),
         term: u64_at(p, 8),
-        membership: Membership {
-            voters: voters.into_iter().collect(),
-            learners: learners.into_iter().collect(),
-        },
+        membership,
     })
 }
 

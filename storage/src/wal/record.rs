@@ -201,6 +201,7 @@ pub fn encode_snapshot_marker(out: &mut Vec<u8>, seq: u64, m: &SnapshotMeta) {
                 p.extend_from_slice(&id.to_le_bytes());
             }
         }
+        m.membership.encode_tail(p);
     });
 }
 
@@ -312,10 +313,19 @@ fn decode_payload(rtype: RecordType, payload: &[u8]) -> Result<Record, FrameErro
             let term = r.u64("snapshot term")?;
             let voters = decode_ids(&mut r)?;
             let learners = decode_ids(&mut r)?;
+            let mut membership = Membership {
+                voters,
+                learners,
+                ..Membership::default()
+            };
+            // The joint half and addresses (absent in the older form of the record).
+            membership
+                .decode_tail(std::mem::take(&mut r.bytes))
+                .map_err(|_| FrameError::BadPayload("snapshot marker membership"))?;
             Record::SnapshotMarker(SnapshotMeta {
                 index,
                 term,
-                membership: Membership { voters, learners },
+                membership,
             })
         }
         RecordType::Truncate => Record::Truncate {
