@@ -61,6 +61,9 @@ pub struct Config {
     /// Most messages buffered for the node between two `ready()` calls; beyond that messages
     /// are dropped (Raft tolerates message loss) and a warning is logged.
     pub outbox_msgs_max: usize,
+    /// A learner is promotable while its log is at most this many entries behind the
+    /// leader's (etcd refuses to promote a learner that is not caught up, too).
+    pub promote_lag_entries_max: u64,
 }
 
 impl Config {
@@ -85,6 +88,7 @@ impl Config {
             pending_reads_max: 4096,
             outbox_msgs_max: 1 << 16,
             snapshot_install_wait_ticks: 2400,
+            promote_lag_entries_max: 1000,
         }
     }
 

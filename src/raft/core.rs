@@ -16,17 +16,18 @@
 //!   response leaves only after the vote is durable;
 //! - entries at or below `commit` are never truncated.
 
+mod membership;
 mod step;
 
 use super::config::Config;
 use super::limits::{pred, succ, INDEX_MAX, TERM_MAX};
 use super::log::RaftLog;
+use super::membership::ConfigHistory;
 use super::message::{Message, MessageBody};
 use super::progress::{Progress, ProgressState};
 use super::read_index::ReadIndexQueue;
 use super::ready::{RaftError, ReadId, Ready, SnapshotSend};
 use super::rng::Rng;
-use raftkv_types::codec;
 use raftkv_types::{Bytes, Entry, EntryKind, HardState, Membership, NodeId, SnapshotMeta};
 use std::collections::{BTreeMap, VecDeque};
 
@@ -75,7 +76,8 @@ pub struct Raft {
     vote: Option<NodeId>,
     log: RaftLog,
     commit: u64,
-    membership: Membership,
+    /// The configurations the log holds; the latest is in effect (from its append on).
+    configs: ConfigHistory,
     // Volatile state.
     role: Role,
     leader: Option<NodeId>,
@@ -124,15 +126,21 @@ impl Raft {
     /// `membership`: the log starts with the same committed Config entry (index 1, term 1) on
     /// all of them, so the configuration lives in the log from the start.
     pub fn bootstrap(config: Config, membership: Membership, seed: u64) -> Result<Raft, RaftError> {
-        if !membership.voters.contains(&config.id) {
+        if !membership.voters.contains(&config.id) || membership.is_joint() {
             return Err(RaftError::InvalidConfig(format!(
                 "node {} is not among the voters {:?}",
                 config.id, membership.voters
             )));
         }
-        let payload = codec::encode(&membership)
+        membership
+            .validate()
             .map_err(|e| RaftError::InvalidConfig(format!("membership: {e}")))?;
-        let mut raft = Raft::empty(config, membership, seed)?;
+        let payload = membership
+            .encode()
+            .map_err(|e| RaftError::InvalidConfig(format!("membership: {e}")))?;
+        let mut configs = ConfigHistory::new(0, membership.clone());
+        configs.push(1, membership);
+        let mut raft = Raft::empty(config, configs, seed)?;
         raft.term = 1;
         raft.log.append(Entry {
             index: 1,
@@ -186,21 +194,32 @@ impl Raft {
                 skip = 1;
             }
         }
-        let mut membership = snapshot.membership.clone();
-        for e in entries.iter().filter(|e| e.kind == EntryKind::Config) {
-            membership = codec::decode(&e.payload).map_err(|err| {
-                RaftError::InvalidRestart(format!("config entry {}: {err}", e.index))
-            })?;
+        // Config entries in the WAL's margin before the snapshot are in its membership.
+        let mut configs = ConfigHistory::new(snapshot.index, snapshot.membership.clone());
+        for e in entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::Config && e.index > snapshot.index)
+        {
+            let m = decode_config(e)
+                .map_err(|why| RaftError::InvalidRestart(format!("config entry {}: {why}", e.index)))?;
+            configs.push(e.index, m);
         }
         // Moved, not cloned: with a long uncompacted log this is hundreds of megabytes.
         for e in entries.into_iter().skip(skip) {
             log.append(e);
         }
-        if !membership.voters.contains(&config.id) {
-            return Err(RaftError::InvalidRestart(format!(
-                "node {} is not among the voters {:?}",
-                config.id, membership.voters
-            )));
+        let membership = configs.current().1;
+        if membership.voters.is_empty() {
+            return Err(RaftError::InvalidRestart(
+                "no configuration: neither the snapshot nor the log holds one".into(),
+            ));
+        }
+        if !membership.contains(config.id) {
+            tracing::warn!(
+                id = config.id,
+                voters = ?membership.voters,
+                "this node was removed from the cluster: it will not take part"
+            );
         }
         let applied = applied.max(snapshot.index);
         if applied > log.last_index() {
@@ -209,7 +228,7 @@ impl Raft {
                 log.last_index()
             )));
         }
-        let mut raft = Raft::empty(config, membership, seed)?;
+        let mut raft = Raft::empty(config, configs, seed)?;
         raft.term = hard_state.term;
         raft.vote = hard_state.vote;
         if log.last_term() > hard_state.term {
@@ -236,7 +255,7 @@ impl Raft {
         Ok(raft)
     }
 
-    fn empty(config: Config, membership: Membership, seed: u64) -> Result<Raft, RaftError> {
+    fn empty(config: Config, configs: ConfigHistory, seed: u64) -> Result<Raft, RaftError> {
         config.validate().map_err(RaftError::InvalidConfig)?;
         let mut raft = Raft {
             rng: Rng::new(seed ^ config.id.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
@@ -245,7 +264,7 @@ impl Raft {
             vote: None,
             log: RaftLog::new(0, 0),
             commit: 0,
-            membership,
+            configs,
             role: Role::Follower,
             leader: None,
             election_elapsed: 0,
@@ -309,8 +328,18 @@ impl Raft {
     pub fn log(&self) -> &RaftLog {
         &self.log
     }
+    /// The configuration in effect: the latest one the log holds, committed or not.
     pub fn membership(&self) -> &Membership {
-        &self.membership
+        self.configs.current().1
+    }
+    /// The index of the Config entry (or snapshot) that set [`Raft::membership`].
+    pub fn membership_index(&self) -> u64 {
+        self.configs.current().0
+    }
+    /// Whether a membership change is under way: a joint configuration, or a configuration
+    /// not committed yet. A new change is refused until it completes.
+    pub fn membership_in_flight(&self) -> bool {
+        self.membership().is_joint() || self.membership_index() > self.commit
     }
     pub fn hard_state(&self) -> HardState {
         HardState {
@@ -328,17 +357,26 @@ impl Raft {
         self.transfer.map(|(to, _)| to)
     }
 
-    fn quorum(&self) -> usize {
-        self.membership.voters.len() / 2 + 1
+    /// Whether this node is the configuration's only voter (it needs nobody's agreement).
+    fn single_voter(&self) -> bool {
+        let m = self.membership();
+        !m.is_joint() && m.voters.len() == 1 && m.voters.contains(&self.config.id)
     }
 
-    fn peers(&self) -> Vec<NodeId> {
-        self.membership
-            .voters
-            .iter()
-            .copied()
-            .filter(|&id| id != self.config.id)
+    /// The other voters of either half: whom a candidate asks for votes.
+    fn voter_peers(&self) -> Vec<NodeId> {
+        let id = self.config.id;
+        self.membership()
+            .all_voters()
+            .into_iter()
+            .filter(|&v| v != id)
             .collect()
+    }
+
+    /// Leader: everyone it replicates to (members, and removed members lingering until they
+    /// learn of their removal), sorted.
+    fn replica_peers(&self) -> Vec<NodeId> {
+        self.progress.keys().copied().collect()
     }
 
     /// Moves `commit` forward to `commit`, which the log holds.
@@ -417,7 +455,7 @@ impl Raft {
     }
 
     fn campaign(&mut self, kind: Campaign) {
-        if !self.membership.voters.contains(&self.config.id) {
+        if !self.membership().is_voter(self.config.id) {
             return;
         }
         let pre = kind == Campaign::PreVote;
@@ -455,7 +493,7 @@ impl Raft {
             return;
         }
         let (last_index, last_term) = (self.log.last_index(), self.log.last_term());
-        for peer in self.peers() {
+        for peer in self.voter_peers() {
             self.send_with_term(
                 peer,
                 vote_term,
@@ -470,11 +508,13 @@ impl Raft {
     }
 
     fn votes_won(&self) -> bool {
-        self.votes.values().filter(|&&g| g).count() >= self.quorum()
+        self.membership()
+            .is_quorum(|id| self.votes.get(&id) == Some(&true))
     }
 
     fn votes_lost(&self) -> bool {
-        self.votes.values().filter(|&&g| !g).count() >= self.quorum()
+        self.membership()
+            .is_blocked(|id| self.votes.get(&id) == Some(&false))
     }
 
     fn election_won(&mut self) {
@@ -497,9 +537,12 @@ impl Raft {
         self.heartbeat_rounds.clear();
         self.lease_revoked = false;
         let next = succ(self.log.last_index());
+        let (id, ticks) = (self.config.id, self.ticks);
         self.progress = self
-            .peers()
+            .membership()
+            .members()
             .into_iter()
+            .filter(|&p| p != id)
             .map(|p| {
                 let mut pr = Progress::new(
                     next,
@@ -507,6 +550,7 @@ impl Raft {
                     self.config.inflight_bytes_max,
                 );
                 pr.recent_active = true;
+                pr.heard_at_tick = Some(ticks);
                 (p, pr)
             })
             .collect();
@@ -533,9 +577,12 @@ impl Raft {
         self.ticks += 1;
         self.election_elapsed = self.election_elapsed.saturating_add(1);
         if self.role != Role::Leader {
+            if !self.membership().is_voter(self.config.id) {
+                return; // a learner or a removed member never campaigns
+            }
             // The only voter needs nobody's vote and can compete with no one: waiting out an
             // election timeout would only delay a restarted single-node cluster.
-            let alone = self.membership.voters.len() == 1;
+            let alone = self.single_voter();
             if alone || self.election_elapsed >= self.election_timeout {
                 let kind = if self.config.pre_vote {
                     Campaign::PreVote
@@ -548,6 +595,7 @@ impl Raft {
         }
         self.heartbeat_elapsed += 1;
         self.tick_snapshot_waits();
+        self.tick_removed_peers();
         if let Some((to, elapsed)) = self.transfer {
             if elapsed + 1 >= self.config.election_timeout_min_ticks {
                 tracing::debug!(to, "leadership transfer timed out");
@@ -559,8 +607,11 @@ impl Raft {
         if self.election_elapsed >= self.config.election_timeout_min_ticks {
             self.election_elapsed = 0;
             if self.config.check_quorum {
-                let active = 1 + self.progress.values().filter(|p| p.recent_active).count();
-                if active < self.quorum() {
+                let id = self.config.id;
+                let active = |p: NodeId| {
+                    p == id || self.progress.get(&p).is_some_and(|pr| pr.recent_active)
+                };
+                if !self.membership().is_quorum(active) {
                     tracing::debug!(id = self.config.id, "check-quorum failed: stepping down");
                     self.become_follower(self.term, None);
                     return;
@@ -622,7 +673,7 @@ impl Raft {
         if self.lease_revoked {
             return false;
         }
-        let round = self.reads.quorum_round(&self.peers(), self.quorum());
+        let round = self.reads.quorum_round(self.membership(), self.config.id);
         self.heartbeat_rounds
             .iter()
             .find(|&&(r, _)| r == round)
@@ -695,7 +746,7 @@ impl Raft {
         }
         if self.log.term(self.commit) != Some(self.term) {
             self.reads.push_before_noop(id);
-        } else if self.quorum() == 1 || (self.config.lease_reads && self.lease_valid()) {
+        } else if self.single_voter() || (self.config.lease_reads && self.lease_valid()) {
             self.reads.push_confirmed(id, self.commit);
         } else {
             self.reads.push(id, self.commit);
@@ -714,6 +765,9 @@ impl Raft {
         }
         if to == self.config.id {
             return Ok(());
+        }
+        if !self.membership().voters.contains(&to) {
+            return Err(RaftError::NotAVoter(to));
         }
         let Some(pr) = self.progress.get(&to) else {
             return Err(RaftError::UnknownPeer(to));
@@ -779,7 +833,7 @@ impl Raft {
             && !self.config.lease_reads
         {
             let rank = self
-                .peers()
+                .voter_peers()
                 .into_iter()
                 .filter(|&id| id != peer && id < self.config.id)
                 .count() as u32;
@@ -815,26 +869,28 @@ impl Raft {
             });
         }
         self.log.compact(index);
+        self.configs.compact(index);
         Ok(())
     }
 
     /// Leader: advances `commit` to the highest index a quorum holds, if it is of this term.
     fn maybe_commit(&mut self) {
         debug_assert_eq!(self.role, Role::Leader);
-        let mut matched: Vec<u64> = self.progress.values().map(|p| p.match_index).collect();
         // Thesis §10.2.1: the leader counts itself only up to what it has persisted.
-        matched.push(self.persisted.min(self.log.last_index()));
-        matched.sort_unstable_by(|a, b| b.cmp(a));
-        let candidate = matched[self.quorum() - 1];
+        let own = self.persisted.min(self.log.last_index());
+        let id = self.config.id;
+        let matched = |p: NodeId| {
+            if p == id {
+                own
+            } else {
+                self.progress.get(&p).map_or(0, |pr| pr.match_index)
+            }
+        };
+        let candidate = self.membership().quorum_value(matched);
         // Figure 8: only an entry of this leader's term is committed by counting replicas.
         if candidate > self.commit && self.log.term(candidate) == Some(self.term) {
             debug_assert!(
-                self.progress
-                    .values()
-                    .filter(|p| p.match_index >= candidate)
-                    .count()
-                    + usize::from(self.persisted >= candidate)
-                    >= self.quorum(),
+                self.membership().is_quorum(|p| matched(p) >= candidate),
                 "committing {candidate} without a durable quorum"
             );
             let first_of_term = self.log.term(self.commit) != Some(self.term);
@@ -849,9 +905,10 @@ impl Raft {
             self.set_commit(candidate);
             if first_of_term {
                 // Our no-op committed: we now know the commit index; reads may proceed.
-                let confirm = self.quorum() == 1;
+                let confirm = self.single_voter();
                 self.reads.noop_committed(self.commit, confirm);
             }
+            self.advance_membership();
         }
     }
 
@@ -932,7 +989,7 @@ impl Raft {
                 self.record_round(round);
                 self.broadcast_heartbeat(round);
             }
-            for peer in self.peers() {
+            for peer in self.replica_peers() {
                 self.send_appends(peer);
             }
         }
@@ -1002,4 +1059,14 @@ enum Campaign {
     Election,
     /// A real election asked for by the leader (TimeoutNow): passes followers' lease check.
     Transfer,
+}
+
+/// The configuration a Config entry carries, with at least one voter.
+fn decode_config(e: &Entry) -> Result<Membership, String> {
+    debug_assert_eq!(e.kind, EntryKind::Config);
+    let m = Membership::decode(&e.payload).map_err(|err| err.to_string())?;
+    if m.voters.is_empty() {
+        return Err("a configuration without voters".into());
+    }
+    Ok(m)
 }

@@ -9,6 +9,8 @@
 //!   pipelining and fast backtracking, Figure-8-safe commitment, compaction and snapshots,
 //!   leadership transfer, ReadIndex and (optional) lease reads.
 //! - [`log`]: the in-memory log suffix after the last compaction.
+//! - [`membership`]: membership change requests, the joint configuration they enter, and the
+//!   history of configurations in the log (the leader's side is in `core/membership.rs`).
 //! - [`progress`]: the leader's per-follower replication state.
 //! - [`read_index`]: the leader's queues of linearizable reads.
 //! - [`message`]: what cores send each other; [`limits`]: the range every field of one must
@@ -24,6 +26,7 @@ pub mod core;
 pub mod harness;
 pub mod limits;
 pub mod log;
+pub mod membership;
 pub mod message;
 pub mod progress;
 pub mod read_index;
@@ -39,6 +42,7 @@ pub use self::config::Config;
 pub use self::core::{Raft, RestartState, Role};
 pub use self::limits::InvalidMessage;
 pub use self::log::RaftLog;
+pub use self::membership::{MemberChange, MembershipProposal};
 pub use self::message::{Message, MessageBody};
 pub use self::progress::{Progress, ProgressState};
 pub use self::ready::{RaftError, ReadId, ReadState, Ready, SnapshotSend};

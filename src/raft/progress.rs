@@ -103,6 +103,12 @@ pub struct Progress {
     pub inflights: Inflights,
     /// Heard from since the last check-quorum round.
     pub recent_active: bool,
+    /// The leader's tick count when this follower last answered (`None`: never). Decides
+    /// whether it counts as reachable for the membership guards.
+    pub heard_at_tick: Option<u64>,
+    /// Set when a membership change removed this follower: ticks since. It is still sent
+    /// the log (so it learns of its removal) until it holds the change or the linger ends.
+    pub removed_ticks: Option<u32>,
     /// Highest commit index sent to this follower.
     pub commit_sent: u64,
     /// A heartbeat response showed the follower lagging: send an append even if empty.
@@ -121,6 +127,8 @@ impl Progress {
             probe_sent: false,
             inflights: Inflights::new(msgs_max, bytes_max),
             recent_active: false,
+            heard_at_tick: None,
+            removed_ticks: None,
             commit_sent: 0,
             append_due: false,
             snapshot_delivered_ticks: None,

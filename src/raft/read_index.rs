@@ -13,7 +13,7 @@
 //! most `pending_reads_max` reads.
 
 use super::ready::{ReadId, ReadState};
-use raftkv_types::NodeId;
+use raftkv_types::{Membership, NodeId};
 use std::collections::{BTreeMap, VecDeque};
 
 #[derive(Clone, Debug)]
@@ -112,20 +112,21 @@ impl ReadIndexQueue {
         self.round
     }
 
-    /// The highest round a quorum (counting the leader) has acknowledged.
-    pub fn quorum_round(&self, peers: &[NodeId], quorum: usize) -> u64 {
-        let mut rounds: Vec<u64> = peers
-            .iter()
-            .map(|p| self.acks.get(p).copied().unwrap_or(0))
-            .collect();
-        rounds.push(u64::MAX);
-        rounds.sort_unstable_by(|a, b| b.cmp(a));
-        rounds[quorum - 1]
+    /// The highest round a quorum of `membership` (counting the leader, `leader`, wherever
+    /// it votes) has acknowledged: in a joint configuration, a quorum of each half.
+    pub fn quorum_round(&self, membership: &Membership, leader: NodeId) -> u64 {
+        membership.quorum_value(|p| {
+            if p == leader {
+                u64::MAX
+            } else {
+                self.acks.get(&p).copied().unwrap_or(0)
+            }
+        })
     }
 
-    /// Records `peer`'s acknowledgement of `round`; confirms reads whose round a quorum
-    /// (counting the leader itself) acknowledged. `voters` excludes the leader.
-    pub fn ack(&mut self, peer: NodeId, round: u64, peers: &[NodeId], quorum: usize) {
+    /// Records `peer`'s acknowledgement of `round`; confirms reads whose round a quorum of
+    /// `membership` (counting the leader itself) acknowledged.
+    pub fn ack(&mut self, peer: NodeId, round: u64, membership: &Membership, leader: NodeId) {
         if round > self.round {
             // No such round was started: a confused or forged acknowledgement must not
             // confirm future rounds in advance.
@@ -133,7 +134,7 @@ impl ReadIndexQueue {
         }
         let entry = self.acks.entry(peer).or_insert(0);
         *entry = (*entry).max(round);
-        let confirmed_round = self.quorum_round(peers, quorum);
+        let confirmed_round = self.quorum_round(membership, leader);
         while let Some(r) = self.pending.front() {
             if r.round == 0 || r.round > confirmed_round {
                 break;
@@ -177,13 +178,13 @@ mod tests {
         let mut q = ReadIndexQueue::default();
         q.push(1, 5);
         // A peer "acknowledges" a far-future round before the read's round exists.
-        q.ack(2, 1 << 40, &[2, 3], 2);
+        q.ack(2, 1 << 40, &Membership::with_voters([1, 2, 3]), 1);
         let round = q.start_round_if_due().expect("a round for the read");
-        q.ack(3, round - 1, &[2, 3], 2);
+        q.ack(3, round - 1, &Membership::with_voters([1, 2, 3]), 1);
         let mut out = Vec::new();
         q.take_applied(u64::MAX, &mut out);
         assert!(out.is_empty(), "confirmed by a forged ack: {out:?}");
-        q.ack(2, round, &[2, 3], 2);
+        q.ack(2, round, &Membership::with_voters([1, 2, 3]), 1);
         q.take_applied(u64::MAX, &mut out);
         assert_eq!(out, vec![ReadState { id: 1, index: 5 }]);
     }

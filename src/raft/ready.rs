@@ -123,4 +123,25 @@ pub enum RaftError {
     InvalidRestart(String),
     #[error("cannot compact to {index}: {reason}")]
     InvalidCompaction { index: u64, reason: String },
+    #[error("a membership change is already in progress: wait for it to complete")]
+    MembershipChangeInFlight,
+    #[error("invalid membership change: {0}")]
+    MembershipInvalid(String),
+    #[error("the change would remove the last voter")]
+    LastVoter,
+    #[error("node {0} is already a member")]
+    AlreadyMember(NodeId),
+    #[error("node {0} is not a member (or not a learner, for a promotion)")]
+    UnknownMember(NodeId),
+    #[error("learner {id} is not caught up: it matches the log up to {match_index}, the leader's last index is {last_index} (at most {lag_max} behind is promotable)")]
+    LearnerBehind {
+        id: NodeId,
+        match_index: u64,
+        last_index: u64,
+        lag_max: u64,
+    },
+    #[error("the change would leave no reachable quorum (unreachable now: {unreachable:?}); retry with force to do it anyway")]
+    QuorumUnreachable { unreachable: Vec<NodeId> },
+    #[error("node {0} is not a voter: leadership cannot move to it")]
+    NotAVoter(NodeId),
 }

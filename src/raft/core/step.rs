@@ -20,7 +20,8 @@ use crate::raft::limits::{self, pred, succ, INDEX_MAX, TERM_JUMP_MAX};
 use crate::raft::message::{Message, MessageBody};
 use crate::raft::progress::ProgressState;
 use crate::raft::ready::RaftError;
-use raftkv_types::{Entry, NodeId, SnapshotMeta};
+use crate::raft::membership::ConfigHistory;
+use raftkv_types::{Entry, EntryKind, NodeId, SnapshotMeta};
 use std::cmp::Ordering;
 
 impl Raft {
@@ -62,7 +63,9 @@ impl Raft {
                 id: self.config.id,
             });
         }
-        if !self.membership.voters.contains(&m.from) || m.from == self.config.id {
+        // A member, or (at the leader) a removed member still learning of its removal.
+        let known = self.membership().contains(m.from) || self.progress.contains_key(&m.from);
+        if !known || m.from == self.config.id {
             return Err(RaftError::UnknownPeer(m.from));
         }
         Ok(())
@@ -404,6 +407,16 @@ impl Raft {
     /// log at the first conflict and appends the rest. A conflict at or below `commit` is a
     /// malformed message (a committed entry is never replaced).
     fn append_after_match(&mut self, from: NodeId, entries: Vec<Entry>) -> Result<(), RaftError> {
+        // Every configuration is decoded before anything changes: a bad one refuses the whole
+        // message.
+        let mut configs = Vec::new();
+        for e in entries.iter().filter(|e| e.kind == EntryKind::Config) {
+            let m = super::decode_config(e).map_err(|reason| RaftError::MalformedMessage {
+                from,
+                reason: format!("config entry {}: {reason}", e.index),
+            })?;
+            configs.push((e.index, m));
+        }
         let mut conflict_at = None;
         for (k, e) in entries.iter().enumerate() {
             if self.log.term(e.index) != Some(e.term) {
@@ -424,11 +437,19 @@ impl Raft {
                     });
                 }
                 self.log.truncate_from(first);
+                self.configs.truncate_from(first);
                 self.persisted = self.persisted.min(pred(first));
             }
             self.unstable_from = self.unstable_from.min(first);
             for e in entries.into_iter().skip(k) {
                 self.log.append(e);
+            }
+            let before = self.membership_index();
+            for (index, m) in configs.into_iter().filter(|(i, _)| *i >= first) {
+                self.configs.push(index, m);
+            }
+            if self.membership_index() != before || first <= before {
+                self.membership_changed();
             }
         }
         Ok(())
@@ -463,8 +484,9 @@ impl Raft {
             self.applied = meta.index;
             self.applying = meta.index;
             self.unstable_from = succ(meta.index);
-            self.membership = meta.membership.clone();
+            self.configs = ConfigHistory::new(meta.index, meta.membership.clone());
             self.snapshot_to_install = Some(meta);
+            self.membership_changed();
         }
         let index = self.commit;
         self.send(
@@ -492,6 +514,7 @@ impl Raft {
             return;
         };
         pr.recent_active = true;
+        pr.heard_at_tick = Some(self.ticks);
         if reject {
             let match_hint = match hint {
                 Some((hint_index, hint_term)) => {
@@ -533,6 +556,7 @@ impl Raft {
             return;
         };
         pr.recent_active = true;
+        pr.heard_at_tick = Some(self.ticks);
         pr.probe_sent = false;
         if pr.match_index < last_index {
             pr.append_due = true;
@@ -540,8 +564,8 @@ impl Raft {
                 pr.inflights.free_first();
             }
         }
-        let peers = self.peers();
-        let quorum = self.quorum();
-        self.reads.ack(from, read_round, &peers, quorum);
+        let id = self.config.id;
+        let membership = self.configs.current().1;
+        self.reads.ack(from, read_round, membership, id);
     }
 }
