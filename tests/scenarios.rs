@@ -20,10 +20,18 @@
 //! - `crash ID` (keeps only what was persisted), `restart ID`.
 //! - `status [IDS]`, `applied IDS`, `append ID TERM TEXT...` (force entries into a crashed
 //!   node's durable log, to build divergent logs).
+//! - `member ID CHANGE... [force]`: node ID proposes one membership change made of `+N` (add
+//!   learner N), `^N` (promote N), `-N` (remove N).
+//! - `join ID`: a new node ID starts with an empty log and the configuration of the member
+//!   holding the latest one (as `raftkv serve --join` does).
+//! - `config [IDS]`: each node's configuration in effect, its index, and whether a change is
+//!   in flight.
 
 use raftkv::raft::harness::{self, Envelope, Observer};
-use raftkv::raft::{Config, Message, MessageBody, Raft, Ready, Role};
-use raftkv::storage::{Entry, EntryKind, NodeId, SnapshotMeta};
+use raftkv::raft::{
+    Config, MemberChange, MembershipProposal, Message, MessageBody, Raft, Ready, Role,
+};
+use raftkv::storage::{Entry, EntryKind, MemberAddrs, NodeId, SnapshotMeta};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -33,6 +41,8 @@ use std::path::Path;
 #[derive(Default)]
 struct Transcript {
     out: String,
+    /// The configuration every node is built with (its id replaced).
+    config: Option<Config>,
     applied: BTreeMap<NodeId, Vec<String>>,
 }
 
@@ -123,6 +133,7 @@ impl Cluster {
                 _ => panic!("unknown cluster option {k}"),
             }
         }
+        let template = config.clone();
         let configs = (1..=n)
             .map(|id| {
                 let mut c = config.clone();
@@ -132,6 +143,7 @@ impl Cluster {
             .collect();
         let h = harness::Cluster::bootstrap(configs, 42, Transcript::default()).expect("bootstrap");
         let mut cluster = Cluster { h };
+        cluster.h.observer_mut().config = Some(template);
         for id in 1..=n {
             cluster.h.process(id);
         }
@@ -212,6 +224,61 @@ impl Cluster {
                     let _ = writeln!(out, "[{}]", entries.join(" "));
                 }
             }
+        }
+        *self.out() = out;
+    }
+
+    /// `member ID CHANGE... [force]` (see the module doc).
+    fn member(&mut self, args: &[&str]) {
+        let id: NodeId = args[0].parse().expect("id");
+        let mut proposal = MembershipProposal::default();
+        for a in &args[1..] {
+            let (op, n) = a.split_at(1);
+            let n: NodeId = if *a == "force" { 0 } else { n.parse().expect("id") };
+            match op {
+                "+" => proposal.changes.push(MemberChange::AddLearner {
+                    id: n,
+                    addrs: MemberAddrs {
+                        peer_addr: format!("n{n}:7000"),
+                        client_url: format!("http://n{n}:8000"),
+                    },
+                }),
+                "^" => proposal.changes.push(MemberChange::Promote { id: n }),
+                "-" => proposal.changes.push(MemberChange::Remove { id: n }),
+                "f" => proposal.force = true,
+                _ => panic!("unknown change {a}"),
+            }
+        }
+        let r = self.raft(id).propose_membership(&proposal);
+        let _ = match r {
+            Ok((i, t)) => writeln!(self.out(), "n{id} proposed the change at {i}@{t}"),
+            Err(e) => writeln!(self.out(), "n{id} refused: {e}"),
+        };
+        self.h.process(id);
+    }
+
+    fn config(&mut self, ids: &[NodeId]) {
+        let mut out = std::mem::take(self.out());
+        let list = |set: &std::collections::BTreeSet<NodeId>| {
+            set.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+        };
+        for &id in ids {
+            let Some(r) = self.h.raft(id) else {
+                let _ = writeln!(out, "n{id}: down");
+                continue;
+            };
+            let m = r.membership();
+            let _ = write!(out, "n{id}: voters={}", list(&m.voters));
+            if m.is_joint() {
+                let _ = write!(out, " outgoing={}", list(&m.voters_outgoing));
+            }
+            let _ = writeln!(
+                out,
+                " learners={} at={} in_flight={}",
+                list(&m.learners),
+                r.membership_index(),
+                r.membership_in_flight()
+            );
         }
         *self.out() = out;
     }
@@ -314,6 +381,14 @@ impl Cluster {
                     self.out().push_str(&line);
                 }
             }
+            "config" => {
+                let ids = if args.is_empty() {
+                    self.h.ids()
+                } else {
+                    parse_ids(args[0], self)
+                };
+                self.config(&ids);
+            }
             "status" => {
                 let ids = if args.is_empty() {
                     self.h.ids()
@@ -376,6 +451,21 @@ impl Cluster {
                 let term: u64 = args[1].parse().expect("term");
                 self.append(id, term, &args[2..]);
             }
+            "member" => self.announce_roles(|c| c.member(args)),
+            "join" => {
+                let id: NodeId = args[0].parse().expect("id");
+                let membership = c_latest_membership(self);
+                let mut config = self.h.observer().config.clone().expect("template");
+                config.id = id;
+                match self.h.join(config, membership) {
+                    Ok(()) => {
+                        let _ = writeln!(self.out(), "n{id} joined with an empty log");
+                    }
+                    Err(e) => {
+                        let _ = writeln!(self.out(), "n{id} cannot join: {e}");
+                    }
+                }
+            }
             "restart" => {
                 let id: NodeId = args[0].parse().expect("id");
                 self.h.restart(id).expect("restart");
@@ -385,6 +475,16 @@ impl Cluster {
             _ => panic!("unknown command {cmd}"),
         }
     }
+}
+
+/// The configuration of the live member holding the latest one.
+fn c_latest_membership(c: &Cluster) -> raftkv::storage::Membership {
+    c.h.ids()
+        .into_iter()
+        .filter_map(|id| c.h.raft(id))
+        .max_by_key(|r| r.membership_index())
+        .map(|r| r.membership().clone())
+        .expect("a live member")
 }
 
 fn run_file(path: &Path) {
@@ -461,3 +561,7 @@ scenario!(divergent_logs_repaired);
 scenario!(snapshot_catch_up);
 scenario!(leadership_transfer);
 scenario!(read_index_leader_change);
+scenario!(membership_joint_change);
+scenario!(membership_learner_never_votes);
+scenario!(membership_unreachable_quorum);
+scenario!(membership_joint_truncated);

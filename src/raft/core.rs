@@ -153,6 +153,30 @@ impl Raft {
         Ok(raft)
     }
 
+    /// A new member joining a running cluster with an empty log: it knows the cluster's
+    /// configuration (which must name it, as a learner) only to accept the leader's messages,
+    /// and takes everything else — the log or a snapshot, and the configurations in them —
+    /// from the leader. It never campaigns until the log makes it a voter.
+    pub fn join(config: Config, membership: Membership, seed: u64) -> Result<Raft, RaftError> {
+        membership
+            .validate()
+            .map_err(|e| RaftError::InvalidConfig(format!("membership: {e}")))?;
+        if !membership.learners.contains(&config.id) {
+            return Err(RaftError::InvalidConfig(format!(
+                "node {} joins as a learner, but the configuration names it {}",
+                config.id,
+                if membership.is_voter(config.id) {
+                    "a voter"
+                } else {
+                    "nowhere"
+                }
+            )));
+        }
+        let raft = Raft::empty(config, ConfigHistory::new(0, membership), seed)?;
+        debug_assert!(raft.log.last_index() == 0 && raft.term == 0);
+        Ok(raft)
+    }
+
     /// A node restarting from its durable state.
     pub fn restart(config: Config, state: RestartState, seed: u64) -> Result<Raft, RaftError> {
         let RestartState {

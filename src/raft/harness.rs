@@ -176,6 +176,9 @@ struct Node {
     raft: Option<Raft>,
     config: Config,
     durable: Durable,
+    /// A node that joined a running cluster: the configuration it joined with (it joins
+    /// again if it restarts with nothing durable).
+    joined: Option<Membership>,
 }
 
 /// Cores in one process, with one network queue between them.
@@ -200,6 +203,7 @@ impl<O: Observer> Cluster<O> {
                 raft: Some(raft),
                 config,
                 durable: Durable::default(),
+                joined: None,
             };
             let duplicate = nodes.insert(node.config.id, node);
             assert!(duplicate.is_none(), "two configs with one id");
@@ -370,6 +374,21 @@ impl<O: Observer> Cluster<O> {
         Ok(meta)
     }
 
+    /// A new node `config.id` joins with an empty log, knowing the configuration
+    /// `membership` (which names it a learner). Nothing is processed yet.
+    pub fn join(&mut self, config: Config, membership: Membership) -> Result<(), RaftError> {
+        let raft = Raft::join(config.clone(), membership.clone(), self.seed)?;
+        let node = Node {
+            raft: Some(raft),
+            config,
+            durable: Durable::default(),
+            joined: Some(membership),
+        };
+        let duplicate = self.nodes.insert(node.config.id, node);
+        assert!(duplicate.is_none(), "joining with the id of a node");
+        Ok(())
+    }
+
     /// Node `id` stops: its core is gone (only its [`Durable`] stays) and the envelopes on
     /// their way to it are lost.
     pub fn crash(&mut self, id: NodeId) {
@@ -381,7 +400,14 @@ impl<O: Observer> Cluster<O> {
     pub fn restart(&mut self, id: NodeId) -> Result<(), RaftError> {
         let seed = self.seed;
         let node = self.node_mut(id);
-        let raft = Raft::restart(node.config.clone(), node.durable.restart_state(), seed)?;
+        let state = node.durable.restart_state();
+        let raft = match &node.joined {
+            // Nothing durable yet: join again, as the node does.
+            Some(m) if state.entries.is_empty() && state.snapshot.index == 0 => {
+                Raft::join(node.config.clone(), m.clone(), seed)?
+            }
+            _ => Raft::restart(node.config.clone(), state, seed)?,
+        };
         node.raft = Some(raft);
         Ok(())
     }

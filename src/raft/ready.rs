@@ -133,12 +133,13 @@ pub enum RaftError {
     AlreadyMember(NodeId),
     #[error("node {0} is not a member (or not a learner, for a promotion)")]
     UnknownMember(NodeId),
-    #[error("learner {id} is not caught up: it matches the log up to {match_index}, the leader's last index is {last_index} (at most {lag_max} behind is promotable)")]
+    #[error("learner {id} is not ready to vote: it matches the log up to {match_index} of {last_index} (promotable at most {lag_max} behind){}", if *reachable { "" } else { ", and has not answered within an election timeout" })]
     LearnerBehind {
         id: NodeId,
         match_index: u64,
         last_index: u64,
         lag_max: u64,
+        reachable: bool,
     },
     #[error("the change would leave no reachable quorum (unreachable now: {unreachable:?}); retry with force to do it anyway")]
     QuorumUnreachable { unreachable: Vec<NodeId> },

@@ -52,12 +52,14 @@ impl Raft {
                 continue;
             };
             let match_index = self.progress.get(id).map_or(0, |pr| pr.match_index);
-            if !self.reachable(*id) || last_index.saturating_sub(match_index) > lag_max {
+            let reachable = self.reachable(*id);
+            if !reachable || last_index.saturating_sub(match_index) > lag_max {
                 return Err(RaftError::LearnerBehind {
                     id: *id,
                     match_index,
                     last_index,
                     lag_max,
+                    reachable,
                 });
             }
         }

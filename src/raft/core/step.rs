@@ -29,6 +29,12 @@ impl Raft {
     /// handler of this node's role.
     pub fn step(&mut self, m: Message) -> Result<(), RaftError> {
         self.check_incoming(&m)?;
+        if matches!(m.body, MessageBody::Vote { .. }) && !self.membership().is_voter(m.from) {
+            // Only a voter of our configuration may campaign: a removed member (or one whose
+            // promotion we have not seen yet) neither disrupts our term nor gets our vote.
+            tracing::debug!(id = self.config.id, from = m.from, "vote request from a non-voter ignored");
+            return Ok(());
+        }
         if !self.step_term(&m) {
             return Ok(());
         }
@@ -40,7 +46,9 @@ impl Raft {
     }
 
     /// Refuses a message no peer may send: a field out of range, a term too far ahead, another
-    /// recipient, or a sender that is not a voter (or is this node).
+    /// recipient, or this node as sender. A sender outside our configuration is not refused:
+    /// it may lead a configuration we have not seen yet (a new member's first leader) or be a
+    /// leader on its way out of a joint configuration; votes are counted only from voters.
     fn check_incoming(&self, m: &Message) -> Result<(), RaftError> {
         // Defence in depth: the node validated the message on receipt already. Whoever calls,
         // no term at or above `TERM_MAX` and no index out of range gets past here.
@@ -63,9 +71,7 @@ impl Raft {
                 id: self.config.id,
             });
         }
-        // A member, or (at the leader) a removed member still learning of its removal.
-        let known = self.membership().contains(m.from) || self.progress.contains_key(&m.from);
-        if !known || m.from == self.config.id {
+        if m.from == 0 || m.from == self.config.id {
             return Err(RaftError::UnknownPeer(m.from));
         }
         Ok(())
