@@ -395,6 +395,7 @@ mod tests {
             applied_index: 38,
             snapshot_index: 20,
             members: vec![],
+            membership: Default::default(),
         }
     }
 

@@ -234,7 +234,11 @@ impl Cluster {
         let mut proposal = MembershipProposal::default();
         for a in &args[1..] {
             let (op, n) = a.split_at(1);
-            let n: NodeId = if *a == "force" { 0 } else { n.parse().expect("id") };
+            let n: NodeId = if *a == "force" {
+                0
+            } else {
+                n.parse().expect("id")
+            };
             match op {
                 "+" => proposal.changes.push(MemberChange::AddLearner {
                     id: n,
@@ -260,7 +264,10 @@ impl Cluster {
     fn config(&mut self, ids: &[NodeId]) {
         let mut out = std::mem::take(self.out());
         let list = |set: &std::collections::BTreeSet<NodeId>| {
-            set.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+            set.iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
         };
         for &id in ids {
             let Some(r) = self.h.raft(id) else {

@@ -261,6 +261,8 @@ pub fn error_response(e: &ServiceError) -> Response {
             format!("{m}; the outcome is unknown: the write may or may not be applied"),
         ),
         ServiceError::Internal(m) => error(StatusCode::INTERNAL_SERVER_ERROR, m.clone()),
+        ServiceError::Conflict(m) => error(StatusCode::CONFLICT, m.clone()),
+        ServiceError::NotFound(m) => error(StatusCode::NOT_FOUND, m.clone()),
     }
 }
 

@@ -85,6 +85,13 @@ pub enum ServiceError {
     Timeout(String),
     #[error("{0}")]
     Internal(String),
+    /// The request conflicts with the cluster's state (a membership change in flight, a
+    /// learner not caught up, ...): 409, nothing was changed.
+    #[error("{0}")]
+    Conflict(String),
+    /// What the request names does not exist: 404.
+    #[error("{0}")]
+    NotFound(String),
 }
 
 /// Size limits clients are held to (checked before anything reaches the log).

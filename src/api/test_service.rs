@@ -173,6 +173,7 @@ impl KvService for MapService {
             applied_index: 0,
             snapshot_index: 0,
             members: Vec::new(),
+            membership: Default::default(),
         })
     }
 

@@ -122,8 +122,18 @@ pub struct LeaderInfo {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberStatus {
     pub id: NodeId,
+    /// `voter` or `learner`.
+    #[serde(default)]
+    pub role: String,
+    /// In a joint configuration: whether the member votes in the outgoing half, the
+    /// incoming half, or both (`outgoing`, `incoming`, `both`); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub joint: Option<String>,
     pub peer_addr: String,
     pub client_url: Option<String>,
+    /// On the leader: whether the member answered within an election timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reachable: Option<bool>,
     /// On the leader: the highest index known replicated on this member.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub match_index: Option<u64>,
@@ -144,4 +154,25 @@ pub struct ClusterStatus {
     pub applied_index: u64,
     pub snapshot_index: u64,
     pub members: Vec<MemberStatus>,
+    /// The configuration in effect (see `members` for each member's address and progress).
+    #[serde(default)]
+    pub membership: MembershipStatus,
+}
+
+/// The configuration a node has in effect, in `GET /cluster/status` and `GET /cluster/members`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembershipStatus {
+    /// Voters (in a joint configuration: the incoming voters), sorted.
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    /// Non-empty only while a change of voters is under way (joint consensus).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub voters_outgoing: Vec<NodeId>,
+    /// The log index of the entry (or snapshot) that set this configuration.
+    pub index: u64,
+    /// A change is under way (joint, or not committed yet): another is refused with 409.
+    pub change_in_flight: bool,
+    /// This node is not in the configuration: it was removed and takes no part.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removed: bool,
 }

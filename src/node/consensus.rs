@@ -21,16 +21,18 @@
 
 use super::apply::{Pending, PENDING_PROPOSALS_MAX};
 use super::messages::{
-    ApplyJob, Input, Outputs, PeerMessage, ReadReply, Request, StorageEvent, StorageJob,
-    WorkerError,
+    ApplyJob, Input, MembershipReply, Outputs, PeerMessage, ReadReply, Request, StorageEvent,
+    StorageJob, WorkerError,
 };
 use super::peer::{self, RefusalLog};
-use crate::api::{ClusterStatus, LeaderHint, LeaderInfo, MemberStatus, ServiceError};
+use crate::api::{
+    ClusterStatus, LeaderHint, LeaderInfo, MemberStatus, MembershipStatus, ServiceError,
+};
 use crate::metrics::Metrics;
-use crate::raft::{self, Message, MessageBody, Raft, RaftError, Ready, Role};
+use crate::raft::{self, MembershipProposal, Message, MessageBody, Raft, RaftError, Ready, Role};
 use raftkv_storage::node_storage::NodeStorage;
 use raftkv_storage::sm::StateMachine;
-use raftkv_storage::{Membership, NodeId, SnapshotMeta};
+use raftkv_storage::{MemberAddrs, Membership, NodeId, SnapshotMeta};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -91,20 +93,54 @@ pub struct Consensus {
     ticks: u64,
     /// Leadership as last logged.
     seen: Seen,
+    /// The membership change this leader proposed and has not answered: (its Config entry's
+    /// index, term, reply). One at a time: the core refuses a second while one is in flight.
+    membership_waiter: Option<(u64, u64, MembershipReply)>,
+    /// What the transport's peer set was last derived from: (configuration index, peers the
+    /// core replicates to, role) — recomputed only when it changes.
+    peers_key: Option<(u64, usize, Role)>,
 }
 
-/// A brand-new data dir bootstraps `membership`; otherwise the core restarts from what
-/// storage recovered (its own configuration wins over `membership`).
+/// How a node with a brand-new data dir starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// A member of a new cluster: every initial member bootstraps the same voters.
+    Bootstrap(Membership),
+    /// A member added to a running cluster (`serve --join`): the cluster's configuration,
+    /// which names this node a learner. Everything else comes from the leader.
+    Join(Membership),
+}
+
+impl Start {
+    fn membership(&self) -> &Membership {
+        match self {
+            Start::Bootstrap(m) | Start::Join(m) => m,
+        }
+    }
+}
+
+/// A brand-new data dir bootstraps or joins as `start` says; otherwise the core restarts from
+/// what storage recovered (its own configuration wins over `start`'s: it is what the cluster
+/// agreed, and the flags only ever start a new member).
 pub fn open_core(
     config: raft::Config,
-    membership: Membership,
+    start: Start,
     storage: &NodeStorage,
     seed: u64,
 ) -> Result<Raft, super::NodeError> {
     if storage.is_fresh() {
-        tracing::info!(id = config.id, voters = ?membership.voters, "bootstrapping a new member");
-        return Ok(Raft::bootstrap(config, membership, seed)?);
+        return Ok(match start {
+            Start::Bootstrap(membership) => {
+                tracing::info!(id = config.id, voters = ?membership.voters, "bootstrapping a new member");
+                Raft::bootstrap(config, membership, seed)?
+            }
+            Start::Join(membership) => {
+                tracing::info!(id = config.id, voters = ?membership.voters, learners = ?membership.learners, "joining a running cluster as a learner");
+                Raft::join(config, membership, seed)?
+            }
+        });
     }
+    let membership = start.membership().clone();
     let state = storage.restart_state()?;
     let snapshot = state.snapshot.unwrap_or(SnapshotMeta {
         index: 0,
@@ -152,6 +188,8 @@ impl Consensus {
             refusals: RefusalLog::default(),
             ticks: 0,
             seen,
+            membership_waiter: None,
+            peers_key: None,
         }
     }
 
@@ -185,6 +223,8 @@ impl Consensus {
         self.drain_ready(out);
         self.release_reads();
         self.observe_leadership();
+        self.answer_membership_change();
+        self.update_peers(out);
         Ok(())
     }
 
@@ -303,6 +343,9 @@ impl Consensus {
             Request::Status { reply } => {
                 let _ = reply.send(self.status());
             }
+            Request::ChangeMembership { proposal, reply } => {
+                self.change_membership(proposal, reply);
+            }
             Request::Ready { reply } => {
                 let _ = reply.send(self.readiness());
             }
@@ -392,16 +435,18 @@ impl Consensus {
         for reply in std::mem::take(&mut self.reads).into_values().chain(replies) {
             let _ = reply.send(Err(ServiceError::Unavailable(why.into())));
         }
+        if let Some((index, _, reply)) = self.membership_waiter.take() {
+            let _ = reply.send(Err(ServiceError::Timeout(format!(
+                "outcome unknown: the membership change at index {index} is in the log but \
+                 not known complete ({why})"
+            ))));
+        }
     }
 
     fn leader_hint(&self) -> Option<LeaderHint> {
         self.raft.leader().map(|id| LeaderHint {
             id,
-            client_url: if id == self.info.id {
-                Some(self.info.client_url.clone())
-            } else {
-                self.info.peer_client_urls.get(&id).cloned()
-            },
+            client_url: self.client_url_of(id),
         })
     }
 
@@ -415,6 +460,15 @@ impl Consensus {
             }
             RaftError::TransferInProgress { to } => {
                 ServiceError::Unavailable(format!("leadership is moving to node {to}"))
+            }
+            e @ (RaftError::MembershipChangeInFlight
+            | RaftError::LastVoter
+            | RaftError::AlreadyMember(_)
+            | RaftError::LearnerBehind { .. }
+            | RaftError::QuorumUnreachable { .. }) => ServiceError::Conflict(e.to_string()),
+            e @ RaftError::UnknownMember(_) => ServiceError::NotFound(e.to_string()),
+            e @ (RaftError::MembershipInvalid(_) | RaftError::NotAVoter(_)) => {
+                ServiceError::InvalidInput(e.to_string())
             }
             other => ServiceError::Unavailable(other.to_string()),
         }
@@ -447,29 +501,11 @@ impl Consensus {
             id,
             client_url: self.leader_hint().and_then(|h| h.client_url),
         });
-        let is_leader = self.raft.role() == Role::Leader;
-        let mut members: Vec<MemberStatus> = self
-            .info
-            .peers
-            .iter()
-            .map(|(id, addr)| MemberStatus {
-                id: *id,
-                peer_addr: addr.clone(),
-                client_url: self.info.peer_client_urls.get(id).cloned(),
-                match_index: if is_leader {
-                    self.raft.progress(*id).map(|p| p.match_index)
-                } else {
-                    None
-                },
-            })
-            .collect();
-        members.push(MemberStatus {
-            id: self.info.id,
-            peer_addr: self.info.peer_addr.clone(),
-            client_url: Some(self.info.client_url.clone()),
-            match_index: is_leader.then(|| self.raft.persisted_index()),
-        });
-        members.sort_by_key(|m| m.id);
+        let members = self.member_statuses();
+        debug_assert!(
+            members.windows(2).all(|w| w[0].id < w[1].id),
+            "members sorted by id"
+        );
         ClusterStatus {
             id: self.info.id,
             cluster_id: self.info.cluster_id.clone(),
@@ -482,7 +518,163 @@ impl Consensus {
             applied_index: self.sm.applied_index(),
             snapshot_index: self.snapshot_index.max(self.raft.log().base_index()),
             members,
+            membership: self.membership_status(),
         }
+    }
+
+    /// Every member of the configuration in effect, sorted by id, with its address and (on
+    /// the leader) its progress.
+    fn member_statuses(&self) -> Vec<MemberStatus> {
+        let m = self.raft.membership();
+        let is_leader = self.raft.role() == Role::Leader;
+        m.members()
+            .into_iter()
+            .map(|id| {
+                let me = id == self.info.id;
+                let joint = m.is_joint().then(|| {
+                    match (m.voters.contains(&id), m.voters_outgoing.contains(&id)) {
+                        (true, true) => "both",
+                        (true, false) => "incoming",
+                        (false, true) => "outgoing",
+                        (false, false) => "learner",
+                    }
+                    .to_string()
+                });
+                MemberStatus {
+                    id,
+                    role: if m.is_voter(id) { "voter" } else { "learner" }.into(),
+                    joint,
+                    peer_addr: self.addrs_of(id).map(|a| a.peer_addr).unwrap_or_default(),
+                    client_url: self.client_url_of(id),
+                    reachable: is_leader.then(|| self.raft.reachable(id)),
+                    match_index: match (is_leader, me) {
+                        (false, _) => None,
+                        (true, true) => Some(self.raft.persisted_index()),
+                        (true, false) => self.raft.progress(id).map(|p| p.match_index),
+                    },
+                }
+            })
+            .collect()
+    }
+
+    fn membership_status(&self) -> MembershipStatus {
+        let m = self.raft.membership();
+        MembershipStatus {
+            voters: m.voters.iter().copied().collect(),
+            learners: m.learners.iter().copied().collect(),
+            voters_outgoing: m.voters_outgoing.iter().copied().collect(),
+            index: self.raft.membership_index(),
+            change_in_flight: self.raft.membership_in_flight(),
+            removed: !m.contains(self.info.id),
+        }
+    }
+
+    /// Where member `id` is reached: the configuration's record (agreed through the log)
+    /// wins over this node's flags, which only bootstrap; this node's own from its settings.
+    pub fn addrs_of(&self, id: NodeId) -> Option<MemberAddrs> {
+        if id == self.info.id {
+            return Some(MemberAddrs {
+                peer_addr: self.info.peer_addr.clone(),
+                client_url: self.info.client_url.clone(),
+            });
+        }
+        if let Some(a) = self.raft.membership().addrs.get(&id) {
+            return Some(a.clone());
+        }
+        let peer_addr = self.info.peers.get(&id)?.clone();
+        let client_url = self
+            .info
+            .peer_client_urls
+            .get(&id)
+            .cloned()
+            .unwrap_or_default();
+        Some(MemberAddrs {
+            peer_addr,
+            client_url,
+        })
+    }
+
+    fn client_url_of(&self, id: NodeId) -> Option<String> {
+        self.addrs_of(id)
+            .map(|a| a.client_url)
+            .filter(|url| !url.is_empty())
+    }
+
+    /// Leader: proposes a membership change, recording the addresses this node knows for
+    /// members that have none in the log yet; the reply waits for the change to complete.
+    fn change_membership(&mut self, mut proposal: MembershipProposal, reply: MembershipReply) {
+        if self.membership_waiter.is_some() {
+            let _ = reply.send(Err(self.map_raft_error(RaftError::MembershipChangeInFlight)));
+            return;
+        }
+        for id in self.raft.membership().members() {
+            if let Some(a) = self.addrs_of(id).filter(|a| !a.peer_addr.is_empty()) {
+                proposal.known_addrs.insert(id, a);
+            }
+        }
+        match self.raft.propose_membership(&proposal) {
+            Ok((index, term)) => {
+                tracing::info!(index, term, changes = ?proposal.changes, force = proposal.force, "membership change proposed");
+                self.membership_waiter = Some((index, term, reply));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(self.map_raft_error(e)));
+            }
+        }
+    }
+
+    /// Answers the waiting membership change once it completed (its entry committed and no
+    /// change in flight), or once a new leader overwrote its entry (it never took effect).
+    fn answer_membership_change(&mut self) {
+        let Some((index, term, _)) = &self.membership_waiter else {
+            return;
+        };
+        let (index, term) = (*index, *term);
+        let overwritten = self.raft.log().term(index).is_some_and(|t| t != term);
+        let done = !overwritten
+            && self.raft.commit_index() >= index
+            && self.raft.membership_index() >= index
+            && !self.raft.membership_in_flight();
+        if !(overwritten || done) {
+            return;
+        }
+        let Some((_, _, reply)) = self.membership_waiter.take() else {
+            return;
+        };
+        let result = if overwritten {
+            Err(ServiceError::Unavailable(format!(
+                "a new leader replaced the change at index {index} before it committed; it \
+                 had no effect: retry"
+            )))
+        } else {
+            tracing::info!(index, voters = ?self.raft.membership().voters, learners = ?self.raft.membership().learners, "membership change complete");
+            Ok(self.status())
+        };
+        let _ = reply.send(result);
+    }
+
+    /// Tells the shell the peers to keep connections to when the configuration (or the set
+    /// of lingering removed members) changed: members and lingering members but this node,
+    /// by the address the configuration (or, failing it, the flags) gives.
+    fn update_peers(&mut self, out: &mut Outputs) {
+        let replicas = self.raft.replica_count();
+        let key = (self.raft.membership_index(), replicas, self.raft.role());
+        if self.peers_key == Some(key) {
+            return;
+        }
+        self.peers_key = Some(key);
+        let mut ids = self.raft.membership().members();
+        ids.extend(self.raft.replica_ids());
+        ids.remove(&self.info.id);
+        let peers: BTreeMap<NodeId, String> = ids
+            .into_iter()
+            .filter_map(|id| {
+                let a = self.addrs_of(id)?;
+                (!a.peer_addr.is_empty()).then_some((id, a.peer_addr))
+            })
+            .collect();
+        debug_assert!(!peers.contains_key(&self.info.id), "never a peer of itself");
+        out.peers = Some(peers);
     }
 
     /// Logs each change of role, term or leader once, and counts new leaders.

@@ -326,6 +326,7 @@ fn refuse_unproposed(requests: &mut mpsc::Receiver<Request>) {
             Request::Read { reply } => drop(reply.send(Err(stopping()))),
             Request::Transfer { reply, .. } => drop(reply.send(Err(stopping()))),
             Request::Ready { reply } => drop(reply.send(Err(stopping()))),
+            Request::ChangeMembership { reply, .. } => drop(reply.send(Err(stopping()))),
             Request::Status { .. } => {}
         }
     }

@@ -14,12 +14,13 @@
 //! worker threads) or the simulator (`tests/simulation`) moves these values between them.
 
 use crate::api::{ClusterStatus, ServiceError};
-use crate::raft::Message;
+use crate::raft::{MembershipProposal, Message};
 use raftkv_storage::node_storage::NodeStorageError;
 use raftkv_storage::sm::SmError;
 use raftkv_storage::snapshot::transfer::SnapshotChunk;
 use raftkv_storage::snapshot::SnapshotError;
 use raftkv_storage::{Entry, HardState, NodeId, SnapshotMeta};
+use std::collections::BTreeMap;
 use tokio::sync::oneshot;
 
 pub use super::peer::PeerMessage;
@@ -36,6 +37,8 @@ pub struct ProposalOutcome {
 pub type ProposalReply = oneshot::Sender<Result<ProposalOutcome, ServiceError>>;
 /// Where a read barrier's answer goes: (read index, leader that confirmed it).
 pub type ReadReply = oneshot::Sender<Result<(u64, NodeId), ServiceError>>;
+/// Where a membership change's answer goes: the status once the change completed.
+pub type MembershipReply = oneshot::Sender<Result<ClusterStatus, ServiceError>>;
 
 /// A request from the client API to the consensus step.
 #[derive(Debug)]
@@ -52,6 +55,12 @@ pub enum Request {
     },
     Status {
         reply: oneshot::Sender<ClusterStatus>,
+    },
+    /// A membership change (leader only); answered once it completed: its configuration (and,
+    /// for a change of voters, the joint one's successor) is committed.
+    ChangeMembership {
+        proposal: MembershipProposal,
+        reply: MembershipReply,
     },
     Ready {
         reply: oneshot::Sender<Result<(), ServiceError>>,
@@ -99,6 +108,9 @@ pub struct Outputs {
     pub apply: Vec<ApplyJob>,
     /// Start streaming a fresh snapshot to (peer, leader term).
     pub snapshot_sends: Vec<(NodeId, u64)>,
+    /// The peers to keep connections to changed (a membership change, a removed member
+    /// forgotten): id → peer address, every member and lingering removed member but this node.
+    pub peers: Option<BTreeMap<NodeId, String>>,
 }
 
 /// Work for the storage worker.

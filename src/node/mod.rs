@@ -466,7 +466,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         other => other?,
     };
     let seed = config.id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ wall_clock_seed();
-    let raft = consensus::open_core(config.raft_config(), config.membership(), &storage, seed)?;
+    let start = consensus::Start::Bootstrap(config.membership());
+    let raft = consensus::open_core(config.raft_config(), start, &storage, seed)?;
     let metrics = Arc::new(crate::metrics::Metrics::new(config.peers.keys().copied()));
     let sm = storage.shared_sm();
     let snapshots = storage.shared_snapshots();

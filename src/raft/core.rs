@@ -224,8 +224,9 @@ impl Raft {
             .iter()
             .filter(|e| e.kind == EntryKind::Config && e.index > snapshot.index)
         {
-            let m = decode_config(e)
-                .map_err(|why| RaftError::InvalidRestart(format!("config entry {}: {why}", e.index)))?;
+            let m = decode_config(e).map_err(|why| {
+                RaftError::InvalidRestart(format!("config entry {}: {why}", e.index))
+            })?;
             configs.push(e.index, m);
         }
         // Moved, not cloned: with a long uncompacted log this is hundreds of megabytes.
@@ -375,6 +376,14 @@ impl Raft {
     /// Leader only: a follower's progress.
     pub fn progress(&self, peer: NodeId) -> Option<&Progress> {
         self.progress.get(&peer)
+    }
+    /// Leader: how many peers it replicates to (members and lingering removed members).
+    pub fn replica_count(&self) -> usize {
+        self.progress.len()
+    }
+    /// Leader: the peers it replicates to (members and lingering removed members), sorted.
+    pub fn replica_ids(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.progress.keys().copied()
     }
     /// The leadership transfer in progress, if any.
     pub fn transfer_target(&self) -> Option<NodeId> {
@@ -632,9 +641,8 @@ impl Raft {
             self.election_elapsed = 0;
             if self.config.check_quorum {
                 let id = self.config.id;
-                let active = |p: NodeId| {
-                    p == id || self.progress.get(&p).is_some_and(|pr| pr.recent_active)
-                };
+                let active =
+                    |p: NodeId| p == id || self.progress.get(&p).is_some_and(|pr| pr.recent_active);
                 if !self.membership().is_quorum(active) {
                     tracing::debug!(id = self.config.id, "check-quorum failed: stepping down");
                     self.become_follower(self.term, None);

@@ -83,10 +83,15 @@ pub fn plan(current: &Membership, proposal: &MembershipProposal) -> Result<Membe
     if next.voters != current.voters {
         next.voters_outgoing = current.voters.clone();
     }
-    next.validate().map_err(|e| {
-        RaftError::MembershipInvalid(format!("the resulting configuration: {e}"))
-    })?;
-    debug_assert!(!current.is_joint() && next.voters_outgoing.iter().all(|id| current.voters.contains(id)));
+    next.validate()
+        .map_err(|e| RaftError::MembershipInvalid(format!("the resulting configuration: {e}")))?;
+    debug_assert!(
+        !current.is_joint()
+            && next
+                .voters_outgoing
+                .iter()
+                .all(|id| current.voters.contains(id))
+    );
     Ok(next)
 }
 
@@ -109,7 +114,9 @@ fn apply_change(next: &mut Membership, change: &MemberChange) -> Result<(), Raft
         }
         MemberChange::Promote { id } => {
             if next.voters.contains(id) {
-                return Err(RaftError::MembershipInvalid(format!("node {id} is already a voter")));
+                return Err(RaftError::MembershipInvalid(format!(
+                    "node {id} is already a voter"
+                )));
             }
             if !next.learners.remove(id) {
                 return Err(RaftError::UnknownMember(*id));
@@ -128,12 +135,18 @@ fn apply_change(next: &mut Membership, change: &MemberChange) -> Result<(), Raft
 
 /// `C_new` for a joint configuration: the incoming voters alone.
 pub fn leave_joint(joint: &Membership) -> Membership {
-    debug_assert!(joint.is_joint(), "leaving a configuration that is not joint");
+    debug_assert!(
+        joint.is_joint(),
+        "leaving a configuration that is not joint"
+    );
     let mut next = joint.clone();
     next.voters_outgoing.clear();
     let members = next.members();
     next.addrs.retain(|id, _| members.contains(id));
-    debug_assert!(next.validate().is_ok(), "C_new of a valid joint configuration");
+    debug_assert!(
+        next.validate().is_ok(),
+        "C_new of a valid joint configuration"
+    );
     next
 }
 
@@ -185,7 +198,10 @@ impl ConfigHistory {
     /// base.
     pub fn compact(&mut self, index: u64) {
         let above = self.entries.split_off(&(index + 1));
-        if let Some((_, m)) = std::mem::replace(&mut self.entries, above).into_iter().next_back() {
+        if let Some((_, m)) = std::mem::replace(&mut self.entries, above)
+            .into_iter()
+            .next_back()
+        {
             self.base = m;
         }
         self.base_index = self.base_index.max(index);
@@ -220,10 +236,20 @@ mod tests {
         let learner = plan(&c, &proposal(vec![add(4)])).unwrap();
         assert!(!learner.is_joint());
         assert!(learner.learners.contains(&4));
-        let joint = plan(&learner, &proposal(vec![MemberChange::Promote { id: 4 }, MemberChange::Remove { id: 1 }])).unwrap();
+        let joint = plan(
+            &learner,
+            &proposal(vec![
+                MemberChange::Promote { id: 4 },
+                MemberChange::Remove { id: 1 },
+            ]),
+        )
+        .unwrap();
         assert_eq!(joint.voters_outgoing, [1, 2, 3].into());
         assert_eq!(joint.voters, [2, 3, 4].into());
-        assert_eq!(plan(&joint, &proposal(vec![add(5)])), Err(RaftError::MembershipChangeInFlight));
+        assert_eq!(
+            plan(&joint, &proposal(vec![add(5)])),
+            Err(RaftError::MembershipChangeInFlight)
+        );
         let new = leave_joint(&joint);
         assert_eq!(new.voters, [2, 3, 4].into());
         assert!(!new.is_joint() && !new.addrs.contains_key(&1));
@@ -232,10 +258,22 @@ mod tests {
     #[test]
     fn guards_name_the_problem() {
         let c = Membership::with_voters([1]);
-        assert_eq!(plan(&c, &proposal(vec![MemberChange::Remove { id: 1 }])), Err(RaftError::LastVoter));
-        assert_eq!(plan(&c, &proposal(vec![MemberChange::Promote { id: 7 }])), Err(RaftError::UnknownMember(7)));
-        assert_eq!(plan(&c, &proposal(vec![add(1)])), Err(RaftError::AlreadyMember(1)));
-        assert!(matches!(plan(&c, &proposal(vec![])), Err(RaftError::MembershipInvalid(_))));
+        assert_eq!(
+            plan(&c, &proposal(vec![MemberChange::Remove { id: 1 }])),
+            Err(RaftError::LastVoter)
+        );
+        assert_eq!(
+            plan(&c, &proposal(vec![MemberChange::Promote { id: 7 }])),
+            Err(RaftError::UnknownMember(7))
+        );
+        assert_eq!(
+            plan(&c, &proposal(vec![add(1)])),
+            Err(RaftError::AlreadyMember(1))
+        );
+        assert!(matches!(
+            plan(&c, &proposal(vec![])),
+            Err(RaftError::MembershipInvalid(_))
+        ));
     }
 
     #[test]

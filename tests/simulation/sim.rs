@@ -1591,8 +1591,13 @@ impl Sim {
         let vfs: Arc<dyn Vfs> = Arc::new(n.fs.clone());
         let storage = open_storage(vfs, n.sm_dir.path(), opts)
             .map_err(|e| format!("node {id}: recovery failed: {e}"))?;
-        let raft = consensus::open_core(config, membership, &storage, seed)
-            .map_err(|e| format!("node {id}: the core does not start: {e}"))?;
+        let raft = consensus::open_core(
+            config,
+            consensus::Start::Bootstrap(membership),
+            &storage,
+            seed,
+        )
+        .map_err(|e| format!("node {id}: the core does not start: {e}"))?;
         let metrics = Arc::new(Metrics::standalone());
         let sm = storage.shared_sm();
         let snapshots = storage.shared_snapshots();

@@ -161,7 +161,8 @@ impl Membership {
             return Err(MembershipError::TooMany(members.len()));
         }
         for (&id, a) in &self.addrs {
-            let too_long = a.peer_addr.len() > ADDR_BYTES_MAX || a.client_url.len() > ADDR_BYTES_MAX;
+            let too_long =
+                a.peer_addr.len() > ADDR_BYTES_MAX || a.client_url.len() > ADDR_BYTES_MAX;
             if too_long || !members.contains(&id) {
                 return Err(MembershipError::BadAddr(id));
             }
@@ -281,7 +282,9 @@ impl TailReader<'_> {
         let b = self.take(4)?;
         let n = u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize;
         if n > MEMBERS_MAX || n.saturating_mul(item_bytes) > self.bytes.len() {
-            return Err(MembershipError::Undecodable(format!("count {n} out of range")));
+            return Err(MembershipError::Undecodable(format!(
+                "count {n} out of range"
+            )));
         }
         Ok(n)
     }
@@ -289,10 +292,13 @@ impl TailReader<'_> {
         let b = self.take(2)?;
         let n = u16::from_le_bytes(b.try_into().expect("2 bytes")) as usize;
         if n > ADDR_BYTES_MAX {
-            return Err(MembershipError::Undecodable(format!("address of {n} bytes")));
+            return Err(MembershipError::Undecodable(format!(
+                "address of {n} bytes"
+            )));
         }
         let s = self.take(n)?;
-        String::from_utf8(s.to_vec()).map_err(|_| MembershipError::Undecodable("address not UTF-8".into()))
+        String::from_utf8(s.to_vec())
+            .map_err(|_| MembershipError::Undecodable("address not UTF-8".into()))
     }
 }
 
@@ -383,7 +389,10 @@ mod tests {
         let mut bad = joint();
         bad.learners.insert(4);
         assert_eq!(bad.validate(), Err(MembershipError::LearnerVotes(4)));
-        assert_eq!(Membership::default().validate(), Err(MembershipError::NoVoters));
+        assert_eq!(
+            Membership::default().validate(),
+            Err(MembershipError::NoVoters)
+        );
         let mut stray = Membership::with_voters([1]);
         stray.addrs.insert(9, MemberAddrs::default());
         assert_eq!(stray.validate(), Err(MembershipError::BadAddr(9)));

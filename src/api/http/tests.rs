@@ -290,6 +290,8 @@ fn service_errors_map_to_statuses() {
         (ServiceError::Unavailable("x".into()), 503),
         (ServiceError::Timeout("x".into()), 504),
         (ServiceError::Internal("x".into()), 500),
+        (ServiceError::Conflict("x".into()), 409),
+        (ServiceError::NotFound("x".into()), 404),
     ];
     for (e, want) in cases {
         assert_eq!(error_response(&e).status().as_u16(), want, "{e:?}");

@@ -96,7 +96,7 @@ fn a_restored_dir_restarts_as_a_member_of_the_new_cluster() {
         let config = node_config(&dir, id);
         let raft = crate::node::consensus::open_core(
             config.raft_config(),
-            config.membership(),
+            crate::node::consensus::Start::Bootstrap(config.membership()),
             &storage,
             1,
         )

@@ -141,7 +141,10 @@ impl Raft {
         }
         let next = succ(self.log.last_index());
         for &peer in members.iter().filter(|&&p| p != id) {
-            let (msgs, bytes) = (self.config.inflight_msgs_max, self.config.inflight_bytes_max);
+            let (msgs, bytes) = (
+                self.config.inflight_msgs_max,
+                self.config.inflight_bytes_max,
+            );
             let pr = self
                 .progress
                 .entry(peer)
@@ -187,7 +190,11 @@ impl Raft {
             .iter()
             .filter_map(|&v| self.progress.get(&v).map(|pr| (pr.match_index, v)))
             .max();
-        tracing::info!(id, ?successor, "removed from the configuration: stepping down");
+        tracing::info!(
+            id,
+            ?successor,
+            "removed from the configuration: stepping down"
+        );
         if let Some((match_index, to)) = successor {
             if match_index == last_index {
                 self.send(to, MessageBody::TimeoutNow);
@@ -201,12 +208,13 @@ impl Raft {
     pub(super) fn tick_removed_peers(&mut self) {
         let linger_ticks = 2 * self.config.election_timeout_min_ticks;
         let index = self.membership_index();
-        self.progress.retain(|_, pr| match pr.removed_ticks.as_mut() {
-            None => true,
-            Some(ticks) => {
-                *ticks = ticks.saturating_add(1);
-                *ticks < linger_ticks && pr.match_index < index
-            }
-        });
+        self.progress
+            .retain(|_, pr| match pr.removed_ticks.as_mut() {
+                None => true,
+                Some(ticks) => {
+                    *ticks = ticks.saturating_add(1);
+                    *ticks < linger_ticks && pr.match_index < index
+                }
+            });
     }
 }

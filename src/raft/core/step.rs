@@ -17,10 +17,10 @@
 
 use super::{Campaign, Raft, Role};
 use crate::raft::limits::{self, pred, succ, INDEX_MAX, TERM_JUMP_MAX};
+use crate::raft::membership::ConfigHistory;
 use crate::raft::message::{Message, MessageBody};
 use crate::raft::progress::ProgressState;
 use crate::raft::ready::RaftError;
-use crate::raft::membership::ConfigHistory;
 use raftkv_types::{Entry, EntryKind, NodeId, SnapshotMeta};
 use std::cmp::Ordering;
 
@@ -32,7 +32,11 @@ impl Raft {
         if matches!(m.body, MessageBody::Vote { .. }) && !self.membership().is_voter(m.from) {
             // Only a voter of our configuration may campaign: a removed member (or one whose
             // promotion we have not seen yet) neither disrupts our term nor gets our vote.
-            tracing::debug!(id = self.config.id, from = m.from, "vote request from a non-voter ignored");
+            tracing::debug!(
+                id = self.config.id,
+                from = m.from,
+                "vote request from a non-voter ignored"
+            );
             return Ok(());
         }
         if !self.step_term(&m) {
