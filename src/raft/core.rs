@@ -154,22 +154,19 @@ impl Raft {
     }
 
     /// A new member joining a running cluster with an empty log: it knows the cluster's
-    /// configuration (which must name it, as a learner) only to accept the leader's messages,
-    /// and takes everything else — the log or a snapshot, and the configurations in them —
-    /// from the leader. It never campaigns until the log makes it a voter.
+    /// configuration (which must name it) only to accept the leader's messages, and takes
+    /// everything else — the log or a snapshot, and the configurations in them — from the
+    /// leader. A learner never campaigns; a member added as a voter may, but with an empty log
+    /// it wins no vote (nor pre-vote) until it holds the committed log.
     pub fn join(config: Config, membership: Membership, seed: u64) -> Result<Raft, RaftError> {
         membership
             .validate()
             .map_err(|e| RaftError::InvalidConfig(format!("membership: {e}")))?;
-        if !membership.learners.contains(&config.id) {
+        if !membership.contains(config.id) {
             return Err(RaftError::InvalidConfig(format!(
-                "node {} joins as a learner, but the configuration names it {}",
-                config.id,
-                if membership.is_voter(config.id) {
-                    "a voter"
-                } else {
-                    "nowhere"
-                }
+                "node {} is not in the cluster's configuration (voters {:?}, learners {:?}): \
+                 add it first (`raftkv member add`)",
+                config.id, membership.voters, membership.learners
             )));
         }
         let raft = Raft::empty(config, ConfigHistory::new(0, membership), seed)?;

@@ -23,6 +23,9 @@ use std::collections::BTreeMap;
 pub enum MemberChange {
     /// A new member that receives the log and never votes.
     AddLearner { id: NodeId, addrs: MemberAddrs },
+    /// A new member that votes at once (etcd's `member add` without `--learner`): it counts
+    /// toward the quorum while its log is still empty, so the reachable-quorum guard applies.
+    AddVoter { id: NodeId, addrs: MemberAddrs },
     /// A caught-up learner becomes a voter.
     Promote { id: NodeId },
     /// A voter or learner leaves.
@@ -33,6 +36,7 @@ impl MemberChange {
     pub fn id(&self) -> NodeId {
         match self {
             MemberChange::AddLearner { id, .. }
+            | MemberChange::AddVoter { id, .. }
             | MemberChange::Promote { id }
             | MemberChange::Remove { id } => *id,
         }
@@ -97,7 +101,7 @@ pub fn plan(current: &Membership, proposal: &MembershipProposal) -> Result<Membe
 
 fn apply_change(next: &mut Membership, change: &MemberChange) -> Result<(), RaftError> {
     match change {
-        MemberChange::AddLearner { id, addrs } => {
+        MemberChange::AddLearner { id, addrs } | MemberChange::AddVoter { id, addrs } => {
             if *id == 0 {
                 return Err(RaftError::MembershipInvalid("node id 0 is reserved".into()));
             }
@@ -109,7 +113,11 @@ fn apply_change(next: &mut Membership, change: &MemberChange) -> Result<(), Raft
                     "node {id} needs a peer address"
                 )));
             }
-            next.learners.insert(*id);
+            if matches!(change, MemberChange::AddVoter { .. }) {
+                next.voters.insert(*id);
+            } else {
+                next.learners.insert(*id);
+            }
             next.addrs.insert(*id, addrs.clone());
         }
         MemberChange::Promote { id } => {
