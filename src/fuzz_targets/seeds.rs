@@ -106,6 +106,7 @@ fn snapshot_meta(index: u64, term: u64) -> SnapshotMeta {
         membership: Membership {
             voters: [1, 2, 3].into_iter().collect(),
             learners: [4].into_iter().collect(),
+            ..Membership::default()
         },
     }
 }
