@@ -10,8 +10,9 @@
 //! - what can be read when scraped is read then, not maintained: the term, the indexes,
 //!   leadership, the pending proposals and the database size are gauges set by
 //!   [`Metrics::refresh`] from the consensus task's status just before encoding;
-//! - per-peer and per-route handles are created once (peers at start, routes on first use)
-//!   so recording never allocates.
+//! - per-peer and per-route handles are created once (peers at start or when the transport
+//!   adds a member, routes on first use) so recording never allocates; the transport and the
+//!   driver look a peer's handles up once per connection or heartbeat answer, not per byte.
 //!
 //! Histogram buckets resolve what matters for each: fsyncs from 25 µs (a fast NVMe's
 //! fdatasync is ~50–100 µs; a slow disk's 10+ ms), requests from 50 µs to 10 s, snapshots
@@ -29,6 +30,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use raftkv_storage::NodeId;
 use std::collections::BTreeMap;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 /// The content type of [`Metrics::encode`]'s output.
@@ -89,10 +91,64 @@ pub struct Metrics {
     pub snapshot_install_duration: Histogram,
     pub db_size_bytes: Gauge,
     // Peers and clients.
-    peers: BTreeMap<NodeId, PeerMetrics>,
+    peers: PeerSeries,
     http_requests: Family<HttpLabels, Counter>,
     http_duration: Family<RouteLabels, Histogram>,
 }
+
+/// The per-peer families and the handles of the current peers. Members come and go at run
+/// time (`PeerTransport::set_peers`), so the handles sit behind a lock; it is taken once per
+/// connection or heartbeat answer, never per byte.
+#[derive(Debug)]
+struct PeerSeries {
+    sent: Family<PeerLabels, Counter>,
+    received: Family<PeerLabels, Counter>,
+    round_trip: Family<PeerLabels, Histogram, fn() -> Histogram>,
+    by_peer: RwLock<BTreeMap<NodeId, Arc<PeerMetrics>>>,
+}
+
+impl PeerSeries {
+    /// Creates `peer`'s series unless they exist; `false` when at [`PEER_SERIES_MAX`].
+    fn add(&self, peer: NodeId) -> bool {
+        let mut by_peer = self.by_peer.write().unwrap_or_else(PoisonError::into_inner);
+        if by_peer.contains_key(&peer) {
+            return true;
+        }
+        if by_peer.len() >= PEER_SERIES_MAX {
+            tracing::warn!(
+                peer,
+                limit = PEER_SERIES_MAX,
+                "too many peers; no metrics for this one"
+            );
+            return false;
+        }
+        let labels = PeerLabels { peer };
+        let m = PeerMetrics {
+            sent_bytes: self.sent.get_or_create_owned(&labels),
+            received_bytes: self.received.get_or_create_owned(&labels),
+            round_trip: self.round_trip.get_or_create_owned(&labels),
+        };
+        by_peer.insert(peer, Arc::new(m));
+        debug_assert!(by_peer.len() <= PEER_SERIES_MAX);
+        true
+    }
+
+    /// Drops `peer`'s handles and series (a re-added member starts from zero, which Prometheus
+    /// reads as a counter reset).
+    fn remove(&self, peer: NodeId) {
+        let mut by_peer = self.by_peer.write().unwrap_or_else(PoisonError::into_inner);
+        if by_peer.remove(&peer).is_some() {
+            let labels = PeerLabels { peer };
+            self.sent.remove(&labels);
+            self.received.remove(&labels);
+            self.round_trip.remove(&labels);
+        }
+        debug_assert!(!by_peer.contains_key(&peer));
+    }
+}
+
+/// At most this many peers have series (the transport's own bound is the same).
+pub const PEER_SERIES_MAX: usize = crate::transport::PEERS_MAX;
 
 fn fsync_buckets() -> impl Iterator<Item = f64> {
     // 25 µs .. ~1.6 s, doubling.
@@ -265,30 +321,29 @@ impl Metrics {
         }
     }
 
-    /// The per-peer and per-route families; every peer's series exist from the start.
-    #[allow(clippy::type_complexity)]
+    /// The per-peer and per-route families; the initial peers' series exist from the start.
     fn register_traffic(
         r: &mut Registry,
         peers: impl IntoIterator<Item = NodeId>,
     ) -> (
-        BTreeMap<NodeId, PeerMetrics>,
+        PeerSeries,
         Family<HttpLabels, Counter>,
         Family<RouteLabels, Histogram>,
     ) {
         let sent = Family::<PeerLabels, Counter>::default();
         let received = Family::<PeerLabels, Counter>::default();
-        let round_trip = Family::<PeerLabels, Histogram>::new_with_constructor(
-            (|| Histogram::new(round_trip_buckets())) as fn() -> Histogram,
-        );
-        let mut by_peer = BTreeMap::new();
+        let round_trip =
+            Family::<PeerLabels, Histogram, fn() -> Histogram>::new_with_constructor(|| {
+                Histogram::new(round_trip_buckets())
+            });
+        let series = PeerSeries {
+            sent: sent.clone(),
+            received: received.clone(),
+            round_trip: round_trip.clone(),
+            by_peer: RwLock::new(BTreeMap::new()),
+        };
         for peer in peers {
-            let labels = PeerLabels { peer };
-            let m = PeerMetrics {
-                sent_bytes: sent.get_or_create_owned(&labels),
-                received_bytes: received.get_or_create_owned(&labels),
-                round_trip: round_trip.get_or_create_owned(&labels),
-            };
-            by_peer.insert(peer, m);
+            series.add(peer);
         }
         r.register(
             "raftkv_peer_sent_bytes",
@@ -319,7 +374,7 @@ impl Metrics {
             "Client request handling time by route",
             duration.clone(),
         );
-        (by_peer, requests, duration)
+        (series, requests, duration)
     }
 
     /// Metrics with no peers, for services that are not a node (tests, tools).
@@ -327,9 +382,26 @@ impl Metrics {
         Metrics::new([])
     }
 
-    /// `peer`'s metrics; `None` for an id that is not a configured peer.
-    pub fn peer(&self, peer: NodeId) -> Option<&PeerMetrics> {
-        self.peers.get(&peer)
+    /// `peer`'s metrics; `None` for an id that is not a current peer. Clone the handles out
+    /// once per connection rather than calling this per message.
+    pub fn peer(&self, peer: NodeId) -> Option<Arc<PeerMetrics>> {
+        let by_peer = self
+            .peers
+            .by_peer
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        by_peer.get(&peer).cloned()
+    }
+
+    /// Creates the series of `peer`, a member added at run time; nothing if they exist.
+    /// `false` (logged) when [`PEER_SERIES_MAX`] peers have series already.
+    pub fn add_peer(&self, peer: NodeId) -> bool {
+        self.peers.add(peer)
+    }
+
+    /// Drops the series of `peer`, a member removed at run time; nothing if it has none.
+    pub fn remove_peer(&self, peer: NodeId) {
+        self.peers.remove(peer)
     }
 
     /// Records one client request.
@@ -509,5 +581,38 @@ mod tests {
             m.peer(9).is_none(),
             "no series for a node that is not a peer"
         );
+    }
+
+    /// A member added at run time gets its series; a removed one loses them.
+    #[test]
+    fn peers_added_and_removed_at_run_time_gain_and_lose_their_series() {
+        let m = Metrics::new([2]);
+        assert!(m.peer(4).is_none());
+        assert!(m.add_peer(4));
+        assert!(m.add_peer(4), "adding twice is harmless");
+        m.peer(4).unwrap().sent_bytes.inc_by(7);
+        let text = m.encode();
+        assert_eq!(
+            sample(&text, "raftkv_peer_sent_bytes_total{peer=\"4\"}"),
+            Some(7.0)
+        );
+        m.remove_peer(4);
+        m.remove_peer(4);
+        assert!(m.peer(4).is_none());
+        let text = m.encode();
+        assert_eq!(
+            sample(&text, "raftkv_peer_sent_bytes_total{peer=\"4\"}"),
+            None
+        );
+        assert_eq!(
+            sample(&text, "raftkv_peer_sent_bytes_total{peer=\"2\"}"),
+            Some(0.0)
+        );
+        // Bounded: the series of at most PEER_SERIES_MAX peers.
+        for peer in 10..(10 + PEER_SERIES_MAX as NodeId) {
+            m.add_peer(peer);
+        }
+        assert!(!m.add_peer(1 << 20));
+        assert!(m.peer(1 << 20).is_none());
     }
 }

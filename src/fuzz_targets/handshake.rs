@@ -42,7 +42,7 @@ pub fn peer_handshake(data: &[u8]) {
         };
         let answer = tokio::time::timeout(
             Duration::from_millis(HANDSHAKE_MS_MAX),
-            accept(&mut acceptor, &config),
+            accept(&mut acceptor, &config, |id| config.peers.contains_key(&id)),
         );
         let (_dialer, answer) = tokio::join!(write, answer);
         answer

@@ -119,15 +119,17 @@ pub(crate) async fn dial<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// The acceptor's side: returns the authenticated dialer's id. A refusal is sent to the
-/// dialer (best effort) before the error is returned.
+/// The acceptor's side: returns the authenticated dialer's id. `is_member` says whether an
+/// id is a current peer (the set changes at run time, so it is not `config.peers`). A refusal
+/// is sent to the dialer (best effort) before the error is returned.
 pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
     config: &TransportConfig,
+    is_member: impl Fn(NodeId) -> bool,
 ) -> Result<NodeId, HandshakeError> {
     let limit = config.handshake_bytes_max;
     let hello: Hello = read_frame(io, limit).await?;
-    if let Err(reason) = check_hello(config, &hello) {
+    if let Err(reason) = check_hello(config, &hello, is_member(hello.from)) {
         let refusal = Challenge::Refused {
             reason: reason.clone(),
         };
@@ -180,8 +182,9 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(hello.from)
 }
 
-/// Checks a dialer's introduction; `Err` is the reason it is refused.
-fn check_hello(config: &TransportConfig, hello: &Hello) -> Result<(), String> {
+/// Checks a dialer's introduction (`is_member`: whether `hello.from` is a current peer);
+/// `Err` is the reason it is refused.
+fn check_hello(config: &TransportConfig, hello: &Hello, is_member: bool) -> Result<(), String> {
     if hello.version != PROTOCOL_VERSION {
         return Err(format!(
             "protocol version {} is not {PROTOCOL_VERSION}",
@@ -200,7 +203,7 @@ fn check_hello(config: &TransportConfig, hello: &Hello) -> Result<(), String> {
             hello.to, config.node_id
         ));
     }
-    if !config.peers.contains_key(&hello.from) {
+    if !is_member || hello.from == config.node_id {
         return Err(format!("node {} is not a member", hello.from));
     }
     Ok(())

@@ -7,9 +7,15 @@
 //! can make the reader allocate `handshake_bytes_max` at most. `accept` failing for lack of
 //! file descriptors or memory is retried with exponential backoff and logged once per
 //! episode; a spinning accept loop would burn a core and flood the log.
+//!
+//! Who may connect is the transport's current member set (a `watch` that `set_peers` writes):
+//! the handshake checks it, and each reader watches it and closes its connection when its
+//! peer is removed.
 
 use super::{handshake, sleep_or_shutdown, BoxedIo, FrameError, TransportConfig, TransportEvent};
+use raftkv_types::NodeId;
 use serde::de::DeserializeOwned;
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,6 +85,7 @@ pub(super) async fn run_listener<M: DeserializeOwned + Send + 'static>(
     config: Arc<TransportConfig>,
     listener: TcpListener,
     events: mpsc::Sender<TransportEvent<M>>,
+    members: watch::Receiver<BTreeSet<NodeId>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let node = config.node_id;
@@ -127,12 +134,16 @@ pub(super) async fn run_listener<M: DeserializeOwned + Send + 'static>(
             overflow.closed = 0;
         }
         let _ = stream.set_nodelay(true);
+        // Any membership change from now on makes the reader check its peer again.
+        let mut members = members.clone();
+        members.mark_unchanged();
         readers.spawn(run_reader(
             config.clone(),
             stream,
             remote,
             permit,
             events.clone(),
+            members,
             shutdown.clone(),
         ));
     }
@@ -143,6 +154,7 @@ pub(super) async fn run_listener<M: DeserializeOwned + Send + 'static>(
 async fn authenticate(
     config: &TransportConfig,
     stream: TcpStream,
+    members: &watch::Receiver<BTreeSet<NodeId>>,
 ) -> Result<(BoxedIo, u64), super::LinkError> {
     let mut io: BoxedIo = match &config.auth.tls {
         Some(tls) => {
@@ -155,7 +167,7 @@ async fn authenticate(
         }
         None => Box::new(stream),
     };
-    let from = handshake::accept(&mut io, config).await?;
+    let from = handshake::accept(&mut io, config, |id| members.borrow().contains(&id)).await?;
     Ok((io, from))
 }
 
@@ -165,12 +177,13 @@ async fn run_reader<M: DeserializeOwned + Send + 'static>(
     remote: SocketAddr,
     permit: OwnedSemaphorePermit,
     events: mpsc::Sender<TransportEvent<M>>,
+    mut members: watch::Receiver<BTreeSet<NodeId>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let node = config.node_id;
     let authenticated = tokio::time::timeout(
         Duration::from_millis(config.handshake_timeout_ms),
-        authenticate(&config, stream),
+        authenticate(&config, stream, &members),
     )
     .await;
     let (io, from) = match authenticated {
@@ -193,9 +206,10 @@ async fn run_reader<M: DeserializeOwned + Send + 'static>(
         .and_then(|m| m.peer(from))
         .map(|p| p.received_bytes.clone());
     loop {
-        let next = tokio::select! {
-            f = super::frame::read_frame_sized::<_, M>(&mut stream, config.frame_bytes_max) => f,
-            _ = shutdown.changed() => return,
+        let Some(next) =
+            next_frame::<M, _>(&mut stream, &config, from, &mut members, &mut shutdown).await
+        else {
+            return;
         };
         match next {
             Ok((message, frame_bytes)) => {
@@ -223,6 +237,34 @@ async fn run_reader<M: DeserializeOwned + Send + 'static>(
                 let _ = events.try_send(TransportEvent::Unreachable { peer: from });
                 return;
             }
+        }
+    }
+}
+
+/// The next frame from `from`; `None` when the reader must stop because the transport shuts
+/// down or `from` is no longer a member. A membership change that keeps `from` does not
+/// cancel a frame read half-way (that would lose the stream's framing).
+async fn next_frame<M: DeserializeOwned, R: tokio::io::AsyncRead + Unpin>(
+    stream: &mut R,
+    config: &TransportConfig,
+    from: NodeId,
+    members: &mut watch::Receiver<BTreeSet<NodeId>>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Result<(M, usize), FrameError>> {
+    let read = super::frame::read_frame_sized::<_, M>(stream, config.frame_bytes_max);
+    tokio::pin!(read);
+    loop {
+        // Biased: once `from` is removed, no frame of its is delivered at the next poll.
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => return None,
+            changed = members.changed() => {
+                if changed.is_err() || !members.borrow_and_update().contains(&from) {
+                    tracing::info!(node = config.node_id, peer = from, "peer is no longer a member; closing its connection");
+                    return None;
+                }
+            }
+            f = &mut read => return Some(f),
         }
     }
 }

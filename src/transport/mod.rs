@@ -32,6 +32,12 @@
 //! - The writer batches: after one message it writes whatever else is queued (up to
 //!   `write_batch_bytes_max`) before one flush, so a burst costs one syscall.
 //! - No client URL is exchanged: members' client URLs come from the node's configuration.
+//! - **The peer set changes at run time** ([`PeerTransport::set_peers`], for membership
+//!   changes): an added peer gets a writer and a queue, a peer whose address changed gets a
+//!   new writer dialing the new address (messages queued for the old one are dropped), and a
+//!   removed peer's writer stops, its queued messages are dropped, its handshakes are refused
+//!   and its open inbound connections are closed. The listener reads the same member set that
+//!   `set_peers` writes, so nothing else decides who may connect. At most [`PEERS_MAX`] peers.
 //!
 //! The transport is generic over the message type: the node sends Raft messages and snapshot
 //! chunks through it; tests send strings.
@@ -45,9 +51,9 @@ pub use auth::{PeerSecret, SecretError};
 use frame::FrameError;
 use raftkv_types::NodeId;
 use serde::{de::DeserializeOwned, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
@@ -57,6 +63,10 @@ use tokio::task::JoinSet;
 /// The handshake protocol version; bumped on any incompatible change of the peer protocol.
 /// 2: challenge–response with the cluster secret; no client URL in the handshake.
 pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The most peers a transport talks to; `set_peers` refuses the rest (logged) and a
+/// configuration with more does not start.
+pub const PEERS_MAX: usize = 1024;
 
 /// How peers prove who they are. Empty (the default) means unauthenticated.
 #[derive(Clone, Debug, Default)]
@@ -89,7 +99,8 @@ pub struct TransportConfig {
     /// Identifies the cluster; peers of another cluster are refused.
     pub cluster_id: String,
     pub node_id: NodeId,
-    /// The other members' peer addresses (`host:port`), by id.
+    /// The other members' peer addresses (`host:port`), by id, at start;
+    /// [`PeerTransport::set_peers`] replaces them later.
     pub peers: BTreeMap<NodeId, String>,
     pub auth: PeerAuth,
     /// Messages queued per peer before `send` fails with `QueueFull`.
@@ -152,6 +163,9 @@ impl TransportConfig {
         }
         if self.node_id == 0 || self.peers.contains_key(&0) {
             return bad("node id 0 is reserved".into());
+        }
+        if self.peers.len() > PEERS_MAX {
+            return bad(format!("{} peers, more than {PEERS_MAX}", self.peers.len()));
         }
         if self.queue_messages_max == 0
             || self.inbound_messages_max == 0
@@ -227,12 +241,77 @@ fn server_name(addr: &str) -> Result<rustls::pki_types::ServerName<'static>, Str
         .map_err(|e| format!("{host:?} (from {addr:?}) is not a TLS server name: {e}"))
 }
 
-/// A running transport. Dropping it without [`PeerTransport::shutdown`] stops its tasks.
-pub struct PeerTransport<M> {
+/// The peers a `set_peers` call will use: `peers` less this node, id 0, addresses that are
+/// not TLS server names (with TLS) and, past [`PEERS_MAX`], the highest ids; each refusal is
+/// logged.
+fn admissible_peers(
     node_id: NodeId,
-    queues: BTreeMap<NodeId, mpsc::Sender<M>>,
+    tls: bool,
+    peers: BTreeMap<NodeId, String>,
+) -> BTreeMap<NodeId, String> {
+    let mut admitted = BTreeMap::new();
+    let mut over_limit = 0usize;
+    for (peer, addr) in peers {
+        if peer == 0 || peer == node_id {
+            tracing::warn!(node = node_id, peer, %addr, "ignoring peer: id 0 or this node's own");
+            continue;
+        }
+        if tls {
+            if let Err(reason) = server_name(&addr) {
+                tracing::warn!(node = node_id, peer, %reason, "ignoring peer: not a TLS server name");
+                continue;
+            }
+        }
+        if admitted.len() >= PEERS_MAX {
+            over_limit += 1;
+            continue;
+        }
+        admitted.insert(peer, addr);
+    }
+    if over_limit > 0 {
+        tracing::warn!(
+            node = node_id,
+            refused = over_limit,
+            limit = PEERS_MAX,
+            "too many peers; refusing those with the highest ids"
+        );
+    }
+    debug_assert!(admitted.len() <= PEERS_MAX);
+    debug_assert!(!admitted.contains_key(&node_id) && !admitted.contains_key(&0));
+    admitted
+}
+
+/// The outbound side of one peer: its address, its queue and the writer task draining it.
+/// Dropping the link stops the writer (its queued messages are dropped with it).
+struct PeerLink<M> {
+    addr: String,
+    queue: mpsc::Sender<M>,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+impl<M> Drop for PeerLink<M> {
+    fn drop(&mut self) {
+        self.writer.abort();
+    }
+}
+
+/// A running transport. Dropping it without [`PeerTransport::shutdown`] stops its tasks.
+///
+/// Shared as `Arc<PeerTransport<M>>` by tasks and threads: [`send`](Self::send) takes a read
+/// lock and [`set_peers`](Self::set_peers) a write lock, neither across an `await`.
+pub struct PeerTransport<M> {
+    config: Arc<TransportConfig>,
+    /// The peers messages go to, by id.
+    links: RwLock<BTreeMap<NodeId, PeerLink<M>>>,
+    /// The ids the listener accepts; readers of a removed id close their connection.
+    members: watch::Sender<BTreeSet<NodeId>>,
+    /// Where new writers report a peer unreachable.
+    events: mpsc::Sender<TransportEvent<M>>,
+    /// Where `set_peers` starts writers from any thread.
+    runtime: tokio::runtime::Handle,
     local_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
+    /// The listener.
     tasks: JoinSet<()>,
 }
 
@@ -256,7 +335,9 @@ where
         PeerTransport::start_with_listener(config, listener)
     }
 
-    /// Starts the transport on an already bound listener (tests bind port 0 first).
+    /// Starts the transport on an already bound listener (tests bind port 0 first). Must be
+    /// called within a tokio runtime: later [`set_peers`](Self::set_peers) calls start
+    /// writers on it.
     pub fn start_with_listener(
         config: TransportConfig,
         listener: TcpListener,
@@ -269,28 +350,33 @@ where
                 source,
             })?;
         let config = Arc::new(config);
-        let (events_tx, events_rx) = mpsc::channel(config.inbound_messages_max);
+        let (events, events_rx) = mpsc::channel(config.inbound_messages_max);
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let (members, members_rx) = watch::channel(BTreeSet::new());
         let mut tasks = JoinSet::new();
-        let mut queues = BTreeMap::new();
-        for (&peer, addr) in &config.peers {
-            let (tx, rx) = mpsc::channel(config.queue_messages_max);
-            queues.insert(peer, tx);
-            tasks.spawn(run_writer(
-                config.clone(),
-                peer,
-                addr.clone(),
-                rx,
-                events_tx.clone(),
-                shutdown_rx.clone(),
-            ));
-        }
         tasks.spawn(listener::run_listener(
             config.clone(),
             listener,
-            events_tx,
+            events.clone(),
+            members_rx,
             shutdown_rx,
         ));
+        let transport = PeerTransport {
+            config: config.clone(),
+            links: RwLock::new(BTreeMap::new()),
+            members,
+            events,
+            runtime: tokio::runtime::Handle::current(),
+            local_addr,
+            shutdown,
+            tasks,
+        };
+        transport.set_peers(config.peers.clone());
+        debug_assert_eq!(
+            transport.peers(),
+            config.peers,
+            "validate() admits every peer"
+        );
         tracing::info!(
             node = config.node_id,
             addr = %local_addr,
@@ -299,22 +385,88 @@ where
             tls = config.auth.tls.is_some(),
             "peer transport listening"
         );
-        Ok((
-            PeerTransport {
-                node_id: config.node_id,
-                queues,
-                local_addr,
-                shutdown,
-                tasks,
-            },
-            events_rx,
-        ))
+        Ok((transport, events_rx))
+    }
+
+    /// Replaces the peer set; callable from any thread, returns without waiting for the
+    /// network. A new id gets a writer and a queue; an id whose address changed gets a new
+    /// writer to the new address (messages queued for the old one are dropped); a missing id's
+    /// writer stops, its queued messages are dropped, its handshakes are refused and its open
+    /// inbound connections are closed. This node's id, id 0, peers past [`PEERS_MAX`] and
+    /// (with TLS) addresses that are not server names are skipped with a warning — as if
+    /// absent from `peers`. Per-peer metrics series are added and removed to match.
+    pub fn set_peers(&self, peers: BTreeMap<NodeId, String>) {
+        let node = self.config.node_id;
+        let wanted = admissible_peers(node, self.config.auth.tls.is_some(), peers);
+        let mut links = self.links.write().unwrap_or_else(PoisonError::into_inner);
+        let metrics = self.config.metrics.as_deref();
+        // Series first, so a new member's first connection finds them.
+        if let Some(m) = metrics {
+            for &peer in wanted.keys().filter(|p| !links.contains_key(p)) {
+                m.add_peer(peer);
+            }
+        }
+        // Stop accepting the removed before their writers stop, so they cannot come back in.
+        // Readers are woken (to check their peer) only when the set changed.
+        let ids: BTreeSet<NodeId> = wanted.keys().copied().collect();
+        self.members.send_if_modified(|members| {
+            let changed = *members != ids;
+            *members = ids;
+            changed
+        });
+        links.retain(|&peer, link| {
+            let keep = wanted.get(&peer) == Some(&link.addr);
+            if !keep {
+                tracing::info!(node, peer, addr = %link.addr, "stopping peer link");
+                if let (Some(m), false) = (metrics, wanted.contains_key(&peer)) {
+                    m.remove_peer(peer);
+                }
+            }
+            keep
+        });
+        for (peer, addr) in wanted {
+            if let std::collections::btree_map::Entry::Vacant(slot) = links.entry(peer) {
+                tracing::info!(node, peer, %addr, "starting peer link");
+                slot.insert(self.start_link(peer, addr));
+            }
+        }
+        debug_assert!(links.len() <= PEERS_MAX);
+        debug_assert!(links.keys().eq(self.members.borrow().iter()));
+    }
+
+    /// Starts the writer of `peer` at `addr` with an empty queue.
+    fn start_link(&self, peer: NodeId, addr: String) -> PeerLink<M> {
+        debug_assert!(peer != self.config.node_id && peer != 0);
+        let (queue, rx) = mpsc::channel(self.config.queue_messages_max);
+        let writer = self.runtime.spawn(run_writer(
+            self.config.clone(),
+            peer,
+            addr.clone(),
+            rx,
+            self.events.clone(),
+            self.shutdown.subscribe(),
+        ));
+        PeerLink {
+            addr,
+            queue,
+            writer,
+        }
+    }
+
+    /// The current peers and their addresses.
+    pub fn peers(&self) -> BTreeMap<NodeId, String> {
+        let links = self.links.read().unwrap_or_else(PoisonError::into_inner);
+        links
+            .iter()
+            .map(|(&peer, link)| (peer, link.addr.clone()))
+            .collect()
     }
 
     /// Queues `message` for `to` without waiting.
     pub fn send(&self, to: NodeId, message: M) -> Result<(), SendError> {
-        let queue = self.queues.get(&to).ok_or(SendError::UnknownPeer(to))?;
-        queue.try_send(message).map_err(|e| match e {
+        let links = self.links.read().unwrap_or_else(PoisonError::into_inner);
+        let link = links.get(&to).ok_or(SendError::UnknownPeer(to))?;
+        link.queue.try_send(message).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => SendError::QueueFull(to),
             mpsc::error::TrySendError::Closed(_) => SendError::Closed,
         })
@@ -322,10 +474,22 @@ where
 
     /// Queues `message` for `to`, waiting (by notification, not polling) while the peer's
     /// queue is full. For bulk transfers that must not drop a piece (snapshot chunks); the
-    /// caller bounds the wait.
+    /// caller bounds the wait. A peer removed meanwhile fails it with `UnknownPeer`; one whose
+    /// address changed meanwhile with `Closed`.
     pub async fn send_wait(&self, to: NodeId, message: M) -> Result<(), SendError> {
-        let queue = self.queues.get(&to).ok_or(SendError::UnknownPeer(to))?;
-        queue.send(message).await.map_err(|_| SendError::Closed)
+        let queue = {
+            let links = self.links.read().unwrap_or_else(PoisonError::into_inner);
+            let link = links.get(&to).ok_or(SendError::UnknownPeer(to))?;
+            link.queue.clone()
+        };
+        queue.send(message).await.map_err(|_| {
+            let links = self.links.read().unwrap_or_else(PoisonError::into_inner);
+            if links.contains_key(&to) {
+                SendError::Closed
+            } else {
+                SendError::UnknownPeer(to)
+            }
+        })
     }
 
     /// The address the listener is bound to.
@@ -335,12 +499,16 @@ where
 
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
-        self.node_id
+        self.config.node_id
     }
 
     /// Stops every task and waits for them; queued messages are dropped.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
+        let links = std::mem::take(self.links.get_mut().unwrap_or_else(PoisonError::into_inner));
+        for (_, mut link) in links {
+            let _ = (&mut link.writer).await;
+        }
         while self.tasks.join_next().await.is_some() {}
     }
 }

@@ -617,3 +617,175 @@ fn tls_server_names_come_from_the_peer_address() {
     ));
     assert!(server_name("bad name!:1").is_err());
 }
+
+fn start(
+    config: TransportConfig,
+    l: TcpListener,
+) -> (PeerTransport<Msg>, mpsc::Receiver<TransportEvent<Msg>>) {
+    PeerTransport::<Msg>::start_with_listener(config, l).unwrap()
+}
+
+fn peers(list: &[(NodeId, &str)]) -> BTreeMap<NodeId, String> {
+    list.iter().map(|(i, a)| (*i, a.to_string())).collect()
+}
+
+/// Two transports that start with no peers add each other at run time (one of them from a
+/// thread outside the runtime) and messages flow both ways; the new member's traffic is
+/// counted in series created for it.
+#[tokio::test]
+async fn peers_added_at_run_time_exchange_messages_both_ways() {
+    let (l1, a1) = bind().await;
+    let (l2, a2) = bind().await;
+    let metrics = Arc::new(crate::metrics::Metrics::standalone());
+    let mut c1 = config(1, &[]);
+    c1.metrics = Some(metrics.clone());
+    let (t1, mut rx1) = start(c1, l1);
+    let (t2, mut rx2) = start(config(2, &[]), l2);
+    assert_eq!(
+        t1.send(2, "too early".into()),
+        Err(SendError::UnknownPeer(2))
+    );
+    assert!(metrics.peer(2).is_none());
+
+    std::thread::scope(|s| {
+        s.spawn(|| t1.set_peers(peers(&[(2, &a2)])));
+    });
+    t2.set_peers(peers(&[(1, &a1)]));
+    assert_eq!(t1.peers(), peers(&[(2, &a2)]));
+    assert_eq!(t2.peers(), peers(&[(1, &a1)]));
+    assert!(metrics.peer(2).is_some(), "the new member has series");
+
+    for i in 0..10 {
+        t1.send(2, format!("m{i}")).unwrap();
+    }
+    for i in 0..10 {
+        assert_eq!(next_message(&mut rx2).await, (1, format!("m{i}")));
+    }
+    t2.send(1, "back".into()).unwrap();
+    assert_eq!(next_message(&mut rx1).await, (2, "back".to_string()));
+    // The reader counts a frame before handing it over.
+    assert!(metrics.peer(2).unwrap().received_bytes.get() > 0);
+
+    // The same set again changes nothing: the links stay up and in order.
+    t1.set_peers(peers(&[(2, &a2)]));
+    t1.send(2, "again".into()).unwrap();
+    assert_eq!(next_message(&mut rx2).await, (1, "again".to_string()));
+    t1.shutdown().await;
+    t2.shutdown().await;
+}
+
+/// A removed peer: `send` to it fails, both connections with it close, a new handshake from
+/// it is refused, and what it sends is not delivered.
+#[tokio::test]
+async fn a_removed_peer_is_disconnected_and_refused() {
+    let (l1, a1) = bind().await;
+    let (l2, a2) = bind().await;
+    let metrics = Arc::new(crate::metrics::Metrics::new([2]));
+    let mut c1 = config(1, &[(2, &a2)]);
+    c1.metrics = Some(metrics.clone());
+    let (t1, mut rx1) = start(c1, l1);
+    let (t2, mut rx2) = start(config(2, &[(1, &a1)]), l2);
+    t1.send(2, "before".into()).unwrap();
+    assert_eq!(next_message(&mut rx2).await, (1, "before".to_string()));
+    t2.send(1, "before".into()).unwrap();
+    assert_eq!(next_message(&mut rx1).await, (2, "before".to_string()));
+
+    t1.set_peers(BTreeMap::new());
+    assert!(t1.peers().is_empty());
+    assert_eq!(t1.send(2, "after".into()), Err(SendError::UnknownPeer(2)));
+    assert_eq!(
+        t1.send_wait(2, "after".into()).await,
+        Err(SendError::UnknownPeer(2))
+    );
+    assert!(
+        metrics.peer(2).is_none(),
+        "a removed member loses its series"
+    );
+    // Node 2 hears both connections close: node 1's writer stopped, and node 1 closed
+    // node 2's inbound connection.
+    assert_eq!(next_unreachable(&mut rx2).await, 1);
+    assert_eq!(next_unreachable(&mut rx2).await, 1);
+
+    let (mut raw, challenge) = raw_hello(&a1, 2, 1, "test-cluster").await;
+    assert!(
+        matches!(&challenge, Challenge::Refused { reason } if reason.contains("not a member")),
+        "{challenge:?}"
+    );
+    assert_closed(&mut raw, "a removed member's handshake").await;
+    let _ = t2.send(1, "from a removed member".into());
+    assert_no_message(&mut rx1, 300).await;
+    t1.shutdown().await;
+    t2.shutdown().await;
+}
+
+/// A peer whose address changes: the old link stops (the old address hears it close) and
+/// messages go to whoever holds the id at the new address.
+#[tokio::test]
+async fn a_changed_address_sends_to_the_new_one() {
+    let (l1, a1) = bind().await;
+    let (l2, a2) = bind().await;
+    let (t1, mut rx1) = start(config(1, &[(2, &a2)]), l1);
+    let (t2, mut rx2) = start(config(2, &[(1, &a1)]), l2);
+    t1.send(2, "to the old address".into()).unwrap();
+    assert_eq!(
+        next_message(&mut rx2).await,
+        (1, "to the old address".to_string())
+    );
+
+    let (l3, a3) = bind().await;
+    let (t3, mut rx3) = start(config(2, &[(1, &a1)]), l3);
+    t1.set_peers(peers(&[(2, &a3)]));
+    assert_eq!(t1.peers(), peers(&[(2, &a3)]));
+    assert_eq!(next_unreachable(&mut rx2).await, 1, "the old link closed");
+    t1.send(2, "to the new address".into()).unwrap();
+    assert_eq!(
+        next_message(&mut rx3).await,
+        (1, "to the new address".to_string())
+    );
+    // Node 2 is still a member: its inbound connections are accepted.
+    t3.send(1, "from the new address".into()).unwrap();
+    assert_eq!(
+        next_message(&mut rx1).await,
+        (2, "from the new address".to_string())
+    );
+    assert_no_message(&mut rx2, 100).await;
+    for t in [t1, t2, t3] {
+        t.shutdown().await;
+    }
+}
+
+#[test]
+fn set_peers_skips_itself_id_zero_bad_tls_names_and_the_excess() {
+    let given = peers(&[(0, "a:1"), (1, "me:1"), (2, "b:1"), (3, "bad name!:1")]);
+    assert_eq!(
+        admissible_peers(1, false, given.clone()),
+        peers(&[(2, "b:1"), (3, "bad name!:1")])
+    );
+    assert_eq!(admissible_peers(1, true, given), peers(&[(2, "b:1")]));
+    let many: BTreeMap<NodeId, String> = (2..(PEERS_MAX as NodeId + 12))
+        .map(|id| (id, format!("n{id}:1")))
+        .collect();
+    let admitted = admissible_peers(1, false, many);
+    assert_eq!(admitted.len(), PEERS_MAX);
+    assert_eq!(
+        admitted.keys().next_back(),
+        Some(&(PEERS_MAX as NodeId + 1))
+    );
+}
+
+#[test]
+fn more_than_peers_max_at_start_is_a_configuration_error() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (l, _) = bind().await;
+        let mut c = config(1, &[]);
+        c.peers = (2..(PEERS_MAX as NodeId + 3))
+            .map(|id| (id, format!("n{id}:1")))
+            .collect();
+        let err = PeerTransport::<Msg>::start_with_listener(c, l).err();
+        assert!(matches!(err, Some(TransportError::Config(_))));
+    });
+}
