@@ -155,6 +155,11 @@ impl Driver {
     /// Carries out one step's outputs. The storage and apply queues are bounded: a full one
     /// makes this task wait (notified when there is room), which holds back new input.
     async fn dispatch(&mut self, out: &mut Outputs) -> Result<(), super::NodeError> {
+        // The peer set first: messages of this step may go to a member it adds.
+        if let Some(peers) = out.peers.take() {
+            tracing::info!(?peers, "peer set changed");
+            self.transport.set_peers(peers);
+        }
         // Applies first, so the apply (and the write's answer) starts before anything else.
         for job in out.apply.drain(..) {
             self.applies

@@ -198,7 +198,7 @@ fn decode_meta(p: &[u8], offset: u64) -> Result<SnapshotMeta, FormatError> {
     // The joint half and addresses follow (absent in the older form of the chunk).
     membership
         .decode_tail(&p[at..])
-        .map_err(|e| corrupt(offset, &format!("meta chunk membership: {e}")))?;
+        .map_err(|e| corrupt(offset, format!("meta chunk membership: {e}")))?;
     Ok(SnapshotMeta {
         index: u64_at(p, 0),
         term: u64_at(p, 8),

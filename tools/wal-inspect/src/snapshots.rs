@@ -467,7 +467,7 @@ mod tests {
             term: 2,
             membership: Membership {
                 voters: [1, 2, 3].into_iter().collect(),
-                learners: Default::default(),
+                ..Membership::default()
             },
         };
         let file = StdFs.open(path, true).unwrap();
