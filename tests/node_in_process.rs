@@ -39,6 +39,7 @@ fn config(id: u64, ports: &Ports, root: &Path, snapshot_every: u64) -> NodeConfi
             .filter(|(i, _)| **i != id)
             .map(|(i, p)| (*i, format!("127.0.0.1:{p}")))
             .collect(),
+        join: Vec::new(),
         peer_client_urls: ports
             .client
             .iter()

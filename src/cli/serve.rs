@@ -20,7 +20,8 @@ use std::process::ExitCode;
 
 #[derive(Debug, Default, clap::Args)]
 pub struct ServeArgs {
-    /// This node's id (a positive integer, unique in the cluster).
+    /// This node's id (a positive integer, unique in the cluster). With --join it may be left
+    /// out: the cluster knows it from `raftkv member add`.
     #[arg(long, env = "RAFTKV_ID")]
     pub id: Option<u64>,
     /// Where this node keeps its WAL, state machine and snapshots.
@@ -36,9 +37,15 @@ pub struct ServeArgs {
     /// Address the peer transport listens on.
     #[arg(long, env = "RAFTKV_PEER_ADDR", value_name = "HOST:PORT")]
     pub peer_addr: Option<String>,
-    /// The other members: ID=HOST:PORT of their peer addresses, comma-separated.
+    /// The other members: ID=HOST:PORT of their peer addresses, comma-separated. Only for
+    /// bootstrapping a new cluster: once the data dir holds a configuration, it wins.
     #[arg(long, env = "RAFTKV_PEERS", value_name = "ID=HOST:PORT,...")]
     pub peers: Option<String>,
+    /// Join a running cluster through these members' client URLs (comma-separated), after
+    /// `raftkv member add`: this node asks for its id and the configuration, then catches up
+    /// from the leader. Used only while the data dir is empty; excludes --peers.
+    #[arg(long, env = "RAFTKV_JOIN", value_name = "URL,...")]
+    pub join: Option<String>,
     /// The other members' client URLs, ID=URL comma-separated, for leader hints and status
     /// (never learned from peers).
     #[arg(long, env = "RAFTKV_PEER_CLIENT_URLS", value_name = "ID=URL,...")]
@@ -125,6 +132,7 @@ struct FileConfig {
     client_url: Option<String>,
     peer_addr: Option<String>,
     peers: Option<BTreeMap<String, String>>,
+    join: Option<Vec<String>>,
     peer_client_urls: Option<BTreeMap<String, String>>,
     peer_secret_file: Option<PathBuf>,
     peer_cert: Option<PathBuf>,
@@ -189,7 +197,21 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<NodeConfig> {
         None => FileConfig::default(),
     };
     let client_port = client_port(args, &mut file)?;
-    let id = args.id.or(file.id).context("--id is required")?;
+    let join: Vec<String> = match (&args.join, file.join.take()) {
+        (Some(flag), _) => flag
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(String::from)
+            .collect(),
+        (None, Some(list)) => list,
+        (None, None) => Vec::new(),
+    };
+    let id = match args.id.or(file.id) {
+        Some(id) => id,
+        None if !join.is_empty() => 0,
+        None => bail!("--id is required (it may be left out only with --join)"),
+    };
     let data_dir = args
         .data_dir
         .clone()
@@ -243,6 +265,7 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<NodeConfig> {
         client_url,
         peer_addr,
         peers,
+        join,
         peer_client_urls,
         peer_secret_file: args.peer_secret_file.clone().or(file.peer_secret_file),
         peer_tls,

@@ -2,7 +2,10 @@
 //!
 //! A node started with flags naming another node id or cluster than its data dir refuses to
 //! start: serving another member's log under a new name could make it vote twice in a term.
-//! The file is written once, atomically, when the node first bootstraps.
+//! The file is written once, atomically, when the node first bootstraps — or first joins a
+//! running cluster (`serve --join`), which it records: a joined node whose data dir is still
+//! empty must join again, never bootstrap a cluster of its own (its first log entry would
+//! then differ from the cluster's at the same index and term).
 
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -15,6 +18,9 @@ pub const IDENTITY_FILE: &str = "raftkv.id";
 pub struct Identity {
     pub cluster_id: String,
     pub node_id: u64,
+    /// Created by `serve --join` rather than by bootstrapping.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub joined: bool,
 }
 
 /// Why the identity check failed.
@@ -60,10 +66,13 @@ pub fn read(data_dir: &Path) -> Result<Option<Identity>, IdentityError> {
         })
 }
 
-/// Checks `data_dir` belongs to `want`, writing the identity if the dir has none yet.
-pub fn check_or_write(data_dir: &Path, want: &Identity) -> Result<(), IdentityError> {
+/// Checks `data_dir` belongs to `want` (same cluster and node), writing the identity if the
+/// dir has none yet. Returns the identity the dir holds (`joined` as first written).
+pub fn check_or_write(data_dir: &Path, want: &Identity) -> Result<Identity, IdentityError> {
     match read(data_dir)? {
-        Some(found) if &found == want => Ok(()),
+        Some(found) if found.cluster_id == want.cluster_id && found.node_id == want.node_id => {
+            Ok(found)
+        }
         Some(found) => Err(IdentityError::Mismatch {
             dir: data_dir.display().to_string(),
             found_node: found.node_id,
@@ -93,7 +102,8 @@ pub fn check_or_write(data_dir: &Path, want: &Identity) -> Result<(), IdentityEr
                 IDENTITY_FILE,
                 &bytes,
             )
-            .map_err(io)
+            .map_err(io)?;
+            Ok(want.clone())
         }
     }
 }
@@ -124,9 +134,15 @@ mod tests {
         let me = Identity {
             cluster_id: "c".into(),
             node_id: 2,
+            joined: true,
         };
         check_or_write(dir.path(), &me).unwrap();
-        check_or_write(dir.path(), &me).unwrap();
+        // `joined` is what was first written, whatever the later start says.
+        let again = Identity {
+            joined: false,
+            ..me.clone()
+        };
+        assert!(check_or_write(dir.path(), &again).unwrap().joined);
         let other = Identity {
             node_id: 3,
             ..me.clone()
@@ -146,6 +162,7 @@ mod tests {
         let me = Identity {
             cluster_id: "c".into(),
             node_id: 2,
+            joined: false,
         };
         // Empty subdirectories are not data: a fresh start that made them may be retried.
         std::fs::create_dir_all(dir.path().join("wal")).unwrap();

@@ -44,6 +44,7 @@ pub mod apply;
 pub mod consensus;
 pub mod driver;
 pub mod identity;
+pub mod join;
 pub mod messages;
 pub mod peer;
 pub mod rejoin;
@@ -85,8 +86,13 @@ pub struct NodeConfig {
     pub client_url: String,
     /// Where the peer transport listens.
     pub peer_addr: String,
-    /// The other members' peer addresses.
+    /// The other members' peer addresses (bootstrap only: once the data dir holds a
+    /// configuration, the log's addresses win).
     pub peers: BTreeMap<NodeId, String>,
+    /// Join a running cluster through these members' client URLs instead of bootstrapping
+    /// (`--join`): used only while the data dir is empty. `id` may then be 0 (found by this
+    /// node's advertised client URL or peer address).
+    pub join: Vec<String>,
     /// The other members' client URLs, for leader hints and status. Configured, never learned
     /// from a peer: a forged handshake must not redirect clients. A member without one is
     /// named by id only (followers answer 503 with the leader's id).
@@ -197,8 +203,18 @@ fn client_port(config: &NodeConfig) -> Result<(RouterOptions, Option<Tls>), Node
 impl NodeConfig {
     /// Checks the settings are usable, naming the bad one.
     pub fn validate(&self) -> Result<(), String> {
-        if self.id == 0 {
-            return Err("--id must not be 0".into());
+        if self.id == 0 && self.join.is_empty() {
+            return Err("--id must not be 0 (it may be left out only with --join)".into());
+        }
+        if !self.join.is_empty() && !self.peers.is_empty() {
+            return Err(
+                "--join and --peers exclude each other: --peers bootstraps a new cluster, \
+                 --join adds this node to a running one (after `raftkv member add`)"
+                    .into(),
+            );
+        }
+        for url in &self.join {
+            check_client_url(url).map_err(|e| format!("--join {url:?}: {e}"))?;
         }
         if self.peers.contains_key(&self.id) {
             return Err(format!("--peers lists this node's own id {}", self.id));
@@ -410,7 +426,7 @@ impl RunningNode {
 
 /// Opens the data dir (recovering it), starts the transport, the consensus task, the storage
 /// thread and the HTTP API.
-pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
+pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
     config.validate().map_err(NodeError::Config)?;
     // Before the disk is touched: a bad secret or certificate must not leave a data dir.
     let auth = peer_auth(&config)?;
@@ -429,11 +445,24 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             addr: config.peer_addr.clone(),
             source,
         })?;
-    identity::check_or_write(
+    let mut discovered = None;
+    if config.id == 0 {
+        // `--join` without `--id`: the data dir knows, or else the cluster does.
+        match identity::read(&config.data_dir)? {
+            Some(found) => config.id = found.node_id,
+            None => {
+                let joined = join::discover(&config).await?;
+                config.id = joined.id;
+                discovered = Some(joined);
+            }
+        }
+    }
+    let identity = identity::check_or_write(
         &config.data_dir,
         &identity::Identity {
             cluster_id: config.cluster_id.clone(),
             node_id: config.id,
+            joined: !config.join.is_empty(),
         },
     )?;
     let opts = NodeStorageOptions {
@@ -466,8 +495,9 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         other => other?,
     };
     let seed = config.id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ wall_clock_seed();
-    let start = consensus::Start::Bootstrap(config.membership());
+    let start = how_to_start(&config, &identity, &storage, discovered).await?;
     let raft = consensus::open_core(config.raft_config(), start, &storage, seed)?;
+    warn_if_flags_differ(&config, &raft);
     let metrics = Arc::new(crate::metrics::Metrics::new(config.peers.keys().copied()));
     let sm = storage.shared_sm();
     let snapshots = storage.shared_snapshots();
@@ -593,6 +623,70 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         apply: apply_thread,
         sm,
     })
+}
+
+/// How the core starts. A data dir that holds a log restarts from it (the flags' peers and
+/// `--join` are ignored). An empty one joins (`--join`: the configuration comes from the
+/// cluster) or bootstraps (`--peers`) — except that a data dir first created by `--join`
+/// never bootstraps: its first log entry would fork the cluster's.
+async fn how_to_start(
+    config: &NodeConfig,
+    identity: &identity::Identity,
+    storage: &NodeStorage,
+    discovered: Option<join::Joined>,
+) -> Result<consensus::Start, NodeError> {
+    if !storage.is_fresh() {
+        if !config.join.is_empty() {
+            tracing::info!(
+                id = config.id,
+                "the data dir already holds this node's log: --join is not needed and is ignored"
+            );
+        }
+        return Ok(consensus::Start::Bootstrap(config.membership()));
+    }
+    if config.join.is_empty() {
+        if identity.joined {
+            return Err(NodeError::Config(format!(
+                "the data dir {} was created by --join and holds no log yet: start it with --join again \
+                 (bootstrapping with --peers would start a second cluster under the same name)",
+                config.data_dir.display()
+            )));
+        }
+        return Ok(consensus::Start::Bootstrap(config.membership()));
+    }
+    let joined = match discovered {
+        Some(joined) => joined,
+        None => join::discover(config).await?,
+    };
+    if joined.id != config.id {
+        return Err(NodeError::Config(format!(
+            "the cluster names this node {} but --id (or the data dir) says {}",
+            joined.id, config.id
+        )));
+    }
+    Ok(consensus::Start::Join(joined.membership))
+}
+
+/// A restarted node follows the configuration in its data dir (the cluster agreed on it
+/// through the log); flags naming other members are stale. Says so, and which wins.
+fn warn_if_flags_differ(config: &NodeConfig, raft: &crate::raft::Raft) {
+    if config.peers.is_empty() {
+        return;
+    }
+    let flags: std::collections::BTreeSet<NodeId> =
+        config.peers.keys().copied().chain([config.id]).collect();
+    let m = raft.membership();
+    if flags != m.members() {
+        tracing::warn!(
+            flag_members = ?flags,
+            voters = ?m.voters,
+            learners = ?m.learners,
+            configuration_index = raft.membership_index(),
+            "--peers names other members than the data dir's configuration: the data dir wins \
+             (the cluster agreed on it through the log; --peers only bootstraps a new cluster). \
+             Update the flags to silence this"
+        );
+    }
 }
 
 /// Opens (recovers) the data dir on a blocking thread.

@@ -67,7 +67,7 @@ pub async fn fetch_snapshot(config: &NodeConfig, needed_index: u64) -> Result<()
 /// A client for the other members' client ports: their CA (`--client-ca`) for https URLs —
 /// without it the system's CAs, or none where the system has none (a scratch container) —
 /// and the cluster's bearer token (`--auth-token-file`) on every request.
-fn http_client(config: &NodeConfig) -> Result<reqwest::Client, NodeError> {
+pub(super) fn http_client(config: &NodeConfig) -> Result<reqwest::Client, NodeError> {
     crate::tls::ensure_provider();
     let settings = &config.client_port;
     let mut headers = reqwest::header::HeaderMap::new();

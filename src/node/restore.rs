@@ -176,6 +176,7 @@ fn build(req: &RestoreRequest, staging: &Path) -> Result<RestoredStorage, Restor
         &Identity {
             cluster_id: req.cluster_id.clone(),
             node_id: req.id,
+            joined: false,
         },
     )?;
     let mut opts = NodeStorageOptions::default();

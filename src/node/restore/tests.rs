@@ -108,6 +108,7 @@ fn a_restored_dir_restarts_as_a_member_of_the_new_cluster() {
             &Identity {
                 cluster_id: NEW.into(),
                 node_id: id,
+                joined: false,
             },
         )
         .unwrap();
