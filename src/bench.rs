@@ -29,6 +29,9 @@ pub enum Workload {
     Mixed {
         read_percent: u8,
     },
+    /// Writes keys 0, 1, 2, ... once each (modulo `key_space`), across all clients: loads a
+    /// state of `key_space` distinct keys in `key_space` requests.
+    Fill,
 }
 
 impl Workload {
@@ -37,9 +40,10 @@ impl Workload {
         match s {
             "put" => Ok(Workload::Put),
             "get" => Ok(Workload::Get),
+            "fill" => Ok(Workload::Fill),
             _ => {
                 let pct = s.strip_prefix("mixed:").ok_or_else(|| {
-                    format!("unknown workload {s:?}: use put, get or mixed:READ_PERCENT")
+                    format!("unknown workload {s:?}: use put, get, fill or mixed:READ_PERCENT")
                 })?;
                 let read_percent: u8 =
                     pct.parse().ok().filter(|p| *p <= 100).ok_or_else(|| {
@@ -120,6 +124,8 @@ pub enum BenchError {
 struct Shared {
     done: AtomicU64,
     issued: AtomicU64,
+    /// The next key of a `Fill` workload.
+    fill_next: AtomicU64,
     progress: Option<indicatif::ProgressBar>,
 }
 
@@ -147,13 +153,14 @@ struct Worker {
 }
 
 impl Worker {
-    async fn one(&mut self, started: Instant) {
-        let key = format!(
-            "bench-{:010}",
-            self.keys.next() % self.opts.key_space.max(1)
-        );
+    async fn one(&mut self, started: Instant, shared: &Shared) {
+        let index = match self.opts.workload {
+            Workload::Fill => shared.fill_next.fetch_add(1, Ordering::Relaxed),
+            _ => self.keys.next(),
+        };
+        let key = format!("bench-{:010}", index % self.opts.key_space.max(1));
         let read = match self.opts.workload {
-            Workload::Put => false,
+            Workload::Put | Workload::Fill => false,
             Workload::Get => true,
             Workload::Mixed { read_percent } => (self.keys.next() % 100) < u64::from(read_percent),
         };
@@ -183,6 +190,7 @@ fn describe(w: Workload) -> String {
     match w {
         Workload::Put => "put".into(),
         Workload::Get => "get".into(),
+        Workload::Fill => "fill".into(),
         Workload::Mixed { read_percent } => format!("mixed:{read_percent}"),
     }
 }
@@ -215,6 +223,7 @@ pub async fn run_load(opts: LoadOptions, show_progress: bool) -> Result<LoadRepo
     let shared = Arc::new(Shared {
         done: AtomicU64::new(0),
         issued: AtomicU64::new(0),
+        fill_next: AtomicU64::new(0),
         progress,
     });
     let started = Instant::now();
@@ -279,7 +288,7 @@ pub async fn run_load(opts: LoadOptions, show_progress: bool) -> Result<LoadRepo
                     }
                     Instant::now()
                 };
-                worker.one(intended).await;
+                worker.one(intended, &shared).await;
                 let done = shared.done.fetch_add(1, Ordering::Relaxed) + 1;
                 if let Some(pb) = &shared.progress {
                     match deadline {

@@ -26,6 +26,9 @@ pub enum BenchKind {
     Recovery(RecoveryArgs),
     /// Time from killing the leader to the first successful write.
     Failover(FailoverArgs),
+    /// Add a learner to a loaded cluster, promote it, remove the leader: catch-up time and
+    /// the write latency alongside.
+    Membership(super::bench_membership::MembershipArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -103,7 +106,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// Prints `report` as pretty JSON, or as the text `render` makes of it.
-fn emit<T: Serialize>(
+pub(super) fn emit<T: Serialize>(
     json: bool,
     report: &T,
     render: impl FnOnce(&T) -> String,
@@ -118,7 +121,7 @@ fn emit<T: Serialize>(
     Ok(())
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(super) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -129,6 +132,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     match &args.kind {
         Some(BenchKind::Recovery(r)) => recovery(r),
         Some(BenchKind::Failover(f)) => failover(f),
+        Some(BenchKind::Membership(m)) => super::bench_membership::membership(m),
         None => load(&args.load),
     }
 }
@@ -186,15 +190,20 @@ pub fn render_load(r: &LoadReport) -> String {
 }
 
 /// Children that are killed when dropped, so a failed benchmark leaves nothing running.
-struct Procs(Vec<(LocalNode, Option<Child>)>);
+pub(super) struct Procs(Vec<(LocalNode, Option<Child>)>);
 
 impl Procs {
-    fn start(specs: Vec<LocalNode>) -> anyhow::Result<Procs> {
+    pub(super) fn start(specs: Vec<LocalNode>) -> anyhow::Result<Procs> {
         let mut p = Procs(specs.into_iter().map(|s| (s, None)).collect());
         for i in 0..p.0.len() {
             p.start_one(i)?;
         }
         Ok(p)
+    }
+    /// Starts one more node (killed on drop like the rest).
+    pub(super) fn start_extra(&mut self, spec: LocalNode) -> anyhow::Result<()> {
+        self.0.push((spec, None));
+        self.start_one(self.0.len() - 1)
     }
     fn start_one(&mut self, i: usize) -> anyhow::Result<()> {
         let child = self.0[i].0.spawn()?;
@@ -225,7 +234,7 @@ impl Drop for Procs {
     }
 }
 
-async fn wait_ready(url: &str, timeout: Duration) -> anyhow::Result<Duration> {
+pub(super) async fn wait_ready(url: &str, timeout: Duration) -> anyhow::Result<Duration> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_millis(500))
         .build()?;

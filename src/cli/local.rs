@@ -30,6 +30,9 @@ pub struct LocalNode {
     pub log_args: Vec<String>,
     /// TLS on both ports (a generated development CA): `https://` client URLs.
     pub tls: Option<LocalTls>,
+    /// Join a running cluster through these client URLs (comma-separated) instead of
+    /// bootstrapping with `peers`.
+    pub join: Option<String>,
 }
 
 /// The files of a node's TLS identity and the CA that signed every member's.
@@ -73,10 +76,14 @@ impl LocalNode {
             .arg(&self.data_dir)
             .args(["--client-addr", &format!("127.0.0.1:{}", self.client_port)])
             .args(["--peer-addr", &format!("127.0.0.1:{}", self.peer_port)])
-            .args(["--peers", &peers.join(",")])
-            .args(["--peer-client-urls", &client_urls.join(",")])
             .args(["--cluster-id", &self.cluster_id])
             .stdin(Stdio::null());
+        match &self.join {
+            Some(urls) => cmd.args(["--join", urls]),
+            None => cmd
+                .args(["--peers", &peers.join(",")])
+                .args(["--peer-client-urls", &client_urls.join(",")]),
+        };
         if let Some(secret) = &self.peer_secret_file {
             cmd.arg("--peer-secret-file").arg(secret);
         }
@@ -164,6 +171,7 @@ pub fn nodes(
             show_logs: false,
             log_args: Vec::new(),
             tls: None,
+            join: None,
         })
         .collect()
 }

@@ -4,6 +4,7 @@
 //! nothing here measures, stores or decides anything.
 
 mod bench;
+mod bench_membership;
 mod check_disk;
 mod cluster;
 mod kv;
