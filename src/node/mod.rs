@@ -559,7 +559,7 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         id: config.id,
         cluster_id: config.cluster_id.clone(),
         client_url: config.client_url.clone(),
-        peer_addr: peer_addr.to_string(),
+        peer_addr: advertised_peer_addr(peer_addr, &config.client_url),
         peers: config.peers.clone(),
         peer_client_urls: config.peer_client_urls.clone(),
         tick_ms: config.heartbeat_ms,
@@ -689,6 +689,23 @@ fn warn_if_flags_differ(config: &NodeConfig, raft: &crate::raft::Raft) {
     }
 }
 
+/// The peer address other members reach this node at, as it records it in the configuration
+/// and shows in its status: the bound address, unless that is a wildcard (`0.0.0.0`, `::`,
+/// as in a container), then the host of the advertised client URL with the bound port.
+pub fn advertised_peer_addr(bound: std::net::SocketAddr, client_url: &str) -> String {
+    if !bound.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    let host = reqwest::Url::parse(client_url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string));
+    match host {
+        Some(h) if h.contains(':') && !h.starts_with('[') => format!("[{h}]:{}", bound.port()),
+        Some(h) => format!("{h}:{}", bound.port()),
+        None => bound.to_string(),
+    }
+}
+
 /// Opens (recovers) the data dir on a blocking thread.
 async fn open_storage(
     config: &NodeConfig,
@@ -707,4 +724,28 @@ fn wall_clock_seed() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advertised_peer_addr;
+
+    #[test]
+    fn a_wildcard_peer_address_is_advertised_under_the_client_url_host() {
+        let bound = "0.0.0.0:9001".parse().unwrap();
+        assert_eq!(
+            advertised_peer_addr(bound, "http://node1-peer:8001"),
+            "node1-peer:9001"
+        );
+        let bound = "10.0.0.1:9001".parse().unwrap();
+        assert_eq!(
+            advertised_peer_addr(bound, "http://node1:8001"),
+            "10.0.0.1:9001"
+        );
+        let bound = "[::]:9001".parse().unwrap();
+        assert_eq!(
+            advertised_peer_addr(bound, "http://[fd00::1]:8001"),
+            "[fd00::1]:9001"
+        );
+    }
 }
