@@ -308,3 +308,69 @@ async fn a_cluster_with_peer_tls_and_a_secret_replicates() {
         n.shutdown().await.unwrap();
     }
 }
+
+/// The membership API on real nodes: a learner added through a follower (forwarded to the
+/// leader), refused promotion while it has not caught up (it never starts), refused twice,
+/// then removed; the leader's view has every member's match index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_is_added_refused_promotion_and_removed_through_the_api() {
+    let root = tempfile::tempdir().unwrap();
+    let ports = ports(3);
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        nodes.push(
+            node::start(config(id, &ports, root.path(), 1000))
+                .await
+                .unwrap(),
+        );
+    }
+    let c = client(&ports);
+    wait_for("a first write", async || c.put("a", "b").await.ok()).await;
+    let url = |id: u64| format!("http://127.0.0.1:{}", ports.client[&id]);
+    let leader = c.status_of(&url(1)).await.unwrap().leader.unwrap().id;
+    let follower = (1..=3).find(|i| *i != leader).unwrap();
+    let via_follower = Client::new(ClientConfig::new(vec![url(follower)])).unwrap();
+
+    let view = c.members().await.unwrap();
+    assert_eq!(
+        (view.id, view.membership.voters.as_slice()),
+        (leader, &[1, 2, 3][..])
+    );
+    assert!(
+        view.members.iter().all(|m| m.match_index.is_some()),
+        "{view:?}"
+    );
+
+    let learner_peer = format!("127.0.0.1:{}", free_port());
+    let s = via_follower
+        .add_member(4, &learner_peer, "http://127.0.0.1:1", true, false)
+        .await
+        .unwrap();
+    assert_eq!((s.id, s.membership.learners.as_slice()), (leader, &[4][..]));
+    assert!(
+        !s.membership.change_in_flight,
+        "answered once complete: {s:?}"
+    );
+    let added = s.members.iter().find(|m| m.id == 4).unwrap();
+    assert_eq!(
+        (added.role.as_str(), added.peer_addr.as_str()),
+        ("learner", learner_peer.as_str())
+    );
+
+    let err = via_follower.promote_member(4, false).await.unwrap_err();
+    assert_eq!(err.rejected_status(), Some(409), "{err}");
+    let err = c
+        .add_member(4, &learner_peer, "http://127.0.0.1:1", true, false)
+        .await
+        .unwrap_err();
+    assert_eq!(err.rejected_status(), Some(409), "{err}");
+    let err = c.remove_member(9, false).await.unwrap_err();
+    assert_eq!(err.rejected_status(), Some(404), "{err}");
+
+    let s = via_follower.remove_member(4, false).await.unwrap();
+    assert!(s.membership.learners.is_empty(), "{s:?}");
+    assert_eq!(s.membership.voters, [1, 2, 3]);
+    for n in nodes {
+        n.shutdown().await.unwrap();
+    }
+}

@@ -3,7 +3,8 @@
 //! Routes: `PUT|GET|DELETE /kv/{key}`, `GET /kv?prefix=P&limit=N&start=K`,
 //! `GET /cluster/status`, `POST /cluster/transfer-leader`, `GET /health`, `GET /ready`,
 //! `GET /snapshot`, `GET /metrics` (Prometheus; every request is counted and timed by route,
-//! see [`metrics`]).
+//! see [`metrics`]), and the membership endpoints `GET|POST /cluster/members`,
+//! `POST /cluster/members/{id}/promote`, `DELETE /cluster/members/{id}` (see `http/members.rs`).
 //! Connections are accepted and bounded by [`super::server`]; bodies are buffered under a
 //! deadline and a byte budget by [`super::body`]; a token, when configured, is checked by
 //! [`super::auth`] before a body is read.
@@ -12,7 +13,8 @@
 //! JSON, a body that is not an object (`["x"]`), missing fields, bad percent-encoding,
 //! oversized keys and bodies, unknown consistency levels, wrong methods and unknown paths —
 //! so bad input never reaches the service and never yields a 500. A 404 says which: kind
-//! `key_not_found` (the key does not exist) or `no_such_endpoint` (routing). Bodies are read
+//! `key_not_found` (the key does not exist), `not_found` (another named thing, such as a
+//! member, does not exist) or `no_such_endpoint` (routing). A 409 is kind `conflict`. Bodies are read
 //! whatever their content type (curl's `-d` sends a form type), and capped at a size derived
 //! from the value limit.
 //!
@@ -42,7 +44,7 @@ use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use std::sync::Arc;
@@ -63,6 +65,10 @@ pub const FORWARD_CONNECT_TIMEOUT_MS: u64 = 2000;
 /// The error kinds of the two different 404s.
 pub const KIND_KEY_NOT_FOUND: &str = "key_not_found";
 pub const KIND_NO_SUCH_ENDPOINT: &str = "no_such_endpoint";
+/// The error kind of a 404 for something named that does not exist (a member).
+pub const KIND_NOT_FOUND: &str = "not_found";
+/// The error kind of a 409: the request conflicts with the cluster's state; nothing changed.
+pub const KIND_CONFLICT: &str = "conflict";
 
 /// How a router is built beyond its service: limits, authentication, forwarding TLS.
 #[derive(Clone, Debug, Default)]
@@ -126,6 +132,15 @@ pub fn router_with<S: KvService>(service: Arc<S>, options: &RouterOptions) -> Ro
         )
         .route("/cluster/status", get(status::<S>))
         .route("/cluster/transfer-leader", post(transfer_leader::<S>))
+        .route(
+            "/cluster/members",
+            get(members::list_members::<S>).post(members::add_member::<S>),
+        )
+        .route("/cluster/members/{id}", delete(members::remove_member::<S>))
+        .route(
+            "/cluster/members/{id}/promote",
+            post(members::promote_member::<S>),
+        )
         .route("/health", get(health::<S>))
         .route("/ready", get(ready::<S>))
         .route("/snapshot", get(snapshot::get_snapshot::<S>))
@@ -220,6 +235,7 @@ fn default_kind(status: StatusCode) -> &'static str {
         404 => KIND_NO_SUCH_ENDPOINT,
         405 => "method_not_allowed",
         408 => "request_timeout",
+        409 => KIND_CONFLICT,
         413 => "too_large",
         503 => "unavailable",
         504 => "outcome_unknown",
@@ -262,7 +278,7 @@ pub fn error_response(e: &ServiceError) -> Response {
         ),
         ServiceError::Internal(m) => error(StatusCode::INTERNAL_SERVER_ERROR, m.clone()),
         ServiceError::Conflict(m) => error(StatusCode::CONFLICT, m.clone()),
-        ServiceError::NotFound(m) => error(StatusCode::NOT_FOUND, m.clone()),
+        ServiceError::NotFound(m) => error_kind(StatusCode::NOT_FOUND, KIND_NOT_FOUND, m.clone()),
     }
 }
 
@@ -696,9 +712,13 @@ async fn ready<S: KvService>(State(st): State<Arc<ApiState<S>>>) -> Response {
     }
 }
 
+mod members;
 mod metrics;
 mod snapshot;
+pub use members::check_peer_addr;
 pub use snapshot::{CLUSTER_ID_HEADER, SNAPSHOT_INDEX_HEADER, SNAPSHOT_TERM_HEADER};
 
+#[cfg(test)]
+mod members_tests;
 #[cfg(test)]
 pub(crate) mod tests;

@@ -22,6 +22,7 @@ pub mod server;
 pub mod test_service;
 pub mod types;
 
+use crate::raft::MembershipProposal;
 use raftkv_storage::command::{CommandError, CommandLimits};
 use raftkv_storage::NodeId;
 use std::future::Future;
@@ -177,6 +178,15 @@ pub trait KvService: Send + Sync + 'static {
     fn ready(&self) -> impl Future<Output = Result<(), ServiceError>> + Send;
     /// Asks the leader to hand leadership to `to`.
     fn transfer_leader(&self, to: NodeId) -> impl Future<Output = Result<(), ServiceError>> + Send;
+    /// Proposes a membership change (on the leader; elsewhere `NotLeader`). Completes once
+    /// the change is committed and no joint configuration is left, with this node's status
+    /// at that moment. Errors: `Conflict` (a change in flight, a learner not caught up, the
+    /// last voter, no reachable quorum without `force`), `NotFound` (an unknown member),
+    /// `Unavailable` (certainly no effect), `Timeout` (the outcome is unknown).
+    fn change_membership(
+        &self,
+        proposal: MembershipProposal,
+    ) -> impl Future<Output = Result<ClusterStatus, ServiceError>> + Send;
     /// Sets `metrics`' scrape-time gauges (leadership, indexes, pending writes, database
     /// size) just before `GET /metrics` encodes them. A service without them sets none.
     fn refresh_metrics(

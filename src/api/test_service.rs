@@ -2,15 +2,29 @@
 //!
 //! As a leader it serves everything from a `BTreeMap`; as a follower it answers writes and
 //! non-stale reads with "not the leader", naming a leader, exactly as the node does.
+//! Membership changes apply at once to a small model of the configuration (with the node's
+//! 404/409 answers for unknown members, duplicates and the last voter), and every proposal
+//! is recorded so that tests can assert what the HTTP layer asked for.
 //!
 //! Compiled in every build (hidden from the docs, not part of the API) because the
 //! `http_request` fuzz target and its corpus replay (`crate::fuzz_targets`) serve it too.
 
 use super::*;
+use crate::raft::{MemberChange, MembershipProposal};
 use raftkv_storage::command::CommandLimits;
-use raftkv_storage::NodeId;
+use raftkv_storage::{MemberAddrs, NodeId};
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+/// One member of the modelled configuration.
+#[derive(Clone, Debug, Default)]
+struct ModelMember {
+    voter: bool,
+    addrs: MemberAddrs,
+}
+
+/// The modelled configuration: members by id, and the index of the last change.
+type MemberModel = (BTreeMap<NodeId, ModelMember>, u64);
 
 /// A service over a map. As a follower it answers writes and non-stale reads with
 /// "not the leader", naming `leader`.
@@ -24,6 +38,12 @@ pub struct MapService {
     /// from cluster [`SNAPSHOT_CLUSTER_ID`]; otherwise it refuses like any service without
     /// snapshot files.
     pub snapshot_dir: Option<std::path::PathBuf>,
+    /// When set, every membership change (on the leader) is recorded, then fails with this.
+    pub membership_error: Option<ServiceError>,
+    /// Every membership proposal the leader received, in order (clone the `Arc` before
+    /// serving the service to read it afterwards).
+    pub proposals: Arc<Mutex<Vec<MembershipProposal>>>,
+    members: Mutex<MemberModel>,
 }
 
 /// The cluster id a map service's snapshots come from (not a valid header value unencoded).
@@ -31,25 +51,38 @@ pub const SNAPSHOT_CLUSTER_ID: &str = "test cluster/ü";
 
 impl MapService {
     pub fn leader(id: NodeId) -> MapService {
-        MapService {
-            id,
-            data: Mutex::default(),
-            leader: None,
-            write_error: None,
-            snapshot_dir: None,
-        }
+        MapService::new(id, None)
     }
 
     pub fn follower(id: NodeId, leader: NodeId, url: Option<String>) -> MapService {
-        MapService {
+        MapService::new(
             id,
-            data: Mutex::default(),
-            leader: Some(LeaderHint {
+            Some(LeaderHint {
                 id: leader,
                 client_url: url,
             }),
+        )
+    }
+
+    /// This node and the leader it names are voters.
+    fn new(id: NodeId, leader: Option<LeaderHint>) -> MapService {
+        let voter = ModelMember {
+            voter: true,
+            addrs: MemberAddrs::default(),
+        };
+        let mut members = BTreeMap::from([(id, voter.clone())]);
+        if let Some(l) = &leader {
+            members.insert(l.id, voter);
+        }
+        MapService {
+            id,
+            data: Mutex::default(),
+            leader,
             write_error: None,
             snapshot_dir: None,
+            membership_error: None,
+            proposals: Arc::default(),
+            members: Mutex::new((members, 1)),
         }
     }
 
@@ -68,6 +101,86 @@ impl MapService {
             }),
             None => Ok(()),
         }
+    }
+}
+
+/// Applies one change to the modelled configuration, answering as the node does.
+fn apply_member_change(
+    members: &mut BTreeMap<NodeId, ModelMember>,
+    change: &MemberChange,
+) -> Result<(), ServiceError> {
+    let id = change.id();
+    match change {
+        MemberChange::AddLearner { addrs, .. } | MemberChange::AddVoter { addrs, .. } => {
+            if members.contains_key(&id) {
+                return Err(ServiceError::Conflict(format!(
+                    "node {id} is already a member"
+                )));
+            }
+            let voter = matches!(change, MemberChange::AddVoter { .. });
+            let addrs = addrs.clone();
+            members.insert(id, ModelMember { voter, addrs });
+        }
+        MemberChange::Promote { .. } => match members.get_mut(&id) {
+            None => return Err(ServiceError::NotFound(format!("node {id} is not a member"))),
+            Some(m) if m.voter => {
+                return Err(ServiceError::Conflict(format!(
+                    "node {id} is already a voter"
+                )))
+            }
+            Some(m) => m.voter = true,
+        },
+        MemberChange::Remove { .. } => {
+            if members.remove(&id).is_none() {
+                return Err(ServiceError::NotFound(format!("node {id} is not a member")));
+            }
+            if !members.values().any(|m| m.voter) {
+                return Err(ServiceError::Conflict(
+                    "the change would remove the last voter".into(),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl MapService {
+    /// The modelled configuration as a status reports it.
+    fn member_statuses(&self) -> (Vec<MemberStatus>, MembershipStatus) {
+        let (members, index) = self
+            .members
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let is_leader = self.leader.is_none();
+        let statuses = members
+            .iter()
+            .map(|(&id, m)| MemberStatus {
+                id,
+                role: if m.voter { "voter" } else { "learner" }.into(),
+                joint: None,
+                peer_addr: m.addrs.peer_addr.clone(),
+                client_url: Some(m.addrs.client_url.clone()).filter(|u| !u.is_empty()),
+                reachable: is_leader.then_some(true),
+                match_index: is_leader.then_some(index),
+            })
+            .collect();
+        let ids = |voter: bool| {
+            members
+                .iter()
+                .filter(|(_, m)| m.voter == voter)
+                .map(|(&id, _)| id)
+                .collect()
+        };
+        let membership = MembershipStatus {
+            voters: ids(true),
+            learners: ids(false),
+            voters_outgoing: Vec::new(),
+            index,
+            change_in_flight: false,
+            removed: !members.contains_key(&self.id),
+        };
+        (statuses, membership)
     }
 }
 
@@ -156,6 +269,17 @@ impl KvService for MapService {
     }
 
     async fn status(&self) -> Result<ClusterStatus, ServiceError> {
+        let (members, membership) = self.member_statuses();
+        let leader = match &self.leader {
+            Some(l) => LeaderInfo {
+                id: l.id,
+                client_url: l.client_url.clone(),
+            },
+            None => LeaderInfo {
+                id: self.id,
+                client_url: None,
+            },
+        };
         Ok(ClusterStatus {
             id: self.id,
             cluster_id: "test".into(),
@@ -166,15 +290,40 @@ impl KvService for MapService {
             }
             .into(),
             term: 1,
-            leader: None,
+            leader: Some(leader),
             first_index: 1,
             last_index: 0,
             commit_index: 0,
             applied_index: 0,
             snapshot_index: 0,
-            members: Vec::new(),
-            membership: Default::default(),
+            members,
+            membership,
         })
+    }
+
+    async fn change_membership(
+        &self,
+        proposal: MembershipProposal,
+    ) -> Result<ClusterStatus, ServiceError> {
+        self.redirect()?;
+        self.proposals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(proposal.clone());
+        if let Some(e) = &self.membership_error {
+            return Err(e.clone());
+        }
+        {
+            let mut model = self.members.lock().unwrap_or_else(|p| p.into_inner());
+            // All or nothing, as one configuration entry.
+            let mut next = model.0.clone();
+            for change in &proposal.changes {
+                apply_member_change(&mut next, change)?;
+            }
+            model.0 = next;
+            model.1 += 1;
+        }
+        self.status().await
     }
 
     async fn ready(&self) -> Result<(), ServiceError> {

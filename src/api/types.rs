@@ -19,6 +19,36 @@ pub struct TransferBody {
     pub to: NodeId,
 }
 
+/// Body of `POST /cluster/members`: a new member, a voter unless `learner`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberAddBody {
+    pub id: NodeId,
+    /// `host:port` of the new member's peer transport.
+    pub peer_addr: String,
+    /// `http(s)://host:port` of the new member's client API.
+    pub client_url: String,
+    /// Add as a learner (receives the log, never votes; promote it once caught up). The
+    /// default adds a voter at once, under the reachable-quorum guard.
+    #[serde(default)]
+    pub learner: bool,
+    /// Skip the reachable-quorum guard (never the other guards).
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Response of `GET /cluster/members`: the answering node's view of the configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembersResponse {
+    /// Every member, sorted by id; `match_index` and `reachable` when the answering node leads.
+    pub members: Vec<MemberStatus>,
+    pub membership: MembershipStatus,
+    /// The leader as the answering node knows it (`null`: none known).
+    pub leader: Option<LeaderInfo>,
+    /// The node that answered.
+    pub id: NodeId,
+}
+
 /// A committed and applied write.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Written {

@@ -1,5 +1,9 @@
 //! The client subcommands: `put`, `get`, `del`, `list`, `status`, `transfer-leader` (and the
-//! helpers `snapshot save` shares).
+//! helpers `snapshot save` and `member` share).
+//!
+//! `status` shows one row per endpoint, then the configuration as the leader sees it
+//! (voters, learners, outgoing voters while a change is joint, each member's match index and
+//! whether a change is in flight); `-w json` prints every endpoint's whole status.
 //!
 //! Exit codes (public interface): 0 success; 1 a missing key (`get`) or a rejected request;
 //! 3 the cluster was unavailable within the retry budget (safe to retry); 4 a write's outcome
@@ -219,7 +223,8 @@ pub fn transfer(args: &TransferArgs) -> anyhow::Result<ExitCode> {
 
 pub fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     let c = client(&args.endpoints)?;
-    let all = runtime()?.block_on(c.status_all());
+    let rt = runtime()?;
+    let all = rt.block_on(c.status_all());
     let mut out = std::io::stdout().lock();
     match args.format {
         OutputFormat::Json => {
@@ -233,7 +238,13 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
             serde_json::to_writer_pretty(&mut out, &rows)?;
             writeln!(out)?;
         }
-        OutputFormat::Table => out.write_all(render_table(&all).as_bytes())?,
+        OutputFormat::Table => {
+            out.write_all(render_table(&all).as_bytes())?;
+            if let Some(view) = rt.block_on(membership_view(&c, &all)) {
+                writeln!(out)?;
+                out.write_all(render_membership(&view).as_bytes())?;
+            }
+        }
     }
     let reachable = all.iter().filter(|(_, s)| s.is_ok()).count();
     Ok(if reachable == 0 {
@@ -268,5 +279,60 @@ pub fn render_table(all: &[(String, Result<ClusterStatus, ClientError>)]) -> Str
             Err(e) => s.push_str(&format!("{endpoint:<26} unreachable: {e}\n")),
         }
     }
+    s
+}
+
+/// The status whose view of the configuration the table shows: the leader's (which alone
+/// knows each member's match index), asked directly when no endpoint leads but one names
+/// the leader's client URL; failing that, the most recent configuration any endpoint has.
+async fn membership_view(
+    c: &Client,
+    all: &[(String, Result<ClusterStatus, ClientError>)],
+) -> Option<ClusterStatus> {
+    let answered = || all.iter().filter_map(|(_, s)| s.as_ref().ok());
+    // Two nodes may both think they lead for a moment: the higher term is the real one.
+    if let Some(leader) = answered()
+        .filter(|s| s.role == "leader")
+        .max_by_key(|s| s.term)
+    {
+        return Some(leader.clone());
+    }
+    let leader_url = answered().find_map(|s| s.leader.as_ref()?.client_url.clone());
+    if let Some(url) = leader_url {
+        if let Ok(s) = c.status_of(&url).await {
+            if s.role == "leader" {
+                return Some(s);
+            }
+        }
+    }
+    answered().max_by_key(|s| s.membership.index).cloned()
+}
+
+/// The configuration section of `status`: voters, learners, then the members table.
+pub fn render_membership(view: &ClusterStatus) -> String {
+    let m = &view.membership;
+    let who = if view.role == "leader" {
+        format!("node {}, the leader,", view.id)
+    } else {
+        format!("node {}", view.id)
+    };
+    let mut s = format!("membership (as {who} sees it):\n");
+    s.push_str(&format!("voters: {}\n", super::member::ids(&m.voters)));
+    if !m.voters_outgoing.is_empty() {
+        s.push_str(&format!(
+            "outgoing voters: {}\n",
+            super::member::ids(&m.voters_outgoing)
+        ));
+    }
+    s.push_str(&format!(
+        "learners: {}\n\n",
+        super::member::ids(&m.learners)
+    ));
+    s.push_str(&super::member::render_members(
+        &view.members,
+        m,
+        view.leader.as_ref(),
+        view.id,
+    ));
     s
 }

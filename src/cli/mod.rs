@@ -9,6 +9,7 @@ mod check_disk;
 mod cluster;
 mod kv;
 mod local;
+mod member;
 mod ready;
 mod serve;
 mod snapshot;
@@ -78,6 +79,9 @@ pub enum Command {
     Ready(ready::ReadyArgs),
     /// Move leadership to another node.
     TransferLeader(kv::TransferArgs),
+    /// List, add, promote or remove members of the running cluster.
+    #[command(subcommand)]
+    Member(member::MemberCommand),
     /// Run a local cluster.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -150,6 +154,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => kv::status(&args),
         Command::Ready(args) => ready::run(&args),
         Command::TransferLeader(args) => kv::transfer(&args),
+        Command::Member(command) => member::run(&command),
         Command::Cluster(ClusterCommand::Up(args)) => cluster::up(&args, log_args),
         Command::Bench(args) => bench::run(&args),
         Command::Check(CheckCommand::Disk(args)) => check_disk::run(&args),

@@ -24,6 +24,11 @@
 //!   its limit; each page is a consistent read, the whole list is not one snapshot.
 //! - **Snapshots stream.** [`Client::snapshot`] asks the leader for the whole state as a
 //!   snapshot file and hands it out piece by piece (see [`download`]).
+//! - **Membership changes are writes.** [`Client::add_member`], [`Client::promote_member`] and
+//!   [`Client::remove_member`] go to the leader like writes and are never retried once sent;
+//!   a guard's refusal (409), an unknown member (404) or bad input (400) is
+//!   [`ClientError::Rejected`] with the server's message. [`Client::members`] prefers the
+//!   leader's view, which alone has each member's match index.
 
 mod download;
 
@@ -125,6 +130,14 @@ impl ClientError {
     /// True if a retry by the caller could succeed (not a rejection or bad configuration).
     pub fn is_retryable(&self) -> bool {
         matches!(self, ClientError::Unavailable(_))
+    }
+
+    /// The status of a rejection (400, 404, 409, ...), if this is one.
+    pub fn rejected_status(&self) -> Option<u16> {
+        match self {
+            ClientError::Rejected { status, .. } => Some(*status),
+            _ => None,
+        }
     }
 }
 
@@ -277,6 +290,105 @@ impl Client {
             )
             .await?;
         expect_json::<serde_json::Value>(status, &bytes).map(|_| ())
+    }
+
+    /// The configuration, preferably as the leader sees it (with each member's match index
+    /// and reachability): asked of any node (cached leader first); when that node does not
+    /// lead but names a leader whose client URL it knows, the leader is asked once more
+    /// directly, and the first answer stands if the leader cannot give one.
+    pub async fn members(&self) -> Result<MembersResponse, ClientError> {
+        let (status, bytes) = self
+            .request(reqwest::Method::GET, "/cluster/members", None, false)
+            .await?;
+        let first: MembersResponse = expect_json(status, &bytes)?;
+        let leader_url = match &first.leader {
+            Some(l) if l.id == first.id => return Ok(first),
+            Some(l) => l.client_url.clone(),
+            None => None,
+        };
+        // Any node answers this GET itself: the one that did is not the leader after all.
+        let url = leader_url.map(|u| u.trim_end_matches('/').to_string());
+        *lock(&self.leader) = url
+            .as_ref()
+            .and_then(|u| self.config.endpoints.iter().position(|e| e == u));
+        let Some(url) = url else {
+            return Ok(first);
+        };
+        match self.members_of(&url).await {
+            Ok(from_leader)
+                if from_leader.leader.as_ref().map(|l| l.id) == Some(from_leader.id) =>
+            {
+                Ok(from_leader)
+            }
+            _ => Ok(first),
+        }
+    }
+
+    /// One node's view of the configuration (no retries, no forwarding).
+    pub async fn members_of(&self, endpoint: &str) -> Result<MembersResponse, ClientError> {
+        let url = format!("{}/cluster/members", endpoint.trim_end_matches('/'));
+        let unavailable = |e: reqwest::Error| ClientError::Unavailable(format!("{endpoint}: {e}"));
+        let resp = self.http.get(&url).send().await.map_err(unavailable)?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.map_err(unavailable)?;
+        expect_json(status, &bytes)
+    }
+
+    /// Adds member `id` (a voter, or a learner with `learner`); returns the leader's status
+    /// once the change is committed. `force` skips the reachable-quorum guard only.
+    pub async fn add_member(
+        &self,
+        id: NodeId,
+        peer_addr: &str,
+        client_url: &str,
+        learner: bool,
+        force: bool,
+    ) -> Result<ClusterStatus, ClientError> {
+        let body = serde_json::to_vec(&MemberAddBody {
+            id,
+            peer_addr: peer_addr.to_string(),
+            client_url: client_url.to_string(),
+            learner,
+            force,
+        })
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.change_membership(reqwest::Method::POST, "/cluster/members".into(), Some(body))
+            .await
+    }
+
+    /// Promotes learner `id` to a voter (refused with 409 until it has caught up).
+    pub async fn promote_member(
+        &self,
+        id: NodeId,
+        force: bool,
+    ) -> Result<ClusterStatus, ClientError> {
+        let path = format!("/cluster/members/{id}/promote{}", force_query(force));
+        self.change_membership(reqwest::Method::POST, path, None)
+            .await
+    }
+
+    /// Removes member `id` (a voter or a learner).
+    pub async fn remove_member(
+        &self,
+        id: NodeId,
+        force: bool,
+    ) -> Result<ClusterStatus, ClientError> {
+        let path = format!("/cluster/members/{id}{}", force_query(force));
+        self.change_membership(reqwest::Method::DELETE, path, None)
+            .await
+    }
+
+    /// Sends a membership change as a write: never retried once sent (504, a cut-off
+    /// answer: [`ClientError::OutcomeUnknown`]); 400/404/409 are [`ClientError::Rejected`]
+    /// with the server's message.
+    async fn change_membership(
+        &self,
+        method: reqwest::Method,
+        path: String,
+        body: Option<Vec<u8>>,
+    ) -> Result<ClusterStatus, ClientError> {
+        let (status, bytes) = self.request(method, &path, body, true).await?;
+        expect_json(status, &bytes)
     }
 
     /// One node's status (no retries, no forwarding).
@@ -528,6 +640,15 @@ fn expect_json<T: serde::de::DeserializeOwned>(
     }
     serde_json::from_slice(bytes)
         .map_err(|e| ClientError::Protocol(format!("{e}: {}", error_text(bytes))))
+}
+
+/// `?force=true` when forcing, else nothing.
+fn force_query(force: bool) -> &'static str {
+    if force {
+        "?force=true"
+    } else {
+        ""
+    }
 }
 
 /// `/kv/<key, percent-encoded>`.

@@ -323,3 +323,84 @@ async fn a_snapshot_streams_from_the_leader_into_a_verified_backup() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn membership_changes_go_to_the_leader_and_refusals_are_typed() {
+    let leader = spawn(MapService::leader(1)).await;
+    let follower = spawn(MapService::follower(2, 1, Some(leader.clone()))).await;
+    let c = client(
+        vec![dead_endpoint().await, follower.clone(), leader.clone()],
+        5000,
+    );
+    let s = c
+        .add_member(4, "n4:9004", "http://n4:8004", true, false)
+        .await
+        .unwrap();
+    assert_eq!((s.id, s.membership.learners.as_slice()), (1, &[4][..]));
+    assert_eq!(c.cached_leader(), Some(leader.clone()));
+    let s = c.promote_member(4, false).await.unwrap();
+    assert_eq!(s.membership.voters, [1, 4]);
+    let s = c
+        .add_member(5, "n5:9005", "http://n5:8005", false, true)
+        .await
+        .unwrap();
+    assert_eq!(s.membership.voters, [1, 4, 5]);
+    let s = c.remove_member(5, true).await.unwrap();
+    assert_eq!(s.membership.voters, [1, 4]);
+    // Refusals carry the status and the server's words, and are not retried.
+    let err = c.remove_member(5, false).await.unwrap_err();
+    assert_eq!(err.rejected_status(), Some(404), "{err}");
+    assert!(err.to_string().contains("node 5 is not a member"), "{err}");
+    let err = c
+        .add_member(4, "n4:9004", "http://n4:8004", false, false)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Rejected { status: 409, message } if message == "node 4 is already a member"),
+        "{err}"
+    );
+    assert!(!err.is_retryable());
+    let err = c
+        .add_member(6, "n6", "http://n6:8006", false, false)
+        .await
+        .unwrap_err();
+    assert_eq!(err.rejected_status(), Some(400), "{err}");
+}
+
+#[tokio::test]
+async fn the_member_list_prefers_the_leaders_view() {
+    let leader = spawn(MapService::leader(1)).await;
+    let follower = spawn(MapService::follower(2, 1, Some(leader.clone()))).await;
+    // Only the follower is an endpoint: it names the leader, which is asked directly.
+    let c = client(vec![follower.clone()], 5000);
+    let view = c.members().await.unwrap();
+    assert_eq!((view.id, view.leader.as_ref().map(|l| l.id)), (1, Some(1)));
+    assert!(
+        view.members.iter().all(|m| m.match_index.is_some()),
+        "{view:?}"
+    );
+    assert_eq!(
+        c.cached_leader(),
+        None,
+        "the follower is not cached as the leader"
+    );
+    // The follower's own view when the leader cannot be reached.
+    let lost = spawn(MapService::follower(3, 1, Some(dead_endpoint().await))).await;
+    let c = client(vec![lost], 5000);
+    let view = c.members().await.unwrap();
+    assert_eq!((view.id, view.leader.as_ref().map(|l| l.id)), (3, Some(1)));
+    assert!(
+        view.members.iter().all(|m| m.match_index.is_none()),
+        "{view:?}"
+    );
+    // A 504 from the leader is outcome unknown, not retried.
+    let mut svc = MapService::leader(1);
+    svc.membership_error = Some(ServiceError::Timeout(
+        "outcome unknown: the change may still complete".into(),
+    ));
+    let proposals = svc.proposals.clone();
+    let c = client(vec![spawn(svc).await], 5000);
+    let err = c.remove_member(2, false).await.unwrap_err();
+    assert!(matches!(err, ClientError::OutcomeUnknown(_)), "{err}");
+    assert_eq!(proposals.lock().unwrap().len(), 1, "sent once");
+}

@@ -214,6 +214,12 @@ fn http_seeds() -> Vec<Vec<u8>> {
         "GET /cluster/status HTTP/1.1\r\nhost: x\r\n\r\n".into(),
         "POST /cluster/transfer-leader HTTP/1.1\r\nhost: x\r\ncontent-length: 8\r\n\r\n{\"to\":2}"
             .into(),
+        "GET /cluster/members HTTP/1.1\r\nhost: x\r\n\r\n".into(),
+        "POST /cluster/members HTTP/1.1\r\nhost: x\r\ncontent-length: 75\r\n\r\n\
+         {\"id\":4,\"peer_addr\":\"n4:9004\",\"client_url\":\"http://n4:8004\",\"learner\":true}"
+            .into(),
+        "POST /cluster/members/4/promote?force=true HTTP/1.1\r\nhost: x\r\n\r\n".into(),
+        "DELETE /cluster/members/4 HTTP/1.1\r\nhost: x\r\n\r\n".into(),
         "GET /health HTTP/1.1\r\nhost: x\r\n\r\n".into(),
         "GET /ready HTTP/1.1\r\nhost: x\r\n\r\n".into(),
         "HEAD /kv/a HTTP/1.1\r\nhost: x\r\n\r\n".into(),

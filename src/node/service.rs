@@ -3,6 +3,8 @@
 //! Writes become proposals to the consensus task and wait (at most `request_timeout_ms`) for
 //! their entry to apply; a timeout is 504 "outcome unknown". Linearizable reads wait for a
 //! ReadIndex confirmation, then read the shared state machine; stale reads read it at once.
+//! A membership change waits (at most `request_timeout_ms` too) for the consensus step to say
+//! it completed; a timeout is 504 "outcome unknown: the change may still complete".
 //! Every request is checked against the limits before it reaches the log.
 
 use super::apply::Pending;
@@ -12,6 +14,7 @@ use crate::api::{
     ServiceError, SnapshotFileOut, Written,
 };
 use crate::metrics::Metrics;
+use crate::raft::MembershipProposal;
 use raftkv_storage::command::CommandRef;
 use raftkv_storage::sm::StateMachine;
 use raftkv_storage::snapshot::SnapshotStore;
@@ -230,6 +233,35 @@ impl KvService for NodeService {
 
     async fn transfer_leader(&self, to: NodeId) -> Result<(), ServiceError> {
         self.ask(|reply| Request::Transfer { to, reply }).await?
+    }
+
+    async fn change_membership(
+        &self,
+        proposal: MembershipProposal,
+    ) -> Result<ClusterStatus, ServiceError> {
+        debug_assert!(
+            proposal.known_addrs.is_empty(),
+            "the consensus step fills in the known addresses"
+        );
+        let changes = proposal.changes.len();
+        let (reply, rx) = oneshot::channel();
+        self.submit(Request::ChangeMembership { proposal, reply })?;
+        let result = match tokio::time::timeout(self.request_timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ServiceError::Timeout(
+                "outcome unknown: the change may still complete (the node stopped before it \
+                 finished)"
+                    .into(),
+            )),
+            Err(_) => Err(ServiceError::Timeout(format!(
+                "outcome unknown: the change may still complete (not complete within {} ms)",
+                self.request_timeout.as_millis()
+            ))),
+        };
+        if let Err(e) = &result {
+            tracing::debug!(changes, error = %e, "membership change not done");
+        }
+        result
     }
 
     async fn refresh_metrics(&self, metrics: &Metrics) {

@@ -33,6 +33,10 @@ pub fn route_label(method: &Method, matched: Option<&str>) -> &'static str {
         ("GET", "/kv") => "GET /kv",
         ("GET", "/cluster/status") => "GET /cluster/status",
         ("POST", "/cluster/transfer-leader") => "POST /cluster/transfer-leader",
+        ("GET", "/cluster/members") => "GET /cluster/members",
+        ("POST", "/cluster/members") => "POST /cluster/members",
+        ("POST", "/cluster/members/{id}/promote") => "POST /cluster/members/{id}/promote",
+        ("DELETE", "/cluster/members/{id}") => "DELETE /cluster/members/{id}",
         ("GET", "/health") => "GET /health",
         ("GET", "/ready") => "GET /ready",
         ("GET", "/snapshot") => "GET /snapshot",
@@ -78,6 +82,14 @@ mod tests {
         );
         assert_eq!(route_label(&Method::GET, Some("/kv/")), "GET /kv/{key}");
         assert_eq!(route_label(&Method::GET, Some("/kv")), "GET /kv");
+        assert_eq!(
+            route_label(&Method::DELETE, Some("/cluster/members/{id}")),
+            "DELETE /cluster/members/{id}"
+        );
+        assert_eq!(
+            route_label(&Method::POST, Some("/cluster/members/{id}/promote")),
+            "POST /cluster/members/{id}/promote"
+        );
         assert_eq!(route_label(&Method::PATCH, Some("/kv/{key}")), ROUTE_OTHER);
         assert_eq!(route_label(&Method::GET, None), ROUTE_OTHER);
         assert_eq!(route_label(&Method::GET, Some("/a/b/c")), ROUTE_OTHER);

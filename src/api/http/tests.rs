@@ -6,7 +6,7 @@ use crate::api::test_service::MapService;
 use crate::api::test_service::{spawn, spawn_leader_and_follower, spawn_with};
 use crate::client::percent_encode;
 
-async fn call(
+pub(super) async fn call(
     method: reqwest::Method,
     url: &str,
     body: Option<&str>,
@@ -506,7 +506,7 @@ fn constant_time_eq_compares() {
 }
 
 /// A "leader" that reads each request and then, per `answer`, hangs or hangs up.
-async fn bad_leader(hang_up: bool) -> String {
+pub(super) async fn bad_leader(hang_up: bool) -> String {
     use tokio::io::AsyncReadExt;
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", l.local_addr().unwrap());
