@@ -195,6 +195,26 @@ fn describe(w: Workload) -> String {
     }
 }
 
+/// One worker per client, each with its own connections and seeded key generator.
+fn build_workers(opts: &LoadOptions) -> Result<Vec<Worker>, BenchError> {
+    (0..opts.clients)
+        .map(|w| {
+            let mut config = ClientConfig::new(opts.endpoints.clone());
+            config.retry_budget_ms = opts.retry_budget_ms;
+            Ok(Worker {
+                client: Client::new(config)?,
+                keys: KeyGen(opts.seed ^ (w as u64).wrapping_mul(0xA24B_AED4_963E_E407)),
+                value: "x".repeat(opts.value_bytes),
+                opts: opts.clone(),
+                hist: Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                    .map_err(|e| BenchError::Options(e.to_string()))?,
+                errors: ErrorCounts::default(),
+                ok: 0,
+            })
+        })
+        .collect()
+}
+
 /// Runs the load and reports. `show_progress` draws a progress bar on stderr.
 pub async fn run_load(opts: LoadOptions, show_progress: bool) -> Result<LoadReport, BenchError> {
     if opts.clients == 0 || opts.clients > 4096 {
@@ -226,6 +246,9 @@ pub async fn run_load(opts: LoadOptions, show_progress: bool) -> Result<LoadRepo
         fill_next: AtomicU64::new(0),
         progress,
     });
+    // Every client is built before the clock starts: building one takes milliseconds, and
+    // an open loop's first slots would otherwise pile up behind it and be lost.
+    let workers = build_workers(&opts)?;
     let started = Instant::now();
     let deadline = match opts.stop {
         Stop::After(d) => Some(started + d),
@@ -255,20 +278,7 @@ pub async fn run_load(opts: LoadOptions, show_progress: bool) -> Result<LoadRepo
         drop(slots_tx);
     }
     let mut tasks = Vec::with_capacity(opts.clients);
-    for w in 0..opts.clients {
-        let mut config = ClientConfig::new(opts.endpoints.clone());
-        config.retry_budget_ms = opts.retry_budget_ms;
-        let client = Client::new(config)?;
-        let mut worker = Worker {
-            client,
-            keys: KeyGen(opts.seed ^ (w as u64).wrapping_mul(0xA24B_AED4_963E_E407)),
-            value: "x".repeat(opts.value_bytes),
-            opts: opts.clone(),
-            hist: Histogram::new_with_bounds(1, 3_600_000_000, 3)
-                .map_err(|e| BenchError::Options(e.to_string()))?,
-            errors: ErrorCounts::default(),
-            ok: 0,
-        };
+    for mut worker in workers {
         let shared = shared.clone();
         let slots = slots_rx.clone();
         let open_loop = opts.rate.is_some();

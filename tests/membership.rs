@@ -93,14 +93,26 @@ async fn leader_status(http: &reqwest::Client, urls: &[String]) -> ClusterStatus
     }
 }
 
-/// A membership request through the HTTP API; panics unless it answers 200.
+/// A membership request through the HTTP API; retried while it answers 503 (no leader right
+/// now: certainly no effect), then it must answer 200.
 async fn change(http: &reqwest::Client, req: reqwest::RequestBuilder, what: &str) -> ClusterStatus {
     let _ = http;
-    let r = req.send().await.unwrap_or_else(|e| panic!("{what}: {e}"));
-    let code = r.status();
-    let body = r.text().await.unwrap();
-    assert!(code.is_success(), "{what}: answered {code}: {body}");
-    serde_json::from_str(&body).unwrap()
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let attempt = req.try_clone().expect("a body that can be sent again");
+        let r = attempt
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let code = r.status();
+        let body = r.text().await.unwrap();
+        if code.as_u16() == 503 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        assert!(code.is_success(), "{what}: answered {code}: {body}");
+        return serde_json::from_str(&body).unwrap();
+    }
 }
 
 async fn add(http: &reqwest::Client, via: &str, node: &Node, learner: bool) -> ClusterStatus {

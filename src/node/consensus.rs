@@ -97,8 +97,14 @@ pub struct Consensus {
     /// index, term, reply). One at a time: the core refuses a second while one is in flight.
     membership_waiter: Option<(u64, u64, MembershipReply)>,
     /// What the transport's peer set was last derived from: (configuration index, peers the
-    /// core replicates to, role) — recomputed only when it changes.
-    peers_key: Option<(u64, usize, Role)>,
+    /// core replicates to, role, leader) — recomputed only when it changes.
+    peers_key: Option<(u64, usize, Role, Option<NodeId>)>,
+    /// Every member address seen in a configuration, by id: a member that left the latest
+    /// configuration may still lead it until it commits (or linger as a removed follower), and
+    /// must stay reachable. Bounded by `MEMBERS_MAX` ids.
+    seen_addrs: BTreeMap<NodeId, MemberAddrs>,
+    /// The peer set last handed to the shell (`None`: none yet).
+    peers: Option<BTreeMap<NodeId, String>>,
 }
 
 /// How a node with a brand-new data dir starts.
@@ -190,6 +196,8 @@ impl Consensus {
             seen,
             membership_waiter: None,
             peers_key: None,
+            seen_addrs: BTreeMap::new(),
+            peers: None,
         }
     }
 
@@ -581,6 +589,9 @@ impl Consensus {
         if let Some(a) = self.raft.membership().addrs.get(&id) {
             return Some(a.clone());
         }
+        if let Some(a) = self.seen_addrs.get(&id) {
+            return Some(a.clone());
+        }
         let peer_addr = self.info.peers.get(&id)?.clone();
         let client_url = self
             .info
@@ -653,18 +664,38 @@ impl Consensus {
         let _ = reply.send(result);
     }
 
-    /// Tells the shell the peers to keep connections to when the configuration (or the set
-    /// of lingering removed members) changed: members and lingering members but this node,
-    /// by the address the configuration (or, failing it, the flags) gives.
+    /// Tells the shell the peers to keep connections to when the configuration, the set of
+    /// lingering removed members or the leader changed: members, lingering members and the
+    /// leader (which may be leaving the configuration: it leads until that commits), but this
+    /// node, by the address the configuration (or an earlier one, or the flags) gives.
     fn update_peers(&mut self, out: &mut Outputs) {
         let replicas = self.raft.replica_count();
-        let key = (self.raft.membership_index(), replicas, self.raft.role());
+        let leader = self.raft.leader();
+        let key = (
+            self.raft.membership_index(),
+            replicas,
+            self.raft.role(),
+            leader,
+        );
         if self.peers_key == Some(key) {
             return;
         }
         self.peers_key = Some(key);
+        for (&id, a) in &self.raft.membership().addrs {
+            if self.seen_addrs.len() < raftkv_types::MEMBERS_MAX
+                || self.seen_addrs.contains_key(&id)
+            {
+                self.seen_addrs.insert(id, a.clone());
+            }
+        }
         let mut ids = self.raft.membership().members();
+        if !ids.contains(&self.info.id) && self.raft.role() != Role::Leader {
+            // Removed: only a leader still telling us about it is worth a connection; the
+            // members refuse ours, so dialling them would only fill both logs.
+            ids.clear();
+        }
         ids.extend(self.raft.replica_ids());
+        ids.extend(leader);
         ids.remove(&self.info.id);
         let peers: BTreeMap<NodeId, String> = ids
             .into_iter()
@@ -674,7 +705,10 @@ impl Consensus {
             })
             .collect();
         debug_assert!(!peers.contains_key(&self.info.id), "never a peer of itself");
-        out.peers = Some(peers);
+        if self.peers.as_ref() != Some(&peers) {
+            self.peers = Some(peers.clone());
+            out.peers = Some(peers);
+        }
     }
 
     /// Logs each change of role, term or leader once, and counts new leaders.

@@ -352,7 +352,15 @@ where
         let config = Arc::new(config);
         let (events, events_rx) = mpsc::channel(config.inbound_messages_max);
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let (members, members_rx) = watch::channel(BTreeSet::new());
+        // The configured peers are members from the first accept on (`set_peers` below only
+        // confirms them): a peer dialling in before it must not be refused.
+        let initial = admissible_peers(
+            config.node_id,
+            config.auth.tls.is_some(),
+            config.peers.clone(),
+        );
+        let (members, members_rx) =
+            watch::channel(initial.keys().copied().collect::<BTreeSet<_>>());
         let mut tasks = JoinSet::new();
         tasks.spawn(listener::run_listener(
             config.clone(),

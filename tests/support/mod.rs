@@ -12,13 +12,15 @@ use std::time::{Duration, Instant};
 pub const BIN: &str = env!("CARGO_BIN_EXE_raftkv");
 
 /// A port no other node of this test binary uses, probed free (ports come from one counter
-/// per process: ports the OS hands out for port 0 can repeat once released).
+/// per process: ports the OS hands out for port 0 can repeat once released). The range stays
+/// below Linux's ephemeral ports (32768 and up): a port probed free there can be taken by an
+/// outgoing connection before the node that was given it binds it.
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     static NEXT: AtomicU16 = AtomicU16::new(0);
     let _ = NEXT.compare_exchange(
         0,
-        21_000 + (std::process::id() % 300) as u16 * 100,
+        10_000 + (std::process::id() % 220) as u16 * 100,
         Ordering::SeqCst,
         Ordering::SeqCst,
     );
