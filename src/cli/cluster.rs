@@ -113,11 +113,19 @@ pub fn up(args: &UpArgs, log_args: Vec<String>) -> anyhow::Result<ExitCode> {
                 _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
                 Some(_) = async { match term.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => return ExitCode::SUCCESS,
                 _ = watch.tick() => {
-                    for (id, child) in children.iter_mut() {
-                        if let Ok(Some(status)) = child.try_wait() {
-                            eprintln!("node {id} exited unexpectedly ({status}); stopping the cluster");
-                            return ExitCode::FAILURE;
+                    // A node that dies is reported and left dead, as in a real cluster: the
+                    // others keep serving while a majority lives (and the operator can replace
+                    // it: README, "Replace a failed node").
+                    children.retain_mut(|(id, child)| match child.try_wait() {
+                        Ok(Some(status)) => {
+                            eprintln!("node {id} exited ({status}); the others keep running (Ctrl-C stops them)");
+                            false
                         }
+                        _ => true,
+                    });
+                    if children.is_empty() {
+                        eprintln!("every node has exited");
+                        return ExitCode::FAILURE;
                     }
                 }
             }
