@@ -103,6 +103,8 @@ pub struct Consensus {
     /// configuration may still lead it until it commits (or linger as a removed follower), and
     /// must stay reachable. Bounded by `MEMBERS_MAX` ids.
     seen_addrs: BTreeMap<NodeId, MemberAddrs>,
+    /// The replication floor last sent to the storage worker.
+    floor_sent: Option<u64>,
     /// The peer set last handed to the shell (`None`: none yet).
     peers: Option<BTreeMap<NodeId, String>>,
 }
@@ -198,6 +200,7 @@ impl Consensus {
             peers_key: None,
             seen_addrs: BTreeMap::new(),
             peers: None,
+            floor_sent: None,
         }
     }
 
@@ -212,6 +215,7 @@ impl Consensus {
             Input::Tick => {
                 self.raft.tick();
                 self.ticks += 1;
+                self.send_replication_floor(out);
             }
             Input::Peer { from, message } => self.on_peer(from, message, out),
             Input::Unreachable { peer } => self.raft.peer_unreachable(peer),
@@ -410,6 +414,16 @@ impl Consensus {
                     after_persist: rd.messages_after_persist,
                 });
             }
+        }
+    }
+
+    /// Tells the storage worker, once per tick when it changed, which entries a reachable
+    /// follower still needs (the WAL keeps them at compaction, within a bound).
+    fn send_replication_floor(&mut self, out: &mut Outputs) {
+        let floor = self.raft.replication_floor();
+        if floor != self.floor_sent {
+            self.floor_sent = floor;
+            out.storage.push(StorageJob::RetainAfter(floor));
         }
     }
 

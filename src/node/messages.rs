@@ -128,6 +128,9 @@ pub enum StorageJob {
     },
     /// A piece of a snapshot file from `from`.
     Chunk { from: NodeId, chunk: SnapshotChunk },
+    /// Leader: keep the WAL after this index at the next compactions (a reachable follower
+    /// still needs it; see `Raft::replication_floor`). `None`: no such follower.
+    RetainAfter(Option<u64>),
 }
 
 /// What the storage worker reports to the consensus step.

@@ -102,6 +102,8 @@ pub struct StorageWorker {
     /// A hard state that changed only the commit index, not yet written (see
     /// [`plan_hard_state`]).
     deferred: Option<HardState>,
+    /// The leader's replication floor, as the consensus step last sent it.
+    retain_after: Option<u64>,
     metrics: Arc<Metrics>,
 }
 
@@ -113,6 +115,7 @@ impl StorageWorker {
             install: None,
             sink: ChunkSink::default(),
             deferred: None,
+            retain_after: None,
             metrics,
         }
     }
@@ -164,6 +167,7 @@ impl StorageWorker {
                     after_persist,
                 } => group.merge(hard_state, entries, after_persist),
                 StorageJob::Chunk { from, chunk } => self.receive_chunk(from, chunk, out)?,
+                StorageJob::RetainAfter(index) => self.retain_after = index,
             }
         }
         self.flush(group, out)?;
@@ -241,7 +245,7 @@ impl StorageWorker {
         let started = Instant::now();
         let report = self
             .storage
-            .compact()
+            .compact(self.retain_after)
             .map_err(WorkerError::storage("compaction"))?;
         tracing::info!(
             index = report.snapshot.index,

@@ -25,7 +25,9 @@
 //! never the size of the state:
 //! 1. `sled flush` → the applied position `S` is durable in sled;
 //! 2. WAL snapshot marker `S` + fsync → the log knows entries ≤ `S` may go;
-//! 3. purge WAL segments wholly at or below `S − catchup_margin`.
+//! 3. purge WAL segments wholly at or below `S − catchup_margin` — or below the leader's
+//!    replication floor (a reachable follower still needs the entries after it) if that is
+//!    lower and at most `catchup_hold_entries_max` below `S`.
 //!
 //! A crash between any two steps is harmless: before 2, recovery replays from sled's
 //! (durable, ≥ `S`) applied index; before 3, nothing was removed; during 3, segments go oldest
@@ -63,6 +65,9 @@ pub struct NodeStorageOptions {
     /// Entries kept in the WAL below the compaction point for lagging followers (default
     /// 5,000).
     pub catchup_margin: u64,
+    /// How far below the compaction point the WAL may be kept for a follower that still
+    /// needs it (see [`NodeStorage::compact`]); a follower further behind gets a snapshot.
+    pub catchup_hold_entries_max: u64,
     /// The most entry bytes read from the WAL per apply batch during replay.
     pub replay_batch_bytes: usize,
 }
@@ -75,6 +80,7 @@ impl Default for NodeStorageOptions {
             snapshot: SnapshotOptions::default(),
             snapshot_every: 10_000,
             catchup_margin: 5_000,
+            catchup_hold_entries_max: 200_000,
             replay_batch_bytes: 4 << 20,
         }
     }
@@ -502,8 +508,13 @@ impl NodeStorage {
     }
 
     /// Compacts: sled flush, WAL snapshot marker + fsync, purge below `S − catchup_margin`
-    /// (see the module doc). Costs what was written since the last compaction.
-    pub fn compact(&mut self) -> Result<CompactionReport, NodeStorageError> {
+    /// (see the module doc) — or below `retain_after` (the leader's replication floor: a
+    /// follower still needs the entries after it) if that is lower and within
+    /// `catchup_hold_entries_max` of `S`. Costs what was written since the last compaction.
+    pub fn compact(
+        &mut self,
+        retain_after: Option<u64>,
+    ) -> Result<CompactionReport, NodeStorageError> {
         let snapshot = self.sm.flush()?;
         let marked = match self.wal.snapshot() {
             Some(m) => m.index >= snapshot.index,
@@ -512,7 +523,13 @@ impl NodeStorage {
         if !marked {
             self.wal.record_snapshot(&snapshot)?;
         }
-        let purged_upto = snapshot.index.saturating_sub(self.opts.catchup_margin);
+        let mut purged_upto = snapshot.index.saturating_sub(self.opts.catchup_margin);
+        if let Some(floor) = retain_after {
+            if snapshot.index.saturating_sub(floor) <= self.opts.catchup_hold_entries_max {
+                purged_upto = purged_upto.min(floor);
+            }
+        }
+        debug_assert!(purged_upto <= snapshot.index);
         let purge = self.wal.purge(purged_upto)?;
         self.compacted_at = snapshot.index;
         tracing::debug!(

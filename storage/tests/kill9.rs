@@ -90,7 +90,7 @@ fn run_child(dir: &Path) -> ! {
         println!("acked {last}");
         s.apply_committed(last).unwrap();
         if s.compaction_due() {
-            s.compact().unwrap();
+            s.compact(None).unwrap();
             compactions += 1;
             if compactions.is_multiple_of(4) {
                 s.create_snapshot_file().unwrap();

@@ -92,6 +92,30 @@ impl Raft {
             .is_some_and(|at| self.ticks.saturating_sub(at) <= window)
     }
 
+    /// Leader: the lowest log index a reachable follower still needs the entries after (its
+    /// match index, or the log base it is getting a snapshot of). The node keeps the WAL from
+    /// there on at compaction, within a bound, so that a follower (a new learner above all)
+    /// that spent a while installing a snapshot is not handed another one because the log it
+    /// needs next was purged meanwhile. `None` when not leading or without reachable followers.
+    pub fn replication_floor(&self) -> Option<u64> {
+        if self.role != Role::Leader {
+            return None;
+        }
+        let floor = self
+            .progress
+            .iter()
+            .filter(|(&id, _)| self.reachable(id))
+            .map(|(_, pr)| match pr.state {
+                crate::raft::progress::ProgressState::Snapshot { pending_index } => {
+                    pending_index.max(pr.match_index)
+                }
+                _ => pr.match_index,
+            })
+            .min()?;
+        debug_assert!(floor <= self.log.last_index());
+        Some(floor)
+    }
+
     /// Leader: appends a Config entry and puts it in effect.
     fn append_config(&mut self, next: Membership) -> Result<(u64, u64), RaftError> {
         debug_assert_eq!(self.role, Role::Leader);

@@ -94,7 +94,7 @@ fn write(s: &mut NodeStorage, n: u64) -> Result<u64, NodeStorageError> {
     )?;
     s.apply_committed(last)?;
     if s.compaction_due() {
-        s.compact()?;
+        s.compact(None)?;
     }
     Ok(last)
 }
@@ -185,6 +185,37 @@ fn wal_stays_bounded_after_many_compactions() {
         segments.len()
     );
     check_consistent(&s, "after compactions");
+}
+
+#[test]
+fn compaction_keeps_what_a_follower_still_needs_within_the_hold_bound() {
+    let run = |hold_max: u64, floor: u64| {
+        let mut opts = small_opts();
+        opts.snapshot_every = 1_000; // only the explicit compaction below
+        opts.catchup_hold_entries_max = hold_max;
+        let sim = SimFs::new();
+        let sm_dir = tempfile::tempdir().unwrap();
+        let mut s = crate::test_util::retry_sled_lock(|| {
+            NodeStorage::open_with(Arc::new(sim.clone()), data(), sm_dir.path(), opts.clone())
+        })
+        .unwrap();
+        for _ in 0..10 {
+            write(&mut s, 4).unwrap();
+        }
+        let report = s.compact(Some(floor)).unwrap();
+        (
+            report.purged_upto,
+            s.wal().first_index(),
+            opts.catchup_margin,
+        )
+    };
+    // A follower needs the entries after 5: the purge stops there, not at S − margin = 30.
+    let (purged_upto, first, _) = run(1_000, 5);
+    assert_eq!(purged_upto, 5);
+    assert!(first <= 6, "entry 6 is still in the WAL (first {first})");
+    // A floor further below S than the hold bound is ignored: that follower gets a snapshot.
+    let (purged_upto, _, margin) = run(3, 5);
+    assert_eq!(purged_upto, 40 - margin);
 }
 
 #[test]

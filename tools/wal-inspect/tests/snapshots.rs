@@ -119,7 +119,7 @@ fn build_data_dir() -> (tempfile::TempDir, PathBuf, PathBuf) {
     let dir = tmp.path().join("node");
     let mut s = NodeStorage::open(&dir, opts()).unwrap();
     write(&mut s, 1, 60, 1);
-    s.compact().unwrap();
+    s.compact(None).unwrap();
     let first = s.create_snapshot_file().unwrap();
     assert_eq!((first.meta.index, first.meta.term), (60, 1));
     write(&mut s, 61, 100, 2);
