@@ -97,8 +97,11 @@ pub struct Consensus {
     /// index, term, reply). One at a time: the core refuses a second while one is in flight.
     membership_waiter: Option<(u64, u64, MembershipReply)>,
     /// What the transport's peer set was last derived from: (configuration index, peers the
-    /// core replicates to, role) — recomputed only when it changes.
-    peers_key: Option<(u64, usize, Role)>,
+    /// core replicates to, role, leader followed) — recomputed only when it changes.
+    peers_key: Option<(u64, usize, Role, Option<NodeId>)>,
+    /// The peer set last handed to the transport (at most one entry per member and lingering
+    /// replica, plus the leader).
+    peer_addrs: BTreeMap<NodeId, String>,
 }
 
 /// How a node with a brand-new data dir starts.
@@ -190,6 +193,7 @@ impl Consensus {
             seen,
             membership_waiter: None,
             peers_key: None,
+            peer_addrs: BTreeMap::new(),
         }
     }
 
@@ -654,26 +658,42 @@ impl Consensus {
     }
 
     /// Tells the shell the peers to keep connections to when the configuration (or the set
-    /// of lingering removed members) changed: members and lingering members but this node,
-    /// by the address the configuration (or, failing it, the flags) gives.
+    /// of lingering removed members, or the leader) changed: members, lingering members and
+    /// the leader this node follows, but this node, by the address the configuration (or,
+    /// failing it, the flags) gives.
+    ///
+    /// The leader stays a peer even once the newest configuration here removes it: it still
+    /// leads until that configuration commits, and must hear this node's acknowledgements to
+    /// commit it (then it steps down). Its address is then the one it was reached by so far.
     fn update_peers(&mut self, out: &mut Outputs) {
         let replicas = self.raft.replica_count();
-        let key = (self.raft.membership_index(), replicas, self.raft.role());
+        let leader = self.raft.leader().filter(|&l| l != self.info.id);
+        let key = (
+            self.raft.membership_index(),
+            replicas,
+            self.raft.role(),
+            leader,
+        );
         if self.peers_key == Some(key) {
             return;
         }
         self.peers_key = Some(key);
         let mut ids = self.raft.membership().members();
         ids.extend(self.raft.replica_ids());
+        ids.extend(leader);
         ids.remove(&self.info.id);
         let peers: BTreeMap<NodeId, String> = ids
             .into_iter()
             .filter_map(|id| {
-                let a = self.addrs_of(id)?;
-                (!a.peer_addr.is_empty()).then_some((id, a.peer_addr))
+                let configured = self.addrs_of(id).map(|a| a.peer_addr);
+                let addr = configured
+                    .filter(|a| !a.is_empty())
+                    .or_else(|| self.peer_addrs.get(&id).cloned())?;
+                Some((id, addr))
             })
             .collect();
         debug_assert!(!peers.contains_key(&self.info.id), "never a peer of itself");
+        self.peer_addrs = peers.clone();
         out.peers = Some(peers);
     }
 
