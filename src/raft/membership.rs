@@ -189,6 +189,16 @@ impl ConfigHistory {
         }
     }
 
+    /// The configuration in effect at `index` (at or above the base index): the latest one set
+    /// at or below it.
+    pub fn at(&self, index: u64) -> &Membership {
+        debug_assert!(index >= self.base_index, "below the log's base");
+        self.entries
+            .range(..=index)
+            .next_back()
+            .map_or(&self.base, |(_, m)| m)
+    }
+
     /// A Config entry at `index` was appended.
     pub fn push(&mut self, index: u64, membership: Membership) {
         assert!(
@@ -325,6 +335,8 @@ mod tests {
         assert_eq!(h.current().0, 9);
         h.truncate_from(9);
         assert_eq!(h.current(), (7, &Membership::with_voters([1, 2])));
+        assert_eq!(h.at(8), &Membership::with_voters([1, 2]));
+        assert_eq!(h.at(6), &Membership::with_voters([1]));
         h.compact(8);
         assert_eq!(h.current(), (8, &Membership::with_voters([1, 2])));
         h.push(10, Membership::with_voters([2]));
