@@ -568,6 +568,7 @@ scenario!(divergent_logs_repaired);
 scenario!(snapshot_catch_up);
 scenario!(leadership_transfer);
 scenario!(read_index_leader_change);
+scenario!(membership_removed_leader_needed);
 scenario!(membership_joint_change);
 scenario!(membership_learner_never_votes);
 scenario!(membership_unreachable_quorum);

@@ -93,9 +93,9 @@ pub struct Consensus {
     ticks: u64,
     /// Leadership as last logged.
     seen: Seen,
-    /// The membership change this leader proposed and has not answered: (its Config entry's
-    /// index, term, reply). One at a time: the core refuses a second while one is in flight.
-    membership_waiter: Option<(u64, u64, MembershipReply)>,
+    /// The membership change this leader proposed and has not answered. One at a time: the
+    /// core refuses a second while one is in flight.
+    membership_waiter: Option<MembershipWaiter>,
     /// What the transport's peer set was last derived from: (configuration index, peers the
     /// core replicates to, role, leader) — recomputed only when it changes.
     peers_key: Option<(u64, usize, Role, Option<NodeId>)>,
@@ -107,6 +107,17 @@ pub struct Consensus {
     floor_sent: Option<u64>,
     /// The peer set last handed to the shell (`None`: none yet).
     peers: Option<BTreeMap<NodeId, String>>,
+}
+
+/// A membership change waiting for its answer.
+#[derive(Debug)]
+struct MembershipWaiter {
+    /// Its Config entry.
+    index: u64,
+    term: u64,
+    /// That entry was seen committed here (with its term): the change took effect.
+    committed: bool,
+    reply: MembershipReply,
 }
 
 /// How a node with a brand-new data dir starts.
@@ -457,7 +468,7 @@ impl Consensus {
         for reply in std::mem::take(&mut self.reads).into_values().chain(replies) {
             let _ = reply.send(Err(ServiceError::Unavailable(why.into())));
         }
-        if let Some((index, _, reply)) = self.membership_waiter.take() {
+        if let Some(MembershipWaiter { index, reply, .. }) = self.membership_waiter.take() {
             let _ = reply.send(Err(ServiceError::Timeout(format!(
                 "outcome unknown: the membership change at index {index} is in the log but \
                  not known complete ({why})"
@@ -640,7 +651,12 @@ impl Consensus {
         match self.raft.propose_membership(&proposal) {
             Ok((index, term)) => {
                 tracing::info!(index, term, changes = ?proposal.changes, force = proposal.force, "membership change proposed");
-                self.membership_waiter = Some((index, term, reply));
+                self.membership_waiter = Some(MembershipWaiter {
+                    index,
+                    term,
+                    committed: false,
+                    reply,
+                });
             }
             Err(e) => {
                 let _ = reply.send(Err(self.map_raft_error(e)));
@@ -648,28 +664,40 @@ impl Consensus {
         }
     }
 
-    /// Answers the waiting membership change once it completed (its entry committed and no
-    /// change in flight), or once a new leader overwrote its entry (it never took effect).
+    /// Answers the waiting membership change once it completed (its own entry seen committed
+    /// and no change in flight), once a new leader overwrote its entry (it never took effect),
+    /// or once its entry left the log before it was seen committed (replaced by a snapshot or
+    /// truncated: the outcome is unknown — a later configuration is no proof of this one).
     fn answer_membership_change(&mut self) {
-        let Some((index, term, _)) = &self.membership_waiter else {
+        let Some(w) = self.membership_waiter.as_mut() else {
             return;
         };
-        let (index, term) = (*index, *term);
-        let overwritten = self.raft.log().term(index).is_some_and(|t| t != term);
-        let done = !overwritten
-            && self.raft.commit_index() >= index
+        let (index, term) = (w.index, w.term);
+        let here = self.raft.log().term(index);
+        if here == Some(term) && self.raft.commit_index() >= index {
+            w.committed = true;
+        }
+        let overwritten = !w.committed && here.is_some_and(|t| t != term);
+        let lost = !w.committed && here.is_none();
+        let done = w.committed
             && self.raft.membership_index() >= index
             && !self.raft.membership_in_flight();
-        if !(overwritten || done) {
+        if !(overwritten || lost || done) {
             return;
         }
-        let Some((_, _, reply)) = self.membership_waiter.take() else {
+        let Some(MembershipWaiter { reply, .. }) = self.membership_waiter.take() else {
             return;
         };
         let result = if overwritten {
             Err(ServiceError::Unavailable(format!(
                 "a new leader replaced the change at index {index} before it committed; it \
                  had no effect: retry"
+            )))
+        } else if lost {
+            Err(ServiceError::Timeout(format!(
+                "outcome unknown: the change at index {index} left this node's log (replaced by \
+                 a snapshot or a new leader's entries) before it was seen committed; check the \
+                 configuration"
             )))
         } else {
             tracing::info!(index, voters = ?self.raft.membership().voters, learners = ?self.raft.membership().learners, "membership change complete");
@@ -678,13 +706,17 @@ impl Consensus {
         let _ = reply.send(result);
     }
 
-    /// Tells the shell the peers to keep connections to when the configuration, the set of
-    /// lingering removed members or the leader changed: members, lingering members and the
-    /// leader (which may be leaving the configuration: it leads until that commits), but this
-    /// node, by the address the configuration (or an earlier one, or the flags) gives.
+    /// Tells the shell the peers to keep connections to when the configuration (or the set
+    /// of lingering removed members, or the leader) changed: members, lingering members and
+    /// the leader this node follows, but this node, by the address the configuration (or an
+    /// earlier one, or the flags) gives.
+    ///
+    /// The leader stays a peer even once the newest configuration here removes it: it still
+    /// leads until that configuration commits, and must hear this node's acknowledgements to
+    /// commit it (then it steps down). Its address is then the one it was reached by so far.
     fn update_peers(&mut self, out: &mut Outputs) {
         let replicas = self.raft.replica_count();
-        let leader = self.raft.leader();
+        let leader = self.raft.leader().filter(|&l| l != self.info.id);
         let key = (
             self.raft.membership_index(),
             replicas,
@@ -703,9 +735,10 @@ impl Consensus {
             }
         }
         let mut ids = self.raft.membership().members();
-        if !ids.contains(&self.info.id) && self.raft.role() != Role::Leader {
-            // Removed: only a leader still telling us about it is worth a connection; the
-            // members refuse ours, so dialling them would only fill both logs.
+        let removed = !ids.contains(&self.info.id) && !self.raft.may_campaign();
+        if removed && self.raft.role() != Role::Leader {
+            // Removed for good: only a leader still telling us about it is worth a
+            // connection; the members refuse ours, so dialling them would only fill both logs.
             ids.clear();
         }
         ids.extend(self.raft.replica_ids());
@@ -714,8 +747,11 @@ impl Consensus {
         let peers: BTreeMap<NodeId, String> = ids
             .into_iter()
             .filter_map(|id| {
-                let a = self.addrs_of(id)?;
-                (!a.peer_addr.is_empty()).then_some((id, a.peer_addr))
+                let configured = self.addrs_of(id).map(|a| a.peer_addr);
+                let addr = configured
+                    .filter(|a| !a.is_empty())
+                    .or_else(|| self.peers.as_ref().and_then(|p| p.get(&id).cloned()))?;
+                Some((id, addr))
             })
             .collect();
         debug_assert!(!peers.contains_key(&self.info.id), "never a peer of itself");

@@ -387,6 +387,22 @@ impl Raft {
         self.transfer.map(|(to, _)| to)
     }
 
+    /// The configuration in effect at the commit index: the newest one known committed.
+    pub fn committed_membership(&self) -> &Membership {
+        self.configs.at(self.commit.max(self.log.base_index()))
+    }
+
+    /// Whether this node may campaign: it votes in its newest configuration, or in the
+    /// committed one while a newer one that removes it is not committed yet. A server removed
+    /// by a configuration still in flight may be needed to elect the leader that commits it
+    /// (Raft thesis §4.2.2): if the leader that appended `C_new` lost leadership before
+    /// `C_new` spread, the joint configuration's outgoing half may need it, and its log may be
+    /// the only one up to date enough to win.
+    pub fn may_campaign(&self) -> bool {
+        let id = self.config.id;
+        self.membership().is_voter(id) || self.committed_membership().is_voter(id)
+    }
+
     /// Whether this node is the configuration's only voter (it needs nobody's agreement).
     fn single_voter(&self) -> bool {
         let m = self.membership();
@@ -485,7 +501,7 @@ impl Raft {
     }
 
     fn campaign(&mut self, kind: Campaign) {
-        if !self.membership().is_voter(self.config.id) {
+        if !self.may_campaign() {
             return;
         }
         let pre = kind == Campaign::PreVote;
@@ -607,8 +623,9 @@ impl Raft {
         self.ticks += 1;
         self.election_elapsed = self.election_elapsed.saturating_add(1);
         if self.role != Role::Leader {
-            if !self.membership().is_voter(self.config.id) {
-                return; // a learner or a removed member never campaigns
+            if !self.may_campaign() {
+                // A learner never campaigns, nor a member removed by a committed configuration.
+                return;
             }
             // The only voter needs nobody's vote and can compete with no one: waiting out an
             // election timeout would only delay a restarted single-node cluster.

@@ -647,3 +647,56 @@ fn no_early_campaign_when_leases_are_in_use() {
     assert_eq!(r.leader(), Some(1));
     assert!(ticks_to_campaign(&mut r, 9).is_none());
 }
+
+/// Found by the simulator (seed 8 with membership changes): without pre-vote and
+/// check-quorum a node silently ignores a leader of an older term, trusting its own campaign
+/// to bring the cluster up to its term. A learner (or a member removed by a committed
+/// configuration) never campaigns: once a vote request raised its term above the leader's,
+/// it ignored that leader forever and never caught up. It now tells the stale leader.
+#[test]
+fn a_node_that_may_not_campaign_tells_a_stale_leader_its_term() {
+    let mut c = config(4);
+    c.pre_vote = false;
+    c.check_quorum = false;
+    let mut m = Membership::with_voters([1, 2, 3]);
+    m.learners.insert(4);
+    let mut r = Raft::join(c, m, 1).unwrap();
+    // A vote request of term 9 (from a voter of this learner's configuration) raises its term.
+    let vote = MessageBody::Vote {
+        pre: false,
+        transfer: false,
+        last_index: 0,
+        last_term: 0,
+    };
+    r.step(Message {
+        from: 1,
+        to: 4,
+        term: 9,
+        body: vote,
+    })
+    .unwrap();
+    assert_eq!(r.term(), 9);
+    drain(&mut r);
+    // The leader of term 5 appends: the learner answers with its term.
+    r.step(Message {
+        from: 2,
+        to: 4,
+        term: 5,
+        body: MessageBody::Heartbeat {
+            commit: 0,
+            read_round: 0,
+        },
+    })
+    .unwrap();
+    let sent: Vec<Message> = drain(&mut r)
+        .into_iter()
+        .flat_map(|rd| rd.messages_now.into_iter().chain(rd.messages_after_persist))
+        .collect();
+    assert!(
+        sent.iter().any(|m| m.to == 2
+            && m.term == 9
+            && matches!(m.body, MessageBody::AppendResponse { reject: true, .. })),
+        "{sent:?}"
+    );
+    assert!(!r.may_campaign());
+}

@@ -87,6 +87,10 @@ pub fn plan(current: &Membership, proposal: &MembershipProposal) -> Result<Membe
     if next.voters != current.voters {
         next.voters_outgoing = current.voters.clone();
     }
+    // A removed voter still votes in the joint configuration's outgoing half, so its address
+    // stays until `leave_joint`: members reach each other by the addresses it records.
+    let members = next.members();
+    next.addrs.retain(|id, _| members.contains(id));
     next.validate()
         .map_err(|e| RaftError::MembershipInvalid(format!("the resulting configuration: {e}")))?;
     debug_assert!(
@@ -135,7 +139,6 @@ fn apply_change(next: &mut Membership, change: &MemberChange) -> Result<(), Raft
             if !next.voters.remove(id) && !next.learners.remove(id) {
                 return Err(RaftError::UnknownMember(*id));
             }
-            next.addrs.remove(id);
         }
     }
     Ok(())
@@ -184,6 +187,16 @@ impl ConfigHistory {
             Some((&index, m)) => (index, m),
             None => (self.base_index, &self.base),
         }
+    }
+
+    /// The configuration in effect at `index` (at or above the base index): the latest one set
+    /// at or below it.
+    pub fn at(&self, index: u64) -> &Membership {
+        debug_assert!(index >= self.base_index, "below the log's base");
+        self.entries
+            .range(..=index)
+            .next_back()
+            .map_or(&self.base, |(_, m)| m)
     }
 
     /// A Config entry at `index` was appended.
@@ -263,6 +276,36 @@ mod tests {
         assert!(!new.is_joint() && !new.addrs.contains_key(&1));
     }
 
+    /// Found by the simulator: the joint configuration dropped a removed voter's address
+    /// while that voter still votes in the outgoing half, so a member that knew it only from
+    /// the log (one that joined later) dropped it from its peer set, refused its messages, and
+    /// the joint configuration could not commit when its vote was needed.
+    #[test]
+    fn a_removed_voter_keeps_its_address_until_the_joint_configuration_is_left() {
+        let mut c = plan(&Membership::with_voters([1, 2]), &proposal(vec![add(3)])).unwrap();
+        for id in [1, 2] {
+            let a = MemberAddrs {
+                peer_addr: format!("h{id}:7000"),
+                client_url: String::new(),
+            };
+            c.addrs.insert(id, a);
+        }
+        let joint = plan(
+            &c,
+            &proposal(vec![
+                MemberChange::Promote { id: 3 },
+                MemberChange::Remove { id: 1 },
+            ]),
+        )
+        .unwrap();
+        assert!(joint.voters_outgoing.contains(&1));
+        assert_eq!(joint.addrs.keys().copied().collect::<Vec<_>>(), [1, 2, 3]);
+        assert!(!leave_joint(&joint).addrs.contains_key(&1));
+        // A learner leaves at once, address and all.
+        let gone = plan(&c, &proposal(vec![MemberChange::Remove { id: 3 }])).unwrap();
+        assert!(!gone.is_joint() && !gone.addrs.contains_key(&3));
+    }
+
     #[test]
     fn guards_name_the_problem() {
         let c = Membership::with_voters([1]);
@@ -292,6 +335,8 @@ mod tests {
         assert_eq!(h.current().0, 9);
         h.truncate_from(9);
         assert_eq!(h.current(), (7, &Membership::with_voters([1, 2])));
+        assert_eq!(h.at(8), &Membership::with_voters([1, 2]));
+        assert_eq!(h.at(6), &Membership::with_voters([1]));
         h.compact(8);
         assert_eq!(h.current(), (8, &Membership::with_voters([1, 2])));
         h.push(10, Membership::with_voters([2]));

@@ -152,9 +152,7 @@ impl Raft {
     pub(super) fn membership_changed(&mut self) {
         let id = self.config.id;
         let members = self.membership().members();
-        if !self.membership().is_voter(id)
-            && matches!(self.role, Role::PreCandidate | Role::Candidate)
-        {
+        if !self.may_campaign() && matches!(self.role, Role::PreCandidate | Role::Candidate) {
             self.become_follower(self.term, None);
         }
         if !members.contains(&id) {

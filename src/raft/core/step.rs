@@ -135,9 +135,12 @@ impl Raft {
     fn step_lower_term(&mut self, m: &Message) {
         match &m.body {
             MessageBody::Append { .. } | MessageBody::Heartbeat { .. }
-                if self.config.check_quorum || self.config.pre_vote =>
+                if self.config.check_quorum || self.config.pre_vote || !self.may_campaign() =>
             {
-                // Tell a stale leader about the newer term so it steps down.
+                // Tell a stale leader about the newer term so it steps down. Without pre-vote
+                // and check-quorum our own campaign would bring the cluster to our term; a
+                // node that may not campaign (a learner) must say so, or it would ignore that
+                // leader for good.
                 self.send(
                     m.from,
                     MessageBody::AppendResponse {
