@@ -57,8 +57,6 @@ struct Steps {
     add_learner_ms: f64,
     /// From starting the new node (`serve --join`) until it is promotable.
     learner_catchup_ms: f64,
-    /// The leader's snapshot index the learner installed (0: it caught up from the log).
-    learner_snapshot_index: u64,
     promote_ms: f64,
     /// Removing the leader: until the change completed (a new leader took over).
     remove_leader_ms: f64,
@@ -169,7 +167,7 @@ async fn sequence(
     ));
     let t = Instant::now();
     procs.start_extra(joiner)?;
-    let snapshot_index = wait_promotable(&http, urls, 4).await?;
+    wait_promotable(&http, urls, 4).await?;
     let learner_catchup_ms = ms(t);
     say(&format!(
         "learner 4 promotable after {learner_catchup_ms:.0} ms"
@@ -197,7 +195,6 @@ async fn sequence(
     Ok(Steps {
         add_learner_ms,
         learner_catchup_ms,
-        learner_snapshot_index: snapshot_index,
         promote_ms,
         remove_leader_ms,
     })
@@ -214,9 +211,8 @@ async fn call(req: reqwest::RequestBuilder) -> anyhow::Result<ClusterStatus> {
     Ok(serde_json::from_str(&text)?)
 }
 
-/// Polls the leader until `id` is reachable and within the promotion margin; returns the
-/// snapshot index the learner reports having installed.
-async fn wait_promotable(http: &reqwest::Client, urls: &[String], id: u64) -> anyhow::Result<u64> {
+/// Polls the leader until `id` is reachable and within the promotion margin.
+async fn wait_promotable(http: &reqwest::Client, urls: &[String], id: u64) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(300);
     while Instant::now() < deadline {
         for u in urls {
@@ -236,16 +232,7 @@ async fn wait_promotable(http: &reqwest::Client, urls: &[String], id: u64) -> an
                         .is_some_and(|i| i + PROMOTE_LAG_ENTRIES_MAX >= s.last_index)
             });
             if ready {
-                let learner = http
-                    .get(format!(
-                        "{}/cluster/status",
-                        m.and_then(|m| m.client_url.clone()).unwrap_or_default()
-                    ))
-                    .send()
-                    .await?
-                    .json::<ClusterStatus>()
-                    .await?;
-                return Ok(learner.snapshot_index);
+                return Ok(());
             }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -260,11 +247,10 @@ fn ms(t: Instant) -> f64 {
 fn render(r: &MembershipReport) -> String {
     let (l, s) = (&r.load.latency, &r.steps);
     format!(
-        "membership change on {} keys (filled at {:.0} writes/s):\n  add learner {:.0} ms; learner catch-up (snapshot at {}) {:.0} ms; promote {:.0} ms; remove the leader {:.0} ms\n  write load alongside: {} ok, {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms; errors {:?}\n",
+        "membership change on {} keys (filled at {:.0} writes/s):\n  add learner {:.0} ms; learner catch-up {:.0} ms; promote {:.0} ms; remove the leader {:.0} ms\n  write load alongside: {} ok, {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms; errors {:?}\n",
         r.keys,
         r.fill_ops_s,
         s.add_learner_ms,
-        s.learner_snapshot_index,
         s.learner_catchup_ms,
         s.promote_ms,
         s.remove_leader_ms,
