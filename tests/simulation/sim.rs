@@ -17,8 +17,18 @@
 //!   real recovery (`NodeStorage::open_with`, `consensus::open_core`). Pauses freeze a node's
 //!   events (including its workers) longer than an election timeout;
 //! - the network: seeded loss (0–30 %), duplication, random delay (hence reordering) for Raft
-//!   messages; snapshot chunks ride an ordered stream per link (as on TCP) and a partition
-//!   breaks the stream; symmetric and one-way partitions, an isolated leader;
+//!   messages; snapshot chunks ride an ordered stream per link (as on TCP) that a partition
+//!   or a dropped connection breaks as a whole (the sender is told); symmetric and one-way
+//!   partitions, an isolated leader. Each node's transport follows its `Outputs::peers`, as
+//!   the driver's `set_peers` does: a message leaves only to a peer in the sender's set and is
+//!   accepted only from a peer in the receiver's (the listener refuses non-members);
+//! - membership changes (three quarters of the seeds; `membership.rs`): ids beyond the
+//!   initial voters start not running; an operator adds learners and voters, promotes,
+//!   removes voters (the leader too) and learners, several at once in one joint change, now
+//!   and then with `force` or crashing the leader in the middle, through
+//!   `Request::ChangeMembership`; new members start with an empty data dir
+//!   (`Start::Join`), removed ones are stopped some time after their removal or left running;
+//!   faults and clients drawn for ids 1..=nodes fall on whoever is in service then;
 //! - byzantine-lite (a quarter of the seeds, for a window that ends before healing): more
 //!   duplicates, and corrupted-but-well-formed frames on real links: fields set out of range
 //!   and random byte mutations with the frame checksum recomputed. They go through the real
@@ -29,15 +39,23 @@
 //!   answer, or a 504, has an unknown outcome and is not retried (no sessions yet: a retry
 //!   could apply twice); a 503 or a redirect is retried.
 //!
-//! Checked after every step: at most one leader per term; log matching (every (index, term)
-//! ever written names one entry with one predecessor term); leader completeness; commit index
-//! never decreases per incarnation and never contradicts what was committed; every applied
-//! entry is committed and durable on a majority, and every node applies the same entry at an
-//! index; an acknowledged write is committed at its index and durable on a majority; a read
-//! is answered only once its index is applied. After the run: heal, require liveness, compare
-//! all logs and state machines, and check linearizability.
+//! Checked after every step: at most one leader per term, whatever the configuration (nodes
+//! added later included); log matching (every (index, term) ever written names one entry with
+//! one predecessor term); leader completeness; commit index never decreases per incarnation
+//! and never contradicts what was committed; an entry, when first seen committed, is durable
+//! on a quorum of the configuration its committer had in effect (a majority of each half of a
+//! joint one) — and still is when any node applies it or acknowledges it as a write; every
+//! node applies the same entry at an index; a read is answered only once its index is
+//! applied; a node campaigns only as a voter of its newest or its committed configuration,
+//! never leads as a learner, stops leading once its log commits its removal, and a node
+//! removed by a committed configuration never wins an election. After the run: heal, require
+//! liveness (every member of the final leader's configuration up, caught up, with the same
+//! state machine — but for members the transport strands, see `MemberStats::stranded`),
+//! compare all logs, and check linearizability.
 
 use super::linearizability::{self, Op, OpKind, OpResult};
+pub use membership::MemberStats;
+use membership::{MemberAction, WaitingChange};
 use raftkv::api::ServiceError;
 use raftkv::metrics::Metrics;
 use raftkv::node::apply::{ApplyWork, ApplyWorker, Pending};
@@ -75,6 +93,9 @@ const MAX_DEFERRED_EVENTS: usize = 100_000;
 /// The peer transport's default frame limit.
 const FRAME_BYTES_MAX: u32 = 16 << 20;
 
+#[path = "membership.rs"]
+mod membership;
+
 /// A fault in the schedule.
 #[derive(Clone, Debug)]
 pub enum Fault {
@@ -97,13 +118,18 @@ pub enum Fault {
     TransferLeader { to: NodeId },
     /// Crash whoever leads at that moment (at its next unsynced write), for `down_ms`.
     CrashLeader { down_ms: u64 },
+    /// An operator's membership change, resolved against the leader's configuration then.
+    Member(MemberAction),
 }
 
 /// Everything a seed decides before the run.
 #[derive(Clone, Debug)]
 pub struct Params {
     pub seed: u64,
+    /// The initial voters, ids 1..=nodes.
     pub nodes: u64,
+    /// Ids nodes+1..=nodes+spares start not running; a membership change adds them.
+    pub spares: u64,
     pub clients: u64,
     pub loss_pct: u64,
     pub dup_pct: u64,
@@ -246,6 +272,8 @@ impl Params {
             faults.retain(|(_, f)| !matches!(f, Fault::Pause { .. }));
         }
         let byzantine = Byzantine::from_seed(seed, run_ms);
+        let (spares, member_faults) = membership::schedule(seed, run_ms);
+        faults.extend(member_faults);
         // Drawn from their own generator, so the rest of a seed's schedule does not move.
         let mut sizes = Rng::new(seed ^ 0x5EC5_10E5);
         let segment_bytes = [16 << 10, 64 << 10, 1 << 20][sizes.range(0, 3) as usize];
@@ -254,6 +282,7 @@ impl Params {
         Params {
             seed,
             nodes,
+            spares,
             clients: 3,
             loss_pct,
             dup_pct,
@@ -279,11 +308,12 @@ impl fmt::Display for Params {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "seed {}: {} nodes, {} clients, loss {}%, dup {}%, delay 1..={} ms, fsync 0..={} ms, \
+            "seed {}: {} nodes (+{} spare), {} clients, loss {}%, dup {}%, delay 1..={} ms, fsync 0..={} ms, \
              snapshot every {} (margin {}), segment {} B, chunk {} B, pre_vote {}, check_quorum {}, append_bytes_max {}, \
              inflight_msgs_max {}, lease_reads {}, run {} ms",
             self.seed,
             self.nodes,
+            self.spares,
             self.clients,
             self.loss_pct,
             self.dup_pct,
@@ -385,6 +415,17 @@ enum Event {
         incarnation: u64,
     },
     Heal,
+    /// A removed node is stopped for good.
+    Retire(NodeId),
+    /// The node a membership change went to crashes (if still that incarnation).
+    CrashMidChange {
+        node: NodeId,
+        incarnation: u64,
+        down_ms: u64,
+    },
+    /// The operator's periodic look: members of the cluster's configuration that never ran
+    /// start with an empty data dir (`Start::Join`).
+    Operator,
     ClientNext(u64),
     ClientTimeout {
         client: u64,
@@ -447,6 +488,7 @@ struct Live {
     streams: BTreeMap<NodeId, ChunkSource>,
     writes: Vec<WaitingWrite>,
     reads: Vec<WaitingRead>,
+    changes: Vec<WaitingChange>,
 }
 
 struct Node {
@@ -462,6 +504,45 @@ struct Node {
     crash_armed: Option<u64>,
     /// A power cut is armed in `fs` for the next group; restart after this many ms.
     power_cut_down_ms: Option<u64>,
+    /// `None` for an initial voter (it bootstraps); else the configuration it joined with (a
+    /// restart while its data dir is still fresh joins again, never bootstraps).
+    joined: Option<Membership>,
+    /// Started at least once (spare ids start unstarted).
+    started: bool,
+    /// Stopped for good after its removal completed.
+    retired: bool,
+    /// The peers its transport connects to and accepts connections from: the flags at start,
+    /// then each `Outputs::peers`. A message leaves only to, and arrives only from, these.
+    peers: BTreeSet<NodeId>,
+    /// Role, term and configuration index last traced (`RAFTKV_SIM_TRACE`).
+    traced: Option<(Role, u64, u64)>,
+}
+
+impl Node {
+    /// A node that never ran, with an empty disk.
+    fn new(id: NodeId) -> Node {
+        Node {
+            id,
+            incarnation: 0,
+            fs: SimFs::new(),
+            sm_dir: tempfile::tempdir().expect("a temp dir for sled"),
+            live: None,
+            paused_until: None,
+            commit_seen: 0,
+            crash_armed: None,
+            power_cut_down_ms: None,
+            joined: None,
+            started: false,
+            retired: false,
+            peers: BTreeSet::new(),
+            traced: None,
+        }
+    }
+
+    /// Started and not retired: faults, clients and healing deal with it.
+    fn in_service(&self) -> bool {
+        self.started && !self.retired
+    }
 }
 
 struct Client {
@@ -488,15 +569,54 @@ struct Checker {
     /// Per node: the entries its disk holds durably (index → term), and the snapshot index
     /// below which everything it holds is committed state.
     durable: BTreeMap<NodeId, (u64, BTreeMap<u64, u64>)>,
+    /// Committed configurations, by the index of their Config entry.
+    configs: BTreeMap<u64, Membership>,
+    /// Members a committed configuration removed → the index of that configuration.
+    removed_at: BTreeMap<NodeId, u64>,
+    /// The configurations committing nodes had in effect (consecutive duplicates merged), and
+    /// per committed index the one it was committed under.
+    quorum_configs: Vec<Membership>,
+    commit_config: BTreeMap<u64, usize>,
 }
 
 impl Checker {
-    /// How many nodes hold (index, term) durably (in their WAL, or under a snapshot).
-    fn durable_copies(&self, index: u64, term: u64) -> usize {
+    /// Whether `id` holds (index, term) durably (in its WAL, or under a snapshot).
+    fn holds_durably(&self, id: NodeId, index: u64, term: u64) -> bool {
         self.durable
-            .values()
-            .filter(|(base, log)| index <= *base || log.get(&index) == Some(&term))
-            .count()
+            .get(&id)
+            .is_some_and(|(base, log)| index <= *base || log.get(&index) == Some(&term))
+    }
+
+    /// Nodes holding (index, term) durably, sorted (for messages).
+    fn durable_holders(&self, index: u64, term: u64) -> Vec<NodeId> {
+        let ids = self.durable.keys().copied();
+        ids.filter(|&id| self.holds_durably(id, index, term))
+            .collect()
+    }
+
+    /// Checks that committed entry `index`@`term` is durable on a quorum of the configuration
+    /// it was committed under (a majority of each half of a joint one). `what` says who relies
+    /// on it. The bootstrap configuration (1@1) is committed by construction on every node.
+    fn check_durable_quorum(&self, index: u64, term: u64, what: &str) -> Result<(), String> {
+        if (index, term) == (1, 1) {
+            return Ok(());
+        }
+        let Some(&k) = self.commit_config.get(&index) else {
+            return Err(format!(
+                "{what}: entry {index}@{term} has no committing configuration"
+            ));
+        };
+        let config = &self.quorum_configs[k];
+        if config.is_quorum(|id| self.holds_durably(id, index, term)) {
+            return Ok(());
+        }
+        Err(format!(
+            "{what}: entry {index}@{term} is durable on {:?}, not a quorum of the configuration it \
+             was committed under (voters {:?}, outgoing {:?})",
+            self.durable_holders(index, term),
+            config.voters,
+            config.voters_outgoing
+        ))
     }
 }
 
@@ -532,6 +652,8 @@ pub struct Sim {
     history: Vec<Op>,
     checker: Checker,
     membership: Membership,
+    /// Spare ids no change has added yet (or only changes that certainly had no effect).
+    spares_unused: BTreeSet<NodeId>,
     deferred: usize,
     trace: bool,
     /// Runs the transport's (async) frame decoder on byzantine-lite frames.
@@ -582,11 +704,33 @@ pub struct Stats {
     pub frames_refused: u64,
     /// ... and not injected because they validated as plausible messages.
     pub frames_plausible_skipped: u64,
+    /// Membership changes asked for, and what came of them.
+    pub member: MemberStats,
+}
+
+impl Stats {
+    /// Adds `other`'s counters to these (`max_commit` takes the larger).
+    pub fn add(&mut self, other: &Stats) {
+        self.events += other.events;
+        self.ops_ok += other.ops_ok;
+        self.ops_unknown += other.ops_unknown;
+        self.elections += other.elections;
+        self.crashes += other.crashes;
+        self.power_cuts += other.power_cuts;
+        self.snapshots_installed += other.snapshots_installed;
+        self.compactions += other.compactions;
+        self.max_commit = self.max_commit.max(other.max_commit);
+        self.frames_undecodable += other.frames_undecodable;
+        self.frames_refused += other.frames_refused;
+        self.frames_plausible_skipped += other.frames_plausible_skipped;
+        self.member.add(&other.member);
+    }
 }
 
 impl Sim {
     pub fn new(params: Params) -> Sim {
         let membership = Membership::with_voters(1..=params.nodes);
+        let spares_unused = (params.nodes + 1..=params.nodes + params.spares).collect();
         let mut sim = Sim {
             rng: Rng::new(params.seed),
             loss_pct: params.loss_pct,
@@ -606,6 +750,7 @@ impl Sim {
             history: Vec::new(),
             checker: Checker::default(),
             membership,
+            spares_unused,
             deferred: 0,
             trace: std::env::var("RAFTKV_SIM_TRACE").is_ok(),
             runtime: tokio::runtime::Builder::new_current_thread()
@@ -613,24 +758,14 @@ impl Sim {
                 .expect("a current-thread runtime"),
             stats: Stats::default(),
         };
+        for id in 1..=sim.params.nodes + sim.params.spares {
+            sim.nodes.insert(id, Node::new(id));
+        }
         for id in 1..=sim.params.nodes {
-            sim.nodes.insert(
-                id,
-                Node {
-                    id,
-                    incarnation: 0,
-                    fs: SimFs::new(),
-                    sm_dir: tempfile::tempdir().expect("a temp dir for sled"),
-                    live: None,
-                    paused_until: None,
-                    commit_seen: 0,
-                    crash_armed: None,
-                    power_cut_down_ms: None,
-                },
-            );
-            sim.start_node(id).expect("a fresh node starts");
-            let phase = sim.rng.range(0, TICK_MS);
-            sim.schedule(phase + 1, Event::Tick(id));
+            sim.first_start(id).expect("a fresh node starts");
+        }
+        if sim.params.spares > 0 {
+            sim.schedule(membership::OPERATOR_EVERY_MS, Event::Operator);
         }
         for c in 0..sim.params.clients {
             let target = sim.rng.range(1, sim.params.nodes + 1);
@@ -719,6 +854,39 @@ impl Sim {
         self.nodes[&id].incarnation
     }
 
+    /// Starts a node for the first time (an initial voter, or a member that joins) and its
+    /// clock.
+    fn first_start(&mut self, id: NodeId) -> Result<(), String> {
+        self.nodes.get_mut(&id).expect("node").started = true;
+        self.start_node(id)?;
+        let phase = self.rng.range(0, TICK_MS);
+        self.schedule(phase + 1, Event::Tick(id));
+        Ok(())
+    }
+
+    /// A node in service, uniformly (there is always one: the last voter is never removed,
+    /// and only removed nodes retire).
+    fn random_node(&mut self) -> NodeId {
+        let ids: Vec<NodeId> = self
+            .nodes
+            .values()
+            .filter(|n| n.in_service())
+            .map(|n| n.id)
+            .collect();
+        assert!(!ids.is_empty(), "no node in service");
+        ids[self.rng.range(0, ids.len() as u64) as usize]
+    }
+
+    /// `id` if it is in service, else a random node that is (faults drawn before the run
+    /// name ids 1..=nodes; some may have left and spares joined since).
+    fn resolve_node(&mut self, id: NodeId) -> NodeId {
+        if self.nodes.get(&id).is_some_and(|n| n.in_service()) {
+            id
+        } else {
+            self.random_node()
+        }
+    }
+
     /// Runs the whole scenario; `Err` describes the first violated property.
     pub fn run(mut self) -> Result<Stats, String> {
         let deadline = self.params.run_ms + 60_000;
@@ -761,6 +929,9 @@ impl Sim {
     fn handle(&mut self, ev: Event) -> Result<(), String> {
         match ev {
             Event::Tick(id) => {
+                if self.nodes[&id].retired {
+                    return Ok(());
+                }
                 self.schedule(TICK_MS, Event::Tick(id));
                 let node = self.nodes.get_mut(&id).expect("node");
                 if node.paused_until.is_some_and(|u| u > self.now) {
@@ -812,6 +983,9 @@ impl Sim {
                 }
             }
             Event::Heal => self.heal()?,
+            ev @ (Event::Retire(_) | Event::CrashMidChange { .. } | Event::Operator) => {
+                self.member_event(ev)?
+            }
             Event::ClientNext(c) => self.client_next(c),
             Event::ClientRetry { client, attempt } => {
                 let cl = &self.clients[client as usize];
@@ -832,6 +1006,9 @@ impl Sim {
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
         for id in ids {
             let n = self.nodes.get_mut(&id).expect("node");
+            if !n.in_service() {
+                continue;
+            }
             n.paused_until = None;
             n.crash_armed = None;
             if n.power_cut_down_ms.take().is_some() {
@@ -841,7 +1018,7 @@ impl Sim {
                 self.restart(id)?;
             }
         }
-        Ok(())
+        self.start_pending_joiners()
     }
 
     // ----- the node runtime (production code), with the simulator as its shell -----
@@ -861,6 +1038,11 @@ impl Sim {
 
     fn dispatch(&mut self, id: NodeId, out: Outputs) -> Result<(), String> {
         self.record_commits(id)?;
+        // The peer set first, as the driver does: messages of this step may go to a new member.
+        if let Some(peers) = &out.peers {
+            debug_assert!(!peers.contains_key(&id), "a node is never its own peer");
+            self.nodes.get_mut(&id).expect("node").peers = peers.keys().copied().collect();
+        }
         for job in &out.storage {
             if let StorageJob::Ready { entries, .. } = job {
                 self.record_written(id, entries)?;
@@ -881,6 +1063,7 @@ impl Sim {
     /// After any step of node `id`: answers to clients, checks, and the workers' schedules.
     fn after_step(&mut self, id: NodeId) -> Result<(), String> {
         self.poll_replies(id)?;
+        self.poll_changes(id)?;
         self.check_roles(id)?;
         let fsync_ms = self.rng.range(0, self.params.fsync_max_ms + 1);
         let apply_ms = self.rng.range(0, 3);
@@ -1073,7 +1256,11 @@ impl Sim {
     /// Sends the next chunk of the stream to `peer`; reports the stream's end to the node.
     fn send_chunk(&mut self, id: NodeId, peer: NodeId) -> Result<(), String> {
         let incarnation = self.incarnation(id);
-        let broken = self.is_blocked(id, peer);
+        // A peer dropped from the set fails the stream, as the transport's `send_wait` does; so
+        // does a connection that breaks (as likely per chunk as a quarter of a message's loss).
+        let broken = self.is_blocked(id, peer)
+            || !self.nodes[&id].peers.contains(&peer)
+            || self.chance(self.loss_pct / 4);
         let Some(live) = self.live(id) else {
             return Ok(());
         };
@@ -1188,12 +1375,11 @@ impl Sim {
                 "node {id} acknowledged a write at {index}, but another entry is committed there"
             ));
         }
-        let copies = self.checker.durable_copies(index, term);
-        if copies <= self.params.nodes as usize / 2 {
-            return Err(format!(
-                "node {id} acknowledged the write at {index}@{term} with {copies} durable copies"
-            ));
-        }
+        self.checker.check_durable_quorum(
+            index,
+            term,
+            &format!("node {id} acknowledged a write"),
+        )?;
         Ok(Response::Done(if delete {
             OpResult::Delete {
                 existed: outcome.deleted,
@@ -1240,7 +1426,18 @@ impl Sim {
         self.blocked.contains_key(&(from, to))
     }
 
+    /// Whether the transports let a message from `from` reach `to`: the sender has a link to
+    /// `to`, and `to`'s listener accepts `from` (both follow their node's peer set).
+    fn linked(&self, from: NodeId, to: NodeId) -> bool {
+        self.nodes[&from].peers.contains(&to) && self.nodes[&to].peers.contains(&from)
+    }
+
     fn send_peer(&mut self, from: NodeId, to: NodeId, message: PeerMessage) {
+        if !self.nodes[&from].peers.contains(&to) {
+            // No link to a peer outside the set: the transport refuses the send.
+            self.stats.member.unlinked_drops += 1;
+            return;
+        }
         if self.is_blocked(from, to) {
             // A transport notices a broken connection now and then and says so.
             if self.chance(20) && self.nodes[&from].live.is_some() {
@@ -1248,11 +1445,13 @@ impl Sim {
             }
             return;
         }
-        if self.chance(self.loss_pct) {
+        let chunk = matches!(message, PeerMessage::SnapshotChunk(_));
+        // Chunks ride a stream that breaks as a whole (`send_chunk`), never loses one inside.
+        if !chunk && self.chance(self.loss_pct) {
             return;
         }
         let delay = self.rng.range(1, self.params.delay_max_ms + 1);
-        if let PeerMessage::SnapshotChunk(_) = message {
+        if chunk {
             // Chunks ride one ordered stream per link, as on a TCP connection.
             let free_at = self.chunk_link_free_at.entry((from, to)).or_insert(0);
             let at = (*free_at).max(self.now + delay);
@@ -1388,7 +1587,7 @@ impl Sim {
     /// Delivers a byzantine-lite frame the way a node receives one: the real decoder, then
     /// the node's own consensus step (which validates before anything else).
     fn deliver_frame(&mut self, from: NodeId, to: NodeId, bytes: Vec<u8>) -> Result<(), String> {
-        if self.is_blocked(from, to) || self.nodes[&to].live.is_none() {
+        if self.is_blocked(from, to) || self.nodes[&to].live.is_none() || !self.linked(from, to) {
             return Ok(());
         }
         match self.receive_frame(from, to, &bytes) {
@@ -1426,7 +1625,13 @@ impl Sim {
         match msg {
             NetMsg::Frame { from, to, bytes } => self.deliver_frame(from, to, bytes)?,
             NetMsg::Peer { from, to, message } => {
-                if self.is_blocked(from, to) {
+                let refused = !self.linked(from, to);
+                if refused {
+                    // The receiver's listener no longer accepts the sender (or the sender
+                    // dropped its link while the message was on the wire).
+                    self.stats.member.unlinked_drops += 1;
+                }
+                if refused || self.is_blocked(from, to) {
                     if let PeerMessage::SnapshotChunk(_) = message {
                         self.chunk_link_free_at.remove(&(from, to));
                     }
@@ -1471,7 +1676,13 @@ impl Sim {
     fn apply_fault(&mut self, fault: Fault) -> Result<(), String> {
         let all: Vec<NodeId> = self.nodes.keys().copied().collect();
         match fault {
-            Fault::Partition { side, ms } => {
+            Fault::Partition { mut side, ms } => {
+                // Nodes that joined since the schedule was drawn fall on either side.
+                for id in self.params.nodes + 1..=self.params.nodes + self.params.spares {
+                    if self.nodes[&id].in_service() && self.chance(50) {
+                        side.insert(id);
+                    }
+                }
                 let mut links = Vec::new();
                 for &a in &side {
                     for &b in all.iter().filter(|b| !side.contains(b)) {
@@ -1481,7 +1692,12 @@ impl Sim {
                 }
                 self.block(links, ms);
             }
-            Fault::OneWay { from, to, ms } => self.block(vec![(from, to)], ms),
+            Fault::OneWay { from, to, ms } => {
+                let (from, to) = (self.resolve_node(from), self.resolve_node(to));
+                if from != to {
+                    self.block(vec![(from, to)], ms);
+                }
+            }
             Fault::IsolateLeader { ms } => {
                 if let Some(l) = self.current_leader() {
                     let mut links = Vec::new();
@@ -1492,13 +1708,18 @@ impl Sim {
                     self.block(links, ms);
                 }
             }
-            Fault::Crash { node, down_ms } => self.arm_crash(node, down_ms),
+            Fault::Crash { node, down_ms } => {
+                let node = self.resolve_node(node);
+                self.arm_crash(node, down_ms);
+            }
             Fault::CrashMany { nodes, down_ms } => {
                 for node in nodes {
+                    let node = self.resolve_node(node);
                     self.arm_crash(node, down_ms);
                 }
             }
             Fault::Pause { node, ms } => {
+                let node = self.resolve_node(node);
                 let n = self.nodes.get_mut(&node).expect("node");
                 n.paused_until = Some(self.now + ms);
             }
@@ -1507,7 +1728,9 @@ impl Sim {
                     self.arm_crash(l, down_ms);
                 }
             }
+            Fault::Member(action) => self.member_action(action)?,
             Fault::TransferLeader { to } => {
+                let to = self.resolve_node(to);
                 if let Some(l) = self.current_leader() {
                     let n = &self.nodes[&l];
                     if n.paused_until.is_none_or(|u| u <= self.now) {
@@ -1581,23 +1804,29 @@ impl Sim {
     fn start_node(&mut self, id: NodeId) -> Result<(), String> {
         let config = self.config(id);
         let opts = self.storage_options();
-        let membership = self.membership.clone();
         let seed = self.params.seed ^ (self.nodes[&id].incarnation << 32) ^ id;
-        let peers: BTreeMap<NodeId, String> = (1..=self.params.nodes)
+        // The flags: an initial voter bootstraps the initial voters; a joining node (and its
+        // restarts: a still-fresh data dir joins again) names the configuration it joined.
+        let (start, flagged) = match &self.nodes[&id].joined {
+            None => (
+                consensus::Start::Bootstrap(self.membership.clone()),
+                self.membership.members(),
+            ),
+            Some(m) => (consensus::Start::Join(m.clone()), m.members()),
+        };
+        let peers: BTreeMap<NodeId, String> = flagged
+            .into_iter()
             .filter(|&p| p != id)
             .map(|p| (p, format!("sim-{p}")))
             .collect();
         let n = self.nodes.get_mut(&id).expect("node");
+        // The transport starts with the flags' peers; the first step says which it wants.
+        n.peers = peers.keys().copied().collect();
         let vfs: Arc<dyn Vfs> = Arc::new(n.fs.clone());
         let storage = open_storage(vfs, n.sm_dir.path(), opts)
             .map_err(|e| format!("node {id}: recovery failed: {e}"))?;
-        let raft = consensus::open_core(
-            config,
-            consensus::Start::Bootstrap(membership),
-            &storage,
-            seed,
-        )
-        .map_err(|e| format!("node {id}: the core does not start: {e}"))?;
+        let raft = consensus::open_core(config, start, &storage, seed)
+            .map_err(|e| format!("node {id}: the core does not start: {e}"))?;
         let metrics = Arc::new(Metrics::standalone());
         let sm = storage.shared_sm();
         let snapshots = storage.shared_snapshots();
@@ -1629,6 +1858,7 @@ impl Sim {
             streams: BTreeMap::new(),
             writes: Vec::new(),
             reads: Vec::new(),
+            changes: Vec::new(),
         });
         // What the disk holds is durable, whatever was believed before the crash.
         self.refresh_durable(id);
@@ -1636,7 +1866,8 @@ impl Sim {
     }
 
     fn restart(&mut self, id: NodeId) -> Result<(), String> {
-        if self.nodes[&id].live.is_some() {
+        let n = &self.nodes[&id];
+        if n.live.is_some() || !n.in_service() {
             return Ok(());
         }
         self.start_node(id)?;
@@ -1718,7 +1949,6 @@ impl Sim {
     /// order, and every node applies the same entry at an index.
     fn check_apply(&mut self, id: NodeId, entries: &[Entry]) -> Result<(), String> {
         let applied = self.live_ref(id).sm.applied_index();
-        let majority = self.params.nodes as usize / 2 + 1;
         for e in entries.iter().filter(|e| e.index > applied) {
             let content = (e.term, entry_hash(e));
             if self.checker.committed.get(&e.index) != Some(&content) {
@@ -1727,14 +1957,8 @@ impl Sim {
                     e.index, e.term
                 ));
             }
-            let copies = self.checker.durable_copies(e.index, e.term);
-            // The bootstrap configuration (1@1) is committed by construction on every node.
-            if copies < majority && (e.index, e.term) != (1, 1) {
-                return Err(format!(
-                    "node {id} applies entry {}@{} with {copies} durable copies",
-                    e.index, e.term
-                ));
-            }
+            self.checker
+                .check_durable_quorum(e.index, e.term, &format!("node {id} applies"))?;
             match self.checker.applied.get(&e.index) {
                 Some(&known) if known != content => {
                     return Err(format!(
@@ -1793,6 +2017,9 @@ impl Sim {
                 Some(_) => {}
                 None => {
                     self.checker.committed.insert(i, content);
+                    // The snapshot case went on above: this content is an entry's.
+                    let e = raft.log().entry(i).expect("a committed entry in the log");
+                    self.checker.first_commit(id, e, raft.membership())?;
                 }
             }
             let ct = self.checker.commit_term.entry(i).or_insert(observed_term);
@@ -1803,13 +2030,43 @@ impl Sim {
         Ok(())
     }
 
+    /// With `RAFTKV_SIM_TRACE`: prints node `id`'s role, term and configuration when they
+    /// change.
+    fn trace_role(&mut self, id: NodeId) {
+        let n = self.nodes.get_mut(&id).expect("node");
+        let Some(raft) = n.live.as_ref().map(|l| l.consensus.raft()) else {
+            return;
+        };
+        let now = (raft.role(), raft.term(), raft.membership_index());
+        if n.traced == Some(now) {
+            return;
+        }
+        let m = raft.membership();
+        eprintln!(
+            "[{:>6}] node {id}: {} term {} commit {} config@{} voters {:?} outgoing {:?} learners {:?}",
+            self.now,
+            now.0.name(),
+            now.1,
+            raft.commit_index(),
+            now.2,
+            m.voters,
+            m.voters_outgoing,
+            m.learners
+        );
+        n.traced = Some(now);
+    }
+
     fn check_roles(&mut self, id: NodeId) -> Result<(), String> {
         self.record_commits(id)?;
+        if self.trace {
+            self.trace_role(id);
+        }
         let n = &self.nodes[&id];
         let Some(live) = n.live.as_ref() else {
             return Ok(());
         };
         let raft = live.consensus.raft();
+        self.checker.check_member_role(id, raft)?;
         if raft.role() != Role::Leader {
             return Ok(());
         }
@@ -1820,6 +2077,12 @@ impl Sim {
             }
             Some(_) => {}
             None => {
+                if let Some(at) = self.checker.removed_at.get(&id) {
+                    return Err(format!(
+                        "removed node {id} won the election of term {term} after the \
+                         configuration removing it (index {at}) was committed"
+                    ));
+                }
                 // Leader completeness: it must hold every entry committed in an earlier term
                 // (a leader of an older term may be elected late, after newer leaders
                 // committed more: it need not hold those).
@@ -1940,6 +2203,11 @@ impl Sim {
     }
 
     fn client_send(&mut self, c: u64) {
+        let target = self.clients[c as usize].target;
+        if !self.nodes[&target].in_service() {
+            // A hint may name a node that has left since: ask another.
+            self.clients[c as usize].target = self.random_node();
+        }
         let cl = &mut self.clients[c as usize];
         cl.attempt += 1;
         let (attempt, node) = (cl.attempt, cl.target);
@@ -1969,7 +2237,7 @@ impl Sim {
             self.give_up(client);
             return;
         }
-        let target = self.rng.range(1, self.params.nodes + 1);
+        let target = self.random_node();
         self.clients[client as usize].target = target;
         self.client_send(client);
     }
@@ -2004,7 +2272,7 @@ impl Sim {
             Response::Redirect(None) | Response::Retry => {
                 // Certainly not applied: back off, then try a random node.
                 let delay = self.rng.range(20, 60);
-                let target = self.rng.range(1, self.params.nodes + 1);
+                let target = self.random_node();
                 self.clients[c as usize].target = target;
                 self.schedule(delay, Event::ClientRetry { client: c, attempt });
             }
@@ -2014,16 +2282,29 @@ impl Sim {
 
     // ----- the end -----
 
+    /// Liveness after healing: every client op completed, a leader whose no-op of its term is
+    /// committed, and every member of its configuration up, idle, at the same applied index
+    /// with the same state machine. Removed nodes left running are not waited for.
     fn all_done(&self) -> bool {
         if self.clients.iter().any(|c| c.current.is_some()) {
             return false;
         }
+        let Some(leader) = self.current_leader() else {
+            return false;
+        };
+        let r = self.live_ref(leader).consensus.raft();
+        if r.log().term(r.commit_index()) != Some(r.term()) {
+            return false;
+        }
         let mut applied = None;
         let mut values: Option<Vec<Option<Vec<u8>>>> = None;
-        for n in self.nodes.values() {
-            let Some(live) = n.live.as_ref() else {
+        for id in r.membership().members() {
+            let Some(live) = self.nodes.get(&id).and_then(|n| n.live.as_ref()) else {
                 return false;
             };
+            if self.stranded(id, leader) {
+                continue;
+            }
             let at = live.sm.applied_index();
             let idle = live.storage_jobs.is_empty()
                 && live.apply_jobs.is_empty()
@@ -2050,24 +2331,36 @@ impl Sim {
                 _ => {}
             }
         }
-        // Everyone applied the same index and a leader's no-op of the latest term is in it.
-        self.current_leader().is_some_and(|l| {
-            let r = self.nodes[&l]
-                .live
-                .as_ref()
-                .expect("leader is up")
-                .consensus
-                .raft();
-            r.log().term(r.commit_index()) == Some(r.term())
-        })
+        true
     }
 
-    fn finish(self) -> Result<Stats, String> {
-        // Full log matching across all nodes.
+    /// A member the transports cut off from the leader for good, the known way (see
+    /// `MemberStats::stranded`): its own configuration predates the leader's membership, so
+    /// its peer set lacks the leader and its listener refuses it. Any other cut is a bug.
+    fn stranded(&self, id: NodeId, leader: NodeId) -> bool {
+        let Some(live) = self.nodes[&id].live.as_ref() else {
+            return false;
+        };
+        let own = live.consensus.raft().membership();
+        id != leader && !own.contains(leader) && !self.linked(leader, id)
+    }
+
+    fn finish(mut self) -> Result<Stats, String> {
+        if let Some(leader) = self.current_leader() {
+            let members = self
+                .live_ref(leader)
+                .consensus
+                .raft()
+                .membership()
+                .members();
+            let stranded = members.into_iter().filter(|&id| self.stranded(id, leader));
+            self.stats.member.stranded = stranded.count() as u64;
+        }
+        // Full log matching across all running nodes (removed ones left running included).
         let logs: Vec<(NodeId, &Raft)> = self
             .nodes
             .values()
-            .map(|n| (n.id, n.live.as_ref().expect("up").consensus.raft()))
+            .filter_map(|n| Some((n.id, n.live.as_ref()?.consensus.raft())))
             .collect();
         for (a, ra) in &logs {
             for (b, rb) in &logs {
@@ -2095,7 +2388,8 @@ impl Sim {
                 Some(l) => {
                     let r = l.consensus.raft();
                     s.push_str(&format!(
-                        "node {}: {} term {} leader {:?} commit {} applied {} persisted {} log {}..={} storage jobs {} apply jobs {} at install {}/{:?}\n",
+                        "node {}: {} term {} leader {:?} commit {} applied {} persisted {} log {}..={} storage jobs {} apply jobs {} at install {}/{:?} \
+                         config@{} voters {:?} outgoing {:?} learners {:?} peers {:?}\n",
                         n.id,
                         r.role().name(),
                         r.term(),
@@ -2109,8 +2403,15 @@ impl Sim {
                         l.apply_jobs.len(),
                         l.storage_at_install,
                         l.apply_at_install,
+                        r.membership_index(),
+                        r.membership().voters,
+                        r.membership().voters_outgoing,
+                        r.membership().learners,
+                        n.peers,
                     ))
                 }
+                None if n.retired => s.push_str(&format!("node {}: retired\n", n.id)),
+                None if !n.started => s.push_str(&format!("node {}: not started\n", n.id)),
                 None => s.push_str(&format!("node {}: down\n", n.id)),
             }
         }
