@@ -735,12 +735,6 @@ impl Consensus {
             }
         }
         let mut ids = self.raft.membership().members();
-        let removed = !ids.contains(&self.info.id) && !self.raft.may_campaign();
-        if removed && self.raft.role() != Role::Leader {
-            // Removed for good: only a leader still telling us about it is worth a
-            // connection; the members refuse ours, so dialling them would only fill both logs.
-            ids.clear();
-        }
         ids.extend(self.raft.replica_ids());
         ids.extend(leader);
         ids.remove(&self.info.id);
