@@ -17,9 +17,6 @@ use serde::Serialize;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-/// The promotion margin of the core (`raft::Config::promote_lag_entries_max`).
-const PROMOTE_LAG_ENTRIES_MAX: u64 = 1000;
-
 #[derive(Debug, clap::Args)]
 pub struct MembershipArgs {
     /// Distinct keys in the state before the new member is added.
@@ -213,6 +210,8 @@ async fn call(req: reqwest::RequestBuilder) -> anyhow::Result<ClusterStatus> {
 
 /// Polls the leader until `id` is reachable and within the promotion margin.
 async fn wait_promotable(http: &reqwest::Client, urls: &[String], id: u64) -> anyhow::Result<()> {
+    // The core's promotion margin, as `serve` configures it.
+    let lag_max = raftkv::raft::Config::new(1).promote_lag_entries_max;
     let deadline = Instant::now() + Duration::from_secs(300);
     while Instant::now() < deadline {
         for u in urls {
@@ -228,8 +227,7 @@ async fn wait_promotable(http: &reqwest::Client, urls: &[String], id: u64) -> an
             let m = s.members.iter().find(|m| m.id == id);
             let ready = m.is_some_and(|m| {
                 m.reachable == Some(true)
-                    && m.match_index
-                        .is_some_and(|i| i + PROMOTE_LAG_ENTRIES_MAX >= s.last_index)
+                    && m.match_index.is_some_and(|i| i + lag_max >= s.last_index)
             });
             if ready {
                 return Ok(());

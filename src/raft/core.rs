@@ -763,6 +763,15 @@ impl Raft {
                 log_bytes_max: self.config.log_bytes_max,
             });
         }
+        let index = self.append_next(EntryKind::Normal, payload.into())?;
+        self.maybe_commit();
+        Ok((index, self.term))
+    }
+
+    /// Leader: appends an entry of this term at the next index (proposals and configurations
+    /// alike), refusing past the index space; returns its index.
+    fn append_next(&mut self, kind: EntryKind, payload: Bytes) -> Result<u64, RaftError> {
+        debug_assert_eq!(self.role, Role::Leader);
         let index = succ(self.log.last_index());
         if index >= INDEX_MAX {
             return Err(RaftError::IndexSpaceExhausted { index });
@@ -770,11 +779,10 @@ impl Raft {
         self.append_local(Entry {
             index,
             term: self.term,
-            kind: EntryKind::Normal,
-            payload: payload.into(),
+            kind,
+            payload,
         });
-        self.maybe_commit();
-        Ok((index, self.term))
+        Ok(index)
     }
 
     /// Asks for a linearizable read. The read comes back in `Ready::read_states` once safe, or

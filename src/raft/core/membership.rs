@@ -9,12 +9,12 @@
 //! `raft::membership` for how a request becomes an entry.
 
 use super::{Raft, Role};
-use crate::raft::limits::{succ, INDEX_MAX};
+use crate::raft::limits::succ;
 use crate::raft::membership::{self, MemberChange, MembershipProposal};
 use crate::raft::message::MessageBody;
 use crate::raft::progress::Progress;
 use crate::raft::ready::RaftError;
-use raftkv_types::{Entry, EntryKind, Membership, NodeId};
+use raftkv_types::{EntryKind, Membership, NodeId};
 
 impl Raft {
     /// Leader: proposes a membership change. Returns the (index, term) of its Config entry;
@@ -122,16 +122,7 @@ impl Raft {
         let payload = next
             .encode()
             .map_err(|e| RaftError::MembershipInvalid(e.to_string()))?;
-        let index = succ(self.log.last_index());
-        if index >= INDEX_MAX {
-            return Err(RaftError::IndexSpaceExhausted { index });
-        }
-        self.append_local(Entry {
-            index,
-            term: self.term,
-            kind: EntryKind::Config,
-            payload: payload.into(),
-        });
+        let index = self.append_next(EntryKind::Config, payload.into())?;
         tracing::info!(
             id = self.config.id,
             index,
