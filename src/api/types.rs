@@ -85,11 +85,20 @@ pub struct Listed {
     pub more: bool,
 }
 
-/// One key and its value.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// One key, its value and its revisions (a list item, a txn `get` result, a 412's `current`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyValue {
     pub key: String,
     pub value: String,
+    /// The revision (log index) of the write that created the key.
+    #[serde(default)]
+    pub create_revision: u64,
+    /// The revision (log index) of the key's latest write.
+    #[serde(default)]
+    pub mod_revision: u64,
+    /// Writes since the key was created (1 after its first put).
+    #[serde(default)]
+    pub version: u64,
 }
 
 /// Response of `PUT /kv/{key}` and `GET /kv/{key}`.
@@ -97,9 +106,20 @@ pub struct KeyValue {
 pub struct KvResponse {
     pub key: String,
     pub value: String,
+    /// The log index the write applied at (PUT) or the read reflects (GET); kept for
+    /// round-1 scripts, equal to `revision`.
     pub index: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leader: Option<NodeId>,
+    /// The store's revision the response was served at (also `X-Raftkv-Revision`).
+    #[serde(default)]
+    pub revision: u64,
+    #[serde(default)]
+    pub create_revision: u64,
+    #[serde(default)]
+    pub mod_revision: u64,
+    #[serde(default)]
+    pub version: u64,
 }
 
 /// Response of `DELETE /kv/{key}`.
@@ -109,6 +129,93 @@ pub struct DeleteResponse {
     pub deleted: bool,
     pub index: u64,
     pub leader: NodeId,
+    /// The revision the delete applied at.
+    #[serde(default)]
+    pub revision: u64,
+}
+
+/// Response of `DELETE /kv?prefix=P`: every key under the prefix went in one entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeletePrefixResponse {
+    pub prefix: String,
+    /// How many keys were deleted.
+    pub deleted: u64,
+    pub revision: u64,
+    pub leader: NodeId,
+}
+
+/// A 412 body: a conditional write's condition did not hold, nothing was changed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConditionFailedBody {
+    pub error: String,
+    /// Always `condition_failed`.
+    pub kind: String,
+    /// The key as it is now (`null`: absent).
+    pub current: Option<KeyValue>,
+    /// The revision the condition was evaluated at.
+    pub revision: u64,
+}
+
+/// Body of `POST /txn` (and of `raftkv txn --file`): if every compare holds, `success` runs,
+/// else `failure`; either way atomically, as one log entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TxnRequest {
+    #[serde(default)]
+    pub compare: Vec<TxnCompare>,
+    #[serde(default)]
+    pub success: Vec<TxnOp>,
+    #[serde(default)]
+    pub failure: Vec<TxnOp>,
+}
+
+/// One condition of a transaction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TxnCompare {
+    pub key: String,
+    /// `value`, `version`, `create_revision` or `mod_revision`.
+    pub target: String,
+    /// `==`, `!=`, `<` or `>`.
+    pub op: String,
+    /// A string for `value`, a non-negative integer for the others.
+    pub value: serde_json::Value,
+}
+
+/// One operation of a transaction branch: `{"put": {"key", "value"}}`, `{"delete": {"key"}}`,
+/// `{"delete_prefix": {"prefix"}}` or `{"get": {"key"}}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum TxnOp {
+    Put { key: String, value: String },
+    Delete { key: String },
+    DeletePrefix { prefix: String },
+    Get { key: String },
+}
+
+/// Response of `POST /txn`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnResponse {
+    /// Whether every compare held (so `success` ran, else `failure`).
+    pub succeeded: bool,
+    /// One result per operation of the branch that ran, in order.
+    pub results: Vec<TxnOpResult>,
+    /// The revision (log index) the transaction applied at.
+    pub revision: u64,
+    pub leader: NodeId,
+}
+
+/// The result of one transaction operation, tagged like the operation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TxnOpResult {
+    /// The key's version after the put.
+    Put { key: String, version: u64 },
+    /// `deleted`: 1 if the key existed, else 0.
+    Delete { key: String, deleted: u64 },
+    DeletePrefix { prefix: String, deleted: u64 },
+    /// `kv`: the key as earlier operations of the same branch left it (`null`: absent).
+    Get { key: String, kv: Option<KeyValue> },
 }
 
 /// Response of `GET /kv?prefix=P&limit=N&start=K`.
@@ -117,6 +224,9 @@ pub struct ListResponse {
     pub items: Vec<KeyValue>,
     pub count: usize,
     pub index: u64,
+    /// The revision the listing reflects (equal to `index`; also `X-Raftkv-Revision`).
+    #[serde(default)]
+    pub revision: u64,
     /// More keys lie under the prefix past this page (it stopped at `limit` or the byte cap).
     #[serde(default)]
     pub more: bool,
