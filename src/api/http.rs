@@ -537,6 +537,10 @@ async fn put_key<S: KvService>(
             value,
             index: w.index,
             leader: Some(w.leader),
+            revision: w.index,
+            create_revision: 0,
+            mod_revision: w.index,
+            version: 0,
         })
         .into_response(),
         Err(e) => {
@@ -559,6 +563,7 @@ async fn delete_key<S: KvService>(
             deleted: d.deleted,
             index: d.index,
             leader: d.leader,
+            revision: d.index,
         })
         .into_response(),
         Err(e) => {
@@ -596,6 +601,10 @@ async fn get_key<S: KvService>(
             value,
             index,
             leader,
+            revision: index,
+            create_revision: 0,
+            mod_revision: 0,
+            version: 0,
         })
         .into_response(),
         Ok(ReadValue {
@@ -658,6 +667,7 @@ async fn list_keys<S: KvService>(
                 count: l.items.len(),
                 items: l.items,
                 index: l.index,
+                revision: l.index,
                 more: l.more,
                 next,
             })

@@ -259,6 +259,7 @@ impl KvService for MapService {
             items.push(KeyValue {
                 key: k.clone(),
                 value: v.clone(),
+                ..KeyValue::default()
             });
         }
         Ok(Listed {

@@ -232,6 +232,7 @@ impl Client {
             items: Vec::new(),
             count: 0,
             index: 0,
+            revision: 0,
             more: false,
             next: None,
         };
@@ -242,6 +243,7 @@ impl Client {
                 .list_page(prefix, start.as_deref(), want, consistency)
                 .await?;
             out.index = out.index.max(page.index);
+            out.revision = out.revision.max(page.revision);
             out.items.extend(page.items);
             out.more = page.more;
             out.next = page.next.clone();

@@ -216,6 +216,7 @@ impl KvService for NodeService {
                 .map(|(k, v)| KeyValue {
                     key: text(k),
                     value: text(v),
+                    ..KeyValue::default()
                 })
                 .collect(),
             index: page.applied_index,
