@@ -144,8 +144,9 @@ pub struct KeyRecord {
 /// What one transaction operation did.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OpResult {
-    /// The key's version after the put.
+    /// The key's revisions after the put.
     Put {
+        create_revision: u64,
         version: u64,
     },
     Delete {

@@ -153,12 +153,11 @@ impl<'t> Exec<'t> {
         match cmd {
             CommandRef::Put { key, value } => {
                 let mut stage = Stage::new();
-                let version = self.put(&mut stage, revision, key, value, 0)?;
-                let create_revision = self.created_at(&stage, key)?;
+                let meta = self.put(&mut stage, revision, key, value, 0)?;
                 self.commit(stage)?;
                 Ok(CommandOutcome::Put {
-                    create_revision,
-                    version,
+                    create_revision: meta.create_revision,
+                    version: meta.version,
                 })
             }
             CommandRef::Delete { key } => {
@@ -187,14 +186,7 @@ impl<'t> Exec<'t> {
         }
     }
 
-    fn created_at(&self, stage: &Stage, key: &[u8]) -> Result<u64, SmError> {
-        let (meta, _) = self
-            .read_key(Some(stage), key)?
-            .expect("invariant: a key just put is present");
-        Ok(meta.create_revision)
-    }
-
-    /// Puts `key` into `stage`; returns its new version.
+    /// Puts `key` into `stage`; returns its new revisions.
     fn put(
         &self,
         stage: &mut Stage,
@@ -202,7 +194,7 @@ impl<'t> Exec<'t> {
         key: &[u8],
         value: &[u8],
         lease: u64,
-    ) -> Result<u64, SmError> {
+    ) -> Result<KeyMeta, SmError> {
         let meta = match self.read_key(Some(stage), key)? {
             Some((old, _)) => {
                 assert!(
@@ -225,7 +217,7 @@ impl<'t> Exec<'t> {
         };
         let raw = record::encode_key(&meta, value);
         stage.insert(data_key(key), Some(IVec::from(raw)));
-        Ok(meta.version)
+        Ok(meta)
     }
 
     fn commit(&mut self, stage: Stage) -> Result<(), SmError> {
@@ -267,9 +259,13 @@ impl<'t> Exec<'t> {
         let mut result_bytes = 0u64;
         for op in ops {
             let result = match *op {
-                OpRef::Put { key, value, lease } => OpResult::Put {
-                    version: self.put(&mut stage, revision, key, value, lease)?,
-                },
+                OpRef::Put { key, value, lease } => {
+                    let meta = self.put(&mut stage, revision, key, value, lease)?;
+                    OpResult::Put {
+                        create_revision: meta.create_revision,
+                        version: meta.version,
+                    }
+                }
                 OpRef::Delete { key } => {
                     let existed = self.read_key(Some(&stage), key)?.is_some();
                     stage.insert(data_key(key), None);

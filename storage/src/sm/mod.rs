@@ -240,6 +240,25 @@ impl StateMachine {
             .cache_capacity(opts.cache_bytes)
             .flush_every_ms(opts.flush_every_ms)
             .open()?;
+        Self::from_db(db, dir, opts)
+    }
+
+    /// A state machine in a temporary sled database, removed when dropped: the HTTP tests'
+    /// stand-in service applies its writes through the real state machine with it.
+    pub fn open_temporary(opts: StateMachineOptions) -> Result<StateMachine, SmError> {
+        let db = sled::Config::new()
+            .temporary(true)
+            .cache_capacity(opts.cache_bytes)
+            .flush_every_ms(None)
+            .open()?;
+        Self::from_db(db, Path::new("(temporary)"), opts)
+    }
+
+    fn from_db(
+        db: sled::Db,
+        dir: &Path,
+        opts: StateMachineOptions,
+    ) -> Result<StateMachine, SmError> {
         let corrupt = |what: String| SmError::Corrupt {
             dir: dir.to_path_buf(),
             what,
@@ -815,6 +834,18 @@ fn read_meta(tree: &sled::Tree) -> Result<(SnapshotMeta, u32), String> {
         membership,
     };
     Ok((meta, format))
+}
+
+/// A user key and value as a format-2 snapshot pair: `d ‖ key` and a record created and
+/// last written at `revision` (for tools and tests that write snapshot files by hand).
+pub fn snapshot_pair(key: &[u8], value: &[u8], revision: u64) -> (Vec<u8>, Vec<u8>) {
+    let meta = record::KeyMeta {
+        create_revision: revision,
+        mod_revision: revision,
+        version: 1,
+        lease: 0,
+    };
+    (data_key(key), record::encode_key(&meta, value))
 }
 
 /// A consistent view of the state at one applied index, open while a snapshot is copied.
