@@ -461,8 +461,9 @@ fn a_format_1_snapshot_file_still_installs() {
         term: 5,
         membership: Membership::with_voters([1, 2, 3]),
     };
-    // Raw values, including ones shorter than a record header and a 5000-byte one.
-    let pairs: Vec<(Vec<u8>, Vec<u8>)> = (0..300u32)
+    // Raw values, including ones shorter than a record header and a 5000-byte one, and a
+    // user key that looks like bookkeeping (in format 1 every pair is user data).
+    let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = (0..300u32)
         .map(|i| {
             let value = match i {
                 3 => vec![0xab; 5000],
@@ -472,11 +473,12 @@ fn a_format_1_snapshot_file_still_installs() {
             (format!("key-{i:04}").into_bytes(), value)
         })
         .collect();
+    pairs.push((b"m/applied".to_vec(), b"user data".to_vec()));
     let file = write_format_1_file(&sim, &store, &meta, &pairs);
     assert_eq!(store.list().unwrap(), vec![file.clone()]);
     let verified = store.verify(&file).unwrap();
     assert_eq!(verified.header.version, 1);
-    assert_eq!(verified.header.key_count, 300);
+    assert_eq!(verified.header.key_count, 301);
     assert_eq!(verified.meta, meta);
 
     let dir = tempfile::tempdir().unwrap();
@@ -489,7 +491,7 @@ fn a_format_1_snapshot_file_still_installs() {
         .scan_records(Bound::Unbounded, Bound::Unbounded, 10_000, usize::MAX)
         .unwrap()
         .value;
-    assert_eq!(records.len(), 300);
+    assert_eq!(records.len(), 301);
     assert!(records
         .iter()
         .all(|r| (r.create_revision, r.mod_revision, r.version) == (777, 777, 1)));
