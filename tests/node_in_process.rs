@@ -416,7 +416,10 @@ async fn sessions_expire_and_are_evicted_through_the_log_on_every_node() {
     })
     .await;
     for client in ["s1", "s2", "s3"] {
-        assert_eq!(session_put(&url, "k", client, 1).await, (200, String::new()));
+        assert_eq!(
+            session_put(&url, "k", client, 1).await,
+            (200, String::new())
+        );
     }
     // Three sessions in a table of two: the least recently active one was evicted.
     assert_eq!(

@@ -432,10 +432,14 @@ impl<'a> CommandRef<'a> {
                 limits.check_key(key)
             }
             CommandRef::Txn(txn) => txn.validate(&crate::txn::TxnLimits::default(), limits),
-            CommandRef::ExpireSessions { ttl_ms, .. } => {
-                if *ttl_ms == 0 {
+            CommandRef::ExpireSessions {
+                ttl_ms,
+                sessions_max,
+                ..
+            } => {
+                if *ttl_ms == 0 || *sessions_max == 0 {
                     return Err(CommandError::InvalidSession(
-                        "a session TTL must be positive".into(),
+                        "a session TTL and the session bound must be positive".into(),
                     ));
                 }
                 Ok(())

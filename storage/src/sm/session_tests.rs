@@ -149,7 +149,10 @@ fn a_retried_transaction_answers_its_original_results_even_after_the_key_changed
                 succeeded: true,
                 results: vec![
                     OpResult::Get(Some(rec(b"k", b"before", 1, 1, 1))),
-                    OpResult::Put { version: 2 },
+                    OpResult::Put {
+                        create_revision: 1,
+                        version: 2
+                    },
                 ],
             }
         )

@@ -13,8 +13,9 @@
 //!   no longer be told; the client starts a new session. A new client starts at 1.
 //!
 //! Time and expiry are decided by the log, so every replica keeps the same table: the session
-//! clock is the highest `now_ms` any applied entry carried (sessioned writes and
-//! `ExpireSessions` entries carry the leader's wall clock), a session's `active_ms` is the
+//! clock is the highest `now_ms` carried by an applied `ExpireSessions` entry or a sessioned
+//! write that ran (both carry the proposing leader's wall clock; a retry answered from the
+//! table and a refused write do not move it), a session's `active_ms` is the
 //! clock when it last wrote, and an `ExpireSessions { now_ms, ttl_ms, sessions_max }` entry
 //! removes the sessions idle for `ttl_ms`, then the least recently active ones beyond
 //! `sessions_max`. A new session that finds the table full evicts the least recently active

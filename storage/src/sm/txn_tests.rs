@@ -312,7 +312,13 @@ fn an_absent_key_has_zero_revisions_and_no_value_to_compare() {
     let rev = first.revision;
     assert_eq!(
         first.outcome,
-        txn_outcome(true, vec![OpResult::Put { version: 1 }])
+        txn_outcome(
+            true,
+            vec![OpResult::Put {
+                create_revision: rev,
+                version: 1
+            }]
+        )
     );
     let second = d.one(create(b"second"));
     assert_eq!(
@@ -394,7 +400,13 @@ fn less_and_greater_order_integers_numerically_and_values_bytewise() {
     ));
     assert_eq!(
         mixed.outcome,
-        txn_outcome(false, vec![OpResult::Put { version: 1 }])
+        txn_outcome(
+            false,
+            vec![OpResult::Put {
+                create_revision: mixed.revision,
+                version: 1
+            }]
+        )
     );
     assert!(d.record(b"won").is_none() && d.record(b"lost").is_some());
     // No compares at all: the success branch.
@@ -430,15 +442,24 @@ fn ops_run_in_order_and_each_sees_the_ones_before_it() {
             true,
             vec![
                 OpResult::Get(Some(rec(b"k", b"old2", 1, 2, 2))),
-                OpResult::Put { version: 3 },
+                OpResult::Put {
+                    create_revision: 1,
+                    version: 3
+                },
                 OpResult::Get(Some(rec(b"k", b"new", 1, 3, 3))),
                 OpResult::Delete { existed: true },
                 OpResult::Get(None),
                 OpResult::Delete { existed: false },
                 // Deleted and put again in one transaction: a new key, created here.
-                OpResult::Put { version: 1 },
+                OpResult::Put {
+                    create_revision: 3,
+                    version: 1
+                },
                 OpResult::Get(Some(rec(b"k", b"reborn", 3, 3, 1))),
-                OpResult::Put { version: 1 },
+                OpResult::Put {
+                    create_revision: 3,
+                    version: 1
+                },
                 OpResult::Get(Some(rec(b"other", b"o", 3, 3, 1))),
             ]
         )
@@ -476,7 +497,16 @@ fn two_puts_of_one_key_in_one_txn_count_two_versions_at_one_revision() {
         r.outcome,
         txn_outcome(
             true,
-            vec![OpResult::Put { version: 1 }, OpResult::Put { version: 2 }]
+            vec![
+                OpResult::Put {
+                    create_revision: 1,
+                    version: 1
+                },
+                OpResult::Put {
+                    create_revision: 1,
+                    version: 2
+                }
+            ]
         )
     );
     assert_eq!(d.record(b"k"), Some(rec(b"k", b"second", 1, 1, 2)));
@@ -489,7 +519,16 @@ fn two_puts_of_one_key_in_one_txn_count_two_versions_at_one_revision() {
         r.outcome,
         txn_outcome(
             true,
-            vec![OpResult::Put { version: 3 }, OpResult::Put { version: 4 }]
+            vec![
+                OpResult::Put {
+                    create_revision: 1,
+                    version: 3
+                },
+                OpResult::Put {
+                    create_revision: 1,
+                    version: 4
+                }
+            ]
         )
     );
     assert_eq!(d.record(b"k"), Some(rec(b"k", b"fourth", 1, 2, 4)));
@@ -518,7 +557,10 @@ fn the_failure_branch_runs_when_a_compare_fails() {
                 false,
                 vec![
                     OpResult::Get(Some(rec(b"lock", b"alice", 1, 1, 1))),
-                    OpResult::Put { version: 1 },
+                    OpResult::Put {
+                        create_revision: 3,
+                        version: 1
+                    },
                     OpResult::Delete { existed: true },
                     OpResult::Get(None),
                 ]
@@ -599,7 +641,10 @@ fn delete_prefix_removes_exactly_the_keys_under_the_prefix() {
             vec![
                 OpResult::DeletePrefix { deleted: 2 },
                 OpResult::Get(None),
-                OpResult::Put { version: 1 },
+                OpResult::Put {
+                    create_revision: r.revision,
+                    version: 1
+                },
             ]
         )
     );
@@ -648,9 +693,15 @@ fn delete_prefix_sees_writes_and_deletes_earlier_in_the_same_batch() {
         txn_outcome(
             true,
             vec![
-                OpResult::Put { version: 1 },
+                OpResult::Put {
+                    create_revision: r[2].revision,
+                    version: 1
+                },
                 OpResult::Delete { existed: true },
-                OpResult::Put { version: 1 },
+                OpResult::Put {
+                    create_revision: r[2].revision,
+                    version: 1
+                },
                 // p/b (sled), p/c (batch), p/d and p/e (stage); p/a was deleted before.
                 OpResult::DeletePrefix { deleted: 4 },
                 OpResult::Get(None),
@@ -675,7 +726,10 @@ fn delete_prefix_sees_writes_and_deletes_earlier_in_the_same_batch() {
         txn_outcome(
             true,
             vec![
-                OpResult::Put { version: 1 },
+                OpResult::Put {
+                    create_revision: r[1].revision,
+                    version: 1
+                },
                 OpResult::DeletePrefix { deleted: 1 }
             ]
         )
@@ -839,12 +893,36 @@ fn entries_in_one_batch_see_each_other() {
                 create_revision: 2,
                 version: 1
             },
-            txn_outcome(true, vec![OpResult::Put { version: 2 }]),
+            txn_outcome(
+                true,
+                vec![OpResult::Put {
+                    create_revision: 2,
+                    version: 2
+                }]
+            ),
             txn_outcome(false, vec![OpResult::Get(Some(rec(b"k", b"v3", 2, 3, 2)))]),
-            txn_outcome(true, vec![OpResult::Put { version: 3 }]),
+            txn_outcome(
+                true,
+                vec![OpResult::Put {
+                    create_revision: 2,
+                    version: 3
+                }]
+            ),
             CommandOutcome::Delete { existed: true },
-            txn_outcome(true, vec![OpResult::Put { version: 1 }]),
-            txn_outcome(true, vec![OpResult::Put { version: 1 }]),
+            txn_outcome(
+                true,
+                vec![OpResult::Put {
+                    create_revision: 7,
+                    version: 1
+                }]
+            ),
+            txn_outcome(
+                true,
+                vec![OpResult::Put {
+                    create_revision: 8,
+                    version: 1
+                }]
+            ),
             txn_outcome(false, vec![OpResult::Get(Some(rec(b"new", b"n", 8, 8, 1)))]),
         ]
     );
@@ -896,7 +974,12 @@ fn relation(op: CompareOp, ord: Ordering) -> bool {
     }
 }
 
-fn model_put(kv: &mut BTreeMap<Vec<u8>, ModelKey>, rev: u64, key: &[u8], value: &[u8]) -> u64 {
+fn model_put(
+    kv: &mut BTreeMap<Vec<u8>, ModelKey>,
+    rev: u64,
+    key: &[u8],
+    value: &[u8],
+) -> (u64, u64) {
     let next = match kv.get(key) {
         Some(old) => ModelKey {
             value: value.to_vec(),
@@ -911,9 +994,9 @@ fn model_put(kv: &mut BTreeMap<Vec<u8>, ModelKey>, rev: u64, key: &[u8], value: 
             version: 1,
         },
     };
-    let version = next.version;
+    let revisions = (next.create, next.version);
     kv.insert(key.to_vec(), next);
-    version
+    revisions
 }
 
 fn model_record(kv: &BTreeMap<Vec<u8>, ModelKey>, key: &[u8]) -> Option<KeyRecord> {
@@ -967,9 +1050,13 @@ impl Model {
         let mut results = Vec::new();
         for op in ops {
             results.push(match op {
-                TxnOp::Put { key, value, .. } => OpResult::Put {
-                    version: model_put(&mut stage, rev, key, value),
-                },
+                TxnOp::Put { key, value, .. } => {
+                    let (create_revision, version) = model_put(&mut stage, rev, key, value);
+                    OpResult::Put {
+                        create_revision,
+                        version,
+                    }
+                }
                 TxnOp::Delete { key } => OpResult::Delete {
                     existed: stage.remove(key).is_some(),
                 },
@@ -991,9 +1078,9 @@ impl Model {
     fn run(&mut self, rev: u64, cmd: &Command) -> CommandOutcome {
         match cmd {
             Command::Put { key, value } => {
-                let version = model_put(&mut self.kv, rev, key, value);
+                let (create_revision, version) = model_put(&mut self.kv, rev, key, value);
                 CommandOutcome::Put {
-                    create_revision: self.kv[key].create,
+                    create_revision,
                     version,
                 }
             }
