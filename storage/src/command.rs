@@ -172,6 +172,9 @@ pub enum Refusal {
     SessionStale { seq: u64, last_seq: u64 },
     /// The client id is unknown (never seen, or expired) and the sequence is not 1.
     SessionExpired { seq: u64 },
+    /// A retry of a write that applied (at the result's revision) whose result was too large
+    /// to keep in the session table.
+    ResultNotKept { result_bytes: u64, bytes_max: u64 },
 }
 
 /// The most keys one prefix delete removes (a bound on one sled batch); over it the command

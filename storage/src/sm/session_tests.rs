@@ -580,3 +580,40 @@ fn a_batch_that_fails_midway_leaves_the_session_table_as_it_was() {
     assert_eq!(last_seq(&mut d, "a"), None);
     assert_eq!(last_seq(&mut d, "b"), Some(1));
 }
+
+#[test]
+fn a_result_too_large_to_keep_is_answered_once_and_its_retry_learns_only_the_revision() {
+    let mut d = Driver::new();
+    let big = vec![b'x'; sessions::SESSION_RECORD_BYTES_MAX + 1];
+    d.one(put(b"big", &big)); // 1
+    let t = txn(vec![], vec![op_get(b"big")], vec![]);
+    let original = sessioned(&mut d, session("reader", 1, 10), t.clone());
+    assert_eq!(original.revision, 2);
+    assert!(matches!(
+        &original.outcome,
+        CommandOutcome::Txn { results, .. } if matches!(&results[0], OpResult::Get(Some(r)) if r.value == big)
+    ));
+    let retry = sessioned(&mut d, session("reader", 1, 20), t);
+    assert_eq!((retry.revision, retry.duplicate), (2, true));
+    assert!(
+        matches!(
+            retry.outcome,
+            CommandOutcome::Refused(Refusal::ResultNotKept { result_bytes, bytes_max })
+                if result_bytes > bytes_max && bytes_max == sessions::SESSION_RECORD_BYTES_MAX as u64
+        ),
+        "{:?}",
+        retry.outcome
+    );
+    // A small result is still answered in full.
+    let small = sessioned(
+        &mut d,
+        session("reader", 2, 30),
+        txn(vec![], vec![op_get(b"none")], vec![]),
+    );
+    let again = sessioned(
+        &mut d,
+        session("reader", 2, 40),
+        txn(vec![], vec![op_get(b"none")], vec![]),
+    );
+    assert_eq!(again, duplicate_of(&small));
+}
