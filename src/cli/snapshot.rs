@@ -91,7 +91,7 @@ async fn save_from(c: &Client, file: &Path) -> anyhow::Result<ExitCode> {
         saved.header.cluster_id,
         saved.header.index,
         saved.header.term,
-        saved.snapshot.key_count,
+        saved.user_keys,
         saved.file_bytes(),
         download.endpoint
     );

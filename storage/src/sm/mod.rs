@@ -836,6 +836,12 @@ fn read_meta(tree: &sled::Tree) -> Result<(SnapshotMeta, u32), String> {
     Ok((meta, format))
 }
 
+/// Whether a pair of a snapshot file of `format_version` is a user key (format 1: every
+/// pair; format 2: `d ‖ key`, not session bookkeeping).
+pub fn is_user_key(format_version: u32, key: &[u8]) -> bool {
+    format_version < 2 || key.first() == Some(&DATA_PREFIX)
+}
+
 /// A user key and value as a format-2 snapshot pair: `d ‖ key` and a record created and
 /// last written at `revision` (for tools and tests that write snapshot files by hand).
 pub fn snapshot_pair(key: &[u8], value: &[u8], revision: u64) -> (Vec<u8>, Vec<u8>) {
@@ -1034,7 +1040,9 @@ impl TreeBuilder<'_> {
     fn insert_raw(&mut self, key: &[u8], value: &[u8]) -> Result<(), SmError> {
         self.batch.insert(key, value);
         self.batch_pairs += 1;
-        self.key_count += 1;
+        if key.first() == Some(&DATA_PREFIX) {
+            self.key_count += 1;
+        }
         if self.batch_pairs >= INSTALL_BATCH_PAIRS {
             self.tree.apply_batch(std::mem::take(&mut self.batch))?;
             self.batch_pairs = 0;
@@ -1042,7 +1050,7 @@ impl TreeBuilder<'_> {
         Ok(())
     }
 
-    /// Pairs added so far.
+    /// User keys added so far (session records are not counted).
     pub fn key_count(&self) -> u64 {
         self.key_count
     }

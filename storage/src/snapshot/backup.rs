@@ -353,6 +353,8 @@ pub struct VerifiedBackup {
     pub header: BackupHeader,
     pub snapshot: SnapshotHeader,
     pub meta: SnapshotMeta,
+    /// User keys in the backup (the snapshot's `key_count` also counts session records).
+    pub user_keys: u64,
 }
 
 impl VerifiedBackup {
@@ -386,12 +388,19 @@ pub fn open(vfs: &dyn Vfs, path: &Path) -> Result<BackupReader, BackupError> {
 /// offset (and chunk) of the first problem.
 pub fn verify(vfs: &dyn Vfs, path: &Path) -> Result<VerifiedBackup, BackupError> {
     let mut reader = open(vfs, path)?;
-    reader.verify_rest().map_err(damaged(path))?;
+    let version = reader.snapshot_header().version;
+    let mut user_keys = 0u64;
+    while let Some((key, _)) = reader.next_pair().map_err(damaged(path))? {
+        if crate::sm::is_user_key(version, key) {
+            user_keys += 1;
+        }
+    }
     Ok(VerifiedBackup {
         path: path.to_path_buf(),
         header: reader.header().clone(),
         snapshot: reader.snapshot_header().clone(),
         meta: reader.meta().clone(),
+        user_keys,
     })
 }
 
