@@ -20,6 +20,16 @@ fn client(endpoints: Vec<String>, budget_ms: u64) -> Client {
     Client::new(c).unwrap()
 }
 
+/// A client whose writes carry no session (so an unanswered write is never resent).
+fn sessionless(endpoints: Vec<String>, budget_ms: u64) -> Client {
+    let mut c = ClientConfig::new(endpoints);
+    c.retry_budget_ms = budget_ms;
+    c.request_timeout_ms = 2000;
+    c.backoff_min_ms = 10;
+    c.sessions = false;
+    Client::new(c).unwrap()
+}
+
 #[tokio::test]
 async fn finds_the_leader_through_dead_nodes_and_followers() {
     let leader = spawn(MapService::leader(1)).await;
@@ -70,12 +80,12 @@ async fn no_leader_anywhere_is_unavailable_after_the_budget() {
 }
 
 #[tokio::test]
-async fn a_504_write_is_outcome_unknown_and_not_retried() {
+async fn without_sessions_a_504_write_is_outcome_unknown_and_not_retried() {
     let mut svc = MapService::leader(1);
     svc.write_error = Some(ServiceError::Timeout("not committed in time".into()));
     let timing_out = spawn(svc).await;
     let healthy = spawn(MapService::leader(2)).await;
-    let c = client(vec![timing_out, healthy.clone()], 5000);
+    let c = sessionless(vec![timing_out, healthy.clone()], 5000);
     let err = c.put("k", "v").await.unwrap_err();
     assert!(matches!(err, ClientError::OutcomeUnknown(_)), "{err}");
     // Not retried elsewhere: the healthy node never saw the write.
@@ -84,7 +94,7 @@ async fn a_504_write_is_outcome_unknown_and_not_retried() {
 }
 
 #[tokio::test]
-async fn a_connection_dropped_after_sending_a_write_is_outcome_unknown() {
+async fn without_sessions_a_connection_dropped_after_sending_a_write_is_outcome_unknown() {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", l.local_addr().unwrap());
     tokio::spawn(async move {
@@ -97,7 +107,7 @@ async fn a_connection_dropped_after_sending_a_write_is_outcome_unknown() {
             let _ = s.shutdown().await; // read the request, answer nothing
         }
     });
-    let c = client(vec![url], 2000);
+    let c = sessionless(vec![url], 2000);
     let err = c.put("k", "v").await.unwrap_err();
     assert!(matches!(err, ClientError::OutcomeUnknown(_)), "{err}");
     // A read in the same situation is retried until the budget, then unavailable.
