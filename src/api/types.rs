@@ -210,12 +210,24 @@ pub struct TxnResponse {
 #[serde(rename_all = "snake_case")]
 pub enum TxnOpResult {
     /// The key's version after the put.
-    Put { key: String, version: u64 },
+    Put {
+        key: String,
+        version: u64,
+    },
     /// `deleted`: 1 if the key existed, else 0.
-    Delete { key: String, deleted: u64 },
-    DeletePrefix { prefix: String, deleted: u64 },
+    Delete {
+        key: String,
+        deleted: u64,
+    },
+    DeletePrefix {
+        prefix: String,
+        deleted: u64,
+    },
     /// `kv`: the key as earlier operations of the same branch left it (`null`: absent).
-    Get { key: String, kv: Option<KeyValue> },
+    Get {
+        key: String,
+        kv: Option<KeyValue>,
+    },
 }
 
 /// Response of `GET /kv?prefix=P&limit=N&start=K`.
