@@ -35,6 +35,7 @@ fn config(root: &Path, scheme: &str, client_port: ClientPortSettings) -> NodeCon
         request_timeout_ms: 5000,
         limits: Limits::default(),
         lease_reads: false,
+        sessions: Default::default(),
         client_port,
         wal_segment_mb: 64,
         ..NodeConfig::default()

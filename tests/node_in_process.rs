@@ -57,6 +57,7 @@ fn config(id: u64, ports: &Ports, root: &Path, snapshot_every: u64) -> NodeConfi
         request_timeout_ms: 5000,
         limits: Limits::default(),
         lease_reads: false,
+        sessions: Default::default(),
         client_port: Default::default(),
     }
 }

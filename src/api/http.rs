@@ -1,6 +1,8 @@
 //! The HTTP/JSON client API (axum), over any [`KvService`].
 //!
-//! Routes: `PUT|GET|DELETE /kv/{key}`, `GET /kv?prefix=P&limit=N&start=K`,
+//! Routes: `PUT|GET|DELETE /kv/{key}` (writes with `?if_mod_revision=N`),
+//! `GET /kv?prefix=P&limit=N&start=K`, `DELETE /kv?prefix=P`, `POST /txn` (see
+//! `http/writes.rs` for conditional writes, transactions and client sessions),
 //! `GET /cluster/status`, `POST /cluster/transfer-leader`, `GET /health`, `GET /ready`,
 //! `GET /snapshot`, `GET /metrics` (Prometheus; every request is counted and timed by route,
 //! see [`metrics`]), and the membership endpoints `GET|POST /cluster/members`,
@@ -123,13 +125,21 @@ pub fn router_with<S: KvService>(service: Arc<S>, options: &RouterOptions) -> Ro
     let mut router = Router::new()
         .route(
             "/kv/{key}",
-            get(get_key::<S>).put(put_key::<S>).delete(delete_key::<S>),
+            get(get_key::<S>)
+                .put(writes::put_key::<S>)
+                .delete(writes::delete_key::<S>),
         )
-        .route("/kv", get(list_keys::<S>))
+        .route(
+            "/kv",
+            get(list_keys::<S>).delete(writes::delete_prefix::<S>),
+        )
         .route(
             "/kv/",
-            get(get_key::<S>).put(put_key::<S>).delete(delete_key::<S>),
+            get(get_key::<S>)
+                .put(writes::put_key::<S>)
+                .delete(writes::delete_key::<S>),
         )
+        .route("/txn", post(writes::post_txn::<S>))
         .route("/cluster/status", get(status::<S>))
         .route("/cluster/transfer-leader", post(transfer_leader::<S>))
         .route(
@@ -466,8 +476,15 @@ async fn forward<S: KvService>(
         .header(FORWARDED_BY_HEADER, st.service.node_id().to_string())
         .header("content-type", "application/json")
         .body(body);
-    if let Some(auth) = headers.get(header::AUTHORIZATION) {
-        request = request.header(header::AUTHORIZATION, auth.clone());
+    // The client's credentials and session travel with the write.
+    for name in [
+        header::AUTHORIZATION.as_str(),
+        writes::CLIENT_ID_HEADER,
+        writes::SEQ_HEADER,
+    ] {
+        if let Some(v) = headers.get(name) {
+            request = request.header(name, v.clone());
+        }
     }
     match request.send().await {
         Ok(resp) => relay(resp, id, &url),
@@ -489,6 +506,7 @@ fn relay(resp: reqwest::Response, id: u64, url: &str) -> Response {
     let content_type = resp.headers().get("content-type").cloned();
     let snapshot_headers: Vec<(&str, HeaderValue)> = snapshot::SNAPSHOT_HEADERS
         .iter()
+        .chain(&[writes::REVISION_HEADER, writes::DUPLICATE_HEADER])
         .filter_map(|name| Some((*name, resp.headers().get(*name)?.clone())))
         .collect();
     let mut out = Response::new(Body::from_stream(resp.bytes_stream()));
@@ -516,72 +534,6 @@ struct LeaderHintUrl {
     url: String,
 }
 
-async fn put_key<S: KvService>(
-    State(st): State<Arc<ApiState<S>>>,
-    uri: Uri,
-    headers: HeaderMap,
-    path: KeyArg,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, Rejection> {
-    let key = check_key(path, &st.limits)?;
-    let body = check_body(body)?;
-    let PutBody { value } = parse_json(&body, r#"{"value": "..."}"#)?;
-    st.limits
-        .command
-        .check_value(value.as_bytes())
-        .map_err(limit_rejection)?;
-    // Parsing is the value's one copy here (JSON may escape it); the service borrows it.
-    Ok(match st.service.put(&key, &value).await {
-        Ok(w) => Json(KvResponse {
-            key,
-            value,
-            index: w.index,
-            leader: Some(w.leader),
-            revision: w.index,
-            create_revision: 0,
-            mod_revision: w.index,
-            version: 0,
-        })
-        .into_response(),
-        Err(e) => {
-            let target = key_target(&key, &uri);
-            forward(&st, e, Method::PUT, &target, &headers, body, true).await
-        }
-    })
-}
-
-async fn delete_key<S: KvService>(
-    State(st): State<Arc<ApiState<S>>>,
-    uri: Uri,
-    headers: HeaderMap,
-    path: KeyArg,
-) -> Result<Response, Rejection> {
-    let key = check_key(path, &st.limits)?;
-    Ok(match st.service.delete(key.clone()).await {
-        Ok(d) => Json(DeleteResponse {
-            key,
-            deleted: d.deleted,
-            index: d.index,
-            leader: d.leader,
-            revision: d.index,
-        })
-        .into_response(),
-        Err(e) => {
-            let target = key_target(&key, &uri);
-            forward(
-                &st,
-                e,
-                Method::DELETE,
-                &target,
-                &headers,
-                Bytes::new(),
-                true,
-            )
-            .await
-        }
-    })
-}
-
 async fn get_key<S: KvService>(
     State(st): State<Arc<ApiState<S>>>,
     uri: Uri,
@@ -593,26 +545,32 @@ async fn get_key<S: KvService>(
     let consistency = read_params(query)?.1;
     Ok(match st.service.get(key.clone(), consistency).await {
         Ok(ReadValue {
-            value: Some(value),
+            kv: Some(kv),
             index,
             leader,
-        }) => Json(KvResponse {
-            key,
-            value,
+        }) => with_revision(
+            Json(KvResponse {
+                key,
+                value: kv.value,
+                index,
+                leader,
+                revision: index,
+                create_revision: kv.create_revision,
+                mod_revision: kv.mod_revision,
+                version: kv.version,
+            })
+            .into_response(),
             index,
-            leader,
-            revision: index,
-            create_revision: 0,
-            mod_revision: 0,
-            version: 0,
-        })
-        .into_response(),
+        ),
         Ok(ReadValue {
-            value: None, index, ..
-        }) => error_kind(
-            StatusCode::NOT_FOUND,
-            KIND_KEY_NOT_FOUND,
-            format!("key not found (as of index {index})"),
+            kv: None, index, ..
+        }) => with_revision(
+            error_kind(
+                StatusCode::NOT_FOUND,
+                KIND_KEY_NOT_FOUND,
+                format!("key not found (as of revision {index})"),
+            ),
+            index,
         ),
         Err(e) => {
             let target = key_target(&key, &uri);
@@ -663,15 +621,19 @@ async fn list_keys<S: KvService>(
             } else {
                 None
             };
-            Json(ListResponse {
-                count: l.items.len(),
-                items: l.items,
-                index: l.index,
-                revision: l.index,
-                more: l.more,
-                next,
-            })
-            .into_response()
+            let revision = l.index;
+            with_revision(
+                Json(ListResponse {
+                    count: l.items.len(),
+                    items: l.items,
+                    index: l.index,
+                    revision,
+                    more: l.more,
+                    next,
+                })
+                .into_response(),
+                revision,
+            )
         }
         Err(e) => {
             let target = same_target(&uri);
@@ -722,11 +684,23 @@ async fn ready<S: KvService>(State(st): State<Arc<ApiState<S>>>) -> Response {
     }
 }
 
+/// Sets `X-Raftkv-Revision` on a read's answer.
+fn with_revision(mut r: Response, revision: u64) -> Response {
+    r.headers_mut()
+        .insert(writes::REVISION_HEADER, HeaderValue::from(revision));
+    r
+}
+
 mod members;
 mod metrics;
 mod snapshot;
+mod writes;
 pub use members::check_peer_addr;
 pub use snapshot::{CLUSTER_ID_HEADER, SNAPSHOT_INDEX_HEADER, SNAPSHOT_TERM_HEADER};
+pub use writes::{
+    CLIENT_ID_HEADER, DUPLICATE_HEADER, KIND_CONDITION_FAILED, KIND_SESSION_EXPIRED,
+    KIND_SESSION_STALE, REVISION_HEADER, SEQ_HEADER,
+};
 
 #[cfg(test)]
 mod members_tests;

@@ -23,7 +23,8 @@ pub mod test_service;
 pub mod types;
 
 use crate::raft::MembershipProposal;
-use raftkv_storage::command::{CommandError, CommandLimits};
+use raftkv_storage::command::{CommandError, CommandLimits, CommandRef, CommandResult, KeyRecord};
+use raftkv_storage::txn::TxnLimits;
 use raftkv_storage::NodeId;
 use std::future::Future;
 pub use types::*;
@@ -106,6 +107,8 @@ pub struct Limits {
     pub command: CommandLimits,
     /// The most keys one list request returns.
     pub list_limit_max: usize,
+    /// Compares, operations per branch and bytes of one transaction.
+    pub txn: TxnLimits,
 }
 
 impl Default for Limits {
@@ -113,8 +116,25 @@ impl Default for Limits {
         Limits {
             command: CommandLimits::default(),
             list_limit_max: 10_000,
+            txn: TxnLimits::default(),
         }
     }
+}
+
+/// A write's client session (`X-Raftkv-Client-Id`, `X-Raftkv-Seq`): makes the write
+/// exactly-once however often it is retried (see `raftkv_storage::sm::sessions`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientSession {
+    pub client_id: String,
+    pub seq: u64,
+}
+
+/// A committed and applied write: the state machine's result (for a session's retry, the
+/// original write's) and the node that led when it committed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    pub result: CommandResult,
+    pub leader: NodeId,
 }
 
 /// A command over a limit is the client's fault: 413 if too large, 400 otherwise.
@@ -124,12 +144,29 @@ impl From<CommandError> for ServiceError {
             CommandError::KeyTooLarge { .. } | CommandError::ValueTooLarge { .. } => {
                 ServiceError::TooLarge(e.to_string())
             }
+            CommandError::TxnTooLarge(_) => ServiceError::TooLarge(e.to_string()),
             CommandError::EmptyKey
+            | CommandError::InvalidSession(_)
             | CommandError::UnsupportedVersion(_)
             | CommandError::Decode(_)
             | CommandError::Encode(_) => ServiceError::InvalidInput(e.to_string()),
         }
     }
+}
+
+/// The wire form of a state machine record (keys and values are UTF-8 from the HTTP API).
+pub fn key_value(r: KeyRecord) -> KeyValue {
+    KeyValue {
+        key: lossy(r.key),
+        value: lossy(r.value),
+        create_revision: r.create_revision,
+        mod_revision: r.mod_revision,
+        version: r.version,
+    }
+}
+
+fn lossy(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// One page of a listing: keys under `prefix`, strictly after `after`, in key order, at most
@@ -149,17 +186,16 @@ pub trait KvService: Send + Sync + 'static {
     fn node_id(&self) -> NodeId;
     /// The limits requests are checked against.
     fn limits(&self) -> Limits;
-    /// Writes `key`; completes once the write is committed and applied. Borrowed: the HTTP
-    /// layer keeps the key and value to echo them, and the service copies them only once,
-    /// into the log entry's payload.
-    fn put(
+    /// Proposes a write (a put, a delete, a prefix delete or a transaction), within
+    /// `session` if given; completes once it is committed and applied, with what it did.
+    /// Borrowed: the HTTP layer keeps the key and value to echo them, and the service copies
+    /// them only once, into the log entry's payload.
+    fn write(
         &self,
-        key: &str,
-        value: &str,
-    ) -> impl Future<Output = Result<Written, ServiceError>> + Send;
-    /// Deletes `key`; completes once committed and applied.
-    fn delete(&self, key: String) -> impl Future<Output = Result<Deleted, ServiceError>> + Send;
-    /// Reads `key` at the given consistency.
+        command: CommandRef<'_>,
+        session: Option<&ClientSession>,
+    ) -> impl Future<Output = Result<Applied, ServiceError>> + Send;
+    /// Reads `key` (value and revisions) at the given consistency.
     fn get(
         &self,
         key: String,

@@ -1,6 +1,8 @@
-//! A map-backed [`KvService`] for tests of the HTTP layer and the client.
+//! A single-node [`KvService`] for tests of the HTTP layer and the client.
 //!
-//! As a leader it serves everything from a `BTreeMap`; as a follower it answers writes and
+//! As a leader it applies every write at once, as the next log entry, to a real state machine
+//! in a temporary sled database (so revisions, conditional writes, transactions and sessions
+//! behave exactly as on a node) and serves reads from it; as a follower it answers writes and
 //! non-stale reads with "not the leader", naming a leader, exactly as the node does.
 //! Membership changes apply at once to a small model of the configuration (with the node's
 //! 404/409 answers for unknown members, duplicates and the last voter), and every proposal
@@ -11,8 +13,9 @@
 
 use super::*;
 use crate::raft::{MemberChange, MembershipProposal};
-use raftkv_storage::command::CommandLimits;
-use raftkv_storage::{MemberAddrs, NodeId};
+use raftkv_storage::command::{CommandLimits, SessionRef};
+use raftkv_storage::sm::{EntryOutcome, StateMachine, StateMachineOptions};
+use raftkv_storage::{Entry, EntryKind, MemberAddrs, NodeId};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -30,7 +33,9 @@ type MemberModel = (BTreeMap<NodeId, ModelMember>, u64);
 /// "not the leader", naming `leader`.
 pub struct MapService {
     id: NodeId,
-    data: Mutex<(BTreeMap<String, String>, u64)>,
+    /// The state machine; the mutex orders writes (each is the next log index).
+    sm: StateMachine,
+    write_lock: Mutex<()>,
     leader: Option<LeaderHint>,
     /// When set, every write fails with this error.
     pub write_error: Option<ServiceError>,
@@ -74,9 +79,15 @@ impl MapService {
         if let Some(l) = &leader {
             members.insert(l.id, voter);
         }
+        let sm = StateMachine::open_temporary(StateMachineOptions {
+            cache_bytes: 1 << 20,
+            ..StateMachineOptions::default()
+        })
+        .expect("a temporary sled database opens");
         MapService {
             id,
-            data: Mutex::default(),
+            sm,
+            write_lock: Mutex::new(()),
             leader,
             write_error: None,
             snapshot_dir: None,
@@ -196,40 +207,60 @@ impl KvService for MapService {
                 value_bytes_max: 1024,
             },
             list_limit_max: 100,
+            txn: raftkv_storage::txn::TxnLimits {
+                compares_max: 8,
+                ops_max: 8,
+                bytes_max: 4096,
+            },
         }
     }
 
-    async fn put(&self, key: &str, value: &str) -> Result<Written, ServiceError> {
+    async fn write(
+        &self,
+        command: raftkv_storage::command::CommandRef<'_>,
+        session: Option<&ClientSession>,
+    ) -> Result<Applied, ServiceError> {
         self.check_write()?;
-        let mut d = self.data.lock().unwrap();
-        d.1 += 1;
-        d.0.insert(key.to_string(), value.to_string());
-        Ok(Written {
-            index: d.1,
-            leader: self.id,
-        })
-    }
-
-    async fn delete(&self, key: String) -> Result<Deleted, ServiceError> {
-        self.check_write()?;
-        let mut d = self.data.lock().unwrap();
-        d.1 += 1;
-        let deleted = d.0.remove(&key).is_some();
-        Ok(Deleted {
-            deleted,
-            index: d.1,
-            leader: self.id,
-        })
+        crate::node::service::validate_write(&command, &self.limits())?;
+        let session = session.map(|s| SessionRef {
+            client: s.client_id.as_bytes(),
+            seq: s.seq,
+            now_ms: crate::node::service::wall_clock_ms(),
+        });
+        let payload = command
+            .encode_with(session)
+            .map_err(|e| ServiceError::InvalidInput(e.to_string()))?;
+        let _order = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = Entry {
+            index: self.sm.applied_index() + 1,
+            term: 1,
+            kind: EntryKind::Normal,
+            payload: payload.into(),
+        };
+        let applied = self
+            .sm
+            .apply(&[entry])
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        match applied.into_iter().next().map(|a| a.outcome) {
+            Some(EntryOutcome::Command(result)) => Ok(Applied {
+                result,
+                leader: self.id,
+            }),
+            other => Err(ServiceError::Internal(format!("applied {other:?}"))),
+        }
     }
 
     async fn get(&self, key: String, c: Consistency) -> Result<ReadValue, ServiceError> {
         if c != Consistency::Stale {
             self.redirect()?;
         }
-        let d = self.data.lock().unwrap();
+        let read = self
+            .sm
+            .get_record(key.as_bytes())
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
         Ok(ReadValue {
-            value: d.0.get(&key).cloned(),
-            index: d.1,
+            kv: read.value.map(key_value),
+            index: read.applied_index,
             leader: (c != Consistency::Stale).then_some(self.id),
         })
     }
@@ -238,33 +269,19 @@ impl KvService for MapService {
         if c != Consistency::Stale {
             self.redirect()?;
         }
-        let d = self.data.lock().unwrap();
-        let lower = match &q.after {
-            Some(a) => std::ops::Bound::Excluded(a.clone()),
-            None => std::ops::Bound::Included(q.prefix.clone()),
-        };
-        let mut items = Vec::new();
-        let mut bytes = 0usize;
-        let mut more = false;
-        for (k, v) in d.0.range((lower, std::ops::Bound::Unbounded)) {
-            if !k.starts_with(&q.prefix) {
-                break;
-            }
-            let size = k.len() + v.len();
-            if items.len() == q.limit || (!items.is_empty() && bytes + size > q.bytes_max) {
-                more = true;
-                break;
-            }
-            bytes += size;
-            items.push(KeyValue {
-                key: k.clone(),
-                value: v.clone(),
-                ..KeyValue::default()
-            });
-        }
+        let page = self
+            .sm
+            .scan_prefix_records(
+                q.prefix.as_bytes(),
+                q.after.as_ref().map(|a| a.as_bytes()),
+                q.limit,
+                q.bytes_max,
+            )
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let (records, more) = page.value;
         Ok(Listed {
-            items,
-            index: d.1,
+            items: records.into_iter().map(key_value).collect(),
+            index: page.applied_index,
             more,
         })
     }
@@ -349,10 +366,11 @@ impl KvService for MapService {
                 "this service keeps no snapshot files".into(),
             ));
         };
-        let (pairs, index) = {
-            let d = self.data.lock().unwrap_or_else(|p| p.into_inner());
-            (d.0.clone(), d.1.max(1))
-        };
+        let view = self
+            .sm
+            .begin_snapshot()
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let index = view.meta().index.max(1);
         let meta = raftkv_storage::SnapshotMeta {
             index,
             term: 1,
@@ -364,8 +382,9 @@ impl KvService for MapService {
             use raftkv_storage::vfs::Vfs as _;
             let file = raftkv_storage::vfs::StdFs.open(&path, true)?;
             let mut w = raftkv_storage::snapshot::format::SnapshotFileWriter::new(file, meta, 256)?;
-            for (k, v) in &pairs {
-                w.push(k.as_bytes(), v.as_bytes())?;
+            for pair in view.pairs() {
+                let (k, v) = pair.map_err(std::io::Error::other)?;
+                w.push(&k, &v)?;
             }
             w.finish()
         })()

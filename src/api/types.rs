@@ -49,27 +49,10 @@ pub struct MembersResponse {
     pub id: NodeId,
 }
 
-/// A committed and applied write.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Written {
-    /// The log index the write was applied at.
-    pub index: u64,
-    /// The node that led when the write committed.
-    pub leader: NodeId,
-}
-
-/// A committed and applied delete.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Deleted {
-    pub deleted: bool,
-    pub index: u64,
-    pub leader: NodeId,
-}
-
-/// A read: the value (if any) and the applied index it reflects.
+/// A read: the key (if present) and the applied index it reflects.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReadValue {
-    pub value: Option<String>,
+    pub kv: Option<KeyValue>,
     pub index: u64,
     /// The leader that confirmed the read (none for a stale read).
     pub leader: Option<NodeId>,

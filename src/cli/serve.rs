@@ -12,7 +12,7 @@
 use anyhow::{bail, Context};
 use raftkv::api::server::ClientPortConfig;
 use raftkv::api::Limits;
-use raftkv::node::{self, ClientPortSettings, NodeConfig, PeerTlsFiles};
+use raftkv::node::{self, ClientPortSettings, NodeConfig, PeerTlsFiles, SessionSettings};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -87,6 +87,15 @@ pub struct ServeArgs {
     /// Election timeout (randomized between 1x and 2x this).
     #[arg(long, env = "RAFTKV_ELECTION_TIMEOUT_MS", value_name = "MS")]
     pub election_timeout_ms: Option<u64>,
+    /// Forget a client session (exactly-once writes) after this many seconds without a
+    /// write from it (default 3600). Decided through the log: every member expires the same
+    /// sessions at the same index.
+    #[arg(long, env = "RAFTKV_SESSION_TTL_S", value_name = "S")]
+    pub session_ttl_s: Option<u64>,
+    /// The most client sessions remembered; beyond it the least recently active expire first
+    /// (default 100000).
+    #[arg(long, env = "RAFTKV_SESSIONS_MAX", value_name = "N")]
+    pub sessions_max: Option<u64>,
     /// Client connections served at once; more are answered 503 and closed (default 4096).
     #[arg(long, env = "RAFTKV_CLIENT_CONNECTIONS_MAX", value_name = "N")]
     pub client_connections_max: Option<usize>,
@@ -146,6 +155,8 @@ struct FileConfig {
     cache_mb: Option<u64>,
     wal_segment_mb: Option<u64>,
     request_timeout_ms: Option<u64>,
+    session_ttl_s: Option<u64>,
+    sessions_max: Option<u64>,
     client_cert: Option<PathBuf>,
     client_key: Option<PathBuf>,
     client_ca: Option<PathBuf>,
@@ -284,6 +295,14 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<NodeConfig> {
         request_timeout_ms: file.request_timeout_ms.unwrap_or(5_000),
         limits: Limits::default(),
         lease_reads: false,
+        sessions: SessionSettings {
+            ttl_ms: args
+                .session_ttl_s
+                .or(file.session_ttl_s)
+                .unwrap_or(3600)
+                .saturating_mul(1000),
+            sessions_max: args.sessions_max.or(file.sessions_max).unwrap_or(100_000),
+        },
         client_port,
     };
     config.validate().map_err(anyhow::Error::msg)?;

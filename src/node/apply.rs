@@ -21,7 +21,6 @@
 use super::messages::{ApplyJob, ProposalOutcome, ProposalReply, WorkerError};
 use crate::api::ServiceError;
 use crate::metrics::Metrics;
-use raftkv_storage::command::CommandOutcome;
 use raftkv_storage::sm::{AppliedEntry, EntryOutcome, StateMachine};
 use raftkv_storage::Entry;
 use std::collections::BTreeMap;
@@ -82,13 +81,15 @@ impl Pending {
                 continue;
             };
             let result = if term == entry.term {
-                Ok(ProposalOutcome {
-                    index: entry.index,
-                    deleted: matches!(
-                        entry.outcome,
-                        EntryOutcome::Command(CommandOutcome::Delete { existed: true })
-                    ),
-                })
+                match &entry.outcome {
+                    EntryOutcome::Command(result) => Ok(ProposalOutcome {
+                        index: entry.index,
+                        result: result.clone(),
+                    }),
+                    other => Err(ServiceError::Internal(format!(
+                        "a write's log position holds a {other:?} entry of the same term"
+                    ))),
+                }
             } else {
                 Err(ServiceError::Unavailable(
                     "leadership changed before the write committed; it was not applied".into(),
@@ -333,7 +334,7 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use raftkv_storage::command::Command;
+    use raftkv_storage::command::{Command, CommandOutcome, CommandResult};
     use raftkv_storage::sm::StateMachineOptions;
     use raftkv_storage::EntryKind;
     use std::time::Duration;
@@ -351,6 +352,17 @@ mod tests {
             .encode()
             .unwrap()
             .into(),
+        }
+    }
+
+    fn put_result(revision: u64) -> CommandResult {
+        CommandResult {
+            revision,
+            outcome: CommandOutcome::Put {
+                create_revision: revision,
+                version: 1,
+            },
+            duplicate: false,
         }
     }
 
@@ -375,7 +387,7 @@ mod tests {
             AppliedEntry {
                 index: 5,
                 term: 2,
-                outcome: EntryOutcome::Command(CommandOutcome::Put),
+                outcome: EntryOutcome::Command(put_result(5)),
             },
             AppliedEntry {
                 index: 6,
@@ -389,7 +401,7 @@ mod tests {
             same_term.try_recv().unwrap().unwrap(),
             ProposalOutcome {
                 index: 5,
-                deleted: false
+                result: put_result(5),
             }
         );
         assert!(matches!(

@@ -15,6 +15,7 @@
 
 use crate::api::{ClusterStatus, ServiceError};
 use crate::raft::{MembershipProposal, Message};
+use raftkv_storage::command::{CommandOutcome, CommandResult};
 use raftkv_storage::node_storage::NodeStorageError;
 use raftkv_storage::sm::SmError;
 use raftkv_storage::snapshot::transfer::SnapshotChunk;
@@ -25,12 +26,22 @@ use tokio::sync::oneshot;
 
 pub use super::peer::PeerMessage;
 
-/// What an applied write did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What an applied write did: the index its entry applied at, and the state machine's
+/// result (for a session's retry: the original write's revision and outcome).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProposalOutcome {
     pub index: u64,
+    pub result: CommandResult,
+}
+
+impl ProposalOutcome {
     /// For a delete: whether the key existed.
-    pub deleted: bool,
+    pub fn deleted(&self) -> bool {
+        matches!(
+            self.result.outcome,
+            CommandOutcome::Delete { existed: true }
+        )
+    }
 }
 
 /// Where a write's answer goes.

@@ -117,6 +117,30 @@ pub struct NodeConfig {
     pub lease_reads: bool,
     /// The client port's limits, TLS and authentication.
     pub client_port: ClientPortSettings,
+    /// Client sessions (exactly-once writes): TTL and table bound.
+    pub sessions: SessionSettings,
+}
+
+/// The longest session TTL accepted (30 days).
+pub const SESSION_TTL_MS_MAX: u64 = 30 * 24 * 3600 * 1000;
+/// The largest session table accepted (each session holds its latest write's result).
+pub const SESSIONS_MAX_MAX: u64 = 10_000_000;
+
+/// How long client sessions live and how many are kept. The leader proposes them with each
+/// `ExpireSessions` entry; the state machine applies what the log says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionSettings {
+    pub ttl_ms: u64,
+    pub sessions_max: u64,
+}
+
+impl Default for SessionSettings {
+    fn default() -> Self {
+        SessionSettings {
+            ttl_ms: raftkv_storage::sm::record::SESSION_TTL_MS_DEFAULT,
+            sessions_max: raftkv_storage::sm::record::SESSIONS_MAX_DEFAULT,
+        }
+    }
 }
 
 /// How the client port is served beyond its address.
@@ -230,6 +254,17 @@ impl NodeConfig {
         }
         if self.snapshot_every == 0 {
             return Err("--snapshot-every must be positive".into());
+        }
+        if !(1_000..=SESSION_TTL_MS_MAX).contains(&self.sessions.ttl_ms) {
+            return Err(format!(
+                "--session-ttl-s must be from 1 to {}",
+                SESSION_TTL_MS_MAX / 1000
+            ));
+        }
+        if !(1..=SESSIONS_MAX_MAX).contains(&self.sessions.sessions_max) {
+            return Err(format!(
+                "--sessions-max must be from 1 to {SESSIONS_MAX_MAX}"
+            ));
         }
         if !(WAL_SEGMENT_MB_MIN..=WAL_SEGMENT_MB_MAX).contains(&self.wal_segment_mb) {
             return Err(format!(
@@ -586,6 +621,11 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
     };
     let driver = tokio::spawn(driver.run(inputs));
 
+    tokio::spawn(session_upkeep(
+        service.clone(),
+        config.sessions,
+        shutdown_rx.clone(),
+    ));
     let router_options = RouterOptions {
         metrics: Some(metrics),
         ..router_options
@@ -623,6 +663,37 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         apply: apply_thread,
         sm,
     })
+}
+
+/// How often the session upkeep looks: a tenth of the TTL, between 200 ms and 10 s, so a
+/// session outlives its TTL by at most that much.
+pub fn session_upkeep_period_ms(settings: SessionSettings) -> u64 {
+    (settings.ttl_ms / 10).clamp(200, 10_000)
+}
+
+/// Runs [`service::NodeService::expire_sessions_if_due`] until shutdown.
+async fn session_upkeep(
+    service: Arc<service::NodeService>,
+    settings: SessionSettings,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let period = std::time::Duration::from_millis(session_upkeep_period_ms(settings));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            changed = shutdown.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        if let Err(e) = service.expire_sessions_if_due(settings).await {
+            tracing::debug!(error = %e, "session upkeep did not run");
+        }
+    }
 }
 
 /// How the core starts. A data dir that holds a log restarts from it (the flags' peers and

@@ -10,12 +10,12 @@
 use super::apply::Pending;
 use super::NodeConfig;
 use crate::api::{
-    ClusterStatus, Consistency, Deleted, KeyValue, KvService, Limits, ListQuery, Listed, ReadValue,
-    ServiceError, SnapshotFileOut, Written,
+    key_value, Applied, ClientSession, ClusterStatus, Consistency, KvService, Limits, ListQuery,
+    Listed, ReadValue, ServiceError, SnapshotFileOut,
 };
 use crate::metrics::Metrics;
 use crate::raft::MembershipProposal;
-use raftkv_storage::command::CommandRef;
+use raftkv_storage::command::{CommandRef, SessionRef};
 use raftkv_storage::sm::StateMachine;
 use raftkv_storage::snapshot::SnapshotStore;
 use raftkv_storage::NodeId;
@@ -75,8 +75,12 @@ impl NodeService {
     /// Proposes `command` and waits for it to apply; counts the failures that reached this
     /// node's log or queue (`raftkv_server_proposals_failed_total`): not "not the leader",
     /// which a client or the forwarder resolves, and not invalid input.
-    async fn propose(&self, command: CommandRef<'_>) -> Result<ProposalOutcome, ServiceError> {
-        let result = self.propose_and_wait(command).await;
+    async fn propose(
+        &self,
+        command: CommandRef<'_>,
+        session: Option<SessionRef<'_>>,
+    ) -> Result<ProposalOutcome, ServiceError> {
+        let result = self.propose_and_wait(command, session).await;
         if let Err(ServiceError::Unavailable(_) | ServiceError::Timeout(_)) = &result {
             self.metrics.proposals_failed.inc();
         }
@@ -86,9 +90,10 @@ impl NodeService {
     async fn propose_and_wait(
         &self,
         command: CommandRef<'_>,
+        session: Option<SessionRef<'_>>,
     ) -> Result<ProposalOutcome, ServiceError> {
         let payload = command
-            .encode()
+            .encode_with(session)
             .map_err(|e| ServiceError::InvalidInput(e.to_string()))?;
         let (reply, rx) = oneshot::channel();
         self.submit(Request::Propose { payload, reply })?;
@@ -132,6 +137,35 @@ impl NodeService {
         Ok(Some(leader))
     }
 
+    /// The leader's session upkeep, run every [`session_upkeep_period_ms`]: proposes an
+    /// `ExpireSessions` entry (this node's clock, `--session-ttl-s`, `--sessions-max`) when a
+    /// session is due to expire, the table is over its bound, or the applied parameters are
+    /// not the configured ones. Other nodes do nothing. Returns whether it proposed.
+    pub async fn expire_sessions_if_due(
+        &self,
+        settings: super::SessionSettings,
+    ) -> Result<bool, ServiceError> {
+        let summary = self.sm.sessions_summary();
+        let now_ms = wall_clock_ms();
+        let configured = (settings.ttl_ms, settings.sessions_max);
+        let due = summary
+            .oldest_active_ms
+            .is_some_and(|ms| ms.saturating_add(summary.params.ttl_ms) <= now_ms)
+            || summary.count > settings.sessions_max
+            || (summary.params.ttl_ms, summary.params.sessions_max) != configured;
+        if !due || self.status().await?.role != "leader" {
+            return Ok(false);
+        }
+        let command = CommandRef::ExpireSessions {
+            now_ms,
+            ttl_ms: settings.ttl_ms,
+            sessions_max: settings.sessions_max,
+        };
+        let outcome = self.propose(command, None).await?;
+        tracing::debug!(index = outcome.index, result = ?outcome.result.outcome, "session upkeep");
+        Ok(true)
+    }
+
     async fn ask<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<T>) -> Request,
@@ -143,8 +177,27 @@ impl NodeService {
     }
 }
 
-fn text(bytes: Vec<u8>) -> String {
-    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+/// Checks a write against the limits before it reaches the log: sizes, transaction bounds,
+/// a non-empty prefix to delete. `ExpireSessions` is the leader's own, never a client's.
+pub fn validate_write(command: &CommandRef<'_>, limits: &Limits) -> Result<(), ServiceError> {
+    match command {
+        CommandRef::Txn(txn) => txn.validate(&limits.txn, &limits.command)?,
+        CommandRef::ExpireSessions { .. } => {
+            return Err(ServiceError::InvalidInput(
+                "session expiry is proposed by the leader only".into(),
+            ))
+        }
+        other => other.validate(&limits.command)?,
+    }
+    Ok(())
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it): the session clock a
+/// sessioned write carries into the log.
+pub fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis().min(u128::from(u64::MAX)) as u64)
 }
 
 fn sm_error(e: raftkv_storage::sm::SmError) -> ServiceError {
@@ -160,28 +213,24 @@ impl KvService for NodeService {
         self.limits
     }
 
-    async fn put(&self, key: &str, value: &str) -> Result<Written, ServiceError> {
-        let command = CommandRef::Put {
-            key: key.as_bytes(),
-            value: value.as_bytes(),
-        };
-        command.validate(&self.limits.command)?;
-        let outcome = self.propose(command).await?;
-        Ok(Written {
-            index: outcome.index,
-            leader: self.id,
-        })
-    }
-
-    async fn delete(&self, key: String) -> Result<Deleted, ServiceError> {
-        let command = CommandRef::Delete {
-            key: key.as_bytes(),
-        };
-        command.validate(&self.limits.command)?;
-        let outcome = self.propose(command).await?;
-        Ok(Deleted {
-            deleted: outcome.deleted,
-            index: outcome.index,
+    async fn write(
+        &self,
+        command: CommandRef<'_>,
+        session: Option<&ClientSession>,
+    ) -> Result<Applied, ServiceError> {
+        validate_write(&command, &self.limits)?;
+        let session = session.map(|s| SessionRef {
+            client: s.client_id.as_bytes(),
+            seq: s.seq,
+            now_ms: wall_clock_ms(),
+        });
+        if let Some(s) = &session {
+            s.validate()?;
+        }
+        let outcome = self.propose(command, session).await?;
+        assert!(outcome.result.revision <= outcome.index);
+        Ok(Applied {
+            result: outcome.result,
             leader: self.id,
         })
     }
@@ -189,9 +238,9 @@ impl KvService for NodeService {
     async fn get(&self, key: String, consistency: Consistency) -> Result<ReadValue, ServiceError> {
         self.limits.command.check_key(key.as_bytes())?;
         let leader = self.read_barrier(consistency).await?;
-        let read = self.sm.get(key.as_bytes()).map_err(sm_error)?;
+        let read = self.sm.get_record(key.as_bytes()).map_err(sm_error)?;
         Ok(ReadValue {
-            value: read.value.map(text),
+            kv: read.value.map(key_value),
             index: read.applied_index,
             leader,
         })
@@ -201,26 +250,18 @@ impl KvService for NodeService {
         self.read_barrier(consistency).await?;
         let page = self
             .sm
-            .scan_prefix_page(
+            .scan_prefix_records(
                 q.prefix.as_bytes(),
                 q.after.as_ref().map(|a| a.as_bytes()),
                 q.limit,
                 q.bytes_max,
             )
             .map_err(sm_error)?;
+        let (records, more) = page.value;
         Ok(Listed {
-            items: page
-                .value
-                .pairs
-                .into_iter()
-                .map(|(k, v)| KeyValue {
-                    key: text(k),
-                    value: text(v),
-                    ..KeyValue::default()
-                })
-                .collect(),
+            items: records.into_iter().map(key_value).collect(),
             index: page.applied_index,
-            more: page.value.more,
+            more,
         })
     }
 

@@ -13,6 +13,12 @@
 //! state machine applies a payload without copying the value out of it first. [`Command`]
 //! owns its bytes (tests, tools) and converts through it.
 //!
+//! Version 2 of the envelope adds a client session, `{ version: 2, session, command }`: a
+//! write sent with `X-Raftkv-Client-Id`/`X-Raftkv-Seq` carries its client id, sequence
+//! number and the proposing leader's clock (see `sm::sessions` for what the state machine
+//! does with them). A write without a session is still written as version 1, byte for byte
+//! what round 1 wrote.
+//!
 //! A payload with an unknown version or variant is a typed error ([`CommandError::Decode`])
 //! and the state machine refuses to apply it, never skips it: skipping would let a node
 //! running older code diverge from one running newer code.
@@ -29,15 +35,20 @@
 //! committed every node must apply it identically, whatever its own configuration.
 
 use crate::codec::{self, CodecError};
+use crate::txn::{Txn, TxnRef};
 use serde::{Deserialize, Serialize, Serializer};
 
-/// The envelope version this code writes.
+/// The envelope version of a command without a session.
 pub const COMMAND_VERSION: u16 = 1;
+/// The envelope version of a command with a session.
+pub const COMMAND_VERSION_SESSION: u16 = 2;
 
 /// Default largest key, in bytes.
 pub const KEY_BYTES_MAX_DEFAULT: usize = 8 * 1024;
 /// Default largest value, in bytes.
 pub const VALUE_BYTES_MAX_DEFAULT: usize = 1024 * 1024;
+/// The longest client id a session may have.
+pub const CLIENT_ID_BYTES_MAX: usize = 64;
 
 /// A client command that owns its key and value. Encodes and decodes through [`CommandRef`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,11 +57,21 @@ pub enum Command {
     Put { key: Vec<u8>, value: Vec<u8> },
     /// Removes `key` (a no-op if it is absent; the result says which).
     Delete { key: Vec<u8> },
+    /// Removes every key starting with `prefix`, atomically.
+    DeletePrefix { prefix: Vec<u8> },
+    /// A transaction (see [`crate::txn`]).
+    Txn(Txn),
+    /// Advances the session clock and expires sessions (proposed by the leader).
+    ExpireSessions {
+        now_ms: u64,
+        ttl_ms: u64,
+        sessions_max: u64,
+    },
 }
 
 /// A client command borrowing its key and value. Its serde layout is the on-disk format:
 /// append new variants at the end only (see the module doc), in step with [`Command`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandRef<'a> {
     /// Sets `key` to `value`.
     Put {
@@ -64,15 +85,129 @@ pub enum CommandRef<'a> {
         #[serde(serialize_with = "byte_str")]
         key: &'a [u8],
     },
+    /// Removes every key starting with `prefix` (non-empty), atomically, in one entry.
+    DeletePrefix {
+        #[serde(serialize_with = "byte_str")]
+        prefix: &'a [u8],
+    },
+    /// A transaction: compares, then the success or the failure branch.
+    Txn(#[serde(borrow)] TxnRef<'a>),
+    /// Sets the session clock to at least `now_ms` (the leader's wall clock), the session
+    /// TTL and table bound, and expires what they say (see `sm::sessions`).
+    ExpireSessions {
+        now_ms: u64,
+        ttl_ms: u64,
+        sessions_max: u64,
+    },
 }
 
-/// What applying a command did, handed back to whoever proposed it.
+/// A write's client session: who sent it, its place in that client's sequence, and the
+/// proposing leader's wall clock (milliseconds since the Unix epoch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRef<'a> {
+    #[serde(serialize_with = "byte_str")]
+    pub client: &'a [u8],
+    pub seq: u64,
+    pub now_ms: u64,
+}
+
+/// Owned [`SessionRef`].
 #[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Session {
+    pub client: Vec<u8>,
+    pub seq: u64,
+    pub now_ms: u64,
+}
+
+/// A decoded `Normal` payload: the command and, for a version-2 payload, its session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Proposal<'a> {
+    pub session: Option<SessionRef<'a>>,
+    pub command: CommandRef<'a>,
+}
+
+/// A key's value and revisions as the state machine holds them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    /// The revision (log index) of the put that created the key.
+    pub create_revision: u64,
+    /// The revision of the key's latest write.
+    pub mod_revision: u64,
+    /// Puts since the key was created (1 after the first).
+    pub version: u64,
+    /// The lease the key is attached to, 0 for none.
+    pub lease: u64,
+}
+
+/// What one transaction operation did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpResult {
+    /// The key's revisions after the put.
+    Put {
+        create_revision: u64,
+        version: u64,
+    },
+    Delete {
+        existed: bool,
+    },
+    DeletePrefix {
+        deleted: u64,
+    },
+    /// The key as the earlier operations of the branch left it.
+    Get(Option<KeyRecord>),
+}
+
+/// A command that applied without changing anything, and why: the service answers with
+/// the matching 4xx. Deterministic: every replica refuses the same entry the same way.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
+    /// A prefix delete (alone or in a transaction) would remove more than
+    /// [`DELETE_PREFIX_KEYS_MAX`] keys.
+    RangeTooLarge { keys_max: u64 },
+    /// A transaction's `get` results would exceed [`TXN_RESULT_BYTES_MAX`].
+    ResultTooLarge { bytes_max: u64 },
+    /// The sequence number is below the one the session last applied.
+    SessionStale { seq: u64, last_seq: u64 },
+    /// The client id is unknown (never seen, or expired) and the sequence is not 1.
+    SessionExpired { seq: u64 },
+}
+
+/// The most keys one prefix delete removes (a bound on one sled batch); over it the command
+/// is refused whole.
+pub const DELETE_PREFIX_KEYS_MAX: u64 = 100_000;
+/// The most bytes of keys and values a transaction's `get` results may hold.
+pub const TXN_RESULT_BYTES_MAX: u64 = 16 * 1024 * 1024;
+
+/// What applying a command did, handed back to whoever proposed it (and kept in the session
+/// table for a session's latest write).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandOutcome {
-    /// The key now holds the value.
-    Put,
+    /// The key now holds the value; its revisions after the put.
+    Put { create_revision: u64, version: u64 },
     /// The key is gone; `existed` says whether it was there before.
     Delete { existed: bool },
+    /// `deleted` keys under the prefix are gone.
+    DeletePrefix { deleted: u64 },
+    /// Whether the compares held, and one result per operation of the branch that ran.
+    Txn {
+        succeeded: bool,
+        results: Vec<OpResult>,
+    },
+    /// Sessions removed by an `ExpireSessions` entry.
+    SessionsExpired { expired: u64 },
+    /// Nothing changed (see [`Refusal`]).
+    Refused(Refusal),
+}
+
+/// A command's outcome and the revision it took effect at. For a duplicate of a session's
+/// latest write, the original revision and outcome, with `duplicate` set.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandResult {
+    pub revision: u64,
+    pub outcome: CommandOutcome,
+    pub duplicate: bool,
 }
 
 /// Configurable size limits on commands, checked before proposing.
@@ -118,6 +253,22 @@ impl CommandLimits {
     }
 }
 
+/// A client id is 1 to [`CLIENT_ID_BYTES_MAX`] bytes of `[A-Za-z0-9._-]`.
+pub fn check_client_id(client: &[u8]) -> Result<(), CommandError> {
+    let ok = !client.is_empty()
+        && client.len() <= CLIENT_ID_BYTES_MAX
+        && client
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(CommandError::InvalidSession(format!(
+            "a client id is 1 to {CLIENT_ID_BYTES_MAX} characters of A-Z a-z 0-9 . _ -"
+        )))
+    }
+}
+
 /// A command that is invalid or cannot be decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
@@ -127,8 +278,12 @@ pub enum CommandError {
     ValueTooLarge { len_bytes: usize, bytes_max: usize },
     #[error("the key must not be empty")]
     EmptyKey,
+    #[error("transaction too large: {0}")]
+    TxnTooLarge(String),
+    #[error("invalid session: {0}")]
+    InvalidSession(String),
     #[error(
-        "command format version {0} is not supported (this build reads version {COMMAND_VERSION})"
+        "command format version {0} is not supported (this build reads versions {COMMAND_VERSION} and {COMMAND_VERSION_SESSION})"
     )]
     UnsupportedVersion(u16),
     #[error("undecodable command: {0}")]
@@ -138,9 +293,16 @@ pub enum CommandError {
 }
 
 #[derive(Serialize)]
-struct EnvelopeOut<'a> {
+struct EnvelopeOut<'b, 'a> {
     version: u16,
-    command: CommandRef<'a>,
+    command: &'b CommandRef<'a>,
+}
+
+#[derive(Serialize)]
+struct SessionEnvelopeOut<'b, 'a> {
+    version: u16,
+    session: SessionRef<'a>,
+    command: &'b CommandRef<'a>,
 }
 
 #[derive(Deserialize)]
@@ -156,19 +318,33 @@ struct EnvelopeIn<'a> {
     command: CommandRef<'a>,
 }
 
+#[derive(Deserialize)]
+struct SessionEnvelopeIn<'a> {
+    #[allow(dead_code)]
+    version: u16,
+    #[serde(borrow)]
+    session: SessionRef<'a>,
+    #[serde(borrow)]
+    command: CommandRef<'a>,
+}
+
 impl Command {
     /// The borrowed view of this command.
     pub fn borrowed(&self) -> CommandRef<'_> {
         match self {
             Command::Put { key, value } => CommandRef::Put { key, value },
             Command::Delete { key } => CommandRef::Delete { key },
-        }
-    }
-
-    /// The key this command touches.
-    pub fn key(&self) -> &[u8] {
-        match self {
-            Command::Put { key, .. } | Command::Delete { key } => key,
+            Command::DeletePrefix { prefix } => CommandRef::DeletePrefix { prefix },
+            Command::Txn(txn) => CommandRef::Txn(txn.borrowed()),
+            Command::ExpireSessions {
+                now_ms,
+                ttl_ms,
+                sessions_max,
+            } => CommandRef::ExpireSessions {
+                now_ms: *now_ms,
+                ttl_ms: *ttl_ms,
+                sessions_max: *sessions_max,
+            },
         }
     }
 
@@ -177,67 +353,174 @@ impl Command {
         self.borrowed().validate(limits)
     }
 
-    /// The payload of a `Normal` log entry carrying this command.
+    /// The payload of a `Normal` log entry carrying this command (no session).
     pub fn encode(&self) -> Result<Vec<u8>, CommandError> {
         self.borrowed().encode()
     }
 
-    /// Decodes a `Normal` entry's payload into owned bytes.
+    /// The payload of a `Normal` entry carrying this command within `session`.
+    pub fn encode_with(&self, session: Option<&Session>) -> Result<Vec<u8>, CommandError> {
+        let session = session.map(Session::borrowed);
+        self.borrowed().encode_with(session)
+    }
+
+    /// Decodes a `Normal` entry's payload into owned bytes, ignoring any session.
     pub fn decode(payload: &[u8]) -> Result<Command, CommandError> {
-        CommandRef::decode(payload).map(CommandRef::to_command)
+        CommandRef::decode_proposal(payload).map(|p| p.command.to_command())
+    }
+
+    /// Decodes a `Normal` entry's payload into an owned command and its session.
+    pub fn decode_with_session(payload: &[u8]) -> Result<(Option<Session>, Command), CommandError> {
+        let p = CommandRef::decode_proposal(payload)?;
+        Ok((p.session.map(|s| s.to_session()), p.command.to_command()))
+    }
+}
+
+impl Session {
+    /// The borrowed view.
+    pub fn borrowed(&self) -> SessionRef<'_> {
+        SessionRef {
+            client: &self.client,
+            seq: self.seq,
+            now_ms: self.now_ms,
+        }
+    }
+}
+
+impl SessionRef<'_> {
+    /// An owned copy.
+    pub fn to_session(self) -> Session {
+        Session {
+            client: self.client.to_vec(),
+            seq: self.seq,
+            now_ms: self.now_ms,
+        }
+    }
+
+    /// The client id is well formed and the sequence number is at least 1.
+    pub fn validate(&self) -> Result<(), CommandError> {
+        check_client_id(self.client)?;
+        if self.seq == 0 {
+            return Err(CommandError::InvalidSession(
+                "sequence numbers start at 1".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
 impl<'a> CommandRef<'a> {
-    /// The key this command touches.
-    pub fn key(&self) -> &'a [u8] {
+    /// The key this command touches (a transaction's or an expiry's: none).
+    pub fn key(&self) -> Option<&'a [u8]> {
         match *self {
-            CommandRef::Put { key, .. } | CommandRef::Delete { key } => key,
+            CommandRef::Put { key, .. } | CommandRef::Delete { key } => Some(key),
+            CommandRef::DeletePrefix { prefix } => Some(prefix),
+            CommandRef::Txn(_) | CommandRef::ExpireSessions { .. } => None,
         }
     }
 
-    /// Checks the size limits (key first, then value); call before proposing.
+    /// Checks the size limits (key first, then value); call before proposing. A
+    /// transaction is checked against the default [`crate::txn::TxnLimits`] here; the
+    /// service checks it against its own first.
     pub fn validate(&self, limits: &CommandLimits) -> Result<(), CommandError> {
-        limits.check_key(self.key())?;
-        if let CommandRef::Put { value, .. } = self {
-            limits.check_value(value)?;
+        match self {
+            CommandRef::Put { key, value } => {
+                limits.check_key(key)?;
+                limits.check_value(value)
+            }
+            CommandRef::Delete { key } | CommandRef::DeletePrefix { prefix: key } => {
+                limits.check_key(key)
+            }
+            CommandRef::Txn(txn) => txn.validate(&crate::txn::TxnLimits::default(), limits),
+            CommandRef::ExpireSessions { ttl_ms, .. } => {
+                if *ttl_ms == 0 {
+                    return Err(CommandError::InvalidSession(
+                        "a session TTL must be positive".into(),
+                    ));
+                }
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     /// The payload of a `Normal` log entry carrying this command: the one copy of the key
     /// and value on their way into the log.
     pub fn encode(&self) -> Result<Vec<u8>, CommandError> {
-        codec::encode(&EnvelopeOut {
-            version: COMMAND_VERSION,
-            command: *self,
-        })
+        self.encode_with(None)
+    }
+
+    /// The payload of a `Normal` entry carrying this command, within `session` if given
+    /// (envelope version 2; version 1 without).
+    pub fn encode_with(&self, session: Option<SessionRef<'a>>) -> Result<Vec<u8>, CommandError> {
+        match session {
+            None => codec::encode(&EnvelopeOut {
+                version: COMMAND_VERSION,
+                command: self,
+            }),
+            Some(session) => codec::encode(&SessionEnvelopeOut {
+                version: COMMAND_VERSION_SESSION,
+                session,
+                command: self,
+            }),
+        }
         .map_err(CommandError::Encode)
     }
 
-    /// Decodes a `Normal` entry's payload; the key and value point into `payload`.
+    /// Decodes a `Normal` entry's payload, dropping any session.
     pub fn decode(payload: &'a [u8]) -> Result<CommandRef<'a>, CommandError> {
+        Self::decode_proposal(payload).map(|p| p.command)
+    }
+
+    /// Decodes a `Normal` entry's payload; the key and value point into `payload`.
+    pub fn decode_proposal(payload: &'a [u8]) -> Result<Proposal<'a>, CommandError> {
         // The version is the first two bytes; read it alone so an unknown version is reported
         // as such rather than as a garbled body.
         let head = &payload[..payload.len().min(2)];
         let version = codec::decode::<VersionOnly>(head)
             .map_err(CommandError::Decode)?
             .version;
-        if version != COMMAND_VERSION {
-            return Err(CommandError::UnsupportedVersion(version));
+        match version {
+            COMMAND_VERSION => {
+                let envelope: EnvelopeIn<'a> =
+                    codec::decode(payload).map_err(CommandError::Decode)?;
+                Ok(Proposal {
+                    session: None,
+                    command: envelope.command,
+                })
+            }
+            COMMAND_VERSION_SESSION => {
+                let envelope: SessionEnvelopeIn<'a> =
+                    codec::decode(payload).map_err(CommandError::Decode)?;
+                Ok(Proposal {
+                    session: Some(envelope.session),
+                    command: envelope.command,
+                })
+            }
+            other => Err(CommandError::UnsupportedVersion(other)),
         }
-        let envelope: EnvelopeIn<'a> = codec::decode(payload).map_err(CommandError::Decode)?;
-        Ok(envelope.command)
     }
 
     /// An owned copy.
-    pub fn to_command(self) -> Command {
+    pub fn to_command(&self) -> Command {
         match self {
             CommandRef::Put { key, value } => Command::Put {
                 key: key.to_vec(),
                 value: value.to_vec(),
             },
             CommandRef::Delete { key } => Command::Delete { key: key.to_vec() },
+            CommandRef::DeletePrefix { prefix } => Command::DeletePrefix {
+                prefix: prefix.to_vec(),
+            },
+            CommandRef::Txn(txn) => Command::Txn(txn.to_txn()),
+            CommandRef::ExpireSessions {
+                now_ms,
+                ttl_ms,
+                sessions_max,
+            } => Command::ExpireSessions {
+                now_ms: *now_ms,
+                ttl_ms: *ttl_ms,
+                sessions_max: *sessions_max,
+            },
         }
     }
 }
@@ -245,7 +528,7 @@ impl<'a> CommandRef<'a> {
 /// Writes a byte slice as one byte string (a u64 length, then the bytes), not as a sequence
 /// of u8 (the same bytes with bincode, but encoded one element at a time). Reading it back
 /// borrows the bytes from the input (serde's `&[u8]` does that by itself).
-fn byte_str<S: Serializer>(bytes: &&[u8], s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn byte_str<S: Serializer>(bytes: &&[u8], s: S) -> Result<S::Ok, S::Error> {
     s.serialize_bytes(bytes)
 }
 
@@ -310,10 +593,10 @@ mod tests {
     #[test]
     fn unknown_version_and_variant_are_typed_errors() {
         let mut bytes = Command::Delete { key: b"a".to_vec() }.encode().unwrap();
-        bytes[0] = 2;
+        bytes[0] = 3;
         assert!(matches!(
             Command::decode(&bytes),
-            Err(CommandError::UnsupportedVersion(2))
+            Err(CommandError::UnsupportedVersion(3))
         ));
         bytes[0] = 1;
         bytes[2] = 9; // variant 9 does not exist (yet)

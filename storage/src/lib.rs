@@ -7,6 +7,7 @@
 //!   membership, snapshot metadata; the single serialization codec, payloads only), so that
 //!   `raftkv_storage::Entry` and `raftkv_storage::codec` paths keep working.
 //! - [`command`]: the versioned client commands a `Normal` entry carries, and their limits.
+//! - [`txn`]: transactions (compares, then one of two branches of operations) and their limits.
 //! - [`sm`]: the key-value state machine on sled: applies committed entries, serves reads.
 //! - [`snapshot`]: snapshot files (a consistent image at one applied index): write, verify,
 //!   install, keep the newest two.
@@ -21,6 +22,7 @@ pub mod sm;
 pub mod snapshot;
 #[cfg(test)]
 mod test_util;
+pub mod txn;
 pub mod vfs;
 pub mod wal;
 

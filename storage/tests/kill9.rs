@@ -180,6 +180,7 @@ fn kill_9_at_random_instants_never_loses_or_duplicates_a_committed_entry() {
                 Command::Delete { key } => {
                     model.remove(&key);
                 }
+                other => unreachable!("the workload writes only puts and deletes: {other:?}"),
             }
         }
         model_index = applied;

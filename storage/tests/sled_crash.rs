@@ -181,6 +181,7 @@ fn sled_recovers_a_prefix_of_its_batches_after_sigkill() {
                 Command::Delete { key } => {
                     model.remove(&key);
                 }
+                other => unreachable!("the workload writes only puts and deletes: {other:?}"),
             }
         }
         assert!(

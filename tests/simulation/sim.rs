@@ -1382,7 +1382,7 @@ impl Sim {
         )?;
         Ok(Response::Done(if delete {
             OpResult::Delete {
-                existed: outcome.deleted,
+                existed: outcome.deleted(),
             }
         } else {
             OpResult::Put

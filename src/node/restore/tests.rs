@@ -25,7 +25,8 @@ fn backup_in(dir: &Path) -> PathBuf {
     };
     let mut w = SnapshotFileWriter::new(StdFs.open(&snap, true).unwrap(), meta, 4096).unwrap();
     for (k, v) in pairs() {
-        w.push(k.as_bytes(), v.as_bytes()).unwrap();
+        let (key, record) = raftkv_storage::sm::snapshot_pair(k.as_bytes(), v.as_bytes(), 700);
+        w.push(&key, &record).unwrap();
     }
     w.finish().unwrap();
     let path = dir.join("backup.rkv");

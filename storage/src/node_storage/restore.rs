@@ -74,8 +74,9 @@ fn fill_state_machine(
         path: backup_path.to_path_buf(),
         damage,
     };
+    let version = reader.snapshot_header().version;
     while let Some((key, value)) = reader.next_pair().map_err(damaged)? {
-        builder.insert(key, value)?;
+        builder.insert_snapshot_pair(version, meta.index, key, value)?;
     }
     let key_count = builder.key_count();
     // The whole file verified (next_pair returned None): only now does the state change.

@@ -38,6 +38,7 @@ fn model_upto(applied: u64) -> BTreeMap<Vec<u8>, Vec<u8>> {
             Command::Delete { key } => {
                 m.remove(&key);
             }
+            other => unreachable!("the workload writes only puts and deletes: {other:?}"),
         }
     }
     m

@@ -5,12 +5,22 @@
 //!   state now (`kv.<generation:016x>`). Installing a snapshot builds the next generation's
 //!   tree beside it, makes it durable, then flips this pointer: the swap is one atomic sled
 //!   insert, so a crash leaves either the old state or the new one, never a mix.
-//! - In the state tree, user key `k` is stored as `d` ‖ `k`; bookkeeping lives under `m/`:
+//! - In the state tree, user key `k` is stored as `d` ‖ `k`, its value as a record carrying its
+//!   revisions (see [`record`]); the session table lives under `s` ‖ client id and
+//!   `c/sessions` (see [`sessions`]); bookkeeping lives under `m/`:
 //!   `m/format` (u32 BE, [`SM_FORMAT_VERSION`]), `m/applied` (index u64 BE ‖ term u64 BE) and
 //!   `m/membership` (the codec-encoded [`Membership`]). Every [`StateMachine::apply`] writes
 //!   its data changes *and* `m/applied` (and `m/membership` when a Config entry is among them)
 //!   in one `Tree::apply_batch`, which sled recovers atomically: data and applied index can
 //!   never disagree after a crash.
+//!
+//! Everything but `m/` is the state a snapshot carries: a snapshot file (format 2) holds
+//! these internal keys and records as they are, so revisions and sessions travel with it and
+//! installing one is a straight copy. Commands run through [`exec`].
+//!
+//! Format 1 (round 1: raw values, no revisions, no sessions) is upgraded on open into a new
+//! tree generation, as an install is: every key gets `create_revision = mod_revision =` the
+//! applied index and `version = 1`, the only history that state still knows.
 //!
 //! Durability: sled does not fsync each batch (it flushes every `flush_every_ms`, 500 ms by
 //! default). The WAL is the source of truth; after a crash sled recovers a *prefix* of its
@@ -28,28 +38,36 @@
 //! - At most one snapshot view is open at a time.
 
 mod cow;
+pub mod exec;
+pub mod record;
+pub mod sessions;
 
-use crate::command::{CommandError, CommandOutcome, CommandRef};
+use crate::command::{CommandError, CommandRef, CommandResult, KeyRecord};
 use crate::types::{Entry, EntryKind, Membership, SnapshotMeta};
 use cow::CowTable;
+use exec::{data_key, Exec, DATA_PREFIX};
+use sessions::SessionIndex;
 use sled::IVec;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
 /// The version of the layout inside a state tree.
-pub const SM_FORMAT_VERSION: u32 = 1;
+pub const SM_FORMAT_VERSION: u32 = 2;
+/// Round 1's layout: raw values without revisions. Upgraded on open.
+const SM_FORMAT_V1: u32 = 1;
 
 const CURRENT_TREE_KEY: &[u8] = b"raftkv/current-tree";
 const TREE_NAME_PREFIX: &[u8] = b"kv.";
-const DATA_PREFIX: u8 = b'd';
 /// The first key past every data key.
 const DATA_END: &[u8] = b"e";
 const META_FORMAT: &[u8] = b"m/format";
 const META_APPLIED: &[u8] = b"m/applied";
 const META_MEMBERSHIP: &[u8] = b"m/membership";
+/// The prefix byte of bookkeeping keys, which snapshots leave out.
+const META_PREFIX: u8 = b'm';
 /// Pairs per sled batch while building a tree from a snapshot.
 const INSTALL_BATCH_PAIRS: usize = 1024;
 
@@ -98,6 +116,8 @@ pub enum SmError {
         #[source]
         source: crate::types::MembershipError,
     },
+    #[error("state machine record: {0}")]
+    Record(String),
     #[error("entries must follow the applied index {applied} without a gap, got index {next}")]
     Gap { applied: u64, next: u64 },
     #[error("state machine in {dir} is corrupt: {what}")]
@@ -130,7 +150,7 @@ pub struct ScanPage {
 /// What applying one entry did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EntryOutcome {
-    Command(CommandOutcome),
+    Command(CommandResult),
     Noop,
     Config(Membership),
 }
@@ -149,6 +169,7 @@ struct Current {
     tree_name: Vec<u8>,
     /// The applied position and the membership as of it.
     applied: SnapshotMeta,
+    sessions: SessionIndex,
 }
 
 /// The sled-backed key-value state machine. See the module doc.
@@ -161,13 +182,6 @@ pub struct StateMachine {
     current: RwLock<Current>,
     cow: Mutex<Option<CowTable>>,
     cow_released: Condvar,
-}
-
-fn data_key(user_key: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(user_key.len() + 1);
-    k.push(DATA_PREFIX);
-    k.extend_from_slice(user_key);
-    k
 }
 
 fn encode_applied(index: u64, term: u64) -> [u8; 16] {
@@ -205,9 +219,17 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 
 /// A decoded entry; a command's key and value point into the entry's payload.
 enum Op<'a> {
-    Command(CommandRef<'a>),
+    Command(crate::command::Proposal<'a>),
     Noop,
     Config(Membership),
+}
+
+/// Session table figures, for the leader's expiry decisions and for metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionsSummary {
+    pub count: u64,
+    pub oldest_active_ms: Option<u64>,
+    pub params: record::SessionParams,
 }
 
 impl StateMachine {
@@ -218,6 +240,25 @@ impl StateMachine {
             .cache_capacity(opts.cache_bytes)
             .flush_every_ms(opts.flush_every_ms)
             .open()?;
+        Self::from_db(db, dir, opts)
+    }
+
+    /// A state machine in a temporary sled database, removed when dropped: the HTTP tests'
+    /// stand-in service applies its writes through the real state machine with it.
+    pub fn open_temporary(opts: StateMachineOptions) -> Result<StateMachine, SmError> {
+        let db = sled::Config::new()
+            .temporary(true)
+            .cache_capacity(opts.cache_bytes)
+            .flush_every_ms(None)
+            .open()?;
+        Self::from_db(db, Path::new("(temporary)"), opts)
+    }
+
+    fn from_db(
+        db: sled::Db,
+        dir: &Path,
+        opts: StateMachineOptions,
+    ) -> Result<StateMachine, SmError> {
         let corrupt = |what: String| SmError::Corrupt {
             dir: dir.to_path_buf(),
             what,
@@ -237,6 +278,7 @@ impl StateMachine {
                         tree,
                         tree_name: name,
                         applied,
+                        sessions: SessionIndex::default(),
                     },
                     true,
                 )
@@ -249,15 +291,19 @@ impl StateMachine {
                     )));
                 }
                 let tree = db.open_tree(&name)?;
-                let applied = read_meta(&tree).map_err(corrupt)?;
-                (
-                    Current {
-                        tree,
-                        tree_name: name.to_vec(),
-                        applied,
-                    },
-                    false,
-                )
+                let (applied, format) = read_meta(&tree).map_err(corrupt)?;
+                let sessions = SessionIndex::load(&tree).map_err(corrupt)?;
+                let current = Current {
+                    tree,
+                    tree_name: name.to_vec(),
+                    applied,
+                    sessions,
+                };
+                if format == SM_FORMAT_V1 {
+                    (upgrade_v1(&db, current)?, false)
+                } else {
+                    (current, false)
+                }
             }
         };
         // Trees of an install that crashed before its pointer flip are garbage.
@@ -320,8 +366,9 @@ impl StateMachine {
     }
 
     /// Applies committed entries in order. Entries at or below the applied index are skipped
-    /// (a replay after a crash); the rest must continue it without a gap. Data changes and the
-    /// new applied position go to sled in one atomic batch; an error applies nothing.
+    /// (a replay after a crash); the rest must continue it without a gap. Data changes, the
+    /// session table and the new applied position go to sled in one atomic batch; an error
+    /// applies nothing.
     pub fn apply(&self, entries: &[Entry]) -> Result<Vec<AppliedEntry>, SmError> {
         self.wait_for_cow_budget();
         let mut cur = self.write_current();
@@ -330,99 +377,56 @@ impl StateMachine {
             Some(start) => &entries[start..],
             None => return Ok(Vec::new()),
         };
-        let mut ops = Vec::with_capacity(fresh.len());
-        for (i, e) in fresh.iter().enumerate() {
-            let expected = applied + 1 + i as u64;
-            if e.index != expected {
-                return Err(SmError::Gap {
-                    applied: expected - 1,
-                    next: e.index,
-                });
-            }
-            ops.push(match e.kind {
-                EntryKind::Normal => {
-                    Op::Command(CommandRef::decode(&e.payload).map_err(|source| {
-                        SmError::Command {
-                            index: e.index,
-                            source,
-                        }
-                    })?)
-                }
-                EntryKind::Noop => Op::Noop,
-                EntryKind::Config => {
-                    Op::Config(Membership::decode(&e.payload).map_err(|source| {
-                        SmError::Membership {
-                            index: e.index,
-                            source,
-                        }
-                    })?)
-                }
-            });
-        }
-
-        // A snapshot is being copied: save each key's value at its point before changing it.
-        {
+        let ops = decode_entries(applied, fresh)?;
+        let result = {
             let mut cow = self.lock_cow();
-            if let Some(table) = cow.as_mut() {
-                for op in &ops {
-                    if let Op::Command(cmd) = op {
-                        let key = cmd.key();
-                        if !table.contains(key) {
-                            let old = cur.tree.get(data_key(key))?;
-                            table.save(key, old);
-                        }
-                    }
-                }
+            let cur = &mut *cur;
+            let mut exec = Exec::new(&cur.tree, cow.as_mut());
+            let out = execute(&mut exec, &mut cur.sessions, fresh, &ops);
+            out.map(|(out, membership)| (out, membership, exec.batch))
+        };
+        let (out, membership, mut batch) = match result {
+            Ok(done) => done,
+            Err(e) => {
+                // The in-memory session index may hold half of this batch: rebuild it.
+                self.reload_sessions(&mut cur)?;
+                return Err(e);
             }
-        }
-
-        let mut batch = sled::Batch::default();
-        // Presence of keys already changed in this batch, for Delete's `existed`.
-        let mut present: BTreeMap<&[u8], bool> = BTreeMap::new();
-        let mut membership = None;
-        let mut out = Vec::with_capacity(ops.len());
-        for (e, op) in fresh.iter().zip(&ops) {
-            let outcome = match op {
-                Op::Command(CommandRef::Put { key, value }) => {
-                    // sled copies the value into its own buffer: the one copy on apply.
-                    batch.insert(data_key(key), *value);
-                    present.insert(key, true);
-                    EntryOutcome::Command(CommandOutcome::Put)
-                }
-                Op::Command(CommandRef::Delete { key }) => {
-                    let dk = data_key(key);
-                    let existed = match present.get(key) {
-                        Some(p) => *p,
-                        None => cur.tree.contains_key(&dk)?,
-                    };
-                    batch.remove(dk);
-                    present.insert(key, false);
-                    EntryOutcome::Command(CommandOutcome::Delete { existed })
-                }
-                Op::Noop => EntryOutcome::Noop,
-                Op::Config(m) => {
-                    membership = Some(m.clone());
-                    EntryOutcome::Config(m.clone())
-                }
-            };
-            out.push(AppliedEntry {
-                index: e.index,
-                term: e.term,
-                outcome,
-            });
-        }
+        };
         let last = &fresh[fresh.len() - 1];
         batch.insert(META_APPLIED, &encode_applied(last.index, last.term)[..]);
         if let Some(m) = &membership {
             batch.insert(META_MEMBERSHIP, encode_membership(m)?);
         }
-        cur.tree.apply_batch(batch)?;
+        if let Err(e) = cur.tree.apply_batch(batch) {
+            self.reload_sessions(&mut cur)?;
+            return Err(e.into());
+        }
         cur.applied.index = last.index;
         cur.applied.term = last.term;
         if let Some(m) = membership {
             cur.applied.membership = m;
         }
+        debug_assert_eq!(out.len(), fresh.len());
         Ok(out)
+    }
+
+    fn reload_sessions(&self, cur: &mut Current) -> Result<(), SmError> {
+        cur.sessions = SessionIndex::load(&cur.tree).map_err(|what| SmError::Corrupt {
+            dir: self.dir.clone(),
+            what,
+        })?;
+        Ok(())
+    }
+
+    /// The session table's size, oldest activity and parameters.
+    pub fn sessions_summary(&self) -> SessionsSummary {
+        let cur = self.read_current();
+        SessionsSummary {
+            count: cur.sessions.len() as u64,
+            oldest_active_ms: cur.sessions.oldest_active_ms(),
+            params: cur.sessions.params,
+        }
     }
 
     fn wait_for_cow_budget(&self) {
@@ -449,8 +453,20 @@ impl StateMachine {
 
     /// The value of `key`.
     pub fn get(&self, key: &[u8]) -> Result<ReadAt<Option<Vec<u8>>>, SmError> {
+        let read = self.get_record(key)?;
+        Ok(ReadAt {
+            value: read.value.map(|r| r.value),
+            applied_index: read.applied_index,
+        })
+    }
+
+    /// `key` with its value and revisions.
+    pub fn get_record(&self, key: &[u8]) -> Result<ReadAt<Option<KeyRecord>>, SmError> {
         let cur = self.read_current();
-        let value = cur.tree.get(data_key(key))?.map(|v| v.to_vec());
+        let value = match cur.tree.get(data_key(key))? {
+            Some(raw) => Some(record::key_record(key, &raw).map_err(SmError::Record)?),
+            None => None,
+        };
         Ok(ReadAt {
             value,
             applied_index: cur.applied.index,
@@ -478,6 +494,24 @@ impl StateMachine {
         limit: usize,
         bytes_max: usize,
     ) -> Result<ReadAt<ScanPage>, SmError> {
+        let read = self.scan_records(start, end, limit, bytes_max)?;
+        Ok(ReadAt {
+            value: ScanPage {
+                pairs: read.value.0.into_iter().map(|r| (r.key, r.value)).collect(),
+                more: read.value.1,
+            },
+            applied_index: read.applied_index,
+        })
+    }
+
+    /// Like [`StateMachine::scan_bounded`], with each key's revisions; `(records, more)`.
+    pub fn scan_records(
+        &self,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<ReadAt<(Vec<KeyRecord>, bool)>, SmError> {
         let limit = limit.min(self.opts.scan_limit_max);
         let lower = match start {
             Bound::Included(k) => Bound::Included(data_key(k)),
@@ -490,29 +524,31 @@ impl StateMachine {
             Bound::Unbounded => Bound::Excluded(DATA_END.to_vec()),
         };
         let cur = self.read_current();
-        let mut pairs = Vec::new();
+        let mut records = Vec::new();
         let mut more = false;
         // An empty range (start after end) yields nothing rather than a sled panic.
         if range_is_empty(&lower, &upper) {
             return Ok(ReadAt {
-                value: ScanPage { pairs, more },
+                value: (records, more),
                 applied_index: cur.applied.index,
             });
         }
         let mut bytes = 0usize;
         for item in cur.tree.range((lower, upper)) {
             let (k, v) = item?;
-            let size = k.len().saturating_sub(1).saturating_add(v.len());
-            if pairs.len() == limit || (!pairs.is_empty() && bytes.saturating_add(size) > bytes_max)
+            let value_bytes = v.len().saturating_sub(record::KEY_HEADER_BYTES);
+            let size = k.len().saturating_sub(1).saturating_add(value_bytes);
+            if records.len() == limit
+                || (!records.is_empty() && bytes.saturating_add(size) > bytes_max)
             {
                 more = true;
                 break;
             }
             bytes = bytes.saturating_add(size);
-            pairs.push((k[1..].to_vec(), v.to_vec()));
+            records.push(record::key_record(&k[1..], &v).map_err(SmError::Record)?);
         }
         Ok(ReadAt {
-            value: ScanPage { pairs, more },
+            value: (records, more),
             applied_index: cur.applied.index,
         })
     }
@@ -532,6 +568,24 @@ impl StateMachine {
         limit: usize,
         bytes_max: usize,
     ) -> Result<ReadAt<ScanPage>, SmError> {
+        let read = self.scan_prefix_records(prefix, after, limit, bytes_max)?;
+        Ok(ReadAt {
+            value: ScanPage {
+                pairs: read.value.0.into_iter().map(|r| (r.key, r.value)).collect(),
+                more: read.value.1,
+            },
+            applied_index: read.applied_index,
+        })
+    }
+
+    /// Like [`StateMachine::scan_prefix_page`], with each key's revisions; `(records, more)`.
+    pub fn scan_prefix_records(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<ReadAt<(Vec<KeyRecord>, bool)>, SmError> {
         // A continuation key below the prefix starts at the prefix; one above it yields an
         // empty range.
         let start = match after {
@@ -540,9 +594,9 @@ impl StateMachine {
         };
         match prefix_end(prefix) {
             Some(end) => {
-                self.scan_bounded(start, Bound::Excluded(end.as_slice()), limit, bytes_max)
+                self.scan_records(start, Bound::Excluded(end.as_slice()), limit, bytes_max)
             }
-            None => self.scan_bounded(start, Bound::Unbounded, limit, bytes_max),
+            None => self.scan_records(start, Bound::Unbounded, limit, bytes_max),
         }
     }
 
@@ -595,6 +649,85 @@ impl StateMachine {
     }
 }
 
+/// Decodes `fresh` (which must continue `applied` without a gap) before anything runs.
+fn decode_entries(applied: u64, fresh: &[Entry]) -> Result<Vec<Op<'_>>, SmError> {
+    let mut ops = Vec::with_capacity(fresh.len());
+    for (i, e) in fresh.iter().enumerate() {
+        let expected = applied + 1 + i as u64;
+        if e.index != expected {
+            return Err(SmError::Gap {
+                applied: expected - 1,
+                next: e.index,
+            });
+        }
+        ops.push(match e.kind {
+            EntryKind::Normal => {
+                Op::Command(CommandRef::decode_proposal(&e.payload).map_err(|source| {
+                    SmError::Command {
+                        index: e.index,
+                        source,
+                    }
+                })?)
+            }
+            EntryKind::Noop => Op::Noop,
+            EntryKind::Config => Op::Config(Membership::decode(&e.payload).map_err(|source| {
+                SmError::Membership {
+                    index: e.index,
+                    source,
+                }
+            })?),
+        });
+    }
+    Ok(ops)
+}
+
+/// Runs decoded entries into `exec`; returns their outcomes and the last membership set.
+fn execute(
+    exec: &mut Exec<'_>,
+    sessions: &mut SessionIndex,
+    fresh: &[Entry],
+    ops: &[Op<'_>],
+) -> Result<(Vec<AppliedEntry>, Option<Membership>), SmError> {
+    let mut membership = None;
+    let mut out = Vec::with_capacity(ops.len());
+    for (e, op) in fresh.iter().zip(ops) {
+        let outcome = match op {
+            Op::Command(p) => EntryOutcome::Command(match (&p.session, &p.command) {
+                (
+                    _,
+                    CommandRef::ExpireSessions {
+                        now_ms,
+                        ttl_ms,
+                        sessions_max,
+                    },
+                ) => CommandResult {
+                    revision: e.index,
+                    outcome: sessions.expire(exec, *now_ms, *ttl_ms, *sessions_max)?,
+                    duplicate: false,
+                },
+                (Some(session), cmd) => sessions.apply_sessioned(exec, e.index, session, cmd)?,
+                (None, cmd) => CommandResult {
+                    revision: e.index,
+                    outcome: exec.run(e.index, cmd)?,
+                    duplicate: false,
+                },
+            }),
+            Op::Noop => EntryOutcome::Noop,
+            Op::Config(m) => {
+                membership = Some(m.clone());
+                EntryOutcome::Config(m.clone())
+            }
+        };
+        out.push(AppliedEntry {
+            index: e.index,
+            term: e.term,
+            outcome,
+        });
+    }
+    sessions.flush_params(exec)?;
+    Ok((out, membership))
+}
+
 fn range_is_empty(lower: &Bound<Vec<u8>>, upper: &Bound<Vec<u8>>) -> bool {
     let (lo, lo_inclusive) = match lower {
         Bound::Included(k) => (k, true),
@@ -625,19 +758,66 @@ fn write_meta(tree: &sled::Tree, applied: &SnapshotMeta) -> Result<(), SmError> 
     Ok(())
 }
 
-fn read_meta(tree: &sled::Tree) -> Result<SnapshotMeta, String> {
+/// Rewrites a round-1 state (raw values) into a new tree generation with revisions, as an
+/// install does (so a crash midway leaves the old tree in place, and the upgrade reruns).
+fn upgrade_v1(db: &sled::Db, old: Current) -> Result<Current, SmError> {
+    let generation = tree_generation(&old.tree_name).map_or(1, |g| g.saturating_add(1));
+    let name = tree_name(generation);
+    db.drop_tree(&name)?;
+    let tree = db.open_tree(&name)?;
+    let revision = old.applied.index;
+    let mut batch = sled::Batch::default();
+    let mut keys = 0u64;
+    for item in old.tree.range(vec![DATA_PREFIX]..DATA_END.to_vec()) {
+        let (k, v) = item?;
+        let meta = record::KeyMeta {
+            create_revision: revision,
+            mod_revision: revision,
+            version: 1,
+            lease: 0,
+        };
+        batch.insert(k, record::encode_key(&meta, &v));
+        keys += 1;
+        if keys % INSTALL_BATCH_PAIRS as u64 == 0 {
+            tree.apply_batch(std::mem::take(&mut batch))?;
+        }
+    }
+    tree.apply_batch(batch)?;
+    write_meta(&tree, &old.applied)?;
+    db.flush()?;
+    db.insert(CURRENT_TREE_KEY, name.clone())?;
+    db.flush()?;
+    db.drop_tree(&old.tree_name)?;
+    tracing::info!(
+        keys,
+        revision,
+        "upgraded the state machine from format 1 (no revisions) to 2"
+    );
+    Ok(Current {
+        tree,
+        tree_name: name,
+        applied: old.applied,
+        sessions: SessionIndex::default(),
+    })
+}
+
+/// The applied position and membership, and the layout version (1 or 2).
+fn read_meta(tree: &sled::Tree) -> Result<(SnapshotMeta, u32), String> {
     let get = |key: &[u8]| -> Result<IVec, String> {
         tree.get(key)
             .map_err(|e| format!("reading {}: {e}", String::from_utf8_lossy(key)))?
             .ok_or_else(|| format!("{} is missing", String::from_utf8_lossy(key)))
     };
     let format = get(META_FORMAT)?;
-    if format.as_ref() != SM_FORMAT_VERSION.to_be_bytes() {
-        return Err(format!(
-            "m/format is {:?}, this build reads {SM_FORMAT_VERSION}",
-            format.as_ref()
-        ));
-    }
+    let format = match <[u8; 4]>::try_from(format.as_ref()).map(u32::from_be_bytes) {
+        Ok(v) if v == SM_FORMAT_VERSION || v == SM_FORMAT_V1 => v,
+        _ => {
+            return Err(format!(
+                "m/format is {:?}, this build reads {SM_FORMAT_V1} and {SM_FORMAT_VERSION}",
+                format.as_ref()
+            ))
+        }
+    };
     let applied = get(META_APPLIED)?;
     if applied.len() != 16 {
         return Err(format!("m/applied is {} bytes, not 16", applied.len()));
@@ -648,11 +828,24 @@ fn read_meta(tree: &sled::Tree) -> Result<SnapshotMeta, String> {
     term.copy_from_slice(&applied[8..]);
     let membership =
         Membership::decode(&get(META_MEMBERSHIP)?).map_err(|e| format!("m/membership: {e}"))?;
-    Ok(SnapshotMeta {
+    let meta = SnapshotMeta {
         index: u64::from_be_bytes(index),
         term: u64::from_be_bytes(term),
         membership,
-    })
+    };
+    Ok((meta, format))
+}
+
+/// A user key and value as a format-2 snapshot pair: `d ‖ key` and a record created and
+/// last written at `revision` (for tools and tests that write snapshot files by hand).
+pub fn snapshot_pair(key: &[u8], value: &[u8], revision: u64) -> (Vec<u8>, Vec<u8>) {
+    let meta = record::KeyMeta {
+        create_revision: revision,
+        mod_revision: revision,
+        version: 1,
+        lease: 0,
+    };
+    (data_key(key), record::encode_key(&meta, value))
 }
 
 /// A consistent view of the state at one applied index, open while a snapshot is copied.
@@ -670,11 +863,12 @@ impl SnapshotView<'_> {
         &self.meta
     }
 
-    /// Every pair of the state at [`meta`](Self::meta)`.index`, in key order.
+    /// Every pair of the state at [`meta`](Self::meta)`.index`, in key order: internal keys
+    /// (`d ‖ key`, `s ‖ client`, `c/sessions`) and their records, everything but `m/`.
     pub fn pairs(&self) -> SnapshotPairs<'_> {
         SnapshotPairs {
             sm: self.sm,
-            live: self.tree.range(vec![DATA_PREFIX]..DATA_END.to_vec()),
+            live: self.tree.iter(),
             live_done: false,
             ready: VecDeque::new(),
             resolved_upto: None,
@@ -718,7 +912,8 @@ impl SnapshotPairs<'_> {
         let mut block: Vec<(Vec<u8>, IVec)> = Vec::with_capacity(block_pairs);
         while block.len() < block_pairs {
             match self.live.next() {
-                Some(Ok((k, v))) => block.push((k[1..].to_vec(), v)),
+                Some(Ok((k, _))) if k.first() == Some(&META_PREFIX) => {}
+                Some(Ok((k, v))) => block.push((k.to_vec(), v)),
                 Some(Err(e)) => return Err(e.into()),
                 None => {
                     self.live_done = true;
@@ -797,9 +992,47 @@ pub struct TreeBuilder<'a> {
 }
 
 impl TreeBuilder<'_> {
-    /// Adds one pair (in any order; snapshot order is key order).
+    /// Adds one pair of a format-2 snapshot: an internal key and its record, as
+    /// [`SnapshotView::pairs`] gave them (in any order; snapshot order is key order).
     pub fn insert(&mut self, key: &[u8], value: &[u8]) -> Result<(), SmError> {
-        self.batch.insert(data_key(key), value);
+        if key.first() == Some(&META_PREFIX) || key.is_empty() {
+            return Err(SmError::Record(format!(
+                "a snapshot pair with key {:?} outside the state",
+                String::from_utf8_lossy(&key[..key.len().min(32)])
+            )));
+        }
+        self.insert_raw(key, value)
+    }
+
+    /// Adds one pair of a format-1 snapshot (a user key and its raw value), as a key
+    /// created and last written at `revision` (the snapshot's index).
+    pub fn insert_v1(&mut self, key: &[u8], value: &[u8], revision: u64) -> Result<(), SmError> {
+        let meta = record::KeyMeta {
+            create_revision: revision,
+            mod_revision: revision,
+            version: 1,
+            lease: 0,
+        };
+        self.insert_raw(&data_key(key), &record::encode_key(&meta, value))
+    }
+
+    /// Adds one pair read from a snapshot file of `format_version` at `snapshot_index`.
+    pub fn insert_snapshot_pair(
+        &mut self,
+        format_version: u32,
+        snapshot_index: u64,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<(), SmError> {
+        if format_version == 1 {
+            self.insert_v1(key, value, snapshot_index)
+        } else {
+            self.insert(key, value)
+        }
+    }
+
+    fn insert_raw(&mut self, key: &[u8], value: &[u8]) -> Result<(), SmError> {
+        self.batch.insert(key, value);
         self.batch_pairs += 1;
         self.key_count += 1;
         if self.batch_pairs >= INSTALL_BATCH_PAIRS {
@@ -835,6 +1068,7 @@ impl TreeBuilder<'_> {
             let old_name = std::mem::replace(&mut cur.tree_name, self.name.clone());
             cur.tree = self.tree.clone();
             cur.applied = meta.clone();
+            sm.reload_sessions(&mut cur)?;
             old_name
         };
         self.finished = true;
@@ -864,4 +1098,8 @@ impl Drop for TreeBuilder<'_> {
 }
 
 #[cfg(test)]
+mod session_tests;
+#[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod txn_tests;

@@ -1,5 +1,5 @@
 use super::*;
-use crate::command::Command;
+use crate::command::{Command, CommandOutcome};
 use std::collections::BTreeMap;
 
 pub(crate) fn put(index: u64, term: u64, key: &[u8], value: &[u8]) -> Entry {
@@ -97,10 +97,22 @@ fn applies_puts_deletes_noops_and_configs() {
         vec![
             EntryOutcome::Noop,
             EntryOutcome::Config(Membership::with_voters([1, 2, 3])),
-            EntryOutcome::Command(CommandOutcome::Put),
-            EntryOutcome::Command(CommandOutcome::Delete { existed: true }),
-            EntryOutcome::Command(CommandOutcome::Delete { existed: false }),
-            EntryOutcome::Command(CommandOutcome::Put),
+            command_outcome(
+                3,
+                CommandOutcome::Put {
+                    create_revision: 3,
+                    version: 1
+                }
+            ),
+            command_outcome(4, CommandOutcome::Delete { existed: true }),
+            command_outcome(5, CommandOutcome::Delete { existed: false }),
+            command_outcome(
+                6,
+                CommandOutcome::Put {
+                    create_revision: 6,
+                    version: 1
+                }
+            ),
         ]
     );
     let applied = sm.applied();
@@ -118,8 +130,16 @@ fn applies_puts_deletes_noops_and_configs() {
     let out = sm.apply(&[del(7, 2, b"b")]).unwrap();
     assert_eq!(
         out[0].outcome,
-        EntryOutcome::Command(CommandOutcome::Delete { existed: true })
+        command_outcome(7, CommandOutcome::Delete { existed: true })
     );
+}
+
+fn command_outcome(revision: u64, outcome: CommandOutcome) -> EntryOutcome {
+    EntryOutcome::Command(CommandResult {
+        revision,
+        outcome,
+        duplicate: false,
+    })
 }
 
 #[test]
@@ -347,7 +367,7 @@ fn snapshot_view_is_consistent_while_applies_go_on() {
             match pairs.next() {
                 Some(item) => {
                     let (k, v) = item.unwrap();
-                    got.push((k, v.to_vec()));
+                    got.extend(user_pair(&k, &v));
                 }
                 None => break,
             }
@@ -389,8 +409,14 @@ fn applies_wait_when_the_side_table_is_full_and_resume_after_the_view_closes() {
             !done.load(std::sync::atomic::Ordering::SeqCst),
             "an apply went past a full side table"
         );
-        let got: Vec<_> = view.pairs().map(|p| p.unwrap()).collect();
-        assert_eq!(got, vec![(b"key1".to_vec(), IVec::from(&b"value1"[..]))]);
+        let got: Vec<_> = view
+            .pairs()
+            .filter_map(|p| {
+                let (k, v) = p.unwrap();
+                user_pair(&k, &v)
+            })
+            .collect();
+        assert_eq!(got, vec![(b"key1".to_vec(), b"value1".to_vec())]);
         drop(view);
         handle.join().unwrap();
     });
@@ -407,10 +433,10 @@ fn install_swaps_the_whole_state_and_survives_reopen() {
         let mut builder = sm.begin_install().unwrap();
         for i in 0..3000u32 {
             builder
-                .insert(format!("n{i:05}").as_bytes(), &i.to_le_bytes())
+                .insert_v1(format!("n{i:05}").as_bytes(), &i.to_le_bytes(), 5000)
                 .unwrap();
         }
-        builder.insert(b"both", b"new").unwrap();
+        builder.insert_v1(b"both", b"new", 5000).unwrap();
         assert_eq!(builder.key_count(), 3001);
         // Until finish, the old state is what reads see.
         assert_eq!(sm.get(b"old").unwrap().value, Some(b"x".to_vec()));
@@ -488,4 +514,14 @@ fn prefix_end_handles_trailing_ff() {
     assert_eq!(prefix_end(b"a\xff"), Some(b"b".to_vec()));
     assert_eq!(prefix_end(b"\xff\xff"), None);
     assert_eq!(prefix_end(b""), None);
+}
+
+/// A snapshot pair as the user sees it: a data key without its prefix and the value of its
+/// record; `None` for session bookkeeping.
+fn user_pair(key: &[u8], raw: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+    if key.first() != Some(&b'd') {
+        return None;
+    }
+    let (_, value) = record::decode_key(raw).unwrap();
+    Some((key[1..].to_vec(), value.to_vec()))
 }

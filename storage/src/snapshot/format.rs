@@ -6,7 +6,7 @@
 //! header (64 bytes, offset 0)
 //! offset  size  field
 //!      0     8  magic "RKVSNAP1"
-//!      8     4  format version u32 (1)
+//!      8     4  format version u32 (2; 1 is still read)
 //!     12     4  chunk count u32 (every chunk after the header, the end chunk included)
 //!     16     8  snapshot index u64
 //!     24     8  snapshot term u64
@@ -32,6 +32,12 @@
 //!   end   (exactly one, last):  key count u64 ‖ kv bytes u64 ‖ chunk count u32
 //! ```
 //!
+//! Version 2 pairs are the state machine's internal keys and records as they are (`d ‖ key` →
+//! revisions ‖ value, `s ‖ client` → session, `c/sessions`; see `sm::record`), so a snapshot
+//! carries revisions and the session table; "key count" counts these pairs. Version 1 pairs
+//! (round 1) are user keys and raw values; installing one gives every key the snapshot's
+//! index as its revisions.
+//!
 //! The header is written last (a zeroed placeholder first), so a file whose writer died has no
 //! valid header. The sequence number inside each chunk's CRC means chunks cannot be reordered,
 //! dropped or duplicated undetected; the body CRC and the end chunk catch anything else. The
@@ -42,8 +48,10 @@ use crate::vfs::VfsFile;
 
 /// The header's magic bytes.
 pub const MAGIC: &[u8; 8] = b"RKVSNAP1";
-/// The file format version.
-pub const FORMAT_VERSION: u32 = 1;
+/// The file format version this build writes.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build reads.
+pub const FORMAT_VERSION_MIN: u32 = 1;
 /// Bytes of the file header.
 pub const HEADER_BYTES: u64 = 64;
 /// Bytes of a chunk header.
@@ -63,6 +71,8 @@ const MEMBERS_MAX: u32 = 1 << 16;
 /// What the header says about a snapshot file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotHeader {
+    /// The format version (pairs are internal keys from 2 on, user keys in 1).
+    pub version: u32,
     pub index: u64,
     pub term: u64,
     pub chunk_count: u32,
@@ -108,7 +118,7 @@ impl SnapshotHeader {
     fn encode(&self) -> [u8; HEADER_BYTES as usize] {
         let mut b = [0u8; HEADER_BYTES as usize];
         b[0..8].copy_from_slice(MAGIC);
-        b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[8..12].copy_from_slice(&self.version.to_le_bytes());
         b[12..16].copy_from_slice(&self.chunk_count.to_le_bytes());
         b[16..24].copy_from_slice(&self.index.to_le_bytes());
         b[24..32].copy_from_slice(&self.term.to_le_bytes());
@@ -135,13 +145,16 @@ impl SnapshotHeader {
             ));
         }
         let version = u32_at(b, 8);
-        if version != FORMAT_VERSION {
+        if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&version) {
             return Err(corrupt(
                 8,
-                format!("format version {version}, this build reads {FORMAT_VERSION}"),
+                format!(
+                    "format version {version}, this build reads {FORMAT_VERSION_MIN} to {FORMAT_VERSION}"
+                ),
             ));
         }
         Ok(SnapshotHeader {
+            version,
             chunk_count: u32_at(b, 12),
             index: u64_at(b, 16),
             term: u64_at(b, 24),
@@ -345,6 +358,7 @@ impl SnapshotFileWriter {
         end.extend_from_slice(&(self.seq + 1).to_le_bytes());
         self.write_chunk(KIND_END, &end)?;
         let header = SnapshotHeader {
+            version: FORMAT_VERSION,
             index: self.meta.index,
             term: self.meta.term,
             chunk_count: self.seq,

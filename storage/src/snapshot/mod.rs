@@ -508,8 +508,9 @@ impl SnapshotStore {
             path: file.path.clone(),
             source,
         };
+        let (version, index) = (reader.header().version, reader.meta().index);
         while let Some((key, value)) = reader.next_pair().map_err(format_err)? {
-            builder.insert(key, value)?;
+            builder.insert_snapshot_pair(version, index, key, value)?;
         }
         let meta = reader.meta().clone();
         builder.finish(&meta)?;

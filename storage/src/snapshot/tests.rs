@@ -114,7 +114,8 @@ fn create_verify_install_round_trip() {
     // Small chunks: the data spans many of them, the 5000-byte value alone in one.
     assert!(created.header.chunk_count > 10);
     let want = all_pairs(&src);
-    let kv_bytes: usize = want.iter().map(|(k, v)| k.len() + v.len()).sum();
+    // Pairs are internal keys (`d` ‖ key) and records (32 bytes of revisions ‖ value).
+    let kv_bytes: usize = want.iter().map(|(k, v)| 1 + k.len() + 32 + v.len()).sum();
     assert_eq!(created.header.kv_bytes, kv_bytes as u64);
     assert_eq!(
         created.header.file_bytes,

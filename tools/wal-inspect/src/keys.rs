@@ -174,10 +174,16 @@ pub fn dump(
     })?;
     let mut read = 0u64;
     if let Some(reader) = reader.as_mut() {
+        let version = reader.header().version;
         loop {
             match reader.next_pair() {
-                Ok(Some((key, value))) => {
+                Ok(Some(pair)) => {
                     read += 1;
+                    // Format 2 holds the state machine's records: `d ‖ key` → 32 bytes of
+                    // revisions ‖ value, and session bookkeeping, which is not a key.
+                    let Some((key, value)) = user_pair(version, pair) else {
+                        continue;
+                    };
                     if key.starts_with(prefix) {
                         writer.pair(&PairView {
                             key: BytesView::key(key),
@@ -214,4 +220,16 @@ pub fn dump(
         );
     }
     Ok(verdict)
+}
+
+/// A snapshot pair as the user's key and value; `None` for a format-2 pair that is not a key
+/// (the session table) or whose record is too short to hold its revisions.
+fn user_pair<'a>(version: u32, (key, value): (&'a [u8], &'a [u8])) -> Option<(&'a [u8], &'a [u8])> {
+    if version < 2 {
+        return Some((key, value));
+    }
+    match key.split_first() {
+        Some((b'd', user_key)) if value.len() >= 32 => Some((user_key, &value[32..])),
+        _ => None,
+    }
 }

@@ -85,7 +85,7 @@ impl BytesView {
 /// A decoded client command.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct CommandView {
-    /// `put` or `del`.
+    /// `put`, `del`, `del-prefix`, `txn` or `expire-sessions`.
     pub op: &'static str,
     pub key: BytesView,
     /// A put's value size; `None` for a delete.
@@ -217,11 +217,56 @@ impl PayloadDecoder for CommandPayload {
                     not_a_command: None,
                 }
             }
+            Ok(Command::DeletePrefix { prefix }) => {
+                let key = BytesView::key(&prefix);
+                command_view("del-prefix", format!("del-prefix {}", key.render()), key)
+            }
+            Ok(Command::Txn(txn)) => {
+                let first = txn
+                    .compares
+                    .first()
+                    .map(|c| c.key.clone())
+                    .unwrap_or_default();
+                let key = BytesView::key(&first);
+                let text = format!(
+                    "txn {} compares, {}/{} ops (first key {})",
+                    txn.compares.len(),
+                    txn.success.len(),
+                    txn.failure.len(),
+                    key.render()
+                );
+                command_view("txn", text, key)
+            }
+            Ok(Command::ExpireSessions {
+                now_ms,
+                ttl_ms,
+                sessions_max,
+            }) => command_view(
+                "expire-sessions",
+                format!("expire-sessions now_ms={now_ms} ttl_ms={ttl_ms} max={sessions_max}"),
+                BytesView::key(b""),
+            ),
             Err(e) => PayloadView {
                 not_a_command: Some(e.to_string()),
                 ..self.raw.describe(kind, payload)
             },
         }
+    }
+}
+
+/// A command without a value to show.
+fn command_view(op: &'static str, value: String, key: BytesView) -> PayloadView {
+    PayloadView {
+        format: "command",
+        value,
+        truncated: false,
+        command: Some(CommandView {
+            op,
+            key,
+            value_bytes: None,
+            value: None,
+        }),
+        not_a_command: None,
     }
 }
 

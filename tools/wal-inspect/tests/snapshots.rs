@@ -70,6 +70,7 @@ fn model_upto(applied: u64) -> BTreeMap<Vec<u8>, Vec<u8>> {
             Command::Delete { key } => {
                 m.remove(&key);
             }
+            other => unreachable!("the workload writes only puts and deletes: {other:?}"),
         }
     }
     m
@@ -511,6 +512,7 @@ fn entries_show_decoded_puts_and_deletes() {
                 format!("put {} ({} bytes)", shown_key(&key), value.len())
             }
             Command::Delete { key } => format!("del {}", shown_key(&key)),
+            other => unreachable!("the workload writes only puts and deletes: {other:?}"),
         };
         assert!(
             line.ends_with(&want),

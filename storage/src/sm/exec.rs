@@ -1,0 +1,314 @@
+//! Executing commands against the state tree inside one apply batch.
+//!
+//! An apply turns a run of committed entries into one sled batch. [`Exec`] is that batch in
+//! the making: every write goes to the sled batch *and* to an overlay, and every read looks at
+//! the overlay before the tree, so an entry sees the effects of the entries before it in the
+//! same batch (a conditional write right after a put of the same key compares against the
+//! put). Before a key is first changed while a snapshot is being copied, its value at the
+//! snapshot point is saved in the copy-on-write table (see `cow`).
+//!
+//! A transaction runs its branch in a [`Stage`] of its own and commits it to the batch only
+//! when the branch completed: a branch that hits a bound (a prefix delete over
+//! [`DELETE_PREFIX_KEYS_MAX`] keys, `get` results over [`TXN_RESULT_BYTES_MAX`]) changes
+//! nothing, on every replica alike.
+//!
+//! Revisions: every write made by the entry at index `i` gets `mod_revision = i`; a put of an
+//! absent key gets `create_revision = i` and `version = 1`, a put of a present key keeps its
+//! `create_revision` and adds one to its `version`.
+
+use super::cow::CowTable;
+use super::record::{self, KeyMeta};
+use super::SmError;
+use crate::command::{
+    CommandOutcome, CommandRef, KeyRecord, OpResult, Refusal, DELETE_PREFIX_KEYS_MAX,
+    TXN_RESULT_BYTES_MAX,
+};
+use crate::txn::{CompareRef, OpRef, TargetRef, TxnRef};
+use sled::IVec;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The prefix byte of user keys in the state tree.
+pub const DATA_PREFIX: u8 = b'd';
+
+/// `d ‖ user key`.
+pub fn data_key(user_key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(user_key.len() + 1);
+    k.push(DATA_PREFIX);
+    k.extend_from_slice(user_key);
+    k
+}
+
+/// Writes of a transaction branch not yet committed to the batch: internal key → new raw
+/// value (`None`: deleted).
+pub type Stage = BTreeMap<Vec<u8>, Option<IVec>>;
+
+/// One apply batch in the making. See the module doc.
+pub struct Exec<'t> {
+    tree: &'t sled::Tree,
+    pub(super) batch: sled::Batch,
+    overlay: BTreeMap<Vec<u8>, Option<IVec>>,
+    cow: Option<&'t mut CowTable>,
+}
+
+fn corrupt(what: String) -> SmError {
+    SmError::Record(what)
+}
+
+impl<'t> Exec<'t> {
+    pub fn new(tree: &'t sled::Tree, cow: Option<&'t mut CowTable>) -> Exec<'t> {
+        Exec {
+            tree,
+            batch: sled::Batch::default(),
+            overlay: BTreeMap::new(),
+            cow,
+        }
+    }
+
+    /// The raw value of internal key `key` as this batch (and `stage`) left it.
+    pub fn read(&self, stage: Option<&Stage>, key: &[u8]) -> Result<Option<IVec>, SmError> {
+        if let Some(v) = stage.and_then(|s| s.get(key)) {
+            return Ok(v.clone());
+        }
+        if let Some(v) = self.overlay.get(key) {
+            return Ok(v.clone());
+        }
+        Ok(self.tree.get(key)?)
+    }
+
+    /// A user key's revisions and value, if present.
+    pub fn read_key(
+        &self,
+        stage: Option<&Stage>,
+        user_key: &[u8],
+    ) -> Result<Option<(KeyMeta, IVec)>, SmError> {
+        let Some(raw) = self.read(stage, &data_key(user_key))? else {
+            return Ok(None);
+        };
+        let (meta, _) = record::decode_key(&raw).map_err(corrupt)?;
+        Ok(Some((meta, raw)))
+    }
+
+    /// Writes internal key `key` into the batch (saving its snapshot-point value first).
+    pub fn write(&mut self, key: Vec<u8>, value: Option<IVec>) -> Result<(), SmError> {
+        if let Some(table) = self.cow.as_deref_mut() {
+            if !table.contains(&key) {
+                // The tree still holds the value from before this batch: the batch is not
+                // applied yet, and an earlier batch's change would already be in the table.
+                table.save(&key, self.tree.get(&key)?);
+            }
+        }
+        match &value {
+            Some(v) => self.batch.insert(key.as_slice(), v.clone()),
+            None => self.batch.remove(key.as_slice()),
+        }
+        self.overlay.insert(key, value);
+        Ok(())
+    }
+
+    /// User keys under `prefix` that exist as this batch and `stage` left them, in order;
+    /// `Err(Refusal)` once there are more than `keys_max`.
+    pub fn keys_under(
+        &self,
+        stage: Option<&Stage>,
+        prefix: &[u8],
+        keys_max: u64,
+    ) -> Result<Result<Vec<Vec<u8>>, Refusal>, SmError> {
+        let internal = data_key(prefix);
+        let mut keys = BTreeSet::new();
+        let live = |k: &[u8]| -> Option<bool> {
+            if let Some(v) = stage.and_then(|s| s.get(k)) {
+                return Some(v.is_some());
+            }
+            self.overlay.get(k).map(Option::is_some)
+        };
+        let too_many = Refusal::RangeTooLarge { keys_max };
+        for item in self.tree.scan_prefix(&internal) {
+            let (k, _) = item?;
+            if live(&k) != Some(false) {
+                keys.insert(k.to_vec());
+                if keys.len() as u64 > keys_max {
+                    return Ok(Err(too_many));
+                }
+            }
+        }
+        let written = self
+            .overlay
+            .range(internal.clone()..)
+            .chain(stage.into_iter().flat_map(|s| s.range(internal.clone()..)))
+            .take_while(|(k, _)| k.starts_with(&internal));
+        for (k, _) in written {
+            if live(k) == Some(true) {
+                keys.insert(k.clone());
+                if keys.len() as u64 > keys_max {
+                    return Ok(Err(too_many));
+                }
+            }
+        }
+        Ok(Ok(keys.into_iter().map(|k| k[1..].to_vec()).collect()))
+    }
+
+    /// Executes a command that is not session bookkeeping (the caller handles sessions and
+    /// `ExpireSessions`) at `revision`.
+    pub fn run(&mut self, revision: u64, cmd: &CommandRef<'_>) -> Result<CommandOutcome, SmError> {
+        match cmd {
+            CommandRef::Put { key, value } => {
+                let mut stage = Stage::new();
+                let meta = self.put(&mut stage, revision, key, value, 0)?;
+                self.commit(stage)?;
+                Ok(CommandOutcome::Put {
+                    create_revision: meta.create_revision,
+                    version: meta.version,
+                })
+            }
+            CommandRef::Delete { key } => {
+                let existed = self.read_key(None, key)?.is_some();
+                if existed {
+                    self.write(data_key(key), None)?;
+                }
+                Ok(CommandOutcome::Delete { existed })
+            }
+            CommandRef::DeletePrefix { prefix } => {
+                match self.keys_under(None, prefix, DELETE_PREFIX_KEYS_MAX)? {
+                    Err(refusal) => Ok(CommandOutcome::Refused(refusal)),
+                    Ok(keys) => {
+                        let deleted = keys.len() as u64;
+                        for k in keys {
+                            self.write(data_key(&k), None)?;
+                        }
+                        Ok(CommandOutcome::DeletePrefix { deleted })
+                    }
+                }
+            }
+            CommandRef::Txn(txn) => self.run_txn(revision, txn),
+            CommandRef::ExpireSessions { .. } => {
+                unreachable!("ExpireSessions is executed by the session table")
+            }
+        }
+    }
+
+    /// Puts `key` into `stage`; returns its new revisions.
+    fn put(
+        &self,
+        stage: &mut Stage,
+        revision: u64,
+        key: &[u8],
+        value: &[u8],
+        lease: u64,
+    ) -> Result<KeyMeta, SmError> {
+        let meta = match self.read_key(Some(stage), key)? {
+            Some((old, _)) => {
+                assert!(
+                    old.mod_revision <= revision,
+                    "a key written by a later entry"
+                );
+                KeyMeta {
+                    create_revision: old.create_revision,
+                    mod_revision: revision,
+                    version: old.version.saturating_add(1),
+                    lease,
+                }
+            }
+            None => KeyMeta {
+                create_revision: revision,
+                mod_revision: revision,
+                version: 1,
+                lease,
+            },
+        };
+        let raw = record::encode_key(&meta, value);
+        stage.insert(data_key(key), Some(IVec::from(raw)));
+        Ok(meta)
+    }
+
+    fn commit(&mut self, stage: Stage) -> Result<(), SmError> {
+        for (k, v) in stage {
+            self.write(k, v)?;
+        }
+        Ok(())
+    }
+
+    fn compare(&self, c: &CompareRef<'_>) -> Result<bool, SmError> {
+        let current = self.read_key(None, c.key)?;
+        let meta = current.as_ref().map(|(m, _)| *m).unwrap_or_default();
+        Ok(match c.target {
+            TargetRef::Value(given) => match &current {
+                None => false,
+                Some((_, raw)) => c.op.holds(&raw[record::KEY_HEADER_BYTES..], given),
+            },
+            TargetRef::Version(n) => c.op.holds(&meta.version, &n),
+            TargetRef::CreateRevision(n) => c.op.holds(&meta.create_revision, &n),
+            TargetRef::ModRevision(n) => c.op.holds(&meta.mod_revision, &n),
+        })
+    }
+
+    fn run_txn(&mut self, revision: u64, txn: &TxnRef<'_>) -> Result<CommandOutcome, SmError> {
+        let mut succeeded = true;
+        for c in &txn.compares {
+            if !self.compare(c)? {
+                succeeded = false;
+                break;
+            }
+        }
+        let ops = if succeeded {
+            &txn.success
+        } else {
+            &txn.failure
+        };
+        let mut stage = Stage::new();
+        let mut results = Vec::with_capacity(ops.len());
+        let mut result_bytes = 0u64;
+        for op in ops {
+            let result = match *op {
+                OpRef::Put { key, value, lease } => {
+                    let meta = self.put(&mut stage, revision, key, value, lease)?;
+                    OpResult::Put {
+                        create_revision: meta.create_revision,
+                        version: meta.version,
+                    }
+                }
+                OpRef::Delete { key } => {
+                    let existed = self.read_key(Some(&stage), key)?.is_some();
+                    stage.insert(data_key(key), None);
+                    OpResult::Delete { existed }
+                }
+                OpRef::DeletePrefix { prefix } => {
+                    match self.keys_under(Some(&stage), prefix, DELETE_PREFIX_KEYS_MAX)? {
+                        Err(refusal) => return Ok(CommandOutcome::Refused(refusal)),
+                        Ok(keys) => {
+                            let deleted = keys.len() as u64;
+                            for k in keys {
+                                stage.insert(data_key(&k), None);
+                            }
+                            OpResult::DeletePrefix { deleted }
+                        }
+                    }
+                }
+                OpRef::Get { key } => {
+                    let found = self.get_record(&stage, key)?;
+                    result_bytes = result_bytes.saturating_add(
+                        found
+                            .as_ref()
+                            .map_or(0, |r| (r.key.len() + r.value.len()) as u64),
+                    );
+                    if result_bytes > TXN_RESULT_BYTES_MAX {
+                        return Ok(CommandOutcome::Refused(Refusal::ResultTooLarge {
+                            bytes_max: TXN_RESULT_BYTES_MAX,
+                        }));
+                    }
+                    OpResult::Get(found)
+                }
+            };
+            results.push(result);
+        }
+        debug_assert_eq!(results.len(), ops.len());
+        self.commit(stage)?;
+        Ok(CommandOutcome::Txn { succeeded, results })
+    }
+
+    fn get_record(&self, stage: &Stage, key: &[u8]) -> Result<Option<KeyRecord>, SmError> {
+        match self.read(Some(stage), &data_key(key))? {
+            None => Ok(None),
+            Some(raw) => Ok(Some(record::key_record(key, &raw).map_err(corrupt)?)),
+        }
+    }
+}
