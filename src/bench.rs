@@ -551,6 +551,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn conditional_puts_and_transactions_all_succeed() {
+        let url = spawn(MapService::leader(1)).await;
+        // The map service allows 8 ops per branch: txn5 stands for txn10.
+        for workload in [Workload::Cas, Workload::Txn { puts: 5 }] {
+            let r = run_load(
+                opts(url.clone(), Stop::Requests(120), None, workload),
+                false,
+            )
+            .await
+            .unwrap();
+            assert_eq!(r.ok, 120, "{workload:?}: {r:?}");
+            assert_eq!(r.errors, ErrorCounts::default(), "{workload:?}");
+        }
+        // A second cas run starts from the revisions the first left (read before the clock).
+        let r = run_load(opts(url, Stop::Requests(40), None, Workload::Cas), false)
+            .await
+            .unwrap();
+        assert_eq!((r.ok, r.errors.condition_failed), (40, 0), "{r:?}");
+    }
+
+    #[tokio::test]
     async fn open_loop_offers_the_rate_for_the_duration() {
         let url = spawn(MapService::leader(1)).await;
         let r = run_load(

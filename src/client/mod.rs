@@ -47,14 +47,16 @@ mod write;
 pub use download::SnapshotDownload;
 pub use write::{ConditionFailed, Conditional};
 
-use crate::api::http::{FORWARDED_TO_HEADER, KIND_KEY_NOT_FOUND, LEADER_URL_HEADER};
+use crate::api::http::{
+    CLIENT_ID_HEADER, DUPLICATE_HEADER, FORWARDED_TO_HEADER, KIND_KEY_NOT_FOUND, LEADER_URL_HEADER,
+    SEQ_HEADER,
+};
 use crate::api::types::*;
 use crate::api::Consistency;
 use raftkv_storage::NodeId;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use write::{CLIENT_ID_HEADER, SEQ_HEADER};
 
 /// The endpoints the CLI uses when none are given.
 pub const DEFAULT_ENDPOINTS: &str =
@@ -624,6 +626,9 @@ impl Client {
             Err(e) => return Attempt::Retry(format!("{endpoint}: {e}")),
         };
         let status = resp.status().as_u16();
+        if resp.headers().contains_key(DUPLICATE_HEADER) {
+            tracing::debug!(%endpoint, ?mode, status, "answered from the session table");
+        }
         let forwarded = resp.headers().contains_key(FORWARDED_TO_HEADER);
         let leader_url = resp
             .headers()

@@ -12,14 +12,8 @@
 use super::session::Session;
 use super::{error_kind, expect_json, key_path, key_path_and_query, percent_encode};
 use super::{Client, ClientError, Mode};
+use crate::api::http::{KIND_CONDITION_FAILED, KIND_SESSION_EXPIRED, KIND_SESSION_STALE};
 use crate::api::types::*;
-
-// The session headers and kinds of the wire contract, as the server names them.
-pub(crate) const CLIENT_ID_HEADER: &str = "x-raftkv-client-id";
-pub(crate) const SEQ_HEADER: &str = "x-raftkv-seq";
-const KIND_SESSION_EXPIRED: &str = "session_expired";
-const KIND_SESSION_STALE: &str = "session_stale";
-const KIND_CONDITION_FAILED: &str = "condition_failed";
 
 /// Fresh sessions tried for one write before the server's `session_expired` answers are
 /// taken for a protocol error (a fresh session starts at sequence 1, which cannot expire).
