@@ -9,13 +9,13 @@
 //!   to the next endpoint, with exponential backoff after each full round, until the retry
 //!   budget runs out ([`ClientError::Unavailable`]).
 //! - **Exactly-once writes.** Every key write (put, delete, delete by prefix, transaction)
-//!   goes out under a session ([`session`]): a client id and a sequence number. A write that
-//!   got 504, or whose connection failed after the request was sent, or that met a node-side
-//!   500, is resent with the **same** id and sequence, on any endpoint, with the usual leader
-//!   discovery and backoff: the server applies it at most once and answers a resend from its
-//!   session table. Only when the retry budget is spent without a definite answer does the
-//!   write return [`ClientError::OutcomeUnknown`]. A 409 `session_expired` (the server forgot
-//!   the session; nothing was applied) starts a fresh session and resends.
+//!   goes out under a session (module `session`): a client id and a sequence number. A write
+//!   that got 504, or whose connection failed after the request was sent, or that met a
+//!   node-side 500, is resent with the **same** id and sequence, on any endpoint, with the
+//!   usual leader discovery and backoff: the server applies it at most once and answers a
+//!   resend from its session table. Only when the retry budget is spent without a definite
+//!   answer does the write return [`ClientError::OutcomeUnknown`]. A 409 `session_expired`
+//!   (the server forgot the session; nothing was applied) starts a fresh session and resends.
 //! - **Never a blind write retry without a session.** With `sessions` off, and for
 //!   membership changes, such a write returns [`ClientError::OutcomeUnknown`] at once: only
 //!   the caller knows whether repeating it is safe. Reads are idempotent and are retried.
