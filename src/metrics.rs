@@ -90,6 +90,8 @@ pub struct Metrics {
     pub snapshot_send_duration: Histogram,
     pub snapshot_install_duration: Histogram,
     pub db_size_bytes: Gauge,
+    /// Client sessions the state machine remembers (exactly-once writes).
+    pub sessions: Gauge,
     // Peers and clients.
     peers: PeerSeries,
     http_requests: Family<HttpLabels, Counter>,
@@ -293,6 +295,11 @@ impl Metrics {
             "raftkv_db_size_bytes",
             "The state machine's size on disk",
         );
+        let sessions = index(
+            &mut r,
+            "raftkv_sessions",
+            "Client sessions in the state machine's session table",
+        );
         let (peers, http_requests, http_duration) = Self::register_traffic(&mut r, peers);
         Metrics {
             registry: r,
@@ -315,6 +322,7 @@ impl Metrics {
             snapshot_send_duration,
             snapshot_install_duration,
             db_size_bytes,
+            sessions,
             peers,
             http_requests,
             http_duration,

@@ -375,3 +375,72 @@ async fn a_learner_is_added_refused_promotion_and_removed_through_the_api() {
         n.shutdown().await.unwrap();
     }
 }
+
+/// A sessioned PUT of `key` through `url`: (status, error kind or "").
+async fn session_put(url: &str, key: &str, client: &str, seq: u64) -> (u16, String) {
+    let resp = reqwest::Client::new()
+        .put(format!("{url}/kv/{key}"))
+        .header(raftkv::api::http::CLIENT_ID_HEADER, client)
+        .header(raftkv::api::http::SEQ_HEADER, seq.to_string())
+        .body(r#"{"value":"v"}"#)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let body: serde_json::Value = resp.json().await.unwrap();
+    (status, body["kind"].as_str().unwrap_or("").to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_expire_and_are_evicted_through_the_log_on_every_node() {
+    let root = tempfile::tempdir().unwrap();
+    let ports = ports(3);
+    let mut nodes: BTreeMap<u64, RunningNode> = BTreeMap::new();
+    for id in 1..=3 {
+        let mut cfg = config(id, &ports, root.path(), 1000);
+        cfg.sessions = node::SessionSettings {
+            ttl_ms: 1500,
+            sessions_max: 2,
+        };
+        nodes.insert(id, node::start(cfg).await.unwrap());
+    }
+    let c = client(&ports);
+    wait_for("a leader", async || c.put("warm", "up").await.ok()).await;
+    let url = format!("http://127.0.0.1:{}", ports.client[&1]);
+    // The leader's upkeep puts the configured bounds into the log.
+    wait_for("the configured session bounds applied", async || {
+        nodes
+            .values()
+            .all(|n| n.sessions_summary().params.sessions_max == 2)
+            .then_some(())
+    })
+    .await;
+    for client in ["s1", "s2", "s3"] {
+        assert_eq!(
+            session_put(&url, "k", client, 1).await,
+            (200, String::new())
+        );
+    }
+    // Three sessions in a table of two: the least recently active one was evicted.
+    assert_eq!(
+        session_put(&url, "k", "s1", 2).await,
+        (409, "session_expired".to_string())
+    );
+    assert_eq!(session_put(&url, "k", "s3", 2).await.0, 200);
+    assert_eq!(session_put(&url, "k", "s3", 2).await.0, 200, "a retry");
+    // Idle past the TTL: the upkeep's entry expires s2 and s3 on every node alike.
+    wait_for("idle sessions expired everywhere", async || {
+        nodes
+            .values()
+            .all(|n| n.sessions_summary().count == 0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        session_put(&url, "k", "s3", 2).await,
+        (409, "session_expired".to_string())
+    );
+    for (_, n) in nodes {
+        n.shutdown().await.unwrap();
+    }
+}

@@ -706,3 +706,5 @@ pub use writes::{
 mod members_tests;
 #[cfg(test)]
 pub(crate) mod tests;
+#[cfg(test)]
+mod writes_tests;

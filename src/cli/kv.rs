@@ -13,7 +13,8 @@
 //! Exit codes (public interface): 0 success; 1 a missing key (`get`), a failed condition
 //! (`--if-revision`, a `txn` whose failure branch ran) or a rejected request;
 //! 3 the cluster was unavailable within the retry budget (safe to retry); 4 a write's outcome
-//! is unknown (it may or may not have been applied). Usage errors exit 2: clap's, and the
+//! is unknown (it may or may not have been applied; or a resend learned it applied but not its
+//! result, too large for the server to keep). Usage errors exit 2: clap's, and the
 //! ones found after parsing (bad endpoints, an unreadable CA or token file) as [`UsageError`].
 //!
 //! When no endpoint answers at all, the command says so within about 2 s (1 s to connect to
@@ -179,7 +180,11 @@ pub(super) fn failure(e: ClientError) -> ExitCode {
     eprintln!("raftkv: {e}");
     match e {
         ClientError::Unavailable(_) => ExitCode::from(EXIT_UNAVAILABLE),
-        ClientError::OutcomeUnknown(_) => ExitCode::from(EXIT_OUTCOME_UNKNOWN),
+        // A resent write that applied with a result too large to keep: whether its condition
+        // held (or which branch ran) is as unknown as the outcome of an unanswered write.
+        ClientError::OutcomeUnknown(_) | ClientError::ResultNotKept { .. } => {
+            ExitCode::from(EXIT_OUTCOME_UNKNOWN)
+        }
         _ => ExitCode::FAILURE,
     }
 }

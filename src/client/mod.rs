@@ -49,7 +49,7 @@ pub use write::{ConditionFailed, Conditional};
 
 use crate::api::http::{
     CLIENT_ID_HEADER, DUPLICATE_HEADER, FORWARDED_TO_HEADER, KIND_KEY_NOT_FOUND, LEADER_URL_HEADER,
-    SEQ_HEADER,
+    REVISION_HEADER, SEQ_HEADER,
 };
 use crate::api::types::*;
 use crate::api::Consistency;
@@ -144,6 +144,14 @@ pub enum ClientError {
     /// A node answered something that is not the API's JSON (or broke the session rules).
     #[error("unexpected response: {0}")]
     Protocol(String),
+    /// A resent write had applied (at `revision`), but its result was too large for the
+    /// server to keep for a resend (a transaction's big gets, a failed condition's big current
+    /// value): whether its condition held is unknown here; read the keys.
+    #[error("the write applied at revision {revision:?}, but its result was not kept: {message}")]
+    ResultNotKept {
+        revision: Option<u64>,
+        message: String,
+    },
     /// The arguments cannot make a valid request (e.g. an empty prefix to delete).
     #[error("invalid request: {0}")]
     InvalidInput(String),
@@ -191,8 +199,16 @@ impl Mode<'_> {
     }
 }
 
+/// A definite answer: its status, its body and the revision it was served at (the
+/// `X-Raftkv-Revision` header, on key reads and writes).
+struct Answer {
+    status: u16,
+    bytes: Vec<u8>,
+    revision: Option<u64>,
+}
+
 enum Attempt {
-    Done(u16, Vec<u8>),
+    Done(Answer),
     /// Safe to try another endpoint (nothing applied); the endpoint answered.
     Retry(String),
     /// Nothing was sent: the endpoint could not be reached.
@@ -306,7 +322,7 @@ impl Client {
         consistency: Consistency,
     ) -> Result<Option<KvResponse>, ClientError> {
         let path = key_path_and_query(key, &format!("consistency={}", consistency.as_str()));
-        let (status, bytes) = self
+        let Answer { status, bytes, .. } = self
             .request(reqwest::Method::GET, &path, None, Mode::Read)
             .await?;
         if status == 404 && error_kind(&bytes).as_deref() == Some(KIND_KEY_NOT_FOUND) {
@@ -368,7 +384,7 @@ impl Client {
             path.push_str("&start=");
             path.push_str(&percent_encode(start));
         }
-        let (status, bytes) = self
+        let Answer { status, bytes, .. } = self
             .request(reqwest::Method::GET, &path, None, Mode::Read)
             .await?;
         expect_json(status, &bytes)
@@ -378,7 +394,7 @@ impl Client {
     pub async fn transfer_leader(&self, to: NodeId) -> Result<(), ClientError> {
         let body = serde_json::to_vec(&TransferBody { to })
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let (status, bytes) = self
+        let Answer { status, bytes, .. } = self
             .request(
                 reqwest::Method::POST,
                 "/cluster/transfer-leader",
@@ -394,7 +410,7 @@ impl Client {
     /// lead but names a leader whose client URL it knows, the leader is asked once more
     /// directly, and the first answer stands if the leader cannot give one.
     pub async fn members(&self) -> Result<MembersResponse, ClientError> {
-        let (status, bytes) = self
+        let Answer { status, bytes, .. } = self
             .request(reqwest::Method::GET, "/cluster/members", None, Mode::Read)
             .await?;
         let first: MembersResponse = expect_json(status, &bytes)?;
@@ -484,7 +500,7 @@ impl Client {
         path: String,
         body: Option<Vec<u8>>,
     ) -> Result<ClusterStatus, ClientError> {
-        let (status, bytes) = self.request(method, &path, body, Mode::Write).await?;
+        let Answer { status, bytes, .. } = self.request(method, &path, body, Mode::Write).await?;
         expect_json(status, &bytes)
     }
 
@@ -550,7 +566,7 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
         mode: Mode<'_>,
-    ) -> Result<(u16, Vec<u8>), ClientError> {
+    ) -> Result<Answer, ClientError> {
         let mut state = RetryState::new(&self.config);
         let n = self.config.endpoints.len();
         let mut round = 0usize;
@@ -559,7 +575,7 @@ impl Client {
             for step in 0..n {
                 let i = (start + step) % n;
                 let why = match self.attempt(i, &method, path, body.clone(), mode).await {
-                    Attempt::Done(status, bytes) => return Ok((status, bytes)),
+                    Attempt::Done(answer) => return Ok(answer),
                     Attempt::Unknown(why) => match mode {
                         Mode::Session { .. } => {
                             tracing::debug!(%why, "resending a sessioned write");
@@ -630,6 +646,10 @@ impl Client {
             tracing::debug!(%endpoint, ?mode, status, "answered from the session table");
         }
         let forwarded = resp.headers().contains_key(FORWARDED_TO_HEADER);
+        let revision = resp
+            .headers()
+            .get(REVISION_HEADER)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
         let leader_url = resp
             .headers()
             .get(LEADER_URL_HEADER)
@@ -652,7 +672,11 @@ impl Client {
                 if (200..300).contains(&status) {
                     self.learn_leader(i, forwarded, leader_url.as_deref());
                 }
-                Attempt::Done(status, bytes)
+                Attempt::Done(Answer {
+                    status,
+                    bytes,
+                    revision,
+                })
             }
         }
     }

@@ -19,6 +19,8 @@ struct Seen {
 /// What a scripted server does with a request.
 enum Reply {
     Status(u16, String),
+    /// Answer with an `X-Raftkv-Revision` header.
+    Stamped(u16, String, u64),
     /// Answer after a while.
     Delayed(Duration, u16, String),
     /// Close the connection without answering.
@@ -56,9 +58,12 @@ async fn scripted(log: Log, script: Script) -> String {
                     Reply::Drop => {}
                     Reply::Delayed(wait, status, body) => {
                         tokio::time::sleep(wait).await;
-                        answer(&mut stream, status, &body).await;
+                        answer(&mut stream, status, &body, None).await;
                     }
-                    Reply::Status(status, body) => answer(&mut stream, status, &body).await,
+                    Reply::Status(status, body) => answer(&mut stream, status, &body, None).await,
+                    Reply::Stamped(status, body, revision) => {
+                        answer(&mut stream, status, &body, Some(revision)).await
+                    }
                 }
                 let _ = stream.shutdown().await;
             });
@@ -67,9 +72,15 @@ async fn scripted(log: Log, script: Script) -> String {
     url
 }
 
-async fn answer(stream: &mut tokio::net::TcpStream, status: u16, body: &str) {
+async fn answer(
+    stream: &mut tokio::net::TcpStream,
+    status: u16,
+    body: &str,
+    revision: Option<u64>,
+) {
+    let stamp = revision.map_or(String::new(), |r| format!("x-raftkv-revision: {r}\r\n"));
     let head = format!(
-        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n\
+        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n{stamp}\
          content-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
     );
@@ -412,4 +423,36 @@ async fn prefix_deletes_and_transactions_go_out_as_the_contract_says() {
     let sent: TxnRequest = serde_json::from_str(&seen[1].body).unwrap();
     assert_eq!(sent, txn);
     assert!(seen.iter().all(|s| s.client_id.is_some()));
+}
+
+#[tokio::test]
+async fn a_resend_whose_result_was_not_kept_is_applied_but_typed_apart() {
+    let log = Log::default();
+    let url = scripted(
+        log.clone(),
+        Arc::new(|n, _| match n {
+            0 => Reply::Drop,
+            _ => Reply::Stamped(409, error("result_not_kept"), 17),
+        }),
+    )
+    .await;
+    let c = client_over(vec![url], 5000, true);
+    let err = c.txn(&TxnRequest::default()).await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            ClientError::ResultNotKept {
+                revision: Some(17),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let sent = pairs(&log);
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[0], sent[1], "resent under the same session");
+    // Applied: the sequence is used, and the session goes back to the pool.
+    assert_eq!(c.sessions.idle(), 1);
+    let _ = c.txn(&TxnRequest::default()).await;
+    assert_eq!(pairs(&log).pop().unwrap(), (sent[0].0.clone(), 2));
 }

@@ -10,10 +10,14 @@
 //! correct client and is reported as [`ClientError::Protocol`].
 
 use super::session::Session;
-use super::{error_kind, expect_json, key_path, key_path_and_query, percent_encode};
-use super::{Client, ClientError, Mode};
+use super::{error_kind, error_text, expect_json, key_path, key_path_and_query, percent_encode};
+use super::{Answer, Client, ClientError, Mode};
 use crate::api::http::{KIND_CONDITION_FAILED, KIND_SESSION_EXPIRED, KIND_SESSION_STALE};
 use crate::api::types::*;
+
+/// The 409 kind of a resend whose write applied but whose result was too large to keep (the
+/// server's `writes::KIND_RESULT_NOT_KEPT`, which `api::http` does not re-export).
+const KIND_RESULT_NOT_KEPT: &str = "result_not_kept";
 
 /// Fresh sessions tried for one write before the server's `session_expired` answers are
 /// taken for a protocol error (a fresh session starts at sequence 1, which cannot expire).
@@ -49,7 +53,7 @@ impl Client {
     /// Writes `key` = `value`; returns once committed and applied, with the key's new
     /// revisions (`mod_revision` = `revision` = the write's log index) and version.
     pub async fn put(&self, key: &str, value: &str) -> Result<KvResponse, ClientError> {
-        let (status, bytes) = self.send_put(key_path(key), value).await?;
+        let Answer { status, bytes, .. } = self.send_put(key_path(key), value).await?;
         expect_json(status, &bytes)
     }
 
@@ -63,13 +67,13 @@ impl Client {
         if_mod_revision: u64,
     ) -> Result<Conditional<KvResponse>, ClientError> {
         let path = key_path_and_query(key, &format!("if_mod_revision={if_mod_revision}"));
-        let (status, bytes) = self.send_put(path, value).await?;
+        let Answer { status, bytes, .. } = self.send_put(path, value).await?;
         conditional(status, &bytes)
     }
 
     /// Deletes `key`; returns once committed and applied.
     pub async fn delete(&self, key: &str) -> Result<DeleteResponse, ClientError> {
-        let (status, bytes) = self
+        let Answer { status, bytes, .. } = self
             .write(reqwest::Method::DELETE, key_path(key), None)
             .await?;
         expect_json(status, &bytes)
@@ -83,7 +87,7 @@ impl Client {
         if_mod_revision: u64,
     ) -> Result<Conditional<DeleteResponse>, ClientError> {
         let path = key_path_and_query(key, &format!("if_mod_revision={if_mod_revision}"));
-        let (status, bytes) = self.write(reqwest::Method::DELETE, path, None).await?;
+        let Answer { status, bytes, .. } = self.write(reqwest::Method::DELETE, path, None).await?;
         conditional(status, &bytes)
     }
 
@@ -96,7 +100,7 @@ impl Client {
             ));
         }
         let path = format!("/kv?prefix={}", percent_encode(prefix));
-        let (status, bytes) = self.write(reqwest::Method::DELETE, path, None).await?;
+        let Answer { status, bytes, .. } = self.write(reqwest::Method::DELETE, path, None).await?;
         expect_json(status, &bytes)
     }
 
@@ -104,13 +108,13 @@ impl Client {
     /// atomically. `succeeded` in the answer says which branch ran.
     pub async fn txn(&self, txn: &TxnRequest) -> Result<TxnResponse, ClientError> {
         let body = serde_json::to_vec(txn).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let (status, bytes) = self
+        let Answer { status, bytes, .. } = self
             .write(reqwest::Method::POST, "/txn".into(), Some(body))
             .await?;
         expect_json(status, &bytes)
     }
 
-    async fn send_put(&self, path: String, value: &str) -> Result<(u16, Vec<u8>), ClientError> {
+    async fn send_put(&self, path: String, value: &str) -> Result<Answer, ClientError> {
         let body = serde_json::to_vec(&PutBody {
             value: value.to_string(),
         })
@@ -125,7 +129,7 @@ impl Client {
         method: reqwest::Method,
         path: String,
         body: Option<Vec<u8>>,
-    ) -> Result<(u16, Vec<u8>), ClientError> {
+    ) -> Result<Answer, ClientError> {
         if !self.config.sessions {
             return self.request(method, &path, body, Mode::Write).await;
         }
@@ -142,7 +146,7 @@ impl Client {
                     },
                 )
                 .await;
-            let (status, bytes) = match sent {
+            let answer = match sent {
                 Ok(answer) => answer,
                 // Nothing was sent that could apply: the sequence is still unused.
                 Err(e @ ClientError::Unavailable(_)) => {
@@ -152,7 +156,8 @@ impl Client {
                 // The session's last write has no definite answer: never reuse it.
                 Err(e) => return Err(e),
             };
-            match (status, error_kind(&bytes).as_deref()) {
+            let kind = error_kind(&answer.bytes);
+            match (answer.status, kind.as_deref()) {
                 (409, Some(KIND_SESSION_EXPIRED)) => {
                     tracing::debug!(client_id = %session.client_id, seq = session.seq,
                         "session expired on the server; resending under a fresh one");
@@ -164,9 +169,16 @@ impl Client {
                         session.seq, session.client_id
                     )))
                 }
+                (409, Some(KIND_RESULT_NOT_KEPT)) => {
+                    self.finish(&mut session, 200); // applied: the sequence is used
+                    return Err(ClientError::ResultNotKept {
+                        revision: answer.revision,
+                        message: error_text(&answer.bytes),
+                    });
+                }
                 _ => {
-                    self.finish(&mut session, status);
-                    return Ok((status, bytes));
+                    self.finish(&mut session, answer.status);
+                    return Ok(answer);
                 }
             }
         }

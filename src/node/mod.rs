@@ -420,6 +420,11 @@ impl RunningNode {
         }
     }
 
+    /// The session table as this node's state machine holds it.
+    pub fn sessions_summary(&self) -> raftkv_storage::sm::SessionsSummary {
+        self.sm.sessions_summary()
+    }
+
     /// Resolves once the node stopped by itself (a fatal storage or apply error): the
     /// consensus task raised the shutdown flag.
     pub fn failed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {

@@ -311,6 +311,10 @@ impl KvService for NodeService {
         if let Ok(status) = self.status().await {
             let db_size_bytes = self.sm.size_on_disk_bytes().ok();
             metrics.refresh(&status, self.pending.len(), db_size_bytes);
+            let sessions = self.sm.sessions_summary().count;
+            metrics
+                .sessions
+                .set(i64::try_from(sessions).unwrap_or(i64::MAX));
         }
     }
 

@@ -172,6 +172,9 @@ pub enum Refusal {
     SessionStale { seq: u64, last_seq: u64 },
     /// The client id is unknown (never seen, or expired) and the sequence is not 1.
     SessionExpired { seq: u64 },
+    /// A retry of a write that applied (at the result's revision) whose result was too large
+    /// to keep in the session table.
+    ResultNotKept { result_bytes: u64, bytes_max: u64 },
 }
 
 /// The most keys one prefix delete removes (a bound on one sled batch); over it the command
@@ -432,10 +435,14 @@ impl<'a> CommandRef<'a> {
                 limits.check_key(key)
             }
             CommandRef::Txn(txn) => txn.validate(&crate::txn::TxnLimits::default(), limits),
-            CommandRef::ExpireSessions { ttl_ms, .. } => {
-                if *ttl_ms == 0 {
+            CommandRef::ExpireSessions {
+                ttl_ms,
+                sessions_max,
+                ..
+            } => {
+                if *ttl_ms == 0 || *sessions_max == 0 {
                     return Err(CommandError::InvalidSession(
-                        "a session TTL must be positive".into(),
+                        "a session TTL and the session bound must be positive".into(),
                     ));
                 }
                 Ok(())
@@ -672,5 +679,269 @@ mod tests {
         let defaults = CommandLimits::default();
         assert_eq!(defaults.key_bytes_max, 8192);
         assert_eq!(defaults.value_bytes_max, 1 << 20);
+    }
+
+    fn sample_txn() -> Txn {
+        use crate::txn::{Compare, CompareOp, Target, TxnOp};
+        Txn {
+            compares: vec![
+                Compare {
+                    key: b"k".to_vec(),
+                    op: CompareOp::Equal,
+                    target: Target::ModRevision(0),
+                },
+                Compare {
+                    key: b"k\xff".to_vec(),
+                    op: CompareOp::NotEqual,
+                    target: Target::Value(vec![0, 1, 2]),
+                },
+                Compare {
+                    key: b"v".to_vec(),
+                    op: CompareOp::Less,
+                    target: Target::Version(u64::MAX),
+                },
+                Compare {
+                    key: b"c".to_vec(),
+                    op: CompareOp::Greater,
+                    target: Target::CreateRevision(7),
+                },
+            ],
+            success: vec![
+                TxnOp::Put {
+                    key: b"k".to_vec(),
+                    value: vec![9; 300],
+                    lease: 0,
+                },
+                TxnOp::Delete {
+                    key: b"old".to_vec(),
+                },
+                TxnOp::DeletePrefix {
+                    prefix: b"p/".to_vec(),
+                },
+                TxnOp::Get { key: b"k".to_vec() },
+            ],
+            failure: vec![TxnOp::Get { key: b"k".to_vec() }],
+        }
+    }
+
+    fn every_command() -> Vec<Command> {
+        vec![
+            Command::Put {
+                key: b"k\x00".to_vec(),
+                value: Vec::new(),
+            },
+            Command::Delete {
+                key: b"key".to_vec(),
+            },
+            Command::DeletePrefix {
+                prefix: b"p/".to_vec(),
+            },
+            Command::Txn(sample_txn()),
+            Command::Txn(Txn::default()),
+            Command::ExpireSessions {
+                now_ms: 1_700_000_000_000,
+                ttl_ms: 3_600_000,
+                sessions_max: 100_000,
+            },
+        ]
+    }
+
+    #[test]
+    fn every_command_round_trips_with_and_without_a_session() {
+        let session = Session {
+            client: b"client-1.A_z".to_vec(),
+            seq: 42,
+            now_ms: 1_700_000_000_123,
+        };
+        for cmd in every_command() {
+            let plain = cmd.encode().unwrap();
+            assert_eq!(&plain[..2], &COMMAND_VERSION.to_le_bytes());
+            assert_eq!(Command::decode(&plain).unwrap(), cmd);
+            assert_eq!(
+                Command::decode_with_session(&plain).unwrap(),
+                (None, cmd.clone())
+            );
+            let with = cmd.encode_with(Some(&session)).unwrap();
+            assert_eq!(&with[..2], &COMMAND_VERSION_SESSION.to_le_bytes());
+            assert_eq!(
+                Command::decode_with_session(&with).unwrap(),
+                (Some(session.clone()), cmd.clone())
+            );
+            // A reader that ignores sessions still reads the command.
+            assert_eq!(Command::decode(&with).unwrap(), cmd);
+            // Borrowed and owned encode the same bytes.
+            let p = CommandRef::decode_proposal(&with).unwrap();
+            assert_eq!(p.session, Some(session.borrowed()));
+            assert_eq!(p.command.encode_with(p.session).unwrap(), with);
+            // Truncated or extended payloads are errors, never a different command.
+            for len in 0..with.len() {
+                assert!(
+                    Command::decode_with_session(&with[..len]).is_err(),
+                    "{cmd:?} cut at {len}"
+                );
+            }
+            let mut longer = with.clone();
+            longer.push(0);
+            assert!(matches!(
+                Command::decode(&longer),
+                Err(CommandError::Decode(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn a_payload_without_a_session_is_byte_identical_to_version_1() {
+        // The exact bytes round 1 wrote for `Put { a, bc }` (see v1_layout_is_stable).
+        let mut round_1 = vec![1, 0, 0, 0, 0, 0];
+        round_1.extend_from_slice(&1u64.to_le_bytes());
+        round_1.push(b'a');
+        round_1.extend_from_slice(&2u64.to_le_bytes());
+        round_1.extend_from_slice(b"bc");
+        let put = Command::Put {
+            key: b"a".to_vec(),
+            value: b"bc".to_vec(),
+        };
+        assert_eq!(put.encode_with(None).unwrap(), round_1);
+        assert_eq!(put.borrowed().encode_with(None).unwrap(), round_1);
+        assert_eq!(Command::decode_with_session(&round_1).unwrap(), (None, put));
+        // New variants are appended after round 1's: Put 0, Delete 1, then 2, 3, 4.
+        for (cmd, variant) in every_command().into_iter().skip(2).zip([2u8, 3, 3, 4]) {
+            assert_eq!(&cmd.encode().unwrap()[2..6], &[variant, 0, 0, 0], "{cmd:?}");
+        }
+    }
+
+    #[test]
+    fn v2_layout_is_stable() {
+        // version u16 2 ‖ client (u64 length ‖ bytes) ‖ seq u64 ‖ now_ms u64 ‖ the command.
+        let session = Session {
+            client: b"c1".to_vec(),
+            seq: 3,
+            now_ms: 0x0102,
+        };
+        let bytes = Command::Delete { key: b"a".to_vec() }
+            .encode_with(Some(&session))
+            .unwrap();
+        let mut expected = vec![2, 0];
+        expected.extend_from_slice(&2u64.to_le_bytes());
+        expected.extend_from_slice(b"c1");
+        expected.extend_from_slice(&3u64.to_le_bytes());
+        expected.extend_from_slice(&0x0102u64.to_le_bytes());
+        expected.extend_from_slice(&[1, 0, 0, 0]);
+        expected.extend_from_slice(&1u64.to_le_bytes());
+        expected.push(b'a');
+        assert_eq!(bytes, expected);
+    }
+
+    #[test]
+    fn txn_payloads_round_trip_and_borrow_from_the_payload() {
+        let cmd = Command::Txn(sample_txn());
+        let bytes = cmd.encode().unwrap();
+        let CommandRef::Txn(t) = CommandRef::decode(&bytes).unwrap() else {
+            panic!("a txn decodes as a txn");
+        };
+        assert_eq!(t.to_txn(), sample_txn());
+        let inside = bytes.as_ptr_range();
+        let crate::txn::OpRef::Put { value, .. } = t.success[0] else {
+            panic!("the first success op is a put");
+        };
+        assert!(inside.contains(&value.as_ptr()));
+        assert!(inside.contains(&t.compares[1].key.as_ptr()));
+        assert_eq!(CommandRef::Txn(t).encode().unwrap(), bytes);
+        // The default limits accept it; validation goes through the command too.
+        assert!(cmd.validate(&CommandLimits::default()).is_ok());
+        let mut huge = sample_txn();
+        huge.compares = vec![huge.compares[0].clone(); crate::txn::TXN_COMPARES_MAX_DEFAULT + 1];
+        assert!(matches!(
+            Command::Txn(huge).validate(&CommandLimits::default()),
+            Err(CommandError::TxnTooLarge(_))
+        ));
+        let mut empty_prefix = sample_txn();
+        empty_prefix.failure = vec![crate::txn::TxnOp::DeletePrefix { prefix: Vec::new() }];
+        assert!(matches!(
+            Command::Txn(empty_prefix).validate(&CommandLimits::default()),
+            Err(CommandError::EmptyKey)
+        ));
+    }
+
+    #[test]
+    fn sessions_and_client_ids_are_validated_at_their_edges() {
+        let ok = |client: &[u8], seq| {
+            SessionRef {
+                client,
+                seq,
+                now_ms: 0,
+            }
+            .validate()
+        };
+        let longest = [b'x'; CLIENT_ID_BYTES_MAX];
+        let too_long = [b'x'; CLIENT_ID_BYTES_MAX + 1];
+        let every_allowed = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-";
+        assert!(every_allowed.len() > CLIENT_ID_BYTES_MAX);
+        for (client, seq) in [
+            (&b"a"[..], 1),
+            (&longest[..], u64::MAX),
+            (&every_allowed[..32], 1),
+            (&every_allowed[32..], 1),
+            (b"-", 1),
+            (b"..", 1),
+        ] {
+            assert!(
+                ok(client, seq).is_ok(),
+                "{:?}",
+                String::from_utf8_lossy(client)
+            );
+            assert!(check_client_id(client).is_ok());
+        }
+        for bad in [
+            &b""[..],
+            &too_long[..],
+            b"a b",
+            b"a/b",
+            b"a:b",
+            b"a\0",
+            b"caf\xc3\xa9",
+            b"\xff",
+            b"a+b",
+        ] {
+            let err = ok(bad, 1).unwrap_err();
+            assert!(matches!(err, CommandError::InvalidSession(_)), "{bad:?}");
+            assert!(check_client_id(bad).is_err());
+        }
+        let err = ok(b"a", 0).unwrap_err();
+        assert!(err.to_string().contains("start at 1"), "{err}");
+        // A bad id is reported before a bad sequence number.
+        assert!(ok(b"", 0).unwrap_err().to_string().contains("client id"));
+    }
+
+    #[test]
+    fn expiry_and_key_of_the_new_commands() {
+        let limits = CommandLimits::default();
+        let expire = |ttl_ms| Command::ExpireSessions {
+            now_ms: 0,
+            ttl_ms,
+            sessions_max: 1,
+        };
+        assert!(matches!(
+            expire(0).validate(&limits),
+            Err(CommandError::InvalidSession(_))
+        ));
+        assert!(expire(1).validate(&limits).is_ok());
+        assert!(matches!(
+            Command::DeletePrefix { prefix: Vec::new() }.validate(&limits),
+            Err(CommandError::EmptyKey)
+        ));
+        let cmds = every_command();
+        let keys: Vec<_> = cmds.iter().map(|c| c.borrowed().key()).collect();
+        assert_eq!(
+            keys,
+            vec![
+                Some(&b"k\x00"[..]),
+                Some(&b"key"[..]),
+                Some(&b"p/"[..]),
+                None,
+                None,
+                None
+            ]
+        );
     }
 }

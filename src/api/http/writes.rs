@@ -40,6 +40,7 @@ pub const DUPLICATE_HEADER: &str = "x-raftkv-duplicate";
 pub const KIND_CONDITION_FAILED: &str = "condition_failed";
 pub const KIND_SESSION_STALE: &str = "session_stale";
 pub const KIND_SESSION_EXPIRED: &str = "session_expired";
+pub const KIND_RESULT_NOT_KEPT: &str = "result_not_kept";
 
 #[derive(Debug, Deserialize)]
 pub(super) struct WriteParams {
@@ -124,6 +125,11 @@ fn refusal(r: &Refusal, revision: u64) -> Response {
             StatusCode::CONFLICT,
             KIND_SESSION_STALE,
             format!("sequence {seq} is below this session's last applied sequence {last_seq}; nothing was changed"),
+        ),
+        Refusal::ResultNotKept { result_bytes, bytes_max } => error_kind(
+            StatusCode::CONFLICT,
+            KIND_RESULT_NOT_KEPT,
+            format!("this write already applied at revision {revision}; its result ({result_bytes} bytes) was over the {bytes_max} bytes a session keeps, so a retry cannot repeat it: read the keys"),
         ),
         Refusal::SessionExpired { seq } => error_kind(
             StatusCode::CONFLICT,

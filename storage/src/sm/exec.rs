@@ -131,11 +131,18 @@ impl<'t> Exec<'t> {
                 }
             }
         }
+        // Each source is cut at the end of the prefix on its own: cutting the chain would
+        // stop at the first overlay key past the prefix and never reach the stage.
+        let under = |(k, _): &(&Vec<u8>, &Option<IVec>)| k.starts_with(&internal);
         let written = self
             .overlay
             .range(internal.clone()..)
-            .chain(stage.into_iter().flat_map(|s| s.range(internal.clone()..)))
-            .take_while(|(k, _)| k.starts_with(&internal));
+            .take_while(under)
+            .chain(
+                stage
+                    .into_iter()
+                    .flat_map(|s| s.range(internal.clone()..).take_while(under)),
+            );
         for (k, _) in written {
             if live(k) == Some(true) {
                 keys.insert(k.clone());

@@ -778,7 +778,7 @@ fn upgrade_v1(db: &sled::Db, old: Current) -> Result<Current, SmError> {
         };
         batch.insert(k, record::encode_key(&meta, &v));
         keys += 1;
-        if keys % INSTALL_BATCH_PAIRS as u64 == 0 {
+        if keys.is_multiple_of(INSTALL_BATCH_PAIRS as u64) {
             tree.apply_batch(std::mem::take(&mut batch))?;
         }
     }

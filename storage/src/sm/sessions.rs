@@ -6,15 +6,19 @@
 //! snapshots. Applying a sessioned entry:
 //! - a sequence number above the remembered one: the command runs and its result is kept;
 //! - the remembered one: a retry. The kept result is answered again (same revision, same
-//!   outcome, `duplicate` set) and nothing runs, however many times the retry reached the log;
+//!   outcome, `duplicate` set) and nothing runs, however many times the retry reached the log.
+//!   A result too large to keep ([`SESSION_RECORD_BYTES_MAX`], a transaction's gets or a
+//!   failed condition's current value) is kept as [`Refusal::ResultNotKept`]: the retry
+//!   learns the write applied, and at which revision, but not its result;
 //! - one below: refused ([`Refusal::SessionStale`]);
 //! - an unknown client with a sequence number above 1: refused ([`Refusal::SessionExpired`]).
 //!   Its session expired (or never existed), so whether an earlier write of it applied can
 //!   no longer be told; the client starts a new session. A new client starts at 1.
 //!
 //! Time and expiry are decided by the log, so every replica keeps the same table: the session
-//! clock is the highest `now_ms` any applied entry carried (sessioned writes and
-//! `ExpireSessions` entries carry the leader's wall clock), a session's `active_ms` is the
+//! clock is the highest `now_ms` carried by an applied `ExpireSessions` entry or a sessioned
+//! write that ran (both carry the proposing leader's wall clock; a retry answered from the
+//! table and a refused write do not move it), a session's `active_ms` is the
 //! clock when it last wrote, and an `ExpireSessions { now_ms, ttl_ms, sessions_max }` entry
 //! removes the sessions idle for `ttl_ms`, then the least recently active ones beyond
 //! `sessions_max`. A new session that finds the table full evicts the least recently active
@@ -34,6 +38,8 @@ use std::collections::BTreeMap;
 
 /// The prefix byte of session records in the state tree.
 pub const SESSION_PREFIX: u8 = b's';
+/// The largest session record kept: the table holds at most `sessions_max` of these.
+pub const SESSION_RECORD_BYTES_MAX: usize = 64 * 1024;
 /// The key of the session table's parameters.
 pub const PARAMS_KEY: &[u8] = b"c/sessions";
 
@@ -161,13 +167,23 @@ impl SessionIndex {
             while self.len() as u64 >= self.params.sessions_max && self.evict_oldest(exec)? {}
         }
         let outcome = exec.run(revision, cmd)?;
-        let rec = SessionRecord {
+        let mut rec = SessionRecord {
             seq: session.seq,
             revision,
             active_ms: self.params.clock_ms,
             outcome: outcome.clone(),
         };
-        let raw = record::encode_session(&rec).map_err(SmError::Record)?;
+        let mut raw = record::encode_session(&rec).map_err(SmError::Record)?;
+        if raw.len() > SESSION_RECORD_BYTES_MAX {
+            // A large result (a transaction's gets, a failed condition's current value) is
+            // answered once; a retry learns that the write applied, and at which revision.
+            rec.outcome = CommandOutcome::Refused(Refusal::ResultNotKept {
+                result_bytes: raw.len() as u64,
+                bytes_max: SESSION_RECORD_BYTES_MAX as u64,
+            });
+            raw = record::encode_session(&rec).map_err(SmError::Record)?;
+        }
+        assert!(raw.len() <= SESSION_RECORD_BYTES_MAX);
         exec.write(key, Some(IVec::from(raw)))?;
         self.touch(session.client, revision, rec.active_ms);
         Ok(CommandResult {

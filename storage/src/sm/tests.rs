@@ -525,3 +525,156 @@ fn user_pair(key: &[u8], raw: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
     let (_, value) = record::decode_key(raw).unwrap();
     Some((key[1..].to_vec(), value.to_vec()))
 }
+
+/// Writes round 1's layout (format 1: raw values, no revisions) into `dir` with sled directly.
+fn write_format_1(
+    dir: &Path,
+    applied: (u64, u64),
+    membership: &Membership,
+    pairs: &[(&[u8], &[u8])],
+) {
+    let db = sled::Config::new().path(dir).open().unwrap();
+    let name = b"kv.0000000000000001";
+    db.insert(CURRENT_TREE_KEY, &name[..]).unwrap();
+    let tree = db.open_tree(name).unwrap();
+    tree.insert(META_FORMAT, &1u32.to_be_bytes()[..]).unwrap();
+    tree.insert(META_APPLIED, &encode_applied(applied.0, applied.1)[..])
+        .unwrap();
+    tree.insert(META_MEMBERSHIP, membership.encode().unwrap())
+        .unwrap();
+    for (k, v) in pairs {
+        tree.insert(data_key(k), *v).unwrap();
+    }
+    db.flush().unwrap();
+}
+
+#[test]
+fn a_format_1_state_machine_is_upgraded_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let membership = Membership::with_voters([1, 2, 3]);
+    // Enough keys to span several upgrade batches; values that would not parse as records.
+    let keys: Vec<Vec<u8>> = (0..2500u32)
+        .map(|i| format!("k{i:05}").into_bytes())
+        .collect();
+    let mut pairs: Vec<(&[u8], &[u8])> = keys.iter().map(|k| (k.as_slice(), &b"v"[..])).collect();
+    pairs.push((b"empty", b""));
+    pairs.push((b"\xff", b"\x00\x01"));
+    write_format_1(dir.path(), (4321, 7), &membership, &pairs);
+    {
+        let sm = open(dir.path());
+        assert!(!sm.was_created());
+        let applied = sm.applied();
+        assert_eq!((applied.index, applied.term), (4321, 7));
+        assert_eq!(applied.membership, membership);
+        // Every key: its value, revisions = the applied index, version 1.
+        let want = |key: &[u8], value: &[u8]| KeyRecord {
+            key: key.to_vec(),
+            value: value.to_vec(),
+            create_revision: 4321,
+            mod_revision: 4321,
+            version: 1,
+            lease: 0,
+        };
+        assert_eq!(
+            sm.get_record(b"k00000").unwrap().value,
+            Some(want(b"k00000", b"v"))
+        );
+        assert_eq!(
+            sm.get_record(b"empty").unwrap().value,
+            Some(want(b"empty", b""))
+        );
+        assert_eq!(
+            sm.get_record(b"\xff").unwrap().value,
+            Some(want(b"\xff", b"\x00\x01"))
+        );
+        let (records, more) = sm
+            .scan_records(Bound::Unbounded, Bound::Unbounded, usize::MAX, usize::MAX)
+            .unwrap()
+            .value;
+        assert_eq!((records.len(), more), (2502, false));
+        assert!(records
+            .iter()
+            .all(|r| (r.create_revision, r.mod_revision, r.version) == (4321, 4321, 1)));
+        assert_eq!(sm.sessions_summary().count, 0);
+        // The upgraded tree is format 2, the only state tree left.
+        let cur = sm.read_current();
+        assert_eq!(read_meta(&cur.tree).unwrap().1, SM_FORMAT_VERSION);
+        assert_eq!(cur.tree_name, b"kv.0000000000000002".to_vec());
+        drop(cur);
+        let trees: Vec<_> = sm
+            .db
+            .tree_names()
+            .into_iter()
+            .filter(|n| n.starts_with(TREE_NAME_PREFIX))
+            .collect();
+        assert_eq!(trees, vec![IVec::from(&b"kv.0000000000000002"[..])]);
+        // The log continues after the applied index, with the revisions carried on.
+        let out = sm.apply(&[put(4322, 7, b"k00001", b"w")]).unwrap();
+        assert_eq!(
+            out[0].outcome,
+            command_outcome(
+                4322,
+                CommandOutcome::Put {
+                    create_revision: 4321,
+                    version: 2
+                }
+            )
+        );
+        sm.flush().unwrap();
+    }
+    // A second open finds format 2 and changes nothing.
+    let sm = open(dir.path());
+    assert_eq!(sm.applied_index(), 4322);
+    let r = sm.get_record(b"k00001").unwrap().value.unwrap();
+    assert_eq!(
+        (r.value, r.create_revision, r.mod_revision, r.version),
+        (b"w".to_vec(), 4321, 4322, 2)
+    );
+    assert_eq!(sm.read_current().tree_name, b"kv.0000000000000002".to_vec());
+}
+
+/// An upgrade that died before flipping the pointer left a half-built next tree: the next
+/// open rebuilds it from the format-1 tree, which is still the state.
+#[test]
+fn an_upgrade_interrupted_before_the_pointer_flip_reruns() {
+    let dir = tempfile::tempdir().unwrap();
+    let membership = Membership::with_voters([1]);
+    write_format_1(
+        dir.path(),
+        (9, 2),
+        &membership,
+        &[(b"a", b"1"), (b"b", b"2")],
+    );
+    {
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let half = db.open_tree(b"kv.0000000000000002").unwrap();
+        let junk = record::KeyMeta {
+            create_revision: 1,
+            mod_revision: 1,
+            version: 1,
+            lease: 0,
+        };
+        half.insert(data_key(b"a"), record::encode_key(&junk, b"half-written"))
+            .unwrap();
+        half.insert(data_key(b"junk"), record::encode_key(&junk, b"x"))
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let sm = open(dir.path());
+    let got: Vec<_> = sm
+        .scan_records(Bound::Unbounded, Bound::Unbounded, 10, usize::MAX)
+        .unwrap()
+        .value
+        .0
+        .into_iter()
+        .map(|r| (r.key, r.value, r.create_revision, r.mod_revision, r.version))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (b"a".to_vec(), b"1".to_vec(), 9, 9, 1),
+            (b"b".to_vec(), b"2".to_vec(), 9, 9, 1)
+        ]
+    );
+    assert_eq!(sm.applied().membership, membership);
+}

@@ -419,3 +419,128 @@ fn open_sets_aside_corrupt_snapshots_at_once() {
     // Nothing else to set aside on the next open.
     assert!(reopened.set_aside_corrupt().unwrap().is_empty());
 }
+
+/// Writes a round-1 snapshot file (format 1: user keys and raw values) into `store`'s
+/// directory. The writer only writes the current format, so this streams the pairs through it
+/// and then patches the header's version field to 1 and recomputes the header CRC (the body
+/// CRC does not cover the header, so it stays valid). Test-only: no production code learns to
+/// write an old format.
+fn write_format_1_file(
+    sim: &SimFs,
+    store: &SnapshotStore,
+    meta: &SnapshotMeta,
+    pairs: &[(Vec<u8>, Vec<u8>)],
+) -> SnapshotFile {
+    let name = file_name(meta.index, meta.term);
+    let path = store.dir().join(&name);
+    let handle = sim.open(&path, true).unwrap();
+    let mut writer = SnapshotFileWriter::new(handle, meta.clone(), 1024).unwrap();
+    for (k, v) in pairs {
+        writer.push(k, v).unwrap();
+    }
+    assert_eq!(writer.finish().unwrap().version, format::FORMAT_VERSION);
+    let mut bytes = sim.read(&path).unwrap();
+    bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let crc = crc32fast::hash(&bytes[0..60]);
+    bytes[60..64].copy_from_slice(&crc.to_le_bytes());
+    sim.overwrite(&path, bytes).unwrap();
+    SnapshotFile {
+        name,
+        path,
+        index: meta.index,
+        term: meta.term,
+    }
+}
+
+#[test]
+fn a_format_1_snapshot_file_still_installs() {
+    let sim = SimFs::new();
+    let store = store(Arc::new(sim.clone()));
+    let meta = SnapshotMeta {
+        index: 777,
+        term: 5,
+        membership: Membership::with_voters([1, 2, 3]),
+    };
+    // Raw values, including ones shorter than a record header and a 5000-byte one, and a
+    // user key that looks like bookkeeping (in format 1 every pair is user data).
+    let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = (0..300u32)
+        .map(|i| {
+            let value = match i {
+                3 => vec![0xab; 5000],
+                7 => Vec::new(),
+                _ => format!("v{i}").into_bytes(),
+            };
+            (format!("key-{i:04}").into_bytes(), value)
+        })
+        .collect();
+    pairs.push((b"m/applied".to_vec(), b"user data".to_vec()));
+    let file = write_format_1_file(&sim, &store, &meta, &pairs);
+    assert_eq!(store.list().unwrap(), vec![file.clone()]);
+    let verified = store.verify(&file).unwrap();
+    assert_eq!(verified.header.version, 1);
+    assert_eq!(verified.header.key_count, 301);
+    assert_eq!(verified.meta, meta);
+
+    let dir = tempfile::tempdir().unwrap();
+    let sm = sm_in(dir.path());
+    sm.apply(&[put(1, b"stale", b"x")]).unwrap();
+    assert_eq!(store.install(&file, &sm).unwrap(), meta);
+    assert_eq!(sm.applied(), meta);
+    assert_eq!(all_pairs(&sm), pairs);
+    let (records, _) = sm
+        .scan_records(Bound::Unbounded, Bound::Unbounded, 10_000, usize::MAX)
+        .unwrap()
+        .value;
+    assert_eq!(records.len(), 301);
+    assert!(records
+        .iter()
+        .all(|r| (r.create_revision, r.mod_revision, r.version) == (777, 777, 1)));
+    assert_eq!(sm.sessions_summary().count, 0);
+    // The log continues after it, carrying the revisions on.
+    sm.apply(&[put(778, b"key-0003", b"new")]).unwrap();
+    let r = sm.get_record(b"key-0003").unwrap().value.unwrap();
+    assert_eq!(
+        (r.create_revision, r.mod_revision, r.version),
+        (777, 778, 2)
+    );
+    // A snapshot taken from it is format 2 and carries those revisions on.
+    let again = store.create(&sm).unwrap();
+    assert_eq!(again.header.version, format::FORMAT_VERSION);
+    let dst_dir = tempfile::tempdir().unwrap();
+    let dst = sm_in(dst_dir.path());
+    store.install(&again.file, &dst).unwrap();
+    assert_eq!(dst.get_record(b"key-0003").unwrap().value.unwrap(), r);
+    assert_eq!(
+        dst.get_record(b"key-0100")
+            .unwrap()
+            .value
+            .unwrap()
+            .mod_revision,
+        777
+    );
+}
+
+/// A format-2 file may only hold state keys: a pair under `m/` (bookkeeping, which snapshots
+/// leave out) is refused and the install changes nothing.
+#[test]
+fn a_format_2_file_with_a_bookkeeping_key_is_refused() {
+    let sim = SimFs::new();
+    let store = store(Arc::new(sim.clone()));
+    let meta = SnapshotMeta {
+        index: 50,
+        term: 1,
+        membership: Membership::with_voters([1]),
+    };
+    let path = store.dir().join(file_name(meta.index, meta.term));
+    let mut writer =
+        SnapshotFileWriter::new(sim.open(&path, true).unwrap(), meta.clone(), 1024).unwrap();
+    writer.push(b"m/applied", &[0u8; 16]).unwrap();
+    writer.finish().unwrap();
+    let file = store.list().unwrap().pop().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sm = sm_in(dir.path());
+    sm.apply(&[put(1, b"mine", b"1")]).unwrap();
+    assert!(store.install(&file, &sm).is_err());
+    assert_eq!(sm.applied_index(), 1);
+    assert_eq!(all_pairs(&sm), vec![(b"mine".to_vec(), b"1".to_vec())]);
+}
