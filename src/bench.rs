@@ -10,9 +10,14 @@
 //!
 //! Keys are drawn uniformly from `key_space` keys with a seeded generator; values are
 //! `value_bytes` long. Errors are counted by kind, never retried blindly: the client itself
-//! retries only what is safe.
+//! retries only what is safe (and resends writes under its exactly-once sessions unless
+//! `sessions` is off).
+//!
+//! Beside plain puts and gets, two workloads measure what issue 11 costs: `cas`, conditional
+//! puts that succeed (each client owns one key and sends the `mod_revision` its last write
+//! returned, so no read is needed), and `txn10`, transactions of 10 puts to random keys.
 
-use crate::api::Consistency;
+use crate::api::{Consistency, TxnOp, TxnRequest};
 use crate::client::{Client, ClientConfig, ClientError};
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -32,18 +37,30 @@ pub enum Workload {
     /// Writes keys 0, 1, 2, ... once each (modulo `key_space`), across all clients: loads a
     /// state of `key_space` distinct keys in `key_space` requests.
     Fill,
+    /// Conditional puts (`if_mod_revision`) that succeed: each client owns a key and tracks
+    /// its `mod_revision`.
+    Cas,
+    /// One transaction of this many puts to random keys per request.
+    Txn {
+        puts: usize,
+    },
 }
 
 impl Workload {
-    /// Parses `put`, `get` or `mixed:READ_PERCENT`.
+    /// Parses `put`, `get`, `fill`, `cas`, `txn10` or `mixed:READ_PERCENT`.
     pub fn parse(s: &str) -> Result<Workload, String> {
         match s {
             "put" => Ok(Workload::Put),
             "get" => Ok(Workload::Get),
             "fill" => Ok(Workload::Fill),
+            "cas" => Ok(Workload::Cas),
+            "txn10" => Ok(Workload::Txn { puts: 10 }),
             _ => {
                 let pct = s.strip_prefix("mixed:").ok_or_else(|| {
-                    format!("unknown workload {s:?}: use put, get, fill or mixed:READ_PERCENT")
+                    format!(
+                        "unknown workload {s:?}: use put, get, fill, cas, txn10 or \
+                         mixed:READ_PERCENT"
+                    )
                 })?;
                 let read_percent: u8 =
                     pct.parse().ok().filter(|p| *p <= 100).ok_or_else(|| {
@@ -77,6 +94,8 @@ pub struct LoadOptions {
     pub seed: u64,
     /// How long the client may retry one request (unavailable cluster) before counting it.
     pub retry_budget_ms: u64,
+    /// Writes under exactly-once sessions (the client's default).
+    pub sessions: bool,
 }
 
 /// Counts of failed requests by kind.
@@ -85,6 +104,8 @@ pub struct ErrorCounts {
     pub unavailable: u64,
     pub outcome_unknown: u64,
     pub rejected: u64,
+    /// Conditional puts whose condition did not hold (another writer moved the key).
+    pub condition_failed: u64,
     pub other: u64,
 }
 
@@ -150,38 +171,124 @@ struct Worker {
     hist: Histogram<u64>,
     errors: ErrorCounts,
     ok: u64,
+    /// `Cas`: this worker's key and its `mod_revision` as the last write left it.
+    cas_key: String,
+    cas_revision: u64,
+}
+
+/// Why one request did not count as done.
+enum OpError {
+    Client(ClientError),
+    ConditionFailed,
+}
+
+impl From<ClientError> for OpError {
+    fn from(e: ClientError) -> OpError {
+        OpError::Client(e)
+    }
 }
 
 impl Worker {
+    /// Before the clock starts: a `Cas` worker learns its key's current revision.
+    async fn prepare(&mut self) -> Result<(), ClientError> {
+        if self.opts.workload == Workload::Cas {
+            let now = self
+                .client
+                .get(&self.cas_key, Consistency::Linearizable)
+                .await?;
+            self.cas_revision = now.map_or(0, |kv| kv.mod_revision);
+        }
+        Ok(())
+    }
+
     async fn one(&mut self, started: Instant, shared: &Shared) {
-        let index = match self.opts.workload {
-            Workload::Fill => shared.fill_next.fetch_add(1, Ordering::Relaxed),
-            _ => self.keys.next(),
-        };
-        let key = format!("bench-{:010}", index % self.opts.key_space.max(1));
-        let read = match self.opts.workload {
-            Workload::Put | Workload::Fill => false,
-            Workload::Get => true,
-            Workload::Mixed { read_percent } => (self.keys.next() % 100) < u64::from(read_percent),
-        };
-        let result = if read {
-            self.client
-                .get(&key, self.opts.consistency)
-                .await
-                .map(|_| ())
-        } else {
-            self.client.put(&key, &self.value).await.map(|_| ())
-        };
+        let result = self.op(shared).await;
         let micros = started.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
         match result {
             Ok(()) => {
                 self.ok += 1;
                 let _ = self.hist.record(micros.max(1));
             }
-            Err(ClientError::Unavailable(_)) => self.errors.unavailable += 1,
-            Err(ClientError::OutcomeUnknown(_)) => self.errors.outcome_unknown += 1,
-            Err(ClientError::Rejected { .. }) => self.errors.rejected += 1,
-            Err(_) => self.errors.other += 1,
+            Err(OpError::ConditionFailed) => self.errors.condition_failed += 1,
+            Err(OpError::Client(ClientError::Unavailable(_))) => self.errors.unavailable += 1,
+            Err(OpError::Client(ClientError::OutcomeUnknown(_))) => {
+                self.errors.outcome_unknown += 1
+            }
+            Err(OpError::Client(ClientError::Rejected { .. })) => self.errors.rejected += 1,
+            Err(OpError::Client(_)) => self.errors.other += 1,
+        }
+    }
+
+    fn random_key(&mut self) -> String {
+        format!(
+            "bench-{:010}",
+            self.keys.next() % self.opts.key_space.max(1)
+        )
+    }
+
+    async fn op(&mut self, shared: &Shared) -> Result<(), OpError> {
+        match self.opts.workload {
+            Workload::Fill => {
+                let n = shared.fill_next.fetch_add(1, Ordering::Relaxed);
+                let key = format!("bench-{:010}", n % self.opts.key_space.max(1));
+                self.client.put(&key, &self.value).await?;
+            }
+            Workload::Put => {
+                let key = self.random_key();
+                self.client.put(&key, &self.value).await?;
+            }
+            Workload::Get => self.read().await?,
+            Workload::Mixed { read_percent } => {
+                if (self.keys.next() % 100) < u64::from(read_percent) {
+                    self.read().await?;
+                } else {
+                    let key = self.random_key();
+                    self.client.put(&key, &self.value).await?;
+                }
+            }
+            Workload::Cas => self.cas().await?,
+            Workload::Txn { puts } => {
+                let success = (0..puts)
+                    .map(|_| TxnOp::Put {
+                        key: self.random_key(),
+                        value: self.value.clone(),
+                    })
+                    .collect();
+                let txn = TxnRequest {
+                    compare: Vec::new(),
+                    success,
+                    failure: Vec::new(),
+                };
+                self.client.txn(&txn).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn read(&mut self) -> Result<(), ClientError> {
+        let key = self.random_key();
+        self.client
+            .get(&key, self.opts.consistency)
+            .await
+            .map(|_| ())
+    }
+
+    /// One conditional put of this worker's key at the revision it last saw.
+    async fn cas(&mut self) -> Result<(), OpError> {
+        let written = self
+            .client
+            .put_if(&self.cas_key, &self.value, self.cas_revision)
+            .await?;
+        match written {
+            Ok(w) => {
+                assert!(w.mod_revision > self.cas_revision, "revisions only grow");
+                self.cas_revision = w.mod_revision;
+                Ok(())
+            }
+            Err(failed) => {
+                self.cas_revision = failed.current.map_or(0, |kv| kv.mod_revision);
+                Err(OpError::ConditionFailed)
+            }
         }
     }
 }
@@ -191,6 +298,8 @@ fn describe(w: Workload) -> String {
         Workload::Put => "put".into(),
         Workload::Get => "get".into(),
         Workload::Fill => "fill".into(),
+        Workload::Cas => "cas".into(),
+        Workload::Txn { puts } => format!("txn{puts}"),
         Workload::Mixed { read_percent } => format!("mixed:{read_percent}"),
     }
 }
@@ -201,7 +310,10 @@ fn build_workers(opts: &LoadOptions) -> Result<Vec<Worker>, BenchError> {
         .map(|w| {
             let mut config = ClientConfig::new(opts.endpoints.clone());
             config.retry_budget_ms = opts.retry_budget_ms;
+            config.sessions = opts.sessions;
             Ok(Worker {
+                cas_key: format!("bench-cas-{w:04}"),
+                cas_revision: 0,
                 client: Client::new(config)?,
                 keys: KeyGen(opts.seed ^ (w as u64).wrapping_mul(0xA24B_AED4_963E_E407)),
                 value: "x".repeat(opts.value_bytes),
@@ -248,7 +360,8 @@ pub async fn run_load(opts: LoadOptions, show_progress: bool) -> Result<LoadRepo
     });
     // Every client is built before the clock starts: building one takes milliseconds, and
     // an open loop's first slots would otherwise pile up behind it and be lost.
-    let workers = build_workers(&opts)?;
+    let mut workers = build_workers(&opts)?;
+    futures_util::future::try_join_all(workers.iter_mut().map(Worker::prepare)).await?;
     let started = Instant::now();
     let deadline = match opts.stop {
         Stop::After(d) => Some(started + d),
@@ -324,6 +437,7 @@ pub async fn run_load(opts: LoadOptions, show_progress: bool) -> Result<LoadRepo
         errors.unavailable += w.errors.unavailable;
         errors.outcome_unknown += w.errors.outcome_unknown;
         errors.rejected += w.errors.rejected;
+        errors.condition_failed += w.errors.condition_failed;
         errors.other += w.errors.other;
     }
     if let Some(pb) = &shared.progress {
@@ -389,6 +503,9 @@ mod tests {
             Ok(Workload::Mixed { read_percent: 90 })
         );
         assert!(Workload::parse("mixed:101").is_err());
+        assert_eq!(Workload::parse("cas"), Ok(Workload::Cas));
+        assert_eq!(Workload::parse("txn10"), Ok(Workload::Txn { puts: 10 }));
+        assert_eq!(describe(Workload::Txn { puts: 10 }), "txn10");
         assert!(Workload::parse("scan").is_err());
     }
 
@@ -404,6 +521,7 @@ mod tests {
             rate,
             seed: 7,
             retry_budget_ms: 200,
+            sessions: true,
         }
     }
 
@@ -430,6 +548,27 @@ mod tests {
         );
         assert_eq!(r.ok, 200, "{r:?}");
         assert!(r.latency.p50_ms > 0.0 && r.latency.p50_ms <= r.latency.max_ms);
+    }
+
+    #[tokio::test]
+    async fn conditional_puts_and_transactions_all_succeed() {
+        let url = spawn(MapService::leader(1)).await;
+        // The map service allows 8 ops per branch: txn5 stands for txn10.
+        for workload in [Workload::Cas, Workload::Txn { puts: 5 }] {
+            let r = run_load(
+                opts(url.clone(), Stop::Requests(120), None, workload),
+                false,
+            )
+            .await
+            .unwrap();
+            assert_eq!(r.ok, 120, "{workload:?}: {r:?}");
+            assert_eq!(r.errors, ErrorCounts::default(), "{workload:?}");
+        }
+        // A second cas run starts from the revisions the first left (read before the clock).
+        let r = run_load(opts(url, Stop::Requests(40), None, Workload::Cas), false)
+            .await
+            .unwrap();
+        assert_eq!((r.ok, r.errors.condition_failed), (40, 0), "{r:?}");
     }
 
     #[tokio::test]

@@ -48,7 +48,9 @@ pub struct LoadArgs {
     pub value_size: usize,
     #[arg(long, default_value_t = 100_000)]
     pub key_space: u64,
-    /// put, get or mixed:READ_PERCENT.
+    /// put, get, mixed:READ_PERCENT, cas (conditional puts that succeed: each client
+    /// owns a key and sends the mod_revision its last write returned) or txn10 (one
+    /// transaction of 10 puts to random keys per request).
     #[arg(long, default_value = "put", value_parser = Workload::parse)]
     pub workload: Workload,
     #[arg(long, default_value = "linearizable", value_parser = |s: &str| Consistency::parse(s).ok_or_else(|| format!("unknown consistency {s:?}")))]
@@ -58,6 +60,9 @@ pub struct LoadArgs {
     pub rate: Option<f64>,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Send writes without exactly-once sessions (the client's default is with).
+    #[arg(long)]
+    pub no_sessions: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -154,6 +159,7 @@ fn load(a: &LoadArgs) -> anyhow::Result<ExitCode> {
         rate: a.rate,
         seed: a.seed,
         retry_budget_ms: 15_000,
+        sessions: !a.no_sessions,
     };
     let show = !a.json && std::io::stderr().is_terminal();
     let report = runtime()?.block_on(run_load(opts, show))?;
@@ -166,7 +172,8 @@ pub fn render_load(r: &LoadReport) -> String {
     format!(
         "workload {} | clients {} | {}\n\
          ok {} in {:.2} s = {:.0} ops/s\n\
-         errors: unavailable {}, outcome unknown {}, rejected {}, other {}\n\
+         errors: unavailable {}, outcome unknown {}, rejected {}, condition failed {}, \
+         other {}\n\
          latency ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  mean {:.3}\n",
         r.workload,
         r.clients,
@@ -179,6 +186,7 @@ pub fn render_load(r: &LoadReport) -> String {
         r.errors.unavailable,
         r.errors.outcome_unknown,
         r.errors.rejected,
+        r.errors.condition_failed,
         r.errors.other,
         r.latency.p50_ms,
         r.latency.p90_ms,
@@ -281,6 +289,7 @@ fn fill(urls: Vec<String>, entries: u64, value_size: usize, key_space: u64) -> L
         rate: None,
         seed: 42,
         retry_budget_ms: 30_000,
+        sessions: true,
     }
 }
 

@@ -121,6 +121,7 @@ fn fill_options(urls: &[String], a: &MembershipArgs) -> LoadOptions {
         rate: None,
         seed: 42,
         retry_budget_ms: 30_000,
+        sessions: true,
     }
 }
 

@@ -1,13 +1,20 @@
 //! The client subcommands: `put`, `get`, `del`, `list`, `status`, `transfer-leader` (and the
-//! helpers `snapshot save` and `member` share).
+//! helpers `snapshot save`, `member` and `txn` share).
+//!
+//! `put --if-revision N` and `del --if-revision N` write only if the key's `mod_revision` is N
+//! (0: only if absent); when it is not, they print the key as it is and exit 1. `get -w json`
+//! prints the key with its revisions. Writes go out under exactly-once sessions, so the
+//! client's resends after a timeout or a dropped connection never apply a write twice.
 //!
 //! `status` shows one row per endpoint, then the configuration as the leader sees it
 //! (voters, learners, outgoing voters while a change is joint, each member's match index and
 //! whether a change is in flight); `-w json` prints every endpoint's whole status.
 //!
-//! Exit codes (public interface): 0 success; 1 a missing key (`get`) or a rejected request;
+//! Exit codes (public interface): 0 success; 1 a missing key (`get`), a failed condition
+//! (`--if-revision`, a `txn` whose failure branch ran) or a rejected request;
 //! 3 the cluster was unavailable within the retry budget (safe to retry); 4 a write's outcome
-//! is unknown (it may or may not have been applied). Usage errors exit 2: clap's, and the
+//! is unknown (it may or may not have been applied; or a resend learned it applied but not its
+//! result, too large for the server to keep). Usage errors exit 2: clap's, and the
 //! ones found after parsing (bad endpoints, an unreadable CA or token file) as [`UsageError`].
 //!
 //! When no endpoint answers at all, the command says so within about 2 s (1 s to connect to
@@ -15,7 +22,7 @@
 
 use anyhow::Context;
 use raftkv::api::{ClusterStatus, Consistency};
-use raftkv::client::{Client, ClientConfig, ClientError, DEFAULT_ENDPOINTS};
+use raftkv::client::{Client, ClientConfig, ClientError, ConditionFailed, DEFAULT_ENDPOINTS};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -47,6 +54,10 @@ pub struct EndpointArgs {
 pub struct PutArgs {
     pub key: String,
     pub value: String,
+    /// Write only if the key's mod_revision is N (0: only if the key does not exist);
+    /// otherwise print the key as it is and exit 1.
+    #[arg(long, value_name = "N")]
+    pub if_revision: Option<u64>,
     #[command(flatten)]
     pub endpoints: EndpointArgs,
 }
@@ -57,15 +68,35 @@ pub struct GetArgs {
     /// linearizable (default), lease or stale.
     #[arg(long, default_value = "linearizable", value_parser = parse_consistency)]
     pub consistency: Consistency,
+    /// simple: the value alone; json: the key, value and revisions.
+    #[arg(short = 'w', long = "write-out", value_enum, default_value = "simple")]
+    pub format: ValueFormat,
     #[command(flatten)]
     pub endpoints: EndpointArgs,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct DelArgs {
-    pub key: String,
+    /// The key to delete (or --prefix).
+    #[arg(required_unless_present = "prefix")]
+    pub key: Option<String>,
+    /// Delete every key starting with P (not empty), atomically, and print how many.
+    #[arg(long, value_name = "P", conflicts_with_all = ["key", "if_revision"],
+          value_parser = clap::builder::NonEmptyStringValueParser::new())]
+    pub prefix: Option<String>,
+    /// Delete only if the key's mod_revision is N; otherwise print the key as it is and
+    /// exit 1.
+    #[arg(long, value_name = "N")]
+    pub if_revision: Option<u64>,
     #[command(flatten)]
     pub endpoints: EndpointArgs,
+}
+
+/// How `get` and `txn` print their answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ValueFormat {
+    Simple,
+    Json,
 }
 
 #[derive(Debug, clap::Args)]
@@ -149,27 +180,56 @@ pub(super) fn failure(e: ClientError) -> ExitCode {
     eprintln!("raftkv: {e}");
     match e {
         ClientError::Unavailable(_) => ExitCode::from(EXIT_UNAVAILABLE),
-        ClientError::OutcomeUnknown(_) => ExitCode::from(EXIT_OUTCOME_UNKNOWN),
+        // A resent write that applied with a result too large to keep: whether its condition
+        // held (or which branch ran) is as unknown as the outcome of an unanswered write.
+        ClientError::OutcomeUnknown(_) | ClientError::ResultNotKept { .. } => {
+            ExitCode::from(EXIT_OUTCOME_UNKNOWN)
+        }
         _ => ExitCode::FAILURE,
     }
 }
 
 pub fn put(args: &PutArgs) -> anyhow::Result<ExitCode> {
     let c = client(&args.endpoints)?;
-    match runtime()?.block_on(c.put(&args.key, &args.value)) {
-        Ok(r) => {
+    let rt = runtime()?;
+    let written = match args.if_revision {
+        None => rt.block_on(c.put(&args.key, &args.value)).map(Ok),
+        Some(rev) => rt.block_on(c.put_if(&args.key, &args.value, rev)),
+    };
+    match written {
+        Ok(Ok(r)) => {
             println!("OK (index {})", r.index);
             Ok(ExitCode::SUCCESS)
         }
+        Ok(Err(failed)) => Ok(condition_failed(&args.key, &failed)),
         Err(e) => Ok(failure(e)),
     }
+}
+
+/// Prints a failed `--if-revision` condition with the key as it is now; exit 1.
+pub(super) fn condition_failed(key: &str, failed: &ConditionFailed) -> ExitCode {
+    match &failed.current {
+        Some(kv) => eprintln!(
+            "raftkv: condition failed (revision {}): {key} is at mod_revision {}, version {}, \
+             value {:?}",
+            failed.revision, kv.mod_revision, kv.version, kv.value
+        ),
+        None => eprintln!(
+            "raftkv: condition failed (revision {}): {key} does not exist",
+            failed.revision
+        ),
+    }
+    ExitCode::FAILURE
 }
 
 pub fn get(args: &GetArgs) -> anyhow::Result<ExitCode> {
     let c = client(&args.endpoints)?;
     match runtime()?.block_on(c.get(&args.key, args.consistency)) {
         Ok(Some(r)) => {
-            println!("{}", r.value);
+            match args.format {
+                ValueFormat::Simple => println!("{}", r.value),
+                ValueFormat::Json => println!("{}", serde_json::to_string(&r)?),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Ok(None) => {
@@ -182,8 +242,26 @@ pub fn get(args: &GetArgs) -> anyhow::Result<ExitCode> {
 
 pub fn del(args: &DelArgs) -> anyhow::Result<ExitCode> {
     let c = client(&args.endpoints)?;
-    match runtime()?.block_on(c.delete(&args.key)) {
-        Ok(r) => {
+    let rt = runtime()?;
+    if let Some(prefix) = &args.prefix {
+        return match rt.block_on(c.delete_prefix(prefix)) {
+            Ok(r) => {
+                println!("deleted {} (revision {})", r.deleted, r.revision);
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => Ok(failure(e)),
+        };
+    }
+    let key = args
+        .key
+        .as_deref()
+        .context("a key or --prefix is required")?;
+    let deleted = match args.if_revision {
+        None => rt.block_on(c.delete(key)).map(Ok),
+        Some(rev) => rt.block_on(c.delete_if(key, rev)),
+    };
+    match deleted {
+        Ok(Ok(r)) => {
             println!(
                 "{} (index {})",
                 if r.deleted { "deleted" } else { "not found" },
@@ -191,6 +269,7 @@ pub fn del(args: &DelArgs) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Ok(Err(failed)) => Ok(condition_failed(key, &failed)),
         Err(e) => Ok(failure(e)),
     }
 }
@@ -335,4 +414,59 @@ pub fn render_membership(view: &ClusterStatus) -> String {
         view.id,
     ));
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Cli, Command};
+    use super::*;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<Command, clap::Error> {
+        let mut argv = vec!["raftkv"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).map(|c| c.command)
+    }
+
+    #[test]
+    fn the_conditional_and_prefix_flags_use_the_public_names() {
+        let Command::Put(p) = parse(&["put", "k", "v", "--if-revision", "7"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!((p.key.as_str(), p.if_revision), ("k", Some(7)));
+        let Command::Del(d) = parse(&["del", "k", "--if-revision", "0"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (d.key.as_deref(), d.if_revision, d.prefix),
+            (Some("k"), Some(0), None)
+        );
+        let Command::Del(d) = parse(&["del", "--prefix", "user/"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!((d.key, d.prefix.as_deref()), (None, Some("user/")));
+        let Command::Get(g) = parse(&["get", "k", "-w", "json"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(g.format, ValueFormat::Json);
+        let Command::Get(g) = parse(&["get", "k"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(g.format, ValueFormat::Simple);
+        let Command::Txn(t) = parse(&["txn", "--file", "-"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(t.file, std::path::PathBuf::from("-"));
+        for bad in [
+            &["del"][..],
+            &["del", "k", "--prefix", "p"],
+            &["del", "--prefix", ""],
+            &["del", "--prefix", "p", "--if-revision", "3"],
+            &["put", "k", "v", "--if-revision", "-1"],
+            &["get", "k", "-w", "yaml"],
+            &["txn"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
 }

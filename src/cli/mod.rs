@@ -13,6 +13,7 @@ mod member;
 mod ready;
 mod serve;
 mod snapshot;
+mod txn;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -65,12 +66,15 @@ impl LogFormat {
 pub enum Command {
     /// Run one node.
     Serve(Box<serve::ServeArgs>),
-    /// Write a key.
+    /// Write a key (only at a revision with --if-revision).
     Put(kv::PutArgs),
     /// Read a key (exit 1 if it does not exist).
     Get(kv::GetArgs),
-    /// Delete a key.
+    /// Delete a key (only at a revision with --if-revision), or every key under --prefix.
     Del(kv::DelArgs),
+    /// Run a transaction from a JSON file (exit 0 when it succeeded, 1 when the failure
+    /// branch ran).
+    Txn(txn::TxnArgs),
     /// List keys in order, optionally under a prefix.
     List(kv::ListArgs),
     /// Every member's view of the cluster.
@@ -150,6 +154,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Put(args) => kv::put(&args),
         Command::Get(args) => kv::get(&args),
         Command::Del(args) => kv::del(&args),
+        Command::Txn(args) => txn::run(&args),
         Command::List(args) => kv::list(&args),
         Command::Status(args) => kv::status(&args),
         Command::Ready(args) => ready::run(&args),

@@ -8,10 +8,20 @@
 //! - **Retries where they are safe.** A refused connection (nothing was sent) or a 503 moves on
 //!   to the next endpoint, with exponential backoff after each full round, until the retry
 //!   budget runs out ([`ClientError::Unavailable`]).
-//! - **Never a blind write retry.** A write that got 504, or whose connection failed after the
-//!   request was sent, or that met a node-side 500, returns [`ClientError::OutcomeUnknown`]: the
-//!   write may or may not be applied, and only the caller knows whether repeating it is safe.
-//!   Reads are idempotent and are retried in those cases.
+//! - **Exactly-once writes.** Every key write (put, delete, delete by prefix, transaction)
+//!   goes out under a session (module `session`): a client id and a sequence number. A write
+//!   that got 504, or whose connection failed after the request was sent, or that met a
+//!   node-side 500, is resent with the **same** id and sequence, on any endpoint, with the
+//!   usual leader discovery and backoff: the server applies it at most once and answers a
+//!   resend from its session table. Only when the retry budget is spent without a definite
+//!   answer does the write return [`ClientError::OutcomeUnknown`]. A 409 `session_expired`
+//!   (the server forgot the session; nothing was applied) starts a fresh session and resends.
+//! - **Never a blind write retry without a session.** With `sessions` off, and for
+//!   membership changes, such a write returns [`ClientError::OutcomeUnknown`] at once: only
+//!   the caller knows whether repeating it is safe. Reads are idempotent and are retried.
+//! - **Conditions are answers.** [`Client::put_if`] and [`Client::delete_if`] answer
+//!   `Ok(Err(ConditionFailed))` when the key's `mod_revision` was not the expected one (a 412:
+//!   nothing changed), with the key as it is now: a compare-and-swap loop reads nothing more.
 //! - **Unreachable is said fast.** Connecting gets `connect_timeout_ms` (1 s); when no
 //!   endpoint has answered anything within `unreachable_ms` (2 s), the operation fails as
 //!   unavailable at once instead of spending the whole retry budget.
@@ -31,10 +41,16 @@
 //!   leader's view, which alone has each member's match index.
 
 mod download;
+mod session;
+mod write;
 
 pub use download::SnapshotDownload;
+pub use write::{ConditionFailed, Conditional};
 
-use crate::api::http::{FORWARDED_TO_HEADER, KIND_KEY_NOT_FOUND, LEADER_URL_HEADER};
+use crate::api::http::{
+    CLIENT_ID_HEADER, DUPLICATE_HEADER, FORWARDED_TO_HEADER, KIND_KEY_NOT_FOUND, LEADER_URL_HEADER,
+    REVISION_HEADER, SEQ_HEADER,
+};
 use crate::api::types::*;
 use crate::api::Consistency;
 use raftkv_storage::NodeId;
@@ -66,6 +82,9 @@ pub struct ClientConfig {
     pub token: Option<String>,
     /// The most pairs asked for in one list page.
     pub list_page_max: usize,
+    /// Send key writes under exactly-once sessions (resent safely until answered); off, a
+    /// write whose outcome is unknown is reported at once as [`ClientError::OutcomeUnknown`].
+    pub sessions: bool,
 }
 
 impl ClientConfig {
@@ -82,6 +101,7 @@ impl ClientConfig {
             ca_file: None,
             token: None,
             list_page_max: 1000,
+            sessions: true,
         }
     }
 
@@ -121,9 +141,20 @@ pub enum ClientError {
     Rejected { status: u16, message: String },
     #[error("invalid client configuration: {0}")]
     Config(String),
-    /// A node answered something that is not the API's JSON.
+    /// A node answered something that is not the API's JSON (or broke the session rules).
     #[error("unexpected response: {0}")]
     Protocol(String),
+    /// A resent write had applied (at `revision`), but its result was too large for the
+    /// server to keep for a resend (a transaction's big gets, a failed condition's big current
+    /// value): whether its condition held is unknown here; read the keys.
+    #[error("the write applied at revision {revision:?}, but its result was not kept: {message}")]
+    ResultNotKept {
+        revision: Option<u64>,
+        message: String,
+    },
+    /// The arguments cannot make a valid request (e.g. an empty prefix to delete).
+    #[error("invalid request: {0}")]
+    InvalidInput(String),
 }
 
 impl ClientError {
@@ -147,16 +178,115 @@ pub struct Client {
     config: ClientConfig,
     /// Index into `config.endpoints` of the node believed to lead.
     leader: Mutex<Option<usize>>,
+    /// Idle exactly-once sessions (used when `config.sessions`).
+    sessions: session::SessionPool,
+}
+
+/// How a request may be retried.
+#[derive(Clone, Copy, Debug)]
+enum Mode<'a> {
+    /// Idempotent: retried after any failure.
+    Read,
+    /// A write without a session: never resent once it may have been sent.
+    Write,
+    /// A write under a session: resent with the same id and sequence until answered.
+    Session { client_id: &'a str, seq: u64 },
+}
+
+impl Mode<'_> {
+    fn is_write(self) -> bool {
+        !matches!(self, Mode::Read)
+    }
+}
+
+/// A definite answer: its status, its body and the revision it was served at (the
+/// `X-Raftkv-Revision` header, on key reads and writes).
+struct Answer {
+    status: u16,
+    bytes: Vec<u8>,
+    revision: Option<u64>,
 }
 
 enum Attempt {
-    Done(u16, Vec<u8>),
+    Done(Answer),
     /// Safe to try another endpoint (nothing applied); the endpoint answered.
     Retry(String),
     /// Nothing was sent: the endpoint could not be reached.
     Unreachable(String),
     /// The request may have been applied.
     Unknown(String),
+}
+
+/// The retry budget of one request, and what its attempts have seen so far.
+struct RetryState {
+    deadline: Instant,
+    started: Instant,
+    unreachable: Duration,
+    backoff_ms: u64,
+    backoff_max_ms: u64,
+    last_error: String,
+    /// Some endpoint answered (or took the request): the cluster is there.
+    answered: bool,
+    /// A sessioned write may have been applied by an attempt without a definite answer.
+    maybe_applied: bool,
+}
+
+impl RetryState {
+    fn new(config: &ClientConfig) -> RetryState {
+        let started = Instant::now();
+        RetryState {
+            deadline: started + Duration::from_millis(config.retry_budget_ms),
+            started,
+            unreachable: Duration::from_millis(config.unreachable_ms),
+            backoff_ms: config.backoff_min_ms,
+            backoff_max_ms: config.backoff_max_ms,
+            last_error: String::from("no attempt made"),
+            answered: false,
+            maybe_applied: false,
+        }
+    }
+
+    /// The error to end with: the outcome is unknown if an attempt may have applied.
+    fn give_up(&self) -> ClientError {
+        if self.maybe_applied {
+            ClientError::OutcomeUnknown(format!(
+                "resent with the same session until the retry budget ran out; last: {}",
+                self.last_error
+            ))
+        } else {
+            ClientError::Unavailable(self.last_error.clone())
+        }
+    }
+
+    /// After a failed attempt: give up when nothing answered in time or the budget is spent.
+    fn give_up_now(&self) -> Option<ClientError> {
+        if !self.answered && self.started.elapsed() >= self.unreachable {
+            return Some(ClientError::Unavailable(format!(
+                "no endpoint answered within {} ms; last: {}",
+                self.unreachable.as_millis(),
+                self.last_error
+            )));
+        }
+        (Instant::now() >= self.deadline).then(|| self.give_up())
+    }
+
+    /// Backs off after a full round of endpoints; errs when the budget leaves no time.
+    async fn pause(&mut self) -> Result<(), ClientError> {
+        // While nothing has answered, wake in time to give up within `unreachable`.
+        let give_up_at = if self.answered {
+            self.deadline
+        } else {
+            self.deadline.min(self.started + self.unreachable)
+        };
+        let sleep = Duration::from_millis(self.backoff_ms)
+            .min(give_up_at.saturating_duration_since(Instant::now()));
+        if sleep.is_zero() && self.answered {
+            return Err(self.give_up());
+        }
+        tokio::time::sleep(sleep).await;
+        self.backoff_ms = (self.backoff_ms * 2).min(self.backoff_max_ms);
+        Ok(())
+    }
 }
 
 impl Client {
@@ -170,6 +300,7 @@ impl Client {
             http,
             config,
             leader: Mutex::new(None),
+            sessions: session::SessionPool::default(),
         })
     }
 
@@ -184,18 +315,6 @@ impl Client {
         &self.config.endpoints
     }
 
-    /// Writes `key` = `value`; returns once committed and applied.
-    pub async fn put(&self, key: &str, value: &str) -> Result<KvResponse, ClientError> {
-        let body = serde_json::to_vec(&PutBody {
-            value: value.to_string(),
-        })
-        .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let (status, bytes) = self
-            .request(reqwest::Method::PUT, &key_path(key), Some(body), true)
-            .await?;
-        expect_json(status, &bytes)
-    }
-
     /// Reads `key`; `Ok(None)` if it does not exist.
     pub async fn get(
         &self,
@@ -203,21 +322,13 @@ impl Client {
         consistency: Consistency,
     ) -> Result<Option<KvResponse>, ClientError> {
         let path = key_path_and_query(key, &format!("consistency={}", consistency.as_str()));
-        let (status, bytes) = self
-            .request(reqwest::Method::GET, &path, None, false)
+        let Answer { status, bytes, .. } = self
+            .request(reqwest::Method::GET, &path, None, Mode::Read)
             .await?;
         if status == 404 && error_kind(&bytes).as_deref() == Some(KIND_KEY_NOT_FOUND) {
             return Ok(None);
         }
         expect_json(status, &bytes).map(Some)
-    }
-
-    /// Deletes `key`; returns once committed and applied.
-    pub async fn delete(&self, key: &str) -> Result<DeleteResponse, ClientError> {
-        let (status, bytes) = self
-            .request(reqwest::Method::DELETE, &key_path(key), None, true)
-            .await?;
-        expect_json(status, &bytes)
     }
 
     /// Lists up to `limit` keys starting with `prefix`, in order, following the server's
@@ -273,8 +384,8 @@ impl Client {
             path.push_str("&start=");
             path.push_str(&percent_encode(start));
         }
-        let (status, bytes) = self
-            .request(reqwest::Method::GET, &path, None, false)
+        let Answer { status, bytes, .. } = self
+            .request(reqwest::Method::GET, &path, None, Mode::Read)
             .await?;
         expect_json(status, &bytes)
     }
@@ -283,12 +394,12 @@ impl Client {
     pub async fn transfer_leader(&self, to: NodeId) -> Result<(), ClientError> {
         let body = serde_json::to_vec(&TransferBody { to })
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let (status, bytes) = self
+        let Answer { status, bytes, .. } = self
             .request(
                 reqwest::Method::POST,
                 "/cluster/transfer-leader",
                 Some(body),
-                false,
+                Mode::Read,
             )
             .await?;
         expect_json::<serde_json::Value>(status, &bytes).map(|_| ())
@@ -299,8 +410,8 @@ impl Client {
     /// lead but names a leader whose client URL it knows, the leader is asked once more
     /// directly, and the first answer stands if the leader cannot give one.
     pub async fn members(&self) -> Result<MembersResponse, ClientError> {
-        let (status, bytes) = self
-            .request(reqwest::Method::GET, "/cluster/members", None, false)
+        let Answer { status, bytes, .. } = self
+            .request(reqwest::Method::GET, "/cluster/members", None, Mode::Read)
             .await?;
         let first: MembersResponse = expect_json(status, &bytes)?;
         let leader_url = match &first.leader {
@@ -389,7 +500,7 @@ impl Client {
         path: String,
         body: Option<Vec<u8>>,
     ) -> Result<ClusterStatus, ClientError> {
-        let (status, bytes) = self.request(method, &path, body, true).await?;
+        let Answer { status, bytes, .. } = self.request(method, &path, body, Mode::Write).await?;
         expect_json(status, &bytes)
     }
 
@@ -448,61 +559,46 @@ impl Client {
         futures_util::future::join_all(all).await
     }
 
-    /// Sends one request with leader discovery and safe retries.
+    /// Sends one request with leader discovery and the retries `mode` allows.
     async fn request(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Option<Vec<u8>>,
-        is_write: bool,
-    ) -> Result<(u16, Vec<u8>), ClientError> {
-        let deadline = Instant::now() + Duration::from_millis(self.config.retry_budget_ms);
+        mode: Mode<'_>,
+    ) -> Result<Answer, ClientError> {
+        let mut state = RetryState::new(&self.config);
         let n = self.config.endpoints.len();
-        let mut backoff_ms = self.config.backoff_min_ms;
-        let mut last_error = String::from("no attempt made");
         let mut round = 0usize;
-        let started = Instant::now();
-        let unreachable = Duration::from_millis(self.config.unreachable_ms);
-        let mut answered = false;
         loop {
             let start = (*lock(&self.leader)).unwrap_or(round % n);
             for step in 0..n {
                 let i = (start + step) % n;
-                let why = match self.attempt(i, &method, path, body.clone(), is_write).await {
-                    Attempt::Done(status, bytes) => return Ok((status, bytes)),
-                    Attempt::Unknown(why) => return Err(ClientError::OutcomeUnknown(why)),
+                let why = match self.attempt(i, &method, path, body.clone(), mode).await {
+                    Attempt::Done(answer) => return Ok(answer),
+                    Attempt::Unknown(why) => match mode {
+                        Mode::Session { .. } => {
+                            tracing::debug!(%why, "resending a sessioned write");
+                            state.maybe_applied = true;
+                            state.answered = true;
+                            why
+                        }
+                        _ => return Err(ClientError::OutcomeUnknown(why)),
+                    },
                     Attempt::Unreachable(why) => why,
                     Attempt::Retry(why) => {
-                        answered = true;
+                        state.answered = true;
                         why
                     }
                 };
                 self.forget_leader(i);
-                last_error = why;
-                if !answered && started.elapsed() >= unreachable {
-                    return Err(ClientError::Unavailable(format!(
-                        "no endpoint answered within {} ms; last: {last_error}",
-                        unreachable.as_millis()
-                    )));
-                }
-                if Instant::now() >= deadline {
-                    return Err(ClientError::Unavailable(last_error));
+                state.last_error = why;
+                if let Some(e) = state.give_up_now() {
+                    return Err(e);
                 }
             }
             round += 1;
-            // While nothing has answered, wake in time to give up within `unreachable`.
-            let give_up_at = if answered {
-                deadline
-            } else {
-                deadline.min(started + unreachable)
-            };
-            let sleep = Duration::from_millis(backoff_ms)
-                .min(give_up_at.saturating_duration_since(Instant::now()));
-            if sleep.is_zero() && answered {
-                return Err(ClientError::Unavailable(last_error));
-            }
-            tokio::time::sleep(sleep).await;
-            backoff_ms = (backoff_ms * 2).min(self.config.backoff_max_ms);
+            state.pause().await?;
         }
     }
 
@@ -520,14 +616,20 @@ impl Client {
         method: &reqwest::Method,
         path: &str,
         body: Option<Vec<u8>>,
-        is_write: bool,
+        mode: Mode<'_>,
     ) -> Attempt {
+        let is_write = mode.is_write();
         let endpoint = &self.config.endpoints[i];
         let mut req = self
             .http
             .request(method.clone(), format!("{endpoint}{path}"));
         if let Some(b) = body {
             req = req.header("content-type", "application/json").body(b);
+        }
+        if let Mode::Session { client_id, seq } = mode {
+            req = req
+                .header(CLIENT_ID_HEADER, client_id)
+                .header(SEQ_HEADER, seq.to_string());
         }
         let resp = match req.send().await {
             Ok(r) => r,
@@ -540,7 +642,14 @@ impl Client {
             Err(e) => return Attempt::Retry(format!("{endpoint}: {e}")),
         };
         let status = resp.status().as_u16();
+        if resp.headers().contains_key(DUPLICATE_HEADER) {
+            tracing::debug!(%endpoint, ?mode, status, "answered from the session table");
+        }
         let forwarded = resp.headers().contains_key(FORWARDED_TO_HEADER);
+        let revision = resp
+            .headers()
+            .get(REVISION_HEADER)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
         let leader_url = resp
             .headers()
             .get(LEADER_URL_HEADER)
@@ -563,7 +672,11 @@ impl Client {
                 if (200..300).contains(&status) {
                     self.learn_leader(i, forwarded, leader_url.as_deref());
                 }
-                Attempt::Done(status, bytes)
+                Attempt::Done(Answer {
+                    status,
+                    bytes,
+                    revision,
+                })
             }
         }
     }
@@ -709,5 +822,7 @@ pub fn percent_encode(s: &str) -> String {
     out
 }
 
+#[cfg(test)]
+mod session_tests;
 #[cfg(test)]
 mod tests;

@@ -20,6 +20,16 @@ fn client(endpoints: Vec<String>, budget_ms: u64) -> Client {
     Client::new(c).unwrap()
 }
 
+/// A client whose writes carry no session (so an unanswered write is never resent).
+fn sessionless(endpoints: Vec<String>, budget_ms: u64) -> Client {
+    let mut c = ClientConfig::new(endpoints);
+    c.retry_budget_ms = budget_ms;
+    c.request_timeout_ms = 2000;
+    c.backoff_min_ms = 10;
+    c.sessions = false;
+    Client::new(c).unwrap()
+}
+
 #[tokio::test]
 async fn finds_the_leader_through_dead_nodes_and_followers() {
     let leader = spawn(MapService::leader(1)).await;
@@ -70,12 +80,12 @@ async fn no_leader_anywhere_is_unavailable_after_the_budget() {
 }
 
 #[tokio::test]
-async fn a_504_write_is_outcome_unknown_and_not_retried() {
+async fn without_sessions_a_504_write_is_outcome_unknown_and_not_retried() {
     let mut svc = MapService::leader(1);
     svc.write_error = Some(ServiceError::Timeout("not committed in time".into()));
     let timing_out = spawn(svc).await;
     let healthy = spawn(MapService::leader(2)).await;
-    let c = client(vec![timing_out, healthy.clone()], 5000);
+    let c = sessionless(vec![timing_out, healthy.clone()], 5000);
     let err = c.put("k", "v").await.unwrap_err();
     assert!(matches!(err, ClientError::OutcomeUnknown(_)), "{err}");
     // Not retried elsewhere: the healthy node never saw the write.
@@ -84,7 +94,7 @@ async fn a_504_write_is_outcome_unknown_and_not_retried() {
 }
 
 #[tokio::test]
-async fn a_connection_dropped_after_sending_a_write_is_outcome_unknown() {
+async fn without_sessions_a_connection_dropped_after_sending_a_write_is_outcome_unknown() {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", l.local_addr().unwrap());
     tokio::spawn(async move {
@@ -97,7 +107,7 @@ async fn a_connection_dropped_after_sending_a_write_is_outcome_unknown() {
             let _ = s.shutdown().await; // read the request, answer nothing
         }
     });
-    let c = client(vec![url], 2000);
+    let c = sessionless(vec![url], 2000);
     let err = c.put("k", "v").await.unwrap_err();
     assert!(matches!(err, ClientError::OutcomeUnknown(_)), "{err}");
     // A read in the same situation is retried until the budget, then unavailable.
@@ -279,7 +289,9 @@ async fn a_snapshot_streams_from_the_leader_into_a_verified_backup() {
     leader.snapshot_dir = Some(dir.path().to_path_buf());
     let leader = spawn(leader).await;
     let follower = spawn(MapService::follower(2, 1, Some(leader.clone()))).await;
-    let c = client(
+    // Without sessions: the snapshot then holds the 300 keys and nothing else (a session
+    // table's records would count too).
+    let c = sessionless(
         vec![dead_endpoint().await, follower.clone(), leader.clone()],
         5000,
     );
@@ -403,4 +415,76 @@ async fn the_member_list_prefers_the_leaders_view() {
     let err = c.remove_member(2, false).await.unwrap_err();
     assert!(matches!(err, ClientError::OutcomeUnknown(_)), "{err}");
     assert_eq!(proposals.lock().unwrap().len(), 1, "sent once");
+}
+
+#[tokio::test]
+async fn revisions_conditions_transactions_and_prefix_deletes_round_trip() {
+    let leader = spawn(MapService::leader(1)).await;
+    let follower = spawn(MapService::follower(2, 1, Some(leader.clone()))).await;
+    let c = client(vec![follower, leader], 5000);
+    // Only if absent, then a compare-and-swap chain on mod_revision.
+    let first = c.put_if("lock", "a", 0).await.unwrap().unwrap();
+    assert_eq!(
+        (first.version, first.create_revision),
+        (1, first.mod_revision)
+    );
+    let failed = c.put_if("lock", "b", 0).await.unwrap().unwrap_err();
+    assert_eq!(
+        failed
+            .current
+            .as_ref()
+            .map(|kv| (kv.value.as_str(), kv.mod_revision)),
+        Some(("a", first.mod_revision))
+    );
+    let second = c
+        .put_if("lock", "b", first.mod_revision)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.version, 2);
+    assert!(second.mod_revision > first.mod_revision);
+    let got = c
+        .get("lock", Consistency::Linearizable)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((got.mod_revision, got.version), (second.mod_revision, 2));
+    assert!(c
+        .delete_if("lock", first.mod_revision)
+        .await
+        .unwrap()
+        .is_err());
+    assert!(
+        c.delete_if("lock", second.mod_revision)
+            .await
+            .unwrap()
+            .unwrap()
+            .deleted
+    );
+    // A transaction: create two keys only if the first is absent; again, the failure branch.
+    let txn: TxnRequest = serde_json::from_value(serde_json::json!({
+        "compare": [{"key": "p/1", "target": "version", "op": "==", "value": 0}],
+        "success": [{"put": {"key": "p/1", "value": "x"}}, {"put": {"key": "p/2", "value": "y"}}],
+        "failure": [{"get": {"key": "p/1"}}]
+    }))
+    .unwrap();
+    let ran = c.txn(&txn).await.unwrap();
+    assert!(ran.succeeded);
+    assert_eq!(ran.results.len(), 2);
+    let again = c.txn(&txn).await.unwrap();
+    assert!(!again.succeeded);
+    assert!(
+        matches!(&again.results[..], [TxnOpResult::Get { kv: Some(kv), .. }] if kv.mod_revision == ran.revision),
+        "{again:?}"
+    );
+    let gone = c.delete_prefix("p/").await.unwrap();
+    assert_eq!(gone.deleted, 2);
+    assert!(c
+        .list("p/", 10, Consistency::Linearizable)
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+    // Every write above went out under the one session, in order.
+    assert_eq!(c.sessions.idle(), 1);
 }
