@@ -12,12 +12,10 @@
 use super::session::Session;
 use super::{error_kind, error_text, expect_json, key_path, key_path_and_query, percent_encode};
 use super::{Answer, Client, ClientError, Mode};
-use crate::api::http::{KIND_CONDITION_FAILED, KIND_SESSION_EXPIRED, KIND_SESSION_STALE};
+use crate::api::http::{
+    KIND_CONDITION_FAILED, KIND_RESULT_NOT_KEPT, KIND_SESSION_EXPIRED, KIND_SESSION_STALE,
+};
 use crate::api::types::*;
-
-/// The 409 kind of a resend whose write applied but whose result was too large to keep (the
-/// server's `writes::KIND_RESULT_NOT_KEPT`, which `api::http` does not re-export).
-const KIND_RESULT_NOT_KEPT: &str = "result_not_kept";
 
 /// Fresh sessions tried for one write before the server's `session_expired` answers are
 /// taken for a protocol error (a fresh session starts at sequence 1, which cannot expire).
