@@ -119,9 +119,26 @@ fn simulation_seeds() {
         t.frames_plausible_skipped
     );
     eprintln!("membership changes: {:?}", t.member);
+    eprintln!(
+        "sessions: {} sessioned writes, {} retried, {} duplicates answered ({} in the log), \
+         {} evicted or expired, {} refused as expired; {} CAS ok, {} CAS failed, {} txns ok, \
+         {} txns failed, {} prefix deletes",
+        t.writes_sessioned,
+        t.sessioned_retries,
+        t.duplicates,
+        t.duplicates_in_log,
+        t.evictions,
+        t.session_expired,
+        t.cas_ok,
+        t.cas_failed,
+        t.txns_ok,
+        t.txns_failed,
+        t.prefix_deletes
+    );
     assert!(failures.is_empty(), "failed seeds: {failures:?}");
     if count >= 100 {
         assert_membership_exercised(&t.member);
+        assert_sessions_exercised(&t);
     }
 }
 
@@ -150,6 +167,29 @@ fn assert_membership_exercised(m: &sim::MemberStats) {
             n > 0,
             "no completed membership change of the kind: {what}: {m:?}"
         );
+    }
+}
+
+/// Issue 11's paths all happened: retries answered from the session table, conditional
+/// puts that succeeded and failed, transactions both ways, prefix deletes, and sessions
+/// evicted with a client told so.
+fn assert_sessions_exercised(t: &sim::Stats) {
+    let kinds = [
+        ("a retry answered from the session table", t.duplicates),
+        (
+            "a duplicate entry in the committed log",
+            t.duplicates_in_log,
+        ),
+        ("a conditional put that succeeded", t.cas_ok),
+        ("a conditional put that failed", t.cas_failed),
+        ("a transaction that succeeded", t.txns_ok),
+        ("a transaction whose failure branch ran", t.txns_failed),
+        ("a prefix delete", t.prefix_deletes),
+        ("a session evicted or expired", t.evictions),
+        ("a write refused as SessionExpired", t.session_expired),
+    ];
+    for (what, n) in kinds {
+        assert!(n > 0, "nothing of the kind: {what}: {t:?}");
     }
 }
 
@@ -195,8 +235,8 @@ fn same_seed_same_run() {
     let a = run_seed(7).expect("seed 7 passes");
     let b = run_seed(7).expect("seed 7 passes");
     assert_eq!(
-        (a.events, a.ops_ok, a.elections),
-        (b.events, b.ops_ok, b.elections)
+        (a.events, a.ops_ok, a.elections, a.duplicates, a.cas_ok),
+        (b.events, b.ops_ok, b.elections, b.duplicates, b.cas_ok)
     );
 }
 
@@ -224,7 +264,8 @@ fn byzantine_lite_frames_are_refused_and_the_cluster_stays_live() {
 
 /// The simulator reaches the runtime's hard paths: crashes inside a storage group (power
 /// cuts), compactions and snapshot installs (the three-party rendezvous) all happen, and so
-/// does every kind of membership change (`simulation_seeds` checks the same of the default
+/// does every kind of membership change and every issue-11 path (duplicates answered from
+/// the session table, CAS both ways, transactions, prefix deletes, evictions) (`simulation_seeds` checks the same of the default
 /// seed set).
 #[test]
 fn the_runtime_paths_that_matter_are_exercised() {
@@ -238,6 +279,7 @@ fn the_runtime_paths_that_matter_are_exercised() {
     assert!(totals.power_cuts > 0, "no crash inside a storage group");
     assert!(totals.compactions > 0, "no compaction");
     assert!(totals.snapshots_installed > 0, "no snapshot install");
+    assert_sessions_exercised(&totals);
     assert!(
         totals.ops_ok > 1000,
         "too little client work: {}",
