@@ -1,6 +1,6 @@
 //! Deterministic simulation of raftkv clusters under faults (see tests/simulation/sim.rs).
 //!
-//! `cargo test --release --test simulation` runs `RAFTKV_SIM_SEEDS` seeds (default 1200; 40 in a debug build)
+//! `cargo test --release --test simulation` runs `RAFTKV_SIM_SEEDS` seeds (default 1000; 40 in a debug build)
 //! starting at `RAFTKV_SIM_SEED_START` (default 0). A failure prints the seed, its parameters
 //! and fault schedule, and the command that replays it. Seeds that once found a bug are kept
 //! as named regression tests below. `RAFTKV_SIM_NO_MEMBERSHIP=1` leaves membership changes out
@@ -19,10 +19,13 @@ use std::time::Instant;
 /// Simulated run length per seed, in ms (with faults throughout), before healing.
 const RUN_MS: u64 = 60_000;
 
-/// Seeds per default run: about 4 minutes in release on 2 idle cores (≈0.37 s per seed and
-/// core, measured: each seed runs 3 or 5 nodes of the real runtime with sled through 60
-/// simulated seconds of faults), inside the 15 minutes CI allows the simulator.
-const DEFAULT_SEEDS: u64 = 1200;
+/// Seeds per default run: about 5 minutes in release on 2 cores (≈0.55 s per seed and core:
+/// each seed runs 3 or 5 nodes of the real runtime with sled through 60 simulated seconds of
+/// faults, and a reference state machine). Issue 11's client mix (sessions, retries until a
+/// definite answer, transactions, session table upkeep) and its checks cost about a quarter
+/// more per seed than the put/get/delete clients before it, so the default went from 1200 to
+/// 1000 seeds to stay inside the CI budget (about 330 s for the whole test binary).
+const DEFAULT_SEEDS: u64 = 1000;
 
 /// Seeds per default run in a debug build (`cargo test` without `--release`).
 const DEBUG_DEFAULT_SEEDS: u64 = 40;

@@ -47,6 +47,11 @@ use tokio::sync::oneshot;
 /// expire by age.
 pub const SESSION_TTL_MS: u64 = 20_000;
 
+/// A client waits up to this long between two operations: sessioned writes no longer end
+/// in an abandoned 600 ms timeout, so clients would otherwise do half as much again as
+/// before sessions, and the seeds' CPU budget is fixed (see `DEFAULT_SEEDS`).
+const CLIENT_THINK_MS_MAX: u64 = 40;
+
 /// What a write is, for the statistics and failure reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WriteKind {
@@ -498,7 +503,7 @@ impl Sim {
     fn give_up(&mut self, client: u64) {
         self.clients[client as usize].current = None;
         self.stats.ops_unknown += 1;
-        let delay = self.rng.range(0, 20);
+        let delay = self.rng.range(0, CLIENT_THINK_MS_MAX);
         self.schedule(delay, Event::ClientNext(client));
     }
 
@@ -608,7 +613,7 @@ impl Sim {
         let (idx, _) = cl.current.take().expect("checked");
         self.history[idx].ret = Some((self.clock, answer));
         self.stats.ops_ok += 1;
-        let delay = self.rng.range(0, 20);
+        let delay = self.rng.range(0, CLIENT_THINK_MS_MAX);
         self.schedule(delay, Event::ClientNext(c));
     }
 
