@@ -648,6 +648,57 @@ fn no_early_campaign_when_leases_are_in_use() {
     assert!(ticks_to_campaign(&mut r, 9).is_none());
 }
 
+/// Found by the simulator (seed 345 of the issue-11 client mix): without pre-vote and
+/// check-quorum, a node whose own configuration (a joint one adding it) makes it a voter,
+/// while the leader's has demoted it to a learner, raised its term by campaigning; every
+/// vote request was ignored as a non-voter's, and it ignored the leader's appends of the
+/// older term, trusting its campaign to bring the cluster to its term: stuck for good. It
+/// now tells the stale leader its term whether or not it may campaign.
+#[test]
+fn a_node_that_may_campaign_tells_a_stale_leader_its_term_too() {
+    let mut c = config(4);
+    c.pre_vote = false;
+    c.check_quorum = false;
+    let m = Membership::with_voters([1, 2, 3, 4]);
+    let mut r = Raft::join(c, m, 1).unwrap();
+    assert!(r.may_campaign());
+    let vote = MessageBody::Vote {
+        pre: false,
+        transfer: false,
+        last_index: 0,
+        last_term: 0,
+    };
+    r.step(Message {
+        from: 1,
+        to: 4,
+        term: 9,
+        body: vote,
+    })
+    .unwrap();
+    assert_eq!(r.term(), 9);
+    drain(&mut r);
+    r.step(Message {
+        from: 2,
+        to: 4,
+        term: 5,
+        body: MessageBody::Heartbeat {
+            commit: 0,
+            read_round: 0,
+        },
+    })
+    .unwrap();
+    let sent: Vec<Message> = drain(&mut r)
+        .into_iter()
+        .flat_map(|rd| rd.messages_now.into_iter().chain(rd.messages_after_persist))
+        .collect();
+    assert!(
+        sent.iter().any(|m| m.to == 2
+            && m.term == 9
+            && matches!(m.body, MessageBody::AppendResponse { reject: true, .. })),
+        "{sent:?}"
+    );
+}
+
 /// Found by the simulator (seed 8 with membership changes): without pre-vote and
 /// check-quorum a node silently ignores a leader of an older term, trusting its own campaign
 /// to bring the cluster up to its term. A learner (or a member removed by a committed

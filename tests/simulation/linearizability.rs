@@ -1,60 +1,184 @@
 //! A Wing–Gong linearizability checker with Lowe's memoization, partitioned per key.
 //!
-//! The model is a register per key (`Option<String>`) with put, delete (returns whether the
-//! key existed) and get. Keys are independent, so checking each key's sub-history alone is
-//! equivalent to checking the whole history (linearizability is compositional), and far
-//! cheaper. Operations whose outcome is unknown (the client gave up waiting) may take effect
-//! at any point after their invocation or never: their return is placed after every known
-//! event, and the search succeeds once every known operation is linearized.
+//! The model is a revisioned register per key: absent, or a value with its
+//! `create_revision`, `mod_revision` and `version` (puts since creation), as the state machine
+//! keeps them. An operation is a list of [`Action`]s on one key taking effect at one point:
+//! compares that held or failed, reads of the whole record, puts (which set `mod_revision`
+//! to the operation's revision and count a version) and deletes. A plain put, delete or read
+//! is one action; a conditional put (`mod_revision == N` compare, put on success, get on
+//! failure) is two; a multi-key transaction is projected onto each key it touches (its
+//! compares on that key, then its operations on it, all at the transaction's revision).
+//!
+//! Keys are independent, so checking each key's sub-history alone is equivalent to checking
+//! the whole history (linearizability is compositional) for single-key operations, and far
+//! cheaper. For multi-key transactions the per-key projection is a necessary condition (any
+//! linearization of the whole history projects onto each key). The revisions make it
+//! stronger: every operation that knows its revision (the Raft index it applied at) must be
+//! linearized on each key after every operation with a lower one, so all keys agree with
+//! the log's one order, and a transaction's effects on its keys sit at the same revision.
+//!
+//! Operations whose outcome is unknown (the client gave up waiting) may take effect at any
+//! point after their invocation or never (`must_happen` false); operations whose effect the
+//! simulator found in the committed log but whose answer the client never got must take
+//! effect, at any point after their invocation (`must_happen` true). Both have their return
+//! placed after every known event (or at their `effect_deadline`).
 //!
 //! Times are a strictly increasing logical clock, so no two events tie.
 
 use std::collections::{BTreeMap, HashSet};
 
-/// What an operation asked for.
+/// A key's record in the model.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum OpKind {
-    Put(String),
-    Delete,
-    Get,
+pub struct Rec {
+    pub value: String,
+    pub create_revision: u64,
+    pub mod_revision: u64,
+    pub version: u64,
 }
 
-/// What an operation returned.
+/// What a compare looks at, with the operand.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum OpResult {
-    Put,
-    Delete { existed: bool },
-    Get(Option<String>),
+pub enum Target {
+    Value(String),
+    Version(u64),
+    CreateRevision(u64),
+    ModRevision(u64),
 }
 
-/// One client operation in a history.
+/// A compare's operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Cmp {
+    Eq,
+    Ne,
+    Lt,
+    Gt,
+}
+
+impl Cmp {
+    fn holds<T: Ord + ?Sized>(self, current: &T, given: &T) -> bool {
+        match self {
+            Cmp::Eq => current == given,
+            Cmp::Ne => current != given,
+            Cmp::Lt => current < given,
+            Cmp::Gt => current > given,
+        }
+    }
+}
+
+/// One step of an operation on its key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// A compare on the key that evaluated to `holds`.
+    Check {
+        target: Target,
+        cmp: Cmp,
+        holds: bool,
+    },
+    /// A read that saw this record (`None`: absent).
+    Read(Option<Rec>),
+    /// A put; `result` is the (create_revision, version) it reported, if known.
+    Put {
+        value: String,
+        result: Option<(u64, u64)>,
+    },
+    /// A delete; `existed` is what it reported, if known.
+    Delete { existed: Option<bool> },
+}
+
+/// One client operation's effect on one key.
 #[derive(Clone, Debug)]
 pub struct Op {
     pub client: u64,
     pub key: String,
-    pub kind: OpKind,
+    /// What the client asked for, for failure reports.
+    pub what: String,
+    pub actions: Vec<Action>,
+    /// The revision (log index) the operation took effect at, if known. Required for puts.
+    pub rev: Option<u64>,
     /// Invocation time (first attempt).
     pub call: u64,
-    /// Response time and result; `None` if the outcome is unknown.
-    pub ret: Option<(u64, OpResult)>,
-    /// For an op with unknown outcome: the time after which it can no longer take effect, if
-    /// known (e.g. the client's next write completed: the session then rejects this one).
+    /// Response time; `None` if the client never got an answer.
+    pub ret: Option<u64>,
+    /// For an op without response: it certainly took effect (found in the committed log).
+    pub must_happen: bool,
+    /// For an op without response: the time after which it can no longer take effect, if
+    /// known.
     pub effect_deadline: Option<u64>,
 }
 
-/// Applies `op` to `state`; returns the new state if the op's known result is consistent.
-fn step(state: &Option<String>, op: &Op) -> Option<Option<String>> {
-    let result = op.ret.as_ref().map(|(_, r)| r);
-    match (&op.kind, result) {
-        (OpKind::Put(v), None | Some(OpResult::Put)) => Some(Some(v.clone())),
-        (OpKind::Delete, None) => Some(None),
-        (OpKind::Delete, Some(OpResult::Delete { existed })) => {
-            (*existed == state.is_some()).then_some(None)
-        }
-        (OpKind::Get, None) => Some(state.clone()),
-        (OpKind::Get, Some(OpResult::Get(v))) => (v == state).then(|| state.clone()),
-        _ => None,
+impl Op {
+    /// Whether the search must linearize this op (it cannot be left out as never applied).
+    fn required(&self) -> bool {
+        self.ret.is_some() || self.must_happen
     }
+}
+
+/// The model's state: the record, and the highest revision linearized on the key so far.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+struct State {
+    rec: Option<Rec>,
+    rev: u64,
+}
+
+fn compare(rec: &Option<Rec>, target: &Target, cmp: Cmp) -> bool {
+    match (rec, target) {
+        // A value compare on an absent key is false whatever the operator.
+        (None, Target::Value(_)) => false,
+        (Some(r), Target::Value(v)) => cmp.holds(r.value.as_bytes(), v.as_bytes()),
+        (r, Target::Version(n)) => cmp.holds(&r.as_ref().map_or(0, |r| r.version), n),
+        (r, Target::CreateRevision(n)) => {
+            cmp.holds(&r.as_ref().map_or(0, |r| r.create_revision), n)
+        }
+        (r, Target::ModRevision(n)) => cmp.holds(&r.as_ref().map_or(0, |r| r.mod_revision), n),
+    }
+}
+
+/// Applies `op` to `state`; returns the new state if the op's known results are consistent.
+fn step(state: &State, op: &Op) -> Option<State> {
+    if op.rev.is_some_and(|r| r <= state.rev) {
+        return None;
+    }
+    let mut rec = state.rec.clone();
+    for action in &op.actions {
+        match action {
+            Action::Check { target, cmp, holds } => {
+                if compare(&rec, target, *cmp) != *holds {
+                    return None;
+                }
+            }
+            Action::Read(seen) => {
+                if seen != &rec {
+                    return None;
+                }
+            }
+            Action::Put { value, result } => {
+                let rev = op.rev.expect("a put knows its revision");
+                let (create_revision, version) = match &rec {
+                    Some(r) => (r.create_revision, r.version + 1),
+                    None => (rev, 1),
+                };
+                if result.is_some_and(|got| got != (create_revision, version)) {
+                    return None;
+                }
+                rec = Some(Rec {
+                    value: value.clone(),
+                    create_revision,
+                    mod_revision: rev,
+                    version,
+                });
+            }
+            Action::Delete { existed } => {
+                if existed.is_some_and(|e| e != rec.is_some()) {
+                    return None;
+                }
+                rec = None;
+            }
+        }
+    }
+    Some(State {
+        rec,
+        rev: op.rev.unwrap_or(state.rev),
+    })
 }
 
 /// Search steps allowed per key before giving up (deterministic, unlike a time limit).
@@ -64,10 +188,6 @@ const MAX_STEPS_PER_KEY: u64 = 50_000_000;
 pub fn check(history: &[Op]) -> Result<(), String> {
     let mut by_key: BTreeMap<&str, Vec<Op>> = BTreeMap::new();
     for op in history {
-        // A read with unknown outcome has no effect: leave it out.
-        if op.kind == OpKind::Get && op.ret.is_none() {
-            continue;
-        }
         by_key.entry(op.key.as_str()).or_default().push(op.clone());
     }
     for (key, ops) in by_key {
@@ -76,13 +196,16 @@ pub fn check(history: &[Op]) -> Result<(), String> {
             verdict => {
                 let mut desc = String::new();
                 for op in &ops {
-                    let ret = match &op.ret {
-                        Some((t, r)) => format!("returned at {t}: {r:?}"),
-                        None => format!("unknown outcome (deadline {:?})", op.effect_deadline),
+                    let ret = match (op.ret, op.must_happen) {
+                        (Some(t), _) => format!("returned at {t}"),
+                        (None, true) => "unanswered, found in the log".to_string(),
+                        (None, false) => {
+                            format!("unknown outcome (deadline {:?})", op.effect_deadline)
+                        }
                     };
                     desc.push_str(&format!(
-                        "\n  client {} {:?} called at {} {ret}",
-                        op.client, op.kind, op.call
+                        "\n  client {} {} called at {} {ret}: rev {:?} {:?}",
+                        op.client, op.what, op.call, op.rev, op.actions
                     ));
                 }
                 let what = if verdict.is_none() {
@@ -99,109 +222,142 @@ pub fn check(history: &[Op]) -> Result<(), String> {
 
 const NONE: usize = usize::MAX;
 
+/// The event list of a WGL search: a doubly linked list over event slots 1..=2n (slot 0 is
+/// the head sentinel), with each op's call and return slots.
+struct Events {
+    events: Vec<(u64, usize, bool)>,
+    next: Vec<usize>,
+    prev: Vec<usize>,
+    call_slot: Vec<usize>,
+    ret_slot: Vec<usize>,
+}
+
+impl Events {
+    fn new(ops: &[Op]) -> Events {
+        let n = ops.len();
+        // Events: (time, op, is_return). Returns of unanswered ops go after everything.
+        let mut events: Vec<(u64, usize, bool)> = Vec::with_capacity(2 * n);
+        for (i, op) in ops.iter().enumerate() {
+            events.push((op.call, i, false));
+            let ret = match op.ret {
+                Some(t) => t,
+                None => op.effect_deadline.unwrap_or(u64::MAX),
+            };
+            events.push((ret, i, true));
+        }
+        events.sort_by_key(|&(t, i, is_ret)| (t, is_ret, i));
+        let len = events.len() + 1;
+        let next = (0..len)
+            .map(|k| if k + 1 < len { k + 1 } else { NONE })
+            .collect();
+        let prev = (0..len)
+            .map(|k| if k == 0 { NONE } else { k - 1 })
+            .collect();
+        let (mut call_slot, mut ret_slot) = (vec![0; n], vec![0; n]);
+        for (k, &(_, i, is_ret)) in events.iter().enumerate() {
+            if is_ret {
+                ret_slot[i] = k + 1;
+            } else {
+                call_slot[i] = k + 1;
+            }
+        }
+        Events {
+            events,
+            next,
+            prev,
+            call_slot,
+            ret_slot,
+        }
+    }
+
+    fn unlink_slot(&mut self, slot: usize) {
+        let (p, nx) = (self.prev[slot], self.next[slot]);
+        self.next[p] = nx;
+        if nx != NONE {
+            self.prev[nx] = p;
+        }
+    }
+
+    fn relink_slot(&mut self, slot: usize) {
+        let (p, nx) = (self.prev[slot], self.next[slot]);
+        self.next[p] = slot;
+        if nx != NONE {
+            self.prev[nx] = slot;
+        }
+    }
+
+    /// Takes op `i`'s call and return out of the list.
+    fn lift(&mut self, i: usize) {
+        self.unlink_slot(self.call_slot[i]);
+        self.unlink_slot(self.ret_slot[i]);
+    }
+
+    /// Puts op `i` back; returns the slot after its call.
+    fn unlift(&mut self, i: usize) -> usize {
+        self.relink_slot(self.ret_slot[i]);
+        self.relink_slot(self.call_slot[i]);
+        self.next[self.call_slot[i]]
+    }
+}
+
 /// WGL search over one key's operations: `Some(verdict)`, or `None` if the step budget ran out.
 pub fn check_key(ops: &[Op]) -> Option<bool> {
     let n = ops.len();
-    if n == 0 {
-        return Some(true);
-    }
-    // Events: (time, op, is_return). Unknown returns go after everything.
-    let mut events: Vec<(u64, usize, bool)> = Vec::with_capacity(2 * n);
-    for (i, op) in ops.iter().enumerate() {
-        events.push((op.call, i, false));
-        let ret = match &op.ret {
-            Some((t, _)) => *t,
-            None => op.effect_deadline.unwrap_or(u64::MAX),
-        };
-        events.push((ret, i, true));
-    }
-    events.sort_by_key(|&(t, i, is_ret)| (t, is_ret, i));
-    // Doubly linked list over event slots 1..=2n, slot 0 is the head sentinel.
-    let len = events.len() + 1;
-    let mut next = vec![NONE; len];
-    let mut prev = vec![NONE; len];
-    for k in 0..len {
-        next[k] = if k + 1 < len { k + 1 } else { NONE };
-        prev[k] = if k == 0 { NONE } else { k - 1 };
-    }
-    let mut call_slot = vec![0; n];
-    let mut ret_slot = vec![0; n];
-    for (k, &(_, i, is_ret)) in events.iter().enumerate() {
-        if is_ret {
-            ret_slot[i] = k + 1;
-        } else {
-            call_slot[i] = k + 1;
-        }
-    }
-    let unlink = |slot: usize, next: &mut Vec<usize>, prev: &mut Vec<usize>| {
-        let (p, nx) = (prev[slot], next[slot]);
-        next[p] = nx;
-        if nx != NONE {
-            prev[nx] = p;
-        }
-    };
-    let relink = |slot: usize, next: &mut Vec<usize>, prev: &mut Vec<usize>| {
-        let (p, nx) = (prev[slot], next[slot]);
-        next[p] = slot;
-        if nx != NONE {
-            prev[nx] = slot;
-        }
-    };
-    let words = n.div_ceil(64);
-    let mut linearized = vec![0u64; words];
-    let mut cache: HashSet<(Vec<u64>, Option<String>)> = HashSet::new();
-    let mut state: Option<String> = None;
-    let mut stack: Vec<(usize, Option<String>)> = Vec::new();
-    let mut cur = next[0];
+    let mut ev = Events::new(ops);
+    let mut linearized = vec![0u64; n.div_ceil(64)];
+    let mut cache: HashSet<(Vec<u64>, State)> = HashSet::new();
+    let mut state = State::default();
+    // (op, state before it, whether it was left out as never applied)
+    let mut stack: Vec<(usize, State)> = Vec::new();
+    let mut required_left = ops.iter().filter(|o| o.required()).count();
+    let mut cur = ev.next[0];
     let mut steps = 0u64;
     while cur != NONE {
         steps += 1;
         if steps > MAX_STEPS_PER_KEY {
             return None;
         }
-        let (_, i, is_ret) = events[cur - 1];
+        let (_, i, is_ret) = ev.events[cur - 1];
         if !is_ret {
             let mut lifted = false;
             if let Some(new_state) = step(&state, &ops[i]) {
                 linearized[i / 64] |= 1 << (i % 64);
                 if cache.insert((linearized.clone(), new_state.clone())) {
                     stack.push((i, std::mem::replace(&mut state, new_state)));
-                    unlink(call_slot[i], &mut next, &mut prev);
-                    unlink(ret_slot[i], &mut next, &mut prev);
+                    ev.lift(i);
+                    required_left -= usize::from(ops[i].required());
                     lifted = true;
                 } else {
                     linearized[i / 64] &= !(1 << (i % 64));
                 }
             }
-            cur = if lifted { next[0] } else { next[cur] };
-        } else {
-            if ops[i].ret.is_none() {
-                if ops[i].effect_deadline.is_none() {
-                    // Only unknown-outcome ops without deadline remain: they may never take
-                    // effect.
-                    return Some(true);
-                }
-                // Past its deadline without taking effect: in this branch it never does.
-                linearized[i / 64] |= 1 << (i % 64);
-                if cache.insert((linearized.clone(), state.clone())) {
-                    stack.push((i, state.clone()));
-                    unlink(call_slot[i], &mut next, &mut prev);
-                    unlink(ret_slot[i], &mut next, &mut prev);
-                    cur = next[0];
-                    continue;
-                }
-                linearized[i / 64] &= !(1 << (i % 64));
-            }
-            // Op `i` returned without being linearized: backtrack.
-            let Some((j, old_state)) = stack.pop() else {
-                return Some(false);
-            };
-            state = old_state;
-            linearized[j / 64] &= !(1 << (j % 64));
-            relink(ret_slot[j], &mut next, &mut prev);
-            relink(call_slot[j], &mut next, &mut prev);
-            cur = next[call_slot[j]];
+            cur = if lifted { ev.next[0] } else { ev.next[cur] };
+            continue;
         }
+        if !ops[i].required() {
+            if required_left == 0 {
+                // Only ops that may never take effect remain.
+                return Some(true);
+            }
+            // Past its deadline (or the end) without taking effect: in this branch it never
+            // does.
+            linearized[i / 64] |= 1 << (i % 64);
+            if cache.insert((linearized.clone(), state.clone())) {
+                stack.push((i, state.clone()));
+                ev.lift(i);
+                cur = ev.next[0];
+                continue;
+            }
+            linearized[i / 64] &= !(1 << (i % 64));
+        }
+        // Op `i` returned without being linearized: backtrack.
+        let Some((j, old_state)) = stack.pop() else {
+            return Some(false);
+        };
+        state = old_state;
+        linearized[j / 64] &= !(1 << (j % 64));
+        required_left += usize::from(ops[j].required());
+        cur = ev.unlift(j);
     }
     Some(true)
 }
@@ -210,71 +366,105 @@ pub fn check_key(ops: &[Op]) -> Option<bool> {
 mod tests {
     use super::*;
 
-    fn op(client: u64, kind: OpKind, call: u64, ret: Option<(u64, OpResult)>) -> Op {
+    fn op(client: u64, actions: Vec<Action>, rev: Option<u64>, call: u64, ret: Option<u64>) -> Op {
         Op {
             client,
             key: "k".into(),
-            kind,
+            what: format!("{actions:?}"),
+            actions,
+            rev,
             call,
             ret,
+            must_happen: false,
             effect_deadline: None,
         }
     }
-    fn put(v: &str) -> OpKind {
-        OpKind::Put(v.into())
+    fn put(v: &str) -> Vec<Action> {
+        vec![Action::Put {
+            value: v.into(),
+            result: None,
+        }]
     }
-    fn got(v: Option<&str>) -> OpResult {
-        OpResult::Get(v.map(String::from))
+    fn put_as(v: &str, create: u64, version: u64) -> Vec<Action> {
+        vec![Action::Put {
+            value: v.into(),
+            result: Some((create, version)),
+        }]
+    }
+    fn del(existed: Option<bool>) -> Vec<Action> {
+        vec![Action::Delete { existed }]
+    }
+    fn rec(v: &str, create: u64, modr: u64, version: u64) -> Option<Rec> {
+        Some(Rec {
+            value: v.into(),
+            create_revision: create,
+            mod_revision: modr,
+            version,
+        })
+    }
+    fn get(seen: Option<Rec>) -> Vec<Action> {
+        vec![Action::Read(seen)]
+    }
+    /// A conditional put as the HTTP layer sends it: `mod_revision == expect`, put on
+    /// success, get on failure.
+    fn cas(expect: u64, v: &str, outcome: Result<(), Option<Rec>>) -> Vec<Action> {
+        let check = |holds| Action::Check {
+            target: Target::ModRevision(expect),
+            cmp: Cmp::Eq,
+            holds,
+        };
+        match outcome {
+            Ok(()) => vec![check(true), put(v).remove(0)],
+            Err(current) => vec![check(false), Action::Read(current)],
+        }
     }
 
     #[test]
     fn sequential_history_is_linearizable() {
         let h = vec![
-            op(1, put("a"), 1, Some((2, OpResult::Put))),
-            op(1, OpKind::Get, 3, Some((4, got(Some("a"))))),
-            op(
-                1,
-                OpKind::Delete,
-                5,
-                Some((6, OpResult::Delete { existed: true })),
-            ),
-            op(1, OpKind::Get, 7, Some((8, got(None)))),
-            op(
-                1,
-                OpKind::Delete,
-                9,
-                Some((10, OpResult::Delete { existed: false })),
-            ),
+            op(1, put_as("a", 2, 1), Some(2), 1, Some(2)),
+            op(1, get(rec("a", 2, 2, 1)), None, 3, Some(4)),
+            op(1, put_as("b", 2, 2), Some(5), 5, Some(6)),
+            op(1, del(Some(true)), Some(7), 7, Some(8)),
+            op(1, get(None), None, 9, Some(10)),
+            op(1, del(Some(false)), Some(11), 11, Some(12)),
         ];
         assert!(check(&h).is_ok());
     }
 
     #[test]
-    fn concurrent_ops_may_reorder() {
-        // put(a) and put(b) overlap; a read after both may see either, but two later reads
-        // must agree with one order.
+    fn concurrent_ops_may_reorder_but_revisions_fix_the_order() {
+        // put(a) and put(b) overlap; a read after both sees the one with the higher revision.
         let h = vec![
-            op(1, put("a"), 1, Some((5, OpResult::Put))),
-            op(2, put("b"), 2, Some((4, OpResult::Put))),
-            op(3, OpKind::Get, 6, Some((7, got(Some("a"))))),
-            op(3, OpKind::Get, 8, Some((9, got(Some("a"))))),
+            op(1, put("a"), Some(4), 1, Some(5)),
+            op(2, put("b"), Some(3), 2, Some(4)),
+            op(3, get(rec("a", 3, 4, 2)), None, 6, Some(7)),
         ];
         assert!(check(&h).is_ok());
         let bad = vec![
-            op(1, put("a"), 1, Some((5, OpResult::Put))),
-            op(2, put("b"), 2, Some((4, OpResult::Put))),
-            op(3, OpKind::Get, 6, Some((7, got(Some("a"))))),
-            op(3, OpKind::Get, 8, Some((9, got(Some("b"))))),
+            op(1, put("a"), Some(4), 1, Some(5)),
+            op(2, put("b"), Some(3), 2, Some(4)),
+            op(3, get(rec("b", 3, 3, 1)), None, 6, Some(7)),
         ];
         assert!(check(&bad).is_err());
     }
 
     #[test]
+    fn revisions_must_follow_real_time() {
+        // The second put started after the first returned, yet applied at a lower revision.
+        let h = vec![
+            op(1, put("a"), Some(5), 1, Some(2)),
+            op(2, put("b"), Some(4), 3, Some(4)),
+        ];
+        assert!(check(&h).is_err());
+    }
+
+    #[test]
     fn stale_read_is_not_linearizable() {
         let h = vec![
-            op(1, put("a"), 1, Some((2, OpResult::Put))),
-            op(1, put("b"), 3, Some((4, OpResult::Put))),
-            op(2, OpKind::Get, 5, Some((6, got(Some("a"))))),
+            op(1, put("a"), Some(2), 1, Some(2)),
+            op(1, put("b"), Some(3), 3, Some(4)),
+            op(2, get(rec("a", 2, 2, 1)), None, 5, Some(6)),
         ];
         assert!(check(&h).is_err());
     }
@@ -282,106 +472,152 @@ mod tests {
     #[test]
     fn lost_acknowledged_write_is_not_linearizable() {
         let h = vec![
-            op(1, put("a"), 1, Some((2, OpResult::Put))),
-            op(2, OpKind::Get, 3, Some((4, got(None)))),
+            op(1, put("a"), Some(2), 1, Some(2)),
+            op(2, get(None), None, 3, Some(4)),
         ];
         assert!(check(&h).is_err());
     }
 
     #[test]
-    fn read_of_never_written_value_is_not_linearizable() {
-        let h = vec![op(2, OpKind::Get, 3, Some((4, got(Some("z")))))];
+    fn a_write_applied_twice_shows_in_its_version() {
+        // The same put applied twice would leave version 2: a read saying so is refused.
+        let h = vec![
+            op(1, put_as("a", 2, 1), Some(2), 1, Some(2)),
+            op(2, get(rec("a", 2, 3, 2)), None, 3, Some(4)),
+        ];
         assert!(check(&h).is_err());
     }
 
     #[test]
     fn delete_result_must_match_state() {
         let h = vec![
-            op(1, put("a"), 1, Some((2, OpResult::Put))),
-            op(
-                2,
-                OpKind::Delete,
-                3,
-                Some((4, OpResult::Delete { existed: false })),
-            ),
+            op(1, put("a"), Some(2), 1, Some(2)),
+            op(2, del(Some(false)), Some(3), 3, Some(4)),
         ];
         assert!(check(&h).is_err());
+    }
+
+    #[test]
+    fn compare_and_swap_follows_the_register() {
+        // put a@2; CAS(2 → b) succeeds at 4; CAS(2 → c) then fails and sees b@4.
+        let h = vec![
+            op(1, put("a"), Some(2), 1, Some(2)),
+            op(1, cas(2, "b", Ok(())), Some(4), 3, Some(4)),
+            op(2, cas(2, "c", Err(rec("b", 2, 4, 2))), Some(6), 5, Some(6)),
+        ];
+        assert!(check(&h).is_ok());
+        // Two concurrent CAS on the same revision cannot both succeed.
+        let h = vec![
+            op(1, put("a"), Some(2), 1, Some(2)),
+            op(1, cas(2, "b", Ok(())), Some(4), 3, Some(8)),
+            op(2, cas(2, "c", Ok(())), Some(5), 3, Some(8)),
+        ];
+        assert!(check(&h).unwrap_err().contains("not linearizable"));
+        // A failed CAS must report the current record.
+        let h = vec![
+            op(1, put("a"), Some(2), 1, Some(2)),
+            op(2, cas(1, "c", Err(None)), Some(3), 3, Some(4)),
+        ];
+        assert!(check(&h).is_err());
+        // A failed CAS whose condition held is a lie.
+        let h = vec![
+            op(1, put("a"), Some(2), 1, Some(2)),
+            op(2, cas(2, "c", Err(rec("a", 2, 2, 1))), Some(3), 3, Some(4)),
+        ];
+        assert!(check(&h).is_err());
+        // "Only if absent" (mod_revision == 0).
+        let h = vec![op(2, cas(0, "c", Ok(())), Some(3), 3, Some(4))];
+        assert!(check(&h).is_ok());
     }
 
     #[test]
     fn unknown_outcome_may_apply_late_or_never() {
         // A put with unknown outcome, then reads that first miss it and then see it: fine.
         let h = vec![
-            op(1, put("a"), 1, None),
-            op(2, OpKind::Get, 3, Some((4, got(None)))),
-            op(2, OpKind::Get, 5, Some((6, got(Some("a"))))),
+            op(1, del(None), None, 1, None),
+            op(2, put("a"), Some(2), 1, Some(2)),
+            op(2, get(rec("a", 2, 2, 1)), None, 3, Some(4)),
+            op(2, get(None), None, 5, Some(6)),
         ];
         assert!(check(&h).is_ok());
         // Never taking effect is fine too.
         let h = vec![
-            op(1, put("a"), 1, None),
-            op(2, OpKind::Get, 3, Some((4, got(None)))),
+            op(1, del(None), None, 1, None),
+            op(2, put("a"), Some(2), 1, Some(2)),
+            op(2, get(rec("a", 2, 2, 1)), None, 3, Some(4)),
         ];
         assert!(check(&h).is_ok());
         // But it cannot take effect before it was invoked.
         let h = vec![
-            op(2, OpKind::Get, 1, Some((2, got(Some("a"))))),
-            op(1, put("a"), 3, None),
+            op(2, put("a"), Some(2), 1, Some(2)),
+            op(2, get(None), None, 3, Some(4)),
+            op(1, del(None), None, 5, None),
         ];
         assert!(check(&h).is_err());
-        // And once seen it cannot be un-seen (no other writer).
+    }
+
+    #[test]
+    fn effects_found_in_the_log_must_happen() {
+        // A put the client never heard back about, but the log holds: it must be linearized.
+        let mut found = op(1, put("a"), Some(3), 1, None);
+        found.must_happen = true;
+        let h = vec![found.clone(), op(2, get(None), None, 2, Some(3))];
+        assert!(check(&h).is_ok());
+        // Seen after the read: fine.
         let h = vec![
-            op(1, put("a"), 1, None),
-            op(2, OpKind::Get, 3, Some((4, got(Some("a"))))),
-            op(2, OpKind::Get, 5, Some((6, got(None)))),
+            found.clone(),
+            op(2, get(None), None, 2, Some(3)),
+            op(2, get(rec("a", 3, 3, 1)), None, 4, Some(5)),
+        ];
+        assert!(check(&h).is_ok());
+        // But it cannot take effect before a later-revision write that a read saw last.
+        let h = vec![
+            found,
+            op(2, put("b"), Some(5), 4, Some(5)),
+            op(2, get(rec("b", 5, 5, 1)), None, 6, Some(7)),
         ];
         assert!(check(&h).is_err());
     }
 
     #[test]
     fn unknown_outcome_cannot_apply_after_its_deadline() {
-        let mut late = op(1, put("a"), 1, None);
-        late.effect_deadline = Some(4);
-        // Seen before the deadline: fine.
+        let mut late = op(1, del(None), None, 1, None);
+        late.effect_deadline = Some(5);
+        let base = op(2, put("a"), Some(2), 1, Some(2));
+        // Missed after the deadline, then seen: not possible.
         let h = vec![
+            base.clone(),
             late.clone(),
-            op(2, OpKind::Get, 2, Some((3, got(Some("a"))))),
-        ];
-        assert!(check(&h).is_ok());
-        // Missed after the deadline, then seen: not possible (it either happened before the
-        // deadline, so the first read must see it, or never).
-        let h = vec![
-            late.clone(),
-            op(2, OpKind::Get, 5, Some((6, got(None)))),
-            op(2, OpKind::Get, 7, Some((8, got(Some("a"))))),
+            op(2, get(rec("a", 2, 2, 1)), None, 6, Some(7)),
+            op(2, get(None), None, 8, Some(9)),
         ];
         assert!(check(&h).is_err());
         // Never taking effect stays possible.
-        let h = vec![late, op(2, OpKind::Get, 5, Some((6, got(None))))];
+        let h = vec![base, late, op(2, get(rec("a", 2, 2, 1)), None, 6, Some(7))];
         assert!(check(&h).is_ok());
     }
 
     #[test]
     fn many_unknown_writes_do_not_explode() {
-        // 40 abandoned writes, each bounded by its successor, then an impossible read: the
+        // 40 abandoned deletes, each bounded by a deadline, then an impossible read: the
         // search must give a verdict quickly.
-        let mut h = Vec::new();
+        let mut h = vec![op(2, put("a"), Some(2), 0, Some(1))];
         for k in 0..40u64 {
-            let mut w = op(1, put(&format!("v{k}")), 10 * k, None);
-            w.effect_deadline = Some(10 * k + 15);
-            h.push(w);
+            let mut d = op(1, del(None), None, 10 * k + 2, None);
+            d.effect_deadline = Some(10 * k + 15);
+            h.push(d);
         }
-        h.push(op(2, OpKind::Get, 1000, Some((1001, got(Some("zzz"))))));
+        h.push(op(2, get(rec("zzz", 1, 1, 1)), None, 1000, Some(1001)));
         assert!(check(&h).unwrap_err().contains("not linearizable"));
     }
 
     #[test]
     fn keys_are_checked_independently() {
         let mut h = vec![
-            op(1, put("a"), 1, Some((2, OpResult::Put))),
-            op(2, OpKind::Get, 3, Some((4, got(Some("a"))))),
+            op(1, put("a"), Some(2), 1, Some(2)),
+            op(2, get(rec("a", 2, 2, 1)), None, 3, Some(4)),
         ];
-        let mut other = op(3, OpKind::Get, 5, Some((6, got(Some("a")))));
+        let mut other = op(3, get(rec("a", 2, 2, 1)), None, 5, Some(6));
         other.key = "other".into();
         h.push(other);
         let err = check(&h).unwrap_err();
@@ -390,14 +626,14 @@ mod tests {
 
     #[test]
     fn many_concurrent_writers_check_quickly() {
-        // 12 overlapping puts then a read of one of them: linearizable; the search must not
-        // explode thanks to memoization.
+        // 12 overlapping puts then a read of the last by revision: linearizable; the search
+        // must not explode thanks to memoization.
         let mut h: Vec<Op> = (0..12)
-            .map(|c| op(c, put(&format!("v{c}")), c, Some((100 + c, OpResult::Put))))
+            .map(|c| op(c, put(&format!("v{c}")), Some(10 + c), c, Some(100 + c)))
             .collect();
-        h.push(op(99, OpKind::Get, 200, Some((201, got(Some("v7"))))));
+        h.push(op(99, get(rec("v11", 10, 21, 12)), None, 200, Some(201)));
         assert!(check(&h).is_ok());
-        h.push(op(99, OpKind::Get, 202, Some((203, got(Some("v3"))))));
+        h.push(op(99, get(rec("v3", 10, 13, 4)), None, 202, Some(203)));
         assert!(check(&h).is_err());
     }
 }

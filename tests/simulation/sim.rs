@@ -35,9 +35,12 @@
 //!   frame decoder and then into the node's consensus step, which validates before anything
 //!   else. A mutation that validates as a plausible message is not injected (a peer that
 //!   sends plausible lies is a real Byzantine peer, which peer authentication keeps out);
-//! - clients: put/get/delete through any node, following leader hints. A write that got no
-//!   answer, or a 504, has an unknown outcome and is not retried (no sessions yet: a retry
-//!   could apply twice); a 503 or a redirect is retried.
+//! - clients (`client.rs`): plain reads, puts and deletes, conditional puts, multi-key
+//!   transactions and prefix deletes through any node, following leader hints; most writes
+//!   ride a client session and are retried with the same (client, seq) until a definite
+//!   answer; a plain write that got no answer, or a 504, has an unknown outcome and is not
+//!   retried; a 503 or a redirect is retried. Now and then the leader gets an
+//!   `ExpireSessions` entry (a small table bound in a quarter of the seeds);
 //!
 //! Checked after every step: at most one leader per term, whatever the configuration (nodes
 //! added later included); log matching (every (index, term) ever written names one entry with
@@ -51,9 +54,13 @@
 //! removed by a committed configuration never wins an election. After the run: heal, require
 //! liveness (every member of the final leader's configuration up, caught up, with the same
 //! state machine — but for members the transport strands, see `MemberStats::stranded`),
-//! compare all logs, and check linearizability.
+//! compare all logs, check every member's final records and session table against a
+//! reference state machine that applied the committed log once, check exactly-once (no
+//! client write took effect twice, every answer is its one effect's) and linearizability of
+//! the client history with compare-and-swap and transactions (see `client.rs`).
 
-use super::linearizability::{self, Op, OpKind, OpResult};
+use super::linearizability;
+use client::{Client, ClientOp, Effects, Request, Response};
 pub use membership::MemberStats;
 use membership::{MemberAction, WaitingChange};
 use raftkv::api::ServiceError;
@@ -68,7 +75,7 @@ use raftkv::node::storage_worker::{Progress, StorageOutput, StorageWorker, GROUP
 use raftkv::raft::limits::{INDEX_MAX, TERM_MAX};
 use raftkv::raft::rng::Rng;
 use raftkv::raft::{Config, Message, MessageBody, Raft, Role};
-use raftkv::storage::command::Command;
+use raftkv::storage::command::CommandResult;
 use raftkv::storage::node_storage::{NodeStorage, NodeStorageOptions};
 use raftkv::storage::sm::{StateMachine, StateMachineOptions};
 use raftkv::storage::snapshot::transfer::ChunkSource;
@@ -93,6 +100,8 @@ const MAX_DEFERRED_EVENTS: usize = 100_000;
 /// The peer transport's default frame limit.
 const FRAME_BYTES_MAX: u32 = 16 << 20;
 
+#[path = "client.rs"]
+mod client;
 #[path = "membership.rs"]
 mod membership;
 
@@ -152,6 +161,9 @@ pub struct Params {
     pub faults: Vec<(u64, Fault)>,
     /// The byzantine-lite window, if this seed has one.
     pub byzantine: Option<Byzantine>,
+    /// The session table bound the sim's `ExpireSessions` entries set: a few sessions in a
+    /// quarter of the seeds (evictions), else plenty.
+    pub sessions_max: u64,
 }
 
 /// Byzantine-lite network mode: between `from_ms` and `until_ms`, each Raft message sent on
@@ -278,6 +290,11 @@ impl Params {
         let mut sizes = Rng::new(seed ^ 0x5EC5_10E5);
         let segment_bytes = [16 << 10, 64 << 10, 1 << 20][sizes.range(0, 3) as usize];
         let chunk_bytes = [97, 512, 4096][sizes.range(0, 3) as usize];
+        let mut sessions = Rng::new(seed ^ 0x5E55_1095);
+        let sessions_max = match sessions.range(0, 4) {
+            0 => sessions.range(2, 6),
+            _ => 1000,
+        };
         faults.sort_by_key(|(at, _)| *at);
         Params {
             seed,
@@ -300,6 +317,7 @@ impl Params {
             run_ms,
             faults,
             byzantine,
+            sessions_max,
         }
     }
 }
@@ -310,7 +328,7 @@ impl fmt::Display for Params {
             f,
             "seed {}: {} nodes (+{} spare), {} clients, loss {}%, dup {}%, delay 1..={} ms, fsync 0..={} ms, \
              snapshot every {} (margin {}), segment {} B, chunk {} B, pre_vote {}, check_quorum {}, append_bytes_max {}, \
-             inflight_msgs_max {}, lease_reads {}, run {} ms",
+             inflight_msgs_max {}, lease_reads {}, sessions_max {}, run {} ms",
             self.seed,
             self.nodes,
             self.spares,
@@ -328,6 +346,7 @@ impl fmt::Display for Params {
             self.append_bytes_max,
             self.inflight_msgs_max,
             self.lease_reads,
+            self.sessions_max,
             self.run_ms
         )?;
         if let Some(b) = self.byzantine {
@@ -339,21 +358,6 @@ impl fmt::Display for Params {
         }
         Ok(())
     }
-}
-
-#[derive(Clone, Debug)]
-enum Request {
-    Write { key: String, value: Option<String> },
-    Read { key: String },
-}
-
-#[derive(Clone, Debug)]
-enum Response {
-    Done(OpResult),
-    Redirect(Option<NodeId>),
-    Retry,
-    /// The write may or may not have happened (504).
-    Unknown,
 }
 
 #[derive(Clone, Debug)]
@@ -427,6 +431,8 @@ enum Event {
     /// start with an empty data dir (`Start::Join`).
     Operator,
     ClientNext(u64),
+    /// The leader's session upkeep: an `ExpireSessions` entry.
+    ExpireSessions,
     ClientTimeout {
         client: u64,
         attempt: u64,
@@ -456,7 +462,7 @@ struct WaitingWrite {
     client: u64,
     attempt: u64,
     hash: u64,
-    delete: bool,
+    session: Option<(String, u64)>,
     rx: oneshot::Receiver<Result<ProposalOutcome, ServiceError>>,
 }
 
@@ -543,15 +549,6 @@ impl Node {
     fn in_service(&self) -> bool {
         self.started && !self.retired
     }
-}
-
-struct Client {
-    id: u64,
-    seq: u64,
-    target: NodeId,
-    attempt: u64,
-    /// (history index, request) of the op in progress.
-    current: Option<(usize, Request)>,
 }
 
 /// Safety bookkeeping across the whole run.
@@ -649,7 +646,9 @@ pub struct Sim {
     loss_pct: u64,
     dup_pct: u64,
     healed: bool,
-    history: Vec<Op>,
+    history: Vec<ClientOp>,
+    /// The committed log through a reference state machine, and what clients were told.
+    effects: Effects,
     checker: Checker,
     membership: Membership,
     /// Spare ids no change has added yet (or only changes that certainly had no effect).
@@ -706,6 +705,23 @@ pub struct Stats {
     pub frames_plausible_skipped: u64,
     /// Membership changes asked for, and what came of them.
     pub member: MemberStats,
+    /// Client writes carried in a session, and their retries after an unknown outcome.
+    pub writes_sessioned: u64,
+    pub sessioned_retries: u64,
+    /// Answers to sessioned writes that came from the session table (a retry of a write
+    /// that had applied).
+    pub duplicates: u64,
+    /// Entries of the committed log answered from the session table.
+    pub duplicates_in_log: u64,
+    /// Sessions evicted or expired, and client writes refused `SessionExpired`.
+    pub evictions: u64,
+    pub session_expired: u64,
+    /// Conditional puts that succeeded and failed; multi-key transactions likewise.
+    pub cas_ok: u64,
+    pub cas_failed: u64,
+    pub txns_ok: u64,
+    pub txns_failed: u64,
+    pub prefix_deletes: u64,
 }
 
 impl Stats {
@@ -724,6 +740,17 @@ impl Stats {
         self.frames_refused += other.frames_refused;
         self.frames_plausible_skipped += other.frames_plausible_skipped;
         self.member.add(&other.member);
+        self.writes_sessioned += other.writes_sessioned;
+        self.sessioned_retries += other.sessioned_retries;
+        self.duplicates += other.duplicates;
+        self.duplicates_in_log += other.duplicates_in_log;
+        self.evictions += other.evictions;
+        self.session_expired += other.session_expired;
+        self.cas_ok += other.cas_ok;
+        self.cas_failed += other.cas_failed;
+        self.txns_ok += other.txns_ok;
+        self.txns_failed += other.txns_failed;
+        self.prefix_deletes += other.prefix_deletes;
     }
 }
 
@@ -748,6 +775,7 @@ impl Sim {
             chunk_link_free_at: BTreeMap::new(),
             healed: false,
             history: Vec::new(),
+            effects: Effects::new(),
             checker: Checker::default(),
             membership,
             spares_unused,
@@ -769,13 +797,7 @@ impl Sim {
         }
         for c in 0..sim.params.clients {
             let target = sim.rng.range(1, sim.params.nodes + 1);
-            sim.clients.push(Client {
-                id: c,
-                seq: 0,
-                target,
-                attempt: 0,
-                current: None,
-            });
+            sim.clients.push(Client::new(c, target));
             let at = sim.rng.range(0, 300);
             sim.schedule(at, Event::ClientNext(c));
         }
@@ -785,6 +807,8 @@ impl Sim {
         }
         let run_ms = sim.params.run_ms;
         sim.schedule(run_ms, Event::Heal);
+        let first_upkeep_ms = sim.rng.range(500, 3000);
+        sim.schedule(first_upkeep_ms, Event::ExpireSessions);
         sim
     }
 
@@ -987,6 +1011,7 @@ impl Sim {
                 self.member_event(ev)?
             }
             Event::ClientNext(c) => self.client_next(c),
+            Event::ExpireSessions => self.expire_sessions()?,
             Event::ClientRetry { client, attempt } => {
                 let cl = &self.clients[client as usize];
                 if cl.attempt == attempt && cl.current.is_some() {
@@ -1307,7 +1332,8 @@ impl Sim {
         let mut answered = Vec::new();
         live.writes.retain_mut(|w| match w.rx.try_recv() {
             Ok(r) => {
-                answered.push((w.client, w.attempt, (w.hash, w.delete), Ok(r), None));
+                let hash = (w.hash, w.session.take());
+                answered.push((w.client, w.attempt, hash, Ok(r), None));
                 false
             }
             Err(oneshot::error::TryRecvError::Empty) => true,
@@ -1319,7 +1345,7 @@ impl Sim {
                 answered.push((
                     r.client,
                     r.attempt,
-                    (0, false),
+                    (0, None),
                     Err(res),
                     Some(r.key.clone()),
                 ));
@@ -1338,12 +1364,11 @@ impl Sim {
                             "node {id}: read released at index {index} before applying it ({applied})"
                         ));
                     }
-                    let value = sm
-                        .get(key.as_bytes())
+                    let rec = sm
+                        .get_record(key.as_bytes())
                         .map_err(|e| format!("node {id}: read: {e}"))?
-                        .value
-                        .map(|v| String::from_utf8(v).expect("values are UTF-8"));
-                    Response::Done(OpResult::Get(value))
+                        .value;
+                    Response::Read(rec)
                 }
                 (Err(Err(e)), _) => error_response(e),
                 (Err(Ok(_)), None) => unreachable!("reads carry their key"),
@@ -1357,7 +1382,7 @@ impl Sim {
     fn write_response(
         &mut self,
         id: NodeId,
-        (hash, delete): (u64, bool),
+        (hash, session): (u64, Option<(String, u64)>),
         result: Result<ProposalOutcome, ServiceError>,
     ) -> Result<Response, String> {
         let outcome = match result {
@@ -1380,13 +1405,8 @@ impl Sim {
             term,
             &format!("node {id} acknowledged a write"),
         )?;
-        Ok(Response::Done(if delete {
-            OpResult::Delete {
-                existed: outcome.deleted(),
-            }
-        } else {
-            OpResult::Put
-        }))
+        let result: CommandResult = outcome.result;
+        Ok(Response::Written { session, result })
     }
 }
 
@@ -1949,7 +1969,12 @@ impl Sim {
     /// order, and every node applies the same entry at an index.
     fn check_apply(&mut self, id: NodeId, entries: &[Entry]) -> Result<(), String> {
         let applied = self.live_ref(id).sm.applied_index();
-        for e in entries.iter().filter(|e| e.index > applied) {
+        let mut first_seen = None;
+        for (k, e) in entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.index > applied)
+        {
             let content = (e.term, entry_hash(e));
             if self.checker.committed.get(&e.index) != Some(&content) {
                 return Err(format!(
@@ -1969,10 +1994,15 @@ impl Sim {
                 Some(_) => {}
                 None => {
                     self.checker.applied.insert(e.index, content);
+                    first_seen.get_or_insert(k);
                 }
             }
         }
-        Ok(())
+        // What no node applied before goes through the reference state machine.
+        match first_seen {
+            Some(k) => self.effects.apply(&entries[k..]),
+            None => Ok(()),
+        }
     }
 
     /// Records newly committed entries of node `id` (and checks them against what others
@@ -2114,172 +2144,6 @@ impl Sim {
 
     // ----- clients -----
 
-    fn handle_request(
-        &mut self,
-        client: u64,
-        attempt: u64,
-        node: NodeId,
-        req: Request,
-    ) -> Result<(), String> {
-        let Some(live) = self.live(node) else {
-            return Ok(());
-        };
-        let request = match req {
-            Request::Write { key, value } => {
-                let delete = value.is_none();
-                let cmd = match value {
-                    Some(v) => Command::Put {
-                        key: key.into_bytes(),
-                        value: v.into_bytes(),
-                    },
-                    None => Command::Delete {
-                        key: key.into_bytes(),
-                    },
-                };
-                let payload = cmd.encode().map_err(|e| e.to_string())?;
-                let hash = payload_hash(EntryKind::Normal, &payload);
-                let (reply, rx) = oneshot::channel();
-                live.writes.push(WaitingWrite {
-                    client,
-                    attempt,
-                    hash,
-                    delete,
-                    rx,
-                });
-                NodeRequest::Propose { payload, reply }
-            }
-            Request::Read { key } => {
-                let (reply, rx) = oneshot::channel();
-                live.reads.push(WaitingRead {
-                    client,
-                    attempt,
-                    key,
-                    rx,
-                });
-                NodeRequest::Read { reply }
-            }
-        };
-        self.step(node, Input::Request(request))
-    }
-
-    fn client_next(&mut self, c: u64) {
-        if self.healed || self.clients[c as usize].current.is_some() {
-            return;
-        }
-        let key = format!("k{}", self.rng.range(0, KEYS));
-        let cl_seq = self.clients[c as usize].seq + 1;
-        let (kind, req) = match self.rng.range(0, 10) {
-            0..=3 => {
-                let v = format!("c{c}-{cl_seq}");
-                let req = Request::Write {
-                    key: key.clone(),
-                    value: Some(v.clone()),
-                };
-                (OpKind::Put(v), req)
-            }
-            4 => {
-                let req = Request::Write {
-                    key: key.clone(),
-                    value: None,
-                };
-                (OpKind::Delete, req)
-            }
-            _ => (OpKind::Get, Request::Read { key: key.clone() }),
-        };
-        if matches!(req, Request::Write { .. }) {
-            self.clients[c as usize].seq = cl_seq;
-        }
-        self.history.push(Op {
-            client: c,
-            key,
-            kind,
-            call: self.clock,
-            ret: None,
-            effect_deadline: None,
-        });
-        let idx = self.history.len() - 1;
-        self.clients[c as usize].current = Some((idx, req));
-        self.client_send(c);
-    }
-
-    fn client_send(&mut self, c: u64) {
-        let target = self.clients[c as usize].target;
-        if !self.nodes[&target].in_service() {
-            // A hint may name a node that has left since: ask another.
-            self.clients[c as usize].target = self.random_node();
-        }
-        let cl = &mut self.clients[c as usize];
-        cl.attempt += 1;
-        let (attempt, node) = (cl.attempt, cl.target);
-        let Some((_, req)) = cl.current.clone() else {
-            return;
-        };
-        self.send_client_msg(NetMsg::Request {
-            client: c,
-            attempt,
-            node,
-            req,
-        });
-        self.schedule(
-            CLIENT_TIMEOUT_MS,
-            Event::ClientTimeout { client: c, attempt },
-        );
-    }
-
-    /// No answer in time. A read is retried anywhere; a write may have entered a log, and
-    /// without sessions a retry could apply it twice: its outcome stays unknown.
-    fn client_timeout(&mut self, client: u64, attempt: u64) {
-        let cl = &self.clients[client as usize];
-        if cl.attempt != attempt || cl.current.is_none() {
-            return;
-        }
-        if matches!(cl.current, Some((_, Request::Write { .. }))) {
-            self.give_up(client);
-            return;
-        }
-        let target = self.random_node();
-        self.clients[client as usize].target = target;
-        self.client_send(client);
-    }
-
-    fn give_up(&mut self, client: u64) {
-        self.clients[client as usize].current = None;
-        self.stats.ops_unknown += 1;
-        let delay = self.rng.range(0, 20);
-        self.schedule(delay, Event::ClientNext(client));
-    }
-
-    fn client_response(&mut self, c: u64, attempt: u64, resp: Response) -> Result<(), String> {
-        let cl = &self.clients[c as usize];
-        if cl.attempt != attempt || cl.current.is_none() {
-            return Ok(());
-        }
-        match resp {
-            Response::Done(result) => {
-                let (idx, _) = self.clients[c as usize].current.take().expect("checked");
-                self.history[idx].ret = Some((self.clock, result));
-                self.stats.ops_ok += 1;
-                let delay = self.rng.range(0, 20);
-                self.schedule(delay, Event::ClientNext(c));
-            }
-            Response::Unknown => self.give_up(c),
-            Response::Redirect(Some(leader)) => {
-                // Follow the hint after a short pause.
-                self.clients[c as usize].target = leader;
-                let delay = self.rng.range(1, 10);
-                self.schedule(delay, Event::ClientRetry { client: c, attempt });
-            }
-            Response::Redirect(None) | Response::Retry => {
-                // Certainly not applied: back off, then try a random node.
-                let delay = self.rng.range(20, 60);
-                let target = self.random_node();
-                self.clients[c as usize].target = target;
-                self.schedule(delay, Event::ClientRetry { client: c, attempt });
-            }
-        }
-        Ok(())
-    }
-
     // ----- the end -----
 
     /// Liveness after healing: every client op completed, a leader whose no-op of its term is
@@ -2377,8 +2241,60 @@ impl Sim {
                 }
             }
         }
-        linearizability::check(&self.history)?;
+        self.check_reference()?;
+        self.effects.check()?;
+        let history = self.effects.history(&self.history)?;
+        linearizability::check(&history)?;
+        self.stats.duplicates_in_log = self.effects.duplicates_in_log;
+        self.stats.evictions = self.effects.evictions;
         Ok(self.stats)
+    }
+
+    /// Every member the leader's configuration holds (but stranded ones) ends with the
+    /// records and session table of the reference state machine (the committed log applied
+    /// once, in order).
+    fn check_reference(&self) -> Result<(), String> {
+        let reference = self.effects.reference();
+        let leader = self.current_leader().expect("healed with a leader");
+        let members = self
+            .live_ref(leader)
+            .consensus
+            .raft()
+            .membership()
+            .members();
+        for id in members {
+            if self.stranded(id, leader) {
+                continue;
+            }
+            let sm = &self.live_ref(id).sm;
+            if sm.applied_index() != reference.applied_index() {
+                return Err(format!(
+                    "node {id} applied {}, the reference {}",
+                    sm.applied_index(),
+                    reference.applied_index()
+                ));
+            }
+            for k in 0..KEYS {
+                let key = format!("k{k}");
+                let mine = sm.get_record(key.as_bytes()).map_err(|e| e.to_string())?;
+                let want = reference
+                    .get_record(key.as_bytes())
+                    .map_err(|e| e.to_string())?;
+                if mine.value != want.value {
+                    return Err(format!(
+                        "node {id} ends with {key} = {:?}, the log says {:?}",
+                        mine.value, want.value
+                    ));
+                }
+            }
+            let (mine, want) = (sm.sessions_summary(), reference.sessions_summary());
+            if mine != want {
+                return Err(format!(
+                    "node {id} ends with the session table {mine:?}, the log says {want:?}"
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn describe(&self) -> String {

@@ -134,13 +134,13 @@ impl Raft {
     /// A message of an earlier term is dropped; a stale leader or pre-candidate is told.
     fn step_lower_term(&mut self, m: &Message) {
         match &m.body {
-            MessageBody::Append { .. } | MessageBody::Heartbeat { .. }
-                if self.config.check_quorum || self.config.pre_vote || !self.may_campaign() =>
-            {
-                // Tell a stale leader about the newer term so it steps down. Without pre-vote
-                // and check-quorum our own campaign would bring the cluster to our term; a
-                // node that may not campaign (a learner) must say so, or it would ignore that
-                // leader for good.
+            MessageBody::Append { .. } | MessageBody::Heartbeat { .. } => {
+                // Tell a stale leader about the newer term so it steps down. Even without
+                // pre-vote and check-quorum our own campaign cannot be trusted to bring the
+                // cluster to our term: a node that may not campaign (a learner) never does,
+                // and one whose own configuration makes it a voter while the leader's does not
+                // (it missed its demotion) campaigns in vain, its vote requests ignored as a
+                // non-voter's. Either would ignore that leader for good.
                 self.send(
                     m.from,
                     MessageBody::AppendResponse {
