@@ -8,10 +8,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
+mod support;
+// Ports from one counter per process, never handed out twice: a node restarted on its own
+// port must not find it taken by another test's node (port 0's answers repeat once released).
+use support::free_port;
 
 struct Ports {
     client: BTreeMap<u64, u16>,
