@@ -23,7 +23,7 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use raftkv_storage::command::{CommandOutcome, CommandRef, OpResult, Refusal};
+use raftkv_storage::command::{CommandOutcome, CommandRef, KeyRecord, OpResult, Refusal};
 use raftkv_storage::txn::{CompareOp, CompareRef, OpRef, TargetRef, TxnRef};
 use serde::Deserialize;
 use std::sync::Arc;
@@ -163,7 +163,7 @@ async fn propose<S: KvService>(
     method: Method,
     target: String,
     body: Bytes,
-    answer: impl FnOnce(&Applied) -> Response,
+    answer: impl FnOnce(&Applied) -> Option<Response>,
 ) -> Result<Response, Rejection> {
     let session = session(headers)?;
     Ok(match st.service.write(command, session.as_ref()).await {
@@ -171,7 +171,7 @@ async fn propose<S: KvService>(
             let r = &applied.result;
             let resp = match &r.outcome {
                 CommandOutcome::Refused(refused) => return Ok(refusal(refused, r.revision)),
-                _ => answer(&applied),
+                _ => answer(&applied).unwrap_or_else(|| mismatch(&applied)),
             };
             stamp(resp, r.revision, r.duplicate)
         }
@@ -182,10 +182,63 @@ async fn propose<S: KvService>(
     })
 }
 
-fn mismatch(what: &str, outcome: &CommandOutcome) -> Response {
+/// An outcome that does not answer the request. For a session's retry it is the client's
+/// doing — the sequence number was used by another request, whose result the table kept —
+/// and is a 409; otherwise the state machine answered out of shape, a 500.
+fn mismatch(a: &Applied) -> Response {
+    let r = &a.result;
+    if r.duplicate {
+        return error_kind(
+            StatusCode::CONFLICT,
+            KIND_SESSION_STALE,
+            format!(
+                "this session's sequence number was used by a different request, applied at \
+                 revision {}; nothing was changed",
+                r.revision
+            ),
+        );
+    }
     error_response(&ServiceError::Internal(format!(
-        "a {what} applied with an unexpected outcome {outcome:?}"
+        "a write applied with an outcome that does not answer it: {:?}",
+        r.outcome
     )))
+}
+
+/// What a single-key write did, plain or conditional.
+enum KeyWritten {
+    Put { create_revision: u64, version: u64 },
+    Delete { existed: bool },
+}
+
+/// A single-key write's outcome: `Ok` what it did, `Err(current)` a failed condition,
+/// `None` an outcome of another shape (see [`mismatch`]).
+fn key_written(outcome: &CommandOutcome) -> Option<Result<KeyWritten, Option<KeyRecord>>> {
+    let put = |create_revision: &u64, version: &u64| KeyWritten::Put {
+        create_revision: *create_revision,
+        version: *version,
+    };
+    match outcome {
+        CommandOutcome::Put {
+            create_revision,
+            version,
+        } => Some(Ok(put(create_revision, version))),
+        CommandOutcome::Delete { existed } => Some(Ok(KeyWritten::Delete { existed: *existed })),
+        CommandOutcome::Txn { succeeded, results } => match (succeeded, results.as_slice()) {
+            (
+                true,
+                [OpResult::Put {
+                    create_revision,
+                    version,
+                }],
+            ) => Some(Ok(put(create_revision, version))),
+            (true, [OpResult::Delete { existed }]) => {
+                Some(Ok(KeyWritten::Delete { existed: *existed }))
+            }
+            (false, [OpResult::Get(current)]) => Some(Err(current.clone())),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 /// A conditional write's transaction: the write if `mod_revision == n`, else a get.
@@ -232,45 +285,25 @@ pub(super) async fn put_key<S: KvService>(
     };
     let target = key_target(&key, &uri);
     let answer = |a: &Applied| {
-        let put = |create_revision, version| {
-            Json(KvResponse {
+        let revision = a.result.revision;
+        Some(match key_written(&a.result.outcome)? {
+            Ok(KeyWritten::Put {
+                create_revision,
+                version,
+            }) => Json(KvResponse {
                 key: key.clone(),
                 value: value.clone(),
-                index: a.result.revision,
+                index: revision,
                 leader: Some(a.leader),
-                revision: a.result.revision,
+                revision,
                 create_revision,
-                mod_revision: a.result.revision,
+                mod_revision: revision,
                 version,
             })
-            .into_response()
-        };
-        match &a.result.outcome {
-            CommandOutcome::Put {
-                create_revision,
-                version,
-            } => put(*create_revision, *version),
-            CommandOutcome::Txn {
-                succeeded: true,
-                results,
-            } => match results.first() {
-                Some(OpResult::Put {
-                    create_revision,
-                    version,
-                }) => put(*create_revision, *version),
-                _ => mismatch("conditional put", &a.result.outcome),
-            },
-            CommandOutcome::Txn {
-                succeeded: false,
-                results,
-            } => match results.first() {
-                Some(OpResult::Get(current)) => {
-                    condition_failed(current.clone(), a.result.revision)
-                }
-                _ => mismatch("conditional put", &a.result.outcome),
-            },
-            other => mismatch("put", other),
-        }
+            .into_response(),
+            Err(current) => condition_failed(current, revision),
+            Ok(KeyWritten::Delete { .. }) => return None,
+        })
     };
     propose(&st, command, &headers, Method::PUT, target, body, answer).await
 }
@@ -291,36 +324,19 @@ pub(super) async fn delete_key<S: KvService>(
     };
     let target = key_target(&key, &uri);
     let answer = |a: &Applied| {
-        let deleted = |deleted| {
-            Json(DeleteResponse {
+        let revision = a.result.revision;
+        Some(match key_written(&a.result.outcome)? {
+            Ok(KeyWritten::Delete { existed }) => Json(DeleteResponse {
                 key: key.clone(),
-                deleted,
-                index: a.result.revision,
+                deleted: existed,
+                index: revision,
                 leader: a.leader,
-                revision: a.result.revision,
+                revision,
             })
-            .into_response()
-        };
-        match &a.result.outcome {
-            CommandOutcome::Delete { existed } => deleted(*existed),
-            CommandOutcome::Txn {
-                succeeded: true,
-                results,
-            } => match results.first() {
-                Some(OpResult::Delete { existed }) => deleted(*existed),
-                _ => mismatch("conditional delete", &a.result.outcome),
-            },
-            CommandOutcome::Txn {
-                succeeded: false,
-                results,
-            } => match results.first() {
-                Some(OpResult::Get(current)) => {
-                    condition_failed(current.clone(), a.result.revision)
-                }
-                _ => mismatch("conditional delete", &a.result.outcome),
-            },
-            other => mismatch("delete", other),
-        }
+            .into_response(),
+            Err(current) => condition_failed(current, revision),
+            Ok(KeyWritten::Put { .. }) => return None,
+        })
     };
     propose(
         &st,
@@ -358,14 +374,16 @@ pub(super) async fn delete_prefix<S: KvService>(
         prefix: prefix.as_bytes(),
     };
     let answer = |a: &Applied| match &a.result.outcome {
-        CommandOutcome::DeletePrefix { deleted } => Json(DeletePrefixResponse {
-            prefix: prefix.clone(),
-            deleted: *deleted,
-            revision: a.result.revision,
-            leader: a.leader,
-        })
-        .into_response(),
-        other => mismatch("prefix delete", other),
+        CommandOutcome::DeletePrefix { deleted } => Some(
+            Json(DeletePrefixResponse {
+                prefix: prefix.clone(),
+                deleted: *deleted,
+                revision: a.result.revision,
+                leader: a.leader,
+            })
+            .into_response(),
+        ),
+        _ => None,
     };
     let target = same_target(&uri);
     propose(
@@ -392,26 +410,28 @@ pub(super) async fn post_txn<S: KvService>(
         r#"{"compare": [...], "success": [...], "failure": [...]}"#,
     )?;
     let txn = txn_ref(&request)?;
-    let answer = |a: &Applied| match &a.result.outcome {
-        CommandOutcome::Txn { succeeded, results } => {
-            let ops = if *succeeded {
-                &request.success
-            } else {
-                &request.failure
-            };
+    let answer = |a: &Applied| {
+        let CommandOutcome::Txn { succeeded, results } = &a.result.outcome else {
+            return None;
+        };
+        let ops = if *succeeded {
+            &request.success
+        } else {
+            &request.failure
+        };
+        if ops.len() != results.len() {
+            return None;
+        }
+        let results = ops.iter().zip(results).map(|(op, r)| op_result(op, r));
+        Some(
             Json(TxnResponse {
                 succeeded: *succeeded,
-                results: ops
-                    .iter()
-                    .zip(results)
-                    .map(|(op, r)| op_result(op, r))
-                    .collect(),
+                results: results.collect::<Option<Vec<_>>>()?,
                 revision: a.result.revision,
                 leader: a.leader,
             })
-            .into_response()
-        }
-        other => mismatch("transaction", other),
+            .into_response(),
+        )
     };
     let target = same_target(&uri);
     let command = CommandRef::Txn(txn);
@@ -495,8 +515,9 @@ fn txn_ref(request: &TxnRequest) -> Result<TxnRef<'_>, Rejection> {
     })
 }
 
-fn op_result(op: &TxnOp, r: &OpResult) -> TxnOpResult {
-    match (op, r) {
+/// The wire result of `op`; `None` when `r` is another operation's result (see [`mismatch`]).
+fn op_result(op: &TxnOp, r: &OpResult) -> Option<TxnOpResult> {
+    Some(match (op, r) {
         (TxnOp::Put { key, .. }, OpResult::Put { version, .. }) => TxnOpResult::Put {
             key: key.clone(),
             version: *version,
@@ -515,6 +536,6 @@ fn op_result(op: &TxnOp, r: &OpResult) -> TxnOpResult {
             key: key.clone(),
             kv: found.clone().map(key_value),
         },
-        (op, r) => unreachable!("the state machine ran {op:?} in order and answered {r:?}"),
-    }
+        _ => return None,
+    })
 }

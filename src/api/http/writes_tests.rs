@@ -273,3 +273,32 @@ async fn a_follower_forwards_writes_with_their_session_and_relays_the_revision()
         "{j}"
     );
 }
+
+#[tokio::test]
+async fn a_sequence_number_reused_for_another_request_is_409_not_a_crash() {
+    let url = spawn(MapService::leader(1)).await;
+    let (s, _, _) = call_with(
+        Method::PUT,
+        &format!("{url}/kv/a"),
+        Some(r#"{"value":"1"}"#),
+        ("reuse", 1),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let txn = r#"{"success":[{"get":{"key":"a"}},{"get":{"key":"b"}}]}"#;
+    let (s, j, h) = call_with(Method::POST, &format!("{url}/txn"), Some(txn), ("reuse", 1)).await;
+    assert_eq!(
+        (s, j["kind"].as_str()),
+        (409, Some(KIND_SESSION_STALE)),
+        "{j}"
+    );
+    assert_eq!(h[DUPLICATE_HEADER], "true");
+    let (s, _, _) = call_with(Method::DELETE, &format!("{url}/kv/a"), None, ("reuse", 1)).await;
+    assert_eq!(s, 409);
+    let (_, j, _) = call(Method::GET, &format!("{url}/kv/a"), None).await;
+    assert_eq!(
+        j["version"].as_u64(),
+        Some(1),
+        "nothing was applied again: {j}"
+    );
+}
