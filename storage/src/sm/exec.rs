@@ -204,10 +204,13 @@ impl<'t> Exec<'t> {
     ) -> Result<KeyMeta, SmError> {
         let meta = match self.read_key(Some(stage), key)? {
             Some((old, _)) => {
-                assert!(
-                    old.mod_revision <= revision,
-                    "a key written by a later entry"
-                );
+                // Read from sled: a record from the future is damage, not a bug to panic on.
+                if old.mod_revision > revision {
+                    return Err(corrupt(format!(
+                        "a key record last written at revision {} meets entry {revision}",
+                        old.mod_revision
+                    )));
+                }
                 KeyMeta {
                     create_revision: old.create_revision,
                     mod_revision: revision,

@@ -292,7 +292,7 @@ impl StateMachine {
                 }
                 let tree = db.open_tree(&name)?;
                 let (applied, format) = read_meta(&tree).map_err(corrupt)?;
-                let sessions = SessionIndex::load(&tree).map_err(corrupt)?;
+                let sessions = SessionIndex::load(&tree, applied.index).map_err(corrupt)?;
                 let current = Current {
                     tree,
                     tree_name: name.to_vec(),
@@ -412,10 +412,11 @@ impl StateMachine {
     }
 
     fn reload_sessions(&self, cur: &mut Current) -> Result<(), SmError> {
-        cur.sessions = SessionIndex::load(&cur.tree).map_err(|what| SmError::Corrupt {
-            dir: self.dir.clone(),
-            what,
-        })?;
+        cur.sessions =
+            SessionIndex::load(&cur.tree, cur.applied.index).map_err(|what| SmError::Corrupt {
+                dir: self.dir.clone(),
+                what,
+            })?;
         Ok(())
     }
 

@@ -64,8 +64,9 @@ pub struct SessionIndex {
 }
 
 impl SessionIndex {
-    /// Reads every session and the parameters from `tree`.
-    pub fn load(tree: &sled::Tree) -> Result<SessionIndex, String> {
+    /// Reads every session and the parameters from `tree`, whose state is at `applied_index`
+    /// (no session can have written after it).
+    pub fn load(tree: &sled::Tree, applied_index: u64) -> Result<SessionIndex, String> {
         let mut index = SessionIndex::default();
         if let Some(raw) = tree.get(PARAMS_KEY).map_err(|e| e.to_string())? {
             index.params = record::decode_params(&raw)?;
@@ -73,6 +74,18 @@ impl SessionIndex {
         for item in tree.scan_prefix([SESSION_PREFIX]) {
             let (k, v) = item.map_err(|e| e.to_string())?;
             let rec = record::decode_session(&v)?;
+            if rec.revision > applied_index {
+                return Err(format!(
+                    "a session record wrote at revision {}, after the applied index {applied_index}",
+                    rec.revision
+                ));
+            }
+            if index.by_age.contains_key(&rec.revision) {
+                return Err(format!(
+                    "two session records name revision {} as their latest write",
+                    rec.revision
+                ));
+            }
             index.touch(&k[1..], rec.revision, rec.active_ms);
         }
         assert_eq!(index.by_age.len(), index.revision_of.len());
