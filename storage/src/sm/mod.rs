@@ -263,7 +263,7 @@ impl StateMachine {
             dir: dir.to_path_buf(),
             what,
         };
-        let (current, created) = match db.get(CURRENT_TREE_KEY)? {
+        let (current, created, format) = match db.get(CURRENT_TREE_KEY)? {
             None => {
                 let name = tree_name(1);
                 db.drop_tree(&name)?;
@@ -281,6 +281,7 @@ impl StateMachine {
                         sessions: SessionIndex::default(),
                     },
                     true,
+                    SM_FORMAT_VERSION,
                 )
             }
             Some(name) => {
@@ -299,11 +300,7 @@ impl StateMachine {
                     applied,
                     sessions,
                 };
-                if format == SM_FORMAT_V1 {
-                    (upgrade_v1(&db, current)?, false)
-                } else {
-                    (current, false)
-                }
+                (current, false, format)
             }
         };
         // Trees of an install that crashed before its pointer flip are garbage.
@@ -320,7 +317,7 @@ impl StateMachine {
             created,
             "state machine open"
         );
-        Ok(StateMachine {
+        let sm = StateMachine {
             db,
             dir: dir.to_path_buf(),
             opts,
@@ -328,7 +325,34 @@ impl StateMachine {
             current: RwLock::new(current),
             cow: Mutex::new(None),
             cow_released: Condvar::new(),
-        })
+        };
+        if format == SM_FORMAT_V1 {
+            sm.upgrade_v1()?;
+        }
+        Ok(sm)
+    }
+
+    /// Rewrites a round-1 state (raw values) into a new tree generation with revisions,
+    /// through the install path: a crash midway leaves the old tree in place (the unfinished
+    /// one is dropped at the next open) and the upgrade reruns.
+    fn upgrade_v1(&self) -> Result<(), SmError> {
+        let (old_tree, applied) = {
+            let cur = self.read_current();
+            (cur.tree.clone(), cur.applied.clone())
+        };
+        let mut builder = self.begin_install()?;
+        for item in old_tree.range(vec![DATA_PREFIX]..DATA_END.to_vec()) {
+            let (k, v) = item?;
+            builder.insert_v1(&k[1..], &v, applied.index)?;
+        }
+        let keys = builder.key_count();
+        builder.finish(&applied)?;
+        tracing::info!(
+            keys,
+            revision = applied.index,
+            "upgraded the state machine from format 1 (no revisions) to 2"
+        );
+        Ok(())
     }
 
     /// Whether [`open`](Self::open) found no state and created an empty one.
@@ -757,49 +781,6 @@ fn write_meta(tree: &sled::Tree, applied: &SnapshotMeta) -> Result<(), SmError> 
     batch.insert(META_MEMBERSHIP, encode_membership(&applied.membership)?);
     tree.apply_batch(batch)?;
     Ok(())
-}
-
-/// Rewrites a round-1 state (raw values) into a new tree generation with revisions, as an
-/// install does (so a crash midway leaves the old tree in place, and the upgrade reruns).
-fn upgrade_v1(db: &sled::Db, old: Current) -> Result<Current, SmError> {
-    let generation = tree_generation(&old.tree_name).map_or(1, |g| g.saturating_add(1));
-    let name = tree_name(generation);
-    db.drop_tree(&name)?;
-    let tree = db.open_tree(&name)?;
-    let revision = old.applied.index;
-    let mut batch = sled::Batch::default();
-    let mut keys = 0u64;
-    for item in old.tree.range(vec![DATA_PREFIX]..DATA_END.to_vec()) {
-        let (k, v) = item?;
-        let meta = record::KeyMeta {
-            create_revision: revision,
-            mod_revision: revision,
-            version: 1,
-            lease: 0,
-        };
-        batch.insert(k, record::encode_key(&meta, &v));
-        keys += 1;
-        if keys.is_multiple_of(INSTALL_BATCH_PAIRS as u64) {
-            tree.apply_batch(std::mem::take(&mut batch))?;
-        }
-    }
-    tree.apply_batch(batch)?;
-    write_meta(&tree, &old.applied)?;
-    db.flush()?;
-    db.insert(CURRENT_TREE_KEY, name.clone())?;
-    db.flush()?;
-    db.drop_tree(&old.tree_name)?;
-    tracing::info!(
-        keys,
-        revision,
-        "upgraded the state machine from format 1 (no revisions) to 2"
-    );
-    Ok(Current {
-        tree,
-        tree_name: name,
-        applied: old.applied,
-        sessions: SessionIndex::default(),
-    })
 }
 
 /// The applied position and membership, and the layout version (1 or 2).
