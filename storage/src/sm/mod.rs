@@ -519,14 +519,8 @@ impl StateMachine {
         limit: usize,
         bytes_max: usize,
     ) -> Result<ReadAt<ScanPage>, SmError> {
-        let read = self.scan_records(start, end, limit, bytes_max)?;
-        Ok(ReadAt {
-            value: ScanPage {
-                pairs: read.value.0.into_iter().map(|r| (r.key, r.value)).collect(),
-                more: read.value.1,
-            },
-            applied_index: read.applied_index,
-        })
+        self.scan_records(start, end, limit, bytes_max)
+            .map(pairs_page)
     }
 
     /// Like [`StateMachine::scan_bounded`], with each key's revisions; `(records, more)`.
@@ -593,14 +587,8 @@ impl StateMachine {
         limit: usize,
         bytes_max: usize,
     ) -> Result<ReadAt<ScanPage>, SmError> {
-        let read = self.scan_prefix_records(prefix, after, limit, bytes_max)?;
-        Ok(ReadAt {
-            value: ScanPage {
-                pairs: read.value.0.into_iter().map(|r| (r.key, r.value)).collect(),
-                more: read.value.1,
-            },
-            applied_index: read.applied_index,
-        })
+        self.scan_prefix_records(prefix, after, limit, bytes_max)
+            .map(pairs_page)
     }
 
     /// Like [`StateMachine::scan_prefix_page`], with each key's revisions; `(records, more)`.
@@ -751,6 +739,18 @@ fn execute(
     }
     sessions.flush_params(exec)?;
     Ok((out, membership))
+}
+
+/// A page of records as key-value pairs (the revisions dropped).
+fn pairs_page(read: ReadAt<(Vec<KeyRecord>, bool)>) -> ReadAt<ScanPage> {
+    let (records, more) = read.value;
+    ReadAt {
+        value: ScanPage {
+            pairs: records.into_iter().map(|r| (r.key, r.value)).collect(),
+            more,
+        },
+        applied_index: read.applied_index,
+    }
 }
 
 fn range_is_empty(lower: &Bound<Vec<u8>>, upper: &Bound<Vec<u8>>) -> bool {
