@@ -14,6 +14,7 @@
 use raftkv::api::http::{CLIENT_ID_HEADER, DUPLICATE_HEADER, SEQ_HEADER};
 use raftkv::api::{ClusterStatus, Consistency, KvResponse};
 use raftkv::client::{Client, ClientConfig, ClientError};
+use raftkv::raft::rng::Rng;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,23 +25,6 @@ use support::{cluster, http_client, Node};
 
 const CLIENTS: u64 = 8;
 const INCREMENTS: u64 = 200;
-
-/// splitmix64: the test's only source of randomness.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 /// The seed (from `RAFTKV_TEST_SEED`, else the clock), printed with the replay command.
 fn seed(test: &str) -> Rng {
@@ -57,7 +41,7 @@ fn seed(test: &str) -> Rng {
         "{test}: seed {seed}; replay: RAFTKV_TEST_SEED={seed} cargo test --release --test \
          sessions {test}"
     );
-    Rng(seed)
+    Rng::new(seed)
 }
 
 async fn status(http: &reqwest::Client, url: &str) -> Option<ClusterStatus> {
@@ -194,8 +178,8 @@ async fn eight_clients_count_to_1600_with_cas_through_leader_kills() {
     // First kill somewhere in the first third, restarted after a while; the second in the
     // second third, left dead (two of three nodes keep the quorum).
     let total = CLIENTS * INCREMENTS;
-    let first = total / 8 + rng.below(total / 4);
-    let second = total / 2 + rng.below(total / 4);
+    let first = total / 8 + rng.range(0, total / 4);
+    let second = total / 2 + rng.range(0, total / 4);
     until(&done, first).await;
     let killed = leader(&http, &nodes).await;
     nodes[killed].kill();
@@ -203,7 +187,7 @@ async fn eight_clients_count_to_1600_with_cas_through_leader_kills() {
         "killed the leader, node {}, at {first} increments",
         nodes[killed].id
     );
-    tokio::time::sleep(Duration::from_millis(300 + rng.below(700))).await;
+    tokio::time::sleep(Duration::from_millis(300 + rng.range(0, 700))).await;
     nodes[killed].start();
     nodes[killed].ready(&http).await;
     until(&done, second).await;
@@ -260,8 +244,8 @@ async fn a_write_resent_ten_times_under_one_session_after_a_leader_kill_applies_
         seed("a_write_resent_ten_times_under_one_session_after_a_leader_kill_applies_once");
     let root = tempfile::tempdir().unwrap();
     let (mut nodes, http) = start_cluster(root.path(), "sessions-once").await;
-    let client_id = format!("{:016x}{:016x}", rng.next(), rng.next());
-    let key = format!("once-{:08x}", rng.next() as u32);
+    let client_id = format!("{:016x}{:016x}", rng.next_u64(), rng.next_u64());
+    let key = format!("once-{:08x}", rng.next_u64() as u32);
     // Load the leader a little so the kill lands among other writes too.
     let busy = Client::new(ClientConfig::new(nodes.iter().map(|n| n.url()).collect())).unwrap();
     for i in 0..20 {
@@ -277,7 +261,7 @@ async fn a_write_resent_ten_times_under_one_session_after_a_leader_kill_applies_
         );
         tokio::spawn(async move { sessioned_put(&http, &url, &key, &id).await })
     };
-    tokio::time::sleep(Duration::from_micros(rng.below(3000))).await;
+    tokio::time::sleep(Duration::from_micros(rng.range(0, 3000))).await;
     nodes[killed].kill();
     let first = first.await.unwrap();
     eprintln!(
@@ -294,7 +278,7 @@ async fn a_write_resent_ten_times_under_one_session_after_a_leader_kill_applies_
         if resent == 5 && nodes[killed].child.is_none() {
             nodes[killed].start(); // the old leader takes resends too, once back
         }
-        let to = rng.below(nodes.len() as u64) as usize;
+        let to = rng.range(0, nodes.len() as u64) as usize;
         match sessioned_put(&http, &nodes[to].url(), &key, &client_id).await {
             Some((200, body, duplicate)) => {
                 resent += 1;
@@ -311,7 +295,7 @@ async fn a_write_resent_ten_times_under_one_session_after_a_leader_kill_applies_
             Instant::now() < deadline,
             "only {resent} resends answered in time"
         );
-        tokio::time::sleep(Duration::from_millis(10 + rng.below(40))).await;
+        tokio::time::sleep(Duration::from_millis(10 + rng.range(0, 40))).await;
     }
     let revision = answers[0].0.revision;
     for (answer, _) in &answers {
