@@ -159,9 +159,8 @@ impl<'t> Exec<'t> {
     pub fn run(&mut self, revision: u64, cmd: &CommandRef<'_>) -> Result<CommandOutcome, SmError> {
         match cmd {
             CommandRef::Put { key, value } => {
-                let mut stage = Stage::new();
-                let meta = self.put(&mut stage, revision, key, value, 0)?;
-                self.commit(stage)?;
+                let (meta, raw) = self.next_record(None, revision, key, value, 0)?;
+                self.write(data_key(key), Some(raw))?;
                 Ok(CommandOutcome::Put {
                     create_revision: meta.create_revision,
                     version: meta.version,
@@ -193,16 +192,17 @@ impl<'t> Exec<'t> {
         }
     }
 
-    /// Puts `key` into `stage`; returns its new revisions.
-    fn put(
+    /// The record a put of `key` at `revision` writes (as this batch and `stage` left the
+    /// key), and its revisions.
+    fn next_record(
         &self,
-        stage: &mut Stage,
+        stage: Option<&Stage>,
         revision: u64,
         key: &[u8],
         value: &[u8],
         lease: u64,
-    ) -> Result<KeyMeta, SmError> {
-        let meta = match self.read_key(Some(stage), key)? {
+    ) -> Result<(KeyMeta, IVec), SmError> {
+        let meta = match self.read_key(stage, key)? {
             Some((old, _)) => {
                 // Read from sled: a record from the future is damage, not a bug to panic on.
                 if old.mod_revision > revision {
@@ -225,9 +225,7 @@ impl<'t> Exec<'t> {
                 lease,
             },
         };
-        let raw = record::encode_key(&meta, value);
-        stage.insert(data_key(key), Some(IVec::from(raw)));
-        Ok(meta)
+        Ok((meta, IVec::from(record::encode_key(&meta, value))))
     }
 
     fn commit(&mut self, stage: Stage) -> Result<(), SmError> {
@@ -270,7 +268,9 @@ impl<'t> Exec<'t> {
         for op in ops {
             let result = match *op {
                 OpRef::Put { key, value, lease } => {
-                    let meta = self.put(&mut stage, revision, key, value, lease)?;
+                    let (meta, raw) =
+                        self.next_record(Some(&stage), revision, key, value, lease)?;
+                    stage.insert(data_key(key), Some(raw));
                     OpResult::Put {
                         create_revision: meta.create_revision,
                         version: meta.version,
