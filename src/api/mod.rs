@@ -23,7 +23,9 @@ pub mod test_service;
 pub mod types;
 
 use crate::raft::MembershipProposal;
-use raftkv_storage::command::{CommandError, CommandLimits, CommandRef, CommandResult, KeyRecord};
+use raftkv_storage::command::{
+    CommandError, CommandLimits, CommandRef, CommandResult, KeyRecord, SessionRef,
+};
 use raftkv_storage::txn::TxnLimits;
 use raftkv_storage::NodeId;
 use std::future::Future;
@@ -127,6 +129,20 @@ impl Default for Limits {
 pub struct ClientSession {
     pub client_id: String,
     pub seq: u64,
+}
+
+impl ClientSession {
+    /// The session as a log entry carries it: stamped with this node's wall clock (the
+    /// session clock, see `raftkv_storage::sm::sessions`) and checked.
+    pub fn stamped(&self) -> Result<SessionRef<'_>, ServiceError> {
+        let session = SessionRef {
+            client: self.client_id.as_bytes(),
+            seq: self.seq,
+            now_ms: crate::node::service::wall_clock_ms(),
+        };
+        session.validate()?;
+        Ok(session)
+    }
 }
 
 /// A committed and applied write: the state machine's result (for a session's retry, the

@@ -13,7 +13,7 @@
 
 use super::*;
 use crate::raft::{MemberChange, MembershipProposal};
-use raftkv_storage::command::{CommandLimits, SessionRef};
+use raftkv_storage::command::CommandLimits;
 use raftkv_storage::sm::{EntryOutcome, StateMachine, StateMachineOptions};
 use raftkv_storage::{Entry, EntryKind, MemberAddrs, NodeId};
 use std::collections::BTreeMap;
@@ -222,11 +222,7 @@ impl KvService for MapService {
     ) -> Result<Applied, ServiceError> {
         self.check_write()?;
         crate::node::service::validate_write(&command, &self.limits())?;
-        let session = session.map(|s| SessionRef {
-            client: s.client_id.as_bytes(),
-            seq: s.seq,
-            now_ms: crate::node::service::wall_clock_ms(),
-        });
+        let session = session.map(ClientSession::stamped).transpose()?;
         let payload = command
             .encode_with(session)
             .map_err(|e| ServiceError::InvalidInput(e.to_string()))?;

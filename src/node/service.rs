@@ -219,14 +219,7 @@ impl KvService for NodeService {
         session: Option<&ClientSession>,
     ) -> Result<Applied, ServiceError> {
         validate_write(&command, &self.limits)?;
-        let session = session.map(|s| SessionRef {
-            client: s.client_id.as_bytes(),
-            seq: s.seq,
-            now_ms: wall_clock_ms(),
-        });
-        if let Some(s) = &session {
-            s.validate()?;
-        }
+        let session = session.map(ClientSession::stamped).transpose()?;
         let outcome = self.propose(command, session).await?;
         assert!(outcome.result.revision <= outcome.index);
         Ok(Applied {
