@@ -107,6 +107,8 @@ async fn metrics_and_json_logs_tell_an_operator_what_the_cluster_does() {
         assert!(value(s, "raftkv_wal_append_bytes_total") > 0.0);
         assert!(value(s, "raftkv_apply_duration_seconds_count") >= 1.0);
         assert!(value(s, "raftkv_db_size_bytes") > 0.0);
+        // The session gauge is exported; these writes carried no session.
+        assert_eq!(value(s, "raftkv_sessions"), 0.0);
         // Followers talk to the leader only; the leader to everyone.
         let leader_id = nodes[leader].id;
         let talked_to = nodes
