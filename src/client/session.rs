@@ -32,6 +32,9 @@ impl Session {
     }
 }
 
+/// The most idle sessions a client keeps.
+pub(crate) const IDLE_SESSIONS_MAX: usize = 1024;
+
 /// The idle sessions of one client.
 #[derive(Debug, Default)]
 pub(crate) struct SessionPool {
@@ -47,10 +50,15 @@ impl SessionPool {
         }
     }
 
-    /// Returns a session whose last write has a definite answer.
+    /// Returns a session whose last write has a definite answer. Beyond
+    /// [`IDLE_SESSIONS_MAX`] idle ones it is dropped (the cluster forgets it after its TTL):
+    /// a burst of concurrency does not leave the pool holding its peak for good.
     pub(crate) fn give_back(&self, session: Session) {
         assert!(session.seq >= 1, "sequence numbers start at 1");
-        super::lock(&self.idle).push(session);
+        let mut idle = super::lock(&self.idle);
+        if idle.len() < IDLE_SESSIONS_MAX {
+            idle.push(session);
+        }
     }
 
     /// How many sessions are idle.
