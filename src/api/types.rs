@@ -311,3 +311,130 @@ pub struct MembershipStatus {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub removed: bool,
 }
+
+/// One line of a `GET /watch` stream (newline-delimited JSON), tagged by `type`.
+///
+/// `put` and `delete` events come in revision order, each exactly once; a `delete` carries
+/// the key and the revision it was deleted at (`value` empty, `create_revision` and
+/// `version` 0). `progress` says every event up to `revision` has been sent. `error` is the
+/// last line of a stream the server ended (`kind`: `watcher_too_slow`, `compacted`,
+/// `shutting_down`); resume from the last event's `mod_revision + 1` (or a progress
+/// `revision + 1`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WatchEvent {
+    Put(WatchKv),
+    Delete(WatchKv),
+    Progress {
+        revision: u64,
+    },
+    Error {
+        error: String,
+        kind: String,
+        /// The next revision the watcher would have sent: resume from here.
+        revision: u64,
+    },
+}
+
+impl WatchEvent {
+    /// The revision a watcher has seen everything up to after this line (0 for an error).
+    pub fn seen_revision(&self) -> u64 {
+        match self {
+            WatchEvent::Put(kv) | WatchEvent::Delete(kv) => kv.mod_revision,
+            WatchEvent::Progress { revision } => *revision,
+            WatchEvent::Error { .. } => 0,
+        }
+    }
+}
+
+/// The key of a watch event and its revisions after the event.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchKv {
+    pub key: String,
+    #[serde(default)]
+    pub value: String,
+    #[serde(default)]
+    pub create_revision: u64,
+    pub mod_revision: u64,
+    #[serde(default)]
+    pub version: u64,
+    /// The lease the key is attached to (0: none).
+    #[serde(default)]
+    pub lease: u64,
+}
+
+/// A 410 body: the watch's start revision is older than the history the node keeps.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompactedBody {
+    /// Always `compacted`.
+    pub error: String,
+    /// Always `compacted`.
+    pub kind: String,
+    /// History up to and including this revision is gone: start after it (or re-read).
+    pub compact_revision: u64,
+}
+
+/// Body of `POST /lease`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseGrantBody {
+    pub ttl_s: u64,
+}
+
+/// Response of `POST /lease`: the new lease (its id is the revision that granted it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseGrantResponse {
+    pub id: u64,
+    pub ttl_s: u64,
+    pub revision: u64,
+    pub leader: NodeId,
+}
+
+/// Response of `POST /lease/{id}/keepalive` and `GET /lease/{id}`: the lease's TTL, the time
+/// left before the leader expires it, and (for `GET`) its keys in key order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseResponse {
+    pub id: u64,
+    /// The TTL it was granted with.
+    pub ttl_s: u64,
+    /// Time left before the leader revokes it, in whole seconds rounded up.
+    pub remaining_s: u64,
+    pub remaining_ms: u64,
+    /// Attached keys (`GET` only; at most the list cap, `keys_more` if cut).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<String>,
+    #[serde(default)]
+    pub keys_count: u64,
+    #[serde(default)]
+    pub keys_more: bool,
+    pub leader: NodeId,
+}
+
+/// Response of `DELETE /lease/{id}`: the lease is gone and its keys with it, at `revision`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRevokeResponse {
+    pub id: u64,
+    /// How many keys were deleted with it.
+    pub deleted: u64,
+    pub revision: u64,
+    pub leader: NodeId,
+}
+
+/// One lease of `GET /lease`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseSummary {
+    pub id: u64,
+    pub ttl_s: u64,
+    pub keys_count: u64,
+    /// Time left before expiry, when answered by the leader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining_ms: Option<u64>,
+}
+
+/// Response of `GET /lease`: every lease, by id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseListResponse {
+    pub leases: Vec<LeaseSummary>,
+    pub revision: u64,
+    pub leader: NodeId,
+}
