@@ -163,6 +163,7 @@ impl From<CommandError> for ServiceError {
             CommandError::TxnTooLarge(_) => ServiceError::TooLarge(e.to_string()),
             CommandError::EmptyKey
             | CommandError::InvalidSession(_)
+            | CommandError::InvalidLease(_)
             | CommandError::UnsupportedVersion(_)
             | CommandError::Decode(_)
             | CommandError::Encode(_) => ServiceError::InvalidInput(e.to_string()),

@@ -67,6 +67,16 @@ pub enum Command {
         ttl_ms: u64,
         sessions_max: u64,
     },
+    /// Sets `key` to `value`, attached to lease `lease` (which must exist).
+    PutLeased {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        lease: u64,
+    },
+    /// Grants a lease of `ttl_ms` (its id is the entry's revision), unless `leases_max` exist.
+    LeaseGrant { ttl_ms: u64, leases_max: u64 },
+    /// Revokes lease `id` and deletes its keys, atomically.
+    LeaseRevoke { id: u64 },
 }
 
 /// A client command borrowing its key and value. Its serde layout is the on-disk format:
@@ -99,6 +109,20 @@ pub enum CommandRef<'a> {
         ttl_ms: u64,
         sessions_max: u64,
     },
+    /// Sets `key` to `value`, attached to lease `lease`, which must exist (else refused).
+    PutLeased {
+        #[serde(serialize_with = "byte_str")]
+        key: &'a [u8],
+        #[serde(serialize_with = "byte_str")]
+        value: &'a [u8],
+        lease: u64,
+    },
+    /// Grants a lease of `ttl_ms` whose id is this entry's revision, unless `leases_max`
+    /// leases exist already (see `sm::leases`).
+    LeaseGrant { ttl_ms: u64, leases_max: u64 },
+    /// Revokes lease `id` and deletes every key attached to it, in this one entry (proposed
+    /// by a client, or by the leader when the lease expired).
+    LeaseRevoke { id: u64 },
 }
 
 /// A write's client session: who sent it, its place in that client's sequence, and the
@@ -175,6 +199,12 @@ pub enum Refusal {
     /// A retry of a write that applied (at the result's revision) whose result was too large
     /// to keep in the session table.
     ResultNotKept { result_bytes: u64, bytes_max: u64 },
+    /// The lease named does not exist (never granted, revoked or expired).
+    LeaseNotFound { id: u64 },
+    /// `leases_max` leases exist already.
+    LeasesFull { leases_max: u64 },
+    /// The lease has [`LEASE_KEYS_MAX`] keys already.
+    LeaseKeysFull { keys_max: u64 },
 }
 
 /// The most keys one prefix delete removes (a bound on one sled batch); over it the command
@@ -182,6 +212,12 @@ pub enum Refusal {
 pub const DELETE_PREFIX_KEYS_MAX: u64 = 100_000;
 /// The most bytes of keys and values a transaction's `get` results may hold.
 pub const TXN_RESULT_BYTES_MAX: u64 = 16 * 1024 * 1024;
+/// The most keys one lease holds: its revoke deletes them all in one entry (one sled batch).
+pub const LEASE_KEYS_MAX: u64 = 100_000;
+/// The shortest lease TTL: a lease must outlive a leader election and a keepalive round.
+pub const LEASE_TTL_MS_MIN: u64 = 1_000;
+/// The longest lease TTL (30 days).
+pub const LEASE_TTL_MS_MAX: u64 = 30 * 24 * 3_600_000;
 
 /// What applying a command did, handed back to whoever proposed it (and kept in the session
 /// table for a session's latest write).
@@ -200,6 +236,10 @@ pub enum CommandOutcome {
     },
     /// Sessions removed by an `ExpireSessions` entry.
     SessionsExpired { expired: u64 },
+    /// A lease was granted: its id (the entry's revision) and TTL.
+    LeaseGranted { id: u64, ttl_ms: u64 },
+    /// A lease was revoked with its `deleted` keys.
+    LeaseRevoked { deleted: u64 },
     /// Nothing changed (see [`Refusal`]).
     Refused(Refusal),
 }
@@ -285,6 +325,8 @@ pub enum CommandError {
     TxnTooLarge(String),
     #[error("invalid session: {0}")]
     InvalidSession(String),
+    #[error("invalid lease: {0}")]
+    InvalidLease(String),
     #[error(
         "command format version {0} is not supported (this build reads versions {COMMAND_VERSION} and {COMMAND_VERSION_SESSION})"
     )]
@@ -338,6 +380,16 @@ impl Command {
             Command::Put { key, value } => CommandRef::Put { key, value },
             Command::Delete { key } => CommandRef::Delete { key },
             Command::DeletePrefix { prefix } => CommandRef::DeletePrefix { prefix },
+            Command::PutLeased { key, value, lease } => CommandRef::PutLeased {
+                key,
+                value,
+                lease: *lease,
+            },
+            Command::LeaseGrant { ttl_ms, leases_max } => CommandRef::LeaseGrant {
+                ttl_ms: *ttl_ms,
+                leases_max: *leases_max,
+            },
+            Command::LeaseRevoke { id } => CommandRef::LeaseRevoke { id: *id },
             Command::Txn(txn) => CommandRef::Txn(txn.borrowed()),
             Command::ExpireSessions {
                 now_ms,
@@ -416,9 +468,14 @@ impl<'a> CommandRef<'a> {
     /// The key this command touches (a transaction's or an expiry's: none).
     pub fn key(&self) -> Option<&'a [u8]> {
         match *self {
-            CommandRef::Put { key, .. } | CommandRef::Delete { key } => Some(key),
+            CommandRef::Put { key, .. }
+            | CommandRef::Delete { key }
+            | CommandRef::PutLeased { key, .. } => Some(key),
             CommandRef::DeletePrefix { prefix } => Some(prefix),
-            CommandRef::Txn(_) | CommandRef::ExpireSessions { .. } => None,
+            CommandRef::Txn(_)
+            | CommandRef::ExpireSessions { .. }
+            | CommandRef::LeaseGrant { .. }
+            | CommandRef::LeaseRevoke { .. } => None,
         }
     }
 
@@ -443,6 +500,39 @@ impl<'a> CommandRef<'a> {
                 if *ttl_ms == 0 || *sessions_max == 0 {
                     return Err(CommandError::InvalidSession(
                         "a session TTL and the session bound must be positive".into(),
+                    ));
+                }
+                Ok(())
+            }
+            CommandRef::PutLeased { key, value, lease } => {
+                limits.check_key(key)?;
+                limits.check_value(value)?;
+                if *lease == 0 {
+                    return Err(CommandError::InvalidLease(
+                        "lease id 0 names no lease".into(),
+                    ));
+                }
+                Ok(())
+            }
+            CommandRef::LeaseGrant { ttl_ms, leases_max } => {
+                if !(LEASE_TTL_MS_MIN..=LEASE_TTL_MS_MAX).contains(ttl_ms) {
+                    return Err(CommandError::InvalidLease(format!(
+                        "a lease TTL is {} to {} seconds",
+                        LEASE_TTL_MS_MIN / 1000,
+                        LEASE_TTL_MS_MAX / 1000
+                    )));
+                }
+                if *leases_max == 0 {
+                    return Err(CommandError::InvalidLease(
+                        "the lease bound must be positive".into(),
+                    ));
+                }
+                Ok(())
+            }
+            CommandRef::LeaseRevoke { id } => {
+                if *id == 0 {
+                    return Err(CommandError::InvalidLease(
+                        "lease id 0 names no lease".into(),
                     ));
                 }
                 Ok(())
@@ -528,6 +618,16 @@ impl<'a> CommandRef<'a> {
                 ttl_ms: *ttl_ms,
                 sessions_max: *sessions_max,
             },
+            CommandRef::PutLeased { key, value, lease } => Command::PutLeased {
+                key: key.to_vec(),
+                value: value.to_vec(),
+                lease: *lease,
+            },
+            CommandRef::LeaseGrant { ttl_ms, leases_max } => Command::LeaseGrant {
+                ttl_ms: *ttl_ms,
+                leases_max: *leases_max,
+            },
+            CommandRef::LeaseRevoke { id } => Command::LeaseRevoke { id: *id },
         }
     }
 }
@@ -743,6 +843,16 @@ mod tests {
                 ttl_ms: 3_600_000,
                 sessions_max: 100_000,
             },
+            Command::PutLeased {
+                key: b"svc/a".to_vec(),
+                value: b"10.0.0.1".to_vec(),
+                lease: 7,
+            },
+            Command::LeaseGrant {
+                ttl_ms: 10_000,
+                leases_max: 100_000,
+            },
+            Command::LeaseRevoke { id: 7 },
         ]
     }
 
@@ -939,6 +1049,9 @@ mod tests {
                 Some(&b"key"[..]),
                 Some(&b"p/"[..]),
                 None,
+                None,
+                None,
+                Some(&b"svc/a"[..]),
                 None,
                 None
             ]

@@ -41,11 +41,15 @@ pub const KIND_CONDITION_FAILED: &str = "condition_failed";
 pub const KIND_SESSION_STALE: &str = "session_stale";
 pub const KIND_SESSION_EXPIRED: &str = "session_expired";
 pub const KIND_RESULT_NOT_KEPT: &str = "result_not_kept";
+pub const KIND_LEASE_NOT_FOUND: &str = "lease_not_found";
+pub const KIND_LEASES_FULL: &str = "leases_full";
+pub const KIND_LEASE_KEYS_FULL: &str = "lease_keys_full";
 
 #[derive(Debug, Deserialize)]
 pub(super) struct WriteParams {
     if_mod_revision: Option<String>,
     prefix: Option<String>,
+    lease: Option<String>,
 }
 
 fn write_params(q: Result<Query<WriteParams>, QueryRejection>) -> Result<WriteParams, Rejection> {
@@ -64,6 +68,17 @@ fn if_mod_revision(p: &WriteParams) -> Result<Option<u64>, Rejection> {
         Some(Err(_)) => Err(Rejection(
             StatusCode::BAD_REQUEST,
             "if_mod_revision must be a non-negative integer (0: only if absent)".into(),
+        )),
+    }
+}
+
+fn lease_param(p: &WriteParams) -> Result<u64, Rejection> {
+    match p.lease.as_deref().map(str::parse::<u64>) {
+        None => Ok(0),
+        Some(Ok(id)) if id > 0 => Ok(id),
+        Some(_) => Err(Rejection(
+            StatusCode::BAD_REQUEST,
+            "lease must be a lease id (a positive integer)".into(),
         )),
     }
 }
@@ -98,7 +113,7 @@ pub(super) fn session(headers: &HeaderMap) -> Result<Option<ClientSession>, Reje
 }
 
 /// Adds the revision (and, for a retry, the duplicate mark) to a response.
-fn stamp(mut r: Response, revision: u64, duplicate: bool) -> Response {
+pub(super) fn stamp(mut r: Response, revision: u64, duplicate: bool) -> Response {
     r.headers_mut()
         .insert(REVISION_HEADER, HeaderValue::from(revision));
     if duplicate {
@@ -131,6 +146,21 @@ fn refusal(r: &Refusal, revision: u64) -> Response {
             KIND_RESULT_NOT_KEPT,
             format!("this write already applied at revision {revision}; its result ({result_bytes} bytes) was over the {bytes_max} bytes a session keeps, so a retry cannot repeat it: read the keys"),
         ),
+        Refusal::LeaseNotFound { id } => error_kind(
+            StatusCode::NOT_FOUND,
+            KIND_LEASE_NOT_FOUND,
+            format!("lease {id} does not exist (never granted, revoked or expired); nothing was changed"),
+        ),
+        Refusal::LeasesFull { leases_max } => error_kind(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            KIND_LEASES_FULL,
+            format!("{leases_max} leases exist already (--leases-max); revoke some first"),
+        ),
+        Refusal::LeaseKeysFull { keys_max } => error_kind(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            KIND_LEASE_KEYS_FULL,
+            format!("the lease holds {keys_max} keys already; nothing was changed: use another lease"),
+        ),
         Refusal::SessionExpired { seq } => error_kind(
             StatusCode::CONFLICT,
             KIND_SESSION_EXPIRED,
@@ -156,7 +186,7 @@ fn condition_failed(
 
 /// Proposes `command`, or forwards the request to the leader.
 #[allow(clippy::too_many_arguments)]
-async fn propose<S: KvService>(
+pub(super) async fn propose<S: KvService>(
     st: &ApiState<S>,
     command: CommandRef<'_>,
     headers: &HeaderMap,
@@ -271,15 +301,21 @@ pub(super) async fn put_key<S: KvService>(
         .check_value(value.as_bytes())
         .map_err(super::limit_rejection)?;
     let (k, v) = (key.as_bytes(), value.as_bytes());
-    let command = match if_mod_revision(&params)? {
-        None => CommandRef::Put { key: k, value: v },
-        Some(n) => conditional(
+    let lease = lease_param(&params)?;
+    let command = match (if_mod_revision(&params)?, lease) {
+        (None, 0) => CommandRef::Put { key: k, value: v },
+        (None, lease) => CommandRef::PutLeased {
+            key: k,
+            value: v,
+            lease,
+        },
+        (Some(n), lease) => conditional(
             k,
             n,
             OpRef::Put {
                 key: k,
                 value: v,
-                lease: 0,
+                lease,
             },
         ),
     };

@@ -17,6 +17,8 @@
 //! `create_revision` and adds one to its `version`.
 
 use super::cow::CowTable;
+use super::history::ChangeEvent;
+use super::leases::LeaseIndex;
 use super::record::{self, KeyMeta};
 use super::SmError;
 use crate::command::{
@@ -48,6 +50,11 @@ pub struct Exec<'t> {
     pub(super) batch: sled::Batch,
     overlay: BTreeMap<Vec<u8>, Option<IVec>>,
     cow: Option<&'t mut CowTable>,
+    /// The revision (entry index) being executed.
+    revision: u64,
+    /// Changes to user keys so far, in order: the watch events of this batch.
+    events: Vec<ChangeEvent>,
+    pub(super) leases: &'t mut LeaseIndex,
 }
 
 fn corrupt(what: String) -> SmError {
@@ -55,13 +62,35 @@ fn corrupt(what: String) -> SmError {
 }
 
 impl<'t> Exec<'t> {
-    pub fn new(tree: &'t sled::Tree, cow: Option<&'t mut CowTable>) -> Exec<'t> {
+    pub fn new(
+        tree: &'t sled::Tree,
+        cow: Option<&'t mut CowTable>,
+        leases: &'t mut LeaseIndex,
+    ) -> Exec<'t> {
         Exec {
             tree,
             batch: sled::Batch::default(),
             overlay: BTreeMap::new(),
             cow,
+            revision: 0,
+            events: Vec::new(),
+            leases,
         }
+    }
+
+    pub fn tree(&self) -> &sled::Tree {
+        self.tree
+    }
+
+    /// Starts the entry at `revision`: its writes are that revision's events.
+    pub fn begin_entry(&mut self, revision: u64) {
+        assert!(revision > self.revision, "entries run in index order");
+        self.revision = revision;
+    }
+
+    /// This batch's changes to user keys, in order.
+    pub fn take_events(&mut self) -> Vec<ChangeEvent> {
+        std::mem::take(&mut self.events)
     }
 
     /// The raw value of internal key `key` as this batch (and `stage`) left it.
@@ -88,8 +117,38 @@ impl<'t> Exec<'t> {
         Ok(Some((meta, raw)))
     }
 
-    /// Writes internal key `key` into the batch (saving its snapshot-point value first).
+    /// Writes internal key `key` into the batch (saving its snapshot-point value first). A
+    /// user key's write is also a watch event and keeps its lease's key set in step.
     pub fn write(&mut self, key: Vec<u8>, value: Option<IVec>) -> Result<(), SmError> {
+        if key.first() == Some(&DATA_PREFIX) {
+            self.track_data_write(&key, value.as_ref())?;
+        }
+        self.write_raw(key, value)
+    }
+
+    fn track_data_write(&mut self, key: &[u8], value: Option<&IVec>) -> Result<(), SmError> {
+        // A key can be attached to a lease only while some lease exists.
+        if !self.leases.is_empty() {
+            let lease_of = |raw: Option<&IVec>| -> Result<u64, SmError> {
+                raw.map_or(Ok(0), |r| {
+                    record::decode_key(r).map(|(m, _)| m.lease).map_err(corrupt)
+                })
+            };
+            let new_lease = lease_of(value)?;
+            let old_lease = lease_of(self.read(None, key)?.as_ref())?;
+            if old_lease != new_lease {
+                self.move_attachment(&key[1..], old_lease, new_lease)?;
+            }
+        }
+        self.events.push(ChangeEvent {
+            revision: self.revision,
+            key: key[1..].to_vec(),
+            record: value.cloned(),
+        });
+        Ok(())
+    }
+
+    fn write_raw(&mut self, key: Vec<u8>, value: Option<IVec>) -> Result<(), SmError> {
         if let Some(table) = self.cow.as_deref_mut() {
             if !table.contains(&key) {
                 // The tree still holds the value from before this batch: the batch is not
@@ -113,7 +172,20 @@ impl<'t> Exec<'t> {
         prefix: &[u8],
         keys_max: u64,
     ) -> Result<Result<Vec<Vec<u8>>, Refusal>, SmError> {
-        let internal = data_key(prefix);
+        Ok(self
+            .internal_keys_under(stage, &data_key(prefix), keys_max)?
+            .map(|keys| keys.into_iter().map(|k| k[1..].to_vec()).collect()))
+    }
+
+    /// Internal keys starting with `internal` that exist as this batch and `stage` left them,
+    /// in order; `Err(Refusal)` once there are more than `keys_max`.
+    pub fn internal_keys_under(
+        &self,
+        stage: Option<&Stage>,
+        internal: &[u8],
+        keys_max: u64,
+    ) -> Result<Result<Vec<Vec<u8>>, Refusal>, SmError> {
+        let internal = internal.to_vec();
         let mut keys = BTreeSet::new();
         let live = |k: &[u8]| -> Option<bool> {
             if let Some(v) = stage.and_then(|s| s.get(k)) {
@@ -151,7 +223,7 @@ impl<'t> Exec<'t> {
                 }
             }
         }
-        Ok(Ok(keys.into_iter().map(|k| k[1..].to_vec()).collect()))
+        Ok(Ok(keys.into_iter().collect()))
     }
 
     /// Executes a command that is not session bookkeeping (the caller handles sessions and
@@ -186,6 +258,21 @@ impl<'t> Exec<'t> {
                 }
             }
             CommandRef::Txn(txn) => self.run_txn(revision, txn),
+            CommandRef::PutLeased { key, value, lease } => {
+                if let Some(refusal) = self.attach_refusal(None, key, *lease)? {
+                    return Ok(CommandOutcome::Refused(refusal));
+                }
+                let (meta, raw) = self.next_record(None, revision, key, value, *lease)?;
+                self.write(data_key(key), Some(raw))?;
+                Ok(CommandOutcome::Put {
+                    create_revision: meta.create_revision,
+                    version: meta.version,
+                })
+            }
+            CommandRef::LeaseGrant { ttl_ms, leases_max } => {
+                self.lease_grant(revision, *ttl_ms, *leases_max)
+            }
+            CommandRef::LeaseRevoke { id } => self.lease_revoke(*id),
             CommandRef::ExpireSessions { .. } => {
                 unreachable!("ExpireSessions is executed by the session table")
             }
@@ -268,6 +355,9 @@ impl<'t> Exec<'t> {
         for op in ops {
             let result = match *op {
                 OpRef::Put { key, value, lease } => {
+                    if let Some(refusal) = self.attach_refusal(Some(&stage), key, lease)? {
+                        return Ok(CommandOutcome::Refused(refusal));
+                    }
                     let (meta, raw) =
                         self.next_record(Some(&stage), revision, key, value, lease)?;
                     stage.insert(data_key(key), Some(raw));
@@ -278,7 +368,9 @@ impl<'t> Exec<'t> {
                 }
                 OpRef::Delete { key } => {
                     let existed = self.read_key(Some(&stage), key)?.is_some();
-                    stage.insert(data_key(key), None);
+                    if existed {
+                        stage.insert(data_key(key), None);
+                    }
                     OpResult::Delete { existed }
                 }
                 OpRef::DeletePrefix { prefix } => {

@@ -39,6 +39,8 @@
 
 mod cow;
 pub mod exec;
+pub mod history;
+pub mod leases;
 pub mod record;
 pub mod sessions;
 
@@ -46,6 +48,8 @@ use crate::command::{CommandError, CommandRef, CommandResult, KeyRecord};
 use crate::types::{Entry, EntryKind, Membership, SnapshotMeta};
 use cow::CowTable;
 use exec::{data_key, Exec, DATA_PREFIX};
+use history::{ChangeEvent, Compacted, HistoryPage, HistoryState, KeyFilter};
+use leases::{LeaseIndex, LeaseInfo};
 use sessions::SessionIndex;
 use sled::IVec;
 use std::collections::VecDeque;
@@ -85,6 +89,8 @@ pub struct StateMachineOptions {
     pub cow_bytes_max: usize,
     /// Live pairs a snapshot walk reads per side-table lookup (see [`SnapshotPairs`]).
     pub snapshot_block_pairs: usize,
+    /// Revisions of watch history kept (see [`history`]).
+    pub watch_history_revisions: u64,
 }
 
 impl Default for StateMachineOptions {
@@ -95,6 +101,7 @@ impl Default for StateMachineOptions {
             scan_limit_max: 10_000,
             cow_bytes_max: 256 * 1024 * 1024,
             snapshot_block_pairs: 512,
+            watch_history_revisions: history::HISTORY_REVISIONS_DEFAULT,
         }
     }
 }
@@ -155,6 +162,14 @@ pub enum EntryOutcome {
     Config(Membership),
 }
 
+/// What one [`StateMachine::apply_with_events`] did: each entry's outcome and the changes to
+/// user keys, in revision order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AppliedBatch {
+    pub entries: Vec<AppliedEntry>,
+    pub events: Vec<ChangeEvent>,
+}
+
 /// One applied entry and its outcome.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AppliedEntry {
@@ -170,6 +185,8 @@ struct Current {
     /// The applied position and the membership as of it.
     applied: SnapshotMeta,
     sessions: SessionIndex,
+    leases: LeaseIndex,
+    history: HistoryState,
 }
 
 /// The sled-backed key-value state machine. See the module doc.
@@ -279,6 +296,8 @@ impl StateMachine {
                         tree_name: name,
                         applied,
                         sessions: SessionIndex::default(),
+                        leases: LeaseIndex::default(),
+                        history: HistoryState::default(),
                     },
                     true,
                     SM_FORMAT_VERSION,
@@ -299,6 +318,8 @@ impl StateMachine {
                     tree_name: name.to_vec(),
                     applied,
                     sessions,
+                    leases: LeaseIndex::default(),
+                    history: HistoryState::default(),
                 };
                 (current, false, format)
             }
@@ -329,6 +350,7 @@ impl StateMachine {
         if format == SM_FORMAT_V1 {
             sm.upgrade_v1()?;
         }
+        sm.reload_indexes(&mut sm.write_current())?;
         Ok(sm)
     }
 
@@ -394,26 +416,32 @@ impl StateMachine {
     /// session table and the new applied position go to sled in one atomic batch; an error
     /// applies nothing.
     pub fn apply(&self, entries: &[Entry]) -> Result<Vec<AppliedEntry>, SmError> {
+        self.apply_with_events(entries).map(|b| b.entries)
+    }
+
+    /// [`apply`](Self::apply), also handing out the batch's changes to user keys (the watch
+    /// events, in revision order) — exactly those the history records.
+    pub fn apply_with_events(&self, entries: &[Entry]) -> Result<AppliedBatch, SmError> {
         self.wait_for_cow_budget();
         let mut cur = self.write_current();
         let applied = cur.applied.index;
         let fresh = match entries.iter().position(|e| e.index > applied) {
             Some(start) => &entries[start..],
-            None => return Ok(Vec::new()),
+            None => return Ok(AppliedBatch::default()),
         };
         let ops = decode_entries(applied, fresh)?;
         let result = {
             let mut cow = self.lock_cow();
             let cur = &mut *cur;
-            let mut exec = Exec::new(&cur.tree, cow.as_mut());
-            let out = execute(&mut exec, &mut cur.sessions, fresh, &ops);
-            out.map(|(out, membership)| (out, membership, exec.batch))
+            let mut exec = Exec::new(&cur.tree, cow.as_mut(), &mut cur.leases);
+            let out = execute(&mut exec, &mut cur.sessions, &mut cur.history, fresh, &ops);
+            out.map(|(out, events, membership)| (out, events, membership, exec.batch))
         };
-        let (out, membership, mut batch) = match result {
+        let (out, events, membership, mut batch) = match result {
             Ok(done) => done,
             Err(e) => {
-                // The in-memory session index may hold half of this batch: rebuild it.
-                self.reload_sessions(&mut cur)?;
+                // The in-memory indexes may hold half of this batch: rebuild them.
+                self.reload_indexes(&mut cur)?;
                 return Err(e);
             }
         };
@@ -423,7 +451,7 @@ impl StateMachine {
             batch.insert(META_MEMBERSHIP, encode_membership(m)?);
         }
         if let Err(e) = cur.tree.apply_batch(batch) {
-            self.reload_sessions(&mut cur)?;
+            self.reload_indexes(&mut cur)?;
             return Err(e.into());
         }
         cur.applied.index = last.index;
@@ -432,16 +460,103 @@ impl StateMachine {
             cur.applied.membership = m;
         }
         debug_assert_eq!(out.len(), fresh.len());
-        Ok(out)
+        debug_assert!(events.iter().all(|e| e.revision <= last.index));
+        Ok(AppliedBatch {
+            entries: out,
+            events,
+        })
     }
 
-    fn reload_sessions(&self, cur: &mut Current) -> Result<(), SmError> {
-        cur.sessions =
-            SessionIndex::load(&cur.tree, cur.applied.index).map_err(|what| SmError::Corrupt {
-                dir: self.dir.clone(),
-                what,
-            })?;
+    /// Rebuilds the in-memory session, lease and history indexes from the tree. A tree made
+    /// before watch history existed gets its compact revision (its applied index) recorded.
+    fn reload_indexes(&self, cur: &mut Current) -> Result<(), SmError> {
+        let corrupt = |what| SmError::Corrupt {
+            dir: self.dir.clone(),
+            what,
+        };
+        cur.sessions = SessionIndex::load(&cur.tree, cur.applied.index).map_err(corrupt)?;
+        cur.leases = LeaseIndex::load(&cur.tree).map_err(corrupt)?;
+        let retain = self.opts.watch_history_revisions.max(1);
+        cur.history = match HistoryState::load(&cur.tree, retain).map_err(corrupt)? {
+            Some(h) => h,
+            None => {
+                let compact_revision = cur.applied.index;
+                cur.tree
+                    .insert(history::COMPACT_KEY, &compact_revision.to_be_bytes()[..])?;
+                HistoryState {
+                    compact_revision,
+                    retain_revisions: retain,
+                }
+            }
+        };
         Ok(())
+    }
+
+    /// Every change of revisions `from..=through` (capped at the applied index) that `filter`
+    /// matches, looking at `records_max` history records at most (see
+    /// [`HistoryPage::next_revision`]); `Err(Compacted)` if `from` is at or below the compact
+    /// revision. Consistent: it reads under the apply lock.
+    pub fn read_history(
+        &self,
+        from: u64,
+        through: u64,
+        filter: &KeyFilter,
+        records_max: usize,
+    ) -> Result<Result<HistoryPage, Compacted>, SmError> {
+        let cur = self.read_current();
+        let compact_revision = cur.history.compact_revision;
+        if from <= compact_revision {
+            return Ok(Err(Compacted { compact_revision }));
+        }
+        let through = through.min(cur.applied.index);
+        history::read_page(&cur.tree, from, through, filter, records_max).map(Ok)
+    }
+
+    /// The revision at and below which watch history is gone.
+    pub fn history_compact_revision(&self) -> u64 {
+        self.read_current().history.compact_revision
+    }
+
+    /// Every live lease, by id, and the lease epoch (bumped by every grant and revoke).
+    pub fn leases(&self) -> (Vec<LeaseInfo>, u64) {
+        let cur = self.read_current();
+        (cur.leases.all(), cur.leases.epoch())
+    }
+
+    /// The lease epoch alone (cheap: the lessor polls it).
+    pub fn lease_epoch(&self) -> u64 {
+        self.read_current().leases.epoch()
+    }
+
+    /// Lease `id` and up to `keys_max` of its keys in key order (`more` if cut), at one
+    /// applied index.
+    pub fn lease(
+        &self,
+        id: u64,
+        keys_max: usize,
+    ) -> Result<ReadAt<Option<(LeaseInfo, Vec<Vec<u8>>, bool)>>, SmError> {
+        let cur = self.read_current();
+        let applied_index = cur.applied.index;
+        let Some(info) = cur.leases.get(id) else {
+            return Ok(ReadAt {
+                value: None,
+                applied_index,
+            });
+        };
+        let mut keys = Vec::new();
+        let mut more = false;
+        for item in cur.tree.scan_prefix(leases::attach_key(id, &[])) {
+            let (k, _) = item?;
+            if keys.len() >= keys_max {
+                more = true;
+                break;
+            }
+            keys.push(k[9..].to_vec());
+        }
+        Ok(ReadAt {
+            value: Some((info, keys, more)),
+            applied_index,
+        })
     }
 
     /// The session table's size, oldest activity and parameters.
@@ -695,15 +810,18 @@ fn decode_entries(applied: u64, fresh: &[Entry]) -> Result<Vec<Op<'_>>, SmError>
 }
 
 /// Runs decoded entries into `exec`; returns their outcomes and the last membership set.
+#[allow(clippy::type_complexity)]
 fn execute(
     exec: &mut Exec<'_>,
     sessions: &mut SessionIndex,
+    history: &mut HistoryState,
     fresh: &[Entry],
     ops: &[Op<'_>],
-) -> Result<(Vec<AppliedEntry>, Option<Membership>), SmError> {
+) -> Result<(Vec<AppliedEntry>, Vec<ChangeEvent>, Option<Membership>), SmError> {
     let mut membership = None;
     let mut out = Vec::with_capacity(ops.len());
     for (e, op) in fresh.iter().zip(ops) {
+        exec.begin_entry(e.index);
         let outcome = match op {
             Op::Command(p) => EntryOutcome::Command(match (&p.session, &p.command) {
                 (
@@ -738,7 +856,12 @@ fn execute(
         });
     }
     sessions.flush_params(exec)?;
-    Ok((out, membership))
+    let events = exec.take_events();
+    history.record(exec, &events)?;
+    if let Some(last) = fresh.last() {
+        history.prune(exec, last.index)?;
+    }
+    Ok((out, events, membership))
 }
 
 /// A page of records as key-value pairs (the revisions dropped).
@@ -1058,7 +1181,7 @@ impl TreeBuilder<'_> {
             let old_name = std::mem::replace(&mut cur.tree_name, self.name.clone());
             cur.tree = self.tree.clone();
             cur.applied = meta.clone();
-            sm.reload_sessions(&mut cur)?;
+            sm.reload_indexes(&mut cur)?;
             old_name
         };
         self.finished = true;
@@ -1093,3 +1216,5 @@ mod session_tests;
 mod tests;
 #[cfg(test)]
 mod txn_tests;
+#[cfg(test)]
+mod watch_lease_tests;

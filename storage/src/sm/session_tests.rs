@@ -428,8 +428,9 @@ fn sessions_and_revisions_travel_through_a_snapshot() {
     .unwrap();
     let created = store.create(d.sm()).unwrap();
     assert_eq!(created.meta.index, 5);
-    // Three data keys, two session records and the parameters.
-    assert_eq!(created.header.key_count, 3 + 2 + 1);
+    // Three data keys, two session records and the parameters; four history records of the
+    // puts and the history's compact revision.
+    assert_eq!(created.header.key_count, 3 + 2 + 1 + 4 + 1);
 
     let dst_dir = tempfile::tempdir().unwrap();
     let dst = reopen_at(dst_dir.path());

@@ -1095,6 +1095,11 @@ impl Model {
             },
             Command::Txn(t) => self.run_txn(rev, t),
             Command::ExpireSessions { .. } => unreachable!("handled by apply"),
+            Command::PutLeased { .. }
+            | Command::LeaseGrant { .. }
+            | Command::LeaseRevoke { .. } => {
+                unreachable!("the model runs no lease commands")
+            }
         }
     }
 

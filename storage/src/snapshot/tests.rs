@@ -110,12 +110,20 @@ fn create_verify_install_round_trip() {
     assert_eq!(created.meta.index, 301);
     assert_eq!(created.meta.membership, Membership::with_voters([1, 2, 3]));
     assert_eq!(created.file.name, file_name(301, 2));
-    assert_eq!(created.header.key_count, 300);
+    // 300 keys, 300 watch-history records of their puts and the compact revision.
+    assert_eq!(created.header.key_count, 300 + 300 + 1);
     // Small chunks: the data spans many of them, the 5000-byte value alone in one.
     assert!(created.header.chunk_count > 10);
     let want = all_pairs(&src);
-    // Pairs are internal keys (`d` ‖ key) and records (32 bytes of revisions ‖ value).
-    let kv_bytes: usize = want.iter().map(|(k, v)| 1 + k.len() + 32 + v.len()).sum();
+    // Pairs are internal keys (`d` ‖ key) and records (32 bytes of revisions ‖ value), each
+    // key's history record (13-byte key; kind, key length, key, record) and the 17 bytes of
+    // the compact revision.
+    let kv_bytes: usize = want
+        .iter()
+        .map(|(k, v)| (1 + k.len() + 32 + v.len()) + (13 + 5 + k.len() + 32 + v.len()))
+        .sum::<usize>()
+        + 9
+        + 8;
     assert_eq!(created.header.kv_bytes, kv_bytes as u64);
     assert_eq!(
         created.header.file_bytes,
@@ -143,8 +151,11 @@ fn empty_state_round_trips() {
     let dir = tempfile::tempdir().unwrap();
     let sm = sm_in(dir.path());
     let created = store.create(&sm).unwrap();
-    assert_eq!(created.header.key_count, 0);
-    assert_eq!(created.header.chunk_count, 2);
+    assert_eq!(
+        created.header.key_count, 1,
+        "the history's compact revision alone"
+    );
+    assert_eq!(created.header.chunk_count, 3);
     let dst_dir = tempfile::tempdir().unwrap();
     let dst = sm_in(dst_dir.path());
     store.install(&created.file, &dst).unwrap();

@@ -1,0 +1,249 @@
+//! Leases: keys that live only while their owner keeps a heartbeat.
+//!
+//! The state machine holds what every replica must agree on — which leases exist, their
+//! TTL, and which keys are attached — and nothing about time: *when* a lease expires is the
+//! leader's decision (`node::lessor`), applied through the log as a `LeaseRevoke` entry, so
+//! every replica deletes the same keys at the same revision and watchers see the deletes.
+//!
+//! ```text
+//! l ‖ id u64          → ttl_ms u64 ‖ granted revision u64
+//! k ‖ id u64 ‖ key    → (empty): key is attached to lease id
+//! ```
+//!
+//! A lease's id is the revision of the entry that granted it: unique, and the same on every
+//! replica without coordination. A key's record names its lease (`KeyMeta::lease`); every
+//! write of a user key moves the `k` attachment with it ([`Exec::write`]), so a put without a
+//! lease detaches a key and a delete drops it. Bounds: `leases_max` leases (set by the
+//! proposing leader's `--leases-max`, checked at apply) and [`LEASE_KEYS_MAX`] keys per lease
+//! (its revoke is one sled batch).
+
+use super::exec::{data_key, Exec, Stage};
+use super::SmError;
+use crate::command::{CommandOutcome, Refusal, LEASE_KEYS_MAX};
+use sled::IVec;
+use std::collections::BTreeMap;
+
+/// The prefix byte of lease records.
+pub const LEASE_PREFIX: u8 = b'l';
+/// The prefix byte of key attachments.
+pub const ATTACH_PREFIX: u8 = b'k';
+/// The default bound on live leases (`--leases-max`).
+pub const LEASES_MAX_DEFAULT: u64 = 100_000;
+
+/// One live lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseInfo {
+    pub id: u64,
+    pub ttl_ms: u64,
+    /// The revision that granted it (its id).
+    pub granted_revision: u64,
+    /// Keys attached now.
+    pub keys: u64,
+}
+
+/// The live leases, in memory (loaded from the tree on open and after an install; kept in
+/// step by every apply).
+#[derive(Clone, Debug, Default)]
+pub struct LeaseIndex {
+    leases: BTreeMap<u64, LeaseInfo>,
+    /// Bumped by every grant and revoke: the lessor re-reads the table when it moved.
+    epoch: u64,
+}
+
+/// `l ‖ id`.
+pub fn lease_key(id: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(LEASE_PREFIX);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// `k ‖ id ‖ key` (`key` empty: the prefix of every key of the lease).
+pub fn attach_key(id: u64, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + key.len());
+    k.push(ATTACH_PREFIX);
+    k.extend_from_slice(&id.to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
+fn be_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+impl LeaseIndex {
+    /// Reads every lease and counts its keys.
+    pub fn load(tree: &sled::Tree) -> Result<LeaseIndex, String> {
+        let mut index = LeaseIndex::default();
+        for item in tree.scan_prefix([LEASE_PREFIX]) {
+            let (k, v) = item.map_err(|e| e.to_string())?;
+            if k.len() != 9 || v.len() != 16 {
+                return Err(format!(
+                    "a lease record of {} bytes under a key of {} bytes",
+                    v.len(),
+                    k.len()
+                ));
+            }
+            let id = be_u64(&k[1..]);
+            let info = LeaseInfo {
+                id,
+                ttl_ms: be_u64(&v),
+                granted_revision: be_u64(&v[8..]),
+                keys: 0,
+            };
+            if id == 0 || info.granted_revision != id {
+                return Err(format!(
+                    "lease {id} says it was granted at {}",
+                    info.granted_revision
+                ));
+            }
+            index.leases.insert(id, info);
+        }
+        for item in tree.scan_prefix([ATTACH_PREFIX]) {
+            let (k, _) = item.map_err(|e| e.to_string())?;
+            if k.len() <= 9 {
+                return Err(format!("an attachment key of {} bytes", k.len()));
+            }
+            let id = be_u64(&k[1..]);
+            let lease = index
+                .leases
+                .get_mut(&id)
+                .ok_or_else(|| format!("a key attached to lease {id}, which does not exist"))?;
+            lease.keys += 1;
+        }
+        Ok(index)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.leases.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.leases.len()
+    }
+
+    pub fn get(&self, id: u64) -> Option<LeaseInfo> {
+        self.leases.get(&id).copied()
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Every lease, by id.
+    pub fn all(&self) -> Vec<LeaseInfo> {
+        self.leases.values().copied().collect()
+    }
+}
+
+impl Exec<'_> {
+    /// Why `key` cannot be attached to `lease` by a put now (`None`: it can; lease 0 is no
+    /// lease).
+    pub fn attach_refusal(
+        &self,
+        stage: Option<&Stage>,
+        key: &[u8],
+        lease: u64,
+    ) -> Result<Option<Refusal>, SmError> {
+        if lease == 0 {
+            return Ok(None);
+        }
+        let Some(info) = self.leases.get(lease) else {
+            return Ok(Some(Refusal::LeaseNotFound { id: lease }));
+        };
+        let already = self
+            .read_key(stage, key)?
+            .is_some_and(|(meta, _)| meta.lease == lease);
+        if !already && info.keys >= LEASE_KEYS_MAX {
+            return Ok(Some(Refusal::LeaseKeysFull {
+                keys_max: LEASE_KEYS_MAX,
+            }));
+        }
+        Ok(None)
+    }
+
+    /// Moves user key `key`'s attachment from lease `from` to lease `to` (0: none).
+    pub(super) fn move_attachment(
+        &mut self,
+        key: &[u8],
+        from: u64,
+        to: u64,
+    ) -> Result<(), SmError> {
+        assert_ne!(from, to, "an attachment moves between two different leases");
+        if from != 0 {
+            self.write(attach_key(from, key), None)?;
+            if let Some(l) = self.leases.leases.get_mut(&from) {
+                l.keys = l.keys.saturating_sub(1);
+            }
+        }
+        if to != 0 {
+            let lease = self.leases.leases.get_mut(&to).ok_or_else(|| {
+                SmError::Record(format!(
+                    "a key record names lease {to}, which does not exist"
+                ))
+            })?;
+            lease.keys += 1;
+            self.write(attach_key(to, key), Some(IVec::default()))?;
+        }
+        Ok(())
+    }
+
+    /// Grants lease `revision` of `ttl_ms`, unless `leases_max` leases exist.
+    pub fn lease_grant(
+        &mut self,
+        revision: u64,
+        ttl_ms: u64,
+        leases_max: u64,
+    ) -> Result<CommandOutcome, SmError> {
+        if self.leases.len() as u64 >= leases_max {
+            return Ok(CommandOutcome::Refused(Refusal::LeasesFull { leases_max }));
+        }
+        assert!(
+            self.leases.get(revision).is_none(),
+            "a revision grants one lease"
+        );
+        let mut v = Vec::with_capacity(16);
+        v.extend_from_slice(&ttl_ms.to_be_bytes());
+        v.extend_from_slice(&revision.to_be_bytes());
+        self.write(lease_key(revision), Some(IVec::from(v)))?;
+        let info = LeaseInfo {
+            id: revision,
+            ttl_ms,
+            granted_revision: revision,
+            keys: 0,
+        };
+        self.leases.leases.insert(revision, info);
+        self.leases.epoch += 1;
+        Ok(CommandOutcome::LeaseGranted {
+            id: revision,
+            ttl_ms,
+        })
+    }
+
+    /// Revokes lease `id`: deletes its keys (each a watch event), then the lease.
+    pub fn lease_revoke(&mut self, id: u64) -> Result<CommandOutcome, SmError> {
+        if self.leases.get(id).is_none() {
+            return Ok(CommandOutcome::Refused(Refusal::LeaseNotFound { id }));
+        }
+        let attached = match self.internal_keys_under(None, &attach_key(id, &[]), LEASE_KEYS_MAX)? {
+            Ok(keys) => keys,
+            Err(_) => {
+                return Err(SmError::Record(format!(
+                    "lease {id} holds more than {LEASE_KEYS_MAX} keys"
+                )))
+            }
+        };
+        let deleted = attached.len() as u64;
+        for a in attached {
+            // Deleting the key detaches it (see `Exec::write`).
+            self.write(data_key(&a[9..]), None)?;
+        }
+        debug_assert_eq!(self.leases.get(id).map(|l| l.keys), Some(0));
+        self.write(lease_key(id), None)?;
+        self.leases.leases.remove(&id);
+        self.leases.epoch += 1;
+        Ok(CommandOutcome::LeaseRevoked { deleted })
+    }
+}

@@ -1,0 +1,257 @@
+//! Watch history and leases through [`StateMachine::apply_with_events`]: the events a batch
+//! hands out are exactly what the history keeps; history is bounded, survives reopen and
+//! travels with snapshots; leases attach, detach and revoke their keys atomically.
+
+use super::history::KeyFilter;
+use super::txn_tests::{del, del_prefix, entry, op_del, op_put, put, reopen_at, txn, Driver};
+use super::*;
+use crate::command::{Command, CommandOutcome, Refusal, LEASE_KEYS_MAX};
+
+fn grant(ttl_ms: u64) -> Command {
+    Command::LeaseGrant {
+        ttl_ms,
+        leases_max: 3,
+    }
+}
+
+fn put_leased(key: &[u8], value: &[u8], lease: u64) -> Command {
+    Command::PutLeased {
+        key: key.to_vec(),
+        value: value.to_vec(),
+        lease,
+    }
+}
+
+/// (revision, key, value or None for a delete) of every event.
+fn summary(events: &[ChangeEvent]) -> Vec<(u64, String, Option<String>)> {
+    events
+        .iter()
+        .map(|e| {
+            let value = e
+                .put_record()
+                .unwrap()
+                .map(|(_, v)| String::from_utf8(v.to_vec()).unwrap());
+            (e.revision, String::from_utf8(e.key.clone()).unwrap(), value)
+        })
+        .collect()
+}
+
+fn all_history(sm: &StateMachine, filter: &KeyFilter, from: u64) -> Vec<ChangeEvent> {
+    let mut out = Vec::new();
+    let mut next = from;
+    loop {
+        let page = sm.read_history(next, u64::MAX, filter, 2).unwrap().unwrap();
+        out.extend(page.events);
+        if page.next_revision > sm.applied_index() {
+            return out;
+        }
+        assert!(page.next_revision > next, "a page progresses");
+        next = page.next_revision;
+    }
+}
+
+fn apply_events(d: &mut Driver, cmds: &[Command]) -> Vec<ChangeEvent> {
+    let entries: Vec<Entry> = cmds
+        .iter()
+        .enumerate()
+        .map(|(i, c)| entry(d.next + i as u64, None, c))
+        .collect();
+    d.next += cmds.len() as u64;
+    d.sm().apply_with_events(&entries).unwrap().events
+}
+
+#[test]
+fn every_change_is_an_event_and_the_history_keeps_exactly_those() {
+    let mut d = Driver::new();
+    let mut events = apply_events(
+        &mut d,
+        &[put(b"a/1", b"x"), put(b"a/2", b"y"), put(b"b", b"z")],
+    );
+    events.extend(apply_events(
+        &mut d,
+        &[
+            del(b"missing"),
+            txn(
+                vec![],
+                vec![op_put(b"a/1", b"x2"), op_del(b"b"), op_del(b"nope")],
+                vec![],
+            ),
+            del_prefix(b"a/"),
+        ],
+    ));
+    assert_eq!(
+        summary(&events),
+        vec![
+            (1, "a/1".into(), Some("x".into())),
+            (2, "a/2".into(), Some("y".into())),
+            (3, "b".into(), Some("z".into())),
+            (5, "a/1".into(), Some("x2".into())),
+            (5, "b".into(), None),
+            (6, "a/1".into(), None),
+            (6, "a/2".into(), None),
+        ],
+        "deletes of absent keys are no events; a txn's changes share its revision"
+    );
+    let (meta, _) = events[3].put_record().unwrap().unwrap();
+    assert_eq!(
+        (meta.create_revision, meta.mod_revision, meta.version),
+        (1, 5, 2)
+    );
+    assert_eq!(
+        all_history(d.sm(), &KeyFilter::Prefix(Vec::new()), 1),
+        events
+    );
+    let only_b: Vec<_> = events.iter().filter(|e| e.key == b"b").cloned().collect();
+    assert_eq!(
+        all_history(d.sm(), &KeyFilter::Key(b"b".to_vec()), 1),
+        only_b
+    );
+    let from_5: Vec<_> = events.iter().filter(|e| e.revision >= 5).cloned().collect();
+    assert_eq!(
+        all_history(d.sm(), &KeyFilter::Prefix(Vec::new()), 5),
+        from_5
+    );
+    d.reopen();
+    assert_eq!(
+        all_history(d.sm(), &KeyFilter::Prefix(Vec::new()), 1),
+        events
+    );
+    assert_eq!(d.sm().history_compact_revision(), 0);
+}
+
+#[test]
+fn history_is_bounded_by_revisions_and_says_where_it_was_compacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StateMachineOptions {
+        watch_history_revisions: 10,
+        ..StateMachineOptions::default()
+    };
+    let sm = StateMachine::open(dir.path(), opts.clone()).unwrap();
+    for i in 1..=25u64 {
+        sm.apply(&[entry(i, None, &put(b"k", &i.to_be_bytes()))])
+            .unwrap();
+    }
+    assert_eq!(sm.history_compact_revision(), 15);
+    let all = KeyFilter::Prefix(Vec::new());
+    assert_eq!(
+        sm.read_history(15, 25, &all, 100).unwrap(),
+        Err(Compacted {
+            compact_revision: 15
+        })
+    );
+    let page = sm.read_history(16, 25, &all, 100).unwrap().unwrap();
+    let revisions: Vec<u64> = page.events.iter().map(|e| e.revision).collect();
+    assert_eq!(revisions, (16..=25).collect::<Vec<_>>());
+    sm.flush().unwrap();
+    drop(sm);
+    let sm =
+        crate::test_util::retry_sled_lock(|| StateMachine::open(dir.path(), opts.clone())).unwrap();
+    assert_eq!(
+        sm.history_compact_revision(),
+        15,
+        "the compact revision is durable"
+    );
+    assert_eq!(
+        sm.read_history(16, 25, &all, 100)
+            .unwrap()
+            .unwrap()
+            .events
+            .len(),
+        10
+    );
+}
+
+#[test]
+fn a_lease_holds_keys_until_revoked_and_its_revoke_deletes_them_in_one_revision() {
+    let mut d = Driver::new();
+    let granted = d.one(grant(5_000));
+    assert_eq!(
+        granted.outcome,
+        CommandOutcome::LeaseGranted {
+            id: 1,
+            ttl_ms: 5_000
+        }
+    );
+    assert_eq!(
+        d.one(put_leased(b"svc/x", b"1", 99)).outcome,
+        CommandOutcome::Refused(Refusal::LeaseNotFound { id: 99 })
+    );
+    assert!(d.record(b"svc/x").is_none(), "a refused put writes nothing");
+    d.plain(&[
+        put_leased(b"svc/a", b"1", 1),
+        put_leased(b"svc/b", b"2", 1),
+        put_leased(b"svc/c", b"3", 1),
+    ]);
+    assert_eq!(d.record(b"svc/a").unwrap().lease, 1);
+    d.one(put(b"svc/c", b"plain")); // a put without a lease detaches the key
+    d.one(del(b"svc/b"));
+    let (info, keys, more) = d.sm().lease(1, 10).unwrap().value.unwrap();
+    assert_eq!((info.keys, keys, more), (1, vec![b"svc/a".to_vec()], false));
+    d.reopen();
+    assert_eq!(
+        d.sm().leases().0[0].keys,
+        1,
+        "the key count is rebuilt on open"
+    );
+    let events = apply_events(&mut d, &[Command::LeaseRevoke { id: 1 }]);
+    assert_eq!(summary(&events), vec![(8, "svc/a".into(), None)]);
+    assert!(d.record(b"svc/a").is_none());
+    assert_eq!(d.record(b"svc/c").unwrap().value, b"plain");
+    assert!(d.sm().leases().0.is_empty());
+    assert_eq!(
+        d.one(Command::LeaseRevoke { id: 1 }).outcome,
+        CommandOutcome::Refused(Refusal::LeaseNotFound { id: 1 })
+    );
+}
+
+#[test]
+fn leases_are_bounded_in_number_and_moves_between_leases_keep_counts() {
+    let mut d = Driver::new();
+    let ids: Vec<u64> = (0..4)
+        .map(|_| match d.one(grant(1_000)).outcome {
+            CommandOutcome::LeaseGranted { id, .. } => id,
+            other => panic!("{other:?}"),
+        })
+        .take(3)
+        .collect();
+    assert_eq!(ids, vec![1, 2, 3]);
+    assert_eq!(
+        d.one(grant(1_000)).outcome,
+        CommandOutcome::Refused(Refusal::LeasesFull { leases_max: 3 })
+    );
+    d.one(put_leased(b"k", b"v", 1));
+    d.one(put_leased(b"k", b"v", 2)); // moves to lease 2
+    let leases = d.sm().leases().0;
+    let keys: Vec<u64> = leases.iter().map(|l| l.keys).collect();
+    assert_eq!(keys, vec![0, 1, 0]);
+    assert!(LEASE_KEYS_MAX >= 100_000);
+    let before = d.sm().lease_epoch();
+    d.one(Command::LeaseRevoke { id: 2 });
+    assert!(d.sm().lease_epoch() > before);
+    assert!(d.record(b"k").is_none());
+}
+
+#[test]
+fn snapshots_carry_leases_and_history() {
+    let mut d = Driver::new();
+    d.plain(&[grant(2_000), put_leased(b"a", b"1", 1), put(b"b", b"2")]);
+    let sm = d.sm();
+    let view = sm.begin_snapshot().unwrap();
+    let meta = view.meta().clone();
+    let pairs: Vec<_> = view.pairs().map(Result::unwrap).collect();
+    drop(view);
+    let dst_dir = tempfile::tempdir().unwrap();
+    let dst = reopen_at(dst_dir.path());
+    let mut builder = dst.begin_install().unwrap();
+    for (k, v) in &pairs {
+        builder.insert(k, v).unwrap();
+    }
+    builder.finish(&meta).unwrap();
+    assert_eq!(dst.leases().0, sm.leases().0);
+    let all = KeyFilter::Prefix(Vec::new());
+    assert_eq!(
+        dst.read_history(1, 3, &all, 100).unwrap(),
+        sm.read_history(1, 3, &all, 100).unwrap()
+    );
+    assert_eq!(dst.history_compact_revision(), 0);
+}
