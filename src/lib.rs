@@ -22,5 +22,6 @@ pub mod raft;
 pub mod small_file;
 pub mod tls;
 pub mod transport;
+pub mod watch;
 
 pub use raftkv_storage as storage;

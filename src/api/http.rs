@@ -140,6 +140,13 @@ pub fn router_with<S: KvService>(service: Arc<S>, options: &RouterOptions) -> Ro
                 .delete(writes::delete_key::<S>),
         )
         .route("/txn", post(writes::post_txn::<S>))
+        .route("/watch", get(watch::get_watch::<S>))
+        .route("/lease", post(leases::grant::<S>).get(leases::list::<S>))
+        .route(
+            "/lease/{id}",
+            get(leases::get_lease::<S>).delete(leases::revoke::<S>),
+        )
+        .route("/lease/{id}/keepalive", post(leases::keepalive::<S>))
         .route("/cluster/status", get(status::<S>))
         .route("/cluster/transfer-leader", post(transfer_leader::<S>))
         .route(
@@ -691,9 +698,11 @@ fn with_revision(mut r: Response, revision: u64) -> Response {
     r
 }
 
+mod leases;
 mod members;
 mod metrics;
 mod snapshot;
+mod watch;
 mod writes;
 pub use members::check_peer_addr;
 pub use snapshot::{CLUSTER_ID_HEADER, SNAPSHOT_INDEX_HEADER, SNAPSHOT_TERM_HEADER};

@@ -23,9 +23,11 @@ pub mod test_service;
 pub mod types;
 
 use crate::raft::MembershipProposal;
+use crate::watch::{WatchError, WatchStream};
 use raftkv_storage::command::{
     CommandError, CommandLimits, CommandRef, CommandResult, KeyRecord, SessionRef,
 };
+use raftkv_storage::sm::history::KeyFilter;
 use raftkv_storage::txn::TxnLimits;
 use raftkv_storage::NodeId;
 use std::future::Future;
@@ -248,6 +250,57 @@ pub trait KvService: Send + Sync + 'static {
     ) -> impl Future<Output = ()> + Send {
         let _ = metrics;
         async {}
+    }
+    /// The lease bound a grant is proposed with (`--leases-max`).
+    fn leases_max(&self) -> u64 {
+        raftkv_storage::sm::leases::LEASES_MAX_DEFAULT
+    }
+    /// Opens a watch of `filter` on this node from `start_revision` (`None`: the next
+    /// revision). Any node serves watches; no leader is needed.
+    fn watch(
+        &self,
+        filter: KeyFilter,
+        start_revision: Option<u64>,
+    ) -> Result<WatchStream, WatchError> {
+        let _ = (filter, start_revision);
+        Err(WatchError::Closed)
+    }
+    /// How often an idle watch stream gets a progress line.
+    fn watch_progress_ms(&self) -> u64 {
+        crate::watch::WatchSettings::default().progress_ms
+    }
+    /// On the leader: renews lease `id` for its full TTL (after confirming leadership).
+    fn lease_keepalive(
+        &self,
+        id: u64,
+    ) -> impl Future<Output = Result<LeaseResponse, ServiceError>> + Send {
+        let _ = id;
+        async {
+            Err(ServiceError::InvalidInput(
+                "this service has no leases".into(),
+            ))
+        }
+    }
+    /// On the leader: lease `id`, its time left and up to `keys_max` of its keys.
+    fn lease_get(
+        &self,
+        id: u64,
+        keys_max: usize,
+    ) -> impl Future<Output = Result<LeaseResponse, ServiceError>> + Send {
+        let _ = (id, keys_max);
+        async {
+            Err(ServiceError::InvalidInput(
+                "this service has no leases".into(),
+            ))
+        }
+    }
+    /// On the leader: every lease and its time left.
+    fn lease_list(&self) -> impl Future<Output = Result<LeaseListResponse, ServiceError>> + Send {
+        async {
+            Err(ServiceError::InvalidInput(
+                "this service has no leases".into(),
+            ))
+        }
     }
     /// On the leader, after a linearizable read barrier: a fresh snapshot file of the whole
     /// state (for a backup, or a member rejoining without its state machine). Services

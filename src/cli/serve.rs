@@ -12,7 +12,9 @@
 use anyhow::{bail, Context};
 use raftkv::api::server::ClientPortConfig;
 use raftkv::api::Limits;
-use raftkv::node::{self, ClientPortSettings, NodeConfig, PeerTlsFiles, SessionSettings};
+use raftkv::node::{
+    self, ClientPortSettings, LeaseSettings, NodeConfig, PeerTlsFiles, SessionSettings, WatchConfig,
+};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -96,6 +98,17 @@ pub struct ServeArgs {
     /// (default 100000).
     #[arg(long, env = "RAFTKV_SESSIONS_MAX", value_name = "N")]
     pub sessions_max: Option<u64>,
+    /// Revisions of change history kept for watchers to resume from, independent of log
+    /// compaction (default 100000). A watch starting further back is answered 410.
+    #[arg(long, env = "RAFTKV_WATCH_HISTORY_REVISIONS", value_name = "N")]
+    pub watch_history_revisions: Option<u64>,
+    /// Watch streams served at once by this node (default 100000; each also holds a client
+    /// connection, see --client-connections-max).
+    #[arg(long, env = "RAFTKV_WATCHERS_MAX", value_name = "N")]
+    pub watchers_max: Option<usize>,
+    /// Live leases at most; a grant beyond it is refused with 413 (default 100000).
+    #[arg(long, env = "RAFTKV_LEASES_MAX", value_name = "N")]
+    pub leases_max: Option<u64>,
     /// Client connections served at once; more are answered 503 and closed (default 4096).
     #[arg(long, env = "RAFTKV_CLIENT_CONNECTIONS_MAX", value_name = "N")]
     pub client_connections_max: Option<usize>,
@@ -157,6 +170,9 @@ struct FileConfig {
     request_timeout_ms: Option<u64>,
     session_ttl_s: Option<u64>,
     sessions_max: Option<u64>,
+    watch_history_revisions: Option<u64>,
+    watchers_max: Option<usize>,
+    leases_max: Option<u64>,
     client_cert: Option<PathBuf>,
     client_key: Option<PathBuf>,
     client_ca: Option<PathBuf>,
@@ -304,6 +320,22 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<NodeConfig> {
             sessions_max: args.sessions_max.or(file.sessions_max).unwrap_or(100_000),
         },
         client_port,
+        watch: WatchConfig {
+            history_revisions: args
+                .watch_history_revisions
+                .or(file.watch_history_revisions)
+                .unwrap_or(WatchConfig::default().history_revisions),
+            settings: raftkv::watch::WatchSettings {
+                watchers_max: args
+                    .watchers_max
+                    .or(file.watchers_max)
+                    .unwrap_or(raftkv::watch::WatchSettings::default().watchers_max),
+                ..raftkv::watch::WatchSettings::default()
+            },
+        },
+        leases: LeaseSettings {
+            leases_max: args.leases_max.or(file.leases_max).unwrap_or(100_000),
+        },
     };
     config.validate().map_err(anyhow::Error::msg)?;
     check_addresses(&config)?;

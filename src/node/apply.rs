@@ -21,7 +21,8 @@
 use super::messages::{ApplyJob, ProposalOutcome, ProposalReply, WorkerError};
 use crate::api::ServiceError;
 use crate::metrics::Metrics;
-use raftkv_storage::sm::{AppliedEntry, EntryOutcome, StateMachine};
+use crate::watch::WatchHub;
+use raftkv_storage::sm::{AppliedBatch, AppliedEntry, EntryOutcome, StateMachine};
 use raftkv_storage::Entry;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -126,6 +127,8 @@ pub struct ApplyWorker {
     sm: Arc<StateMachine>,
     pending: Arc<Pending>,
     metrics: Arc<Metrics>,
+    /// Every applied batch's changes go to the watchers.
+    hub: Arc<WatchHub>,
     /// An install point taken off the queue while merging entries, done next.
     held: Option<ApplyJob>,
 }
@@ -141,11 +144,17 @@ pub enum ApplyWork {
 }
 
 impl ApplyWorker {
-    pub fn new(sm: Arc<StateMachine>, pending: Arc<Pending>, metrics: Arc<Metrics>) -> ApplyWorker {
+    pub fn new(
+        sm: Arc<StateMachine>,
+        pending: Arc<Pending>,
+        metrics: Arc<Metrics>,
+        hub: Arc<WatchHub>,
+    ) -> ApplyWorker {
         ApplyWorker {
             sm,
             pending,
             metrics,
+            hub,
             held: None,
         }
     }
@@ -186,9 +195,13 @@ impl ApplyWorker {
         Some(ApplyWork::Entries(entries))
     }
 
-    /// Applies `entries` (in one sled batch) and answers the writes waiting for them.
+    /// Applies `entries` (in one sled batch), answers the writes waiting for them, then hands
+    /// their changes to the watchers.
     pub fn apply(&mut self, entries: &[Entry]) -> Result<(), WorkerError> {
-        let applied = self.sm.apply(entries)?;
+        let AppliedBatch {
+            entries: applied,
+            events,
+        } = self.sm.apply_with_events(entries)?;
         self.metrics.proposals_applied.inc_by(entries.len() as u64);
         let at = self.sm.applied_index();
         debug_assert!(
@@ -196,6 +209,7 @@ impl ApplyWorker {
             "a successful apply reaches its last entry"
         );
         self.pending.resolve(&applied, at);
+        self.hub.publish(events, at);
         Ok(())
     }
 
@@ -208,6 +222,7 @@ impl ApplyWorker {
             "the state machine is at {at} after installing {index}"
         );
         self.pending.resolve(&[], at);
+        self.hub.installed(at);
     }
 
     /// Whether an install point taken off the queue waits to be done next: then there is
@@ -340,6 +355,10 @@ mod tests {
     use std::time::Duration;
     use tokio::sync::oneshot;
 
+    fn test_hub() -> Arc<WatchHub> {
+        WatchHub::new(0, crate::watch::WatchSettings::default())
+    }
+
     fn put(index: u64, term: u64, key: &str) -> Entry {
         Entry {
             index,
@@ -440,7 +459,7 @@ mod tests {
         let applied_rx = applied.clone();
         let (ours, storage_half) = install_meeting();
         let metrics = Arc::new(crate::metrics::Metrics::standalone());
-        let worker = ApplyWorker::new(sm.clone(), pending.clone(), metrics);
+        let worker = ApplyWorker::new(sm.clone(), pending.clone(), metrics, test_hub());
         let reports = ApplyReports { applied, failed };
         let handle = std::thread::spawn(move || run(worker, rx, ours, reports));
         (jobs, storage_half, applied_rx, failed_rx, handle)
@@ -508,7 +527,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sm = open_sm(dir.path());
         let metrics = Arc::new(crate::metrics::Metrics::standalone());
-        let mut worker = ApplyWorker::new(sm, Arc::new(Pending::default()), metrics);
+        let mut worker = ApplyWorker::new(sm, Arc::new(Pending::default()), metrics, test_hub());
         let mut queue: std::collections::VecDeque<ApplyJob> = [
             ApplyJob::Entries(vec![put(1, 1, "a")]),
             ApplyJob::Entries(vec![put(2, 1, "b"), put(3, 1, "c")]),

@@ -45,6 +45,7 @@ pub mod consensus;
 pub mod driver;
 pub mod identity;
 pub mod join;
+pub mod lessor;
 pub mod messages;
 pub mod peer;
 pub mod rejoin;
@@ -119,12 +120,59 @@ pub struct NodeConfig {
     pub client_port: ClientPortSettings,
     /// Client sessions (exactly-once writes): TTL and table bound.
     pub sessions: SessionSettings,
+    /// Watch history and watcher bounds.
+    pub watch: WatchConfig,
+    /// Lease bounds.
+    pub leases: LeaseSettings,
 }
+
+/// Watch history and watcher bounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WatchConfig {
+    /// Revisions of history kept for watchers to resume from (`--watch-history-revisions`).
+    pub history_revisions: u64,
+    pub settings: crate::watch::WatchSettings,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        WatchConfig {
+            history_revisions: raftkv_storage::sm::history::HISTORY_REVISIONS_DEFAULT,
+            settings: crate::watch::WatchSettings::default(),
+        }
+    }
+}
+
+/// Lease bounds (the TTL range is fixed: `LEASE_TTL_MS_MIN..=LEASE_TTL_MS_MAX`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseSettings {
+    /// Live leases at most (`--leases-max`): the leader proposes grants with this bound.
+    pub leases_max: u64,
+}
+
+impl Default for LeaseSettings {
+    fn default() -> Self {
+        LeaseSettings {
+            leases_max: raftkv_storage::sm::leases::LEASES_MAX_DEFAULT,
+        }
+    }
+}
+
+/// How often the lease upkeep looks for expired leases: a lease outlives its TTL by at most
+/// this much plus the revoke's commit.
+pub const LEASE_TICK_MS: u64 = 100;
 
 /// The longest session TTL accepted (30 days).
 pub const SESSION_TTL_MS_MAX: u64 = 30 * 24 * 3600 * 1000;
 /// The largest session table accepted (each session holds its latest write's result).
 pub const SESSIONS_MAX_MAX: u64 = 10_000_000;
+
+/// The most revisions of watch history a node may be asked to keep.
+pub const WATCH_HISTORY_REVISIONS_MAX: u64 = 100_000_000;
+/// The most watchers a node may be asked to serve.
+pub const WATCHERS_MAX_MAX: usize = 1_000_000;
+/// The largest lease bound accepted.
+pub const LEASES_MAX_MAX: u64 = 10_000_000;
 
 /// How long client sessions live and how many are kept. The leader proposes them with each
 /// `ExpireSessions` entry; the state machine applies what the log says.
@@ -265,6 +313,19 @@ impl NodeConfig {
             return Err(format!(
                 "--sessions-max must be from 1 to {SESSIONS_MAX_MAX}"
             ));
+        }
+        if !(1..=WATCH_HISTORY_REVISIONS_MAX).contains(&self.watch.history_revisions) {
+            return Err(format!(
+                "--watch-history-revisions must be from 1 to {WATCH_HISTORY_REVISIONS_MAX}"
+            ));
+        }
+        if !(1..=WATCHERS_MAX_MAX).contains(&self.watch.settings.watchers_max) {
+            return Err(format!(
+                "--watchers-max must be from 1 to {WATCHERS_MAX_MAX}"
+            ));
+        }
+        if !(1..=LEASES_MAX_MAX).contains(&self.leases.leases_max) {
+            return Err(format!("--leases-max must be from 1 to {LEASES_MAX_MAX}"));
         }
         if !(WAL_SEGMENT_MB_MIN..=WAL_SEGMENT_MB_MAX).contains(&self.wal_segment_mb) {
             return Err(format!(
@@ -514,6 +575,7 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         },
         sm: raftkv_storage::sm::StateMachineOptions {
             cache_bytes: config.cache_mb.max(1) * 1024 * 1024,
+            watch_history_revisions: config.watch.history_revisions.max(1),
             ..Default::default()
         },
         ..NodeStorageOptions::default()
@@ -577,7 +639,9 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
     let applied_tx = Arc::new(apply::AppliedIndex::new(sm.applied_index()));
     let applied_rx = applied_tx.clone();
     let pending = Arc::new(apply::Pending::default());
-    let apply_worker = apply::ApplyWorker::new(sm.clone(), pending.clone(), metrics.clone());
+    let hub = crate::watch::WatchHub::new(sm.applied_index(), config.watch.settings);
+    let apply_worker =
+        apply::ApplyWorker::new(sm.clone(), pending.clone(), metrics.clone(), hub.clone());
     let reports = apply::ApplyReports {
         applied: applied_tx,
         failed: apply_failed_tx,
@@ -594,6 +658,7 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         snapshots.clone(),
         pending.clone(),
         metrics.clone(),
+        hub.clone(),
     ));
     let info = consensus::NodeInfo {
         id: config.id,
@@ -631,6 +696,17 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         config.sessions,
         shutdown_rx.clone(),
     ));
+    tokio::spawn(lease_upkeep(service.clone(), shutdown_rx.clone()));
+    let mut hub_shutdown = shutdown_rx.clone();
+    tokio::spawn(async move {
+        // Watch streams end (with a last line saying so) before the HTTP server drains.
+        while !*hub_shutdown.borrow() {
+            if hub_shutdown.changed().await.is_err() {
+                break;
+            }
+        }
+        hub.close();
+    });
     let router_options = RouterOptions {
         metrics: Some(metrics),
         ..router_options
@@ -697,6 +773,43 @@ async fn session_upkeep(
         }
         if let Err(e) = service.expire_sessions_if_due(settings).await {
             tracing::debug!(error = %e, "session upkeep did not run");
+        }
+    }
+}
+
+/// Runs the lessor every [`LEASE_TICK_MS`] until shutdown: on the leader, proposes the revoke
+/// of every expired lease (each in a task of its own, so one slow commit delays no other).
+async fn lease_upkeep(
+    service: Arc<service::NodeService>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let period = std::time::Duration::from_millis(LEASE_TICK_MS);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            changed = shutdown.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        let due = match service.expired_leases().await {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::debug!(error = %e, "lease upkeep did not run");
+                continue;
+            }
+        };
+        for id in due {
+            let service = service.clone();
+            tokio::spawn(async move {
+                if let Err(e) = service.revoke_expired(id).await {
+                    tracing::debug!(lease = id, error = %e, "revoking an expired lease failed; retried");
+                }
+            });
         }
     }
 }

@@ -8,14 +8,19 @@
 //! Every request is checked against the limits before it reaches the log.
 
 use super::apply::Pending;
+use super::lessor::{KeepaliveError, Lessor};
 use super::NodeConfig;
 use crate::api::{
     key_value, Applied, ClientSession, ClusterStatus, Consistency, KvService, Limits, ListQuery,
     Listed, ReadValue, ServiceError, SnapshotFileOut,
 };
+use crate::api::{LeaseListResponse, LeaseResponse, LeaseSummary};
 use crate::metrics::Metrics;
 use crate::raft::MembershipProposal;
+use crate::watch::{WatchError, WatchHub, WatchStream};
 use raftkv_storage::command::{CommandRef, SessionRef};
+use raftkv_storage::sm::history::KeyFilter;
+use raftkv_storage::sm::leases::LeaseInfo;
 use raftkv_storage::sm::StateMachine;
 use raftkv_storage::snapshot::SnapshotStore;
 use raftkv_storage::NodeId;
@@ -37,6 +42,11 @@ pub struct NodeService {
     /// The writes waiting to apply (for `raftkv_server_proposals_pending_total`).
     pending: Arc<Pending>,
     metrics: Arc<Metrics>,
+    hub: Arc<WatchHub>,
+    lessor: std::sync::Mutex<Lessor>,
+    /// The lessor's clock: milliseconds since this instant (monotonic).
+    clock_origin: std::time::Instant,
+    leases_max: u64,
 }
 
 impl NodeService {
@@ -47,6 +57,7 @@ impl NodeService {
         snapshots: Arc<SnapshotStore>,
         pending: Arc<Pending>,
         metrics: Arc<Metrics>,
+        hub: Arc<WatchHub>,
     ) -> NodeService {
         NodeService {
             id: config.id,
@@ -58,6 +69,76 @@ impl NodeService {
             request_timeout: Duration::from_millis(config.request_timeout_ms),
             pending,
             metrics,
+            hub,
+            lessor: std::sync::Mutex::new(Lessor::new()),
+            clock_origin: std::time::Instant::now(),
+            leases_max: config.leases.leases_max,
+        }
+    }
+
+    /// The lessor's monotonic clock.
+    fn lease_clock_ms(&self) -> u64 {
+        u64::try_from(self.clock_origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn lock_lessor(&self) -> std::sync::MutexGuard<'_, Lessor> {
+        // The lessor's updates leave it consistent before anything can panic.
+        self.lessor.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Brings the lessor up to date with this node's leadership and lease table as of
+    /// `now_ms`.
+    fn sync_lessor(&self, lessor: &mut Lessor, leader_term: Option<u64>, now_ms: u64) {
+        lessor.set_leadership(leader_term, now_ms);
+        let epoch = self.sm.lease_epoch();
+        if lessor.needs_sync(epoch) {
+            let (leases, epoch) = self.sm.leases();
+            lessor.sync(&leases, epoch, now_ms);
+        }
+    }
+
+    /// The lease upkeep, run every [`LEASE_TICK_MS`](super::LEASE_TICK_MS): tells the lessor
+    /// whether this node leads and returns the expired leases whose revoke to propose.
+    pub async fn expired_leases(&self) -> Result<Vec<u64>, ServiceError> {
+        let status = self.status().await?;
+        let now_ms = self.lease_clock_ms();
+        let term = (status.role == "leader").then_some(status.term);
+        let mut lessor = self.lock_lessor();
+        self.sync_lessor(&mut lessor, term, now_ms);
+        Ok(lessor.due(now_ms))
+    }
+
+    /// Proposes the revoke of an expired lease (the lessor's decision).
+    pub async fn revoke_expired(&self, id: u64) -> Result<(), ServiceError> {
+        let outcome = self.propose(CommandRef::LeaseRevoke { id }, None).await?;
+        tracing::info!(lease = id, revision = outcome.index, result = ?outcome.result.outcome, "lease expired and revoked");
+        Ok(())
+    }
+
+    /// Confirms this node leads (a ReadIndex round) and returns its term and the lessor clock
+    /// from *before* the round (see `lessor`'s time-safety argument).
+    async fn confirm_leader(&self) -> Result<(u64, u64), ServiceError> {
+        let before_ms = self.lease_clock_ms();
+        self.read_barrier(Consistency::Linearizable).await?;
+        let status = self.status().await?;
+        if status.role != "leader" {
+            return Err(ServiceError::Unavailable(
+                "leadership moved during the request; retry".into(),
+            ));
+        }
+        Ok((status.term, before_ms))
+    }
+
+    fn lease_response(&self, info: LeaseInfo, remaining_ms: u64) -> LeaseResponse {
+        LeaseResponse {
+            id: info.id,
+            ttl_s: info.ttl_ms / 1000,
+            remaining_s: remaining_ms.div_ceil(1000),
+            remaining_ms,
+            keys: Vec::new(),
+            keys_count: info.keys,
+            keys_more: false,
+            leader: self.id,
         }
     }
 
@@ -309,6 +390,95 @@ impl KvService for NodeService {
                 .sessions
                 .set(i64::try_from(sessions).unwrap_or(i64::MAX));
         }
+    }
+
+    fn leases_max(&self) -> u64 {
+        self.leases_max
+    }
+
+    fn watch(
+        &self,
+        filter: KeyFilter,
+        start_revision: Option<u64>,
+    ) -> Result<WatchStream, WatchError> {
+        WatchStream::open(&self.hub, self.sm.clone(), filter, start_revision)
+    }
+
+    fn watch_progress_ms(&self) -> u64 {
+        self.hub.settings().progress_ms
+    }
+
+    async fn lease_keepalive(&self, id: u64) -> Result<LeaseResponse, ServiceError> {
+        let (term, before_ms) = self.confirm_leader().await?;
+        let mut lessor = self.lock_lessor();
+        self.sync_lessor(&mut lessor, Some(term), before_ms);
+        match lessor.keepalive(id, before_ms) {
+            Ok(_) => {}
+            Err(KeepaliveError::NotFound(id)) => {
+                return Err(ServiceError::NotFound(format!(
+                    "lease {id} does not exist (never granted, revoked or expired)"
+                )))
+            }
+            Err(KeepaliveError::NotLeader) => {
+                return Err(ServiceError::Unavailable("leadership moved; retry".into()))
+            }
+        }
+        let remaining_ms = lessor.remaining_ms(id, self.lease_clock_ms()).unwrap_or(0);
+        drop(lessor);
+        let info = self.sm.lease(id, 0).map_err(sm_error)?.value;
+        let Some((info, _, _)) = info else {
+            return Err(ServiceError::NotFound(format!(
+                "lease {id} was just revoked"
+            )));
+        };
+        Ok(self.lease_response(info, remaining_ms))
+    }
+
+    async fn lease_get(&self, id: u64, keys_max: usize) -> Result<LeaseResponse, ServiceError> {
+        let (term, before_ms) = self.confirm_leader().await?;
+        let read = self.sm.lease(id, keys_max).map_err(sm_error)?.value;
+        let Some((info, keys, more)) = read else {
+            return Err(ServiceError::NotFound(format!(
+                "lease {id} does not exist (never granted, revoked or expired)"
+            )));
+        };
+        let remaining_ms = {
+            let mut lessor = self.lock_lessor();
+            self.sync_lessor(&mut lessor, Some(term), before_ms);
+            lessor
+                .remaining_ms(id, self.lease_clock_ms())
+                .unwrap_or(info.ttl_ms)
+        };
+        let mut resp = self.lease_response(info, remaining_ms);
+        resp.keys = keys
+            .into_iter()
+            .map(|k| String::from_utf8_lossy(&k).into_owned())
+            .collect();
+        resp.keys_more = more;
+        Ok(resp)
+    }
+
+    async fn lease_list(&self) -> Result<LeaseListResponse, ServiceError> {
+        let (term, before_ms) = self.confirm_leader().await?;
+        let revision = self.sm.applied_index();
+        let (leases, _) = self.sm.leases();
+        let now_ms = self.lease_clock_ms();
+        let mut lessor = self.lock_lessor();
+        self.sync_lessor(&mut lessor, Some(term), before_ms);
+        let leases = leases
+            .into_iter()
+            .map(|l| LeaseSummary {
+                id: l.id,
+                ttl_s: l.ttl_ms / 1000,
+                keys_count: l.keys,
+                remaining_ms: lessor.remaining_ms(l.id, now_ms),
+            })
+            .collect();
+        Ok(LeaseListResponse {
+            leases,
+            revision,
+            leader: self.id,
+        })
     }
 
     async fn snapshot(&self) -> Result<SnapshotFileOut, ServiceError> {
