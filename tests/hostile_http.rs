@@ -36,6 +36,8 @@ fn config(root: &Path, scheme: &str, client_port: ClientPortSettings) -> NodeCon
         limits: Limits::default(),
         lease_reads: false,
         sessions: Default::default(),
+        watch: Default::default(),
+        leases: Default::default(),
         client_port,
         wal_segment_mb: 64,
         ..NodeConfig::default()

@@ -58,6 +58,8 @@ fn config(id: u64, ports: &Ports, root: &Path, snapshot_every: u64) -> NodeConfi
         limits: Limits::default(),
         lease_reads: false,
         sessions: Default::default(),
+        watch: Default::default(),
+        leases: Default::default(),
         client_port: Default::default(),
     }
 }

@@ -84,6 +84,7 @@ use raftkv::storage::vfs::{SimFs, Vfs};
 use raftkv::storage::wal::WalOptions;
 use raftkv::storage::{Entry, EntryKind, Membership, NodeId};
 use raftkv::transport::frame;
+use raftkv::watch::{WatchHub, WatchSettings};
 use std::cmp::Reverse;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
@@ -480,6 +481,8 @@ struct Live {
     consensus: Consensus,
     storage: StorageWorker,
     apply: ApplyWorker,
+    /// The node's watchers, fed by its apply worker.
+    hub: Arc<WatchHub>,
     sm: Arc<StateMachine>,
     snapshots: Arc<SnapshotStore>,
     storage_jobs: VecDeque<StorageJob>,
@@ -1861,12 +1864,14 @@ impl Sim {
             tick_ms: TICK_MS,
         };
         let consensus = Consensus::new(info, raft, sm.clone(), pending.clone(), metrics.clone());
+        let hub = WatchHub::new(sm.applied_index(), WatchSettings::default());
         // Everything this incarnation starts out knowing committed is checked on its first step.
         n.commit_seen = 0;
         n.live = Some(Live {
             consensus,
             storage: StorageWorker::new(storage, metrics.clone()),
-            apply: ApplyWorker::new(sm.clone(), pending, metrics),
+            apply: ApplyWorker::new(sm.clone(), pending, metrics, hub.clone()),
+            hub,
             sm,
             snapshots,
             storage_jobs: VecDeque::new(),
