@@ -42,14 +42,18 @@
 //! - **Watches resume by themselves.** [`Client::watch`] streams committed changes from any
 //!   node and, when that node goes away, resumes on another from the last revision seen + 1,
 //!   never yielding an event twice (module `watch`).
+//! - **Leases.** Grants and revokes are writes (under sessions); keepalives are retried like
+//!   reads; [`Client::keep_alive`] renews one in the background (module `lease`).
 
 mod download;
+mod lease;
 mod lines;
 mod session;
 mod watch;
 mod write;
 
 pub use download::SnapshotDownload;
+pub use lease::{KeeperStatus, LeaseKeeper, LeaseLost};
 pub use watch::{
     WatchSpec, WatchStream, WatchTarget, WATCH_IDLE_TIMEOUT_MS_DEFAULT,
     WATCH_LINE_BYTES_MAX_DEFAULT,
@@ -171,6 +175,9 @@ pub enum ClientError {
         "the watch start revision is compacted: history up to revision {compact_revision} is gone"
     )]
     Compacted { compact_revision: u64 },
+    /// The lease does not exist (it expired or was revoked): HTTP 404 `lease_not_found`.
+    #[error("lease {id} not found (expired or revoked)")]
+    LeaseNotFound { id: u64 },
 }
 
 impl ClientError {
@@ -841,6 +848,8 @@ pub fn percent_encode(s: &str) -> String {
     out
 }
 
+#[cfg(test)]
+mod lease_tests;
 #[cfg(test)]
 mod scripted;
 #[cfg(test)]
