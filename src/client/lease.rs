@@ -252,17 +252,17 @@ async fn keep(client: Client, id: u64, ttl_s: u64, status: watch::Sender<KeeperS
                 });
             }
             Err(ClientError::LeaseNotFound { .. }) => {
-                tracing::warn!(lease = id, "lease lost: it no longer exists");
+                tracing::info!(lease = id, "lease lost: it no longer exists");
                 status.send_replace(KeeperStatus::Lost(LeaseLost::NotFound));
                 return;
             }
             Err(e @ ClientError::Rejected { .. }) => {
-                tracing::warn!(lease = id, error = %e, "lease keepalive refused; keeper stops");
+                tracing::info!(lease = id, error = %e, "lease keepalive refused; keeper stops");
                 status.send_replace(KeeperStatus::Lost(LeaseLost::Refused(e.to_string())));
                 return;
             }
             Err(e) => {
-                tracing::warn!(lease = id, error = %e, "lease keepalive failed; retrying");
+                tracing::debug!(lease = id, error = %e, "lease keepalive failed; retrying");
                 next = Instant::now() + retry_pause;
                 status.send_replace(KeeperStatus::Failing {
                     renewals,
