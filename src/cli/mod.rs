@@ -14,6 +14,7 @@ mod ready;
 mod serve;
 mod snapshot;
 mod txn;
+mod watch;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -77,6 +78,9 @@ pub enum Command {
     Txn(txn::TxnArgs),
     /// List keys in order, optionally under a prefix.
     List(kv::ListArgs),
+    /// Print changes to a key (or every key under a prefix) as they are committed, until
+    /// Ctrl-C.
+    Watch(watch::WatchArgs),
     /// Every member's view of the cluster.
     Status(kv::StatusArgs),
     /// Probe `/ready` on every endpoint (exit 0 all ready, 1 one not ready, 3 one unreachable).
@@ -156,6 +160,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Del(args) => kv::del(&args),
         Command::Txn(args) => txn::run(&args),
         Command::List(args) => kv::list(&args),
+        Command::Watch(args) => watch::run(&args),
         Command::Status(args) => kv::status(&args),
         Command::Ready(args) => ready::run(&args),
         Command::TransferLeader(args) => kv::transfer(&args),
