@@ -8,6 +8,7 @@ mod bench_membership;
 mod check_disk;
 mod cluster;
 mod kv;
+mod lease;
 mod local;
 mod member;
 mod ready;
@@ -67,7 +68,7 @@ impl LogFormat {
 pub enum Command {
     /// Run one node.
     Serve(Box<serve::ServeArgs>),
-    /// Write a key (only at a revision with --if-revision).
+    /// Write a key (only at a revision with --if-revision; attached to a lease with --lease).
     Put(kv::PutArgs),
     /// Read a key (exit 1 if it does not exist).
     Get(kv::GetArgs),
@@ -81,6 +82,9 @@ pub enum Command {
     /// Print changes to a key (or every key under a prefix) as they are committed, until
     /// Ctrl-C.
     Watch(watch::WatchArgs),
+    /// Grant, keep alive, revoke, show or list leases (keys that expire with their owner).
+    #[command(subcommand)]
+    Lease(lease::LeaseCommand),
     /// Every member's view of the cluster.
     Status(kv::StatusArgs),
     /// Probe `/ready` on every endpoint (exit 0 all ready, 1 one not ready, 3 one unreachable).
@@ -161,6 +165,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Txn(args) => txn::run(&args),
         Command::List(args) => kv::list(&args),
         Command::Watch(args) => watch::run(&args),
+        Command::Lease(command) => lease::run(&command),
         Command::Status(args) => kv::status(&args),
         Command::Ready(args) => ready::run(&args),
         Command::TransferLeader(args) => kv::transfer(&args),
