@@ -2,7 +2,8 @@
 //! helpers `snapshot save`, `member` and `txn` share).
 //!
 //! `put --if-revision N` and `del --if-revision N` write only if the key's `mod_revision` is N
-//! (0: only if absent); when it is not, they print the key as it is and exit 1. `get -w json`
+//! (0: only if absent); when it is not, they print the key as it is and exit 1. `put --lease
+//! ID` attaches the key to a lease (exit 1, nothing written, if the lease does not exist). `get -w json`
 //! prints the key with its revisions. Writes go out under exactly-once sessions, so the
 //! client's resends after a timeout or a dropped connection never apply a write twice.
 //!
@@ -58,6 +59,10 @@ pub struct PutArgs {
     /// otherwise print the key as it is and exit 1.
     #[arg(long, value_name = "N")]
     pub if_revision: Option<u64>,
+    /// Attach the key to lease ID (see `raftkv lease grant`): it is deleted when the lease
+    /// expires or is revoked.
+    #[arg(long, value_name = "ID", conflicts_with = "if_revision")]
+    pub lease: Option<u64>,
     #[command(flatten)]
     pub endpoints: EndpointArgs,
 }
@@ -192,9 +197,12 @@ pub(super) fn failure(e: ClientError) -> ExitCode {
 pub fn put(args: &PutArgs) -> anyhow::Result<ExitCode> {
     let c = client(&args.endpoints)?;
     let rt = runtime()?;
-    let written = match args.if_revision {
-        None => rt.block_on(c.put(&args.key, &args.value)).map(Ok),
-        Some(rev) => rt.block_on(c.put_if(&args.key, &args.value, rev)),
+    let written = match (args.if_revision, args.lease) {
+        (Some(rev), _) => rt.block_on(c.put_if(&args.key, &args.value, rev)),
+        (None, Some(lease)) => rt
+            .block_on(c.put_with_lease(&args.key, &args.value, lease))
+            .map(Ok),
+        (None, None) => rt.block_on(c.put(&args.key, &args.value)).map(Ok),
     };
     match written {
         Ok(Ok(r)) => {

@@ -8,12 +8,14 @@ mod bench_membership;
 mod check_disk;
 mod cluster;
 mod kv;
+mod lease;
 mod local;
 mod member;
 mod ready;
 mod serve;
 mod snapshot;
 mod txn;
+mod watch;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -66,7 +68,7 @@ impl LogFormat {
 pub enum Command {
     /// Run one node.
     Serve(Box<serve::ServeArgs>),
-    /// Write a key (only at a revision with --if-revision).
+    /// Write a key (only at a revision with --if-revision; attached to a lease with --lease).
     Put(kv::PutArgs),
     /// Read a key (exit 1 if it does not exist).
     Get(kv::GetArgs),
@@ -77,6 +79,12 @@ pub enum Command {
     Txn(txn::TxnArgs),
     /// List keys in order, optionally under a prefix.
     List(kv::ListArgs),
+    /// Print changes to a key (or every key under a prefix) as they are committed, until
+    /// Ctrl-C.
+    Watch(watch::WatchArgs),
+    /// Grant, keep alive, revoke, show or list leases (keys that expire with their owner).
+    #[command(subcommand)]
+    Lease(lease::LeaseCommand),
     /// Every member's view of the cluster.
     Status(kv::StatusArgs),
     /// Probe `/ready` on every endpoint (exit 0 all ready, 1 one not ready, 3 one unreachable).
@@ -156,6 +164,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Del(args) => kv::del(&args),
         Command::Txn(args) => txn::run(&args),
         Command::List(args) => kv::list(&args),
+        Command::Watch(args) => watch::run(&args),
+        Command::Lease(command) => lease::run(&command),
         Command::Status(args) => kv::status(&args),
         Command::Ready(args) => ready::run(&args),
         Command::TransferLeader(args) => kv::transfer(&args),

@@ -70,7 +70,7 @@ enum Refusal {
 const ERROR_BODY_BYTES_MAX: usize = 64 << 10;
 
 /// The start of an error answer's body.
-async fn error_body(mut resp: reqwest::Response) -> Vec<u8> {
+pub(super) async fn error_body(mut resp: reqwest::Response) -> Vec<u8> {
     let mut body = Vec::new();
     while body.len() < ERROR_BODY_BYTES_MAX {
         match resp.chunk().await {

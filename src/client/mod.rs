@@ -39,12 +39,25 @@
 //!   a guard's refusal (409), an unknown member (404) or bad input (400) is
 //!   [`ClientError::Rejected`] with the server's message. [`Client::members`] prefers the
 //!   leader's view, which alone has each member's match index.
+//! - **Watches resume by themselves.** [`Client::watch`] streams committed changes from any
+//!   node and, when that node goes away, resumes on another from the last revision seen + 1,
+//!   never yielding an event twice (module `watch`).
+//! - **Leases.** Grants and revokes are writes (under sessions); keepalives are retried like
+//!   reads; [`Client::keep_alive`] renews one in the background (module `lease`).
 
 mod download;
+mod lease;
+mod lines;
 mod session;
+mod watch;
 mod write;
 
 pub use download::SnapshotDownload;
+pub use lease::{KeeperStatus, LeaseKeeper, LeaseLost};
+pub use watch::{
+    WatchSpec, WatchStream, WatchTarget, WATCH_IDLE_TIMEOUT_MS_DEFAULT,
+    WATCH_LINE_BYTES_MAX_DEFAULT,
+};
 pub use write::{ConditionFailed, Conditional};
 
 use crate::api::http::{
@@ -155,6 +168,16 @@ pub enum ClientError {
     /// The arguments cannot make a valid request (e.g. an empty prefix to delete).
     #[error("invalid request: {0}")]
     InvalidInput(String),
+    /// A watch's start revision is older than the history the node keeps (HTTP 410): the
+    /// events up to and including `compact_revision` are gone. Re-read the keys, then watch
+    /// from the revision of that read + 1.
+    #[error(
+        "the watch start revision is compacted: history up to revision {compact_revision} is gone"
+    )]
+    Compacted { compact_revision: u64 },
+    /// The lease does not exist (it expired or was revoked): HTTP 404 `lease_not_found`.
+    #[error("lease {id} not found (expired or revoked)")]
+    LeaseNotFound { id: u64 },
 }
 
 impl ClientError {
@@ -180,6 +203,8 @@ pub struct Client {
     leader: Mutex<Option<usize>>,
     /// Idle exactly-once sessions (used when `config.sessions`).
     sessions: session::SessionPool,
+    /// The HTTP client of watch streams (no total timeout), built on first use.
+    stream_http: std::sync::OnceLock<reqwest::Client>,
 }
 
 /// How a request may be retried.
@@ -301,6 +326,7 @@ impl Client {
             config,
             leader: Mutex::new(None),
             sessions: session::SessionPool::default(),
+            stream_http: std::sync::OnceLock::new(),
         })
     }
 
@@ -823,6 +849,12 @@ pub fn percent_encode(s: &str) -> String {
 }
 
 #[cfg(test)]
+mod lease_tests;
+#[cfg(test)]
+mod scripted;
+#[cfg(test)]
 mod session_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod watch_tests;

@@ -112,7 +112,7 @@ impl Client {
         expect_json(status, &bytes)
     }
 
-    async fn send_put(&self, path: String, value: &str) -> Result<Answer, ClientError> {
+    pub(super) async fn send_put(&self, path: String, value: &str) -> Result<Answer, ClientError> {
         let body = serde_json::to_vec(&PutBody {
             value: value.to_string(),
         })
@@ -122,7 +122,7 @@ impl Client {
 
     /// Sends a key write under a session from the pool (or without one when sessions are
     /// off); returns the definite answer's status and body.
-    async fn write(
+    pub(super) async fn write(
         &self,
         method: reqwest::Method,
         path: String,
