@@ -547,6 +547,41 @@ impl WatchStream {
         Some(self.error_line(kind, why.into()))
     }
 
+    /// The next lines if any are ready now, without waiting (the simulator's step; no
+    /// progress lines). `None`: nothing now, or the stream has ended ([`Self::ended`]).
+    pub fn try_next(&mut self) -> Option<Step> {
+        if self.ended {
+            return None;
+        }
+        loop {
+            if let Some(step) = self.cancelled() {
+                return Some(step);
+            }
+            if let Some(step) = self.replay_step() {
+                return Some(step);
+            }
+            match self.reg.rx.try_recv() {
+                Ok(d) => {
+                    if let Some(step) = self.take_delivery(d) {
+                        return Some(step);
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Empty) => return None,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    let step = self.cancelled();
+                    return Some(step.unwrap_or_else(|| {
+                        self.error_line(KIND_SHUTTING_DOWN, "the node is shutting down".into())
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Whether the stream has sent its last line.
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
     /// Waits for the next lines; `None` once the stream has ended. A progress line is sent
     /// when nothing came for `idle` (the shell's timer).
     pub async fn next(&mut self, idle: std::time::Duration) -> Option<Step> {
