@@ -72,7 +72,8 @@ impl AuthToken {
         std::str::from_utf8(&self.0).unwrap_or_default()
     }
 
-    fn matches(&self, presented: &[u8]) -> bool {
+    /// Whether `presented` is this token (in constant time).
+    pub fn matches(&self, presented: &[u8]) -> bool {
         constant_time_eq(&self.0, presented)
     }
 }

@@ -93,6 +93,22 @@ struct ApiState<S> {
     metrics: Arc<Metrics>,
 }
 
+/// The raw path of `GET /watch` for `service` (see [`crate::api::server::RawHandler`]): a
+/// watch that is a connection's first request costs a few KiB instead of hyper's ~20.
+pub fn raw_watch<S: KvService>(
+    service: Arc<S>,
+    options: &RouterOptions,
+) -> Arc<dyn crate::api::server::RawHandler> {
+    let limits = service.limits();
+    Arc::new(watch::RawWatch {
+        node_id: service.node_id(),
+        service,
+        key_bytes_max: limits.command.key_bytes_max,
+        token: options.auth_token.clone(),
+        write_timeout: Duration::from_millis(options.port.idle_timeout_ms),
+    })
+}
+
 /// Builds the router for `service` with default options.
 pub fn router<S: KvService>(service: Arc<S>) -> Router {
     router_with(service, &RouterOptions::default())

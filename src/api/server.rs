@@ -28,7 +28,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Semaphore};
 
@@ -120,6 +120,40 @@ pub async fn serve(
     tls: Option<Tls>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
+    serve_with(listener, router, None, config, tls, shutdown).await
+}
+
+/// A request the accept loop answers itself, without hyper, on a plain-HTTP connection whose
+/// first request it is: a watch stream lives for hours, and hyper's fixed buffers (about
+/// 20 KiB per connection) would dominate the memory of many idle watchers.
+pub trait RawHandler: Send + Sync + 'static {
+    /// Whether this handler takes a request for `path` (before the `?`).
+    fn takes(&self, method: &str, path: &str) -> bool;
+    /// Answers the request (head already read off `stream`), then closes the connection.
+    fn serve(&self, head: RawHead, stream: TcpStream) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+}
+
+/// The parts of a request head a [`RawHandler`] sees.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawHead {
+    /// Path and query, as sent.
+    pub target: String,
+    pub authorization: Option<Vec<u8>>,
+}
+
+/// Bytes of the first request head the accept loop looks at for a [`RawHandler`].
+const RAW_PEEK_BYTES: usize = 4096;
+
+/// [`serve`], with requests `raw` takes answered by it (plain HTTP only; on TLS every request
+/// goes through hyper).
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    raw: Option<Arc<dyn RawHandler>>,
+    config: ClientPortConfig,
+    tls: Option<Tls>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
     let connections = Arc::new(Semaphore::new(config.client_connections_max));
     let (stop_tx, stop_rx) = watch::channel(false);
     let config = Arc::new(config);
@@ -151,6 +185,7 @@ pub async fn serve(
         };
         let conn = Connection {
             router: router.clone(),
+            raw: raw.clone(),
             config: config.clone(),
             tls: tls.clone(),
             stop: stop_rx.clone(),
@@ -218,6 +253,7 @@ async fn refuse(mut stream: TcpStream) {
 /// One accepted connection and what it is served with.
 struct Connection {
     router: Router,
+    raw: Option<Arc<dyn RawHandler>>,
     config: Arc<ClientPortConfig>,
     tls: Option<Tls>,
     stop: watch::Receiver<bool>,
@@ -227,7 +263,17 @@ impl Connection {
     async fn run(self, stream: TcpStream) {
         let idle = Duration::from_millis(self.config.idle_timeout_ms);
         match &self.tls {
-            None => self.serve_io(IdleIo::new(stream, idle)).await,
+            None => {
+                let mut stream = stream;
+                if let Some(raw) = self.raw.clone() {
+                    match self.peek_raw(raw.as_ref(), &mut stream).await {
+                        Peeked::Raw(head) => return raw.serve(head, stream).await,
+                        Peeked::Closed => return,
+                        Peeked::Hyper => {}
+                    }
+                }
+                self.serve_io(IdleIo::new(stream, idle)).await
+            }
             Some(acceptor) => {
                 let handshake_timeout = Duration::from_millis(self.config.header_read_timeout_ms);
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
@@ -236,6 +282,54 @@ impl Connection {
                     Err(_) => tracing::debug!("TLS handshake timed out"),
                 }
             }
+        }
+    }
+
+    /// Looks at the first request without taking it: a complete head of a request `raw`
+    /// takes is read off the socket and handed over; anything else (including a head not
+    /// complete in the first segment) is left for hyper.
+    async fn peek_raw(&self, raw: &dyn RawHandler, stream: &mut TcpStream) -> Peeked {
+        let timeout = Duration::from_millis(self.config.header_read_timeout_ms);
+        if tokio::time::timeout(timeout, stream.readable())
+            .await
+            .is_err()
+        {
+            return Peeked::Closed;
+        }
+        let mut buf = vec![0u8; RAW_PEEK_BYTES];
+        let n = match stream.peek(&mut buf).await {
+            Ok(0) | Err(_) => return Peeked::Closed,
+            Ok(n) => n,
+        };
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        let Ok(httparse::Status::Complete(head_len)) = req.parse(&buf[..n]) else {
+            return Peeked::Hyper;
+        };
+        let (Some(method), Some(target)) = (req.method, req.path) else {
+            return Peeked::Hyper;
+        };
+        let path = target.split('?').next().unwrap_or("");
+        let bodiless = !req.headers.iter().any(|h| {
+            h.name.eq_ignore_ascii_case("content-length")
+                || h.name.eq_ignore_ascii_case("transfer-encoding")
+        });
+        if !bodiless || !raw.takes(method, path) {
+            return Peeked::Hyper;
+        }
+        let head = RawHead {
+            target: target.to_string(),
+            authorization: req
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("authorization"))
+                .map(|h| h.value.to_vec()),
+        };
+        debug_assert!(head_len <= n);
+        // The head is in the socket's buffer: this read returns at once.
+        match tokio::time::timeout(timeout, stream.read_exact(&mut buf[..head_len])).await {
+            Ok(Ok(_)) => Peeked::Raw(head),
+            _ => Peeked::Closed,
         }
     }
 
@@ -273,6 +367,12 @@ impl Connection {
             }
         }
     }
+}
+
+enum Peeked {
+    Raw(RawHead),
+    Hyper,
+    Closed,
 }
 
 /// An IO wrapper that (1) fails a read left waiting for `idle` with no traffic, closing an

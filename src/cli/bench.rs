@@ -29,6 +29,9 @@ pub enum BenchKind {
     /// Add a learner to a loaded cluster, promote it, remove the leader: catch-up time and
     /// the write latency alongside.
     Membership(super::bench_membership::MembershipArgs),
+    /// Watch delivery latency (leader commit → event at a follower's watcher) under a write
+    /// load, and the memory of many idle watchers.
+    Watch(super::bench_watch::WatchBenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -138,6 +141,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         Some(BenchKind::Recovery(r)) => recovery(r),
         Some(BenchKind::Failover(f)) => failover(f),
         Some(BenchKind::Membership(m)) => super::bench_membership::membership(m),
+        Some(BenchKind::Watch(w)) => super::bench_watch::watch(w),
         None => load(&args.load),
     }
 }
@@ -218,6 +222,10 @@ impl Procs {
         self.0[i].1 = Some(child);
         Ok(())
     }
+    /// The process id of node `i`, if it runs.
+    pub(super) fn pid(&self, i: usize) -> Option<u32> {
+        self.0[i].1.as_ref().map(Child::id)
+    }
     fn kill9(&mut self, i: usize) {
         if let Some(mut c) = self.0[i].1.take() {
             let _ = c.kill();
@@ -229,7 +237,7 @@ impl Procs {
             let _ = terminate(&mut c, Duration::from_secs(10));
         }
     }
-    fn urls(&self) -> Vec<String> {
+    pub(super) fn urls(&self) -> Vec<String> {
         self.0.iter().map(|(s, _)| s.url()).collect()
     }
 }
@@ -260,7 +268,7 @@ pub(super) async fn wait_ready(url: &str, timeout: Duration) -> anyhow::Result<D
     }
 }
 
-async fn leader_index(client: &Client, urls: &[String]) -> anyhow::Result<usize> {
+pub(super) async fn leader_index(client: &Client, urls: &[String]) -> anyhow::Result<usize> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         for (i, u) in urls.iter().enumerate() {

@@ -33,6 +33,8 @@ pub struct LocalNode {
     /// Join a running cluster through these client URLs (comma-separated) instead of
     /// bootstrapping with `peers`.
     pub join: Option<String>,
+    /// More `serve` flags.
+    pub extra_args: Vec<String>,
 }
 
 /// The files of a node's TLS identity and the CA that signed every member's.
@@ -88,6 +90,7 @@ impl LocalNode {
             cmd.arg("--peer-secret-file").arg(secret);
         }
         cmd.args(&self.log_args);
+        cmd.args(&self.extra_args);
         if let Some(tls) = &self.tls {
             cmd.arg("--client-url").arg(self.url());
             cmd.arg("--peer-cert").arg(&tls.cert);
@@ -172,6 +175,7 @@ pub fn nodes(
             log_args: Vec::new(),
             tls: None,
             join: None,
+            extra_args: Vec::new(),
         })
         .collect()
 }

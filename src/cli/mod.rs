@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_membership;
+mod bench_watch;
 mod check_disk;
 mod cluster;
 mod kv;

@@ -712,10 +712,12 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         ..router_options
     };
     let router = crate::api::http::router_with(service.clone(), &router_options);
+    let raw_watch = crate::api::http::raw_watch(service.clone(), &router_options);
     let mut http_shutdown = shutdown_rx;
-    let http = tokio::spawn(crate::api::server::serve(
+    let http = tokio::spawn(crate::api::server::serve_with(
         client_listener,
         router,
+        Some(raw_watch),
         router_options.port.clone(),
         client_tls,
         async move {

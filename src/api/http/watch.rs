@@ -6,20 +6,26 @@
 //! history, 503 when the node has too many watchers or is stopping. Once streaming, the
 //! status is 200 and an ending is said by a last `{"type": "error", ...}` line.
 
-use super::{error_kind, Rejection};
+use super::Rejection;
+use crate::api::auth::AuthToken;
+use crate::api::server::{RawHandler, RawHead};
 use crate::api::types::CompactedBody;
-use crate::api::{KvService, ServiceError};
-use crate::watch::{Step, WatchError, KIND_COMPACTED};
+use crate::api::types::ErrorBody;
+use crate::api::KvService;
+use crate::watch::{Step, WatchError, WatchStream, KIND_COMPACTED};
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::response::Response;
 use raftkv_storage::sm::history::KeyFilter;
 use serde::Deserialize;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 #[derive(Debug, Deserialize)]
 pub(super) struct WatchParams {
@@ -63,6 +69,54 @@ fn start_revision(p: &WatchParams) -> Result<Option<u64>, Rejection> {
     }
 }
 
+/// A watch that could not start: its status and JSON body.
+struct Refused(StatusCode, Vec<u8>);
+
+fn refused_json(status: StatusCode, body: &impl serde::Serialize) -> Refused {
+    Refused(status, serde_json::to_vec(body).unwrap_or_default())
+}
+
+impl From<Rejection> for Refused {
+    fn from(Rejection(status, error): Rejection) -> Refused {
+        let kind = super::default_kind(status).to_string();
+        refused_json(
+            status,
+            &ErrorBody {
+                error,
+                kind: Some(kind),
+            },
+        )
+    }
+}
+
+/// Checks the parameters and opens the stream: shared by the hyper route and the raw path.
+fn open<S: KvService>(
+    service: &S,
+    params: &WatchParams,
+    key_bytes_max: usize,
+) -> Result<WatchStream, Refused> {
+    let filter = watch_filter(params, key_bytes_max)?;
+    let start = start_revision(params)?;
+    service.watch(filter, start).map_err(|e| match e {
+        WatchError::Compacted(c) => refused_json(
+            StatusCode::GONE,
+            &CompactedBody {
+                error: KIND_COMPACTED.into(),
+                kind: KIND_COMPACTED.into(),
+                compact_revision: c.compact_revision,
+            },
+        ),
+        e @ (WatchError::TooMany { .. } | WatchError::Closed) => {
+            Rejection(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into()
+        }
+        WatchError::Storage(e) => Rejection(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading watch history: {e}"),
+        )
+        .into(),
+    })
+}
+
 pub(super) async fn get_watch<S: KvService>(
     State(st): State<Arc<super::ApiState<S>>>,
     query: Result<Query<WatchParams>, QueryRejection>,
@@ -73,29 +127,18 @@ pub(super) async fn get_watch<S: KvService>(
             format!("invalid query string: {}", e.body_text()),
         )
     })?;
-    let filter = watch_filter(&params, st.limits.command.key_bytes_max)?;
-    let start = start_revision(&params)?;
-    let stream = match st.service.watch(filter, start) {
+    let stream = match open(
+        st.service.as_ref(),
+        &params,
+        st.limits.command.key_bytes_max,
+    ) {
         Ok(stream) => stream,
-        Err(WatchError::Compacted(c)) => {
-            let body = CompactedBody {
-                error: KIND_COMPACTED.into(),
-                kind: KIND_COMPACTED.into(),
-                compact_revision: c.compact_revision,
-            };
-            return Ok((StatusCode::GONE, Json(body)).into_response());
-        }
-        Err(e @ (WatchError::TooMany { .. } | WatchError::Closed)) => {
-            return Ok(super::error_response(&ServiceError::Unavailable(
-                e.to_string(),
-            )))
-        }
-        Err(WatchError::Storage(e)) => {
-            return Ok(error_kind(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                format!("reading watch history: {e}"),
-            ))
+        Err(Refused(status, body)) => {
+            let mut r = Response::new(Body::from(body));
+            *r.status_mut() = status;
+            r.headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/json"));
+            return Ok(r);
         }
     };
     let registered_at = stream.registered_at();
@@ -118,4 +161,132 @@ pub(super) async fn get_watch<S: KvService>(
         HeaderValue::from(registered_at),
     );
     Ok(resp)
+}
+
+/// `GET /watch` answered on the socket itself when it is a connection's first request (see
+/// [`RawHandler`]): the same checks, answers and stream as the route, in chunked HTTP/1.1,
+/// and the connection closes when the stream ends. A write that cannot go out within the
+/// idle timeout, or the client closing its side, ends it.
+pub struct RawWatch<S> {
+    pub service: Arc<S>,
+    pub key_bytes_max: usize,
+    pub token: Option<AuthToken>,
+    pub node_id: u64,
+    pub write_timeout: Duration,
+}
+
+impl<S: KvService> RawHandler for RawWatch<S> {
+    fn takes(&self, method: &str, path: &str) -> bool {
+        method == "GET" && path == "/watch"
+    }
+
+    fn serve(&self, head: RawHead, stream: TcpStream) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        let (service, token) = (self.service.clone(), self.token.clone());
+        let (key_bytes_max, node_id, write_timeout) =
+            (self.key_bytes_max, self.node_id, self.write_timeout);
+        Box::pin(async move {
+            let opened = raw_open(service.as_ref(), &head, token.as_ref(), key_bytes_max);
+            let idle = Duration::from_millis(service.watch_progress_ms().max(10));
+            let _ = serve_raw(opened, stream, node_id, idle, write_timeout).await;
+        })
+    }
+}
+
+fn raw_open<S: KvService>(
+    service: &S,
+    head: &RawHead,
+    token: Option<&AuthToken>,
+    key_bytes_max: usize,
+) -> Result<WatchStream, Refused> {
+    if let Some(token) = token {
+        let presented = head
+            .authorization
+            .as_deref()
+            .and_then(|v| v.strip_prefix(b"Bearer "));
+        if !presented.is_some_and(|p| token.matches(p)) {
+            return Err(Rejection(
+                StatusCode::UNAUTHORIZED,
+                "a valid bearer token is required".into(),
+            )
+            .into());
+        }
+    }
+    let bad = |e: String| Rejection(StatusCode::BAD_REQUEST, e);
+    let uri: axum::http::Uri = head
+        .target
+        .parse()
+        .map_err(|_| bad("invalid request target".into()))?;
+    let Query(params) = Query::<WatchParams>::try_from_uri(&uri)
+        .map_err(|e| bad(format!("invalid query string: {}", e.body_text())))?;
+    open(service, &params, key_bytes_max)
+}
+
+async fn serve_raw(
+    opened: Result<WatchStream, Refused>,
+    stream: TcpStream,
+    node_id: u64,
+    idle: Duration,
+    write_timeout: Duration,
+) -> std::io::Result<()> {
+    let (mut rd, mut wr) = stream.into_split();
+    let mut watch = match opened {
+        Ok(w) => w,
+        Err(Refused(status, body)) => {
+            let head = format!(
+                "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}: {node_id}\r\nconnection: close\r\n\r\n",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or(""),
+                body.len(),
+                super::NODE_HEADER,
+            );
+            let mut out = head.into_bytes();
+            out.extend_from_slice(&body);
+            let _ = tokio::time::timeout(write_timeout, wr.write_all(&out)).await;
+            return Ok(());
+        }
+    };
+    let head = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n{}: {node_id}\r\n{}: {}\r\n\r\n",
+        super::NODE_HEADER,
+        super::writes::REVISION_HEADER,
+        watch.registered_at(),
+    );
+    write_within(&mut wr, head.as_bytes(), write_timeout).await?;
+    let mut probe = [0u8; 64];
+    loop {
+        let step = tokio::select! {
+            step = watch.next(idle) => step,
+            read = rd.read(&mut probe) => match read {
+                // The client closed (or broke) its side; bytes it sends are ignored.
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(_) => continue,
+            },
+        };
+        let (bytes, last) = match step {
+            None => return Ok(()),
+            Some(Step::Lines(b)) => (b, false),
+            Some(Step::End(b)) => (b, true),
+        };
+        let mut chunk = format!("{:x}\r\n", bytes.len()).into_bytes();
+        chunk.extend_from_slice(&bytes);
+        chunk.extend_from_slice(b"\r\n");
+        if last {
+            chunk.extend_from_slice(b"0\r\n\r\n");
+        }
+        write_within(&mut wr, &chunk, write_timeout).await?;
+        if last {
+            return Ok(());
+        }
+    }
+}
+
+async fn write_within(
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    bytes: &[u8],
+    timeout: Duration,
+) -> std::io::Result<()> {
+    match tokio::time::timeout(timeout, wr.write_all(bytes)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
 }

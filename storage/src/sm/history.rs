@@ -263,7 +263,6 @@ pub fn read_page(
 ) -> Result<HistoryPage, SmError> {
     assert!(records_max > 0, "a page looks at one record at least");
     let mut events = Vec::new();
-    let mut looked = 0usize;
     let mut last_revision = None;
     let start = history_key(from, 0);
     let end = history_key(through.saturating_add(1), 0);
@@ -273,7 +272,7 @@ pub fn read_page(
             next_revision: from,
         });
     }
-    for item in tree.range(&start[..]..&end[..]) {
+    for (looked, item) in tree.range(&start[..]..&end[..]).enumerate() {
         let (k, v) = item?;
         let e = decode_event(&k, &v).map_err(SmError::Record)?;
         if looked >= records_max && last_revision != Some(e.revision) {
@@ -282,7 +281,6 @@ pub fn read_page(
                 next_revision: e.revision,
             });
         }
-        looked += 1;
         last_revision = Some(e.revision);
         if filter.matches(&e.key) {
             events.push(e);

@@ -162,6 +162,9 @@ pub enum EntryOutcome {
     Config(Membership),
 }
 
+/// A lease, up to the asked number of its keys (in key order), and whether it has more.
+pub type LeaseKeys = (LeaseInfo, Vec<Vec<u8>>, bool);
+
 /// What one [`StateMachine::apply_with_events`] did: each entry's outcome and the changes to
 /// user keys, in revision order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -530,11 +533,7 @@ impl StateMachine {
 
     /// Lease `id` and up to `keys_max` of its keys in key order (`more` if cut), at one
     /// applied index.
-    pub fn lease(
-        &self,
-        id: u64,
-        keys_max: usize,
-    ) -> Result<ReadAt<Option<(LeaseInfo, Vec<Vec<u8>>, bool)>>, SmError> {
+    pub fn lease(&self, id: u64, keys_max: usize) -> Result<ReadAt<Option<LeaseKeys>>, SmError> {
         let cur = self.read_current();
         let applied_index = cur.applied.index;
         let Some(info) = cur.leases.get(id) else {
