@@ -92,6 +92,14 @@ pub struct Metrics {
     pub db_size_bytes: Gauge,
     /// Client sessions the state machine remembers (exactly-once writes).
     pub sessions: Gauge,
+    /// Watch streams open on this node.
+    pub watchers: Gauge,
+    /// Bytes of events queued for this node's watchers.
+    pub watch_queued_bytes: Gauge,
+    /// Watchers cancelled for falling behind (as counted by the hub; set at scrape time).
+    pub watchers_cancelled: Gauge,
+    /// Live leases.
+    pub leases: Gauge,
     // Peers and clients.
     peers: PeerSeries,
     http_requests: Family<HttpLabels, Counter>,
@@ -300,6 +308,18 @@ impl Metrics {
             "raftkv_sessions",
             "Client sessions in the state machine's session table",
         );
+        let watchers = index(&mut r, "raftkv_watchers", "Watch streams open on this node");
+        let watch_queued_bytes = index(
+            &mut r,
+            "raftkv_watch_queued_bytes",
+            "Bytes of change events queued for this node's watchers",
+        );
+        let watchers_cancelled = index(
+            &mut r,
+            "raftkv_watchers_cancelled",
+            "Watchers this node cancelled for falling behind their buffer bound, since start",
+        );
+        let leases = index(&mut r, "raftkv_leases", "Live leases in the state machine");
         let (peers, http_requests, http_duration) = Self::register_traffic(&mut r, peers);
         Metrics {
             registry: r,
@@ -323,6 +343,10 @@ impl Metrics {
             snapshot_install_duration,
             db_size_bytes,
             sessions,
+            watchers,
+            watch_queued_bytes,
+            watchers_cancelled,
+            leases,
             peers,
             http_requests,
             http_duration,
