@@ -271,23 +271,7 @@ impl WatchHub {
 
     fn remove(&self, id: u64) {
         let mut hub = self.lock();
-        let Some(slot) = hub.watchers.remove(&id) else {
-            return;
-        };
-        let index = match &slot.filter {
-            KeyFilter::Key(k) => hub.by_key.get_mut(k).map(|ids| (ids, k.clone(), true)),
-            KeyFilter::Prefix(p) => hub.by_prefix.get_mut(p).map(|ids| (ids, p.clone(), false)),
-        };
-        if let Some((ids, k, by_key)) = index {
-            ids.retain(|w| *w != id);
-            if ids.is_empty() {
-                if by_key {
-                    hub.by_key.remove(&k);
-                } else {
-                    hub.by_prefix.remove(&k);
-                }
-            }
-        }
+        hub.remove(id);
         self.watchers.store(hub.watchers.len(), Ordering::Relaxed);
     }
 
@@ -343,7 +327,9 @@ impl WatchHub {
         if over {
             self.cancelled_total.fetch_add(1, Ordering::Relaxed);
             cancel(slot, KIND_TOO_SLOW);
-            // Removed from the indexes when its stream drops the registration.
+            // Out of the indexes at once: nothing more is queued for it.
+            hub.remove(id);
+            self.watchers.store(hub.watchers.len(), Ordering::Relaxed);
             return;
         }
         slot.shared.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
@@ -353,6 +339,25 @@ impl WatchHub {
             slot.shared.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
             self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
         }
+    }
+}
+
+impl Hub {
+    /// Takes watcher `id` out of the map and the indexes (its queue's sender with it).
+    fn remove(&mut self, id: u64) -> Option<Slot> {
+        let slot = self.watchers.remove(&id)?;
+        let (index, k) = match &slot.filter {
+            KeyFilter::Key(k) => (&mut self.by_key, k),
+            KeyFilter::Prefix(p) => (&mut self.by_prefix, p),
+        };
+        if let Some(ids) = index.get_mut(k) {
+            ids.retain(|w| *w != id);
+            if ids.is_empty() {
+                index.remove(k);
+            }
+        }
+        debug_assert!(!self.watchers.contains_key(&id));
+        Some(slot)
     }
 }
 
@@ -643,3 +648,6 @@ impl WatchStream {
         Some(Step::Lines(Bytes::from(out)))
     }
 }
+
+#[cfg(test)]
+mod tests;

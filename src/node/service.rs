@@ -391,8 +391,12 @@ impl KvService for NodeService {
                 .set(i64::try_from(sessions).unwrap_or(i64::MAX));
             let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
             metrics.watchers.set(gauge(self.hub.watchers() as u64));
-            metrics.watch_queued_bytes.set(gauge(self.hub.queued_bytes() as u64));
-            metrics.watchers_cancelled.set(gauge(self.hub.cancelled_total()));
+            metrics
+                .watch_queued_bytes
+                .set(gauge(self.hub.queued_bytes() as u64));
+            metrics
+                .watchers_cancelled
+                .set(gauge(self.hub.cancelled_total()));
             metrics.leases.set(gauge(self.sm.leases().0.len() as u64));
         }
     }
