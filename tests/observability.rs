@@ -109,6 +109,11 @@ async fn metrics_and_json_logs_tell_an_operator_what_the_cluster_does() {
         assert!(value(s, "raftkv_db_size_bytes") > 0.0);
         // The session gauge is exported; these writes carried no session.
         assert_eq!(value(s, "raftkv_sessions"), 0.0);
+        // Watch and lease gauges are exported; nothing watched, no lease granted.
+        assert_eq!(value(s, "raftkv_watchers"), 0.0);
+        assert_eq!(value(s, "raftkv_watch_queued_bytes"), 0.0);
+        assert_eq!(value(s, "raftkv_watchers_cancelled"), 0.0);
+        assert_eq!(value(s, "raftkv_leases"), 0.0);
         // Followers talk to the leader only; the leader to everyone.
         let leader_id = nodes[leader].id;
         let talked_to = nodes
