@@ -426,16 +426,15 @@ impl Drop for CliKeeper {
     }
 }
 
-/// `svc/*` as a linearizable read sees it: key → value.
+/// The `LEASED` keys a linearizable GET finds: key → value.
 async fn leased_state(c: &Client) -> BTreeMap<String, String> {
-    let list = c
-        .list("svc/", 100, Consistency::Linearizable)
-        .await
-        .unwrap();
-    list.items
-        .into_iter()
-        .map(|kv| (kv.key, kv.value))
-        .collect()
+    let mut found = BTreeMap::new();
+    for key in LEASED {
+        if let Some(kv) = c.get(key, Consistency::Linearizable).await.unwrap() {
+            found.insert(kv.key, kv.value);
+        }
+    }
+    found
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
