@@ -40,8 +40,9 @@
 //!   [`ClientError::Rejected`] with the server's message. [`Client::members`] prefers the
 //!   leader's view, which alone has each member's match index.
 //! - **Watches resume by themselves.** [`Client::watch`] streams committed changes from any
-//!   node and, when that node goes away, resumes on another from the last revision seen + 1,
-//!   never yielding an event twice (module `watch`).
+//!   node and, when that node goes away, resumes on another where it left off (at the last
+//!   revision seen, whose events may be several), never yielding an event twice or missing
+//!   one (module `watch`).
 //! - **Leases.** Grants and revokes are writes (under sessions); keepalives are retried like
 //!   reads; [`Client::keep_alive`] renews one in the background (module `lease`).
 

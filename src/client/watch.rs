@@ -11,14 +11,18 @@
 //! **Resuming.** When the connection drops, the node ends the stream (`watcher_too_slow`,
 //! `shutting_down`, and `compacted`: another node may keep more history), nothing (not even a
 //! progress event) arrives for `idle_timeout_ms`, or the node cannot be reached, the stream
-//! reconnects by itself to the *next* endpoint of the list with `start_revision` = the last
-//! revision seen + 1 (the last event's `mod_revision`, or a progress revision). A failed
+//! reconnects by itself to the *next* endpoint of the list. One revision can hold several
+//! events (a transaction, a delete of a prefix, a lease's revoke deleting its keys), and a
+//! connection can break between two of them; so the stream resumes *at* the revision of the
+//! last event yielded (with `start_revision` = that `mod_revision`) and drops as many events
+//! of that revision as it has yielded already — a revision's events come in the same order
+//! from every node. It resumes after a revision known complete: one below a later event, a
+//! progress revision, or the revision before an ending line's `revision`. A failed
 //! connection moves on round the list, backing off after each full round; the retry budget
 //! starts at the first failure since the last event and, once spent with no node serving,
 //! ends the watch with [`ClientError::Unavailable`] (before the first connection: as soon as
-//! no endpoint answered within `unreachable_ms`, like every request). Any event at or below
-//! the last revision seen (a resent one) is dropped, so none is ever yielded twice or out of
-//! order.
+//! no endpoint answered within `unreachable_ms`, like every request). Any event already
+//! yielded (a resent one) is dropped, so none is ever yielded twice or out of order.
 //!
 //! **Terminal errors.** A start revision older than the history a node keeps (HTTP 410) is
 //! [`ClientError::Compacted`] with the node's `compact_revision`; a 4xx is
@@ -121,13 +125,26 @@ pub struct WatchStream {
     cursor: usize,
     /// Every event up to this revision was yielded (`None` only before the first connection
     /// when no start revision was given).
-    last_seen: Option<u64>,
+    complete: Option<u64>,
+    /// The revision of the last event yielded, above `complete`, whose further events may
+    /// still come.
+    open_revision: Option<OpenRevision>,
     /// The retry budget, from the first failure since the last event.
     retry: Option<RetryState>,
     /// Failed connections since the last backoff.
     failures_in_round: usize,
     reconnects: u64,
     done: bool,
+}
+
+/// A revision some of whose events were yielded; it may hold more.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct OpenRevision {
+    revision: u64,
+    /// Its events yielded so far.
+    yielded: usize,
+    /// Its events read on the open connection (the first `yielded` of them were resent).
+    read: usize,
 }
 
 /// What opening a stream on one endpoint gave.
@@ -170,7 +187,8 @@ impl Client {
             http: self.stream_http()?,
             config: self.config.clone(),
             lines: LineBuffer::new(spec.line_bytes_max),
-            last_seen: spec.start_revision.map(|r| r.saturating_sub(1)),
+            complete: spec.start_revision.map(|r| r.saturating_sub(1)),
+            open_revision: None,
             spec,
             body: None,
             cursor: 0,
@@ -218,9 +236,19 @@ impl WatchStream {
         }
     }
 
-    /// Every event up to this revision has been yielded: a new watch would start after it.
+    /// The revision of the last event or progress yielded: every event of an earlier
+    /// revision has been yielded (and of this one too, unless it holds more than were read).
     pub fn last_revision(&self) -> u64 {
-        self.last_seen.unwrap_or(0)
+        let open = self.open_revision.map(|o| o.revision);
+        self.complete.max(open).unwrap_or(0)
+    }
+
+    /// The `start_revision` to resume from: the open revision, or after the complete ones.
+    fn resume_from(&self) -> Option<u64> {
+        match self.open_revision {
+            Some(open) => Some(open.revision),
+            None => self.complete.map(|r| r + 1),
+        }
     }
 
     /// The endpoint serving the stream now (or to be tried next).
@@ -252,11 +280,12 @@ impl WatchStream {
                 self.retry_state().pause().await?;
             }
             let endpoint = self.endpoint().to_string();
-            let path = self.spec.path(self.last_seen.map(|r| r + 1));
+            let from = self.resume_from();
+            let path = self.spec.path(from);
             let timeout = Duration::from_millis(self.config.request_timeout_ms);
             match open(&self.http, &endpoint, &path, timeout).await {
                 Open::Streaming { body, revision } => {
-                    if self.last_seen.is_none() {
+                    if self.complete.is_none() {
                         // Without a start revision the node starts after its current one.
                         let Some(revision) = revision else {
                             return Err(ClientError::Protocol(format!(
@@ -264,10 +293,12 @@ impl WatchStream {
                                 self.endpoint()
                             )));
                         };
-                        self.last_seen = Some(revision);
+                        self.complete = Some(revision);
                     }
-                    tracing::debug!(endpoint = %self.endpoint(), from = self.last_revision() + 1,
-                        "watch stream open");
+                    tracing::debug!(endpoint = %self.endpoint(), ?from, "watch stream open");
+                    if let Some(open) = self.open_revision.as_mut() {
+                        open.read = 0;
+                    }
                     self.body = Some(body);
                     self.lines.clear();
                     return Ok(());
@@ -334,35 +365,77 @@ impl WatchStream {
     }
 
     /// What to do with an event from the stream: yield it, end the connection (an `error`
-    /// line), or drop it (`None`: at or below the last revision seen).
+    /// line), or drop it (`None`: yielded already, or a progress behind).
     fn accept(&mut self, event: WatchEvent) -> Option<Read> {
-        let last = self.last_revision();
         match &event {
-            WatchEvent::Put(kv) | WatchEvent::Delete(kv) if kv.mod_revision <= last => {
-                tracing::debug!(
-                    mod_revision = kv.mod_revision,
-                    last,
-                    "dropped a resent event"
-                );
-                None
+            WatchEvent::Put(kv) | WatchEvent::Delete(kv) => {
+                if !self.take_change(kv.mod_revision) {
+                    tracing::debug!(
+                        mod_revision = kv.mod_revision,
+                        last = self.last_revision(),
+                        "dropped a resent event"
+                    );
+                    return None;
+                }
             }
-            WatchEvent::Progress { revision } if *revision < last => None,
+            WatchEvent::Progress { revision } => {
+                if *revision < self.last_revision() {
+                    return None;
+                }
+                self.mark_complete(*revision);
+            }
             WatchEvent::Error {
                 error,
                 kind,
                 revision,
             } => {
                 // Everything before `revision` was sent: it is where to resume.
-                self.last_seen = Some(last.max(revision.saturating_sub(1)));
-                Some(Read::Broken(format!(
+                self.mark_complete(revision.saturating_sub(1));
+                return Some(Read::Broken(format!(
                     "the node ended the stream ({kind}): {error}"
-                )))
+                )));
             }
+        }
+        self.retry = None;
+        self.failures_in_round = 0;
+        Some(Read::Event(event))
+    }
+
+    /// Every event up to `revision` has been yielded.
+    fn mark_complete(&mut self, revision: u64) {
+        let complete = self.complete.unwrap_or(0).max(revision);
+        self.complete = Some(complete);
+        if self.open_revision.is_some_and(|o| o.revision <= complete) {
+            self.open_revision = None;
+        }
+    }
+
+    /// Whether a put or delete of `revision` just read is new (to yield); counts it if so.
+    /// Events come in revision order without gaps, so one of a later revision completes the
+    /// open one.
+    fn take_change(&mut self, revision: u64) -> bool {
+        if revision <= self.complete.unwrap_or(0) {
+            return false;
+        }
+        match self.open_revision.as_mut() {
+            Some(open) if open.revision == revision => {
+                open.read += 1;
+                if open.read <= open.yielded {
+                    return false;
+                }
+                open.yielded = open.read;
+                true
+            }
+            // Below the open revision yet not complete: only a misbehaving node sends it.
+            Some(open) if revision < open.revision => false,
             _ => {
-                self.last_seen = Some(event.seen_revision());
-                self.retry = None;
-                self.failures_in_round = 0;
-                Some(Read::Event(event))
+                self.complete = Some(revision - 1);
+                self.open_revision = Some(OpenRevision {
+                    revision,
+                    yielded: 1,
+                    read: 1,
+                });
+                true
             }
         }
     }
@@ -370,7 +443,7 @@ impl WatchStream {
     /// The connection broke off: drop it and move on to the next endpoint.
     fn broke(&mut self, why: String) {
         let n = self.config.endpoints.len();
-        tracing::info!(endpoint = %self.endpoint(), %why, resume_from = self.last_revision() + 1,
+        tracing::info!(endpoint = %self.endpoint(), %why, resume_from = ?self.resume_from(),
             "watch stream broke off; resuming on another endpoint");
         self.body = None;
         self.lines.clear();

@@ -1,5 +1,6 @@
-//! Watch streams against scripted nodes: resuming elsewhere from the last revision + 1 with
-//! nothing twice, the typed 410, bounded lines, idle connections, and giving up.
+//! Watch streams against scripted nodes: resuming elsewhere at the last revision with nothing
+//! twice (several events of one revision included), the typed 410, bounded lines, idle
+//! connections, and giving up.
 
 use super::scripted::{dead_endpoint, quick_client, requests, serve, Log, Reply, Script, Seen};
 use super::*;
@@ -102,7 +103,7 @@ async fn a_cut_stream_resumes_on_the_next_endpoint_from_the_last_revision_withou
             Reply::stream(
                 12,
                 &[
-                    put("p/b", 12), // resent: dropped
+                    put("p/b", 12), // resent (revision 12 may have held more): dropped
                     put("p/c", 13),
                     progress(13),
                     progress(12), // behind: dropped
@@ -134,7 +135,7 @@ async fn a_cut_stream_resumes_on_the_next_endpoint_from_the_last_revision_withou
             (
                 b,
                 "GET".into(),
-                "/watch?prefix=p%2F&start_revision=13".into()
+                "/watch?prefix=p%2F&start_revision=12".into()
             ),
             (
                 a,
@@ -142,6 +143,49 @@ async fn a_cut_stream_resumes_on_the_next_endpoint_from_the_last_revision_withou
                 "/watch?prefix=p%2F&start_revision=14".into()
             ),
         ]
+    );
+}
+
+#[tokio::test]
+async fn every_event_of_a_revision_is_yielded_once_even_when_cut_among_them() {
+    let log = Log::default();
+    // Revision 11 holds three events (a transaction, a lease's revoke); A breaks off after
+    // two of them, B serves the revision whole from its start.
+    let a = serve(
+        log.clone(),
+        in_turn(vec![Box::new(|_| {
+            Reply::stream(10, &[put("p/a", 11), put("p/b", 11)])
+        })]),
+    )
+    .await;
+    let b = serve(
+        log.clone(),
+        in_turn(vec![Box::new(|_| {
+            let lines = [
+                put("p/a", 11),
+                put("p/b", 11),
+                put("p/c", 11),
+                put("p/a", 12),
+            ];
+            Reply::stream(11, &lines).held()
+        })]),
+    )
+    .await;
+    let c = quick_client(vec![a.clone(), b.clone()], 2000);
+    let mut w = c.watch(WatchSpec::prefix("p/")).await.unwrap();
+    let events = take(&mut w, 4).await;
+    assert_eq!(
+        describe(&events),
+        ["put p/a 11", "put p/b 11", "put p/c 11", "put p/a 12"]
+    );
+    assert_eq!((w.last_revision(), w.reconnects()), (12, 1));
+    assert_eq!(
+        requests(&log)[1],
+        (
+            b,
+            "GET".into(),
+            "/watch?prefix=p%2F&start_revision=11".into()
+        )
     );
 }
 
@@ -185,9 +229,9 @@ async fn unreachable_and_idle_nodes_are_passed_over() {
             .collect::<Vec<_>>(),
         [
             (&a, "/watch?key=k"),
-            (&not_serving, "/watch?key=k&start_revision=7"),
-            (&hanging_up, "/watch?key=k&start_revision=7"),
-            (&b, "/watch?key=k&start_revision=7"),
+            (&not_serving, "/watch?key=k&start_revision=6"),
+            (&hanging_up, "/watch?key=k&start_revision=6"),
+            (&b, "/watch?key=k&start_revision=6"),
         ]
     );
 }
@@ -383,9 +427,17 @@ fn start_of(path: &str) -> Option<u64> {
         .and_then(|r| r.parse().ok())
 }
 
+/// The events of revision `r` of the history `random_cuts` serves: one to three.
+fn events_of(r: u64) -> Vec<(u64, String)> {
+    (0..1 + r % 3)
+        .map(|i| (r, format!("k{}-{i}", r % 5)))
+        .collect()
+}
+
 /// Nodes that each serve a random stretch of one history (re-sending a few events before
 /// the start they were asked for, mixing in progress lines) then end the stream in a random
-/// way: the watcher sees the history exactly once, in order.
+/// way (an abrupt end anywhere, among a revision's events too): the watcher sees the
+/// history exactly once, in order.
 async fn random_cuts(seed: u64) {
     const LAST: u64 = 60;
     let rng = Arc::new(Mutex::new(Rng(seed | 1)));
@@ -396,14 +448,20 @@ async fn random_cuts(seed: u64) {
         let to = (start + rng.below(8)).min(LAST);
         let mut lines = Vec::new();
         for r in from..=to {
-            lines.push(put(&format!("k{}", r % 5), r));
+            for (r, key) in events_of(r) {
+                lines.push(put(&key, r));
+            }
             if rng.below(4) == 0 {
                 lines.push(progress(r));
             }
         }
         match (to == LAST, rng.below(3)) {
             (true, _) => Reply::stream(to, &lines).held(),
-            (false, 0) => Reply::stream(to, &lines),
+            (false, 0) => {
+                let cut = 1 + rng.below(lines.len() as u64) as usize;
+                lines.truncate(cut);
+                Reply::stream(to, &lines)
+            }
             (false, 1) => {
                 lines.push(ended("shutting_down", to + 1));
                 Reply::stream(to, &lines)
@@ -424,17 +482,18 @@ async fn random_cuts(seed: u64) {
         .watch(WatchSpec::prefix("").from_revision(1))
         .await
         .unwrap();
-    let mut revisions = Vec::new();
-    while w.last_revision() < LAST {
+    let history: Vec<(u64, String)> = (1..=LAST).flat_map(events_of).collect();
+    let mut seen = Vec::new();
+    while seen.len() < history.len() {
         match tokio::time::timeout(Duration::from_secs(10), w.next()).await {
-            Ok(Some(Ok(WatchEvent::Put(kv)))) => revisions.push(kv.mod_revision),
+            Ok(Some(Ok(WatchEvent::Put(kv)))) => seen.push((kv.mod_revision, kv.key)),
             Ok(Some(Ok(WatchEvent::Progress { revision }))) => {
-                assert!(revisions.last().is_some_and(|r| *r <= revision))
+                assert!(seen.last().is_some_and(|(r, _)| *r <= revision))
             }
-            other => panic!("{other:?}"),
+            other => panic!("{other:?} after {seen:?}"),
         }
     }
-    assert_eq!(revisions, (1..=LAST).collect::<Vec<_>>());
+    assert_eq!(seen, history);
     assert!(
         log.lock().unwrap().len() > 2,
         "the stream was cut and resumed"
