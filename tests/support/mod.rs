@@ -5,6 +5,8 @@
 
 #![allow(dead_code)] // each test binary uses its own part
 
+use raftkv::api::ClusterStatus;
+use raftkv::raft::rng::Rng;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -202,6 +204,13 @@ impl Node {
             let _ = c.wait();
         }
     }
+
+    /// Asks the node to stop gracefully (SIGTERM); [`Node::wait_exit`] waits for it.
+    pub fn terminate(&self) {
+        let pid = libc::pid_t::try_from(self.pid()).expect("a pid fits pid_t");
+        // SAFETY: a plain signal to our own child process.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "SIGTERM sent");
+    }
 }
 
 impl Drop for Node {
@@ -228,4 +237,53 @@ pub fn cluster(root: &Path, cluster_id: &str, n: u64, extra: &[&str]) -> Vec<Nod
             child: None,
         })
         .collect()
+}
+
+/// `/cluster/status` of the node at `url`, if it answers within 500 ms.
+pub async fn status(http: &reqwest::Client, url: &str) -> Option<ClusterStatus> {
+    let r = http
+        .get(format!("{url}/cluster/status"))
+        .timeout(Duration::from_millis(500))
+        .send()
+        .await
+        .ok()?;
+    r.json().await.ok()
+}
+
+/// The index (into `nodes`) of the running node that leads, waited for (bounded).
+pub async fn leader(http: &reqwest::Client, nodes: &[Node]) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for (i, n) in nodes.iter().enumerate() {
+            if n.child.is_none() {
+                continue;
+            }
+            if let Some(s) = status(http, &n.url()).await {
+                if s.role == "leader" && s.id == n.id {
+                    return i;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader within 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A test's random source: the seed from `RAFTKV_TEST_SEED`, else the clock, printed with the
+/// command that replays it (`binary` is the test file's name, `test` the test's).
+pub fn seed(binary: &str, test: &str) -> Rng {
+    let seed = std::env::var("RAFTKV_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!(
+        "{test}: seed {seed}; replay: RAFTKV_TEST_SEED={seed} cargo test --release --test \
+         {binary} {test}"
+    );
+    Rng::new(seed)
 }
