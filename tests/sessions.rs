@@ -12,7 +12,7 @@
 //! printed; `RAFTKV_TEST_SEED=<seed>` replays it.
 
 use raftkv::api::http::{CLIENT_ID_HEADER, DUPLICATE_HEADER, SEQ_HEADER};
-use raftkv::api::{ClusterStatus, Consistency, KvResponse};
+use raftkv::api::{Consistency, KvResponse};
 use raftkv::client::{Client, ClientConfig, ClientError};
 use raftkv::raft::rng::Rng;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,56 +21,13 @@ use std::time::{Duration, Instant};
 
 mod support;
 
-use support::{cluster, http_client, Node};
+use support::{cluster, http_client, leader, Node};
 
 const CLIENTS: u64 = 8;
 const INCREMENTS: u64 = 200;
 
-/// The seed (from `RAFTKV_TEST_SEED`, else the clock), printed with the replay command.
 fn seed(test: &str) -> Rng {
-    let seed = std::env::var("RAFTKV_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    eprintln!(
-        "{test}: seed {seed}; replay: RAFTKV_TEST_SEED={seed} cargo test --release --test \
-         sessions {test}"
-    );
-    Rng::new(seed)
-}
-
-async fn status(http: &reqwest::Client, url: &str) -> Option<ClusterStatus> {
-    let r = http
-        .get(format!("{url}/cluster/status"))
-        .timeout(Duration::from_millis(500))
-        .send()
-        .await
-        .ok()?;
-    r.json().await.ok()
-}
-
-/// The index (into `nodes`) of the running node that leads, waited for (bounded).
-async fn leader(http: &reqwest::Client, nodes: &[Node]) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        for (i, n) in nodes.iter().enumerate() {
-            if n.child.is_none() {
-                continue;
-            }
-            if let Some(s) = status(http, &n.url()).await {
-                if s.role == "leader" && s.id == n.id {
-                    return i;
-                }
-            }
-        }
-        assert!(Instant::now() < deadline, "no leader within 30 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::seed("sessions", test)
 }
 
 async fn start_cluster(root: &std::path::Path, id: &str) -> (Vec<Node>, reqwest::Client) {
