@@ -246,6 +246,25 @@ impl PayloadDecoder for CommandPayload {
                 format!("expire-sessions now_ms={now_ms} ttl_ms={ttl_ms} max={sessions_max}"),
                 BytesView::key(b""),
             ),
+            Ok(Command::PutLeased { key, value, lease }) => {
+                let key = BytesView::key(&key);
+                let text = format!(
+                    "put {} ({} bytes) lease={lease}",
+                    key.render(),
+                    value.len()
+                );
+                command_view("put-leased", text, key)
+            }
+            Ok(Command::LeaseGrant { ttl_ms, leases_max }) => command_view(
+                "lease-grant",
+                format!("lease-grant ttl_ms={ttl_ms} max={leases_max}"),
+                BytesView::key(b""),
+            ),
+            Ok(Command::LeaseRevoke { id }) => command_view(
+                "lease-revoke",
+                format!("lease-revoke id={id}"),
+                BytesView::key(b""),
+            ),
             Err(e) => PayloadView {
                 not_a_command: Some(e.to_string()),
                 ..self.raw.describe(kind, payload)
