@@ -314,7 +314,10 @@ async fn a_snapshot_streams_from_the_leader_into_a_verified_backup() {
     assert_eq!(Some(download.received_bytes()), download.bytes);
     let saved = w.finish().unwrap();
     assert_eq!(saved.header.cluster_id, SNAPSHOT_CLUSTER_ID);
-    assert_eq!((saved.header.index, saved.snapshot.key_count), (300, 300 + 300 + 1));
+    assert_eq!(
+        (saved.header.index, saved.snapshot.key_count),
+        (300, 300 + 300 + 1)
+    );
 
     // Through a follower alone: forwarded, with the snapshot headers relayed.
     let via = client(vec![follower], 5000);

@@ -1812,7 +1812,10 @@ impl Sim {
         self.stats.crashes += 1;
         let keep_seed = self.rng.next_u64();
         let n = self.nodes.get_mut(&id).expect("node");
-        n.live = None;
+        if let Some(live) = n.live.take() {
+            // Its watch streams end, as a stopped node's do.
+            live.hub.close();
+        }
         n.fs.cancel_power_cut();
         n.fs.crash_torn(keep_seed);
         n.incarnation += 1;

@@ -13,9 +13,10 @@
 //! c/history                    → compact revision u64 (every record at or below it is gone)
 //! ```
 //!
-//! Bound: after each apply batch, records at or below `last applied − retain_revisions` are
-//! removed (at most [`PRUNE_RECORDS_PER_BATCH`] per batch, always a whole revision, so a
-//! lowered bound is caught up over a few batches) and `c/history` advances. Revisions are Raft
+//! Bound: once records at or below `last applied − retain_revisions` span more than a slack
+//! ([`prune_slack`]: up to 1,024 revisions), an apply batch removes them (at most
+//! [`PRUNE_RECORDS_PER_BATCH`] per batch, always a whole revision, so a lowered bound is caught
+//! up over a few batches) and `c/history` advances. Revisions are Raft
 //! indexes, so a bound of N revisions is N log entries, whatever they changed.
 
 use super::exec::Exec;
@@ -154,6 +155,19 @@ pub fn decode_event(hkey: &[u8], value: &[u8]) -> Result<ChangeEvent, String> {
     })
 }
 
+/// Revisions pruning waits for beyond the bound: none for small bounds (tests), a sixteenth
+/// of the bound up to [`PRUNE_SLACK_MAX`] otherwise.
+pub fn prune_slack(retain_revisions: u64) -> u64 {
+    if retain_revisions < 1024 {
+        0
+    } else {
+        (retain_revisions / 16).min(PRUNE_SLACK_MAX)
+    }
+}
+
+/// The most revisions pruning waits for beyond the bound.
+pub const PRUNE_SLACK_MAX: u64 = 1024;
+
 /// The history's bound and how far it has been pruned.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HistoryState {
@@ -205,7 +219,13 @@ impl HistoryState {
     /// advances the compact revision.
     pub fn prune(&mut self, exec: &mut Exec<'_>, last_index: u64) -> Result<(), SmError> {
         let cutoff = last_index.saturating_sub(self.retain_revisions);
-        if cutoff <= self.compact_revision {
+        // Pruning waits until a slack of revisions is due (keeping a little more than the
+        // bound): one range scan and one compact-revision write per slack, not per batch.
+        if cutoff
+            <= self
+                .compact_revision
+                .saturating_add(prune_slack(self.retain_revisions))
+        {
             return Ok(());
         }
         let end = history_key(cutoff.saturating_add(1), 0);

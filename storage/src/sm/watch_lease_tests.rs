@@ -224,7 +224,7 @@ fn leases_are_bounded_in_number_and_moves_between_leases_keep_counts() {
     let leases = d.sm().leases().0;
     let keys: Vec<u64> = leases.iter().map(|l| l.keys).collect();
     assert_eq!(keys, vec![0, 1, 0]);
-    assert!(LEASE_KEYS_MAX >= 100_000);
+    const { assert!(LEASE_KEYS_MAX >= 100_000) };
     let before = d.sm().lease_epoch();
     d.one(Command::LeaseRevoke { id: 2 });
     assert!(d.sm().lease_epoch() > before);

@@ -248,11 +248,7 @@ impl PayloadDecoder for CommandPayload {
             ),
             Ok(Command::PutLeased { key, value, lease }) => {
                 let key = BytesView::key(&key);
-                let text = format!(
-                    "put {} ({} bytes) lease={lease}",
-                    key.render(),
-                    value.len()
-                );
+                let text = format!("put {} ({} bytes) lease={lease}", key.render(), value.len());
                 command_view("put-leased", text, key)
             }
             Ok(Command::LeaseGrant { ttl_ms, leases_max }) => command_view(
