@@ -103,6 +103,10 @@ impl Lessor {
 
     /// Renews lease `id` for a full TTL from `now_ms` (the time *before* leadership was
     /// confirmed for this keepalive). Returns its TTL.
+    ///
+    /// A lease that had expired by `now_ms`, or whose revoke this leader has proposed, is not
+    /// renewed ([`KeepaliveError::NotFound`]: it is as good as revoked): the revoke may still
+    /// commit, and it would take the keys of a lease the client was just told lives on.
     pub fn keepalive(&mut self, id: u64, now_ms: u64) -> Result<u64, KeepaliveError> {
         if !self.leads() {
             return Err(KeepaliveError::NotLeader);
@@ -111,9 +115,11 @@ impl Lessor {
             .leases
             .get_mut(&id)
             .ok_or(KeepaliveError::NotFound(id))?;
+        if t.deadline_ms <= now_ms || t.revoke_sent_ms.is_some() {
+            return Err(KeepaliveError::NotFound(id));
+        }
         // Never shortens a deadline (a leader takeover may have set a later one).
         t.deadline_ms = t.deadline_ms.max(now_ms.saturating_add(t.ttl_ms));
-        t.revoke_sent_ms = None;
         Ok(t.ttl_ms)
     }
 
@@ -163,10 +169,20 @@ mod tests {
         l.sync(&[lease(5, 1_000)], 1, 100);
         assert_eq!(l.due(1_099), Vec::<u64>::new());
         assert_eq!(l.keepalive(5, 900), Ok(1_000));
+        assert_eq!(
+            l.keepalive(5, 1_900),
+            Err(KeepaliveError::NotFound(5)),
+            "expired"
+        );
         assert_eq!(l.remaining_ms(5, 1_000), Some(900));
         assert!(l.due(1_899).is_empty());
         assert_eq!(l.due(1_900), vec![5]);
         assert!(l.due(2_000).is_empty(), "one proposal per retry period");
+        assert_eq!(
+            l.keepalive(5, 1_950),
+            Err(KeepaliveError::NotFound(5)),
+            "a lease whose revoke is in flight is not renewed"
+        );
         assert_eq!(
             l.due(2_900),
             vec![5],

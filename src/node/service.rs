@@ -420,7 +420,9 @@ impl KvService for NodeService {
     async fn lease_keepalive(&self, id: u64) -> Result<LeaseResponse, ServiceError> {
         let (term, before_ms) = self.confirm_leader().await?;
         let mut lessor = self.lock_lessor();
-        self.sync_lessor(&mut lessor, Some(term), before_ms);
+        // What the lessor learns now (leadership, leases granted during the round) counts
+        // from now; only the renewal counts from before the round.
+        self.sync_lessor(&mut lessor, Some(term), self.lease_clock_ms());
         match lessor.keepalive(id, before_ms) {
             Ok(_) => {}
             Err(KeepaliveError::NotFound(id)) => {
@@ -444,7 +446,7 @@ impl KvService for NodeService {
     }
 
     async fn lease_get(&self, id: u64, keys_max: usize) -> Result<LeaseResponse, ServiceError> {
-        let (term, before_ms) = self.confirm_leader().await?;
+        let (term, _) = self.confirm_leader().await?;
         let read = self.sm.lease(id, keys_max).map_err(sm_error)?.value;
         let Some((info, keys, more)) = read else {
             return Err(ServiceError::NotFound(format!(
@@ -453,7 +455,7 @@ impl KvService for NodeService {
         };
         let remaining_ms = {
             let mut lessor = self.lock_lessor();
-            self.sync_lessor(&mut lessor, Some(term), before_ms);
+            self.sync_lessor(&mut lessor, Some(term), self.lease_clock_ms());
             lessor
                 .remaining_ms(id, self.lease_clock_ms())
                 .unwrap_or(info.ttl_ms)
@@ -468,12 +470,12 @@ impl KvService for NodeService {
     }
 
     async fn lease_list(&self) -> Result<LeaseListResponse, ServiceError> {
-        let (term, before_ms) = self.confirm_leader().await?;
+        let (term, _) = self.confirm_leader().await?;
         let revision = self.sm.applied_index();
         let (leases, _) = self.sm.leases();
         let now_ms = self.lease_clock_ms();
         let mut lessor = self.lock_lessor();
-        self.sync_lessor(&mut lessor, Some(term), before_ms);
+        self.sync_lessor(&mut lessor, Some(term), now_ms);
         let leases = leases
             .into_iter()
             .map(|l| LeaseSummary {
