@@ -36,15 +36,16 @@ struct KeysHeader {
     file: String,
     index: Option<u64>,
     term: Option<u64>,
-    /// The header's key count (absent when the header itself is damaged).
-    key_count: Option<u64>,
+    /// The header's record count: user keys, plus in format 2 the session and lease tables
+    /// and the watch history (absent when the header itself is damaged).
+    record_count: Option<u64>,
     prefix: BytesView,
 }
 
 /// What the listing found, written after the keys.
 struct KeysTrailer {
     keys_listed: u64,
-    /// Pairs read (listed or not) before the end or the damage.
+    /// User keys read (listed or not) before the end or the damage.
     keys_read: u64,
     verdict: Verdict,
     damage: Option<DamageView>,
@@ -72,19 +73,19 @@ impl KeysWriter<'_> {
             self.field("file", &h.file, true)?;
             self.field("index", &h.index, false)?;
             self.field("term", &h.term, false)?;
-            self.field("key_count", &h.key_count, false)?;
+            self.field("record_count", &h.record_count, false)?;
             self.field("prefix", &h.prefix, false)?;
             write!(self.out, ",\n  \"keys\": [")?;
         } else {
             let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
             writeln!(
                 self.out,
-                "{} {}: index {}, term {}, {} keys; prefix {}",
+                "{} {}: index {}, term {}, {} records; prefix {}",
                 h.kind,
                 h.file,
                 opt(h.index),
                 opt(h.term),
-                opt(h.key_count),
+                opt(h.record_count),
                 h.prefix.render()
             )?;
         }
@@ -169,7 +170,7 @@ pub fn dump(
         file: path.display().to_string(),
         index: reader.as_ref().map(|r| r.meta().index),
         term: reader.as_ref().map(|r| r.meta().term),
-        key_count: reader.as_ref().map(|r| r.header().key_count),
+        record_count: reader.as_ref().map(|r| r.header().key_count),
         prefix: BytesView::key(prefix),
     })?;
     let mut read = 0u64;
@@ -178,12 +179,12 @@ pub fn dump(
         loop {
             match reader.next_pair() {
                 Ok(Some(pair)) => {
-                    read += 1;
                     // Format 2 holds the state machine's records: `d ‖ key` → 32 bytes of
                     // revisions ‖ value, and session bookkeeping, which is not a key.
                     let Some((key, value)) = user_pair(version, pair) else {
                         continue;
                     };
+                    read += 1;
                     if key.starts_with(prefix) {
                         writer.pair(&PairView {
                             key: BytesView::key(key),
@@ -223,8 +224,11 @@ pub fn dump(
 }
 
 /// A snapshot pair as the user's key and value; `None` for a format-2 pair that is not a key
-/// (the session table) or whose record is too short to hold its revisions.
-fn user_pair<'a>(version: u32, (key, value): (&'a [u8], &'a [u8])) -> Option<(&'a [u8], &'a [u8])> {
+/// (the session and lease tables, the watch history) or whose record is too short to hold its revisions.
+pub(crate) fn user_pair<'a>(
+    version: u32,
+    (key, value): (&'a [u8], &'a [u8]),
+) -> Option<(&'a [u8], &'a [u8])> {
     if version < 2 {
         return Some((key, value));
     }

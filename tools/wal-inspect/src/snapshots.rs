@@ -17,6 +17,7 @@
 //! else (the store ignores it). A snapshot that disappears between listing and opening (a
 //! live node keeps only the newest two) is reported as `vanished`, not as damage.
 
+use crate::keys::user_pair;
 use crate::reader::FileReader;
 use crate::verdict::Verdict;
 use raftkv_storage::snapshot::backup::{has_backup_magic, BackupHeader};
@@ -125,6 +126,21 @@ impl BackupView {
 }
 
 /// Whether the file at `path` starts like a backup (false if it cannot be read).
+/// Reads the rest of the file, verifying everything, and counts the user keys among its
+/// records (format 2 also holds the session and lease tables and the watch history).
+fn count_user_keys(reader: &mut FileReader, version: u32) -> Result<u64, FormatError> {
+    let mut keys = 0u64;
+    let mut records = 0u64;
+    while let Some(pair) = reader.next_pair()? {
+        records += 1;
+        if user_pair(version, pair).is_some() {
+            keys += 1;
+        }
+    }
+    debug_assert!(keys <= records);
+    Ok(keys)
+}
+
 fn looks_like_backup(path: &Path) -> bool {
     StdFs
         .open_read(path)
@@ -141,9 +157,13 @@ pub struct SnapshotFileView {
     pub index: Option<u64>,
     pub term: Option<u64>,
     pub file_bytes: Option<u64>,
-    /// From the header (absent when the header itself is damaged).
+    /// User keys, counted while verifying the whole file (absent when it does not verify:
+    /// the count past the damage is unknown).
     pub key_count: Option<u64>,
-    /// Sum of every key's and value's length, from the header.
+    /// Records in the file, from the header: the user keys, plus in format 2 the session and
+    /// lease tables and the watch history (absent when the header itself is damaged).
+    pub record_count: Option<u64>,
+    /// Sum of every record's key and value length, from the header.
     pub kv_bytes: Option<u64>,
     pub voters: Option<Vec<u64>>,
     pub learners: Option<Vec<u64>>,
@@ -172,6 +192,7 @@ impl SnapshotFileView {
             term: named.map(|(_, term)| term),
             file_bytes: std::fs::metadata(path).ok().map(|m| m.len()),
             key_count: None,
+            record_count: None,
             kv_bytes: None,
             voters: None,
             learners: None,
@@ -187,12 +208,19 @@ impl SnapshotFileView {
                 let meta = reader.meta();
                 view.index = Some(meta.index);
                 view.term = Some(meta.term);
-                view.key_count = Some(header.key_count);
+                view.record_count = Some(header.key_count);
                 view.kv_bytes = Some(header.kv_bytes);
+                let version = header.version;
                 view.voters = Some(meta.membership.voters.iter().copied().collect());
                 view.learners = Some(meta.membership.learners.iter().copied().collect());
                 view.backup = reader.backup().map(BackupView::of);
-                reader.verify_rest().err().map(ReadFailure::from_format)
+                match count_user_keys(&mut reader, version) {
+                    Ok(keys) => {
+                        view.key_count = Some(keys);
+                        None
+                    }
+                    Err(e) => Some(ReadFailure::from_format(e)),
+                }
             }
             Err(e) => Some(e),
         };
@@ -269,10 +297,11 @@ impl SnapshotFileView {
         }
         writeln!(
             out,
-            "  index {}, term {}, {} keys, {} key+value bytes, {} file bytes",
+            "  index {}, term {}, {} keys, {} records, {} record bytes, {} file bytes",
             opt(self.index),
             opt(self.term),
             opt(self.key_count),
+            opt(self.record_count),
             opt(self.kv_bytes),
             opt(self.file_bytes)
         )?;
@@ -389,20 +418,21 @@ impl SnapshotsReport {
         if !self.snapshots.is_empty() {
             writeln!(
                 out,
-                "  {:<39} {:>12} {:>8} {:>12} {:>10}  status",
-                "file", "index", "term", "file bytes", "keys"
+                "  {:<39} {:>12} {:>8} {:>12} {:>10} {:>10}  status",
+                "file", "index", "term", "file bytes", "keys", "records"
             )?;
         }
         let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
         for s in &self.snapshots {
             writeln!(
                 out,
-                "  {:<39} {:>12} {:>8} {:>12} {:>10}  {}",
+                "  {:<39} {:>12} {:>8} {:>12} {:>10} {:>10}  {}",
                 s.file,
                 opt(s.index),
                 opt(s.term),
                 opt(s.file_bytes),
                 opt(s.key_count),
+                opt(s.record_count),
                 s.status_text()
             )?;
         }
@@ -460,7 +490,8 @@ mod tests {
     use raftkv_storage::snapshot::format::SnapshotFileWriter;
     use raftkv_storage::{Membership, SnapshotMeta};
 
-    /// Writes a snapshot at (index 5, term 2), voters {1, 2, 3}, with three pairs, to `path`.
+    /// Writes a snapshot at (index 5, term 2), voters {1, 2, 3}, with three user keys and one
+    /// history record, to `path`.
     fn write_snapshot(path: &Path) {
         let meta = SnapshotMeta {
             index: 5,
@@ -473,8 +504,11 @@ mod tests {
         let file = StdFs.open(path, true).unwrap();
         let mut w = SnapshotFileWriter::new(file, meta, 64).unwrap();
         for (k, v) in [("a", "1"), ("b", "22"), ("c", "333")] {
-            w.push(k.as_bytes(), v.as_bytes()).unwrap();
+            // A key record: `d ‖ key` → 32 bytes of revisions ‖ value.
+            let record = [&[0u8; 32][..], v.as_bytes()].concat();
+            w.push(format!("d{k}").as_bytes(), &record).unwrap();
         }
+        w.push(b"h1", b"x").unwrap();
         w.finish().unwrap();
     }
 
@@ -486,7 +520,10 @@ mod tests {
         let view = SnapshotFileView::check(&path);
         assert_eq!(view.status, "ok", "{view:?}");
         assert_eq!((view.index, view.term), (Some(5), Some(2)));
-        assert_eq!((view.key_count, view.kv_bytes), (Some(3), Some(9)));
+        assert_eq!(
+            (view.key_count, view.record_count, view.kv_bytes),
+            (Some(3), Some(4), Some(35 + 36 + 37 + 3))
+        );
         assert_eq!(view.voters, Some(vec![1, 2, 3]));
         assert_eq!(view.verdict(), Verdict::Clean);
     }

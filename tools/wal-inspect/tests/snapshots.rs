@@ -222,6 +222,11 @@ fn summary_and_verify_list_every_snapshot_with_index_term_and_keys() {
             (Some(index), Some(term))
         );
         assert_eq!(f["key_count"], model_upto(index).len());
+        // The records also hold the watch history: one per change, so more than the keys.
+        assert!(
+            f["record_count"].as_u64() > f["key_count"].as_u64(),
+            "{f:#}"
+        );
         assert_eq!(f["file_bytes"], std::fs::metadata(path).unwrap().len());
         assert_eq!(f["status"], "ok");
         assert!(f["damage"].is_null());
@@ -255,10 +260,13 @@ fn summary_and_verify_list_every_snapshot_with_index_term_and_keys() {
     let keys = model_upto(100).len().to_string();
     let bytes = std::fs::metadata(&newer).unwrap().len().to_string();
     assert_eq!(
-        cols[1..],
+        [&cols[1..5], &cols[6..]].concat(),
         ["100", "2", bytes.as_str(), keys.as_str(), "ok"],
         "{t}"
     );
+    // Between the keys and the status: the header's record count (keys and history).
+    let records: u64 = cols[5].parse().unwrap();
+    assert!(records > model_upto(100).len() as u64, "{t}");
     assert!(t.contains("not judged:") && t.contains(&tmp_name), "{t}");
 
     let out = inspect(&[s(&dir), "--verify"]);
@@ -334,8 +342,10 @@ fn a_flipped_byte_in_a_snapshot_fails_verify_naming_the_file_and_chunk() {
     assert_eq!(files[1]["status"], "damaged");
     assert_eq!(files[1]["path"], s(&newer));
     assert_eq!(files[1]["damage"]["offset"], chunk);
-    // The header still reads: its key count is shown.
-    assert_eq!(files[1]["key_count"], model_upto(100).len());
+    // The header still reads: its record count is shown; the key count, read from the
+    // records, is unknown past the damage.
+    assert!(files[1]["record_count"].as_u64() > Some(model_upto(100).len() as u64));
+    assert!(files[1]["key_count"].is_null(), "{:#}", files[1]);
     // Recovery would fall back to the older one.
     assert_eq!(v["snapshots"]["newest_verified"], file_name(60, 1));
 
@@ -455,7 +465,9 @@ fn keys_stop_at_damage_and_say_where() {
     let (_tmp, _older, newer) = build_data_dir();
     let model = model_upto(100);
     let chunks = chunk_offsets(&newer);
-    let chunk = chunks[chunks.len() - 3];
+    // An early chunk, among the key records (`d ‖ key`): the bookkeeping records (`c/…`)
+    // come before them and the watch history (`h ‖ …`) after.
+    let chunk = chunks[4];
     flip_byte(&newer, chunk + 17);
 
     let out = inspect(&["--snapshot", s(&newer), "--keys", "--json"]);
