@@ -1,14 +1,18 @@
 //! `raftkv bench watch`: what watches cost — delivery latency under a write load, and the
 //! memory of many idle watchers.
 //!
-//! Three local nodes. **Latency:** one watcher of prefix `w/` on a follower and one on the
+//! Three local nodes. **Latency:** one watcher of prefix `w/` on each follower and one on the
 //! leader; writers send `--rate` puts per second (open loop, spread over `--writers`
 //! connections, each key unique) straight to the leader for `--duration-s`. For each key the
 //! bench records when it sent the put, when the leader acknowledged it, and when each watcher
 //! received the event. The leader acknowledges a put after it committed and applied it, so
 //! `follower event − ack` is a lower bound of "commit on the leader → event at a follower's
 //! watcher" and `follower event − send` an upper bound; both are reported (negative values,
-//! an event that beat its own acknowledgement, count as 0).
+//! an event that beat its own acknowledgement, count as 0). A commit needs one follower's
+//! fsync, so of the two followers one usually has the entry durable when it commits and the
+//! other may still be syncing it: both are reported, and the first of the two per write.
+//! The watchers read on threads of their own with blocking sockets, so an event's time is not
+//! the bench's own scheduling of 64 writer tasks.
 //! **Idle watchers:** the follower's resident memory (`VmRSS`) is read, `--idle-watchers`
 //! watch streams (one connection each, one key each) are opened to it and left idle, and the
 //! memory is read again once they are all open and have had a progress line.
@@ -80,6 +84,11 @@ struct WatchReport {
     follower_after_ack: Dist,
     /// Follower watcher: event − send (upper bound of commit → event).
     follower_after_send: Dist,
+    /// The other follower's watcher: event − leader's acknowledgement.
+    other_follower_after_ack: Dist,
+    /// Whichever follower had the event first: event − leader's acknowledgement. A commit
+    /// needs one follower's fsync; the other may still be syncing its copy.
+    first_follower_after_ack: Dist,
     /// Leader watcher: event − send.
     leader_after_send: Dist,
     /// The write's own latency: acknowledgement − send.
@@ -119,8 +128,9 @@ pub fn watch(a: &WatchBenchArgs) -> anyhow::Result<ExitCode> {
         let client = Client::new(ClientConfig::new(urls.clone()))?;
         let leader = leader_index(&client, &urls).await?;
         let follower = (leader + 1) % urls.len();
+        let other = (leader + 2) % urls.len();
         let follower_pid = procs.pid(follower).context("the follower is not running")?;
-        let mut report = latency(a, &urls[leader], &urls[follower]).await?;
+        let mut report = latency(a, &urls[leader], [&urls[follower], &urls[other]]).await?;
         if a.idle_watchers > 0 {
             idle(a, &urls[follower], follower_pid, &mut report).await?;
         }
@@ -142,6 +152,8 @@ fn render(r: &WatchReport) -> String {
         r.offered_rate, r.achieved_writes_s, r.acked, r.failed, r.follower_events
     );
     s += &d("follower event - ack (lower bound)", &r.follower_after_ack);
+    s += &d("other follower event - ack", &r.other_follower_after_ack);
+    s += &d("first follower event - ack", &r.first_follower_after_ack);
     s += &d(
         "follower event - send (upper bound)",
         &r.follower_after_send,
@@ -157,51 +169,109 @@ fn render(r: &WatchReport) -> String {
     s
 }
 
-/// Follows a watch stream of prefix `w/`, recording each put's arrival.
-async fn follow(
-    url: String,
+/// Follows a watch stream of prefix `w/` on its own OS thread with a blocking socket,
+/// recording each put's arrival as the read returns. A task on the bench's runtime would
+/// share its two worker threads with the 64 writers, and an event's timestamp would then
+/// measure the bench's own scheduling as much as the node's delivery.
+fn follow(
+    url: &str,
     arrived: Arrived,
     stop: Arc<std::sync::atomic::AtomicBool>,
-) -> anyhow::Result<()> {
-    let http = reqwest::Client::new();
-    let mut resp = http
-        .get(format!("{url}/watch?prefix=w%2F"))
-        .send()
-        .await?
-        .error_for_status()?;
-    let mut buf: Vec<u8> = Vec::new();
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        let Ok(chunk) = tokio::time::timeout(Duration::from_millis(200), resp.chunk()).await else {
-            continue;
-        };
-        let Some(chunk) = chunk? else {
-            bail!("the watch stream of {url} ended")
-        };
-        let now = Instant::now();
-        buf.extend_from_slice(&chunk);
-        while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=nl).collect();
-            if let Ok(raftkv::api::WatchEvent::Put(kv)) = serde_json::from_slice(&line) {
-                arrived
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(kv.key, now);
+) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
+    use std::io::Write;
+    let addr = url.trim_start_matches("http://").to_string();
+    let mut sock = std::net::TcpStream::connect(&addr)
+        .with_context(|| format!("cannot connect a watcher to {addr}"))?;
+    sock.set_nodelay(true)?;
+    sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let req = format!("GET /watch?prefix=w%2F HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+    sock.write_all(req.as_bytes())?;
+    Ok(std::thread::spawn(move || {
+        let mut chunks = ChunkedLines::default();
+        let mut buf = vec![0u8; 256 << 10];
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let n = match std::io::Read::read(&mut sock, &mut buf) {
+                Ok(0) => bail!("the watch stream of {addr} ended"),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let now = Instant::now();
+            let mut arrived = arrived.lock().unwrap_or_else(|p| p.into_inner());
+            chunks.feed(&buf[..n], |line| {
+                if let Ok(raftkv::api::WatchEvent::Put(kv)) = serde_json::from_slice(line) {
+                    arrived.insert(kv.key, now);
+                }
+            })?;
+        }
+        Ok(())
+    }))
+}
+
+/// Splits a chunked HTTP/1.1 response (after its head) into NDJSON lines.
+#[derive(Default)]
+struct ChunkedLines {
+    head_done: bool,
+    /// Bytes received and not yet consumed.
+    pending: Vec<u8>,
+    /// Body bytes (chunk framing removed) not yet ending in a newline.
+    line: Vec<u8>,
+}
+
+impl ChunkedLines {
+    fn feed(&mut self, bytes: &[u8], mut on_line: impl FnMut(&[u8])) -> anyhow::Result<()> {
+        self.pending.extend_from_slice(bytes);
+        if !self.head_done {
+            let Some(end) = find(&self.pending, b"\r\n\r\n") else {
+                return Ok(());
+            };
+            if !self.pending.starts_with(b"HTTP/1.1 200") {
+                bail!(
+                    "watch refused: {}",
+                    String::from_utf8_lossy(&self.pending[..end])
+                );
+            }
+            self.pending.drain(..end + 4);
+            self.head_done = true;
+        }
+        loop {
+            let Some(eol) = find(&self.pending, b"\r\n") else {
+                return Ok(());
+            };
+            let size_text = std::str::from_utf8(&self.pending[..eol])?;
+            let size = usize::from_str_radix(size_text.trim(), 16)
+                .with_context(|| format!("a chunk size of {size_text:?}"))?;
+            if self.pending.len() < eol + 2 + size + 2 {
+                return Ok(());
+            }
+            self.line
+                .extend_from_slice(&self.pending[eol + 2..eol + 2 + size]);
+            self.pending.drain(..eol + 2 + size + 2);
+            while let Some(nl) = self.line.iter().position(|b| *b == b'\n') {
+                on_line(&self.line[..nl]);
+                self.line.drain(..=nl);
             }
         }
     }
-    Ok(())
 }
 
-async fn latency(a: &WatchBenchArgs, leader: &str, follower: &str) -> anyhow::Result<WatchReport> {
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+async fn latency(
+    a: &WatchBenchArgs,
+    leader: &str,
+    [follower, other]: [&str; 2],
+) -> anyhow::Result<WatchReport> {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let at_follower: Arrived = Arc::default();
+    let at_other: Arrived = Arc::default();
     let at_leader: Arrived = Arc::default();
-    let f = tokio::spawn(follow(
-        follower.to_string(),
-        at_follower.clone(),
-        stop.clone(),
-    ));
-    let l = tokio::spawn(follow(leader.to_string(), at_leader.clone(), stop.clone()));
+    let f = follow(follower, at_follower.clone(), stop.clone())?;
+    let o = follow(other, at_other.clone(), stop.clone())?;
+    let l = follow(leader, at_leader.clone(), stop.clone())?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let sent: Sent = Arc::default();
     let value = "v".repeat(a.value_size);
@@ -255,47 +325,72 @@ async fn latency(a: &WatchBenchArgs, leader: &str, follower: &str) -> anyhow::Re
     let elapsed = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = f.await;
-    let _ = l.await;
+    for (who, t) in [("follower", f), ("other follower", o), ("leader", l)] {
+        match t.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => bail!("the {who}'s watcher failed: {e:#}"),
+            Err(_) => bail!("the {who}'s watcher panicked"),
+        }
+    }
+    let take = |m: &Arrived| std::mem::take(&mut *m.lock().unwrap_or_else(|p| p.into_inner()));
     let sent = std::mem::take(&mut *sent.lock().unwrap_or_else(|p| p.into_inner()));
-    let at_f = at_follower
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    let at_l = at_leader.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let arrived = [take(&at_follower), take(&at_other), take(&at_leader)];
+    Ok(summarize(a.rate, &sent, &arrived, failed, elapsed))
+}
+
+/// The report from when each put was sent and acknowledged and when each watcher (follower,
+/// other follower, leader) had its event.
+fn summarize(
+    offered_rate: f64,
+    sent: &HashMap<String, (Instant, Option<Instant>)>,
+    [at_f, at_o, at_l]: &[HashMap<String, Instant>; 3],
+    failed: usize,
+    elapsed_s: f64,
+) -> WatchReport {
     let ms = |later: Instant, earlier: Instant| {
         later.saturating_duration_since(earlier).as_secs_f64() * 1e3
     };
     let (mut after_ack, mut after_send, mut leader_after_send, mut write) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut other_after_ack, mut first_after_ack) = (Vec::new(), Vec::new());
     let mut acked = 0;
-    for (key, (t0, t1)) in &sent {
+    for (key, (t0, t1)) in sent {
         let Some(t1) = t1 else { continue };
         acked += 1;
         write.push(ms(*t1, *t0));
-        if let Some(tf) = at_f.get(key) {
+        let (tf, to) = (at_f.get(key), at_o.get(key));
+        if let Some(tf) = tf {
             after_ack.push(ms(*tf, *t1));
             after_send.push(ms(*tf, *t0));
+        }
+        if let Some(to) = to {
+            other_after_ack.push(ms(*to, *t1));
+        }
+        if let Some(first) = tf.into_iter().chain(to).min() {
+            first_after_ack.push(ms(*first, *t1));
         }
         if let Some(tl) = at_l.get(key) {
             leader_after_send.push(ms(*tl, *t0));
         }
     }
-    Ok(WatchReport {
-        offered_rate: a.rate,
-        achieved_writes_s: acked as f64 / elapsed,
+    assert!(after_ack.len() <= acked && first_after_ack.len() <= acked);
+    WatchReport {
+        offered_rate,
+        achieved_writes_s: acked as f64 / elapsed_s,
         acked,
         failed,
         follower_events: after_ack.len(),
         follower_after_ack: dist(after_ack),
         follower_after_send: dist(after_send),
+        other_follower_after_ack: dist(other_after_ack),
+        first_follower_after_ack: dist(first_after_ack),
         leader_after_send: dist(leader_after_send),
         write_latency: dist(write),
         idle_watchers: 0,
         rss_before_mib: 0.0,
         rss_after_mib: 0.0,
         rss_per_watcher_kib: 0.0,
-    })
+    }
 }
 
 /// `VmRSS` of process `pid` in MiB.

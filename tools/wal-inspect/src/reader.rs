@@ -58,12 +58,4 @@ impl FileReader {
             FileReader::Backup(r) => r.next_pair(),
         }
     }
-
-    /// Reads to the end, verifying everything.
-    pub fn verify_rest(&mut self) -> Result<u64, FormatError> {
-        match self {
-            FileReader::Snapshot(r) => r.verify_rest(),
-            FileReader::Backup(r) => r.verify_rest(),
-        }
-    }
 }
