@@ -777,6 +777,47 @@ async fn watch_ends_on_sigterm(http: &reqwest::Client, node: &mut Node) {
     );
 }
 
+/// `raftkv_http_requests_total{route="GET /watch",code}` at `url`.
+async fn watches_counted(http: &reqwest::Client, url: &str, code: u16) -> u64 {
+    let text = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = format!("raftkv_http_requests_total{{route=\"GET /watch\",code=\"{code}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .map_or(0, |v| v.trim().parse().expect("a counter"))
+}
+
+/// A watch that is a connection's first request is served on the socket itself, not by
+/// hyper: it is counted under the same route label, with its status.
+async fn raw_watches_are_counted(http: &reqwest::Client, url: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = url.trim_start_matches("http://");
+    let (ok_before, bad_before) = (
+        watches_counted(http, url, 200).await,
+        watches_counted(http, url, 400).await,
+    );
+    for (query, status) in [("?key=counted", "200"), ("?key=", "400")] {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET /watch{query} HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut head = [0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut head))
+            .await
+            .expect("a response head")
+            .unwrap();
+        let head = String::from_utf8_lossy(&head[..n]);
+        assert!(head.starts_with(&format!("HTTP/1.1 {status}")), "{head}");
+    }
+    assert_eq!(watches_counted(http, url, 200).await, ok_before + 1);
+    assert_eq!(watches_counted(http, url, 400).await, bad_before + 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_watch_and_lease_requests_get_json_errors_and_streams_end_on_sigterm() {
     let root = tempfile::tempdir().unwrap();
@@ -790,5 +831,6 @@ async fn hostile_watch_and_lease_requests_get_json_errors_and_streams_end_on_sig
     compacted_history(&http, &url).await;
     bad_leases(&http, &url).await;
     leases_full(&http, &url).await;
+    raw_watches_are_counted(&http, &url).await;
     watch_ends_on_sigterm(&http, &mut node).await;
 }

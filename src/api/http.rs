@@ -100,8 +100,13 @@ pub fn raw_watch<S: KvService>(
     options: &RouterOptions,
 ) -> Arc<dyn crate::api::server::RawHandler> {
     let limits = service.limits();
+    let metrics = options
+        .metrics
+        .clone()
+        .unwrap_or_else(|| Arc::new(Metrics::standalone()));
     Arc::new(watch::RawWatch {
         node_id: service.node_id(),
+        metrics,
         service,
         key_bytes_max: limits.command.key_bytes_max,
         token: options.auth_token.clone(),

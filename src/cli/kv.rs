@@ -60,8 +60,8 @@ pub struct PutArgs {
     #[arg(long, value_name = "N")]
     pub if_revision: Option<u64>,
     /// Attach the key to lease ID (see `raftkv lease grant`): it is deleted when the lease
-    /// expires or is revoked.
-    #[arg(long, value_name = "ID", conflicts_with = "if_revision")]
+    /// expires or is revoked. With --if-revision, both apply to the one write.
+    #[arg(long, value_name = "ID")]
     pub lease: Option<u64>,
     #[command(flatten)]
     pub endpoints: EndpointArgs,
@@ -198,7 +198,10 @@ pub fn put(args: &PutArgs) -> anyhow::Result<ExitCode> {
     let c = client(&args.endpoints)?;
     let rt = runtime()?;
     let written = match (args.if_revision, args.lease) {
-        (Some(rev), _) => rt.block_on(c.put_if(&args.key, &args.value, rev)),
+        (Some(rev), Some(lease)) => {
+            rt.block_on(c.put_if_with_lease(&args.key, &args.value, rev, lease))
+        }
+        (Some(rev), None) => rt.block_on(c.put_if(&args.key, &args.value, rev)),
         (None, Some(lease)) => rt
             .block_on(c.put_with_lease(&args.key, &args.value, lease))
             .map(Ok),

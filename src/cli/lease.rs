@@ -282,6 +282,12 @@ mod tests {
             panic!()
         };
         assert_eq!((p.lease, p.if_revision), (Some(7), None));
+        let Command::Put(p) =
+            parse(&["put", "k", "v", "--lease", "7", "--if-revision", "3"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((p.lease, p.if_revision), (Some(7), Some(3)));
         for bad in [
             &["lease", "grant"][..],
             &["lease", "grant", "0"],
@@ -289,7 +295,6 @@ mod tests {
             &["lease", "keepalive"],
             &["lease", "revoke", "x"],
             &["lease", "renew", "7"],
-            &["put", "k", "v", "--lease", "7", "--if-revision", "3"],
             &["put", "k", "v", "--lease"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");

@@ -94,6 +94,29 @@ impl Client {
         lease_answer(lease_id, &answer)
     }
 
+    /// [`Self::put_with_lease`] only if the key's `mod_revision` is `if_mod_revision` (0: only
+    /// if the key is absent). `Ok(Err(_))` when it was not: nothing changed, and the
+    /// [`super::ConditionFailed`] holds the key as it is. [`ClientError::LeaseNotFound`]
+    /// (nothing written) if the lease does not exist.
+    pub async fn put_if_with_lease(
+        &self,
+        key: &str,
+        value: &str,
+        if_mod_revision: u64,
+        lease_id: u64,
+    ) -> Result<super::Conditional<KvResponse>, ClientError> {
+        let query = format!("if_mod_revision={if_mod_revision}&lease={lease_id}");
+        let answer = self
+            .send_put(key_path_and_query(key, &query), value)
+            .await?;
+        if answer.status == 404
+            && error_kind(&answer.bytes).as_deref() == Some(KIND_LEASE_NOT_FOUND)
+        {
+            return Err(ClientError::LeaseNotFound { id: lease_id });
+        }
+        super::write::conditional(answer.status, &answer.bytes)
+    }
+
     /// Keeps lease `id` alive in the background until the keeper is dropped or stopped (see
     /// the module doc). Renews it once first: fails if it does not exist or no node answers.
     pub async fn keep_alive(&self, id: u64) -> Result<LeaseKeeper, ClientError> {

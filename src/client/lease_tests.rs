@@ -53,6 +53,39 @@ fn leader_script() -> Script {
 }
 
 #[tokio::test]
+async fn a_conditional_leased_put_carries_both_and_reads_each_answer() {
+    let log = Log::default();
+    let script: Script = Arc::new(|_, seen: &Seen| match seen.path.as_str() {
+        "/kv/svc%2Fa?if_mod_revision=0&lease=7" => Reply::json(
+            200,
+            r#"{"key":"svc/a","value":"x","index":8,"leader":1,"revision":8,"create_revision":8,"mod_revision":8,"version":1}"#,
+        ),
+        "/kv/svc%2Fa?if_mod_revision=3&lease=7" => Reply::json(
+            412,
+            r#"{"error":"mod_revision is 8, not 3","kind":"condition_failed","current":{"key":"svc/a","value":"x","create_revision":8,"mod_revision":8,"version":1,"lease":7},"revision":8}"#,
+        ),
+        _ => Reply::json(404, NOT_FOUND),
+    });
+    let url = serve(log.clone(), script).await;
+    let c = quick_client(vec![url], 2000);
+    let put = c.put_if_with_lease("svc/a", "x", 0, 7).await.unwrap();
+    assert_eq!(put.unwrap().mod_revision, 8);
+    let failed = c.put_if_with_lease("svc/a", "y", 3, 7).await.unwrap();
+    let failed = failed.unwrap_err();
+    assert_eq!(
+        (failed.revision, failed.current.map(|k| k.mod_revision)),
+        (8, Some(8))
+    );
+    let err = c.put_if_with_lease("svc/a", "x", 0, 9).await.unwrap_err();
+    assert!(matches!(err, ClientError::LeaseNotFound { id: 9 }), "{err}");
+    let seen = log.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(seen
+        .iter()
+        .all(|s| s.method == "PUT" && s.client_id.is_some()));
+}
+
+#[tokio::test]
 async fn lease_calls_go_out_as_the_contract_says() {
     let log = Log::default();
     let url = serve(log.clone(), leader_script()).await;

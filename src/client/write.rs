@@ -203,7 +203,7 @@ fn no_randomness(e: getrandom::Error) -> ClientError {
 }
 
 /// Parses a conditional write's answer: the body of a 2xx, or a 412's [`ConditionFailed`].
-fn conditional<T: serde::de::DeserializeOwned>(
+pub(super) fn conditional<T: serde::de::DeserializeOwned>(
     status: u16,
     bytes: &[u8],
 ) -> Result<Conditional<T>, ClientError> {

@@ -19,6 +19,9 @@ use std::time::Instant;
 /// The route label of everything the table below does not name.
 pub const ROUTE_OTHER: &str = "other";
 
+/// The route label of watches, whether hyper or the raw path served them.
+pub const ROUTE_WATCH: &str = "GET /watch";
+
 /// `METHOD template` for a known route, else [`ROUTE_OTHER`].
 pub fn route_label(method: &Method, matched: Option<&str>) -> &'static str {
     let Some(path) = matched else {
@@ -31,6 +34,14 @@ pub fn route_label(method: &Method, matched: Option<&str>) -> &'static str {
         ("PUT", "/kv/{key}") => "PUT /kv/{key}",
         ("DELETE", "/kv/{key}") => "DELETE /kv/{key}",
         ("GET", "/kv") => "GET /kv",
+        ("DELETE", "/kv") => "DELETE /kv",
+        ("POST", "/txn") => "POST /txn",
+        ("GET", "/watch") => ROUTE_WATCH,
+        ("POST", "/lease") => "POST /lease",
+        ("GET", "/lease") => "GET /lease",
+        ("GET", "/lease/{id}") => "GET /lease/{id}",
+        ("DELETE", "/lease/{id}") => "DELETE /lease/{id}",
+        ("POST", "/lease/{id}/keepalive") => "POST /lease/{id}/keepalive",
         ("GET", "/cluster/status") => "GET /cluster/status",
         ("POST", "/cluster/transfer-leader") => "POST /cluster/transfer-leader",
         ("GET", "/cluster/members") => "GET /cluster/members",
@@ -82,6 +93,17 @@ mod tests {
         );
         assert_eq!(route_label(&Method::GET, Some("/kv/")), "GET /kv/{key}");
         assert_eq!(route_label(&Method::GET, Some("/kv")), "GET /kv");
+        assert_eq!(route_label(&Method::DELETE, Some("/kv")), "DELETE /kv");
+        assert_eq!(route_label(&Method::POST, Some("/txn")), "POST /txn");
+        assert_eq!(route_label(&Method::GET, Some("/watch")), ROUTE_WATCH);
+        assert_eq!(
+            route_label(&Method::POST, Some("/lease/{id}/keepalive")),
+            "POST /lease/{id}/keepalive"
+        );
+        assert_eq!(
+            route_label(&Method::DELETE, Some("/lease/{id}")),
+            "DELETE /lease/{id}"
+        );
         assert_eq!(
             route_label(&Method::DELETE, Some("/cluster/members/{id}")),
             "DELETE /cluster/members/{id}"

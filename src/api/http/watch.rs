@@ -169,6 +169,8 @@ pub(super) async fn get_watch<S: KvService>(
 /// idle timeout, or the client closing its side, ends it.
 pub struct RawWatch<S> {
     pub service: Arc<S>,
+    /// Where the request is counted, under the same route label as a watch served by hyper.
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub key_bytes_max: usize,
     pub token: Option<AuthToken>,
     pub node_id: u64,
@@ -184,8 +186,13 @@ impl<S: KvService> RawHandler for RawWatch<S> {
         let (service, token) = (self.service.clone(), self.token.clone());
         let (key_bytes_max, node_id, write_timeout) =
             (self.key_bytes_max, self.node_id, self.write_timeout);
+        let metrics = self.metrics.clone();
         Box::pin(async move {
+            let started = std::time::Instant::now();
             let opened = raw_open(service.as_ref(), &head, token.as_ref(), key_bytes_max);
+            // Counted like hyper's requests: when the response head is decided.
+            let code = opened.as_ref().map_or_else(|r| r.0.as_u16(), |_| 200);
+            metrics.observe_http(super::metrics::ROUTE_WATCH, code, started.elapsed());
             let idle = Duration::from_millis(service.watch_progress_ms().max(10));
             let _ = serve_raw(opened, stream, node_id, idle, write_timeout).await;
         })
