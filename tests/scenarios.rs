@@ -11,12 +11,12 @@
 //! controls the interleaving exactly. Commands:
 //! - `cluster nodes=N [prevote=B] [checkquorum=B] [lease=B] [maxappend=BYTES]`: bootstrap.
 //! - `campaign ID`: tick ID until its election timeout fires and it starts a (pre-)election.
-//! - `tick IDS [N]` / `heartbeat ID`: tick nodes N times / until the leader sends heartbeats.
+//! - `tick IDS [N]`: tick nodes N times (a leader sends heartbeats every tick).
 //! - `deliver [FROM->TO ...]`: deliver the queued messages (only the matching ones if given).
 //! - `stabilize`: deliver until no message is left.
 //! - `partition A,B|C,...` / `heal`: drop messages between groups / stop dropping.
 //! - `drop [FROM->TO ...]`: discard queued messages.
-//! - `propose ID TEXT`, `read ID CTX`, `transfer ID TO`, `compact ID INDEX`.
+//! - `propose ID TEXT`, `read ID CTX [lease]`, `transfer ID TO`, `compact ID INDEX`.
 //! - `crash ID` (keeps only what was persisted), `restart ID`.
 //! - `status [IDS]`, `applied IDS`, `append ID TERM TEXT...` (force entries into a crashed
 //!   node's durable log, to build divergent logs).
@@ -29,7 +29,7 @@
 
 use raftkv::raft::harness::{self, Envelope, Observer};
 use raftkv::raft::{
-    Config, MemberChange, MembershipProposal, Message, MessageBody, Raft, Ready, Role,
+    Config, MemberChange, MembershipProposal, Message, MessageBody, Raft, ReadLevel, Ready, Role,
 };
 use raftkv::storage::{Entry, EntryKind, MemberAddrs, NodeId, SnapshotMeta};
 use std::collections::BTreeMap;
@@ -424,7 +424,12 @@ impl Cluster {
             "read" => {
                 let id: NodeId = args[0].parse().expect("id");
                 let ctx: u64 = args[1].parse().expect("ctx");
-                if let Err(e) = self.raft(id).read_index(ctx) {
+                let level = match args.get(2).copied() {
+                    None => ReadLevel::Linearizable,
+                    Some("lease") => ReadLevel::Lease,
+                    Some(other) => panic!("read level {other:?}: only `lease`"),
+                };
+                if let Err(e) = self.raft(id).read_index_at(ctx, level) {
                     let _ = writeln!(self.out(), "n{id} refused read: {e}");
                 }
                 self.h.process(id);
@@ -568,6 +573,7 @@ scenario!(divergent_logs_repaired);
 scenario!(snapshot_catch_up);
 scenario!(leadership_transfer);
 scenario!(read_index_leader_change);
+scenario!(lease_read);
 scenario!(membership_removed_leader_needed);
 scenario!(membership_joint_change);
 scenario!(membership_learner_never_votes);

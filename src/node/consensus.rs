@@ -344,10 +344,10 @@ impl Consensus {
                     }
                 }
             }
-            Request::Read { reply } => {
+            Request::Read { level, reply } => {
                 let id = self.next_read_id;
                 self.next_read_id += 1;
-                match self.raft.read_index(id) {
+                match self.raft.read_index_at(id, level) {
                     Ok(()) => {
                         self.reads.insert(id, reply);
                     }

@@ -328,7 +328,7 @@ fn refuse_unproposed(requests: &mut mpsc::Receiver<Request>) {
     while let Ok(req) = requests.try_recv() {
         match req {
             Request::Propose { reply, .. } => drop(reply.send(Err(stopping()))),
-            Request::Read { reply } => drop(reply.send(Err(stopping()))),
+            Request::Read { reply, .. } => drop(reply.send(Err(stopping()))),
             Request::Transfer { reply, .. } => drop(reply.send(Err(stopping()))),
             Request::Ready { reply } => drop(reply.send(Err(stopping()))),
             Request::ChangeMembership { reply, .. } => drop(reply.send(Err(stopping()))),

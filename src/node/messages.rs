@@ -14,7 +14,7 @@
 //! worker threads) or the simulator (`tests/simulation`) moves these values between them.
 
 use crate::api::{ClusterStatus, ServiceError};
-use crate::raft::{MembershipProposal, Message};
+use crate::raft::{MembershipProposal, Message, ReadLevel};
 use raftkv_storage::command::{CommandOutcome, CommandResult};
 use raftkv_storage::node_storage::NodeStorageError;
 use raftkv_storage::sm::SmError;
@@ -58,8 +58,9 @@ pub enum Request {
         payload: Vec<u8>,
         reply: ProposalReply,
     },
-    /// A ReadIndex; answered once it is safe *and* the state machine has applied the index.
-    Read { reply: ReadReply },
+    /// A ReadIndex at `level`; answered once it is safe *and* the state machine has applied
+    /// the index.
+    Read { level: ReadLevel, reply: ReadReply },
     Transfer {
         to: NodeId,
         reply: oneshot::Sender<Result<(), ServiceError>>,

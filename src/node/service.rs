@@ -16,7 +16,7 @@ use crate::api::{
 };
 use crate::api::{LeaseListResponse, LeaseResponse, LeaseSummary};
 use crate::metrics::Metrics;
-use crate::raft::MembershipProposal;
+use crate::raft::{MembershipProposal, ReadLevel};
 use crate::watch::{WatchError, WatchHub, WatchStream};
 use raftkv_storage::command::{CommandRef, SessionRef};
 use raftkv_storage::sm::history::KeyFilter;
@@ -190,13 +190,16 @@ impl NodeService {
         }
     }
 
-    /// Confirms a linearizable read point; returns the leader that confirmed it.
+    /// Confirms a read point at `consistency` (none for a stale read: any node answers from
+    /// what it applied); returns the leader that confirmed it.
     async fn read_barrier(&self, consistency: Consistency) -> Result<Option<NodeId>, ServiceError> {
-        if consistency == Consistency::Stale {
-            return Ok(None);
-        }
+        let level = match consistency {
+            Consistency::Stale => return Ok(None),
+            Consistency::Linearizable => ReadLevel::Linearizable,
+            Consistency::Lease => ReadLevel::Lease,
+        };
         let (reply, rx) = oneshot::channel();
-        self.submit(Request::Read { reply })?;
+        self.submit(Request::Read { level, reply })?;
         let (index, leader) = match tokio::time::timeout(self.request_timeout, rx).await {
             Ok(Ok(result)) => result?,
             Ok(Err(_)) => {

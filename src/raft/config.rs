@@ -22,11 +22,15 @@ pub struct Config {
     /// A leader that has not heard from a quorum within `election_timeout_min_ticks` steps
     /// down; followers that heard from a leader recently ignore vote requests.
     pub check_quorum: bool,
-    /// Serve reads from the leader's lease without a heartbeat round, while a quorum has
-    /// acknowledged a heartbeat sent less than `election_timeout_min_ticks - 1` ticks ago.
-    /// Unsafe if nodes' tick rates drift apart by more than that margin or if the leader's
-    /// process pauses (it cannot tell that time passed); requires `check_quorum`. Off by
-    /// default.
+    /// Allow reads asked for at [`ReadLevel::Lease`] to be served from the leader's lease
+    /// without a heartbeat round, while a quorum has acknowledged a heartbeat sent less than
+    /// `election_timeout_min_ticks - 1` ticks ago. Such reads are unsafe if nodes' tick rates
+    /// drift apart by more than that margin or if the leader's process pauses (it cannot tell
+    /// that time passed); [`ReadLevel::Linearizable`] reads never use the lease. Requires
+    /// `check_quorum`. Off by default.
+    ///
+    /// [`ReadLevel::Lease`]: super::ReadLevel::Lease
+    /// [`ReadLevel::Linearizable`]: super::ReadLevel::Linearizable
     pub lease_reads: bool,
     /// A follower told that its leader is unreachable ([`Raft::peer_unreachable`]: the
     /// connection dropped, as it does at once when the leader's process dies) forgets that

@@ -25,7 +25,7 @@ use super::log::RaftLog;
 use super::membership::ConfigHistory;
 use super::message::{Message, MessageBody};
 use super::progress::{Progress, ProgressState};
-use super::read_index::ReadIndexQueue;
+use super::read_index::{ReadIndexQueue, ReadLevel};
 use super::ready::{RaftError, ReadId, Ready, SnapshotSend};
 use super::rng::Rng;
 use raftkv_types::{Bytes, Entry, EntryKind, HardState, Membership, NodeId, SnapshotMeta};
@@ -785,9 +785,17 @@ impl Raft {
         Ok(index)
     }
 
-    /// Asks for a linearizable read. The read comes back in `Ready::read_states` once safe, or
-    /// in `Ready::reads_dropped` if leadership is lost first.
+    /// Asks for a linearizable read: [`Self::read_index_at`] at [`ReadLevel::Linearizable`].
     pub fn read_index(&mut self, id: ReadId) -> Result<(), RaftError> {
+        self.read_index_at(id, ReadLevel::Linearizable)
+    }
+
+    /// Asks for a read at `level`. The read comes back in `Ready::read_states` once safe, or
+    /// in `Ready::reads_dropped` if leadership is lost first. A linearizable read always waits
+    /// for a heartbeat round started after it arrived (or needs none with a single voter); a
+    /// lease read is released at once while the lease holds (`Config::lease_reads` on), and
+    /// otherwise waits for a round like a linearizable one.
+    pub fn read_index_at(&mut self, id: ReadId, level: ReadLevel) -> Result<(), RaftError> {
         if self.role != Role::Leader {
             return Err(RaftError::NotLeader {
                 leader: self.leader,
@@ -800,7 +808,10 @@ impl Raft {
         }
         if self.log.term(self.commit) != Some(self.term) {
             self.reads.push_before_noop(id);
-        } else if self.single_voter() || (self.config.lease_reads && self.lease_valid()) {
+        } else if self.single_voter()
+            || (level == ReadLevel::Lease && self.config.lease_reads && self.lease_valid())
+        {
+            debug_assert!(level == ReadLevel::Lease || self.single_voter());
             self.reads.push_confirmed(id, self.commit);
         } else {
             self.reads.push(id, self.commit);

@@ -387,7 +387,7 @@ fn lease_reads_are_served_only_within_the_lease() {
     drain(&mut r);
     assert_eq!(r.commit_index(), 2);
     // No heartbeat acknowledged yet: the read takes the round path (not released at once).
-    r.read_index(1).unwrap();
+    r.read_index_at(1, ReadLevel::Lease).unwrap();
     assert!(drain(&mut r).iter().all(|rd| rd.read_states.is_empty()));
     // A heartbeat round acknowledged by n2: the lease holds, reads are released at once.
     r.tick();
@@ -403,18 +403,21 @@ fn lease_reads_are_served_only_within_the_lease() {
             read_round: round.unwrap(),
         },
     );
-    r.read_index(2).unwrap();
+    r.read_index_at(2, ReadLevel::Lease).unwrap();
     let released: Vec<u64> = drain(&mut r)
         .iter()
         .flat_map(|rd| rd.read_states.iter().map(|s| s.id))
         .collect();
     assert_eq!(released, vec![1, 2]);
+    // A linearizable read never uses the lease: it waits for a round of its own.
+    r.read_index(4).unwrap();
+    assert!(drain(&mut r).iter().all(|rd| rd.read_states.is_empty()));
     // An election timeout later without acknowledgements the lease has expired.
     for _ in 0..4 {
         r.tick();
     }
     drain(&mut r);
-    r.read_index(3).unwrap();
+    r.read_index_at(3, ReadLevel::Lease).unwrap();
     assert!(drain(&mut r).iter().all(|rd| rd.read_states.is_empty()));
 }
 

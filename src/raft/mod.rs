@@ -45,4 +45,5 @@ pub use self::log::RaftLog;
 pub use self::membership::{MemberChange, MembershipProposal};
 pub use self::message::{Message, MessageBody};
 pub use self::progress::{Progress, ProgressState};
+pub use self::read_index::ReadLevel;
 pub use self::ready::{RaftError, ReadId, ReadState, Ready, SnapshotSend};

@@ -16,6 +16,18 @@ use super::ready::{ReadId, ReadState};
 use raftkv_types::{Membership, NodeId};
 use std::collections::{BTreeMap, VecDeque};
 
+/// How a read is confirmed (see [`super::Raft::read_index_at`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReadLevel {
+    /// A quorum acknowledges a heartbeat round started after the read arrived (ReadIndex):
+    /// no newer leader existed when the read was served, whatever the clocks do.
+    Linearizable,
+    /// The leader's lease stands in for the round when the cluster allows lease reads: safe
+    /// while clocks run at the same rate within the lease's margin and the leader does not
+    /// pause; otherwise served like [`ReadLevel::Linearizable`].
+    Lease,
+}
+
 #[derive(Clone, Debug)]
 struct PendingRead {
     id: ReadId,

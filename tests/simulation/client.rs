@@ -33,6 +33,7 @@
 use super::linearizability::{self, Action, Cmp, Rec};
 use super::{payload_hash, Event, NetMsg, Sim, KEYS};
 use raftkv::node::messages::{Input, Request as NodeRequest};
+use raftkv::raft::ReadLevel;
 use raftkv::storage::command::{
     Command, CommandOutcome, CommandRef, CommandResult, KeyRecord, OpResult, Refusal, Session,
 };
@@ -421,7 +422,15 @@ impl Sim {
                     key,
                     rx,
                 });
-                NodeRequest::Read { reply }
+                // On lease-read seeds, even clients ask for lease reads and odd ones for
+                // linearizable reads (both checked as linearizable: the simulator's clocks
+                // agree and its lease seeds have no pauses).
+                let level = if self.params.lease_reads && client.is_multiple_of(2) {
+                    ReadLevel::Lease
+                } else {
+                    ReadLevel::Linearizable
+                };
+                NodeRequest::Read { level, reply }
             }
         };
         self.step(node, Input::Request(request))

@@ -2183,7 +2183,10 @@ impl Sim {
                 && !live.apply.holds_install()
                 && !live.storage.has_work()
                 && live.apply_at_install.is_none();
-            if at != live.consensus.raft().commit_index() || !idle {
+            // The leader's commit index, not only the member's own: a leader removing itself
+            // is not in the configuration it leads, and its members may not have heard of its
+            // last commit yet (seed 22 on lease-read clients).
+            if at != live.consensus.raft().commit_index() || at != r.commit_index() || !idle {
                 return false;
             }
             match applied {
