@@ -57,6 +57,9 @@ impl Default for WatchSettings {
     }
 }
 
+/// History pages a watch stream looks at per step at most before it yields its thread.
+pub const REPLAY_PAGES_PER_STEP: usize = 16;
+
 /// Why a watcher's stream ended (its last line's `kind`).
 pub const KIND_TOO_SLOW: &str = "watcher_too_slow";
 pub const KIND_COMPACTED: &str = "compacted";
@@ -131,6 +134,25 @@ struct Shared {
     reason: OnceLock<&'static str>,
 }
 
+impl Shared {
+    /// Takes up to `bytes` off this watcher's count and the same amount off the hub's `total`
+    /// (never more than was counted: a cancel may have released the watcher's bytes first).
+    fn release(&self, total: &AtomicUsize, bytes: usize) {
+        let before = self
+            .queued_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                Some(v.saturating_sub(bytes))
+            })
+            .unwrap_or_else(|v| v);
+        let freed = before.min(bytes);
+        let total_before = total.fetch_sub(freed, Ordering::AcqRel);
+        debug_assert!(
+            total_before >= freed,
+            "the hub counted every watcher's bytes"
+        );
+    }
+}
+
 #[derive(Debug)]
 struct Slot {
     filter: KeyFilter,
@@ -173,8 +195,7 @@ pub struct Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         self.hub.remove(self.id);
-        let left = self.shared.queued_bytes.swap(0, Ordering::AcqRel);
-        self.hub.queued_bytes.fetch_sub(left, Ordering::AcqRel);
+        self.shared.release(&self.hub.queued_bytes, usize::MAX);
     }
 }
 
@@ -321,12 +342,17 @@ impl WatchHub {
         let bytes: usize = events.iter().map(|e| e.change.size_bytes()).sum();
         let mine = slot.shared.queued_bytes.load(Ordering::Acquire);
         let all = self.queued_bytes.load(Ordering::Acquire);
-        let over = mine > 0
-            && (mine.saturating_add(bytes) > self.settings.watcher_buffer_bytes_max
-                || all.saturating_add(bytes) > self.settings.buffer_bytes_max);
+        // A watcher with nothing queued always takes one batch (however large) within its
+        // own bound; the node-wide bound holds for everyone.
+        let over = (mine > 0
+            && mine.saturating_add(bytes) > self.settings.watcher_buffer_bytes_max)
+            || all.saturating_add(bytes) > self.settings.buffer_bytes_max;
         if over {
             self.cancelled_total.fetch_add(1, Ordering::Relaxed);
             cancel(slot, KIND_TOO_SLOW);
+            // Its queue is never sent after the cancel: its bytes are free now, not when its
+            // connection finally closes.
+            slot.shared.release(&self.queued_bytes, usize::MAX);
             // Out of the indexes at once: nothing more is queued for it.
             hub.remove(id);
             self.watchers.store(hub.watchers.len(), Ordering::Relaxed);
@@ -336,8 +362,7 @@ impl WatchHub {
         self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
         if slot.tx.send(Delivery::Events(events)).is_err() {
             // The stream is gone; its registration's drop removes the slot.
-            slot.shared.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
-            self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            slot.shared.release(&self.queued_bytes, bytes);
         }
     }
 }
@@ -471,9 +496,19 @@ impl WatchStream {
         }))
     }
 
-    /// Replays one page of history if any is due.
+    /// Whether history is still to be replayed before the queue is followed.
+    fn replaying(&self) -> bool {
+        self.next_revision <= self.replay_through
+    }
+
+    /// Replays one page of history with a match, if any is due, looking at no more than
+    /// [`REPLAY_PAGES_PER_STEP`] pages: a watcher of a rare key over a long history must not
+    /// hold a runtime thread (and the state machine's read lock, page after page) for the whole
+    /// of it. `None` with [`Self::replaying`] still true: call again (after yielding).
     fn replay_step(&mut self) -> Option<Step> {
-        while self.next_revision <= self.replay_through {
+        let mut pages = 0;
+        while self.replaying() && pages < REPLAY_PAGES_PER_STEP {
+            pages += 1;
             let page = match self.sm.read_history(
                 self.next_revision,
                 self.replay_through,
@@ -511,11 +546,7 @@ impl WatchStream {
             }
             Delivery::Events(events) => {
                 let bytes: usize = events.iter().map(|e| e.change.size_bytes()).sum();
-                self.reg
-                    .shared
-                    .queued_bytes
-                    .fetch_sub(bytes, Ordering::AcqRel);
-                self.reg.hub.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+                self.reg.shared.release(&self.reg.hub.queued_bytes, bytes);
                 let mut out = Vec::new();
                 for e in events {
                     // Events below the start (or already replayed) are skipped.
@@ -565,6 +596,9 @@ impl WatchStream {
             if let Some(step) = self.replay_step() {
                 return Some(step);
             }
+            if self.replaying() {
+                continue;
+            }
             match self.reg.rx.try_recv() {
                 Ok(d) => {
                     if let Some(step) = self.take_delivery(d) {
@@ -599,6 +633,10 @@ impl WatchStream {
             }
             if let Some(step) = self.replay_step() {
                 return Some(step);
+            }
+            if self.replaying() {
+                tokio::task::yield_now().await;
+                continue;
             }
             let d = match tokio::time::timeout(idle, self.reg.rx.recv()).await {
                 Ok(Some(d)) => d,
@@ -641,6 +679,14 @@ impl WatchStream {
         }
         if self.next_revision <= self.replay_through {
             return (!out.is_empty()).then(|| Step::Lines(Bytes::from(out)));
+        }
+        // A cancel drops batches at or below `published`: progress must not cover them (the
+        // flag is set before `published` moves past a dropped batch).
+        if let Some(end) = self.cancelled() {
+            return Some(match end {
+                Step::End(last) => Step::End(Bytes::from([out.as_slice(), &last].concat())),
+                lines => lines,
+            });
         }
         self.next_revision = self.next_revision.max(published + 1);
         let revision = self.next_revision - 1;

@@ -162,6 +162,102 @@ fn a_slow_watcher_is_cancelled_within_its_bound_and_frees_its_queue() {
 }
 
 #[test]
+fn the_node_wide_bound_holds_for_empty_queues_and_a_cancel_frees_its_bytes_at_once() {
+    // One batch of one put counts 83 bytes: the node-wide bound of 200 lets two watchers
+    // hold one batch each, not three, even with empty queues.
+    let settings = WatchSettings {
+        buffer_bytes_max: 200,
+        ..WatchSettings::default()
+    };
+    let mut f = Fixture::new(settings, StateMachineOptions::default());
+    let mut streams: Vec<WatchStream> = (0..3)
+        .map(|_| f.open(KeyFilter::Prefix(Vec::new()), None))
+        .collect();
+    f.batch(&["k"]);
+    assert_eq!(
+        f.hub.cancelled_total(),
+        1,
+        "the third empty queue is over the bound"
+    );
+    assert_eq!(f.hub.watchers(), 2);
+    let one = f.hub.queued_bytes() / 2;
+    assert!(one > 66 && 2 * one <= 200 && 3 * one > 200, "{one}");
+    for s in &mut streams[..2] {
+        assert_eq!(revisions(&drain(s)), vec![1]);
+    }
+    assert_eq!(f.hub.queued_bytes(), 0);
+    // Neither client reads now: the next batch fits both, the one after that overflows the
+    // node-wide bound at the first watcher, which is cancelled — and its bytes are free at
+    // the cancel, not when its stream is dropped: the second fits again.
+    f.batch(&["k"]);
+    f.batch(&["k"]);
+    assert_eq!(f.hub.cancelled_total(), 2);
+    assert_eq!(
+        f.hub.queued_bytes(),
+        2 * one,
+        "only the second watcher's two batches"
+    );
+    let ended = drain(&mut streams[0]);
+    assert!(matches!(ended.last(), Some(WatchEvent::Error { kind, .. }) if kind == KIND_TOO_SLOW));
+    assert_eq!(revisions(&drain(&mut streams[1])), vec![2, 3]);
+    assert_eq!(f.hub.queued_bytes(), 0);
+    drop(streams);
+    assert_eq!(f.hub.queued_bytes(), 0);
+}
+
+#[test]
+fn an_idle_stream_whose_batch_was_dropped_by_a_cancel_ends_instead_of_claiming_progress() {
+    let settings = WatchSettings {
+        watcher_buffer_bytes_max: 100,
+        ..WatchSettings::default()
+    };
+    let mut f = Fixture::new(settings, StateMachineOptions::default());
+    let mut s = f.open(KeyFilter::Prefix(Vec::new()), None);
+    // While the stream waits idle, two batches come: the second is dropped and the watcher
+    // cancelled; `published` moves past both. Then the idle timer fires (`progress`).
+    f.batch(&["a"]);
+    f.batch(&["b"]);
+    assert_eq!(f.hub.cancelled_total(), 1);
+    let Some(Step::End(last)) = s.progress() else {
+        panic!("the idle timer must end the stream, not claim revision 2")
+    };
+    let lines: Vec<WatchEvent> = last
+        .split(|c| *c == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
+    assert_eq!(
+        revisions(&lines[..1]),
+        vec![1],
+        "what was queued goes out first"
+    );
+    assert!(
+        matches!(&lines[1], WatchEvent::Error { kind, revision, .. }
+            if kind == KIND_TOO_SLOW && *revision == 2),
+        "{lines:?}"
+    );
+    assert!(s.ended());
+}
+
+#[test]
+fn a_key_watcher_over_a_long_history_replays_in_bounded_steps() {
+    let settings = WatchSettings {
+        replay_records_max: 4,
+        ..WatchSettings::default()
+    };
+    let mut f = Fixture::new(settings, StateMachineOptions::default());
+    let keys: Vec<&str> = std::iter::repeat_n("noise", 200).chain(["x"]).collect();
+    f.batch(&keys);
+    let mut s = f.open(KeyFilter::Key(b"x".to_vec()), Some(1));
+    // 200 revisions of other keys, 4 records a page, 16 pages a step: the step returns
+    // without a line while the replay is still going, then the event comes.
+    assert!(s.replay_step().is_none());
+    assert!(s.replaying());
+    assert_eq!(s.next_revision(), 1 + 16 * 4);
+    assert_eq!(revisions(&drain(&mut s)), vec![201]);
+}
+
+#[test]
 fn progress_claims_only_what_was_sent_and_close_ends_every_stream() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

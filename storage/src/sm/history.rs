@@ -31,8 +31,12 @@ pub const HISTORY_PREFIX: u8 = b'h';
 pub const COMPACT_KEY: &[u8] = b"c/history";
 /// Revisions retained by default (`--watch-history-revisions`).
 pub const HISTORY_REVISIONS_DEFAULT: u64 = 100_000;
-/// History records removed per apply batch at most (beyond finishing a revision).
+/// History records removed per apply batch at most, beyond as many as the batch wrote (so
+/// pruning keeps up with any write rate) and beyond finishing a revision.
 pub const PRUNE_RECORDS_PER_BATCH: usize = 4096;
+/// Bytes of matching changes a history page holds at most (cut at a revision boundary; one
+/// revision is always taken whole), so a replay's memory does not grow with the value sizes.
+pub const PAGE_BYTES_MAX: usize = 1 << 20;
 const EVENT_PUT: u8 = 1;
 const EVENT_DELETE: u8 = 2;
 const HISTORY_KEY_BYTES: usize = 13;
@@ -119,10 +123,9 @@ fn encode_event(e: &ChangeEvent) -> Vec<u8> {
     v
 }
 
-/// Decodes a history record; every length is checked (the tree is outside data).
-pub fn decode_event(hkey: &[u8], value: &[u8]) -> Result<ChangeEvent, String> {
-    let revision =
-        revision_of(hkey).ok_or_else(|| format!("a history key of {} bytes", hkey.len()))?;
+/// The changed key of a history record, without copying anything (for filtering a page
+/// before its matches are decoded); every length is checked.
+fn event_key(value: &[u8]) -> Result<&[u8], String> {
     if value.len() < 5 {
         return Err(format!("a history record of {} bytes", value.len()));
     }
@@ -133,7 +136,15 @@ pub fn decode_event(hkey: &[u8], value: &[u8]) -> Result<ChangeEvent, String> {
     if key_len == 0 || key_len > rest.len() {
         return Err(format!("a history record's key of {key_len} bytes"));
     }
-    let (key, rec) = rest.split_at(key_len);
+    Ok(&rest[..key_len])
+}
+
+/// Decodes a history record; every length is checked (the tree is outside data).
+pub fn decode_event(hkey: &[u8], value: &[u8]) -> Result<ChangeEvent, String> {
+    let revision =
+        revision_of(hkey).ok_or_else(|| format!("a history key of {} bytes", hkey.len()))?;
+    let key = event_key(value)?;
+    let rec = &value[5 + key.len()..];
     let record = match value[0] {
         EVENT_PUT => {
             let (meta, _) = record::decode_key(rec)?;
@@ -215,9 +226,15 @@ impl HistoryState {
     }
 
     /// Removes records at or below `last_index − retain_revisions` from the tree (not those of
-    /// this batch, which are all above the applied index), a bounded number per batch, and
-    /// advances the compact revision.
-    pub fn prune(&mut self, exec: &mut Exec<'_>, last_index: u64) -> Result<(), SmError> {
+    /// this batch, which are all above the applied index) — at most as many as the batch
+    /// wrote (`written`) plus [`PRUNE_RECORDS_PER_BATCH`], so a backlog shrinks under any
+    /// write rate — and advances the compact revision.
+    pub fn prune(
+        &mut self,
+        exec: &mut Exec<'_>,
+        last_index: u64,
+        written: usize,
+    ) -> Result<(), SmError> {
         let cutoff = last_index.saturating_sub(self.retain_revisions);
         // Pruning waits until a slack of revisions is due (keeping a little more than the
         // bound): one range scan and one compact-revision write per slack, not per batch.
@@ -236,7 +253,9 @@ impl HistoryState {
             let revision =
                 revision_of(&k).ok_or_else(|| SmError::Record("a damaged history key".into()))?;
             let last = doomed.last().map(|(r, _): &(u64, IVec)| *r);
-            if doomed.len() >= PRUNE_RECORDS_PER_BATCH && last != Some(revision) {
+            if doomed.len() >= PRUNE_RECORDS_PER_BATCH.saturating_add(written)
+                && last != Some(revision)
+            {
                 reached = revision - 1;
                 break;
             }
@@ -292,20 +311,26 @@ pub fn read_page(
             next_revision: from,
         });
     }
+    let mut bytes = 0usize;
     for (looked, item) in tree.range(&start[..]..&end[..]).enumerate() {
         let (k, v) = item?;
-        let e = decode_event(&k, &v).map_err(SmError::Record)?;
-        if looked >= records_max && last_revision != Some(e.revision) {
+        let revision = revision_of(&k)
+            .ok_or_else(|| SmError::Record(format!("a history key of {} bytes", k.len())))?;
+        let full = looked >= records_max || bytes >= PAGE_BYTES_MAX;
+        if full && last_revision != Some(revision) {
             return Ok(HistoryPage {
                 events,
-                next_revision: e.revision,
+                next_revision: revision,
             });
         }
-        last_revision = Some(e.revision);
-        if filter.matches(&e.key) {
+        last_revision = Some(revision);
+        if filter.matches(event_key(&v).map_err(SmError::Record)?) {
+            let e = decode_event(&k, &v).map_err(SmError::Record)?;
+            bytes = bytes.saturating_add(e.size_bytes());
             events.push(e);
         }
     }
+    debug_assert!(events.windows(2).all(|w| w[0].revision <= w[1].revision));
     Ok(HistoryPage {
         events,
         next_revision: through.saturating_add(1),

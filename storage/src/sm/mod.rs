@@ -858,7 +858,7 @@ fn execute(
     let events = exec.take_events();
     history.record(exec, &events)?;
     if let Some(last) = fresh.last() {
-        history.prune(exec, last.index)?;
+        history.prune(exec, last.index, events.len())?;
     }
     Ok((out, events, membership))
 }

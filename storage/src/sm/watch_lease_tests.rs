@@ -255,3 +255,63 @@ fn snapshots_carry_leases_and_history() {
     );
     assert_eq!(dst.history_compact_revision(), 0);
 }
+
+#[test]
+fn a_history_page_is_cut_by_bytes_at_a_revision_boundary_and_skips_other_keys_cheaply() {
+    let mut d = Driver::new();
+    let big = vec![b'v'; 300 << 10];
+    // Revisions 1..=6 put 300 KiB values; revision 7 is a small one under another key.
+    let cmds: Vec<Command> = (0..6u8)
+        .map(|i| put(&[b'k', b'0' + i], &big))
+        .chain([put(b"other", b"x")])
+        .collect();
+    apply_events(&mut d, &cmds);
+    let all = KeyFilter::Prefix(Vec::new());
+    let page = d.sm().read_history(1, 7, &all, 1000).unwrap().unwrap();
+    let revisions: Vec<u64> = page.events.iter().map(|e| e.revision).collect();
+    // 1 MiB is passed by the 4th value: the page ends there, the next starts at 5.
+    assert_eq!((revisions, page.next_revision), (vec![1, 2, 3, 4], 5));
+    let rest = d.sm().read_history(5, 7, &all, 1000).unwrap().unwrap();
+    assert_eq!(rest.events.len(), 3);
+    assert_eq!(rest.next_revision, 8);
+    // A key filter matching nothing big reads through every record without holding any.
+    let other = KeyFilter::Key(b"other".to_vec());
+    let page = d.sm().read_history(1, 7, &other, 1000).unwrap().unwrap();
+    assert_eq!(
+        summary(&page.events),
+        vec![(7, "other".into(), Some("x".into()))]
+    );
+    assert_eq!(page.next_revision, 8);
+}
+
+#[test]
+fn pruning_keeps_up_with_batches_wider_than_its_allowance() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StateMachineOptions {
+        watch_history_revisions: 10,
+        ..StateMachineOptions::default()
+    };
+    let sm = StateMachine::open(dir.path(), opts).unwrap();
+    // Each entry is a transaction of 64 puts; each batch is 100 entries: 6,400 changes per
+    // batch, more than the 4,096 a batch may prune beyond what it wrote.
+    let wide = |n: u64| {
+        let ops = (0..64u64)
+            .map(|k| op_put(format!("k{k}").as_bytes(), &n.to_be_bytes()))
+            .collect();
+        txn(vec![], ops, vec![])
+    };
+    let mut next = 1u64;
+    for _batch in 0..5 {
+        let entries: Vec<Entry> = (next..next + 100)
+            .map(|i| entry(i, None, &wide(i)))
+            .collect();
+        sm.apply(&entries).unwrap();
+        next += 100;
+    }
+    let applied = next - 1;
+    // Every batch pruned what it wrote and more: the history is back within its bound.
+    assert_eq!(sm.history_compact_revision(), applied - 10);
+    let all = KeyFilter::Prefix(Vec::new());
+    let kept = all_history(&sm, &all, applied - 9);
+    assert_eq!(kept.len(), 10 * 64);
+}
