@@ -102,6 +102,10 @@ pub struct ServeArgs {
     /// compaction (default 100000). A watch starting further back is answered 410.
     #[arg(long, env = "RAFTKV_WATCH_HISTORY_REVISIONS", value_name = "N")]
     pub watch_history_revisions: Option<u64>,
+    /// MiB of change history kept at most, whatever --watch-history-revisions says (default
+    /// 1024): past it the oldest revisions go, so large values cannot fill the disk.
+    #[arg(long, env = "RAFTKV_WATCH_HISTORY_MB", value_name = "MIB")]
+    pub watch_history_mb: Option<u64>,
     /// Watch streams served at once by this node (default 100000; each also holds a client
     /// connection, see --client-connections-max).
     #[arg(long, env = "RAFTKV_WATCHERS_MAX", value_name = "N")]
@@ -171,6 +175,7 @@ struct FileConfig {
     session_ttl_s: Option<u64>,
     sessions_max: Option<u64>,
     watch_history_revisions: Option<u64>,
+    watch_history_mb: Option<u64>,
     watchers_max: Option<usize>,
     leases_max: Option<u64>,
     client_cert: Option<PathBuf>,
@@ -325,6 +330,10 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<NodeConfig> {
                 .watch_history_revisions
                 .or(file.watch_history_revisions)
                 .unwrap_or(WatchConfig::default().history_revisions),
+            history_mb: args
+                .watch_history_mb
+                .or(file.watch_history_mb)
+                .unwrap_or(WatchConfig::default().history_mb),
             settings: raftkv::watch::WatchSettings {
                 watchers_max: args
                     .watchers_max
@@ -603,6 +612,35 @@ mod tests {
         assert!(c.peer_client_urls.is_empty() && c.peer_tls.is_none());
         std::fs::write(&file, "id = 2\nbogus = 1\n").unwrap();
         assert!(resolve(&args).is_err(), "unknown keys are errors");
+    }
+
+    #[test]
+    fn the_watch_history_byte_bound_comes_from_the_flag_or_the_file_and_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(
+            &file,
+            "id = 1\ndata_dir = \"/tmp/x\"\nwatch_history_mb = 64\n",
+        )
+        .unwrap();
+        let mut args = ServeArgs {
+            config: Some(file),
+            ..ServeArgs::default()
+        };
+        assert_eq!(resolve(&args).unwrap().watch.history_mb, 64);
+        args.watch_history_mb = Some(8);
+        let mut c = resolve(&args).unwrap();
+        assert_eq!(c.watch.history_mb, 8);
+        c.watch.history_mb = raftkv::node::WATCH_HISTORY_MB_MAX + 1;
+        assert!(c.validate().unwrap_err().contains("--watch-history-mb"));
+        args.watch_history_mb = Some(0);
+        let err = format!("{:#}", resolve(&args).unwrap_err());
+        assert!(err.contains("--watch-history-mb"), "{err}");
+        assert_eq!(
+            raftkv::node::WatchConfig::default().history_mb,
+            1024,
+            "the default is 1 GiB"
+        );
     }
 
     #[test]

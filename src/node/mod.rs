@@ -131,6 +131,8 @@ pub struct NodeConfig {
 pub struct WatchConfig {
     /// Revisions of history kept for watchers to resume from (`--watch-history-revisions`).
     pub history_revisions: u64,
+    /// MiB of history kept at most, whatever the revisions (`--watch-history-mb`).
+    pub history_mb: u64,
     pub settings: crate::watch::WatchSettings,
 }
 
@@ -138,6 +140,7 @@ impl Default for WatchConfig {
     fn default() -> Self {
         WatchConfig {
             history_revisions: raftkv_storage::sm::history::HISTORY_REVISIONS_DEFAULT,
+            history_mb: raftkv_storage::sm::history::HISTORY_BYTES_DEFAULT >> 20,
             settings: crate::watch::WatchSettings::default(),
         }
     }
@@ -169,6 +172,8 @@ pub const SESSIONS_MAX_MAX: u64 = 10_000_000;
 
 /// The most revisions of watch history a node may be asked to keep.
 pub const WATCH_HISTORY_REVISIONS_MAX: u64 = 100_000_000;
+/// Most `--watch-history-mb` (1 TiB).
+pub const WATCH_HISTORY_MB_MAX: u64 = 1 << 20;
 /// The most watchers a node may be asked to serve.
 pub const WATCHERS_MAX_MAX: usize = 1_000_000;
 /// The largest lease bound accepted.
@@ -317,6 +322,11 @@ impl NodeConfig {
         if !(1..=WATCH_HISTORY_REVISIONS_MAX).contains(&self.watch.history_revisions) {
             return Err(format!(
                 "--watch-history-revisions must be from 1 to {WATCH_HISTORY_REVISIONS_MAX}"
+            ));
+        }
+        if !(1..=WATCH_HISTORY_MB_MAX).contains(&self.watch.history_mb) {
+            return Err(format!(
+                "--watch-history-mb must be from 1 to {WATCH_HISTORY_MB_MAX}"
             ));
         }
         if !(1..=WATCHERS_MAX_MAX).contains(&self.watch.settings.watchers_max) {
@@ -576,6 +586,7 @@ pub async fn start(mut config: NodeConfig) -> Result<RunningNode, NodeError> {
         sm: raftkv_storage::sm::StateMachineOptions {
             cache_bytes: config.cache_mb.max(1) * 1024 * 1024,
             watch_history_revisions: config.watch.history_revisions.max(1),
+            watch_history_bytes_max: config.watch.history_mb.clamp(1, WATCH_HISTORY_MB_MAX) << 20,
             ..Default::default()
         },
         ..NodeStorageOptions::default()

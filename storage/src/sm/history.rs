@@ -11,13 +11,17 @@
 //! ```text
 //! h ‖ revision u64 ‖ seq u32   → kind u8 (1 put, 2 delete) ‖ key len u32 ‖ key ‖ key record (put)
 //! c/history                    → compact revision u64 (every record at or below it is gone)
+//!                                ‖ bytes u64 (of every history record's key and value)
 //! ```
 //!
-//! Bound: once records at or below `last applied − retain_revisions` span more than a slack
-//! ([`prune_slack`]: up to 1,024 revisions), an apply batch removes them (at most
-//! [`PRUNE_RECORDS_PER_BATCH`] per batch, always a whole revision, so a lowered bound is caught
-//! up over a few batches) and `c/history` advances. Revisions are Raft
-//! indexes, so a bound of N revisions is N log entries, whatever they changed.
+//! Bounds: once records at or below `last applied − retain_revisions` span more than a slack
+//! ([`prune_slack`]: up to 1,024 revisions), an apply batch removes them (at most as many as
+//! it wrote plus [`PRUNE_RECORDS_PER_BATCH`], always a whole revision, so a lowered bound is
+//! caught up over a few batches) and `c/history` advances. Revisions are Raft indexes, so a
+//! bound of N revisions is N log entries, whatever they changed. A second bound is in bytes
+//! (`bytes_max`, `--watch-history-mb`): N revisions of large values could otherwise fill
+//! the disk and every snapshot; past it the oldest revisions go (down to 15/16 of the bound)
+//! even within the revision bound, and a watch from before them is answered `compacted`.
 
 use super::exec::Exec;
 use super::record::{self, KeyMeta};
@@ -179,33 +183,84 @@ pub fn prune_slack(retain_revisions: u64) -> u64 {
 /// The most revisions pruning waits for beyond the bound.
 pub const PRUNE_SLACK_MAX: u64 = 1024;
 
-/// The history's bound and how far it has been pruned.
+/// Bytes of history kept by default (`--watch-history-mb`): 1 GiB.
+pub const HISTORY_BYTES_DEFAULT: u64 = 1 << 30;
+
+/// The history's bounds and how far it has been pruned.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HistoryState {
     /// Every change at or below this revision is gone.
     pub compact_revision: u64,
     pub retain_revisions: u64,
+    /// Bytes of the history records in the tree (keys and values).
+    pub bytes: u64,
+    pub bytes_max: u64,
+    /// (compact revision, bytes) as `c/history` holds them.
+    persisted: (u64, u64),
 }
 
 impl HistoryState {
-    /// Reads the compact revision of `tree`. A tree without one (made before history existed)
-    /// has no history up to its applied index: `None` asks the caller to record that.
-    pub fn load(tree: &sled::Tree, retain_revisions: u64) -> Result<Option<HistoryState>, String> {
+    /// A history that starts after `compact_revision` and holds nothing yet.
+    pub fn empty(compact_revision: u64, retain_revisions: u64, bytes_max: u64) -> HistoryState {
+        HistoryState {
+            compact_revision,
+            retain_revisions,
+            bytes: 0,
+            bytes_max,
+            persisted: (compact_revision, 0),
+        }
+    }
+
+    /// `c/history` as it should be now.
+    pub fn encoded(&self) -> [u8; 16] {
+        let mut v = [0u8; 16];
+        v[..8].copy_from_slice(&self.compact_revision.to_be_bytes());
+        v[8..].copy_from_slice(&self.bytes.to_be_bytes());
+        v
+    }
+
+    /// Reads `c/history` of `tree`. A tree without it (made before history existed) has no
+    /// history up to its applied index: `None` asks the caller to record that. A compact
+    /// revision alone (8 bytes, before the byte bound) has its bytes counted once here.
+    pub fn load(
+        tree: &sled::Tree,
+        retain_revisions: u64,
+        bytes_max: u64,
+    ) -> Result<Option<HistoryState>, String> {
         let Some(raw) = tree.get(COMPACT_KEY).map_err(|e| e.to_string())? else {
             return Ok(None);
         };
-        let bytes: [u8; 8] = raw
-            .as_ref()
-            .try_into()
-            .map_err(|_| format!("a compact revision of {} bytes", raw.len()))?;
+        let word = |at: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&raw[at..at + 8]);
+            u64::from_be_bytes(w)
+        };
+        let (compact_revision, bytes) = match raw.len() {
+            16 => (word(0), word(8)),
+            8 => (word(0), count_bytes(tree)?),
+            n => return Err(format!("a history state of {n} bytes")),
+        };
         Ok(Some(HistoryState {
-            compact_revision: u64::from_be_bytes(bytes),
+            compact_revision,
             retain_revisions,
+            bytes,
+            bytes_max,
+            persisted: (compact_revision, bytes),
         }))
     }
 
+    /// Writes `c/history` if it changed.
+    fn persist(&mut self, exec: &mut Exec<'_>) -> Result<(), SmError> {
+        let now = (self.compact_revision, self.bytes);
+        if now != self.persisted {
+            exec.write(COMPACT_KEY.to_vec(), Some(IVec::from(&self.encoded()[..])))?;
+            self.persisted = now;
+        }
+        Ok(())
+    }
+
     /// Writes `events` (this batch's changes, in order) as history records.
-    pub fn record(&self, exec: &mut Exec<'_>, events: &[ChangeEvent]) -> Result<(), SmError> {
+    pub fn record(&mut self, exec: &mut Exec<'_>, events: &[ChangeEvent]) -> Result<(), SmError> {
         let mut seq = 0u32;
         let mut last_revision = 0;
         for e in events {
@@ -214,9 +269,13 @@ impl HistoryState {
                 seq = 0;
                 last_revision = e.revision;
             }
+            let value = encode_event(e);
+            self.bytes = self
+                .bytes
+                .saturating_add((HISTORY_KEY_BYTES + value.len()) as u64);
             exec.write(
                 history_key(e.revision, seq).to_vec(),
-                Some(IVec::from(encode_event(e))),
+                Some(IVec::from(value)),
             )?;
             seq = seq
                 .checked_add(1)
@@ -226,9 +285,10 @@ impl HistoryState {
     }
 
     /// Removes records at or below `last_index − retain_revisions` from the tree (not those of
-    /// this batch, which are all above the applied index) — at most as many as the batch
-    /// wrote (`written`) plus [`PRUNE_RECORDS_PER_BATCH`], so a backlog shrinks under any
-    /// write rate — and advances the compact revision.
+    /// this batch, which are all above the applied index), and the oldest beyond that while
+    /// the history is over its byte bound — at most as many as the batch wrote (`written`)
+    /// plus [`PRUNE_RECORDS_PER_BATCH`], so a backlog shrinks under any write rate — and
+    /// advances the compact revision; then writes `c/history` if it changed.
     pub fn prune(
         &mut self,
         exec: &mut Exec<'_>,
@@ -236,42 +296,72 @@ impl HistoryState {
         written: usize,
     ) -> Result<(), SmError> {
         let cutoff = last_index.saturating_sub(self.retain_revisions);
-        // Pruning waits until a slack of revisions is due (keeping a little more than the
-        // bound): one range scan and one compact-revision write per slack, not per batch.
-        if cutoff
-            <= self
+        // Pruning by revisions waits until a slack is due (keeping a little more than the
+        // bound): one range scan per slack, not per batch.
+        let by_revisions = cutoff
+            > self
                 .compact_revision
-                .saturating_add(prune_slack(self.retain_revisions))
-        {
-            return Ok(());
+                .saturating_add(prune_slack(self.retain_revisions));
+        let by_bytes = self.bytes > self.bytes_max;
+        if by_revisions || by_bytes {
+            let through = if by_bytes { last_index } else { cutoff };
+            let allowance = PRUNE_RECORDS_PER_BATCH.saturating_add(written);
+            let reached = self.remove_oldest(exec, through, cutoff, allowance)?;
+            debug_assert!(reached <= last_index);
+            self.compact_revision = self.compact_revision.max(reached);
         }
-        let end = history_key(cutoff.saturating_add(1), 0);
-        let mut doomed = Vec::new();
-        let mut reached = cutoff;
+        self.persist(exec)
+    }
+
+    /// Removes whole revisions from the oldest on, up to `through`: all of those at or below
+    /// `cutoff`, and later ones while the bytes left are over 15/16 of the bound, stopping
+    /// at a revision boundary once `allowance` records are gone. Returns the last revision
+    /// removed (or `through` when nothing is left up to it).
+    fn remove_oldest(
+        &mut self,
+        exec: &mut Exec<'_>,
+        through: u64,
+        cutoff: u64,
+        allowance: usize,
+    ) -> Result<u64, SmError> {
+        let low_water = self.bytes_max - self.bytes_max / 16;
+        let end = history_key(through.saturating_add(1), 0);
+        let mut doomed: Vec<IVec> = Vec::new();
+        let mut freed = 0u64;
+        let mut current = None;
+        let mut reached = through;
         for item in exec.tree().range(&[HISTORY_PREFIX][..]..&end[..]) {
-            let (k, _) = item?;
+            let (k, v) = item?;
             let revision =
                 revision_of(&k).ok_or_else(|| SmError::Record("a damaged history key".into()))?;
-            let last = doomed.last().map(|(r, _): &(u64, IVec)| *r);
-            if doomed.len() >= PRUNE_RECORDS_PER_BATCH.saturating_add(written)
-                && last != Some(revision)
-            {
-                reached = revision - 1;
-                break;
+            if current != Some(revision) {
+                let small_enough = self.bytes.saturating_sub(freed) <= low_water;
+                if doomed.len() >= allowance || (revision > cutoff && small_enough) {
+                    reached = revision - 1;
+                    break;
+                }
+                current = Some(revision);
             }
-            doomed.push((revision, k));
+            freed = freed.saturating_add((k.len() + v.len()) as u64);
+            doomed.push(k);
         }
-        for (_, k) in doomed {
+        for k in doomed {
             exec.write(k.to_vec(), None)?;
         }
-        debug_assert!(reached > self.compact_revision && reached <= cutoff);
-        self.compact_revision = reached;
-        exec.write(
-            COMPACT_KEY.to_vec(),
-            Some(IVec::from(&reached.to_be_bytes()[..])),
-        )?;
-        Ok(())
+        self.bytes = self.bytes.saturating_sub(freed);
+        Ok(reached)
     }
+}
+
+/// Bytes of every history record in `tree` (once, for a state written before they were
+/// counted).
+fn count_bytes(tree: &sled::Tree) -> Result<u64, String> {
+    let mut bytes = 0u64;
+    for item in tree.scan_prefix([HISTORY_PREFIX]) {
+        let (k, v) = item.map_err(|e| e.to_string())?;
+        bytes = bytes.saturating_add((k.len() + v.len()) as u64);
+    }
+    Ok(bytes)
 }
 
 /// One page of history read for a watcher.

@@ -91,6 +91,8 @@ pub struct StateMachineOptions {
     pub snapshot_block_pairs: usize,
     /// Revisions of watch history kept (see [`history`]).
     pub watch_history_revisions: u64,
+    /// Bytes of watch history kept at most (see [`history`]).
+    pub watch_history_bytes_max: u64,
 }
 
 impl Default for StateMachineOptions {
@@ -102,6 +104,7 @@ impl Default for StateMachineOptions {
             cow_bytes_max: 256 * 1024 * 1024,
             snapshot_block_pairs: 512,
             watch_history_revisions: history::HISTORY_REVISIONS_DEFAULT,
+            watch_history_bytes_max: history::HISTORY_BYTES_DEFAULT,
         }
     }
 }
@@ -480,16 +483,13 @@ impl StateMachine {
         cur.sessions = SessionIndex::load(&cur.tree, cur.applied.index).map_err(corrupt)?;
         cur.leases = LeaseIndex::load(&cur.tree).map_err(corrupt)?;
         let retain = self.opts.watch_history_revisions.max(1);
-        cur.history = match HistoryState::load(&cur.tree, retain).map_err(corrupt)? {
+        let bytes_max = self.opts.watch_history_bytes_max.max(1);
+        cur.history = match HistoryState::load(&cur.tree, retain, bytes_max).map_err(corrupt)? {
             Some(h) => h,
             None => {
-                let compact_revision = cur.applied.index;
-                cur.tree
-                    .insert(history::COMPACT_KEY, &compact_revision.to_be_bytes()[..])?;
-                HistoryState {
-                    compact_revision,
-                    retain_revisions: retain,
-                }
+                let h = HistoryState::empty(cur.applied.index, retain, bytes_max);
+                cur.tree.insert(history::COMPACT_KEY, &h.encoded()[..])?;
+                h
             }
         };
         Ok(())

@@ -315,3 +315,60 @@ fn pruning_keeps_up_with_batches_wider_than_its_allowance() {
     let kept = all_history(&sm, &all, applied - 9);
     assert_eq!(kept.len(), 10 * 64);
 }
+
+#[test]
+fn history_is_bounded_in_bytes_too_and_counts_them_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StateMachineOptions {
+        watch_history_revisions: 1_000,
+        watch_history_bytes_max: 64 << 10,
+        ..StateMachineOptions::default()
+    };
+    let sm = StateMachine::open(dir.path(), opts.clone()).unwrap();
+    let value = vec![b'v'; 4 << 10];
+    // 40 puts of 4 KiB to one key: 160 KiB of history, far within 1,000 revisions.
+    for i in 1..=40u64 {
+        sm.apply(&[entry(i, None, &put(b"k", &value))]).unwrap();
+    }
+    let compact = sm.history_compact_revision();
+    let all = KeyFilter::Prefix(Vec::new());
+    let kept = all_history(&sm, &all, compact + 1);
+    let kept_bytes: usize = kept
+        .iter()
+        .map(|e| 13 + 5 + e.key.len() + e.record.as_ref().unwrap().len())
+        .sum();
+    assert!(
+        compact > 20,
+        "the oldest revisions went for bytes: compacted through {compact}"
+    );
+    assert!(kept_bytes <= 64 << 10, "{kept_bytes}");
+    assert_eq!(
+        kept.len() as u64,
+        40 - compact,
+        "whole revisions, the newest kept"
+    );
+    assert!(matches!(
+        sm.read_history(compact, 40, &all, 10).unwrap(),
+        Err(Compacted { .. })
+    ));
+    sm.flush().unwrap();
+    drop(sm);
+    let sm =
+        crate::test_util::retry_sled_lock(|| StateMachine::open(dir.path(), opts.clone())).unwrap();
+    assert_eq!(
+        sm.history_compact_revision(),
+        compact,
+        "the state is durable"
+    );
+    // The count survived the reopen: more puts keep the history within its bound.
+    for i in 41..=80u64 {
+        sm.apply(&[entry(i, None, &put(b"k", &value))]).unwrap();
+    }
+    let compact = sm.history_compact_revision();
+    let kept = all_history(&sm, &all, compact + 1);
+    assert!(
+        kept.len() * (4 << 10) <= 64 << 10 && kept.len() >= 12,
+        "{}",
+        kept.len()
+    );
+}

@@ -116,14 +116,14 @@ fn create_verify_install_round_trip() {
     assert!(created.header.chunk_count > 10);
     let want = all_pairs(&src);
     // Pairs are internal keys (`d` ‖ key) and records (32 bytes of revisions ‖ value), each
-    // key's history record (13-byte key; kind, key length, key, record) and the 17 bytes of
-    // the compact revision.
+    // key's history record (13-byte key; kind, key length, key, record) and the 25 bytes of
+    // the history state (`c/history` → compact revision and bytes).
     let kv_bytes: usize = want
         .iter()
         .map(|(k, v)| (1 + k.len() + 32 + v.len()) + (13 + 5 + k.len() + 32 + v.len()))
         .sum::<usize>()
         + 9
-        + 8;
+        + 16;
     assert_eq!(created.header.kv_bytes, kv_bytes as u64);
     assert_eq!(
         created.header.file_bytes,
