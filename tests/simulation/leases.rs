@@ -59,7 +59,7 @@ pub const TTL_MS_MAX: u64 = 4_000;
 
 /// The lease bound the clients' grants carry: small in a few seeds (`LeasesFull`).
 pub fn leases_max(seed: u64) -> u64 {
-    if seed % 5 == 0 {
+    if seed.is_multiple_of(5) {
         3
     } else {
         1_000
