@@ -138,10 +138,52 @@ fn simulation_seeds() {
         t.txns_failed,
         t.prefix_deletes
     );
+    eprintln!(
+        "watch: {} events checked, {} resumes, {} starts refused as compacted, {} streams \
+         cancelled as too slow; leases: {} granted, {} expired, {} revoked by clients, {} kept \
+         alive ({} keepalives acknowledged), {} expiry revokes proposed, {} lease writes refused",
+        t.watch_events,
+        t.watch_resumes,
+        t.watch_compacted,
+        t.watch_too_slow,
+        t.leases_granted,
+        t.leases_expired,
+        t.leases_revoked,
+        t.leases_kept_alive,
+        t.keepalive_acks,
+        t.lease_revokes_proposed,
+        t.lease_refusals
+    );
     assert!(failures.is_empty(), "failed seeds: {failures:?}");
     if count >= 100 {
         assert_membership_exercised(&t.member);
         assert_sessions_exercised(&t);
+        assert_watch_and_leases_exercised(&t);
+        assert!(
+            t.watch_compacted > 0,
+            "no watch start refused as compacted: {t:?}"
+        );
+        assert!(
+            t.watch_too_slow > 0,
+            "no watcher cancelled as too slow: {t:?}"
+        );
+    }
+}
+
+/// Issue 12's paths all happened: watch events checked across resumes, and leases granted,
+/// kept alive, expired and revoked.
+fn assert_watch_and_leases_exercised(t: &sim::Stats) {
+    let kinds = [
+        ("a watch event checked", t.watch_events),
+        ("a watch resumed on a node", t.watch_resumes),
+        ("a lease granted", t.leases_granted),
+        ("a keepalive acknowledged", t.keepalive_acks),
+        ("a lease expired (revoked by an upkeep)", t.leases_expired),
+        ("a lease revoked by its client", t.leases_revoked),
+        ("a lease write refused", t.lease_refusals),
+    ];
+    for (what, n) in kinds {
+        assert!(n > 0, "nothing of the kind: {what}: {t:?}");
     }
 }
 
@@ -241,6 +283,20 @@ fn same_seed_same_run() {
         (a.events, a.ops_ok, a.elections, a.duplicates, a.cas_ok),
         (b.events, b.ops_ok, b.elections, b.duplicates, b.cas_ok)
     );
+    assert_eq!(
+        (
+            a.watch_events,
+            a.watch_resumes,
+            a.keepalive_acks,
+            a.leases_expired
+        ),
+        (
+            b.watch_events,
+            b.watch_resumes,
+            b.keepalive_acks,
+            b.leases_expired
+        )
+    );
 }
 
 /// Byzantine-lite mode: seeds with the mode inject corrupted frames that the real decoder
@@ -276,8 +332,9 @@ fn byzantine_lite_frames_are_refused_and_the_cluster_stays_live() {
 /// The simulator reaches the runtime's hard paths: crashes inside a storage group (power
 /// cuts), compactions and snapshot installs (the three-party rendezvous) all happen, and so
 /// does every kind of membership change and every issue-11 path (duplicates answered from
-/// the session table, CAS both ways, transactions, prefix deletes, evictions) (`simulation_seeds` checks the same of the default
-/// seed set).
+/// the session table, CAS both ways, transactions, prefix deletes, evictions) and every
+/// issue-12 path (watch resumes, leases kept alive, expired and revoked) (`simulation_seeds`
+/// checks the same of the default seed set).
 #[test]
 fn the_runtime_paths_that_matter_are_exercised() {
     let mut totals = sim::Stats::default();
@@ -291,6 +348,7 @@ fn the_runtime_paths_that_matter_are_exercised() {
     assert!(totals.compactions > 0, "no compaction");
     assert!(totals.snapshots_installed > 0, "no snapshot install");
     assert_sessions_exercised(&totals);
+    assert_watch_and_leases_exercised(&totals);
     assert!(
         totals.ops_ok > 1000,
         "too little client work: {}",

@@ -3,7 +3,9 @@
 //!
 //! Deterministic: it keeps no clock of its own. The shell ([`super::lease_upkeep`]) feeds it
 //! the node's monotonic time, its leadership and the state machine's lease table; the
-//! simulator feeds it simulated time. Only the leader keeps deadlines: keepalives go to the
+//! simulator feeds it simulated time. Both go through the same calls: [`Lessor::upkeep`] for
+//! the periodic expiry and [`Lessor::keepalive_confirmed`] after a keepalive's ReadIndex
+//! round (and [`Lessor::sync_with`] to read a lease's time left). Only the leader keeps deadlines: keepalives go to the
 //! leader, and expiry is decided there and applied by every replica as a `LeaseRevoke` entry.
 //!
 //! Time safety across leader changes (etcd's rule): when a node becomes leader, every lease
@@ -18,6 +20,7 @@
 //! Invariant: deadlines exist only while `term` is `Some` (this node leads).
 
 use raftkv_storage::sm::leases::LeaseInfo;
+use raftkv_storage::sm::StateMachine;
 use std::collections::BTreeMap;
 
 /// An expired lease's revoke is proposed again after this long if it has not applied.
@@ -123,6 +126,43 @@ impl Lessor {
         Ok(t.ttl_ms)
     }
 
+    /// Brings the lessor up to date with this node's leadership (`Some(term)` when it leads)
+    /// and `sm`'s lease table as of `now_ms` (the table is read only when its epoch moved).
+    /// The one way every shell feeds the lessor: the node's upkeep and keepalives, and the
+    /// simulator.
+    pub fn sync_with(&mut self, sm: &StateMachine, leader_term: Option<u64>, now_ms: u64) {
+        self.set_leadership(leader_term, now_ms);
+        if self.needs_sync(sm.lease_epoch()) {
+            let (leases, epoch) = sm.leases();
+            self.sync(&leases, epoch, now_ms);
+        }
+    }
+
+    /// The lease upkeep (every `LEASE_TICK_MS`): syncs with leadership and the lease table,
+    /// then returns the expired leases whose revoke to propose now (see [`due`](Self::due)).
+    pub fn upkeep(&mut self, sm: &StateMachine, leader_term: Option<u64>, now_ms: u64) -> Vec<u64> {
+        self.sync_with(sm, leader_term, now_ms);
+        self.due(now_ms)
+    }
+
+    /// A keepalive of lease `id` once a ReadIndex round confirmed this node leads in `term`:
+    /// what the lessor learns now (leadership, leases granted during the round) counts from
+    /// `now_ms`; only the renewal counts from `before_ms`, the clock read *before* the round
+    /// (see the module doc). Returns the time left on the lease as of `now_ms`.
+    pub fn keepalive_confirmed(
+        &mut self,
+        sm: &StateMachine,
+        term: u64,
+        id: u64,
+        before_ms: u64,
+        now_ms: u64,
+    ) -> Result<u64, KeepaliveError> {
+        debug_assert!(before_ms <= now_ms, "the round ends after it starts");
+        self.sync_with(sm, Some(term), now_ms);
+        self.keepalive(id, before_ms)?;
+        Ok(self.remaining_ms(id, now_ms).unwrap_or(0))
+    }
+
     /// Time left before lease `id` expires, on the leader.
     pub fn remaining_ms(&self, id: u64, now_ms: u64) -> Option<u64> {
         self.leases
@@ -209,6 +249,46 @@ mod tests {
         l.sync(&[lease(1, 1_000)], 1, 5_900);
         assert!(l.due(6_899).is_empty(), "re-elected: a full TTL again");
         assert_eq!(l.due(6_900), vec![1]);
+    }
+
+    /// The shells' path (`upkeep`, `keepalive_confirmed`) over a real state machine: leases
+    /// are learnt from its table, and a confirmed keepalive renews from before its round.
+    #[test]
+    fn the_shells_path_learns_the_table_and_renews_from_before_the_round() {
+        use raftkv_storage::command::Command;
+        use raftkv_storage::sm::StateMachineOptions;
+        use raftkv_storage::{Entry, EntryKind};
+        let sm = StateMachine::open_temporary(StateMachineOptions::default()).unwrap();
+        let grant = Command::LeaseGrant {
+            ttl_ms: 1_000,
+            leases_max: 10,
+        };
+        let payload = grant.encode().unwrap();
+        let entry = Entry {
+            index: 1,
+            term: 1,
+            kind: EntryKind::Normal,
+            payload: payload.into(),
+        };
+        sm.apply(&[entry]).unwrap();
+        let mut l = Lessor::new();
+        assert!(
+            l.upkeep(&sm, None, 0).is_empty(),
+            "a follower proposes nothing"
+        );
+        assert!(l.upkeep(&sm, Some(2), 100).is_empty(), "learnt at 100");
+        assert_eq!(l.keepalive_confirmed(&sm, 2, 1, 600, 650), Ok(950));
+        assert_eq!(
+            l.keepalive_confirmed(&sm, 2, 7, 600, 650),
+            Err(KeepaliveError::NotFound(7))
+        );
+        assert!(l.upkeep(&sm, Some(2), 1_599).is_empty());
+        assert_eq!(l.upkeep(&sm, Some(2), 1_600), vec![1]);
+        assert_eq!(
+            l.keepalive_confirmed(&sm, 3, 1, 1_700, 1_700),
+            Ok(1_000),
+            "a new term gives the lease a full TTL again"
+        );
     }
 
     #[test]

@@ -86,26 +86,13 @@ impl NodeService {
         self.lessor.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Brings the lessor up to date with this node's leadership and lease table as of
-    /// `now_ms`.
-    fn sync_lessor(&self, lessor: &mut Lessor, leader_term: Option<u64>, now_ms: u64) {
-        lessor.set_leadership(leader_term, now_ms);
-        let epoch = self.sm.lease_epoch();
-        if lessor.needs_sync(epoch) {
-            let (leases, epoch) = self.sm.leases();
-            lessor.sync(&leases, epoch, now_ms);
-        }
-    }
-
     /// The lease upkeep, run every [`LEASE_TICK_MS`](super::LEASE_TICK_MS): tells the lessor
     /// whether this node leads and returns the expired leases whose revoke to propose.
     pub async fn expired_leases(&self) -> Result<Vec<u64>, ServiceError> {
         let status = self.status().await?;
         let now_ms = self.lease_clock_ms();
         let term = (status.role == "leader").then_some(status.term);
-        let mut lessor = self.lock_lessor();
-        self.sync_lessor(&mut lessor, term, now_ms);
-        Ok(lessor.due(now_ms))
+        Ok(self.lock_lessor().upkeep(&self.sm, term, now_ms))
     }
 
     /// Proposes the revoke of an expired lease (the lessor's decision).
@@ -422,12 +409,12 @@ impl KvService for NodeService {
 
     async fn lease_keepalive(&self, id: u64) -> Result<LeaseResponse, ServiceError> {
         let (term, before_ms) = self.confirm_leader().await?;
-        let mut lessor = self.lock_lessor();
-        // What the lessor learns now (leadership, leases granted during the round) counts
-        // from now; only the renewal counts from before the round.
-        self.sync_lessor(&mut lessor, Some(term), self.lease_clock_ms());
-        match lessor.keepalive(id, before_ms) {
-            Ok(_) => {}
+        let now_ms = self.lease_clock_ms();
+        let renewed = self
+            .lock_lessor()
+            .keepalive_confirmed(&self.sm, term, id, before_ms, now_ms);
+        let remaining_ms = match renewed {
+            Ok(remaining_ms) => remaining_ms,
             Err(KeepaliveError::NotFound(id)) => {
                 return Err(ServiceError::NotFound(format!(
                     "lease {id} does not exist (never granted, revoked or expired)"
@@ -436,9 +423,7 @@ impl KvService for NodeService {
             Err(KeepaliveError::NotLeader) => {
                 return Err(ServiceError::Unavailable("leadership moved; retry".into()))
             }
-        }
-        let remaining_ms = lessor.remaining_ms(id, self.lease_clock_ms()).unwrap_or(0);
-        drop(lessor);
+        };
         let info = self.sm.lease(id, 0).map_err(sm_error)?.value;
         let Some((info, _, _)) = info else {
             return Err(ServiceError::NotFound(format!(
@@ -457,11 +442,10 @@ impl KvService for NodeService {
             )));
         };
         let remaining_ms = {
+            let now_ms = self.lease_clock_ms();
             let mut lessor = self.lock_lessor();
-            self.sync_lessor(&mut lessor, Some(term), self.lease_clock_ms());
-            lessor
-                .remaining_ms(id, self.lease_clock_ms())
-                .unwrap_or(info.ttl_ms)
+            lessor.sync_with(&self.sm, Some(term), now_ms);
+            lessor.remaining_ms(id, now_ms).unwrap_or(info.ttl_ms)
         };
         let mut resp = self.lease_response(info, remaining_ms);
         resp.keys = keys
@@ -478,7 +462,7 @@ impl KvService for NodeService {
         let (leases, _) = self.sm.leases();
         let now_ms = self.lease_clock_ms();
         let mut lessor = self.lock_lessor();
-        self.sync_lessor(&mut lessor, Some(term), now_ms);
+        lessor.sync_with(&self.sm, Some(term), now_ms);
         let leases = leases
             .into_iter()
             .map(|l| LeaseSummary {

@@ -16,7 +16,9 @@
 //! outcome unknown and the client starts a new session. A plain (sessionless) write is a put
 //! of a unique value; one with an unknown outcome is not retried. Now and then the sim proposes an `ExpireSessions` entry at the leader
 //! (its clock: the simulated time), with a TTL far above any retry horizon, and in a quarter
-//! of the seeds a table bound of a few sessions, so sessions get evicted.
+//! of the seeds a table bound of a few sessions, so sessions get evicted. Clients also grant
+//! leases, put keys under them, keep them alive and revoke them (see `leases.rs`); those
+//! operations are judged by the lease and watch checks, not the linearizability check.
 //!
 //! Checked at the end, against the committed log as a reference state machine applied it
 //! (every committed entry, once, in order, through the production `StateMachine`):
@@ -30,6 +32,7 @@
 //!   resolved from the log when the client never got it: found → it happened, with that
 //!   result, at some point after its invocation; not found → it never happened.
 
+use super::leases::{self, LeaseLedger, WaitingKeepalive};
 use super::linearizability::{self, Action, Cmp, Rec};
 use super::{payload_hash, Event, NetMsg, Sim, KEYS};
 use raftkv::node::messages::{Input, Request as NodeRequest};
@@ -37,6 +40,7 @@ use raftkv::raft::ReadLevel;
 use raftkv::storage::command::{
     Command, CommandOutcome, CommandRef, CommandResult, KeyRecord, OpResult, Refusal, Session,
 };
+use raftkv::storage::sm::history::ChangeEvent;
 use raftkv::storage::sm::{EntryOutcome, StateMachine, StateMachineOptions};
 use raftkv::storage::txn::{Compare, CompareOp, Target, Txn, TxnOp};
 use raftkv::storage::{Entry, EntryKind};
@@ -63,6 +67,10 @@ pub enum WriteKind {
     Cas,
     Txn,
     DeletePrefix,
+    /// Lease writes (`leases.rs`): kept out of the linearizability check.
+    LeaseGrant,
+    PutLeased,
+    LeaseRevoke,
 }
 
 #[derive(Clone, Debug)]
@@ -76,6 +84,24 @@ pub enum Request {
     Read {
         key: String,
     },
+    /// A lease keepalive (retried anywhere until answered, like a read).
+    Keepalive {
+        lease: u64,
+    },
+}
+
+impl Request {
+    /// Lease operations: checked by the lease and watch checks, not by linearizability.
+    fn is_lease(&self) -> bool {
+        match self {
+            Request::Keepalive { .. } => true,
+            Request::Write { kind, .. } => matches!(
+                kind,
+                WriteKind::LeaseGrant | WriteKind::PutLeased | WriteKind::LeaseRevoke
+            ),
+            Request::Read { .. } => false,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -89,6 +115,12 @@ pub enum Response {
     Retry,
     /// The write may or may not have happened (504).
     Unknown,
+    /// The keepalive renewed the lease.
+    KeptAlive {
+        remaining_ms: u64,
+    },
+    /// The keepalive found no such lease (404: revoked, expired or its revoke in flight).
+    LeaseGone,
 }
 
 /// A client's definite answer.
@@ -96,6 +128,8 @@ pub enum Response {
 pub enum Answer {
     Write(CommandResult),
     Read(Option<KeyRecord>),
+    /// A keepalive was answered (renewed, or the lease is gone).
+    Keepalive,
 }
 
 /// One client operation as its client saw it.
@@ -123,6 +157,21 @@ pub struct Client {
     plain: u64,
     /// The key records as this client last saw them.
     known: HashMap<String, Option<KeyRecord>>,
+    /// When the current attempt was sent.
+    sent_ms: u64,
+    /// The leases this client holds (as far as it knows).
+    leases: Vec<HeldLease>,
+}
+
+/// A lease a client was granted.
+#[derive(Clone, Copy, Debug)]
+struct HeldLease {
+    id: u64,
+    ttl_ms: u64,
+    /// Keep it alive (else let it lapse).
+    keep_alive: bool,
+    /// When the next keepalive is due.
+    keepalive_at_ms: u64,
 }
 
 impl Client {
@@ -137,7 +186,13 @@ impl Client {
             sessions_started: 0,
             plain: 0,
             known: HashMap::new(),
+            sent_ms: 0,
+            leases: Vec::new(),
         }
+    }
+
+    fn forget_lease(&mut self, id: u64) {
+        self.leases.retain(|l| l.id != id);
     }
 
     fn new_session(&mut self) {
@@ -209,6 +264,13 @@ impl Client {
     }
 }
 
+fn cmd_is_lease(cmd: &Command) -> bool {
+    matches!(
+        cmd,
+        Command::LeaseGrant { .. } | Command::PutLeased { .. } | Command::LeaseRevoke { .. }
+    )
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8(b.to_vec()).expect("keys and values are UTF-8")
 }
@@ -229,6 +291,9 @@ impl Sim {
                 value: b"open".to_vec(),
             };
             return self.session_write(c, WriteKind::Register, cmd);
+        }
+        if let Some(req) = self.lease_request(c) {
+            return req;
         }
         let key = key_name(self.rng.range(0, KEYS));
         let pick = self.rng.range(0, 20);
@@ -281,6 +346,54 @@ impl Sim {
             cmd,
             session: None,
         }
+    }
+
+    /// A lease operation now and then (see `leases.rs`): a keepalive when one is due, else
+    /// sometimes a grant, a leased put, a revoke, or letting a lease lapse.
+    fn lease_request(&mut self, c: u64) -> Option<Request> {
+        let now_ms = self.now;
+        let cl = &mut self.clients[c as usize];
+        if let Some(l) = cl
+            .leases
+            .iter_mut()
+            .find(|l| l.keep_alive && l.keepalive_at_ms <= now_ms)
+        {
+            l.keepalive_at_ms = now_ms + l.ttl_ms / 3;
+            return Some(Request::Keepalive { lease: l.id });
+        }
+        if self.rng.range(0, 8) != 0 {
+            return None;
+        }
+        let held = self.clients[c as usize].leases.len() as u64;
+        if held < 2 && self.rng.range(0, 3) != 0 {
+            let cmd = Command::LeaseGrant {
+                ttl_ms: self.rng.range(leases::TTL_MS_MIN, leases::TTL_MS_MAX + 1),
+                leases_max: leases::leases_max(self.params.seed),
+            };
+            return Some(self.session_write(c, WriteKind::LeaseGrant, cmd));
+        }
+        if held == 0 {
+            return None;
+        }
+        let l = self.clients[c as usize].leases[self.rng.range(0, held) as usize];
+        let pick = self.rng.range(0, 10);
+        if pick == 9 {
+            // Stop keeping it alive: it lapses.
+            self.clients[c as usize].forget_lease(l.id);
+            return None;
+        }
+        let (kind, cmd) = if pick == 8 {
+            (WriteKind::LeaseRevoke, Command::LeaseRevoke { id: l.id })
+        } else {
+            let cl = &self.clients[c as usize];
+            let cmd = Command::PutLeased {
+                key: format!("{}c{c}/{}", leases::LEASED_PREFIX, self.rng.range(0, 4)).into_bytes(),
+                value: format!("{}-{}", cl.session, cl.session_seq + 1).into_bytes(),
+                lease: l.id,
+            };
+            (WriteKind::PutLeased, cmd)
+        };
+        Some(self.session_write(c, kind, cmd))
     }
 
     /// `cmd` as the client session's next write.
@@ -432,6 +545,18 @@ impl Sim {
                 };
                 NodeRequest::Read { level, reply }
             }
+            Request::Keepalive { lease } => {
+                // `confirm_leader`: the clock before the ReadIndex round, then the round.
+                let (reply, rx) = oneshot::channel();
+                live.keepalives.push(WaitingKeepalive {
+                    client,
+                    attempt,
+                    lease,
+                    before_ms: now_ms,
+                    rx,
+                });
+                NodeRequest::Read { reply }
+            }
         };
         self.step(node, Input::Request(request))
     }
@@ -441,6 +566,14 @@ impl Sim {
             return;
         }
         let req = self.next_request(c);
+        if let Request::Write {
+            kind: WriteKind::LeaseGrant,
+            session: Some(s),
+            ..
+        } = &req
+        {
+            self.leases.grant_sent_ms.insert(s.clone(), self.now);
+        }
         self.history.push(ClientOp {
             client: c,
             req: req.clone(),
@@ -460,6 +593,7 @@ impl Sim {
         }
         let cl = &mut self.clients[c as usize];
         cl.attempt += 1;
+        cl.sent_ms = self.now;
         let (attempt, node) = (cl.attempt, cl.target);
         let Some((_, req)) = cl.current.clone() else {
             return;
@@ -539,6 +673,7 @@ impl Sim {
         match resp {
             Response::Written { result, .. } => self.written(c, result)?,
             Response::Read(rec) => self.done(c, Answer::Read(rec)),
+            Response::KeptAlive { .. } | Response::LeaseGone => self.keepalive_answered(c, resp)?,
             Response::Unknown if self.current_is_sessioned(c) => {
                 // Outcome unknown: retry the same (client, seq), anywhere, after a pause.
                 self.stats.sessioned_retries += 1;
@@ -556,6 +691,37 @@ impl Sim {
                 self.retry_elsewhere(c, attempt, 20, 60);
             }
         }
+        Ok(())
+    }
+
+    /// A keepalive's answer: renewed (its attempt's send time is when the lease was last
+    /// known alive), or the lease is gone (the client forgets it).
+    fn keepalive_answered(&mut self, c: u64, resp: Response) -> Result<(), String> {
+        let Some((_, Request::Keepalive { lease })) = self.clients[c as usize].current.clone()
+        else {
+            return Err(format!(
+                "client {c} got a keepalive's answer to another request"
+            ));
+        };
+        let renewed = matches!(resp, Response::KeptAlive { .. });
+        if let Response::KeptAlive { remaining_ms } = resp {
+            let ttl_ms = self.effects.ledger.ttl_ms(lease);
+            if ttl_ms.is_none_or(|ttl| remaining_ms > ttl) {
+                return Err(format!(
+                    "client {c}: lease {lease} (TTL {ttl_ms:?} ms in the log) renewed with \
+                     {remaining_ms} ms left"
+                ));
+            }
+        }
+        let cl = &mut self.clients[c as usize];
+        if renewed {
+            self.stats.keepalive_acks += 1;
+            let at = self.leases.kept_alive_ms.entry(lease).or_insert(0);
+            *at = (*at).max(cl.sent_ms);
+        } else {
+            cl.forget_lease(lease);
+        }
+        self.done(c, Answer::Keepalive);
         Ok(())
     }
 
@@ -582,6 +748,15 @@ impl Sim {
                 self.give_up(c);
                 return Ok(());
             }
+            CommandOutcome::Refused(
+                r @ (Refusal::LeaseNotFound { .. } | Refusal::LeasesFull { .. }),
+            ) if cmd_is_lease(&cmd) => {
+                // The lease expired or was revoked meanwhile, or the lease bound is reached.
+                self.stats.lease_refusals += 1;
+                if let Refusal::LeaseNotFound { id } = r {
+                    self.clients[c as usize].forget_lease(*id);
+                }
+            }
             CommandOutcome::Refused(r) => {
                 return Err(format!(
                     "client {c}: {kind:?} {session:?} refused: {r:?} (a session has one \
@@ -598,6 +773,20 @@ impl Sim {
                 }
             }
             CommandOutcome::DeletePrefix { .. } => self.stats.prefix_deletes += 1,
+            CommandOutcome::LeaseGranted { id, ttl_ms } => {
+                let keep_alive = self.rng.range(0, 3) != 0;
+                self.clients[c as usize].leases.push(HeldLease {
+                    id: *id,
+                    ttl_ms: *ttl_ms,
+                    keep_alive,
+                    keepalive_at_ms: self.now + ttl_ms / 3,
+                });
+            }
+            CommandOutcome::LeaseRevoked { .. } => {
+                if let Command::LeaseRevoke { id } = &cmd {
+                    self.clients[c as usize].forget_lease(*id);
+                }
+            }
             _ => {}
         }
         if result.duplicate {
@@ -666,6 +855,11 @@ pub struct Effects {
     /// Duplicates answered from the session table, in the log.
     pub duplicates_in_log: u64,
     pub evictions: u64,
+    /// Every change to a user key the committed log made, in revision order (what watchers
+    /// must see).
+    pub events: Vec<ChangeEvent>,
+    /// The log's leases.
+    pub ledger: LeaseLedger,
 }
 
 impl Effects {
@@ -683,6 +877,8 @@ impl Effects {
             answers: Vec::new(),
             duplicates_in_log: 0,
             evictions: 0,
+            events: Vec::new(),
+            ledger: LeaseLedger::default(),
         }
     }
 
@@ -700,15 +896,32 @@ impl Effects {
             ));
         }
         let before = self.reference.sessions_summary().count;
-        let applied = self.reference.apply(entries).map_err(|err| {
+        let batch = self.reference.apply_with_events(entries).map_err(|err| {
             format!("the reference state machine refuses {first}..={last}: {err}")
         })?;
         let mut expected = before;
-        for (e, a) in entries.iter().zip(&applied) {
-            if let EntryOutcome::Command(result) = &a.outcome {
-                expected = self.record(e, result, expected)?;
+        let mut rest = batch.events.as_slice();
+        for (e, a) in entries.iter().zip(&batch.entries) {
+            assert_eq!(e.index, a.index, "the reference applies every entry given");
+            let here = rest.iter().take_while(|c| c.revision == e.index).count();
+            let (changes, after) = rest.split_at(here);
+            rest = after;
+            match &a.outcome {
+                EntryOutcome::Command(result) => {
+                    expected = self.record(e, result, expected, changes)?;
+                }
+                _ if !changes.is_empty() => {
+                    return Err(format!("entry {} is no command but changed keys", e.index));
+                }
+                _ => {}
             }
         }
+        if !rest.is_empty() {
+            return Err(format!(
+                "changes of revisions {first}..={last} out of order: {rest:?}"
+            ));
+        }
+        self.events.extend(batch.events);
         let after = self.reference.sessions_summary().count;
         if after < expected {
             // New sessions evicted old ones in this batch.
@@ -720,8 +933,15 @@ impl Effects {
 
     /// Records what entry `e` did; returns the session count expected after it without
     /// evictions by new sessions.
-    fn record(&mut self, e: &Entry, result: &CommandResult, expected: u64) -> Result<u64, String> {
+    fn record(
+        &mut self,
+        e: &Entry,
+        result: &CommandResult,
+        expected: u64,
+        changes: &[ChangeEvent],
+    ) -> Result<u64, String> {
         let proposal = CommandRef::decode_proposal(&e.payload).map_err(|err| err.to_string())?;
+        self.ledger.observe(e, &proposal, result, changes)?;
         match (proposal.session, &result.outcome) {
             (_, CommandOutcome::SessionsExpired { expired }) => {
                 self.evictions += expired;
@@ -840,7 +1060,7 @@ impl Effects {
     /// touched, with unanswered writes resolved from the log.
     pub fn history(&self, ops: &[ClientOp]) -> Result<Vec<linearizability::Op>, String> {
         let mut out = Vec::new();
-        for op in ops {
+        for op in ops.iter().filter(|op| !op.req.is_lease()) {
             let base = linearizability::Op {
                 client: op.client,
                 key: String::new(),
@@ -860,7 +1080,7 @@ impl Effects {
                         ..base
                     });
                 }
-                (Request::Read { .. }, None) => {}
+                (Request::Read { .. }, None) | (Request::Keepalive { .. }, _) => {}
                 (Request::Write { cmd, .. }, Some((_, Answer::Write(result)))) => {
                     out.extend(project(cmd, result, &base)?);
                 }
@@ -899,6 +1119,7 @@ fn describe(req: &Request) -> String {
     match req {
         Request::Read { key } => format!("get {key}"),
         Request::Write { kind, cmd, session } => format!("{kind:?} {session:?} {cmd:?}"),
+        Request::Keepalive { lease } => format!("keepalive {lease}"),
     }
 }
 

@@ -216,7 +216,7 @@ impl Sim {
     /// change, the periodic look for members that never ran.
     pub(super) fn member_event(&mut self, ev: Event) -> Result<(), String> {
         match ev {
-            Event::Retire(id) => self.retire(id),
+            Event::Retire(id) => self.retire(id)?,
             Event::CrashMidChange {
                 node,
                 incarnation,
@@ -542,7 +542,7 @@ impl Sim {
 
     /// Stops a removed node for good (its removal completed: the latest committed
     /// configuration does not name it, and ids are never reused).
-    fn retire(&mut self, id: NodeId) {
+    fn retire(&mut self, id: NodeId) -> Result<(), String> {
         if let Some((at, m)) = self.checker.configs.last_key_value() {
             assert!(
                 !m.contains(id),
@@ -551,10 +551,13 @@ impl Sim {
         }
         let n = self.nodes.get_mut(&id).expect("node");
         if n.retired {
-            return;
+            return Ok(());
         }
         n.retired = true;
-        n.live = None;
+        if let Some(live) = n.live.take() {
+            // Its watch streams end, as a stopped node's do.
+            live.hub.close();
+        }
         n.incarnation += 1;
         n.paused_until = None;
         n.crash_armed = None;
@@ -564,6 +567,7 @@ impl Sim {
         self.chunk_link_free_at
             .retain(|(a, b), _| *a != id && *b != id);
         self.stats.member.retired += 1;
+        self.end_watch_streams(id)
     }
 }
 

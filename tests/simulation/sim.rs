@@ -41,6 +41,16 @@
 //!   answer; a plain write that got no answer, or a 504, has an unknown outcome and is not
 //!   retried; a 503 or a redirect is retried. Now and then the leader gets an
 //!   `ExpireSessions` entry (a small table bound in a quarter of the seeds);
+//! - leases (`leases.rs`): clients also grant leases of 1–4 s, put keys `l/…` under them,
+//!   keep most alive through the leader (a ReadIndex round through the node's read path, then
+//!   the node's production `Lessor`), let others lapse and revoke some; every node runs the
+//!   production lessor's upkeep every `LEASE_TICK_MS` of simulated time, fed with its
+//!   leadership and lease table, and proposes the revokes it says are due;
+//! - watchers (`watchers.rs`): a few per seed, on a key or a prefix, each following the
+//!   production `WatchStream` on a random node, stepped at seeded moments, resuming on
+//!   another node (mid-revision too) when its node stops, its stream is cancelled as too slow
+//!   (a small buffer bound in a quarter of the seeds), or at random; a quarter of the seeds
+//!   keep a short watch history, so late resumes are refused as compacted;
 //!
 //! Checked after every step: at most one leader per term, whatever the configuration (nodes
 //! added later included); log matching (every (index, term) ever written names one entry with
@@ -57,16 +67,29 @@
 //! compare all logs, check every member's final records and session table against a
 //! reference state machine that applied the committed log once, check exactly-once (no
 //! client write took effect twice, every answer is its one effect's) and linearizability of
-//! the client history with compare-and-swap and transactions (see `client.rs`).
+//! the client history with compare-and-swap and transactions (see `client.rs`; leased keys
+//! are a key space of their own, kept out of it). Watches and leases (issue 12): every event
+//! a stream sends is of a revision its node applied and progress never goes back; after a
+//! final catch-up, each watcher's event sequence equals the committed history for its filter
+//! from its start to where it stopped — same values, revisions and versions, no gap,
+//! duplicate or reorder — across crashes, leader changes and snapshot installs, and a start
+//! refused as compacted was really older than the node's retained history (`watchers.rs`);
+//! every expiry revoke an upkeep proposed that took effect was proposed a full TTL after the
+//! lease was last known alive (the grant's or the last acknowledged keepalive's send time), a
+//! revoke deletes exactly its lease's keys at one revision, every node ends with the log's
+//! lease table and leased keys, and liveness after healing includes every lease expiring
+//! (`leases.rs`).
 
 use super::linearizability;
 use client::{Client, ClientOp, Effects, Request, Response};
+use leases::{LeaseBook, WaitingKeepalive};
 pub use membership::MemberStats;
 use membership::{MemberAction, WaitingChange};
 use raftkv::api::ServiceError;
 use raftkv::metrics::Metrics;
 use raftkv::node::apply::{ApplyWork, ApplyWorker, Pending};
 use raftkv::node::consensus::{self, Consensus, NodeInfo};
+use raftkv::node::lessor::Lessor;
 use raftkv::node::messages::{
     ApplyJob, Input, Outputs, ProposalOutcome, Request as NodeRequest, StorageEvent, StorageJob,
 };
@@ -93,6 +116,7 @@ use std::hash::{Hash, Hasher};
 use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::oneshot;
+use watchers::Watcher;
 
 const TICK_MS: u64 = 10;
 const CLIENT_TIMEOUT_MS: u64 = 600;
@@ -103,8 +127,12 @@ const FRAME_BYTES_MAX: u32 = 16 << 20;
 
 #[path = "client.rs"]
 mod client;
+#[path = "leases.rs"]
+mod leases;
 #[path = "membership.rs"]
 mod membership;
+#[path = "watchers.rs"]
+mod watchers;
 
 /// A fault in the schedule.
 #[derive(Clone, Debug)]
@@ -165,6 +193,12 @@ pub struct Params {
     /// The session table bound the sim's `ExpireSessions` entries set: a few sessions in a
     /// quarter of the seeds (evictions), else plenty.
     pub sessions_max: u64,
+    /// Watch history kept by every node: short in a quarter of the seeds (watchers that
+    /// resume late are refused as compacted), else the default.
+    pub watch_history_revisions: u64,
+    /// A watcher's queue bound on a node: small in a quarter of the seeds (watchers that
+    /// fall behind are cancelled and resume), else the default.
+    pub watcher_buffer_bytes: usize,
 }
 
 /// Byzantine-lite network mode: between `from_ms` and `until_ms`, each Raft message sent on
@@ -296,6 +330,15 @@ impl Params {
             0 => sessions.range(2, 6),
             _ => 1000,
         };
+        let mut watch = Rng::new(seed ^ 0x3A7C_4E11);
+        let watch_history_revisions = match watch.range(0, 4) {
+            0 => watch.range(20, 400),
+            _ => raftkv::storage::sm::history::HISTORY_REVISIONS_DEFAULT,
+        };
+        let watcher_buffer_bytes = match watch.range(0, 4) {
+            0 => watch.range(300, 3000) as usize,
+            _ => WatchSettings::default().watcher_buffer_bytes_max,
+        };
         faults.sort_by_key(|(at, _)| *at);
         Params {
             seed,
@@ -319,6 +362,8 @@ impl Params {
             faults,
             byzantine,
             sessions_max,
+            watch_history_revisions,
+            watcher_buffer_bytes,
         }
     }
 }
@@ -329,7 +374,8 @@ impl fmt::Display for Params {
             f,
             "seed {}: {} nodes (+{} spare), {} clients, loss {}%, dup {}%, delay 1..={} ms, fsync 0..={} ms, \
              snapshot every {} (margin {}), segment {} B, chunk {} B, pre_vote {}, check_quorum {}, append_bytes_max {}, \
-             inflight_msgs_max {}, lease_reads {}, sessions_max {}, run {} ms",
+             inflight_msgs_max {}, lease_reads {}, sessions_max {}, watch history {} revisions, \
+             watcher buffer {} B, run {} ms",
             self.seed,
             self.nodes,
             self.spares,
@@ -348,6 +394,8 @@ impl fmt::Display for Params {
             self.inflight_msgs_max,
             self.lease_reads,
             self.sessions_max,
+            self.watch_history_revisions,
+            self.watcher_buffer_bytes,
             self.run_ms
         )?;
         if let Some(b) = self.byzantine {
@@ -443,6 +491,13 @@ enum Event {
         client: u64,
         attempt: u64,
     },
+    /// A watcher reads its stream (or opens one).
+    WatchStep(usize),
+    /// A node's lease upkeep (every `LEASE_TICK_MS` while that incarnation runs).
+    LeaseUpkeep {
+        node: NodeId,
+        incarnation: u64,
+    },
 }
 
 impl Event {
@@ -453,6 +508,7 @@ impl Event {
             Event::Deliver(NetMsg::Frame { to, .. }) => Some(*to),
             Event::Deliver(NetMsg::Request { node, .. }) => Some(*node),
             Event::Run { node, .. } | Event::Chunk { node, .. } => Some(*node),
+            Event::LeaseUpkeep { node, .. } => Some(*node),
             _ => None,
         }
     }
@@ -498,6 +554,9 @@ struct Live {
     writes: Vec<WaitingWrite>,
     reads: Vec<WaitingRead>,
     changes: Vec<WaitingChange>,
+    /// The node's lessor (its service's: lost with the process).
+    lessor: Lessor,
+    keepalives: Vec<WaitingKeepalive>,
 }
 
 struct Node {
@@ -660,6 +719,9 @@ pub struct Sim {
     trace: bool,
     /// Runs the transport's (async) frame decoder on byzantine-lite frames.
     runtime: tokio::runtime::Runtime,
+    watchers: Vec<Watcher>,
+    /// Lease request send times and upkeep proposals, for the lease checks.
+    leases: LeaseBook,
     pub stats: Stats,
 }
 
@@ -725,6 +787,22 @@ pub struct Stats {
     pub txns_ok: u64,
     pub txns_failed: u64,
     pub prefix_deletes: u64,
+    /// Watch events taken by watchers (each checked against the log at the end), streams
+    /// resumed on a node, starts refused as compacted, streams cancelled as too slow.
+    pub watch_events: u64,
+    pub watch_resumes: u64,
+    pub watch_compacted: u64,
+    pub watch_too_slow: u64,
+    /// Leases granted, expired (revoked by an upkeep), revoked by a client, kept alive (at
+    /// least one keepalive acknowledged); keepalives acknowledged; revokes an upkeep proposed;
+    /// lease writes refused (`LeaseNotFound`, `LeasesFull`).
+    pub leases_granted: u64,
+    pub leases_expired: u64,
+    pub leases_revoked: u64,
+    pub leases_kept_alive: u64,
+    pub keepalive_acks: u64,
+    pub lease_revokes_proposed: u64,
+    pub lease_refusals: u64,
 }
 
 impl Stats {
@@ -754,6 +832,17 @@ impl Stats {
         self.txns_ok += other.txns_ok;
         self.txns_failed += other.txns_failed;
         self.prefix_deletes += other.prefix_deletes;
+        self.watch_events += other.watch_events;
+        self.watch_resumes += other.watch_resumes;
+        self.watch_compacted += other.watch_compacted;
+        self.watch_too_slow += other.watch_too_slow;
+        self.leases_granted += other.leases_granted;
+        self.leases_expired += other.leases_expired;
+        self.leases_revoked += other.leases_revoked;
+        self.leases_kept_alive += other.leases_kept_alive;
+        self.keepalive_acks += other.keepalive_acks;
+        self.lease_revokes_proposed += other.lease_revokes_proposed;
+        self.lease_refusals += other.lease_refusals;
     }
 }
 
@@ -787,6 +876,8 @@ impl Sim {
             runtime: tokio::runtime::Builder::new_current_thread()
                 .build()
                 .expect("a current-thread runtime"),
+            watchers: Vec::new(),
+            leases: LeaseBook::default(),
             stats: Stats::default(),
         };
         for id in 1..=sim.params.nodes + sim.params.spares {
@@ -804,6 +895,7 @@ impl Sim {
             let at = sim.rng.range(0, 300);
             sim.schedule(at, Event::ClientNext(c));
         }
+        sim.add_watchers();
         for k in 0..sim.params.faults.len() {
             let at = sim.params.faults[k].0;
             sim.schedule(at, Event::Fault(k));
@@ -845,6 +937,7 @@ impl Sim {
             sm: StateMachineOptions {
                 flush_every_ms: None,
                 cache_bytes: 1 << 20,
+                watch_history_revisions: self.params.watch_history_revisions,
                 ..StateMachineOptions::default()
             },
             ..NodeStorageOptions::default()
@@ -1006,7 +1099,7 @@ impl Sim {
             Event::Restart(id) => self.restart(id)?,
             Event::ArmedCrash { node, incarnation } => {
                 if self.incarnation(node) == incarnation {
-                    self.fire_armed_crash(node);
+                    self.fire_armed_crash(node)?;
                 }
             }
             Event::Heal => self.heal()?,
@@ -1022,6 +1115,8 @@ impl Sim {
                 }
             }
             Event::ClientTimeout { client, attempt } => self.client_timeout(client, attempt),
+            Event::WatchStep(w) => self.watch_step(w)?,
+            Event::LeaseUpkeep { node, incarnation } => self.lease_upkeep(node, incarnation)?,
         }
         Ok(())
     }
@@ -1176,7 +1271,7 @@ impl Sim {
         match n.power_cut_down_ms.take() {
             Some(down_ms) if n.fs.power_cuts() > 0 => {
                 self.stats.power_cuts += 1;
-                self.crash(id);
+                self.crash(id)?;
                 self.schedule(down_ms, Event::Restart(id));
                 Ok(())
             }
@@ -1329,6 +1424,7 @@ impl Sim {
 
     /// Answers the clients whose requests node `id` has answered.
     fn poll_replies(&mut self, id: NodeId) -> Result<(), String> {
+        self.poll_keepalives(id);
         let Some(live) = self.live(id) else {
             return Ok(());
         };
@@ -1796,19 +1892,20 @@ impl Sim {
         }
     }
 
-    fn fire_armed_crash(&mut self, node: NodeId) {
+    fn fire_armed_crash(&mut self, node: NodeId) -> Result<(), String> {
         let n = self.nodes.get_mut(&node).expect("node");
         if let Some(down_ms) = n.crash_armed.take() {
             if n.live.is_some() {
-                self.crash(node);
+                self.crash(node)?;
                 self.schedule(down_ms, Event::Restart(node));
             }
         }
+        Ok(())
     }
 
     /// The process dies: its runtime is dropped with everything in its queues, the disk
     /// loses what was not synced (a torn prefix of it may survive).
-    fn crash(&mut self, id: NodeId) {
+    fn crash(&mut self, id: NodeId) -> Result<(), String> {
         self.stats.crashes += 1;
         let keep_seed = self.rng.next_u64();
         let n = self.nodes.get_mut(&id).expect("node");
@@ -1824,6 +1921,9 @@ impl Sim {
         n.power_cut_down_ms = None;
         self.chunk_link_free_at
             .retain(|(a, b), _| *a != id && *b != id);
+        // Its watchers read their streams' last lines and let go of its state machine (sled
+        // keeps its directory locked while a handle lives).
+        self.end_watch_streams(id)
     }
 
     /// Opens node `id`'s storage (recovery), and starts its runtime.
@@ -1867,7 +1967,11 @@ impl Sim {
             tick_ms: TICK_MS,
         };
         let consensus = Consensus::new(info, raft, sm.clone(), pending.clone(), metrics.clone());
-        let hub = WatchHub::new(sm.applied_index(), WatchSettings::default());
+        let watch = WatchSettings {
+            watcher_buffer_bytes_max: self.params.watcher_buffer_bytes,
+            ..WatchSettings::default()
+        };
+        let hub = WatchHub::new(sm.applied_index(), watch);
         // Everything this incarnation starts out knowing committed is checked on its first step.
         n.commit_seen = 0;
         n.live = Some(Live {
@@ -1887,9 +1991,20 @@ impl Sim {
             writes: Vec::new(),
             reads: Vec::new(),
             changes: Vec::new(),
+            lessor: Lessor::new(),
+            keepalives: Vec::new(),
         });
         // What the disk holds is durable, whatever was believed before the crash.
         self.refresh_durable(id);
+        let incarnation = self.incarnation(id);
+        let phase_ms = self.rng.range(1, raftkv::node::LEASE_TICK_MS + 1);
+        self.schedule(
+            phase_ms,
+            Event::LeaseUpkeep {
+                node: id,
+                incarnation,
+            },
+        );
         Ok(())
     }
 
@@ -2155,8 +2270,9 @@ impl Sim {
     // ----- the end -----
 
     /// Liveness after healing: every client op completed, a leader whose no-op of its term is
-    /// committed, and every member of its configuration up, idle, at the same applied index
-    /// with the same state machine. Removed nodes left running are not waited for.
+    /// committed and whose lease table is empty, and every member of its configuration up,
+    /// idle, at the same applied index with the same state machine. Removed nodes left
+    /// running are not waited for.
     fn all_done(&self) -> bool {
         if self.clients.iter().any(|c| c.current.is_some()) {
             return false;
@@ -2166,6 +2282,11 @@ impl Sim {
         };
         let r = self.live_ref(leader).consensus.raft();
         if r.log().term(r.commit_index()) != Some(r.term()) {
+            return false;
+        }
+        // Clients stopped keeping leases alive at the heal: every lease must expire (checked
+        // first: it is cheap, and the last thing to happen).
+        if !self.live_ref(leader).sm.leases().0.is_empty() {
             return false;
         }
         let mut applied = None;
@@ -2256,8 +2377,15 @@ impl Sim {
         self.effects.check()?;
         let history = self.effects.history(&self.history)?;
         linearizability::check(&history)?;
+        let leader = self.current_leader().expect("healed with a leader");
+        self.check_watchers(leader)?;
+        self.effects.ledger.check_expiries(&self.leases)?;
         self.stats.duplicates_in_log = self.effects.duplicates_in_log;
         self.stats.evictions = self.effects.evictions;
+        self.stats.leases_granted = self.effects.ledger.granted();
+        self.stats.leases_expired = self.effects.ledger.expired();
+        self.stats.leases_revoked = self.effects.ledger.client_revokes;
+        self.stats.leases_kept_alive = self.leases.kept_alive_ms.len() as u64;
         Ok(self.stats)
     }
 
@@ -2304,6 +2432,24 @@ impl Sim {
                     "node {id} ends with the session table {mine:?}, the log says {want:?}"
                 ));
             }
+            let (mine, want) = (sm.leases().0, reference.leases().0);
+            if mine != want {
+                return Err(format!(
+                    "node {id} ends with the leases {mine:?}, the log says {want:?}"
+                ));
+            }
+            let leased = |sm: &StateMachine| {
+                let prefix = leases::LEASED_PREFIX.as_bytes();
+                sm.scan_prefix_records(prefix, None, usize::MAX, usize::MAX)
+                    .map(|r| r.value)
+                    .map_err(|e| e.to_string())
+            };
+            let (mine, want) = (leased(sm.as_ref())?, leased(reference)?);
+            if mine != want {
+                return Err(format!(
+                    "node {id} ends with the leased keys {mine:?}, the log says {want:?}"
+                ));
+            }
         }
         Ok(())
     }
@@ -2346,6 +2492,18 @@ impl Sim {
             s.push_str(&format!(
                 "client {}: target {} attempt {} current {:?}\n",
                 c.id, c.target, c.attempt, c.current
+            ));
+        }
+        if let Some(leader) = self.current_leader() {
+            let live = self.live_ref(leader);
+            let now_ms = self.now;
+            let (table, _) = live.sm.leases();
+            let leases: Vec<(u64, Option<u64>)> = table
+                .iter()
+                .map(|l| (l.id, live.lessor.remaining_ms(l.id, now_ms)))
+                .collect();
+            s.push_str(&format!(
+                "leases on leader {leader} (id, ms left by its lessor): {leases:?}\n"
             ));
         }
         s
