@@ -274,6 +274,15 @@ fn regression_seed_40_removed_leader_still_needed_campaigns() {
     assert_seed_passes(40);
 }
 
+/// Membership changes with watch and lease clients (the generator as of the commit adding
+/// them): a voter that had not yet seen a member's promotion ignored that member's vote
+/// requests as a non-voter's, though only that member's log held every committed entry: no
+/// leader ever again (liveness). Vote requests are now answered whoever sends them.
+#[test]
+fn regression_seed_964_an_unseen_promotion_still_gets_votes() {
+    assert_seed_passes(964);
+}
+
 /// Determinism: the same seed gives the same run, event for event.
 #[test]
 fn same_seed_same_run() {

@@ -555,7 +555,10 @@ impl Sim {
                     before_ms: now_ms,
                     rx,
                 });
-                NodeRequest::Read { reply }
+                NodeRequest::Read {
+                    level: ReadLevel::Linearizable,
+                    reply,
+                }
             }
         };
         self.step(node, Input::Request(request))

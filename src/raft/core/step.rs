@@ -29,16 +29,14 @@ impl Raft {
     /// handler of this node's role.
     pub fn step(&mut self, m: Message) -> Result<(), RaftError> {
         self.check_incoming(&m)?;
-        if matches!(m.body, MessageBody::Vote { .. }) && !self.membership().is_voter(m.from) {
-            // Only a voter of our configuration may campaign: a removed member (or one whose
-            // promotion we have not seen yet) neither disrupts our term nor gets our vote.
-            tracing::debug!(
-                id = self.config.id,
-                from = m.from,
-                "vote request from a non-voter ignored"
-            );
-            return Ok(());
-        }
+        // A vote request is answered on its merits (term, our vote, the log's freshness)
+        // whatever our configuration says of the candidate: a member whose promotion reached
+        // a quorum but not us yet may be the only one able to win (its log alone holds every
+        // committed entry), and ignoring it would leave the cluster without a leader for good
+        // (simulator seed 964; etcd's raft answers non-voters for the same reason). Safety
+        // does not depend on the voter's view: the candidate counts votes by its own
+        // configuration, and a removed member cannot win, its log lacking the committed
+        // removal. Leader stickiness (`in_lease`) and PreVote keep it from disrupting terms.
         if !self.step_term(&m) {
             return Ok(());
         }
@@ -139,8 +137,8 @@ impl Raft {
                 // pre-vote and check-quorum our own campaign cannot be trusted to bring the
                 // cluster to our term: a node that may not campaign (a learner) never does,
                 // and one whose own configuration makes it a voter while the leader's does not
-                // (it missed its demotion) campaigns in vain, its vote requests ignored as a
-                // non-voter's. Either would ignore that leader for good.
+                // (it missed its demotion) campaigns in vain, its votes not counted by the
+                // others' candidates. Either would ignore that leader for good.
                 self.send(
                     m.from,
                     MessageBody::AppendResponse {
