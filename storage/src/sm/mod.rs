@@ -181,6 +181,22 @@ pub struct AppliedEntry {
     pub outcome: EntryOutcome,
 }
 
+/// The in-memory indexes built from one state tree.
+struct Indexes {
+    sessions: SessionIndex,
+    leases: LeaseIndex,
+    history: HistoryState,
+}
+
+impl Current {
+    /// Makes `indexes` (built from `self.tree`) the ones in use.
+    fn set_indexes(&mut self, indexes: Indexes) {
+        self.sessions = indexes.sessions;
+        self.leases = indexes.leases;
+        self.history = indexes.history;
+    }
+}
+
 #[derive(Debug)]
 struct Current {
     tree: sled::Tree,
@@ -470,29 +486,47 @@ impl StateMachine {
         })
     }
 
-    /// Rebuilds the in-memory session, lease and history indexes from the tree. A tree made
-    /// before watch history existed gets its compact revision (its applied index) recorded.
+    /// Rebuilds the in-memory session, lease and history indexes from the current tree (on
+    /// open, and after a failed apply left them half-updated).
     fn reload_indexes(&self, cur: &mut Current) -> Result<(), SmError> {
+        let dir = self.dir.clone();
         let corrupt = |what| SmError::Corrupt {
-            dir: self.dir.clone(),
+            dir: dir.clone(),
             what,
         };
-        cur.sessions = SessionIndex::load(&cur.tree, cur.applied.index).map_err(corrupt)?;
-        cur.leases = LeaseIndex::load(&cur.tree).map_err(corrupt)?;
+        let indexes = self.load_indexes(&cur.tree, cur.applied.index, corrupt)?;
+        cur.set_indexes(indexes);
+        Ok(())
+    }
+
+    /// Builds the session, lease and history indexes of `tree` at `applied_index` without
+    /// touching the current state, so an install can refuse a tree before it becomes the
+    /// state; `damaged` turns a bad record into the caller's error. A tree made before watch
+    /// history existed gets its compact revision (its applied index) recorded in it.
+    fn load_indexes(
+        &self,
+        tree: &sled::Tree,
+        applied_index: u64,
+        damaged: impl Fn(String) -> SmError,
+    ) -> Result<Indexes, SmError> {
+        let sessions = SessionIndex::load(tree, applied_index).map_err(&damaged)?;
+        let leases = LeaseIndex::load(tree).map_err(&damaged)?;
         let retain = self.opts.watch_history_revisions.max(1);
-        cur.history = match HistoryState::load(&cur.tree, retain).map_err(corrupt)? {
+        let history = match HistoryState::load(tree, retain).map_err(&damaged)? {
             Some(h) => h,
             None => {
-                let compact_revision = cur.applied.index;
-                cur.tree
-                    .insert(history::COMPACT_KEY, &compact_revision.to_be_bytes()[..])?;
+                tree.insert(history::COMPACT_KEY, &applied_index.to_be_bytes()[..])?;
                 HistoryState {
-                    compact_revision,
+                    compact_revision: applied_index,
                     retain_revisions: retain,
                 }
             }
         };
-        Ok(())
+        Ok(Indexes {
+            sessions,
+            leases,
+            history,
+        })
     }
 
     /// Every change of revisions `from..=through` (capped at the applied index) that `filter`
@@ -1160,7 +1194,9 @@ impl TreeBuilder<'_> {
     }
 
     /// Makes the new tree durable with `meta` as its applied position, then atomically makes
-    /// it the state: flush, flip the current-tree pointer, flush, drop the old tree.
+    /// it the state: build its indexes, flush, flip the current-tree pointer, flush, drop the
+    /// old tree. A tree whose indexes cannot be built (damaged records) is refused before the
+    /// pointer moves, so the node keeps its old state whole, on disk and in memory.
     pub fn finish(mut self, meta: &SnapshotMeta) -> Result<(), SmError> {
         let applied = self.sm.applied_index();
         if meta.index < applied {
@@ -1172,18 +1208,22 @@ impl TreeBuilder<'_> {
         self.tree.apply_batch(std::mem::take(&mut self.batch))?;
         write_meta(&self.tree, meta)?;
         let sm = self.sm;
+        let damaged = |what| SmError::Record(format!("snapshot at index {}: {what}", meta.index));
+        let indexes = sm.load_indexes(&self.tree, meta.index, damaged)?;
         sm.db.flush()?;
         let old_name = {
             let mut cur = sm.write_current();
             sm.db.insert(CURRENT_TREE_KEY, self.name.clone())?;
-            sm.db.flush()?;
+            // The pointer names the new tree now: it must not be dropped, and memory follows
+            // it even if the flush below fails.
+            self.finished = true;
             let old_name = std::mem::replace(&mut cur.tree_name, self.name.clone());
             cur.tree = self.tree.clone();
             cur.applied = meta.clone();
-            sm.reload_indexes(&mut cur)?;
+            cur.set_indexes(indexes);
+            sm.db.flush()?;
             old_name
         };
-        self.finished = true;
         // Dropping the old tree runs outside the apply lock. A snapshot view may still walk
         // it: then it is dropped at the next open instead.
         if sm.lock_cow().is_none() {

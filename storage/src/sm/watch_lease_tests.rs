@@ -255,3 +255,67 @@ fn snapshots_carry_leases_and_history() {
     );
     assert_eq!(dst.history_compact_revision(), 0);
 }
+
+/// The pairs of `d`'s state as a snapshot carries them, and its position.
+fn snapshot_of(d: &Driver) -> (SnapshotMeta, Vec<(Vec<u8>, Vec<u8>)>) {
+    let view = d.sm().begin_snapshot().unwrap();
+    let meta = view.meta().clone();
+    let pairs = view
+        .pairs()
+        .map(|p| p.map(|(k, v)| (k, v.to_vec())).unwrap())
+        .collect();
+    (meta, pairs)
+}
+
+#[test]
+fn an_install_whose_lease_records_are_damaged_is_refused_and_the_old_state_stays() {
+    let mut src = Driver::new();
+    src.plain(&[grant(2_000), put_leased(b"a", b"1", 1), put(b"b", b"2")]);
+    src.plain(&[put(b"c", b"3")]);
+    let (meta, pairs) = snapshot_of(&src);
+    let lease_1 = leases::lease_key(1);
+    let damages: [(&str, Box<dyn Fn(&mut Vec<(Vec<u8>, Vec<u8>)>)>); 2] = [
+        (
+            "an attachment whose lease record is missing",
+            Box::new(|p| p.retain(|(k, _)| *k != lease_1)),
+        ),
+        (
+            "a lease record of the wrong length",
+            Box::new(|p| {
+                let l = p.iter_mut().find(|(k, _)| *k == lease_1).unwrap();
+                l.1.pop();
+            }),
+        ),
+    ];
+    for (what, damage) in &damages {
+        let mut dst = Driver::new();
+        dst.plain(&[
+            grant(7_000),
+            put_leased(b"mine", b"m", 1),
+            put(b"old", b"o"),
+        ]);
+        let before = (dst.all_records(), dst.sm().leases(), dst.sm().applied());
+        let mut damaged = pairs.clone();
+        damage(&mut damaged);
+        let mut builder = dst.sm().begin_install().unwrap();
+        for (k, v) in &damaged {
+            builder.insert(k, v).unwrap();
+        }
+        let err = builder.finish(&meta).expect_err(what);
+        let after = (dst.all_records(), dst.sm().leases(), dst.sm().applied());
+        assert_eq!(after, before, "{what}: the old state is whole in memory");
+        assert!(
+            matches!(err, SmError::Record(_)),
+            "{what}: a damaged snapshot, not a damaged node: {err}"
+        );
+        dst.one(put(b"later", b"l"));
+        dst.reopen();
+        assert_eq!(
+            dst.record(b"old").unwrap().value,
+            b"o",
+            "{what}: and on disk"
+        );
+        assert_eq!(dst.record(b"later").unwrap().value, b"l", "{what}");
+        assert_eq!(dst.sm().leases().0, before.1 .0, "{what}");
+    }
+}
