@@ -17,7 +17,8 @@
 //! proposing leader's `--leases-max`, checked at apply) and [`LEASE_KEYS_MAX`] keys per lease
 //! (its revoke is one sled batch).
 
-use super::exec::{data_key, Exec, Stage};
+use super::exec::{data_key, Exec, Stage, DATA_PREFIX};
+use super::record;
 use super::SmError;
 use crate::command::{CommandOutcome, Refusal, LEASE_KEYS_MAX};
 use sled::IVec;
@@ -140,7 +141,9 @@ impl LeaseIndex {
 
 impl Exec<'_> {
     /// Why `key` cannot be attached to `lease` by a put now (`None`: it can; lease 0 is no
-    /// lease).
+    /// lease). Attachments staged by the same transaction count: they reach the lease's key
+    /// count only when the transaction commits, and a lease over [`LEASE_KEYS_MAX`] keys is
+    /// one its revoke must still delete in one batch.
     pub fn attach_refusal(
         &self,
         stage: Option<&Stage>,
@@ -156,12 +159,38 @@ impl Exec<'_> {
         let already = self
             .read_key(stage, key)?
             .is_some_and(|(meta, _)| meta.lease == lease);
-        if !already && info.keys >= LEASE_KEYS_MAX {
+        if already {
+            return Ok(None);
+        }
+        let staged = match stage {
+            Some(stage) => self.staged_attachments(stage, lease)?,
+            None => 0,
+        };
+        if info.keys.saturating_add(staged) >= LEASE_KEYS_MAX {
             return Ok(Some(Refusal::LeaseKeysFull {
                 keys_max: LEASE_KEYS_MAX,
             }));
         }
         Ok(None)
+    }
+
+    /// Keys `stage` attaches to `lease` that the batch has not attached yet. Detachments in
+    /// the stage are not credited (that would read every staged delete's old record): at
+    /// the bound a transaction that both frees and takes a slot is refused, on every replica.
+    fn staged_attachments(&self, stage: &Stage, lease: u64) -> Result<u64, SmError> {
+        let mut count = 0;
+        for (k, v) in stage {
+            let Some(raw) = v else { continue };
+            if k.first() != Some(&DATA_PREFIX) {
+                continue;
+            }
+            let (meta, _) = record::decode_key(raw).map_err(SmError::Record)?;
+            let before = self.read_key(None, &k[1..])?;
+            if meta.lease == lease && !before.is_some_and(|(m, _)| m.lease == lease) {
+                count += 1;
+            }
+        }
+        Ok(count)
     }
 
     /// Moves user key `key`'s attachment from lease `from` to lease `to` (0: none).
@@ -222,28 +251,45 @@ impl Exec<'_> {
         })
     }
 
-    /// Revokes lease `id`: deletes its keys (each a watch event), then the lease.
+    /// Revokes lease `id`: deletes its keys (each a watch event), then the lease. A revoke
+    /// that was committed must apply on every replica, so it cannot fail on what it finds:
+    /// every `k ‖ id ‖ *` row goes, however many there are, and a key is deleted only when
+    /// its record names `id` (a row left by damage or an old bug, naming a key that is gone
+    /// or belongs to another lease, is dropped alone).
     pub fn lease_revoke(&mut self, id: u64) -> Result<CommandOutcome, SmError> {
         if self.leases.get(id).is_none() {
             return Ok(CommandOutcome::Refused(Refusal::LeaseNotFound { id }));
         }
-        let attached = match self.internal_keys_under(None, &attach_key(id, &[]), LEASE_KEYS_MAX)? {
-            Ok(keys) => keys,
-            Err(_) => {
-                return Err(SmError::Record(format!(
-                    "lease {id} holds more than {LEASE_KEYS_MAX} keys"
-                )))
+        let rows = self.all_internal_keys_under(&attach_key(id, &[]))?;
+        let mut deleted = 0u64;
+        for row in rows {
+            let key = &row[9..];
+            if self.key_names_lease(key, id)? {
+                // Deleting the key detaches it, row included (see `Exec::write`).
+                self.write(data_key(key), None)?;
+                deleted += 1;
+            } else {
+                self.write(row, None)?;
             }
-        };
-        let deleted = attached.len() as u64;
-        for a in attached {
-            // Deleting the key detaches it (see `Exec::write`).
-            self.write(data_key(&a[9..]), None)?;
         }
-        debug_assert_eq!(self.leases.get(id).map(|l| l.keys), Some(0));
         self.write(lease_key(id), None)?;
         self.leases.leases.remove(&id);
         self.leases.epoch += 1;
         Ok(CommandOutcome::LeaseRevoked { deleted })
+    }
+
+    /// Whether user key `key` exists and its record names lease `id`. An undecodable record
+    /// names no lease: the revoke leaves it for whoever reads it to report.
+    fn key_names_lease(&self, key: &[u8], id: u64) -> Result<bool, SmError> {
+        let Some(raw) = self.read(None, &data_key(key))? else {
+            return Ok(false);
+        };
+        match record::decode_key(&raw) {
+            Ok((meta, _)) => Ok(meta.lease == id),
+            Err(why) => {
+                tracing::warn!(lease = id, %why, "a revoke leaves a key whose record is damaged");
+                Ok(false)
+            }
+        }
     }
 }

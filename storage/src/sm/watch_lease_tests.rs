@@ -6,6 +6,7 @@ use super::history::KeyFilter;
 use super::txn_tests::{del, del_prefix, entry, op_del, op_put, put, reopen_at, txn, Driver};
 use super::*;
 use crate::command::{Command, CommandOutcome, Refusal, LEASE_KEYS_MAX};
+use crate::txn::TxnOp;
 
 fn grant(ttl_ms: u64) -> Command {
     Command::LeaseGrant {
@@ -318,4 +319,135 @@ fn an_install_whose_lease_records_are_damaged_is_refused_and_the_old_state_stays
         assert_eq!(dst.record(b"later").unwrap().value, b"l", "{what}");
         assert_eq!(dst.sm().leases().0, before.1 .0, "{what}");
     }
+}
+
+/// Writes `keys` straight into `d`'s tree as user keys attached to `lease` (the record and,
+/// if `row`, the `k` row), then reopens so the lease index counts them: state an old bug or
+/// damage could have left, or too many keys to put one by one.
+fn plant_attached(d: &mut Driver, lease: u64, keys: &[Vec<u8>], row: bool) {
+    let tree = d.sm().read_current().tree.clone();
+    let meta = record::KeyMeta {
+        create_revision: 1,
+        mod_revision: 1,
+        version: 1,
+        lease,
+    };
+    let mut batch = sled::Batch::default();
+    for k in keys {
+        batch.insert(data_key(k), record::encode_key(&meta, b"v"));
+        if row {
+            batch.insert(leases::attach_key(lease, k), &b""[..]);
+        }
+    }
+    tree.apply_batch(batch).unwrap();
+    drop(tree); // a tree holds sled's lock
+    d.reopen();
+}
+
+fn numbered_keys(n: u64) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| format!("held/{i:08}").into_bytes())
+        .collect()
+}
+
+fn op_put_leased(key: &[u8], lease: u64) -> TxnOp {
+    TxnOp::Put {
+        key: key.to_vec(),
+        value: b"t".to_vec(),
+        lease,
+    }
+}
+
+#[test]
+fn a_txn_cannot_attach_past_the_key_bound_and_a_revoke_over_it_still_applies() {
+    let mut d = Driver::new();
+    d.one(grant(5_000));
+    plant_attached(&mut d, 1, &numbered_keys(LEASE_KEYS_MAX - 1), true);
+    assert_eq!(
+        d.sm().lease(1, 0).unwrap().value.unwrap().0.keys,
+        LEASE_KEYS_MAX - 1
+    );
+    let two_new = txn(
+        vec![],
+        vec![op_put_leased(b"new/1", 1), op_put_leased(b"new/2", 1)],
+        vec![],
+    );
+    assert_eq!(
+        d.one(two_new).outcome,
+        CommandOutcome::Refused(Refusal::LeaseKeysFull {
+            keys_max: LEASE_KEYS_MAX
+        }),
+        "the second put counts the first, staged in the same txn"
+    );
+    assert!(d.record(b"new/1").is_none(), "a refused txn writes nothing");
+    let again = txn(
+        vec![],
+        vec![
+            op_put_leased(b"held/00000000", 1),
+            op_put_leased(b"new/1", 1),
+        ],
+        vec![],
+    );
+    assert!(
+        matches!(
+            d.one(again).outcome,
+            CommandOutcome::Txn {
+                succeeded: true,
+                ..
+            }
+        ),
+        "re-putting an attached key takes no slot"
+    );
+    assert_eq!(
+        d.sm().lease(1, 0).unwrap().value.unwrap().0.keys,
+        LEASE_KEYS_MAX
+    );
+    // Past the bound (as a build without the staged count let through): it still revokes.
+    plant_attached(&mut d, 1, &[b"over/1".to_vec(), b"over/2".to_vec()], true);
+    let revoked = d.one(Command::LeaseRevoke { id: 1 }).outcome;
+    assert_eq!(
+        revoked,
+        CommandOutcome::LeaseRevoked {
+            deleted: LEASE_KEYS_MAX + 2
+        }
+    );
+    assert_eq!(d.count_prefix(b""), 0);
+    d.reopen();
+    assert!(d.sm().leases().0.is_empty());
+}
+
+#[test]
+fn a_revoke_drops_stray_attachment_rows_and_deletes_only_keys_that_name_its_lease() {
+    let mut d = Driver::new();
+    d.plain(&[
+        grant(5_000),
+        grant(5_000),
+        put_leased(b"mine", b"1", 1),
+        put_leased(b"other", b"2", 2),
+    ]);
+    let tree = d.sm().read_current().tree.clone();
+    // Rows naming lease 1 for a key of lease 2 and for a key that does not exist.
+    tree.insert(leases::attach_key(1, b"other"), &b""[..])
+        .unwrap();
+    tree.insert(leases::attach_key(1, b"gone"), &b""[..])
+        .unwrap();
+    drop(tree); // a tree holds sled's lock
+    d.reopen();
+    assert_eq!(d.sm().lease(1, 0).unwrap().value.unwrap().0.keys, 3);
+    let events = apply_events(&mut d, &[Command::LeaseRevoke { id: 1 }]);
+    assert_eq!(summary(&events), vec![(5, "mine".into(), None)]);
+    assert!(d.record(b"mine").is_none());
+    assert_eq!(
+        d.record(b"other").unwrap().lease,
+        2,
+        "another lease's key stays"
+    );
+    d.reopen();
+    let (info, keys, _) = d.sm().lease(2, 10).unwrap().value.unwrap();
+    assert_eq!((info.keys, keys), (1, vec![b"other".to_vec()]));
+    assert_eq!(
+        d.sm().leases().0.len(),
+        1,
+        "no row of lease 1 is left behind"
+    );
 }
