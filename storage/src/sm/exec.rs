@@ -292,7 +292,7 @@ impl<'t> Exec<'t> {
             CommandRef::LeaseGrant { ttl_ms, leases_max } => {
                 self.lease_grant(revision, *ttl_ms, *leases_max)
             }
-            CommandRef::LeaseRevoke { id } => self.lease_revoke(*id),
+            CommandRef::LeaseRevoke { id } => self.lease_revoke(revision, *id),
             CommandRef::ExpireSessions { .. } => {
                 unreachable!("ExpireSessions is executed by the session table")
             }

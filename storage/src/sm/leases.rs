@@ -47,7 +47,14 @@ pub struct LeaseInfo {
 #[derive(Clone, Debug, Default)]
 pub struct LeaseIndex {
     leases: BTreeMap<u64, LeaseInfo>,
-    /// Bumped by every grant and revoke: the lessor re-reads the table when it moved.
+    /// Where the table last moved: the revision of the last grant or revoke, or the applied
+    /// index the table was loaded at, whichever is later. The lessor re-reads the table when
+    /// the epoch differs from the one it synced at; a counter restarting at 0 on every load
+    /// could come back to a value it had seen after a reload and as many changes, and new
+    /// leases would never be timed. Revisions only grow and every change runs at a revision
+    /// above the load point, so each change gives an epoch above every earlier one, across
+    /// restarts and installs alike, and the same on every replica. A reload at the index of
+    /// the last change gives that change's epoch back, with the same table.
     epoch: u64,
 }
 
@@ -75,9 +82,12 @@ fn be_u64(b: &[u8]) -> u64 {
 }
 
 impl LeaseIndex {
-    /// Reads every lease and counts its keys.
-    pub fn load(tree: &sled::Tree) -> Result<LeaseIndex, String> {
-        let mut index = LeaseIndex::default();
+    /// Reads every lease of a tree at `applied_index` and counts its keys.
+    pub fn load(tree: &sled::Tree, applied_index: u64) -> Result<LeaseIndex, String> {
+        let mut index = LeaseIndex {
+            leases: BTreeMap::new(),
+            epoch: applied_index,
+        };
         for item in tree.scan_prefix([LEASE_PREFIX]) {
             let (k, v) = item.map_err(|e| e.to_string())?;
             if k.len() != 9 || v.len() != 16 {
@@ -131,6 +141,15 @@ impl LeaseIndex {
 
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// Records that the table changed at `revision` (see `epoch`).
+    fn moved_at(&mut self, revision: u64) {
+        debug_assert!(
+            revision > self.epoch,
+            "a change runs above the load point and every earlier change"
+        );
+        self.epoch = revision;
     }
 
     /// Every lease, by id.
@@ -244,19 +263,19 @@ impl Exec<'_> {
             keys: 0,
         };
         self.leases.leases.insert(revision, info);
-        self.leases.epoch += 1;
+        self.leases.moved_at(revision);
         Ok(CommandOutcome::LeaseGranted {
             id: revision,
             ttl_ms,
         })
     }
 
-    /// Revokes lease `id`: deletes its keys (each a watch event), then the lease. A revoke
+    /// Revokes lease `id` at `revision`: deletes its keys (each a watch event), then the lease. A revoke
     /// that was committed must apply on every replica, so it cannot fail on what it finds:
     /// every `k ‖ id ‖ *` row goes, however many there are, and a key is deleted only when
     /// its record names `id` (a row left by damage or an old bug, naming a key that is gone
     /// or belongs to another lease, is dropped alone).
-    pub fn lease_revoke(&mut self, id: u64) -> Result<CommandOutcome, SmError> {
+    pub fn lease_revoke(&mut self, revision: u64, id: u64) -> Result<CommandOutcome, SmError> {
         if self.leases.get(id).is_none() {
             return Ok(CommandOutcome::Refused(Refusal::LeaseNotFound { id }));
         }
@@ -274,7 +293,7 @@ impl Exec<'_> {
         }
         self.write(lease_key(id), None)?;
         self.leases.leases.remove(&id);
-        self.leases.epoch += 1;
+        self.leases.moved_at(revision);
         Ok(CommandOutcome::LeaseRevoked { deleted })
     }
 

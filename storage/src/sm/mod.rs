@@ -510,7 +510,7 @@ impl StateMachine {
         damaged: impl Fn(String) -> SmError,
     ) -> Result<Indexes, SmError> {
         let sessions = SessionIndex::load(tree, applied_index).map_err(&damaged)?;
-        let leases = LeaseIndex::load(tree).map_err(&damaged)?;
+        let leases = LeaseIndex::load(tree, applied_index).map_err(&damaged)?;
         let retain = self.opts.watch_history_revisions.max(1);
         let history = match HistoryState::load(tree, retain).map_err(&damaged)? {
             Some(h) => h,
@@ -554,7 +554,8 @@ impl StateMachine {
         self.read_current().history.compact_revision
     }
 
-    /// Every live lease, by id, and the lease epoch (bumped by every grant and revoke).
+    /// Every live lease, by id, and the lease epoch (it moves with every grant and revoke,
+    /// past every epoch before it, reloads included: see `LeaseIndex`).
     pub fn leases(&self) -> (Vec<LeaseInfo>, u64) {
         let cur = self.read_current();
         (cur.leases.all(), cur.leases.epoch())

@@ -451,3 +451,45 @@ fn a_revoke_drops_stray_attachment_rows_and_deletes_only_keys_that_name_its_leas
         "no row of lease 1 is left behind"
     );
 }
+
+/// Applies `cmd`, a lease change, and checks that the epoch is none seen before.
+fn change(d: &mut Driver, cmd: Command, seen: &mut Vec<u64>) {
+    let outcome = d.one(cmd).outcome;
+    assert!(
+        !matches!(outcome, CommandOutcome::Refused(_)),
+        "{outcome:?}"
+    );
+    let epoch = d.sm().lease_epoch();
+    assert!(
+        !seen.contains(&epoch),
+        "epoch {epoch} after {outcome:?}, seen {seen:?}"
+    );
+    seen.push(epoch);
+}
+
+#[test]
+fn the_lease_epoch_moves_past_every_epoch_seen_across_reopens_and_installs() {
+    let mut d = Driver::new();
+    let mut seen = vec![d.sm().lease_epoch()];
+    change(&mut d, grant(1_000), &mut seen);
+    change(&mut d, grant(1_000), &mut seen);
+    d.reopen();
+    seen.push(d.sm().lease_epoch());
+    // As many changes after the reopen as before it: a restarted counter repeats itself.
+    change(&mut d, Command::LeaseRevoke { id: 1 }, &mut seen);
+    change(&mut d, grant(1_000), &mut seen);
+    let mut src = Driver::new();
+    src.plain(&[put(b"x", b"1"), put(b"y", b"2"), put(b"z", b"3")]);
+    src.plain(&[put(b"x", b"1"), put(b"y", b"2"), grant(1_000)]);
+    let (meta, pairs) = snapshot_of(&src);
+    let mut builder = d.sm().begin_install().unwrap();
+    for (k, v) in &pairs {
+        builder.insert(k, v).unwrap();
+    }
+    builder.finish(&meta).unwrap();
+    d.next = meta.index + 1;
+    seen.push(d.sm().lease_epoch());
+    change(&mut d, grant(1_000), &mut seen);
+    change(&mut d, Command::LeaseRevoke { id: 6 }, &mut seen);
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+}
