@@ -110,6 +110,13 @@ impl LeaseIndex {
                     info.granted_revision
                 ));
             }
+            // A lease's id is the revision that granted it: one above the applied index is
+            // damage, and a later grant at that revision would meet it.
+            if id > applied_index {
+                return Err(format!(
+                    "lease {id} was granted after the applied index {applied_index}"
+                ));
+            }
             index.leases.insert(id, info);
         }
         for item in tree.scan_prefix([ATTACH_PREFIX]) {
@@ -248,10 +255,14 @@ impl Exec<'_> {
         if self.leases.len() as u64 >= leases_max {
             return Ok(CommandOutcome::Refused(Refusal::LeasesFull { leases_max }));
         }
-        assert!(
-            self.leases.get(revision).is_none(),
-            "a revision grants one lease"
-        );
+        // `load` refuses a lease above the applied index, so only damage that slipped past
+        // it gets here: an error stops this node, where a panic would stop it the same way
+        // without saying why.
+        if self.leases.get(revision).is_some() {
+            return Err(SmError::Record(format!(
+                "lease {revision} exists before the entry that grants it"
+            )));
+        }
         let mut v = Vec::with_capacity(16);
         v.extend_from_slice(&ttl_ms.to_be_bytes());
         v.extend_from_slice(&revision.to_be_bytes());

@@ -493,3 +493,51 @@ fn the_lease_epoch_moves_past_every_epoch_seen_across_reopens_and_installs() {
     change(&mut d, Command::LeaseRevoke { id: 6 }, &mut seen);
     assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
 }
+
+/// A lease record `l ‖ id` as a grant at revision `id` writes it.
+fn lease_record(id: u64, ttl_ms: u64) -> (Vec<u8>, Vec<u8>) {
+    let mut v = ttl_ms.to_be_bytes().to_vec();
+    v.extend_from_slice(&id.to_be_bytes());
+    (leases::lease_key(id), v)
+}
+
+#[test]
+fn a_lease_granted_after_the_applied_index_is_damage_not_a_panic() {
+    // On open: the node refuses its state as corrupt.
+    let mut d = Driver::new();
+    d.plain(&[grant(1_000), put(b"a", b"1")]);
+    let tree = d.sm().read_current().tree.clone();
+    let (k, v) = lease_record(3, 1_000);
+    tree.insert(k, v).unwrap();
+    drop(tree); // a tree holds sled's lock
+    d.sm().flush().unwrap();
+    drop(d.sm.take());
+    let err = crate::test_util::retry_sled_lock(|| {
+        StateMachine::open(d.dir.path(), StateMachineOptions::default())
+    })
+    .expect_err("a lease from the future");
+    assert!(matches!(err, SmError::Corrupt { .. }), "{err}");
+    // In a snapshot: the install is refused.
+    let mut src = Driver::new();
+    src.plain(&[grant(1_000), put(b"a", b"1")]);
+    let (meta, mut pairs) = snapshot_of(&src);
+    pairs.push(lease_record(meta.index + 1, 1_000));
+    pairs.sort();
+    let dst = Driver::new();
+    let mut builder = dst.sm().begin_install().unwrap();
+    for (k, v) in &pairs {
+        builder.insert(k, v).unwrap();
+    }
+    let err = builder.finish(&meta).expect_err("a lease from the future");
+    assert!(matches!(err, SmError::Record(_)), "{err}");
+    // A grant meeting such a lease (were one loaded) is an error, not a panic.
+    let tmp = sled::Config::new().temporary(true).open().unwrap();
+    let tree = tmp.open_tree("t").unwrap();
+    let (k, v) = lease_record(5, 1_000);
+    tree.insert(k, v).unwrap();
+    let mut index = LeaseIndex::load(&tree, 5).unwrap();
+    let mut exec = Exec::new(&tree, None, &mut index);
+    exec.begin_entry(5);
+    let err = exec.lease_grant(5, 1_000, 10).expect_err("lease 5 exists");
+    assert!(matches!(err, SmError::Record(_)), "{err}");
+}
