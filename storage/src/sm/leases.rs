@@ -212,7 +212,7 @@ impl Exec<'_> {
             }
             let (meta, _) = record::decode_key(raw).map_err(SmError::Record)?;
             let before = self.read_key(None, &k[1..])?;
-            if meta.lease == lease && !before.is_some_and(|(m, _)| m.lease == lease) {
+            if meta.lease == lease && before.is_none_or(|(m, _)| m.lease != lease) {
                 count += 1;
             }
         }

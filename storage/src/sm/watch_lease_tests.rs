@@ -257,8 +257,14 @@ fn snapshots_carry_leases_and_history() {
     assert_eq!(dst.history_compact_revision(), 0);
 }
 
+/// A snapshot's pairs: internal keys and their records.
+type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// A named way to damage a snapshot's pairs.
+type Damage<'a> = (&'static str, Box<dyn Fn(&mut Pairs) + 'a>);
+
 /// The pairs of `d`'s state as a snapshot carries them, and its position.
-fn snapshot_of(d: &Driver) -> (SnapshotMeta, Vec<(Vec<u8>, Vec<u8>)>) {
+fn snapshot_of(d: &Driver) -> (SnapshotMeta, Pairs) {
     let view = d.sm().begin_snapshot().unwrap();
     let meta = view.meta().clone();
     let pairs = view
@@ -275,7 +281,7 @@ fn an_install_whose_lease_records_are_damaged_is_refused_and_the_old_state_stays
     src.plain(&[put(b"c", b"3")]);
     let (meta, pairs) = snapshot_of(&src);
     let lease_1 = leases::lease_key(1);
-    let damages: [(&str, Box<dyn Fn(&mut Vec<(Vec<u8>, Vec<u8>)>)>); 2] = [
+    let damages: [Damage<'_>; 2] = [
         (
             "an attachment whose lease record is missing",
             Box::new(|p| p.retain(|(k, _)| *k != lease_1)),
