@@ -211,8 +211,13 @@ impl Exec<'_> {
                 continue;
             }
             let (meta, _) = record::decode_key(raw).map_err(SmError::Record)?;
-            let before = self.read_key(None, &k[1..])?;
-            if meta.lease == lease && before.is_none_or(|(m, _)| m.lease != lease) {
+            if meta.lease != lease {
+                continue;
+            }
+            if self
+                .read_key(None, &k[1..])?
+                .is_none_or(|(m, _)| m.lease != lease)
+            {
                 count += 1;
             }
         }
