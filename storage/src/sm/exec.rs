@@ -185,6 +185,26 @@ impl<'t> Exec<'t> {
         internal: &[u8],
         keys_max: u64,
     ) -> Result<Result<Vec<Vec<u8>>, Refusal>, SmError> {
+        Ok(self
+            .live_keys_under(stage, internal, Some(keys_max))?
+            .ok_or(Refusal::RangeTooLarge { keys_max }))
+    }
+
+    /// Every internal key starting with `internal` that exists as this batch left it, in
+    /// order, however many: for work that was committed and must apply (a lease revoke).
+    pub fn all_internal_keys_under(&self, internal: &[u8]) -> Result<Vec<Vec<u8>>, SmError> {
+        Ok(self
+            .live_keys_under(None, internal, None)?
+            .expect("invariant: a scan without a bound is never over it"))
+    }
+
+    /// The live keys under `internal` (`None`: more than `keys_max`, when given).
+    fn live_keys_under(
+        &self,
+        stage: Option<&Stage>,
+        internal: &[u8],
+        keys_max: Option<u64>,
+    ) -> Result<Option<Vec<Vec<u8>>>, SmError> {
         let internal = internal.to_vec();
         let mut keys = BTreeSet::new();
         let live = |k: &[u8]| -> Option<bool> {
@@ -193,13 +213,13 @@ impl<'t> Exec<'t> {
             }
             self.overlay.get(k).map(Option::is_some)
         };
-        let too_many = Refusal::RangeTooLarge { keys_max };
+        let over = |n: usize| keys_max.is_some_and(|max| n as u64 > max);
         for item in self.tree.scan_prefix(&internal) {
             let (k, _) = item?;
             if live(&k) != Some(false) {
                 keys.insert(k.to_vec());
-                if keys.len() as u64 > keys_max {
-                    return Ok(Err(too_many));
+                if over(keys.len()) {
+                    return Ok(None);
                 }
             }
         }
@@ -218,12 +238,12 @@ impl<'t> Exec<'t> {
         for (k, _) in written {
             if live(k) == Some(true) {
                 keys.insert(k.clone());
-                if keys.len() as u64 > keys_max {
-                    return Ok(Err(too_many));
+                if over(keys.len()) {
+                    return Ok(None);
                 }
             }
         }
-        Ok(Ok(keys.into_iter().collect()))
+        Ok(Some(keys.into_iter().collect()))
     }
 
     /// Executes a command that is not session bookkeeping (the caller handles sessions and
@@ -272,7 +292,7 @@ impl<'t> Exec<'t> {
             CommandRef::LeaseGrant { ttl_ms, leases_max } => {
                 self.lease_grant(revision, *ttl_ms, *leases_max)
             }
-            CommandRef::LeaseRevoke { id } => self.lease_revoke(*id),
+            CommandRef::LeaseRevoke { id } => self.lease_revoke(revision, *id),
             CommandRef::ExpireSessions { .. } => {
                 unreachable!("ExpireSessions is executed by the session table")
             }

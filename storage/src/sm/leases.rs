@@ -17,7 +17,8 @@
 //! proposing leader's `--leases-max`, checked at apply) and [`LEASE_KEYS_MAX`] keys per lease
 //! (its revoke is one sled batch).
 
-use super::exec::{data_key, Exec, Stage};
+use super::exec::{data_key, Exec, Stage, DATA_PREFIX};
+use super::record;
 use super::SmError;
 use crate::command::{CommandOutcome, Refusal, LEASE_KEYS_MAX};
 use sled::IVec;
@@ -46,7 +47,14 @@ pub struct LeaseInfo {
 #[derive(Clone, Debug, Default)]
 pub struct LeaseIndex {
     leases: BTreeMap<u64, LeaseInfo>,
-    /// Bumped by every grant and revoke: the lessor re-reads the table when it moved.
+    /// Where the table last moved: the revision of the last grant or revoke, or the applied
+    /// index the table was loaded at, whichever is later. The lessor re-reads the table when
+    /// the epoch differs from the one it synced at; a counter restarting at 0 on every load
+    /// could come back to a value it had seen after a reload and as many changes, and new
+    /// leases would never be timed. Revisions only grow and every change runs at a revision
+    /// above the load point, so each change gives an epoch above every earlier one, across
+    /// restarts and installs alike, and the same on every replica. A reload at the index of
+    /// the last change gives that change's epoch back, with the same table.
     epoch: u64,
 }
 
@@ -74,9 +82,12 @@ fn be_u64(b: &[u8]) -> u64 {
 }
 
 impl LeaseIndex {
-    /// Reads every lease and counts its keys.
-    pub fn load(tree: &sled::Tree) -> Result<LeaseIndex, String> {
-        let mut index = LeaseIndex::default();
+    /// Reads every lease of a tree at `applied_index` and counts its keys.
+    pub fn load(tree: &sled::Tree, applied_index: u64) -> Result<LeaseIndex, String> {
+        let mut index = LeaseIndex {
+            leases: BTreeMap::new(),
+            epoch: applied_index,
+        };
         for item in tree.scan_prefix([LEASE_PREFIX]) {
             let (k, v) = item.map_err(|e| e.to_string())?;
             if k.len() != 9 || v.len() != 16 {
@@ -97,6 +108,13 @@ impl LeaseIndex {
                 return Err(format!(
                     "lease {id} says it was granted at {}",
                     info.granted_revision
+                ));
+            }
+            // A lease's id is the revision that granted it: one above the applied index is
+            // damage, and a later grant at that revision would meet it.
+            if id > applied_index {
+                return Err(format!(
+                    "lease {id} was granted after the applied index {applied_index}"
                 ));
             }
             index.leases.insert(id, info);
@@ -132,6 +150,15 @@ impl LeaseIndex {
         self.epoch
     }
 
+    /// Records that the table changed at `revision` (see `epoch`).
+    fn moved_at(&mut self, revision: u64) {
+        debug_assert!(
+            revision > self.epoch,
+            "a change runs above the load point and every earlier change"
+        );
+        self.epoch = revision;
+    }
+
     /// Every lease, by id.
     pub fn all(&self) -> Vec<LeaseInfo> {
         self.leases.values().copied().collect()
@@ -140,7 +167,9 @@ impl LeaseIndex {
 
 impl Exec<'_> {
     /// Why `key` cannot be attached to `lease` by a put now (`None`: it can; lease 0 is no
-    /// lease).
+    /// lease). Attachments staged by the same transaction count: they reach the lease's key
+    /// count only when the transaction commits, and a lease over [`LEASE_KEYS_MAX`] keys is
+    /// one its revoke must still delete in one batch.
     pub fn attach_refusal(
         &self,
         stage: Option<&Stage>,
@@ -156,12 +185,43 @@ impl Exec<'_> {
         let already = self
             .read_key(stage, key)?
             .is_some_and(|(meta, _)| meta.lease == lease);
-        if !already && info.keys >= LEASE_KEYS_MAX {
+        if already {
+            return Ok(None);
+        }
+        let staged = match stage {
+            Some(stage) => self.staged_attachments(stage, lease)?,
+            None => 0,
+        };
+        if info.keys.saturating_add(staged) >= LEASE_KEYS_MAX {
             return Ok(Some(Refusal::LeaseKeysFull {
                 keys_max: LEASE_KEYS_MAX,
             }));
         }
         Ok(None)
+    }
+
+    /// Keys `stage` attaches to `lease` that the batch has not attached yet. Detachments in
+    /// the stage are not credited (that would read every staged delete's old record): at
+    /// the bound a transaction that both frees and takes a slot is refused, on every replica.
+    fn staged_attachments(&self, stage: &Stage, lease: u64) -> Result<u64, SmError> {
+        let mut count = 0;
+        for (k, v) in stage {
+            let Some(raw) = v else { continue };
+            if k.first() != Some(&DATA_PREFIX) {
+                continue;
+            }
+            let (meta, _) = record::decode_key(raw).map_err(SmError::Record)?;
+            if meta.lease != lease {
+                continue;
+            }
+            if self
+                .read_key(None, &k[1..])?
+                .is_none_or(|(m, _)| m.lease != lease)
+            {
+                count += 1;
+            }
+        }
+        Ok(count)
     }
 
     /// Moves user key `key`'s attachment from lease `from` to lease `to` (0: none).
@@ -200,10 +260,14 @@ impl Exec<'_> {
         if self.leases.len() as u64 >= leases_max {
             return Ok(CommandOutcome::Refused(Refusal::LeasesFull { leases_max }));
         }
-        assert!(
-            self.leases.get(revision).is_none(),
-            "a revision grants one lease"
-        );
+        // `load` refuses a lease above the applied index, so only damage that slipped past
+        // it gets here: an error stops this node, where a panic would stop it the same way
+        // without saying why.
+        if self.leases.get(revision).is_some() {
+            return Err(SmError::Record(format!(
+                "lease {revision} exists before the entry that grants it"
+            )));
+        }
         let mut v = Vec::with_capacity(16);
         v.extend_from_slice(&ttl_ms.to_be_bytes());
         v.extend_from_slice(&revision.to_be_bytes());
@@ -215,35 +279,52 @@ impl Exec<'_> {
             keys: 0,
         };
         self.leases.leases.insert(revision, info);
-        self.leases.epoch += 1;
+        self.leases.moved_at(revision);
         Ok(CommandOutcome::LeaseGranted {
             id: revision,
             ttl_ms,
         })
     }
 
-    /// Revokes lease `id`: deletes its keys (each a watch event), then the lease.
-    pub fn lease_revoke(&mut self, id: u64) -> Result<CommandOutcome, SmError> {
+    /// Revokes lease `id` at `revision`: deletes its keys (each a watch event), then the lease. A revoke
+    /// that was committed must apply on every replica, so it cannot fail on what it finds:
+    /// every `k ‖ id ‖ *` row goes, however many there are, and a key is deleted only when
+    /// its record names `id` (a row left by damage or an old bug, naming a key that is gone
+    /// or belongs to another lease, is dropped alone).
+    pub fn lease_revoke(&mut self, revision: u64, id: u64) -> Result<CommandOutcome, SmError> {
         if self.leases.get(id).is_none() {
             return Ok(CommandOutcome::Refused(Refusal::LeaseNotFound { id }));
         }
-        let attached = match self.internal_keys_under(None, &attach_key(id, &[]), LEASE_KEYS_MAX)? {
-            Ok(keys) => keys,
-            Err(_) => {
-                return Err(SmError::Record(format!(
-                    "lease {id} holds more than {LEASE_KEYS_MAX} keys"
-                )))
+        let rows = self.all_internal_keys_under(&attach_key(id, &[]))?;
+        let mut deleted = 0u64;
+        for row in rows {
+            let key = &row[9..];
+            if self.key_names_lease(key, id)? {
+                // Deleting the key detaches it, row included (see `Exec::write`).
+                self.write(data_key(key), None)?;
+                deleted += 1;
+            } else {
+                self.write(row, None)?;
             }
-        };
-        let deleted = attached.len() as u64;
-        for a in attached {
-            // Deleting the key detaches it (see `Exec::write`).
-            self.write(data_key(&a[9..]), None)?;
         }
-        debug_assert_eq!(self.leases.get(id).map(|l| l.keys), Some(0));
         self.write(lease_key(id), None)?;
         self.leases.leases.remove(&id);
-        self.leases.epoch += 1;
+        self.leases.moved_at(revision);
         Ok(CommandOutcome::LeaseRevoked { deleted })
+    }
+
+    /// Whether user key `key` exists and its record names lease `id`. An undecodable record
+    /// names no lease: the revoke leaves it for whoever reads it to report.
+    fn key_names_lease(&self, key: &[u8], id: u64) -> Result<bool, SmError> {
+        let Some(raw) = self.read(None, &data_key(key))? else {
+            return Ok(false);
+        };
+        match record::decode_key(&raw) {
+            Ok((meta, _)) => Ok(meta.lease == id),
+            Err(why) => {
+                tracing::warn!(lease = id, %why, "a revoke leaves a key whose record is damaged");
+                Ok(false)
+            }
+        }
     }
 }

@@ -184,6 +184,22 @@ pub struct AppliedEntry {
     pub outcome: EntryOutcome,
 }
 
+/// The in-memory indexes built from one state tree.
+struct Indexes {
+    sessions: SessionIndex,
+    leases: LeaseIndex,
+    history: HistoryState,
+}
+
+impl Current {
+    /// Makes `indexes` (built from `self.tree`) the ones in use.
+    fn set_indexes(&mut self, indexes: Indexes) {
+        self.sessions = indexes.sessions;
+        self.leases = indexes.leases;
+        self.history = indexes.history;
+    }
+}
+
 #[derive(Debug)]
 struct Current {
     tree: sled::Tree,
@@ -473,26 +489,46 @@ impl StateMachine {
         })
     }
 
-    /// Rebuilds the in-memory session, lease and history indexes from the tree. A tree made
-    /// before watch history existed gets its compact revision (its applied index) recorded.
+    /// Rebuilds the in-memory session, lease and history indexes from the current tree (on
+    /// open, and after a failed apply left them half-updated).
     fn reload_indexes(&self, cur: &mut Current) -> Result<(), SmError> {
+        let dir = self.dir.clone();
         let corrupt = |what| SmError::Corrupt {
-            dir: self.dir.clone(),
+            dir: dir.clone(),
             what,
         };
-        cur.sessions = SessionIndex::load(&cur.tree, cur.applied.index).map_err(corrupt)?;
-        cur.leases = LeaseIndex::load(&cur.tree).map_err(corrupt)?;
+        let indexes = self.load_indexes(&cur.tree, cur.applied.index, corrupt)?;
+        cur.set_indexes(indexes);
+        Ok(())
+    }
+
+    /// Builds the session, lease and history indexes of `tree` at `applied_index` without
+    /// touching the current state, so an install can refuse a tree before it becomes the
+    /// state; `damaged` turns a bad record into the caller's error. A tree made before watch
+    /// history existed gets its compact revision (its applied index) recorded in it.
+    fn load_indexes(
+        &self,
+        tree: &sled::Tree,
+        applied_index: u64,
+        damaged: impl Fn(String) -> SmError,
+    ) -> Result<Indexes, SmError> {
+        let sessions = SessionIndex::load(tree, applied_index).map_err(&damaged)?;
+        let leases = LeaseIndex::load(tree, applied_index).map_err(&damaged)?;
         let retain = self.opts.watch_history_revisions.max(1);
         let bytes_max = self.opts.watch_history_bytes_max.max(1);
-        cur.history = match HistoryState::load(&cur.tree, retain, bytes_max).map_err(corrupt)? {
+        let history = match HistoryState::load(tree, retain, bytes_max).map_err(&damaged)? {
             Some(h) => h,
             None => {
-                let h = HistoryState::empty(cur.applied.index, retain, bytes_max);
-                cur.tree.insert(history::COMPACT_KEY, &h.encoded()[..])?;
+                let h = HistoryState::empty(applied_index, retain, bytes_max);
+                tree.insert(history::COMPACT_KEY, &h.encoded()[..])?;
                 h
             }
         };
-        Ok(())
+        Ok(Indexes {
+            sessions,
+            leases,
+            history,
+        })
     }
 
     /// Every change of revisions `from..=through` (capped at the applied index) that `filter`
@@ -520,7 +556,8 @@ impl StateMachine {
         self.read_current().history.compact_revision
     }
 
-    /// Every live lease, by id, and the lease epoch (bumped by every grant and revoke).
+    /// Every live lease, by id, and the lease epoch (it moves with every grant and revoke,
+    /// past every epoch before it, reloads included: see `LeaseIndex`).
     pub fn leases(&self) -> (Vec<LeaseInfo>, u64) {
         let cur = self.read_current();
         (cur.leases.all(), cur.leases.epoch())
@@ -1160,7 +1197,9 @@ impl TreeBuilder<'_> {
     }
 
     /// Makes the new tree durable with `meta` as its applied position, then atomically makes
-    /// it the state: flush, flip the current-tree pointer, flush, drop the old tree.
+    /// it the state: build its indexes, flush, flip the current-tree pointer, flush, drop the
+    /// old tree. A tree whose indexes cannot be built (damaged records) is refused before the
+    /// pointer moves, so the node keeps its old state whole, on disk and in memory.
     pub fn finish(mut self, meta: &SnapshotMeta) -> Result<(), SmError> {
         let applied = self.sm.applied_index();
         if meta.index < applied {
@@ -1172,18 +1211,22 @@ impl TreeBuilder<'_> {
         self.tree.apply_batch(std::mem::take(&mut self.batch))?;
         write_meta(&self.tree, meta)?;
         let sm = self.sm;
+        let damaged = |what| SmError::Record(format!("snapshot at index {}: {what}", meta.index));
+        let indexes = sm.load_indexes(&self.tree, meta.index, damaged)?;
         sm.db.flush()?;
         let old_name = {
             let mut cur = sm.write_current();
             sm.db.insert(CURRENT_TREE_KEY, self.name.clone())?;
-            sm.db.flush()?;
+            // The pointer names the new tree now: it must not be dropped, and memory follows
+            // it even if the flush below fails.
+            self.finished = true;
             let old_name = std::mem::replace(&mut cur.tree_name, self.name.clone());
             cur.tree = self.tree.clone();
             cur.applied = meta.clone();
-            sm.reload_indexes(&mut cur)?;
+            cur.set_indexes(indexes);
+            sm.db.flush()?;
             old_name
         };
-        self.finished = true;
         // Dropping the old tree runs outside the apply lock. A snapshot view may still walk
         // it: then it is dropped at the next open instead.
         if sm.lock_cow().is_none() {

@@ -6,6 +6,7 @@ use super::history::KeyFilter;
 use super::txn_tests::{del, del_prefix, entry, op_del, op_put, put, reopen_at, txn, Driver};
 use super::*;
 use crate::command::{Command, CommandOutcome, Refusal, LEASE_KEYS_MAX};
+use crate::txn::TxnOp;
 
 fn grant(ttl_ms: u64) -> Command {
     Command::LeaseGrant {
@@ -371,4 +372,295 @@ fn history_is_bounded_in_bytes_too_and_counts_them_across_reopen() {
         "{}",
         kept.len()
     );
+}
+
+/// A snapshot's pairs: internal keys and their records.
+type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// A named way to damage a snapshot's pairs.
+type Damage<'a> = (&'static str, Box<dyn Fn(&mut Pairs) + 'a>);
+
+/// The pairs of `d`'s state as a snapshot carries them, and its position.
+fn snapshot_of(d: &Driver) -> (SnapshotMeta, Pairs) {
+    let view = d.sm().begin_snapshot().unwrap();
+    let meta = view.meta().clone();
+    let pairs = view
+        .pairs()
+        .map(|p| p.map(|(k, v)| (k, v.to_vec())).unwrap())
+        .collect();
+    (meta, pairs)
+}
+
+#[test]
+fn an_install_whose_lease_records_are_damaged_is_refused_and_the_old_state_stays() {
+    let mut src = Driver::new();
+    src.plain(&[grant(2_000), put_leased(b"a", b"1", 1), put(b"b", b"2")]);
+    src.plain(&[put(b"c", b"3")]);
+    let (meta, pairs) = snapshot_of(&src);
+    let lease_1 = leases::lease_key(1);
+    let damages: [Damage<'_>; 2] = [
+        (
+            "an attachment whose lease record is missing",
+            Box::new(|p| p.retain(|(k, _)| *k != lease_1)),
+        ),
+        (
+            "a lease record of the wrong length",
+            Box::new(|p| {
+                let l = p.iter_mut().find(|(k, _)| *k == lease_1).unwrap();
+                l.1.pop();
+            }),
+        ),
+    ];
+    for (what, damage) in &damages {
+        let mut dst = Driver::new();
+        dst.plain(&[
+            grant(7_000),
+            put_leased(b"mine", b"m", 1),
+            put(b"old", b"o"),
+        ]);
+        let before = (dst.all_records(), dst.sm().leases(), dst.sm().applied());
+        let mut damaged = pairs.clone();
+        damage(&mut damaged);
+        let mut builder = dst.sm().begin_install().unwrap();
+        for (k, v) in &damaged {
+            builder.insert(k, v).unwrap();
+        }
+        let err = builder.finish(&meta).expect_err(what);
+        let after = (dst.all_records(), dst.sm().leases(), dst.sm().applied());
+        assert_eq!(after, before, "{what}: the old state is whole in memory");
+        assert!(
+            matches!(err, SmError::Record(_)),
+            "{what}: a damaged snapshot, not a damaged node: {err}"
+        );
+        dst.one(put(b"later", b"l"));
+        dst.reopen();
+        assert_eq!(
+            dst.record(b"old").unwrap().value,
+            b"o",
+            "{what}: and on disk"
+        );
+        assert_eq!(dst.record(b"later").unwrap().value, b"l", "{what}");
+        assert_eq!(dst.sm().leases().0, before.1 .0, "{what}");
+    }
+}
+
+/// Writes `keys` straight into `d`'s tree as user keys attached to `lease` (the record and,
+/// if `row`, the `k` row), then reopens so the lease index counts them: state an old bug or
+/// damage could have left, or too many keys to put one by one.
+fn plant_attached(d: &mut Driver, lease: u64, keys: &[Vec<u8>], row: bool) {
+    let tree = d.sm().read_current().tree.clone();
+    let meta = record::KeyMeta {
+        create_revision: 1,
+        mod_revision: 1,
+        version: 1,
+        lease,
+    };
+    let mut batch = sled::Batch::default();
+    for k in keys {
+        batch.insert(data_key(k), record::encode_key(&meta, b"v"));
+        if row {
+            batch.insert(leases::attach_key(lease, k), &b""[..]);
+        }
+    }
+    tree.apply_batch(batch).unwrap();
+    drop(tree); // a tree holds sled's lock
+    d.reopen();
+}
+
+fn numbered_keys(n: u64) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| format!("held/{i:08}").into_bytes())
+        .collect()
+}
+
+fn op_put_leased(key: &[u8], lease: u64) -> TxnOp {
+    TxnOp::Put {
+        key: key.to_vec(),
+        value: b"t".to_vec(),
+        lease,
+    }
+}
+
+#[test]
+fn a_txn_cannot_attach_past_the_key_bound_and_a_revoke_over_it_still_applies() {
+    let mut d = Driver::new();
+    d.one(grant(5_000));
+    plant_attached(&mut d, 1, &numbered_keys(LEASE_KEYS_MAX - 1), true);
+    assert_eq!(
+        d.sm().lease(1, 0).unwrap().value.unwrap().0.keys,
+        LEASE_KEYS_MAX - 1
+    );
+    let two_new = txn(
+        vec![],
+        vec![op_put_leased(b"new/1", 1), op_put_leased(b"new/2", 1)],
+        vec![],
+    );
+    assert_eq!(
+        d.one(two_new).outcome,
+        CommandOutcome::Refused(Refusal::LeaseKeysFull {
+            keys_max: LEASE_KEYS_MAX
+        }),
+        "the second put counts the first, staged in the same txn"
+    );
+    assert!(d.record(b"new/1").is_none(), "a refused txn writes nothing");
+    let again = txn(
+        vec![],
+        vec![
+            op_put_leased(b"held/00000000", 1),
+            op_put_leased(b"new/1", 1),
+        ],
+        vec![],
+    );
+    assert!(
+        matches!(
+            d.one(again).outcome,
+            CommandOutcome::Txn {
+                succeeded: true,
+                ..
+            }
+        ),
+        "re-putting an attached key takes no slot"
+    );
+    assert_eq!(
+        d.sm().lease(1, 0).unwrap().value.unwrap().0.keys,
+        LEASE_KEYS_MAX
+    );
+    // Past the bound (as a build without the staged count let through): it still revokes.
+    plant_attached(&mut d, 1, &[b"over/1".to_vec(), b"over/2".to_vec()], true);
+    let revoked = d.one(Command::LeaseRevoke { id: 1 }).outcome;
+    assert_eq!(
+        revoked,
+        CommandOutcome::LeaseRevoked {
+            deleted: LEASE_KEYS_MAX + 2
+        }
+    );
+    assert_eq!(d.count_prefix(b""), 0);
+    d.reopen();
+    assert!(d.sm().leases().0.is_empty());
+}
+
+#[test]
+fn a_revoke_drops_stray_attachment_rows_and_deletes_only_keys_that_name_its_lease() {
+    let mut d = Driver::new();
+    d.plain(&[
+        grant(5_000),
+        grant(5_000),
+        put_leased(b"mine", b"1", 1),
+        put_leased(b"other", b"2", 2),
+    ]);
+    let tree = d.sm().read_current().tree.clone();
+    // Rows naming lease 1 for a key of lease 2 and for a key that does not exist.
+    tree.insert(leases::attach_key(1, b"other"), &b""[..])
+        .unwrap();
+    tree.insert(leases::attach_key(1, b"gone"), &b""[..])
+        .unwrap();
+    drop(tree); // a tree holds sled's lock
+    d.reopen();
+    assert_eq!(d.sm().lease(1, 0).unwrap().value.unwrap().0.keys, 3);
+    let events = apply_events(&mut d, &[Command::LeaseRevoke { id: 1 }]);
+    assert_eq!(summary(&events), vec![(5, "mine".into(), None)]);
+    assert!(d.record(b"mine").is_none());
+    assert_eq!(
+        d.record(b"other").unwrap().lease,
+        2,
+        "another lease's key stays"
+    );
+    d.reopen();
+    let (info, keys, _) = d.sm().lease(2, 10).unwrap().value.unwrap();
+    assert_eq!((info.keys, keys), (1, vec![b"other".to_vec()]));
+    assert_eq!(
+        d.sm().leases().0.len(),
+        1,
+        "no row of lease 1 is left behind"
+    );
+}
+
+/// Applies `cmd`, a lease change, and checks that the epoch is none seen before.
+fn change(d: &mut Driver, cmd: Command, seen: &mut Vec<u64>) {
+    let outcome = d.one(cmd).outcome;
+    assert!(
+        !matches!(outcome, CommandOutcome::Refused(_)),
+        "{outcome:?}"
+    );
+    let epoch = d.sm().lease_epoch();
+    assert!(
+        !seen.contains(&epoch),
+        "epoch {epoch} after {outcome:?}, seen {seen:?}"
+    );
+    seen.push(epoch);
+}
+
+#[test]
+fn the_lease_epoch_moves_past_every_epoch_seen_across_reopens_and_installs() {
+    let mut d = Driver::new();
+    let mut seen = vec![d.sm().lease_epoch()];
+    change(&mut d, grant(1_000), &mut seen);
+    change(&mut d, grant(1_000), &mut seen);
+    d.reopen();
+    seen.push(d.sm().lease_epoch());
+    // As many changes after the reopen as before it: a restarted counter repeats itself.
+    change(&mut d, Command::LeaseRevoke { id: 1 }, &mut seen);
+    change(&mut d, grant(1_000), &mut seen);
+    let mut src = Driver::new();
+    src.plain(&[put(b"x", b"1"), put(b"y", b"2"), put(b"z", b"3")]);
+    src.plain(&[put(b"x", b"1"), put(b"y", b"2"), grant(1_000)]);
+    let (meta, pairs) = snapshot_of(&src);
+    let mut builder = d.sm().begin_install().unwrap();
+    for (k, v) in &pairs {
+        builder.insert(k, v).unwrap();
+    }
+    builder.finish(&meta).unwrap();
+    d.next = meta.index + 1;
+    seen.push(d.sm().lease_epoch());
+    change(&mut d, grant(1_000), &mut seen);
+    change(&mut d, Command::LeaseRevoke { id: 6 }, &mut seen);
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+}
+
+/// A lease record `l ‖ id` as a grant at revision `id` writes it.
+fn lease_record(id: u64, ttl_ms: u64) -> (Vec<u8>, Vec<u8>) {
+    let mut v = ttl_ms.to_be_bytes().to_vec();
+    v.extend_from_slice(&id.to_be_bytes());
+    (leases::lease_key(id), v)
+}
+
+#[test]
+fn a_lease_granted_after_the_applied_index_is_damage_not_a_panic() {
+    // On open: the node refuses its state as corrupt.
+    let mut d = Driver::new();
+    d.plain(&[grant(1_000), put(b"a", b"1")]);
+    let tree = d.sm().read_current().tree.clone();
+    let (k, v) = lease_record(3, 1_000);
+    tree.insert(k, v).unwrap();
+    drop(tree); // a tree holds sled's lock
+    d.sm().flush().unwrap();
+    drop(d.sm.take());
+    let err = crate::test_util::retry_sled_lock(|| {
+        StateMachine::open(d.dir.path(), StateMachineOptions::default())
+    })
+    .expect_err("a lease from the future");
+    assert!(matches!(err, SmError::Corrupt { .. }), "{err}");
+    // In a snapshot: the install is refused.
+    let mut src = Driver::new();
+    src.plain(&[grant(1_000), put(b"a", b"1")]);
+    let (meta, mut pairs) = snapshot_of(&src);
+    pairs.push(lease_record(meta.index + 1, 1_000));
+    pairs.sort();
+    let dst = Driver::new();
+    let mut builder = dst.sm().begin_install().unwrap();
+    for (k, v) in &pairs {
+        builder.insert(k, v).unwrap();
+    }
+    let err = builder.finish(&meta).expect_err("a lease from the future");
+    assert!(matches!(err, SmError::Record(_)), "{err}");
+    // A grant meeting such a lease (were one loaded) is an error, not a panic.
+    let tmp = sled::Config::new().temporary(true).open().unwrap();
+    let tree = tmp.open_tree("t").unwrap();
+    let (k, v) = lease_record(5, 1_000);
+    tree.insert(k, v).unwrap();
+    let mut index = LeaseIndex::load(&tree, 5).unwrap();
+    let mut exec = Exec::new(&tree, None, &mut index);
+    exec.begin_entry(5);
+    let err = exec.lease_grant(5, 1_000, 10).expect_err("lease 5 exists");
+    assert!(matches!(err, SmError::Record(_)), "{err}");
 }
