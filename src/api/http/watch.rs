@@ -210,12 +210,22 @@ fn raw_open<S: KvService>(
             .authorization
             .as_deref()
             .and_then(|v| v.strip_prefix(b"Bearer "));
-        if !presented.is_some_and(|p| token.matches(p)) {
-            return Err(Rejection(
-                StatusCode::UNAUTHORIZED,
-                "a valid bearer token is required".into(),
-            )
-            .into());
+        // The same answers as the router's `require_token`: 401 without a token, 403 with
+        // a wrong one.
+        match presented {
+            None => {
+                return Err(Rejection(
+                    StatusCode::UNAUTHORIZED,
+                    "this node requires a token: send Authorization: Bearer <token>".into(),
+                )
+                .into())
+            }
+            Some(p) if !token.matches(p) => {
+                return Err(
+                    Rejection(StatusCode::FORBIDDEN, "the token is not accepted".into()).into(),
+                )
+            }
+            Some(_) => {}
         }
     }
     let bad = |e: String| Rejection(StatusCode::BAD_REQUEST, e);
@@ -295,5 +305,35 @@ async fn write_within(
     match tokio::time::timeout(timeout, wr.write_all(bytes)).await {
         Ok(r) => r,
         Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::test_service::MapService;
+
+    fn status_of(authorization: Option<&[u8]>) -> Option<u16> {
+        let head = RawHead {
+            target: "/watch?key=a".into(),
+            authorization: authorization.map(<[u8]>::to_vec),
+        };
+        let token = AuthToken::new("s3cret").unwrap();
+        raw_open(&MapService::leader(1), &head, Some(&token), 100)
+            .err()
+            .map(|r| r.0.as_u16())
+    }
+
+    #[test]
+    fn the_raw_path_answers_tokens_as_the_router_does() {
+        assert_eq!(status_of(None), Some(401), "no token");
+        assert_eq!(status_of(Some(b"Bearer wrong")), Some(403), "a wrong token");
+        assert_eq!(
+            status_of(Some(b"Basic s3cret")),
+            Some(401),
+            "not a bearer token"
+        );
+        let right = status_of(Some(b"Bearer s3cret"));
+        assert!(!matches!(right, Some(401 | 403)), "{right:?}");
     }
 }
