@@ -87,6 +87,33 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
+/// Why a request's `Authorization` header is not accepted: the status, error kind and
+/// message every path answers with (the router's middleware and the raw watch path).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenRefusal {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub message: &'static str,
+}
+
+/// Checks an `Authorization` header value against `token`: none (or one
+/// that is not `Bearer …`) is 401, a wrong token 403.
+pub fn check_bearer(token: &AuthToken, authorization: Option<&[u8]>) -> Result<(), TokenRefusal> {
+    match authorization.and_then(|v| v.strip_prefix(b"Bearer ")) {
+        None => Err(TokenRefusal {
+            status: StatusCode::UNAUTHORIZED,
+            kind: "unauthorized",
+            message: "this node requires a token: send Authorization: Bearer <token>",
+        }),
+        Some(t) if token.matches(t) => Ok(()),
+        Some(_) => Err(TokenRefusal {
+            status: StatusCode::FORBIDDEN,
+            kind: "forbidden",
+            message: "the token is not accepted",
+        }),
+    }
+}
+
 /// Middleware: refuses requests without the right token, except on [`OPEN_PATHS`].
 pub async fn require_token(State(token): State<AuthToken>, req: Request, next: Next) -> Response {
     if OPEN_PATHS.contains(&req.uri().path()) {
@@ -95,23 +122,16 @@ pub async fn require_token(State(token): State<AuthToken>, req: Request, next: N
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
-    match presented {
-        None => {
-            let mut r = super::http::error_kind(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "this node requires a token: send Authorization: Bearer <token>",
-            );
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        .map(|v| v.as_bytes());
+    match check_bearer(&token, presented) {
+        Ok(()) => next.run(req).await,
+        Err(refusal) => {
+            let mut r = super::http::error_kind(refusal.status, refusal.kind, refusal.message);
+            if refusal.status == StatusCode::UNAUTHORIZED {
+                r.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
             r
         }
-        Some(t) if token.matches(t) => next.run(req).await,
-        Some(_) => super::http::error_kind(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "the token is not accepted",
-        ),
     }
 }

@@ -109,11 +109,7 @@ impl Client {
         let answer = self
             .send_put(key_path_and_query(key, &query), value)
             .await?;
-        if answer.status == 404
-            && error_kind(&answer.bytes).as_deref() == Some(KIND_LEASE_NOT_FOUND)
-        {
-            return Err(ClientError::LeaseNotFound { id: lease_id });
-        }
+        refuse_lease_not_found(lease_id, &answer)?;
         super::write::conditional(answer.status, &answer.bytes)
     }
 
@@ -155,10 +151,16 @@ fn lease_answer<T: serde::de::DeserializeOwned>(
     id: u64,
     answer: &Answer,
 ) -> Result<T, ClientError> {
+    refuse_lease_not_found(id, answer)?;
+    expect_json(answer.status, &answer.bytes)
+}
+
+/// A 404 `lease_not_found` as the typed error for lease `id`.
+fn refuse_lease_not_found(id: u64, answer: &Answer) -> Result<(), ClientError> {
     if answer.status == 404 && error_kind(&answer.bytes).as_deref() == Some(KIND_LEASE_NOT_FOUND) {
         return Err(ClientError::LeaseNotFound { id });
     }
-    expect_json(answer.status, &answer.bytes)
+    Ok(())
 }
 
 /// How a [`LeaseKeeper`] is doing.

@@ -206,27 +206,9 @@ fn raw_open<S: KvService>(
     key_bytes_max: usize,
 ) -> Result<WatchStream, Refused> {
     if let Some(token) = token {
-        let presented = head
-            .authorization
-            .as_deref()
-            .and_then(|v| v.strip_prefix(b"Bearer "));
-        // The same answers as the router's `require_token`: 401 without a token, 403 with
-        // a wrong one.
-        match presented {
-            None => {
-                return Err(Rejection(
-                    StatusCode::UNAUTHORIZED,
-                    "this node requires a token: send Authorization: Bearer <token>".into(),
-                )
-                .into())
-            }
-            Some(p) if !token.matches(p) => {
-                return Err(
-                    Rejection(StatusCode::FORBIDDEN, "the token is not accepted".into()).into(),
-                )
-            }
-            Some(_) => {}
-        }
+        // The same answers as the router's `require_token`.
+        crate::api::auth::check_bearer(token, head.authorization.as_deref())
+            .map_err(|r| Rejection(r.status, r.message.into()))?;
     }
     let bad = |e: String| Rejection(StatusCode::BAD_REQUEST, e);
     let uri: axum::http::Uri = head
