@@ -13,8 +13,12 @@
 #
 # Usage: benches/compare-etcd.sh            (about 25 minutes with the defaults)
 #        QUICK=1 benches/compare-etcd.sh    (a smoke run: 3 s cells, 1 round, 2 trials, 20k writes)
-# Settings (environment): CLIENTS, DURATION, ROUNDS, VALUE_SIZE, KEY_SPACE, FAILOVER_TRIALS,
-# PROBE_MS, RSS_WRITES, WORK, RAFTKV_BIN. Results: a table on stdout, raw wrk output and node
+# raftkv runs with --lease-reads (RAFTKV_LEASE_READS=0 turns them off), so the `lease` row is
+# served from the leader's lease; etcd has no such level and reads linearizably there. Lease
+# reads make raftkv's followers wait out the lease before a failover, so failover is measured
+# twice for raftkv: with lease reads on, then with every node restarted with them off.
+# Settings (environment): CLIENTS, WORKLOADS, DURATION, ROUNDS, VALUE_SIZE, KEY_SPACE,
+# FAILOVER_TRIALS, PROBE_MS, RSS_WRITES, WORK, RAFTKV_BIN, RAFTKV_LEASE_READS. Results: a table on stdout, raw wrk output and node
 # logs in $WORK.
 set -euo pipefail
 shopt -s inherit_errexit
@@ -24,6 +28,8 @@ if [[ -n "${QUICK:-}" ]]; then
     : "${DURATION:=3s}" "${ROUNDS:=1}" "${FAILOVER_TRIALS:=2}" "${RSS_WRITES:=20000}"
 fi
 CLIENTS=${CLIENTS:-"1 16 64 256"}
+WORKLOADS=${WORKLOADS:-"put get lease"}
+RAFTKV_LEASE_READS=${RAFTKV_LEASE_READS:-1}
 DURATION=${DURATION:-10s}
 ROUNDS=${ROUNDS:-2}
 VALUE_SIZE=${VALUE_SIZE:-256}
@@ -85,6 +91,7 @@ start_raftkv_node() {
     RUST_LOG=warn "$RAFTKV_BIN" serve --id "$id" --data-dir "$WORK/raftkv/n$id" \
         --client-addr "${RAFTKV_CLIENT[i]}" --peer-addr "${RAFTKV_PEER[i]}" \
         --peers "$(raftkv_peers_for "$i")" --cluster-id compare-etcd \
+        --lease-reads="$( ((RAFTKV_LEASE_READS)) && echo true || echo false)" \
         >>"$WORK/raftkv/n$id.log" 2>&1 &
     PID[raftkv$id]=$!
 }
@@ -192,7 +199,7 @@ declare -A RES   # "sys|workload|clients" -> accumulated "thr p50 p99 errors" su
 measure_table() {
     local round sys c wl r thr p50 p99 err
     for round in $(seq 1 "$ROUNDS"); do
-        for wl in put get; do
+        for wl in $WORKLOADS; do
             for c in $CLIENTS; do
                 for sys in raftkv etcd; do
                     r=$(run_wrk "$sys" "$c" "$DURATION" "$wl")
@@ -212,7 +219,7 @@ print_table() {
     local wl c
     printf '\n%-6s %7s | %12s %8s %8s | %12s %8s %8s | %9s %9s\n' workload clients \
         "raftkv req/s" "p50 ms" "p99 ms" "etcd req/s" "p50 ms" "p99 ms" "thr ratio" "p50 ratio"
-    for wl in put get; do
+    for wl in $WORKLOADS; do
         for c in $CLIENTS; do
             awk -v wl="$wl" -v c="$c" -v n="$ROUNDS" -v a="${RES[raftkv|$wl|$c]}" -v b="${RES[etcd|$wl|$c]}" 'BEGIN {
                 split(a, x); split(b, y)
@@ -289,6 +296,24 @@ measure_failover() {
     done
 }
 
+# raftkv again with every node restarted with lease reads off (fast failover as before).
+measure_failover_without_leases() {
+    ((RAFTKV_LEASE_READS)) || return 0
+    RAFTKV_LEASE_READS=0
+    local i trial
+    for i in 0 1 2; do
+        kill -TERM "${PID[raftkv$((i + 1))]}" 2>/dev/null || true
+        wait "${PID[raftkv$((i + 1))]}" 2>/dev/null || true
+        start_raftkv_node "$i"
+    done
+    wait_cluster raftkv
+    for trial in $(seq 1 "$FAILOVER_TRIALS"); do
+        failover_trial raftkv "$trial"
+        log "failover trial $trial raftkv (lease reads off): $FAILOVER_MS ms"
+        FAILOVER[raftkv-nolease]+="$FAILOVER_MS "
+    done
+}
+
 stats() { # "n n n" -> "median p90 max"
     tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -n | awk '{ v[NR] = $1 } END {
         m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
@@ -331,7 +356,9 @@ main() {
     wait_cluster etcd
     preload
     measure_table
+    local leases=$RAFTKV_LEASE_READS
     measure_failover
+    measure_failover_without_leases
     measure_rss
 
     echo
@@ -342,7 +369,13 @@ main() {
     a=($(stats "${FAILOVER[raftkv]}"))
     b=($(stats "${FAILOVER[etcd]}"))
     printf '\nfailover (kill -9 leader -> first successful write, %d trials, probe every %d ms)\n' "$FAILOVER_TRIALS" "$PROBE_MS"
-    printf '  raftkv: median %d ms, p90 %d ms, max %d ms   [%s]\n' "${a[@]}" "${FAILOVER[raftkv]% }"
+    printf '  raftkv: median %d ms, p90 %d ms, max %d ms   [%s]%s\n' "${a[@]}" "${FAILOVER[raftkv]% }" \
+        "$( ((leases)) && echo '  (lease reads on)')"
+    if [[ -n ${FAILOVER[raftkv-nolease]:-} ]]; then
+        local n=($(stats "${FAILOVER[raftkv-nolease]}"))
+        printf '  raftkv: median %d ms, p90 %d ms, max %d ms   [%s]  (lease reads off)\n' "${n[@]}" \
+            "${FAILOVER[raftkv-nolease]% }"
+    fi
     printf '  etcd:   median %d ms, p90 %d ms, max %d ms   [%s]\n' "${b[@]}" "${FAILOVER[etcd]% }"
     awk -v x="${a[0]}" -v y="${b[0]}" 'BEGIN { if (y > 0) printf "  median ratio raftkv/etcd: %.2fx\n", x / y }'
     a=(${RSS[raftkv]})

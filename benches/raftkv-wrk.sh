@@ -8,7 +8,8 @@
 # comparison (no etcd, no failover, no RSS phase), so it can be run after every change.
 #
 # Usage: benches/raftkv-wrk.sh ["1 64 256"] ["put get cas"] [5s]
-# Workloads: put, get, cas (conditional puts that succeed: if_mod_revision=0 on fresh keys).
+# Workloads: put, get, lease (GET ?consistency=lease: run with EXTRA="--lease-reads"), cas
+# (conditional puts that succeed: if_mod_revision=0 on fresh keys).
 # Settings (environment): VALUE_SIZE (256), KEY_SPACE (10000), WORK, RAFTKV_BIN, EXTRA (more
 # `raftkv serve` flags, e.g. EXTRA="--cache-mb 16").
 set -euo pipefail

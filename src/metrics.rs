@@ -82,6 +82,8 @@ pub struct Metrics {
     pub proposals_applied: Counter,
     pub proposals_pending: Gauge,
     pub proposals_failed: Counter,
+    /// Reads served from the leader's lease, without a heartbeat round.
+    pub lease_reads: Counter,
     // Storage.
     pub wal_fsync_duration: Histogram,
     pub wal_append_bytes: Counter,
@@ -258,6 +260,12 @@ impl Metrics {
             "raftkv_server_proposals_failed",
             "Writes that failed after reaching this node (not the leader's 'try the leader')",
         );
+        let lease_reads = counter(
+            &mut r,
+            "raftkv_server_lease_reads",
+            "Reads at consistency=lease this node served from its lease as leader, without a \
+             heartbeat round (--lease-reads)",
+        );
         let histogram = |r: &mut Registry, name: &str, help: &str, b: &dyn Fn() -> Vec<f64>| {
             let h = Histogram::new(b());
             r.register(name, help, h.clone());
@@ -335,6 +343,7 @@ impl Metrics {
             proposals_applied,
             proposals_pending,
             proposals_failed,
+            lease_reads,
             wal_fsync_duration,
             wal_append_bytes,
             apply_duration,
@@ -534,6 +543,7 @@ mod tests {
             ("raftkv_server_proposals_committed_total", 0.0),
             ("raftkv_server_proposals_applied_total", 0.0),
             ("raftkv_server_proposals_failed_total", 0.0),
+            ("raftkv_server_lease_reads_total", 0.0),
             ("raftkv_wal_append_bytes_total", 300.0),
             ("raftkv_wal_fsync_duration_seconds_count", 1.0),
             // 150 µs falls in the 200 µs bucket, not the 100 µs one: 100 µs fsyncs resolve.

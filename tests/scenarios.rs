@@ -11,7 +11,9 @@
 //! controls the interleaving exactly. Commands:
 //! - `cluster nodes=N [prevote=B] [checkquorum=B] [lease=B] [maxappend=BYTES]`: bootstrap.
 //! - `campaign ID`: tick ID until its election timeout fires and it starts a (pre-)election.
-//! - `tick IDS [N]`: tick nodes N times (a leader sends heartbeats every tick).
+//! - `tick IDS [N]`: tick nodes N times (a leader sends heartbeats every tick); each tick
+//!   moves the node's clock on by 100 ms first.
+//! - `clock ID MS`: move ID's clock on by MS without a tick (a process that was paused).
 //! - `deliver [FROM->TO ...]`: deliver the queued messages (only the matching ones if given).
 //! - `stabilize`: deliver until no message is left.
 //! - `partition A,B|C,...` / `heal`: drop messages between groups / stop dropping.
@@ -80,8 +82,13 @@ impl Observer for Transcript {
     }
 }
 
+/// What one `tick` stands for on a node's clock (leases are measured on it).
+const TICK_MS: u64 = 100;
+
 struct Cluster {
     h: harness::Cluster<Transcript>,
+    /// Each node's clock: `TICK_MS` more at each of its ticks.
+    clocks_ms: BTreeMap<NodeId, u64>,
 }
 
 fn parse_ids(arg: &str, cluster: &Cluster) -> Vec<NodeId> {
@@ -128,7 +135,11 @@ impl Cluster {
                 "nodes" => n = v.parse().expect("count"),
                 "prevote" => config.pre_vote = v.parse().expect("bool"),
                 "checkquorum" => config.check_quorum = v.parse().expect("bool"),
-                "lease" => config.lease_reads = v.parse().expect("bool"),
+                "lease" => {
+                    config.lease_reads = v.parse().expect("bool");
+                    config.lease_ms =
+                        Config::lease_ms_for(TICK_MS, config.election_timeout_min_ticks);
+                }
                 "maxappend" => config.append_bytes_max = v.parse().expect("bytes"),
                 _ => panic!("unknown cluster option {k}"),
             }
@@ -142,7 +153,10 @@ impl Cluster {
             })
             .collect();
         let h = harness::Cluster::bootstrap(configs, 42, Transcript::default()).expect("bootstrap");
-        let mut cluster = Cluster { h };
+        let mut cluster = Cluster {
+            h,
+            clocks_ms: BTreeMap::new(),
+        };
         cluster.h.observer_mut().config = Some(template);
         for id in 1..=n {
             cluster.h.process(id);
@@ -290,6 +304,20 @@ impl Cluster {
         *self.out() = out;
     }
 
+    /// Moves `id`'s clock on by `ms` without a tick (a paused process sees this on waking).
+    fn advance_clock(&mut self, id: NodeId, ms: u64) {
+        let clock_ms = self.clocks_ms.entry(id).or_insert(0);
+        *clock_ms += ms;
+        let now_ms = *clock_ms;
+        self.raft(id).advance_clock(now_ms);
+    }
+
+    /// One tick of `id`, its clock `TICK_MS` further first.
+    fn tick_node(&mut self, id: NodeId) {
+        self.advance_clock(id, TICK_MS);
+        self.raft(id).tick();
+    }
+
     /// Ticks `id` until it asks for (pre-)votes, at most 100 times.
     fn campaign(&mut self, id: NodeId) {
         assert!(
@@ -298,7 +326,7 @@ impl Cluster {
         );
         self.announce_roles(|c| {
             for _ in 0..100 {
-                c.raft(id).tick();
+                c.tick_node(id);
                 let before = c.h.network().len();
                 c.h.process(id);
                 let asked_votes = c.h.network().iter().skip(before).any(|q| {
@@ -346,12 +374,16 @@ impl Cluster {
                     for _ in 0..n {
                         for &id in &ids {
                             if c.h.is_up(id) {
-                                c.raft(id).tick();
+                                c.tick_node(id);
                                 c.h.process(id);
                             }
                         }
                     }
                 });
+            }
+            "clock" => {
+                let id = args[0].parse().expect("id");
+                self.advance_clock(id, args[1].parse().expect("ms"));
             }
             "deliver" => self.deliver(&parse_routes(args)),
             "stabilize" => {

@@ -3,7 +3,8 @@
 --
 -- Script arguments (after `--` on the wrk command line):
 --   MODE VALUE_SIZE KEY_SPACE OFFSET THREADS
---   MODE: put (random keys), get (random keys), seq (offset + thread + n*THREADS, for preloading
+--   MODE: put (random keys), get (random keys), lease (random keys, raftkv's lease level; etcd
+--   reads linearizably), seq (offset + thread + n*THREADS, for preloading
 --   every key once and for the 1M-write RSS phase).
 
 local threads_created = 0

@@ -1,5 +1,7 @@
 -- wrk script for raftkv's HTTP API: PUT /kv/{key} {"value": ...}, GET /kv/{key}
 -- (linearizable by default, i.e. ReadIndex). See common.lua for the arguments.
+-- MODE lease reads GET /kv/{key}?consistency=lease (served from the leader's lease when the
+-- cluster runs with --lease-reads, else like a linearizable read).
 -- raftkv only: MODE cas sends conditional puts that succeed without a read:
 -- PUT /kv/cas-<run>-<thread>-<n>?if_mod_revision=0 ("only if absent") on keys never written.
 dofile(os.getenv("COMPARE_LUA_DIR") .. "/common.lua")
@@ -21,6 +23,9 @@ function request()
   local path = "/kv/" .. next_key()
   if mode == "get" then
     return wrk.format("GET", path)
+  end
+  if mode == "lease" then
+    return wrk.format("GET", path .. "?consistency=lease")
   end
   return wrk.format("PUT", path, headers, body)
 end

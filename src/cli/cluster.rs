@@ -26,6 +26,10 @@ pub struct UpArgs {
     /// generated once into DATA_DIR/pki (clients: `--cacert DATA_DIR/pki/ca.pem`).
     #[arg(long)]
     pub tls: bool,
+    /// Start every node with --lease-reads (`?consistency=lease` served from the leader's
+    /// lease).
+    #[arg(long)]
+    pub lease_reads: bool,
 }
 
 const CLIENT_PORT_BASE: u16 = 8000;
@@ -54,6 +58,9 @@ pub fn up(args: &UpArgs, log_args: Vec<String>) -> anyhow::Result<ExitCode> {
         n.show_logs = true;
         n.log_args = log_args.clone();
         n.peer_secret_file = Some(secret.clone());
+        if args.lease_reads {
+            n.extra_args.push("--lease-reads".into());
+        }
         n.tls = pki.as_ref().and_then(|pki| {
             let node = pki.nodes.get(&n.id)?;
             Some(LocalTls {

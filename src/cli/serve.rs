@@ -89,6 +89,20 @@ pub struct ServeArgs {
     /// Election timeout (randomized between 1x and 2x this).
     #[arg(long, env = "RAFTKV_ELECTION_TIMEOUT_MS", value_name = "MS")]
     pub election_timeout_ms: Option<u64>,
+    /// Serve `?consistency=lease` reads from the leader's lease, without a round of
+    /// heartbeats (default false: served like linearizable reads). Give every member the
+    /// same setting and the same --heartbeat-ms and --election-timeout-ms. Safe while no
+    /// member's clock runs more than 10 % faster than another's, pauses included; costs
+    /// failover time: followers that lose the leader wait out its lease (about one election
+    /// timeout) before campaigning. `--lease-reads=false` turns them off.
+    #[arg(
+        long,
+        env = "RAFTKV_LEASE_READS",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub lease_reads: Option<bool>,
     /// Forget a client session (exactly-once writes) after this many seconds without a
     /// write from it (default 3600). Decided through the log: every member expires the same
     /// sessions at the same index.
@@ -168,6 +182,7 @@ struct FileConfig {
     snapshot_every: Option<u64>,
     heartbeat_ms: Option<u64>,
     election_timeout_ms: Option<u64>,
+    lease_reads: Option<bool>,
     catchup_margin: Option<u64>,
     cache_mb: Option<u64>,
     wal_segment_mb: Option<u64>,
@@ -315,7 +330,7 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<NodeConfig> {
         wal_segment_mb: args.wal_segment_mb.or(file.wal_segment_mb).unwrap_or(64),
         request_timeout_ms: file.request_timeout_ms.unwrap_or(5_000),
         limits: Limits::default(),
-        lease_reads: false,
+        lease_reads: args.lease_reads.or(file.lease_reads).unwrap_or(false),
         sessions: SessionSettings {
             ttl_ms: args
                 .session_ttl_s

@@ -164,6 +164,7 @@ fn peer_seeds() -> Vec<Vec<u8>> {
         raft(MessageBody::Heartbeat {
             commit: 6,
             read_round: 11,
+            lease_ms: 0,
         }),
         raft(MessageBody::HeartbeatResponse { read_round: 11 }),
         raft(MessageBody::Vote {

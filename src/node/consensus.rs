@@ -90,6 +90,8 @@ pub struct Consensus {
     /// Messages from peers refused by `peer::validate`, counted per peer.
     refusals: RefusalLog,
     /// Ticks since start (the clock of `refusals`).
+    /// `Raft::lease_reads_served` already added to the metric.
+    lease_reads_counted: u64,
     ticks: u64,
     /// Leadership as last logged.
     seen: Seen,
@@ -205,6 +207,7 @@ impl Consensus {
             next_read_id: 1,
             sending_snapshots: BTreeSet::new(),
             refusals: RefusalLog::default(),
+            lease_reads_counted: 0,
             ticks: 0,
             seen,
             membership_waiter: None,
@@ -215,13 +218,27 @@ impl Consensus {
         }
     }
 
+    /// Adds the reads the core served from its lease since the last step to the metric.
+    fn count_lease_reads(&mut self) {
+        let served = self.raft.lease_reads_served();
+        // A new core (a restart) starts again from 0; this step's count is never behind.
+        debug_assert!(served >= self.lease_reads_counted);
+        self.metrics
+            .lease_reads
+            .inc_by(served.saturating_sub(self.lease_reads_counted));
+        self.lease_reads_counted = served;
+    }
+
     /// The core (read-only: for status and checks).
     pub fn raft(&self) -> &Raft {
         &self.raft
     }
 
-    /// Handles `input`, then takes every `Ready` the core has into `out`.
-    pub fn step(&mut self, input: Input, out: &mut Outputs) -> Result<(), StepError> {
+    /// Handles `input`, then takes every `Ready` the core has into `out`. `now_ms` is a
+    /// monotonic clock reading (any fixed origin) taken after `input` arrived: leases are
+    /// measured on it (see `raft::Config::lease_reads`).
+    pub fn step(&mut self, input: Input, now_ms: u64, out: &mut Outputs) -> Result<(), StepError> {
+        self.raft.advance_clock(now_ms);
         match input {
             Input::Tick => {
                 self.raft.tick();
@@ -244,6 +261,7 @@ impl Consensus {
             }
         }
         self.drain_ready(out);
+        self.count_lease_reads();
         self.release_reads();
         self.observe_leadership();
         self.answer_membership_change();

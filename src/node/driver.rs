@@ -104,6 +104,7 @@ impl Driver {
 
     /// Runs until shutdown or a fatal storage or apply error.
     pub async fn run(mut self, mut inputs: DriverInputs) -> Result<(), super::NodeError> {
+        let clock_origin = Instant::now();
         let mut ticker = tokio::time::interval(Duration::from_millis(self.tick_ms));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut out = Outputs::default();
@@ -136,7 +137,9 @@ impl Driver {
                 },
                 Some(req) = inputs.requests.recv() => Input::Request(req),
             };
-            if let Err(e) = self.consensus.step(input, &mut out) {
+            // Read after the input arrived, so a lease is never judged by a time before it.
+            let now_ms = u64::try_from(clock_origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+            if let Err(e) = self.consensus.step(input, now_ms, &mut out) {
                 break Err(super::NodeError::Stopped(e.to_string()));
             }
             if let Err(e) = self.dispatch(&mut out).await {

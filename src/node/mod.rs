@@ -114,7 +114,8 @@ pub struct NodeConfig {
     /// How long a write waits to be committed and applied before answering 504.
     pub request_timeout_ms: u64,
     pub limits: Limits,
-    /// Serve `consistency=lease` reads from the leader's lease (see DESIGN.md).
+    /// Serve `consistency=lease` reads from the leader's lease while this node leads (see
+    /// `raft::Config::lease_reads`; `--lease-reads`).
     pub lease_reads: bool,
     /// The client port's limits, TLS and authentication.
     pub client_port: ClientPortSettings,
@@ -367,6 +368,7 @@ impl NodeConfig {
         c.election_timeout_min_ticks = ticks;
         c.election_timeout_max_ticks = ticks * 2;
         c.lease_reads = self.lease_reads;
+        c.lease_ms = raft::Config::lease_ms_for(self.heartbeat_ms, ticks);
         c
     }
 

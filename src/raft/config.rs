@@ -1,7 +1,10 @@
-//! Tunables of the consensus core, all in ticks, bytes or counts (never wall-clock time).
+//! Tunables of the consensus core, in ticks, bytes or counts — and one duration in
+//! milliseconds, the leader's lease, measured on the clock readings the node passes in
+//! ([`super::Raft::advance_clock`]).
 //!
 //! The node decides how long a tick is (e.g. `heartbeat_ms / heartbeat_ticks`); the core only
-//! counts ticks, which keeps it free of clocks and deterministic.
+//! counts ticks and compares clock readings it is given, which keeps it free of clocks and
+//! deterministic.
 
 use raftkv_types::NodeId;
 
@@ -23,22 +26,29 @@ pub struct Config {
     /// down; followers that heard from a leader recently ignore vote requests.
     pub check_quorum: bool,
     /// Allow reads asked for at [`ReadLevel::Lease`] to be served from the leader's lease
-    /// without a heartbeat round, while a quorum has acknowledged a heartbeat sent less than
-    /// `election_timeout_min_ticks - 1` ticks ago. Such reads are unsafe if nodes' tick rates
-    /// drift apart by more than that margin or if the leader's process pauses (it cannot tell
-    /// that time passed); [`ReadLevel::Linearizable`] reads never use the lease. Requires
-    /// `check_quorum`. Off by default.
+    /// without a heartbeat round. Heartbeats then carry `lease_ms`, and a follower that
+    /// receives one promises not to vote — for anyone, itself included — for `lease_ms` by its
+    /// own clock. The leader relies on a quorum's promise for `lease_ms` less
+    /// [`CLOCK_DRIFT_PERCENT_MAX`] % from the heartbeat's send time, by its own clock: safe as
+    /// long as no node's clock runs that much faster than another's. A leader's process pause
+    /// is safe too: the clock reading given with each step shows the time that passed.
+    /// [`ReadLevel::Linearizable`] reads never use the lease. Requires `check_quorum`. Off by
+    /// default.
     ///
     /// [`ReadLevel::Lease`]: super::ReadLevel::Lease
     /// [`ReadLevel::Linearizable`]: super::ReadLevel::Linearizable
     pub lease_reads: bool,
+    /// With `lease_reads`: how long a follower that received a heartbeat promises not to
+    /// vote, in milliseconds of its clock (1..=[`LEASE_MS_MAX`]; [`Config::lease_ms_for`]).
+    pub lease_ms: u64,
     /// A follower told that its leader is unreachable ([`Raft::peer_unreachable`]: the
     /// connection dropped, as it does at once when the leader's process dies) forgets that
     /// leader and campaigns — PreVote first — after `1 + 2 × rank` ticks instead of a whole
     /// election timeout, where `rank` counts the other voters with a lower id (so two
     /// followers that lost the same leader do not split the vote). Safe: PreVote still needs a
-    /// quorum that also lost the leader, and a live leader's next message restores it. Ignored
-    /// with `lease_reads` (a lease relies on followers waiting out the timeout).
+    /// quorum that also lost the leader, and a live leader's next message restores it. A
+    /// follower that promised a leader its lease waits the promise out first: it campaigns
+    /// `election_timeout_min_ticks + 2 × rank` ticks after it last heard from the leader.
     ///
     /// [`Raft::peer_unreachable`]: super::Raft::peer_unreachable
     pub fast_failover: bool,
@@ -70,7 +80,33 @@ pub struct Config {
     pub promote_lag_entries_max: u64,
 }
 
+/// The clock drift lease reads tolerate: no node's clock runs more than this many percent
+/// faster than another's. Real clocks drift by parts per million; the margin is wide on
+/// purpose (it costs nothing while heartbeats renew the lease every `heartbeat_ms`).
+pub const CLOCK_DRIFT_PERCENT_MAX: u64 = 10;
+
+/// The longest lease a heartbeat may ask a follower to keep (a hostile or misconfigured peer
+/// cannot silence a follower's vote for longer).
+pub const LEASE_MS_MAX: u64 = 60_000;
+
 impl Config {
+    /// The promise a heartbeat may ask for, given the tick length `tick_ms` and the
+    /// minimum election timeout in ticks: what every follower's check-quorum stickiness keeps
+    /// anyway, since it refuses votes for `election_timeout_min_ticks` ticks after hearing
+    /// from its leader, and its next tick may come at once. Capped at [`LEASE_MS_MAX`].
+    pub fn lease_ms_for(tick_ms: u64, election_timeout_min_ticks: u32) -> u64 {
+        let ticks = u64::from(election_timeout_min_ticks.saturating_sub(1));
+        tick_ms.saturating_mul(ticks).min(LEASE_MS_MAX)
+    }
+
+    /// How long after sending a heartbeat the leader relies on the promise of those who
+    /// acknowledge it: `lease_ms` less the clock drift allowed.
+    pub fn lease_trusted_ms(&self) -> u64 {
+        let trusted_ms = self.lease_ms.saturating_mul(100 - CLOCK_DRIFT_PERCENT_MAX) / 100;
+        debug_assert!(trusted_ms <= self.lease_ms);
+        trusted_ms
+    }
+
     /// Defaults suited to a 100 ms tick-free setting: heartbeat every 1 tick, elections after
     /// 10..20 ticks.
     pub fn new(id: NodeId) -> Config {
@@ -82,6 +118,7 @@ impl Config {
             pre_vote: true,
             check_quorum: true,
             lease_reads: false,
+            lease_ms: 0,
             fast_failover: true,
             append_bytes_max: 1 << 20,
             inflight_msgs_max: 256,
@@ -112,6 +149,11 @@ impl Config {
         }
         if self.lease_reads && !self.check_quorum {
             return Err("lease_reads requires check_quorum".into());
+        }
+        if self.lease_reads && !(1..=LEASE_MS_MAX).contains(&self.lease_ms) {
+            return Err(format!(
+                "lease_ms must be 1..={LEASE_MS_MAX} with lease_reads"
+            ));
         }
         if self.snapshot_install_wait_ticks == 0 {
             return Err("snapshot_install_wait_ticks must be at least 1".into());

@@ -102,9 +102,17 @@ pub struct Raft {
     uncommitted_bytes: u64,
     /// Ticks since this core was created (the lease clock).
     ticks: u64,
-    /// Leader with lease reads: (heartbeat round, tick it was sent at), newest last, bounded
-    /// by `LEASE_ROUNDS_MAX`.
+    /// The newest clock reading the node passed in ([`Raft::advance_clock`]), in ms.
+    clock_ms: u64,
+    /// Leader with lease reads: (heartbeat round, clock reading when it was made), newest
+    /// last, bounded by `LEASE_ROUNDS_MAX`. The heartbeat leaves after that reading, so a
+    /// lease measured from it ends early, never late.
     heartbeat_rounds: VecDeque<(u64, u64)>,
+    /// Reads this core released from its lease, without a round (a count for checks).
+    lease_reads_served: u64,
+    /// Until this clock reading this node votes for no one, itself included: it acknowledged
+    /// a heartbeat that asked for a lease (0: no promise).
+    promised_until_ms: u64,
     /// Created by `restart`: until an election timeout passes, behave as if a leader was
     /// heard from just before the crash (it may have been; see the lease check in `step`).
     restarted: bool,
@@ -302,7 +310,10 @@ impl Raft {
             reads: ReadIndexQueue::default(),
             uncommitted_bytes: 0,
             ticks: 0,
+            clock_ms: 0,
             heartbeat_rounds: VecDeque::new(),
+            promised_until_ms: 0,
+            lease_reads_served: 0,
             lease_revoked: false,
             restarted: false,
             hard_state_handed: HardState::default(),
@@ -630,6 +641,10 @@ impl Raft {
             // The only voter needs nobody's vote and can compete with no one: waiting out an
             // election timeout would only delay a restarted single-node cluster.
             let alone = self.single_voter();
+            if self.lease_promised() && !alone {
+                // Promised a leader's lease: no vote for anyone yet, our own included.
+                return;
+            }
             if alone || self.election_elapsed >= self.election_timeout {
                 let kind = if self.config.pre_vote {
                     Campaign::PreVote
@@ -704,38 +719,65 @@ impl Raft {
 
     fn record_round(&mut self, round: u64) {
         if self.config.lease_reads {
-            self.heartbeat_rounds.push_back((round, self.ticks));
+            self.heartbeat_rounds.push_back((round, self.clock_ms));
             if self.heartbeat_rounds.len() > LEASE_ROUNDS_MAX {
                 self.heartbeat_rounds.pop_front();
             }
         }
     }
 
-    /// Lease reads: whether a quorum acknowledged a heartbeat sent less than an election
-    /// timeout ago (minus one tick of margin). Followers that acknowledged it will not vote
-    /// for anyone else until an election timeout after they received it, so no other leader
-    /// can exist yet — provided tick rates agree (the clock-drift caveat).
+    /// Lease reads: whether a quorum acknowledged a heartbeat made less than
+    /// `Config::lease_trusted_ms` ago by the clock. Followers that acknowledged it will not
+    /// vote for anyone until `lease_ms` of their clocks after receiving it, so no other leader
+    /// can exist yet — provided no clock runs more than the drift allowed faster than ours.
     fn lease_valid(&self) -> bool {
         if self.lease_revoked {
             return false;
         }
         let round = self.reads.quorum_round(self.membership(), self.config.id);
+        let trusted_ms = self.config.lease_trusted_ms();
         self.heartbeat_rounds
             .iter()
             .find(|&&(r, _)| r == round)
-            .is_some_and(|&(_, sent)| {
-                sent + u64::from(self.config.election_timeout_min_ticks) > self.ticks + 1
+            .is_some_and(|&(_, made_ms)| {
+                debug_assert!(made_ms <= self.clock_ms, "the clock went backwards");
+                self.clock_ms < made_ms.saturating_add(trusted_ms)
             })
     }
 
+    /// Whether this node promised a leader's lease not to vote yet (see `promised_until_ms`).
+    fn lease_promised(&self) -> bool {
+        self.clock_ms < self.promised_until_ms
+    }
+
+    /// The node's clock, in ms from any fixed origin: the shell passes a monotonic reading
+    /// taken after the input it is about to step arrived, so a leader that was paused sees
+    /// its lease lapsed before it serves a read that came in after the pause. Readings that go
+    /// backwards are ignored.
+    pub fn advance_clock(&mut self, now_ms: u64) {
+        self.clock_ms = self.clock_ms.max(now_ms);
+    }
+
     fn broadcast_heartbeat(&mut self, read_round: u64) {
+        let lease_ms = if self.config.lease_reads {
+            self.config.lease_ms
+        } else {
+            0
+        };
         let targets: Vec<(NodeId, u64)> = self
             .progress
             .iter()
             .map(|(&id, pr)| (id, pr.match_index.min(self.commit)))
             .collect();
         for (to, commit) in targets {
-            self.send(to, MessageBody::Heartbeat { commit, read_round });
+            self.send(
+                to,
+                MessageBody::Heartbeat {
+                    commit,
+                    read_round,
+                    lease_ms,
+                },
+            );
         }
     }
 
@@ -808,10 +850,11 @@ impl Raft {
         }
         if self.log.term(self.commit) != Some(self.term) {
             self.reads.push_before_noop(id);
-        } else if self.single_voter()
-            || (level == ReadLevel::Lease && self.config.lease_reads && self.lease_valid())
-        {
-            debug_assert!(level == ReadLevel::Lease || self.single_voter());
+        } else if self.single_voter() {
+            self.reads.push_confirmed(id, self.commit);
+        } else if level == ReadLevel::Lease && self.config.lease_reads && self.lease_valid() {
+            debug_assert!(self.config.check_quorum && !self.lease_revoked);
+            self.lease_reads_served += 1;
             self.reads.push_confirmed(id, self.commit);
         } else {
             self.reads.push(id, self.commit);
@@ -892,26 +935,30 @@ impl Raft {
                 pr.become_probe();
             }
         }
-        if self.role == Role::Follower
-            && self.leader == Some(peer)
-            && self.config.fast_failover
-            && !self.config.lease_reads
-        {
+        if self.role == Role::Follower && self.leader == Some(peer) && self.config.fast_failover {
             let rank = self
                 .voter_peers()
                 .into_iter()
                 .filter(|&id| id != peer && id < self.config.id)
                 .count() as u32;
-            let soon = self.election_elapsed.saturating_add(1 + 2 * rank);
+            let mut first = self.election_elapsed.saturating_add(1);
+            if self.lease_promised() {
+                // The leader may still serve reads from its lease (it may be alive, only cut
+                // off from us): wait the promise out, which the ticks below cover when every
+                // node runs the same timeouts (`tick` checks the promise anyway).
+                first = first.max(self.config.election_timeout_min_ticks);
+            }
+            let soon = first.saturating_add(2 * rank);
             tracing::debug!(
                 id = self.config.id,
                 leader = peer,
-                in_ticks = 1 + 2 * rank,
+                in_ticks = soon.saturating_sub(self.election_elapsed),
                 "leader unreachable: campaigning early"
             );
             self.leader = None;
             self.leader_lost = true;
             self.election_timeout = self.election_timeout.min(soon);
+            debug_assert!(soon > self.election_elapsed);
         }
     }
 
@@ -1087,6 +1134,11 @@ impl Raft {
         ready.snapshot_sends = std::mem::take(&mut self.snapshot_sends);
         ready.reads_dropped = std::mem::take(&mut self.reads_dropped);
         ready
+    }
+
+    /// Reads released from the leader's lease, without a heartbeat round, by this core.
+    pub fn lease_reads_served(&self) -> u64 {
+        self.lease_reads_served
     }
 
     /// Reads held by the leader's queues: waiting for the no-op, for a heartbeat round, or

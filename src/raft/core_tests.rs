@@ -58,6 +58,7 @@ fn follower_refuses_proposals_and_reads_with_leader_hint() {
         body: MessageBody::Heartbeat {
             commit: 1,
             read_round: 0,
+            lease_ms: 0,
         },
     })
     .unwrap();
@@ -81,6 +82,7 @@ fn bad_messages_are_typed_errors() {
     let hb = MessageBody::Heartbeat {
         commit: 0,
         read_round: 0,
+        lease_ms: 0,
     };
     let wrong_to = Message {
         from: 1,
@@ -222,7 +224,24 @@ fn single_voter_and_lease_reads_need_no_round() {
     );
     let mut c = config(1);
     c.lease_reads = true;
+    assert!(c.validate().is_err(), "lease reads need a lease");
+    c.lease_ms = Config::lease_ms_for(100, c.election_timeout_min_ticks);
+    assert_eq!(
+        c.lease_ms, 400,
+        "the promise: one tick short of the minimum timeout"
+    );
+    assert_eq!(
+        c.lease_trusted_ms(),
+        360,
+        "less the 10 % clock drift allowed"
+    );
     assert!(c.validate().is_ok());
+    c.lease_ms = crate::raft::config::LEASE_MS_MAX + 1;
+    assert!(
+        c.validate().is_err(),
+        "a lease longer than followers accept"
+    );
+    c.lease_ms = 400;
     c.check_quorum = false;
     assert!(c.validate().is_err(), "lease reads require check-quorum");
 }
@@ -346,6 +365,7 @@ fn same_inputs_same_outputs() {
 fn lease_reads_are_served_only_within_the_lease() {
     let mut c = config(1);
     c.lease_reads = true;
+    c.lease_ms = 500; // trusted for 450 ms (10 % clock drift allowed)
     c.heartbeat_ticks = 1;
     let membership = Membership::with_voters([1, 2, 3]);
     let mut r = Raft::bootstrap(c, membership, 1).unwrap();
@@ -405,19 +425,28 @@ fn lease_reads_are_served_only_within_the_lease() {
     // No heartbeat acknowledged yet: the read takes the round path (not released at once).
     r.read_index_at(1, ReadLevel::Lease).unwrap();
     assert!(drain(&mut r).iter().all(|rd| rd.read_states.is_empty()));
-    // A heartbeat round acknowledged by n2: the lease holds, reads are released at once.
+    // A heartbeat round made at 100 ms and acknowledged by n2: the lease holds, reads are
+    // released at once.
+    r.advance_clock(100);
     r.tick();
     let round = r.ready().messages_now.iter().find_map(|m| match m.body {
-        MessageBody::Heartbeat { read_round, .. } => Some(read_round),
+        MessageBody::Heartbeat {
+            read_round,
+            lease_ms,
+            ..
+        } => Some((read_round, lease_ms)),
         _ => None,
     });
+    let (round, lease_ms) = round.unwrap();
+    assert_eq!(
+        lease_ms, 500,
+        "the heartbeat asks followers for the whole lease"
+    );
     reply(
         &mut r,
         2,
         2,
-        MessageBody::HeartbeatResponse {
-            read_round: round.unwrap(),
-        },
+        MessageBody::HeartbeatResponse { read_round: round },
     );
     r.read_index_at(2, ReadLevel::Lease).unwrap();
     let released: Vec<u64> = drain(&mut r)
@@ -428,11 +457,16 @@ fn lease_reads_are_served_only_within_the_lease() {
     // A linearizable read never uses the lease: it waits for a round of its own.
     r.read_index(4).unwrap();
     assert!(drain(&mut r).iter().all(|rd| rd.read_states.is_empty()));
-    // An election timeout later without acknowledgements the lease has expired.
-    for _ in 0..4 {
-        r.tick();
-    }
-    drain(&mut r);
+    // Without a tick (a paused process) the clock alone decides: still trusted at 549 ms,
+    // lapsed at 550 ms.
+    r.advance_clock(549);
+    r.read_index_at(5, ReadLevel::Lease).unwrap();
+    let released: Vec<u64> = drain(&mut r)
+        .iter()
+        .flat_map(|rd| rd.read_states.iter().map(|s| s.id))
+        .collect();
+    assert_eq!(released, vec![5]);
+    r.advance_clock(550);
     r.read_index_at(3, ReadLevel::Lease).unwrap();
     assert!(drain(&mut r).iter().all(|rd| rd.read_states.is_empty()));
 }
@@ -584,12 +618,12 @@ fn restarted_follower_keeps_the_lease_promise_for_an_election_timeout() {
     assert_eq!(granted.len(), 1, "answered after an election timeout");
 }
 
-/// A follower of leader 1 in a 3-voter cluster, having just heard a heartbeat.
-fn following(id: u64, lease_reads: bool) -> Raft {
+/// A follower of leader 1 in a 3-voter cluster, having just heard a heartbeat asking for
+/// `lease_ms` (0: none) at clock 0.
+fn following(id: u64, lease_ms: u64) -> Raft {
     let mut c = config(id);
     c.election_timeout_min_ticks = 10;
     c.election_timeout_max_ticks = 20;
-    c.lease_reads = lease_reads;
     let mut r = Raft::bootstrap(c, Membership::with_voters([1, 2, 3]), 7).unwrap();
     drain(&mut r);
     r.step(Message {
@@ -599,6 +633,7 @@ fn following(id: u64, lease_reads: bool) -> Raft {
         body: MessageBody::Heartbeat {
             commit: 1,
             read_round: 0,
+            lease_ms,
         },
     })
     .unwrap();
@@ -627,13 +662,13 @@ fn ticks_to_campaign(r: &mut Raft, max: u32) -> Option<u32> {
 fn a_follower_that_loses_its_leader_campaigns_early_staggered_by_rank() {
     // Node 2 has no lower-id survivor: one tick. Node 3 ranks behind node 2: three ticks.
     for (id, want) in [(2, 1), (3, 3)] {
-        let mut r = following(id, false);
+        let mut r = following(id, 0);
         r.peer_unreachable(1);
         assert_eq!(r.leader(), None, "node {id} forgets the lost leader");
         assert_eq!(ticks_to_campaign(&mut r, 30), Some(want), "node {id}");
     }
     // Losing a connection to a peer that is not the leader changes nothing.
-    let mut r = following(2, false);
+    let mut r = following(2, 0);
     r.peer_unreachable(3);
     assert_eq!(r.leader(), Some(1));
     assert!(ticks_to_campaign(&mut r, 9).is_none());
@@ -641,7 +676,7 @@ fn a_follower_that_loses_its_leader_campaigns_early_staggered_by_rank() {
 
 #[test]
 fn a_live_leaders_next_message_cancels_the_early_campaign() {
-    let mut r = following(3, false);
+    let mut r = following(3, 0);
     r.peer_unreachable(1);
     r.step(Message {
         from: 1,
@@ -650,6 +685,7 @@ fn a_live_leaders_next_message_cancels_the_early_campaign() {
         body: MessageBody::Heartbeat {
             commit: 1,
             read_round: 0,
+            lease_ms: 0,
         },
     })
     .unwrap();
@@ -658,13 +694,69 @@ fn a_live_leaders_next_message_cancels_the_early_campaign() {
     assert!(ticks_to_campaign(&mut r, 9).is_none());
 }
 
+/// Ticks `r` with its clock `tick_ms` further each tick until it asks for votes; returns the
+/// ticks it took.
+fn ticks_to_campaign_timed(r: &mut Raft, tick_ms: u64, max: u32) -> Option<u32> {
+    for t in 1..=max {
+        r.advance_clock(u64::from(t) * tick_ms);
+        if ticks_to_campaign(r, 1).is_some() {
+            return Some(t);
+        }
+    }
+    None
+}
+
 #[test]
-fn no_early_campaign_when_leases_are_in_use() {
-    // A leader's lease relies on followers waiting out the election timeout.
-    let mut r = following(2, true);
+fn a_follower_that_promised_a_lease_waits_it_out_before_campaigning() {
+    // The leader asked for 900 ms: at 100 ms a tick the early campaign comes at the minimum
+    // election timeout (10 ticks, 1000 ms), past the promise.
+    let mut r = following(2, 900);
     r.peer_unreachable(1);
-    assert_eq!(r.leader(), Some(1));
-    assert!(ticks_to_campaign(&mut r, 9).is_none());
+    assert_eq!(r.leader(), None, "forgets the leader");
+    assert_eq!(ticks_to_campaign_timed(&mut r, 100, 30), Some(10));
+    // With a clock that says less time passed than the ticks do, the promise still holds
+    // the campaign back: 10 ms a tick, 900 ms promised, so not before tick 90.
+    let mut r = following(2, 900);
+    r.peer_unreachable(1);
+    assert_eq!(ticks_to_campaign_timed(&mut r, 10, 200), Some(90));
+}
+
+#[test]
+fn a_follower_ignores_vote_requests_while_it_keeps_a_lease_promise() {
+    let vote = |r: &mut Raft, pre: bool| {
+        r.step(Message {
+            from: 3,
+            to: 2,
+            term: 3,
+            body: MessageBody::Vote {
+                pre,
+                last_index: 10,
+                last_term: 2,
+                transfer: false,
+            },
+        })
+        .unwrap();
+        drain(r).iter().any(|rd| {
+            rd.messages_now
+                .iter()
+                .chain(&rd.messages_after_persist)
+                .any(|m| matches!(m.body, MessageBody::VoteResponse { granted: true, .. }))
+        })
+    };
+    let mut r = following(2, 900);
+    // Fast failover forgets the leader and the ticks pass the check-quorum stickiness...
+    r.peer_unreachable(1);
+    for t in 1..=20 {
+        r.advance_clock(40 * t);
+        r.tick();
+    }
+    drain(&mut r);
+    // ...but at 800 ms the promise holds: neither a pre-vote nor a vote is granted.
+    assert!(!vote(&mut r, true));
+    assert!(!vote(&mut r, false));
+    assert_eq!(r.term(), 2, "an ignored vote request changes no term");
+    r.advance_clock(900);
+    assert!(vote(&mut r, true), "granted once the promise ran out");
 }
 
 /// Found by the simulator (seed 345 of the issue-11 client mix): without pre-vote and
@@ -703,6 +795,7 @@ fn a_node_that_may_campaign_tells_a_stale_leader_its_term_too() {
         body: MessageBody::Heartbeat {
             commit: 0,
             read_round: 0,
+            lease_ms: 0,
         },
     })
     .unwrap();
@@ -755,6 +848,7 @@ fn a_node_that_may_not_campaign_tells_a_stale_leader_its_term() {
         body: MessageBody::Heartbeat {
             commit: 0,
             read_round: 0,
+            lease_ms: 0,
         },
     })
     .unwrap();

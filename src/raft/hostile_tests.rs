@@ -252,6 +252,7 @@ fn a_huge_commit_or_prev_index_is_refused_and_writes_still_commit() {
         MessageBody::Heartbeat {
             commit: u64::MAX,
             read_round: 0,
+            lease_ms: 0,
         },
     ));
     c.refused_on_receipt(forged(

@@ -17,6 +17,7 @@
 
 use raftkv_types::{Entry, SnapshotMeta};
 
+use super::config::LEASE_MS_MAX;
 use super::message::{Message, MessageBody};
 
 /// Terms are below this (2^62). The core never adopts a term at or above it, and never
@@ -155,9 +156,20 @@ pub fn check_message(m: &Message) -> Result<(), InvalidMessage> {
                 None => Ok(()),
             }
         }
-        MessageBody::Heartbeat { commit, read_round } => {
+        MessageBody::Heartbeat {
+            commit,
+            read_round,
+            lease_ms,
+        } => {
             check_index(kind, "commit", *commit)?;
-            check_index(kind, "read round", *read_round)
+            check_index(kind, "read round", *read_round)?;
+            if *lease_ms > LEASE_MS_MAX {
+                return Err(InvalidMessage::new(
+                    kind,
+                    format!("lease of {lease_ms} ms exceeds {LEASE_MS_MAX} ms"),
+                ));
+            }
+            Ok(())
         }
         MessageBody::HeartbeatResponse { read_round } => {
             check_index(kind, "read round", *read_round)
@@ -295,6 +307,7 @@ mod tests {
                 MessageBody::Heartbeat {
                     commit: 5,
                     read_round: 8,
+                    lease_ms: 0,
                 },
             ),
             msg(
@@ -360,6 +373,15 @@ mod tests {
                 MessageBody::Heartbeat {
                     commit: u64::MAX,
                     read_round: 0,
+                    lease_ms: 0,
+                },
+            ),
+            msg(
+                3,
+                MessageBody::Heartbeat {
+                    commit: 1,
+                    read_round: 0,
+                    lease_ms: LEASE_MS_MAX + 1,
                 },
             ),
             msg(

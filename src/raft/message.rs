@@ -39,8 +39,13 @@ pub enum MessageBody {
         hint: Option<(u64, u64)>,
     },
     /// Leader → follower: "I am still leader"; `commit` is capped at what the follower is known
-    /// to hold; `read_round` identifies the ReadIndex round this heartbeat confirms.
-    Heartbeat { commit: u64, read_round: u64 },
+    /// to hold; `read_round` identifies the ReadIndex round this heartbeat confirms; with lease
+    /// reads, `lease_ms` (else 0) is how long the follower promises not to vote after it.
+    Heartbeat {
+        commit: u64,
+        read_round: u64,
+        lease_ms: u64,
+    },
     /// Follower → leader: acknowledges a heartbeat of `read_round`.
     HeartbeatResponse { read_round: u64 },
     /// A (pre-)candidate asks for a vote. `transfer` is set when a leadership transfer asked for
@@ -125,8 +130,16 @@ impl std::fmt::Display for Message {
                     write!(f, " ok index={index}")
                 }
             }
-            MessageBody::Heartbeat { commit, read_round } => {
-                write!(f, " commit={commit} round={read_round}")
+            MessageBody::Heartbeat {
+                commit,
+                read_round,
+                lease_ms,
+            } => {
+                write!(f, " commit={commit} round={read_round}")?;
+                if *lease_ms > 0 {
+                    write!(f, " lease={lease_ms}ms")?;
+                }
+                Ok(())
             }
             MessageBody::HeartbeatResponse { read_round } => write!(f, " round={read_round}"),
             MessageBody::Vote {

@@ -62,7 +62,8 @@ use tokio::task::JoinSet;
 
 /// The handshake protocol version; bumped on any incompatible change of the peer protocol.
 /// 2: challenge–response with the cluster secret; no client URL in the handshake.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: heartbeats carry the lease a follower promises (`lease_ms`).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The most peers a transport talks to; `set_peers` refuses the rest (logged) and a
 /// configuration with more does not start.

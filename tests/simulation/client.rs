@@ -536,8 +536,8 @@ impl Sim {
                     rx,
                 });
                 // On lease-read seeds, even clients ask for lease reads and odd ones for
-                // linearizable reads (both checked as linearizable: the simulator's clocks
-                // agree and its lease seeds have no pauses).
+                // linearizable reads (both checked as linearizable, under clock drift and
+                // pauses of the leader).
                 let level = if self.params.lease_reads && client.is_multiple_of(2) {
                     ReadLevel::Lease
                 } else {
@@ -584,6 +584,12 @@ impl Sim {
             ret: None,
         });
         let idx = self.history.len() - 1;
+        if self.params.lease_reads && c.is_multiple_of(2) && matches!(req, Request::Read { .. }) {
+            // A lease reader asks any node, not the one that answered last: so some reads
+            // reach a frozen leader after others wrote through its successor, and are served
+            // when it wakes, before it hears of the new term (a lease's hardest case).
+            self.clients[c as usize].target = self.random_node();
+        }
         self.clients[c as usize].current = Some((idx, req));
         self.client_send(c);
     }

@@ -119,6 +119,12 @@ use tokio::sync::oneshot;
 use watchers::Watcher;
 
 const TICK_MS: u64 = 10;
+
+/// On lease seeds each node's clock (and so its ticks) runs up to this far from the true rate,
+/// either way: two nodes' rates then differ by at most 1.04 / 0.96 ≈ 8.3 %, inside the 10 %
+/// lease reads allow (`raft::config::CLOCK_DRIFT_PERCENT_MAX`), leaving a margin for the
+/// clocks' whole-millisecond readings.
+const CLOCK_DRIFT_PPM_MAX: i64 = 40_000;
 const CLIENT_TIMEOUT_MS: u64 = 600;
 const KEYS: u64 = 5;
 const MAX_DEFERRED_EVENTS: usize = 100_000;
@@ -152,6 +158,9 @@ pub enum Fault {
     },
     /// Freeze `node` for `ms` (longer than an election timeout).
     Pause { node: NodeId, ms: u64 },
+    /// Freeze whoever leads at that moment for `ms` (lease seeds: the others elect a leader
+    /// and write meanwhile, and reads wait at the frozen one for it to wake).
+    PauseLeader { ms: u64 },
     /// Ask whoever leads at that moment to hand leadership to `to`.
     TransferLeader { to: NodeId },
     /// Crash whoever leads at that moment (at its next unsynced write), for `down_ms`.
@@ -183,8 +192,8 @@ pub struct Params {
     pub check_quorum: bool,
     pub append_bytes_max: u64,
     pub inflight_msgs_max: usize,
-    /// Lease reads (only with check-quorum, and then without pauses: a paused leader's lease
-    /// is exactly the clock-drift caveat lease reads carry).
+    /// Lease reads (only with check-quorum). Their seeds keep their pauses, and every node's
+    /// clock and ticks run at its own rate, within `CLOCK_DRIFT_PPM_MAX` of the true one.
     pub lease_reads: bool,
     pub run_ms: u64,
     pub faults: Vec<(u64, Fault)>,
@@ -316,7 +325,18 @@ impl Params {
             faults.push((at, fault));
         }
         if lease_reads {
-            faults.retain(|(_, f)| !matches!(f, Fault::Pause { .. }));
+            // Half the pauses freeze the leader, a lease's hardest case, for 700–1049 ms: long
+            // enough for its clients to give up on it (`CLIENT_TIMEOUT_MS`) and write through
+            // the leader the others elect, short enough that reads sent to the frozen node
+            // after those writes are still awaited when it wakes. Chosen by the pause's
+            // length, so no draw moves the rest of the schedule.
+            for (_, f) in faults.iter_mut() {
+                if let Fault::Pause { ms, .. } = *f {
+                    if ms.is_multiple_of(2) {
+                        *f = Fault::PauseLeader { ms: 700 + ms % 350 };
+                    }
+                }
+            }
         }
         let byzantine = Byzantine::from_seed(seed, run_ms);
         let (spares, member_faults) = membership::schedule(seed, run_ms);
@@ -584,6 +604,14 @@ struct Node {
     peers: BTreeSet<NodeId>,
     /// Role, term and configuration index last traced (`RAFTKV_SIM_TRACE`).
     traced: Option<(Role, u64, u64)>,
+    /// How far this node's clock runs from the simulation's, in parts per million.
+    clock_ppm: i64,
+    /// `lease_reads_served` of the running core when last looked at.
+    lease_reads_seen: u64,
+    /// Ticks scheduled so far, and the simulated time of tick 0: tick k comes when the node's
+    /// clock has moved on `k × TICK_MS` (so a fast clock ticks more often).
+    ticks_scheduled: u64,
+    tick_origin_ms: u64,
 }
 
 impl Node {
@@ -604,6 +632,34 @@ impl Node {
             retired: false,
             peers: BTreeSet::new(),
             traced: None,
+            clock_ppm: 0,
+            lease_reads_seen: 0,
+            ticks_scheduled: 0,
+            tick_origin_ms: 0,
+        }
+    }
+
+    /// This node's clock reading at simulated time `now_ms`: monotonic, drifting by
+    /// `clock_ppm`.
+    fn clock_ms(&self, now_ms: u64) -> u64 {
+        let drift = i128::from(now_ms) * i128::from(self.clock_ppm) / 1_000_000;
+        let clock_ms = i128::from(now_ms) + drift;
+        debug_assert!(clock_ms >= 0 && self.clock_ppm.abs() < 1_000_000);
+        u64::try_from(clock_ms).expect("a clock reading")
+    }
+
+    /// The simulated time of this node's next tick (the first at or after `now_ms`).
+    fn next_tick_ms(&mut self, now_ms: u64) -> u64 {
+        loop {
+            self.ticks_scheduled += 1;
+            // Tick k when the node's clock has moved k × TICK_MS: rounded up, never early.
+            let clock_ms = i128::from(self.ticks_scheduled * TICK_MS) * 1_000_000;
+            let rate = 1_000_000 + i128::from(self.clock_ppm);
+            let after_ms = u64::try_from((clock_ms + rate - 1) / rate).expect("tick time");
+            let at_ms = self.tick_origin_ms + after_ms;
+            if at_ms >= now_ms {
+                return at_ms;
+            }
         }
     }
 
@@ -803,6 +859,9 @@ pub struct Stats {
     pub keepalive_acks: u64,
     pub lease_revokes_proposed: u64,
     pub lease_refusals: u64,
+    /// Reads served from a leader's lease (lease seeds), and pauses on lease seeds.
+    pub lease_reads_served: u64,
+    pub lease_seed_pauses: u64,
 }
 
 impl Stats {
@@ -843,6 +902,8 @@ impl Stats {
         self.keepalive_acks += other.keepalive_acks;
         self.lease_revokes_proposed += other.lease_revokes_proposed;
         self.lease_refusals += other.lease_refusals;
+        self.lease_reads_served += other.lease_reads_served;
+        self.lease_seed_pauses += other.lease_seed_pauses;
     }
 }
 
@@ -880,8 +941,18 @@ impl Sim {
             leases: LeaseBook::default(),
             stats: Stats::default(),
         };
+        if sim.trace {
+            eprint!("{}", sim.params);
+        }
         for id in 1..=sim.params.nodes + sim.params.spares {
-            sim.nodes.insert(id, Node::new(id));
+            let mut node = Node::new(id);
+            if sim.params.lease_reads {
+                // Drawn from their own generator, so the rest of the schedule does not move.
+                let mut drift = Rng::new(sim.params.seed ^ 0xC10C_D41F ^ id);
+                let span = drift.range(0, 2 * CLOCK_DRIFT_PPM_MAX as u64 + 1) as i64;
+                node.clock_ppm = span - CLOCK_DRIFT_PPM_MAX;
+            }
+            sim.nodes.insert(id, node);
         }
         for id in 1..=sim.params.nodes {
             sim.first_start(id).expect("a fresh node starts");
@@ -917,6 +988,7 @@ impl Sim {
         c.append_bytes_max = self.params.append_bytes_max;
         c.inflight_msgs_max = self.params.inflight_msgs_max;
         c.lease_reads = self.params.lease_reads;
+        c.lease_ms = Config::lease_ms_for(TICK_MS, c.election_timeout_min_ticks);
         c.inflight_bytes_max = 4096;
         c.uncommitted_bytes_max = 64 << 10;
         c.apply_bytes_max = 1024;
@@ -980,7 +1052,10 @@ impl Sim {
         self.nodes.get_mut(&id).expect("node").started = true;
         self.start_node(id)?;
         let phase = self.rng.range(0, TICK_MS);
-        self.schedule(phase + 1, Event::Tick(id));
+        let node = self.nodes.get_mut(&id).expect("node");
+        node.tick_origin_ms = self.now + phase + 1;
+        node.ticks_scheduled = 0;
+        self.schedule_at(self.now + phase + 1, Event::Tick(id));
         Ok(())
     }
 
@@ -1052,7 +1127,9 @@ impl Sim {
                 if self.nodes[&id].retired {
                     return Ok(());
                 }
-                self.schedule(TICK_MS, Event::Tick(id));
+                let now = self.now;
+                let next_ms = self.nodes.get_mut(&id).expect("node").next_tick_ms(now + 1);
+                self.schedule_at(next_ms, Event::Tick(id));
                 let node = self.nodes.get_mut(&id).expect("node");
                 if node.paused_until.is_some_and(|u| u > self.now) {
                     return Ok(());
@@ -1148,13 +1225,19 @@ impl Sim {
 
     /// Steps node `id`'s consensus with `input` and carries out what it asks for.
     fn step(&mut self, id: NodeId, input: Input) -> Result<(), String> {
+        let mut out = Outputs::default();
+        // The node's own clock, read as the driver does: after the input arrived.
+        let now_ms = self.nodes[&id].clock_ms(self.now);
         let Some(live) = self.live(id) else {
             return Ok(());
         };
-        let mut out = Outputs::default();
         live.consensus
-            .step(input, &mut out)
+            .step(input, now_ms, &mut out)
             .map_err(|e| format!("node {id}: the consensus step stopped the node: {e}"))?;
+        let served = live.consensus.raft().lease_reads_served();
+        let node = self.nodes.get_mut(&id).expect("node");
+        self.stats.lease_reads_served += served.saturating_sub(node.lease_reads_seen);
+        node.lease_reads_seen = served;
         self.dispatch(id, out)?;
         self.after_step(id)
     }
@@ -1841,6 +1924,25 @@ impl Sim {
                 let node = self.resolve_node(node);
                 let n = self.nodes.get_mut(&node).expect("node");
                 n.paused_until = Some(self.now + ms);
+                if self.params.lease_reads {
+                    self.stats.lease_seed_pauses += 1;
+                }
+            }
+            Fault::PauseLeader { ms } => {
+                if let Some(l) = self.current_leader() {
+                    let n = self.nodes.get_mut(&l).expect("node");
+                    n.paused_until = Some(self.now + ms);
+                    self.stats.lease_seed_pauses += 1;
+                    // Cut off from its peers a little longer than it sleeps: it wakes to the
+                    // clients' reads without word of the new leader, and only its clock can
+                    // tell it that its lease is over.
+                    let mut links = Vec::new();
+                    for &b in all.iter().filter(|&&b| b != l) {
+                        links.push((l, b));
+                        links.push((b, l));
+                    }
+                    self.block(links, ms + 5 * TICK_MS);
+                }
             }
             Fault::CrashLeader { down_ms } => {
                 if let Some(l) = self.current_leader() {
@@ -1974,6 +2076,7 @@ impl Sim {
         let hub = WatchHub::new(sm.applied_index(), watch);
         // Everything this incarnation starts out knowing committed is checked on its first step.
         n.commit_seen = 0;
+        n.lease_reads_seen = 0;
         n.live = Some(Live {
             consensus,
             storage: StorageWorker::new(storage, metrics.clone()),

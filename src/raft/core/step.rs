@@ -16,6 +16,7 @@
 //! for that is refused, not obeyed).
 
 use super::{Campaign, Raft, Role};
+use crate::raft::config::LEASE_MS_MAX;
 use crate::raft::limits::{self, pred, succ, INDEX_MAX, TERM_JUMP_MAX};
 use crate::raft::membership::ConfigHistory;
 use crate::raft::message::{Message, MessageBody};
@@ -121,12 +122,14 @@ impl Raft {
 
     /// Whether this node promised a leader not to elect anyone else yet: with CheckQuorum, it
     /// heard from a leader within the election timeout — or just restarted, and so cannot
-    /// know it did not: a restarted follower must keep the promise a leader's lease relies on.
+    /// know it did not: a restarted follower must keep the promise a leader's lease relies on
+    /// — or it acknowledged a heartbeat asking for a lease that has not run out (kept even
+    /// when fast failover made it forget the leader).
     fn in_lease(&self) -> bool {
         let min_ticks = u64::from(self.config.election_timeout_min_ticks);
-        self.config.check_quorum
-            && (self.leader.is_some() || (self.restarted && self.ticks < min_ticks))
-            && self.election_elapsed < self.config.election_timeout_min_ticks
+        let sticky = (self.leader.is_some() || (self.restarted && self.ticks < min_ticks))
+            && self.election_elapsed < self.config.election_timeout_min_ticks;
+        (self.config.check_quorum && sticky) || self.lease_promised()
     }
 
     /// A message of an earlier term is dropped; a stale leader or pre-candidate is told.
@@ -244,8 +247,13 @@ impl Raft {
                 self.follow(from);
                 self.handle_append(from, prev_index, prev_term, entries, commit)?;
             }
-            MessageBody::Heartbeat { commit, read_round } => {
+            MessageBody::Heartbeat {
+                commit,
+                read_round,
+                lease_ms,
+            } => {
                 self.follow(from);
+                self.promise_lease(lease_ms);
                 self.handle_heartbeat(from, commit, read_round);
             }
             MessageBody::InstallSnapshot { meta } => {
@@ -313,6 +321,18 @@ impl Raft {
             self.election_won();
         } else if self.votes_lost() {
             self.become_follower(self.term, None);
+        }
+    }
+
+    /// Follower: the leader asks for `lease_ms` (0: none) in which this node votes for no one.
+    /// Kept before the acknowledgement leaves, from the clock reading of this step (taken
+    /// after the heartbeat arrived: the promise ends no earlier than the leader assumes).
+    fn promise_lease(&mut self, lease_ms: u64) {
+        debug_assert!(lease_ms <= LEASE_MS_MAX, "checked on receipt");
+        if lease_ms > 0 {
+            let until_ms = self.clock_ms.saturating_add(lease_ms);
+            self.promised_until_ms = self.promised_until_ms.max(until_ms);
+            debug_assert!(self.lease_promised());
         }
     }
 
