@@ -121,10 +121,14 @@ impl FillPool {
         }
     }
 
-    /// The first insert error, taken (the pool is aborted by then).
+    /// The first insert error, taken; an aborted pool whose error was already reported
+    /// (or whose worker panicked) keeps refusing.
     fn take_error(state: &mut PoolState) -> Result<(), SmError> {
         match state.error.take() {
             Some(e) => Err(e.into()),
+            None if state.aborted => Err(SmError::Sled(sled::Error::Io(std::io::Error::other(
+                "the state tree fill stopped after an earlier failure",
+            )))),
             None => Ok(()),
         }
     }
@@ -140,10 +144,7 @@ impl FillPool {
             state = self.shared.wait(state);
         }
         Self::take_error(&mut state)?;
-        assert!(
-            !state.aborted && !state.closed,
-            "invariant: blocks go to a live pool"
-        );
+        assert!(!state.closed, "invariant: blocks go to a live pool");
         state.queue.push_back(block);
         state.in_flight += 1;
         drop(state);
@@ -182,7 +183,20 @@ impl Drop for FillPool {
     }
 }
 
+/// Aborts the pool if its worker unwinds, so that nobody waits for its block forever.
+struct AbortOnPanic<'a>(&'a PoolShared);
+
+impl Drop for AbortOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.lock().aborted = true;
+            self.0.changed.notify_all();
+        }
+    }
+}
+
 fn fill_worker(tree: &sled::Tree, shared: &PoolShared) {
+    let _abort_on_panic = AbortOnPanic(shared);
     loop {
         let block = {
             let mut state = shared.lock();
