@@ -40,6 +40,7 @@
 mod cow;
 pub mod exec;
 pub mod history;
+mod install;
 pub mod leases;
 pub mod record;
 pub mod sessions;
@@ -58,6 +59,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
+pub use install::TreeBuilder;
+
 /// The version of the layout inside a state tree.
 pub const SM_FORMAT_VERSION: u32 = 2;
 /// Round 1's layout: raw values without revisions. Upgraded on open.
@@ -72,8 +75,6 @@ const META_APPLIED: &[u8] = b"m/applied";
 const META_MEMBERSHIP: &[u8] = b"m/membership";
 /// The prefix byte of bookkeeping keys, which snapshots leave out.
 const META_PREFIX: u8 = b'm';
-/// Pairs per sled batch while building a tree from a snapshot.
-const INSTALL_BATCH_PAIRS: usize = 1024;
 
 /// Tuning of the state machine.
 #[derive(Clone, Debug)]
@@ -89,6 +90,9 @@ pub struct StateMachineOptions {
     pub cow_bytes_max: usize,
     /// Live pairs a snapshot walk reads per side-table lookup (see [`SnapshotPairs`]).
     pub snapshot_block_pairs: usize,
+    /// Threads inserting a snapshot's pairs into sled while the caller reads the file (see
+    /// `sm/install.rs`); 0 inserts on the caller's thread.
+    pub install_threads: usize,
     /// Revisions of watch history kept (see [`history`]).
     pub watch_history_revisions: u64,
     /// Bytes of watch history kept at most (see [`history`]).
@@ -103,6 +107,7 @@ impl Default for StateMachineOptions {
             scan_limit_max: 10_000,
             cow_bytes_max: 256 * 1024 * 1024,
             snapshot_block_pairs: 512,
+            install_threads: 2,
             watch_history_revisions: history::HISTORY_REVISIONS_DEFAULT,
             watch_history_bytes_max: history::HISTORY_BYTES_DEFAULT,
         }
@@ -796,15 +801,12 @@ impl StateMachine {
         let name = tree_name(generation);
         self.db.drop_tree(&name)?;
         let tree = self.db.open_tree(&name)?;
-        Ok(TreeBuilder {
-            sm: self,
+        Ok(TreeBuilder::new(
+            self,
             tree,
             name,
-            batch: sled::Batch::default(),
-            batch_pairs: 0,
-            key_count: 0,
-            finished: false,
-        })
+            self.opts.install_threads,
+        ))
     }
 
     /// Bytes sled uses on disk.
@@ -1127,131 +1129,8 @@ impl Iterator for SnapshotPairs<'_> {
     }
 }
 
-/// A fresh state tree being filled from a snapshot. Dropped unfinished, it is removed.
-pub struct TreeBuilder<'a> {
-    sm: &'a StateMachine,
-    tree: sled::Tree,
-    name: Vec<u8>,
-    batch: sled::Batch,
-    batch_pairs: usize,
-    key_count: u64,
-    finished: bool,
-}
-
-impl TreeBuilder<'_> {
-    /// Adds one pair of a format-2 snapshot: an internal key and its record, as
-    /// [`SnapshotView::pairs`] gave them (in any order; snapshot order is key order).
-    pub fn insert(&mut self, key: &[u8], value: &[u8]) -> Result<(), SmError> {
-        if key.first() == Some(&META_PREFIX) || key.is_empty() {
-            return Err(SmError::Record(format!(
-                "a snapshot pair with key {:?} outside the state",
-                String::from_utf8_lossy(&key[..key.len().min(32)])
-            )));
-        }
-        self.insert_raw(key, value)
-    }
-
-    /// Adds one pair of a format-1 snapshot (a user key and its raw value), as a key
-    /// created and last written at `revision` (the snapshot's index).
-    pub fn insert_v1(&mut self, key: &[u8], value: &[u8], revision: u64) -> Result<(), SmError> {
-        let meta = record::KeyMeta {
-            create_revision: revision,
-            mod_revision: revision,
-            version: 1,
-            lease: 0,
-        };
-        self.insert_raw(&data_key(key), &record::encode_key(&meta, value))
-    }
-
-    /// Adds one pair read from a snapshot file of `format_version` at `snapshot_index`.
-    pub fn insert_snapshot_pair(
-        &mut self,
-        format_version: u32,
-        snapshot_index: u64,
-        key: &[u8],
-        value: &[u8],
-    ) -> Result<(), SmError> {
-        if format_version == 1 {
-            self.insert_v1(key, value, snapshot_index)
-        } else {
-            self.insert(key, value)
-        }
-    }
-
-    fn insert_raw(&mut self, key: &[u8], value: &[u8]) -> Result<(), SmError> {
-        self.batch.insert(key, value);
-        self.batch_pairs += 1;
-        if key.first() == Some(&DATA_PREFIX) {
-            self.key_count += 1;
-        }
-        if self.batch_pairs >= INSTALL_BATCH_PAIRS {
-            self.tree.apply_batch(std::mem::take(&mut self.batch))?;
-            self.batch_pairs = 0;
-        }
-        Ok(())
-    }
-
-    /// User keys added so far (session records are not counted).
-    pub fn key_count(&self) -> u64 {
-        self.key_count
-    }
-
-    /// Makes the new tree durable with `meta` as its applied position, then atomically makes
-    /// it the state: build its indexes, flush, flip the current-tree pointer, flush, drop the
-    /// old tree. A tree whose indexes cannot be built (damaged records) is refused before the
-    /// pointer moves, so the node keeps its old state whole, on disk and in memory.
-    pub fn finish(mut self, meta: &SnapshotMeta) -> Result<(), SmError> {
-        let applied = self.sm.applied_index();
-        if meta.index < applied {
-            return Err(SmError::InstallBehind {
-                snapshot_index: meta.index,
-                applied_index: applied,
-            });
-        }
-        self.tree.apply_batch(std::mem::take(&mut self.batch))?;
-        write_meta(&self.tree, meta)?;
-        let sm = self.sm;
-        let damaged = |what| SmError::Record(format!("snapshot at index {}: {what}", meta.index));
-        let indexes = sm.load_indexes(&self.tree, meta.index, damaged)?;
-        sm.db.flush()?;
-        let old_name = {
-            let mut cur = sm.write_current();
-            sm.db.insert(CURRENT_TREE_KEY, self.name.clone())?;
-            // The pointer names the new tree now: it must not be dropped, and memory follows
-            // it even if the flush below fails.
-            self.finished = true;
-            let old_name = std::mem::replace(&mut cur.tree_name, self.name.clone());
-            cur.tree = self.tree.clone();
-            cur.applied = meta.clone();
-            cur.set_indexes(indexes);
-            sm.db.flush()?;
-            old_name
-        };
-        // Dropping the old tree runs outside the apply lock. A snapshot view may still walk
-        // it: then it is dropped at the next open instead.
-        if sm.lock_cow().is_none() {
-            sm.db.drop_tree(&old_name)?;
-        }
-        tracing::info!(
-            index = meta.index,
-            term = meta.term,
-            keys = self.key_count,
-            "installed a snapshot into the state machine"
-        );
-        Ok(())
-    }
-}
-
-impl Drop for TreeBuilder<'_> {
-    fn drop(&mut self) {
-        if !self.finished {
-            if let Err(e) = self.sm.db.drop_tree(&self.name) {
-                tracing::warn!(error = %e, "could not drop an unfinished state tree; it is dropped at the next open");
-            }
-        }
-    }
-}
-
+#[cfg(test)]
+mod install_tests;
 #[cfg(test)]
 mod session_tests;
 #[cfg(test)]
