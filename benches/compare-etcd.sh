@@ -77,10 +77,11 @@ build_raftkv() {
 }
 
 # ---------------------------------------------------------------- clusters
-raftkv_peers_for() { # node index 0..2 -> "2=addr,3=addr"
-    local me=$1 out=() j
+raftkv_others() { # node index 0..2, address array, URL prefix -> "2=PREFIXaddr,3=PREFIXaddr"
+    local me=$1 prefix=${3:-} out=() j
+    local -n addrs=$2
     for j in 0 1 2; do
-        ((j == me)) || out+=("$((j + 1))=${RAFTKV_PEER[j]}")
+        ((j == me)) || out+=("$((j + 1))=$prefix${addrs[j]}")
     done
     local IFS=,
     echo "${out[*]}"
@@ -90,7 +91,9 @@ start_raftkv_node() {
     local i=$1 id=$(($1 + 1))
     RUST_LOG=warn "$RAFTKV_BIN" serve --id "$id" --data-dir "$WORK/raftkv/n$id" \
         --client-addr "${RAFTKV_CLIENT[i]}" --peer-addr "${RAFTKV_PEER[i]}" \
-        --peers "$(raftkv_peers_for "$i")" --cluster-id compare-etcd \
+        --peers "$(raftkv_others "$i" RAFTKV_PEER)" \
+        --peer-client-urls "$(raftkv_others "$i" RAFTKV_CLIENT http://)" \
+        --cluster-id compare-etcd \
         --lease-reads="$( ((RAFTKV_LEASE_READS)) && echo true || echo false)" \
         >>"$WORK/raftkv/n$id.log" 2>&1 &
     PID[raftkv$id]=$!
