@@ -84,6 +84,10 @@ pub struct Metrics {
     pub proposals_failed: Counter,
     /// Reads served from the leader's lease, without a heartbeat round.
     pub lease_reads: Counter,
+    /// Appends to followers whose entries were read back from the WAL.
+    pub log_reads: Counter,
+    /// Bytes of log payload the consensus core holds in memory.
+    pub log_held_bytes: Gauge,
     // Storage.
     pub wal_fsync_duration: Histogram,
     pub wal_append_bytes: Counter,
@@ -266,6 +270,18 @@ impl Metrics {
             "Reads at consistency=lease this node served from its lease as leader, without a \
              heartbeat round (--lease-reads)",
         );
+        let log_reads = counter(
+            &mut r,
+            "raftkv_raft_log_reads",
+            "Appends to followers whose entries this node read back from its WAL (the core no \
+             longer held them in memory)",
+        );
+        let log_held_bytes = index(
+            &mut r,
+            "raftkv_raft_log_held_bytes",
+            "Bytes of log entries the consensus core holds in memory (unapplied entries and a \
+             recent window up to --log-cache-mb; older ones are read from the WAL)",
+        );
         let histogram = |r: &mut Registry, name: &str, help: &str, b: &dyn Fn() -> Vec<f64>| {
             let h = Histogram::new(b());
             r.register(name, help, h.clone());
@@ -344,6 +360,8 @@ impl Metrics {
             proposals_pending,
             proposals_failed,
             lease_reads,
+            log_reads,
+            log_held_bytes,
             wal_fsync_duration,
             wal_append_bytes,
             apply_duration,
@@ -544,6 +562,8 @@ mod tests {
             ("raftkv_server_proposals_applied_total", 0.0),
             ("raftkv_server_proposals_failed_total", 0.0),
             ("raftkv_server_lease_reads_total", 0.0),
+            ("raftkv_raft_log_reads_total", 0.0),
+            ("raftkv_raft_log_held_bytes", 0.0),
             ("raftkv_wal_append_bytes_total", 300.0),
             ("raftkv_wal_fsync_duration_seconds_count", 1.0),
             // 150 µs falls in the 200 µs bucket, not the 100 µs one: 100 µs fsyncs resolve.

@@ -123,6 +123,10 @@ fn simulation_seeds() {
     );
     eprintln!("membership changes: {:?}", t.member);
     eprintln!(
+        "log: {} appends filled from the WAL, {} dropped as compacted meanwhile",
+        t.log_reads, t.log_reads_failed
+    );
+    eprintln!(
         "sessions: {} sessioned writes, {} retried, {} duplicates answered ({} in the log), \
          {} evicted or expired, {} refused as expired; {} CAS ok, {} CAS failed, {} txns ok, \
          {} txns failed, {} prefix deletes",
@@ -166,6 +170,7 @@ fn simulation_seeds() {
             t.lease_reads_served > 0 && t.lease_seed_pauses > 0,
             "lease reads or pauses on their seeds never happened: {t:?}"
         );
+        assert!(t.log_reads > 0, "no append was filled from the WAL: {t:?}");
         assert!(
             t.watch_compacted > 0,
             "no watch start refused as compacted: {t:?}"
@@ -406,6 +411,7 @@ fn the_runtime_paths_that_matter_are_exercised() {
     assert!(totals.power_cuts > 0, "no crash inside a storage group");
     assert!(totals.compactions > 0, "no compaction");
     assert!(totals.snapshots_installed > 0, "no snapshot install");
+    assert!(totals.log_reads > 0, "no append filled from the WAL");
     assert_sessions_exercised(&totals);
     assert_watch_and_leases_exercised(&totals);
     assert!(

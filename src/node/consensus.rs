@@ -171,6 +171,7 @@ pub fn open_core(
     let state = raft::RestartState {
         hard_state: state.hard_state,
         snapshot,
+        prefix: state.prefix,
         entries: state.entries,
         applied: state.applied,
     };
@@ -287,6 +288,7 @@ impl Consensus {
                     tracing::warn!(index, term, error = %e, "core compaction refused");
                 }
             }
+            StorageEvent::LogReadFailed { peer } => self.raft.append_lost(peer),
             StorageEvent::SnapshotReceived { from, term, meta } => {
                 let m = Message {
                     from,
@@ -443,6 +445,17 @@ impl Consensus {
                     after_persist: rd.messages_after_persist,
                 });
             }
+            self.metrics.log_reads.inc_by(rd.log_reads.len() as u64);
+            let held_bytes = self.raft.log().held_bytes();
+            self.metrics
+                .log_held_bytes
+                .set(i64::try_from(held_bytes).unwrap_or(i64::MAX));
+            out.storage
+                .extend(rd.log_reads.into_iter().map(|r| StorageJob::SendFromLog {
+                    message: r.message,
+                    lo: r.lo,
+                    hi: r.hi,
+                }));
         }
     }
 

@@ -140,6 +140,10 @@ pub enum StorageJob {
     },
     /// A piece of a snapshot file from `from`.
     Chunk { from: NodeId, chunk: SnapshotChunk },
+    /// Leader: send `message` (an append) to its peer, with entries `lo..=hi` read from the
+    /// WAL first when `lo <= hi` (the core evicted their payloads: see `raft::LogRead`).
+    /// Sent in job order, without waiting for the group's fsync: they promise nothing.
+    SendFromLog { message: Message, lo: u64, hi: u64 },
     /// Leader: keep the WAL after this index at the next compactions (a reachable follower
     /// still needs it; see `Raft::replication_floor`). `None`: no such follower.
     RetainAfter(Option<u64>),
@@ -156,6 +160,9 @@ pub enum StorageEvent {
         term: u64,
         snapshot_index: u64,
     },
+    /// An append to `peer` was dropped: the WAL no longer holds its entries (compaction
+    /// purged them since the core asked).
+    LogReadFailed { peer: NodeId },
     /// A snapshot file from `from` arrived whole and is in `snap/`.
     SnapshotReceived {
         from: NodeId,

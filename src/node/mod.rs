@@ -73,6 +73,8 @@ pub const QUEUE_CAPACITY: usize = 4096;
 pub const WAL_SEGMENT_MB_MIN: u64 = 2;
 /// The largest WAL segment.
 pub const WAL_SEGMENT_MB_MAX: u64 = 1024;
+/// The largest in-memory cache of applied log entries (the core's `log_bytes_max`, 1 GiB).
+pub const LOG_CACHE_MB_MAX: u64 = 1024;
 
 /// Everything a node needs to run.
 #[derive(Clone, Debug, Default)]
@@ -108,6 +110,9 @@ pub struct NodeConfig {
     pub catchup_margin: u64,
     /// sled's page cache size in MiB.
     pub cache_mb: u64,
+    /// Payloads of applied log entries the consensus core keeps in memory, in MiB; older
+    /// ones are read from the WAL (`raft::Config::log_cache_bytes_max`; `--log-cache-mb`).
+    pub log_cache_mb: u64,
     /// WAL segment size in MiB: two segments (the active one and the next, prepared ahead)
     /// must fit on the disk beside the state machine.
     pub wal_segment_mb: u64,
@@ -338,6 +343,12 @@ impl NodeConfig {
         if !(1..=LEASES_MAX_MAX).contains(&self.leases.leases_max) {
             return Err(format!("--leases-max must be from 1 to {LEASES_MAX_MAX}"));
         }
+        if !(1..=LOG_CACHE_MB_MAX).contains(&self.log_cache_mb) {
+            return Err(format!(
+                "--log-cache-mb must be 1..={LOG_CACHE_MB_MAX}, got {}",
+                self.log_cache_mb
+            ));
+        }
         if !(WAL_SEGMENT_MB_MIN..=WAL_SEGMENT_MB_MAX).contains(&self.wal_segment_mb) {
             return Err(format!(
                 "--wal-segment-mb must be from {WAL_SEGMENT_MB_MIN} to {WAL_SEGMENT_MB_MAX}"
@@ -369,6 +380,8 @@ impl NodeConfig {
         c.election_timeout_max_ticks = ticks * 2;
         c.lease_reads = self.lease_reads;
         c.lease_ms = raft::Config::lease_ms_for(self.heartbeat_ms, ticks);
+        c.log_cache_bytes_max = self.log_cache_mb.clamp(1, LOG_CACHE_MB_MAX) << 20;
+        debug_assert!(c.log_cache_bytes_max <= c.log_bytes_max);
         c
     }
 

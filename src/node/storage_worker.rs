@@ -23,11 +23,12 @@
 
 use super::messages::{PeerMessage, StorageEvent, StorageJob, WorkerError};
 use crate::metrics::{seconds, Metrics};
-use crate::raft::Message;
+use crate::raft::{Message, MessageBody};
 use crate::transport::PeerTransport;
-use raftkv_storage::node_storage::NodeStorage;
+use raftkv_storage::node_storage::{NodeStorage, NodeStorageError};
 use raftkv_storage::snapshot::transfer::{ChunkSink, Received, SnapshotChunk};
 use raftkv_storage::snapshot::{self, SnapshotFile};
+use raftkv_storage::wal::WalError;
 use raftkv_storage::{Entry, HardState, NodeId, SnapshotMeta};
 use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, SyncSender};
@@ -167,6 +168,9 @@ impl StorageWorker {
                     after_persist,
                 } => group.merge(hard_state, entries, after_persist),
                 StorageJob::Chunk { from, chunk } => self.receive_chunk(from, chunk, out)?,
+                StorageJob::SendFromLog { message, lo, hi } => {
+                    self.send_from_log(message, lo, hi, out)?
+                }
                 StorageJob::RetainAfter(index) => self.retain_after = index,
             }
         }
@@ -262,6 +266,42 @@ impl StorageWorker {
                 snapshot_index: report.snapshot.index,
             }));
         }
+        Ok(())
+    }
+
+    /// Fills an append with entries `lo..=hi` from the WAL (none when `lo > hi`) and hands it
+    /// out. Entries compaction purged meanwhile are not an error: the append is dropped and
+    /// the core told, so it probes the follower (and sends a snapshot if need be).
+    fn send_from_log(
+        &mut self,
+        mut message: Message,
+        lo: u64,
+        hi: u64,
+        out: &mut Vec<StorageOutput>,
+    ) -> Result<(), WorkerError> {
+        if lo <= hi {
+            let entries = match self.storage.read_entries(lo, hi) {
+                Ok(entries) => entries,
+                Err(NodeStorageError::Wal(
+                    e @ (WalError::Compacted { .. } | WalError::Unavailable { .. }),
+                )) => {
+                    tracing::info!(to = message.to, lo, hi, reason = %e, "append dropped");
+                    out.push(StorageOutput::Event(StorageEvent::LogReadFailed {
+                        peer: message.to,
+                    }));
+                    return Ok(());
+                }
+                Err(e) => return Err(WorkerError::storage("wal read for a follower")(e)),
+            };
+            match &mut message.body {
+                MessageBody::Append { entries: body, .. } => {
+                    assert!(body.is_empty(), "a log read's append carries nothing yet");
+                    *body = entries;
+                }
+                other => panic!("a log read carries an append, not {other:?}"),
+            }
+        }
+        out.push(StorageOutput::Send(message));
         Ok(())
     }
 

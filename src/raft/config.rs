@@ -60,9 +60,13 @@ pub struct Config {
     pub inflight_bytes_max: u64,
     /// A leader refuses proposals while this many bytes of its log are not yet committed.
     pub uncommitted_bytes_max: u64,
-    /// A leader refuses proposals while its in-memory log (since the last compaction) holds
-    /// more than this many bytes: the node must compact first.
+    /// A leader refuses proposals while the log payloads it must keep in memory (entries
+    /// not yet applied, which cannot be evicted) hold more than this many bytes.
     pub log_bytes_max: u64,
+    /// Payloads of applied entries are kept in memory, newest first, up to this many bytes
+    /// (for followers that keep up); older ones are evicted and served from the WAL
+    /// ([`super::RaftLog`]), so memory stays flat however rarely the node compacts.
+    pub log_cache_bytes_max: u64,
     /// Most entry bytes handed out to apply in one ready batch (at least one entry).
     pub apply_bytes_max: u64,
     /// Most read requests waiting for confirmation or for their index to be applied.
@@ -125,6 +129,7 @@ impl Config {
             inflight_bytes_max: 32 << 20,
             uncommitted_bytes_max: 64 << 20,
             log_bytes_max: 1 << 30,
+            log_cache_bytes_max: 32 << 20,
             apply_bytes_max: 16 << 20,
             pending_reads_max: 4096,
             outbox_msgs_max: 1 << 16,
@@ -160,6 +165,9 @@ impl Config {
         }
         if self.inflight_msgs_max == 0 || self.pending_reads_max == 0 || self.outbox_msgs_max == 0 {
             return Err("queue limits must be at least 1".into());
+        }
+        if self.log_cache_bytes_max > self.log_bytes_max {
+            return Err("log_cache_bytes_max must not exceed log_bytes_max".into());
         }
         if self.append_bytes_max == 0 || self.inflight_bytes_max == 0 || self.apply_bytes_max == 0 {
             return Err("byte limits must be at least 1".into());

@@ -26,9 +26,11 @@ use super::membership::ConfigHistory;
 use super::message::{Message, MessageBody};
 use super::progress::{Progress, ProgressState};
 use super::read_index::{ReadIndexQueue, ReadLevel};
-use super::ready::{RaftError, ReadId, Ready, SnapshotSend};
+use super::ready::{LogRead, RaftError, ReadId, Ready, SnapshotSend};
 use super::rng::Rng;
-use raftkv_types::{Bytes, Entry, EntryKind, HardState, Membership, NodeId, SnapshotMeta};
+use raftkv_types::{
+    Bytes, Entry, EntryKind, HardState, LogPrefix, Membership, NodeId, SnapshotMeta,
+};
 use std::collections::{BTreeMap, VecDeque};
 
 /// Heartbeat rounds remembered for lease reads (older ones are too old to grant a lease).
@@ -60,8 +62,12 @@ pub struct RestartState {
     pub hard_state: HardState,
     /// The newest snapshot (default: none, index 0).
     pub snapshot: SnapshotMeta,
-    /// The durable log entries after the WAL's purge point, contiguous. They may start at or
+    /// The durable log entries after the WAL's purge point whose payloads the node left on
+    /// disk (they are applied): their terms, sizes and configurations. They may start at or
     /// before `snapshot.index + 1` (the WAL keeps a catch-up margin).
+    pub prefix: LogPrefix,
+    /// The durable log entries after the prefix (or after the WAL's purge point, when the
+    /// prefix is empty), contiguous, with their payloads.
     pub entries: Vec<Entry>,
     /// The state machine's durable applied index (at least `snapshot.index`).
     pub applied: u64,
@@ -126,7 +132,19 @@ pub struct Raft {
     messages_now: Vec<Message>,
     messages_after_persist: Vec<Message>,
     snapshot_sends: Vec<SnapshotSend>,
+    log_reads: Vec<LogRead>,
     reads_dropped: Vec<ReadId>,
+}
+
+/// The entries of one append (see [`Raft::next_batch`]).
+#[derive(Default)]
+struct Batch {
+    /// Held entries (empty when they are to be read from the WAL, or there are none).
+    entries: Vec<Entry>,
+    /// (first index, last index, bytes) carried, if any.
+    range: Option<(u64, u64, u64)>,
+    /// The node reads `range` from its WAL.
+    from_wal: bool,
 }
 
 impl Raft {
@@ -187,57 +205,12 @@ impl Raft {
         let RestartState {
             hard_state,
             snapshot,
+            prefix,
             entries,
             applied,
         } = state;
-        check_restart_ranges(&hard_state, &snapshot, &entries)?;
-        for pair in entries.windows(2) {
-            if pair[1].index != succ(pair[0].index) || pair[1].term < pair[0].term {
-                return Err(RaftError::InvalidRestart(format!(
-                    "log not contiguous at index {}",
-                    pair[1].index
-                )));
-            }
-        }
-        let mut log = RaftLog::new(snapshot.index, snapshot.term);
-        let mut skip = 0;
-        if let Some(first) = entries.first() {
-            if first.index > succ(snapshot.index) {
-                return Err(RaftError::InvalidRestart(format!(
-                    "gap between snapshot {} and first entry {}",
-                    snapshot.index, first.index
-                )));
-            }
-            if first.index <= snapshot.index {
-                // The WAL kept a margin before the snapshot: the first entry becomes the base.
-                match entries.iter().find(|e| e.index == snapshot.index) {
-                    Some(e) if e.term != snapshot.term => {
-                        return Err(RaftError::InvalidRestart(format!(
-                            "entry {} has term {} but the snapshot says {}",
-                            e.index, e.term, snapshot.term
-                        )))
-                    }
-                    _ => {}
-                }
-                log = RaftLog::new(first.index, first.term);
-                skip = 1;
-            }
-        }
-        // Config entries in the WAL's margin before the snapshot are in its membership.
-        let mut configs = ConfigHistory::new(snapshot.index, snapshot.membership.clone());
-        for e in entries
-            .iter()
-            .filter(|e| e.kind == EntryKind::Config && e.index > snapshot.index)
-        {
-            let m = decode_config(e).map_err(|why| {
-                RaftError::InvalidRestart(format!("config entry {}: {why}", e.index))
-            })?;
-            configs.push(e.index, m);
-        }
-        // Moved, not cloned: with a long uncompacted log this is hundreds of megabytes.
-        for e in entries.into_iter().skip(skip) {
-            log.append(e);
-        }
+        check_restart_ranges(&hard_state, &snapshot, &prefix, &entries)?;
+        let (log, configs) = restart_log(&snapshot, &prefix, entries)?;
         let membership = configs.current().1;
         if membership.voters.is_empty() {
             return Err(RaftError::InvalidRestart(
@@ -322,6 +295,7 @@ impl Raft {
             messages_now: Vec::new(),
             messages_after_persist: Vec::new(),
             snapshot_sends: Vec::new(),
+            log_reads: Vec::new(),
             reads_dropped: Vec::new(),
         };
         raft.reset_election_timeout();
@@ -799,9 +773,9 @@ impl Raft {
                 uncommitted_bytes_max: self.config.uncommitted_bytes_max,
             });
         }
-        if self.log.bytes() >= self.config.log_bytes_max {
+        if self.log.held_bytes() >= self.config.log_bytes_max {
             return Err(RaftError::LogFull {
-                log_bytes: self.log.bytes(),
+                log_bytes: self.log.held_bytes(),
                 log_bytes_max: self.config.log_bytes_max,
             });
         }
@@ -902,6 +876,12 @@ impl Raft {
     /// The state machine applied everything up to `index`.
     pub fn applied(&mut self, index: u64) {
         self.applied = self.applied.max(index.min(self.applying));
+        let cache_max = self.config.log_cache_bytes_max;
+        if self.log.held_bytes() > cache_max {
+            // Down to half, so eviction runs once per half cache of applies, not per apply.
+            let held_from = self.log.evict_to_bytes(self.applied, cache_max / 2);
+            debug_assert!(held_from > self.applied || self.log.held_bytes() <= cache_max / 2);
+        }
     }
 
     /// The node finished (or failed) streaming a snapshot to `peer`. After a success nothing
@@ -928,13 +908,19 @@ impl Raft {
         }
     }
 
-    /// The node could not reach `peer`: stop streaming to it optimistically.
-    pub fn peer_unreachable(&mut self, peer: NodeId) {
+    /// An append to `peer` was lost before it left (the node could not read its entries
+    /// back from the WAL): stop streaming to it optimistically and probe where it is.
+    pub fn append_lost(&mut self, peer: NodeId) {
         if let Some(pr) = self.progress.get_mut(&peer) {
             if pr.state == ProgressState::Replicate {
                 pr.become_probe();
             }
         }
+    }
+
+    /// The node could not reach `peer`: stop streaming to it optimistically.
+    pub fn peer_unreachable(&mut self, peer: NodeId) {
+        self.append_lost(peer);
         if self.role == Role::Follower && self.leader == Some(peer) && self.config.fast_failover {
             let rank = self
                 .voter_peers()
@@ -1052,20 +1038,17 @@ impl Raft {
             let Some(prev_term) = self.log.term(prev_index) else {
                 return;
             };
-            let entries = self
-                .log
-                .slice(pr.next_index, last_index, self.config.append_bytes_max);
-            let bytes: u64 = entries.iter().map(|e| e.size_bytes() as u64).sum();
-            // `slice` returns entries the log holds: contiguous, below `INDEX_MAX`.
-            let sent_last = entries.last().map_or(prev_index, |e| e.index);
+            let Some(batch) = self.next_batch(peer) else {
+                return;
+            };
             let Some(pr) = self.progress.get_mut(&peer) else {
                 return;
             };
             match pr.state {
                 ProgressState::Replicate => {
-                    if !entries.is_empty() {
-                        pr.next_index = succ(sent_last);
-                        pr.inflights.add(sent_last, bytes);
+                    if let Some((_, hi, bytes)) = batch.range {
+                        pr.next_index = succ(hi);
+                        pr.inflights.add(hi, bytes);
                         pr.debug_check();
                     }
                 }
@@ -1075,23 +1058,84 @@ impl Raft {
                     pr.probe_sent = true;
                 }
             }
+            let sent_last = batch.range.map_or(prev_index, |(_, hi, _)| hi);
             // The follower may commit only what it is known (or about to be known) to hold.
             let commit_sent = commit.min(sent_last);
             pr.commit_sent = pr.commit_sent.max(commit_sent);
-            let stop = entries.is_empty();
-            self.send(
-                peer,
-                MessageBody::Append {
-                    prev_index,
-                    prev_term,
-                    entries,
-                    commit,
-                },
-            );
+            let via_log = batch.from_wal || pr.log_read_through > pr.match_index;
+            if via_log {
+                pr.log_read_through = pr.log_read_through.max(sent_last);
+            }
+            let stop = batch.range.is_none();
+            let body = MessageBody::Append {
+                prev_index,
+                prev_term,
+                entries: batch.entries,
+                commit,
+            };
+            if via_log {
+                let (lo, hi) = match (batch.from_wal, batch.range) {
+                    (true, Some((lo, hi, _))) => (lo, hi),
+                    _ => (1, 0),
+                };
+                self.push_log_read(peer, body, lo, hi);
+            } else {
+                self.send(peer, body);
+            }
             if stop {
                 return;
             }
         }
+    }
+
+    /// The entries of `peer`'s next append: held ones from memory, or (when its next index
+    /// was evicted) a range for the node to read from the WAL, up to the first held entry.
+    fn next_batch(&self, peer: NodeId) -> Option<Batch> {
+        let pr = self.progress.get(&peer)?;
+        let (lo, last) = (pr.next_index, self.log.last_index());
+        if lo > last {
+            return Some(Batch::default());
+        }
+        let held_from = self.log.held_from();
+        if lo >= held_from {
+            let entries = self.log.slice(lo, last, self.config.append_bytes_max);
+            let hi = entries.last().map(|e| e.index)?;
+            let bytes = entries.iter().map(|e| e.size_bytes() as u64).sum();
+            debug_assert_eq!(entries[0].index, lo, "a held slice starts where asked");
+            return Some(Batch {
+                entries,
+                range: Some((lo, hi, bytes)),
+                from_wal: false,
+            });
+        }
+        // Evicted entries are applied: durable in the WAL (unless compaction purged them
+        // since, and then the read fails and the follower is probed again).
+        let (hi, bytes) = self
+            .log
+            .span_end(lo, pred(held_from), self.config.append_bytes_max)?;
+        debug_assert!(hi <= self.applied, "only applied entries are evicted");
+        Some(Batch {
+            entries: Vec::new(),
+            range: Some((lo, hi, bytes)),
+            from_wal: true,
+        })
+    }
+
+    fn push_log_read(&mut self, to: NodeId, body: MessageBody, lo: u64, hi: u64) {
+        if self.log_reads.len() >= self.config.outbox_msgs_max {
+            tracing::warn!(to, "log read queue full: dropping an append");
+            return;
+        }
+        self.log_reads.push(LogRead {
+            message: Message {
+                from: self.config.id,
+                to,
+                term: self.term,
+                body,
+            },
+            lo,
+            hi,
+        });
     }
 
     /// Takes everything the node has to do now. Never blocks; cheap when there is nothing.
@@ -1132,6 +1176,7 @@ impl Raft {
         ready.messages_now = std::mem::take(&mut self.messages_now);
         ready.messages_after_persist = std::mem::take(&mut self.messages_after_persist);
         ready.snapshot_sends = std::mem::take(&mut self.snapshot_sends);
+        ready.log_reads = std::mem::take(&mut self.log_reads);
         ready.reads_dropped = std::mem::take(&mut self.reads_dropped);
         ready
     }
@@ -1153,9 +1198,17 @@ impl Raft {
 fn check_restart_ranges(
     hard_state: &HardState,
     snapshot: &SnapshotMeta,
+    prefix: &LogPrefix,
     entries: &[Entry],
 ) -> Result<(), RaftError> {
-    let last = entries.last().map_or((0, 0), |e| (e.index, e.term));
+    let prefix_last = prefix
+        .last_index()
+        .map(|i| (i, prefix.term_runs.last().map_or(0, |&(_, t)| t)));
+    let last = entries
+        .last()
+        .map(|e| (e.index, e.term))
+        .or(prefix_last)
+        .unwrap_or((0, 0));
     let terms = [hard_state.term, snapshot.term, last.1];
     let indexes = [hard_state.commit, snapshot.index, last.0];
     if terms.iter().any(|&t| t >= TERM_MAX) || indexes.iter().any(|&i| i >= INDEX_MAX) {
@@ -1165,6 +1218,124 @@ fn check_restart_ranges(
         )));
     }
     Ok(())
+}
+
+/// The restarted log and configuration history: the prefix (terms and sizes only), then the
+/// entries, checked contiguous, with terms that never decrease and agree with the snapshot.
+fn restart_log(
+    snapshot: &SnapshotMeta,
+    prefix: &LogPrefix,
+    entries: Vec<Entry>,
+) -> Result<(RaftLog, ConfigHistory), RaftError> {
+    let invalid = |why: String| RaftError::InvalidRestart(why);
+    let runs = &prefix.term_runs;
+    let runs_ok = prefix.sizes.is_empty() == runs.is_empty()
+        && runs.first().is_none_or(|&(i, _)| i == prefix.first_index)
+        && runs.windows(2).all(|w| w[1].0 > w[0].0 && w[1].1 > w[0].1)
+        && runs
+            .last()
+            .is_none_or(|&(i, _)| Some(i) <= prefix.last_index());
+    if !runs_ok {
+        return Err(invalid(
+            "the log prefix's term runs are not ascending".into(),
+        ));
+    }
+    for pair in entries.windows(2) {
+        if pair[1].index != succ(pair[0].index) || pair[1].term < pair[0].term {
+            return Err(invalid(format!(
+                "log not contiguous at index {}",
+                pair[1].index
+            )));
+        }
+    }
+    if let (Some(last), Some(first)) = (prefix.last_index(), entries.first()) {
+        let prefix_term = runs.last().map_or(0, |&(_, t)| t);
+        if first.index != succ(last) || first.term < prefix_term {
+            return Err(invalid(format!(
+                "log not contiguous at index {}",
+                first.index
+            )));
+        }
+    }
+    // (index, term) of the first entry of the whole restarted log.
+    let first = match runs.first() {
+        Some(&(_, t)) => Some((prefix.first_index, t)),
+        None => entries.first().map(|e| (e.index, e.term)),
+    };
+    let mut base = (snapshot.index, snapshot.term);
+    let mut skip = 0u64;
+    if let Some((first_index, first_term)) = first {
+        if first_index > succ(snapshot.index) {
+            return Err(invalid(format!(
+                "gap between snapshot {} and first entry {first_index}",
+                snapshot.index
+            )));
+        }
+        if first_index <= snapshot.index {
+            // The WAL kept a margin before the snapshot: the first entry becomes the base.
+            let log_term = term_in(prefix, &entries, snapshot.index);
+            if log_term.is_some_and(|t| t != snapshot.term) {
+                return Err(invalid(format!(
+                    "entry {} has term {log_term:?} but the snapshot says {}",
+                    snapshot.index, snapshot.term
+                )));
+            }
+            base = (first_index, first_term);
+            skip = 1;
+        }
+    }
+    let mut trimmed = prefix.clone();
+    let mut entries = entries;
+    if skip == 1 {
+        if trimmed.sizes.is_empty() {
+            entries.remove(0);
+        } else {
+            trim_front(&mut trimmed);
+        }
+    }
+    let mut log = RaftLog::restarted(base.0, base.1, &trimmed);
+    // Config entries in the WAL's margin before the snapshot are in its membership.
+    let mut configs = ConfigHistory::new(snapshot.index, snapshot.membership.clone());
+    let all_configs = prefix.configs.iter().chain(entries.iter());
+    for e in all_configs.filter(|e| e.kind == EntryKind::Config && e.index > snapshot.index) {
+        let m =
+            decode_config(e).map_err(|why| invalid(format!("config entry {}: {why}", e.index)))?;
+        configs.push(e.index, m);
+    }
+    // Moved, not cloned: the held suffix can be large.
+    for e in entries {
+        log.append(e);
+    }
+    Ok((log, configs))
+}
+
+/// The term of `index` in a restart state's prefix or entries.
+fn term_in(prefix: &LogPrefix, entries: &[Entry], index: u64) -> Option<u64> {
+    if prefix
+        .last_index()
+        .is_some_and(|last| index >= prefix.first_index && index <= last)
+    {
+        let run = prefix
+            .term_runs
+            .partition_point(|&(first, _)| first <= index);
+        return run.checked_sub(1).map(|k| prefix.term_runs[k].1);
+    }
+    entries.iter().find(|e| e.index == index).map(|e| e.term)
+}
+
+/// Drops the first entry a prefix describes (it becomes the log's base).
+fn trim_front(prefix: &mut LogPrefix) {
+    debug_assert!(!prefix.sizes.is_empty());
+    prefix.sizes.remove(0);
+    prefix.first_index = succ(prefix.first_index);
+    if prefix.term_runs.len() > 1 && prefix.term_runs[1].0 <= prefix.first_index {
+        prefix.term_runs.remove(0);
+    }
+    if prefix.sizes.is_empty() {
+        prefix.term_runs.clear();
+    } else if let Some(run) = prefix.term_runs.first_mut() {
+        run.0 = prefix.first_index;
+    }
 }
 
 /// Which kind of election a node starts.

@@ -300,6 +300,7 @@ fn restart_validates_and_adopts_a_torn_newer_term() {
             commit: 4,
         },
         snapshot: snapshot.clone(),
+        prefix: Default::default(),
         entries: vec![entry(7, 2)],
         applied: 4,
     };
@@ -316,6 +317,7 @@ fn restart_validates_and_adopts_a_torn_newer_term() {
             commit: 9,
         },
         snapshot,
+        prefix: Default::default(),
         entries: vec![entry(3, 2), entry(4, 2), entry(5, 3)],
         applied: 4,
     };
@@ -504,6 +506,7 @@ fn regression_torn_write_never_commits_a_replaced_entry() {
         RestartState {
             hard_state: durable_hs,
             snapshot: SnapshotMeta::default(),
+            prefix: Default::default(),
             entries: durable_log.clone(),
             applied: 2,
         },
@@ -550,6 +553,7 @@ fn regression_torn_write_never_commits_a_replaced_entry() {
             RestartState {
                 hard_state,
                 snapshot: SnapshotMeta::default(),
+                prefix: Default::default(),
                 entries: log,
                 applied: 2,
             },
@@ -583,6 +587,7 @@ fn restarted_follower_keeps_the_lease_promise_for_an_election_timeout() {
             commit: 1,
         },
         snapshot: SnapshotMeta::default(),
+        prefix: Default::default(),
         entries: vec![Entry {
             index: 1,
             term: 1,
@@ -863,4 +868,70 @@ fn a_node_that_may_not_campaign_tells_a_stale_leader_its_term() {
         "{sent:?}"
     );
     assert!(!r.may_campaign());
+}
+
+#[test]
+fn restart_from_a_prefix_keeps_terms_and_configurations_without_payloads() {
+    let membership = Membership::with_voters([1, 2, 3]);
+    let entry = |index, term, kind, payload: Vec<u8>| Entry {
+        index,
+        term,
+        kind,
+        payload: payload.into(),
+    };
+    let mut prefix = raftkv_types::LogPrefix::default();
+    prefix.push(&entry(
+        1,
+        1,
+        EntryKind::Config,
+        membership.encode().unwrap(),
+    ));
+    for i in 2..=5 {
+        prefix.push(&entry(i, 2, EntryKind::Normal, vec![7; 10]));
+    }
+    let state = |prefix: raftkv_types::LogPrefix| RestartState {
+        hard_state: HardState {
+            term: 3,
+            vote: None,
+            commit: 6,
+        },
+        snapshot: SnapshotMeta::default(),
+        prefix,
+        entries: (6..=7)
+            .map(|i| entry(i, 3, EntryKind::Normal, vec![8; 4]))
+            .collect(),
+        applied: 5,
+    };
+    let r = Raft::restart(config(1), state(prefix.clone()), 1).unwrap();
+    assert_eq!(
+        r.membership(),
+        &membership,
+        "the configuration came from the prefix"
+    );
+    let log = r.log();
+    assert_eq!(
+        (log.last_index(), log.last_term(), log.held_from()),
+        (7, 3, 6)
+    );
+    assert_eq!(
+        (log.term(1), log.term(3), log.term(6)),
+        (Some(1), Some(2), Some(3))
+    );
+    assert!(log.entry(3).is_none(), "an applied payload stays on disk");
+    assert_eq!(log.size_bytes(3), Some(27));
+    assert_eq!(log.held_bytes(), 2 * 21);
+    assert_eq!(r.commit_index(), 6);
+    // A prefix whose terms go down, or that does not meet the entries, is refused.
+    let mut down = prefix.clone();
+    down.term_runs = vec![(1, 2), (3, 1)];
+    assert!(matches!(
+        Raft::restart(config(1), state(down), 1),
+        Err(RaftError::InvalidRestart(_))
+    ));
+    let mut short = prefix;
+    short.sizes.pop();
+    assert!(matches!(
+        Raft::restart(config(1), state(short), 1),
+        Err(RaftError::InvalidRestart(_))
+    ));
 }

@@ -12,7 +12,7 @@
 use super::config::Config;
 use super::core::{Raft, RestartState};
 use super::message::{Message, MessageBody};
-use super::ready::{RaftError, Ready};
+use super::ready::{LogRead, RaftError, Ready};
 use raftkv_types::{Entry, HardState, Membership, NodeId, SnapshotMeta};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -107,6 +107,31 @@ impl Durable {
         self.log.push(e);
     }
 
+    /// The append of `read` with its entries read from this disk (`None`, as the node's WAL
+    /// read fails, if compaction dropped them: the message is lost).
+    pub fn fill(&self, read: LogRead) -> Option<Message> {
+        let LogRead {
+            mut message,
+            lo,
+            hi,
+        } = read;
+        if lo <= hi {
+            let first = self.log.first()?.index;
+            if lo < first || hi > self.last_index() {
+                return None;
+            }
+            let wal = &self.log[(lo - first) as usize..=(hi - first) as usize];
+            if let MessageBody::Append { entries, .. } = &mut message.body {
+                debug_assert!(
+                    entries.is_empty(),
+                    "a log read's append carries nothing yet"
+                );
+                entries.extend(wal.iter().cloned());
+            }
+        }
+        Some(message)
+    }
+
     /// A snapshot at `meta.index` is durable: the log keeps only what follows it.
     pub fn compact(&mut self, meta: SnapshotMeta) {
         let index = meta.index;
@@ -121,6 +146,7 @@ impl Durable {
         RestartState {
             hard_state: self.hard_state,
             snapshot: self.snapshot.clone(),
+            prefix: Default::default(),
             entries: self.log.clone(),
             applied: self.snapshot.index,
         }
@@ -152,6 +178,11 @@ pub fn process_one<O: Observer>(
     network.extend(rd.messages_after_persist.drain(..).map(Envelope::Message));
     if let Some(last) = rd.committed.last() {
         raft.applied(last.index);
+    }
+    for read in rd.log_reads.drain(..) {
+        if let Some(m) = durable.fill(read) {
+            network.push_back(Envelope::Message(m));
+        }
     }
     network.extend(rd.snapshot_sends.iter().map(|s| Envelope::Snapshot {
         from: id,

@@ -16,6 +16,8 @@ use std::collections::{BTreeMap, BTreeSet};
 struct Record {
     committed: BTreeMap<NodeId, Vec<Vec<u8>>>,
     snapshot_sends: Vec<(NodeId, NodeId)>,
+    /// Appends the cores asked the node to fill from the WAL (with entries to read).
+    log_reads: usize,
 }
 
 impl harness::Observer for Record {
@@ -29,6 +31,7 @@ impl harness::Observer for Record {
         );
         self.snapshot_sends
             .extend(rd.snapshot_sends.iter().map(|s| (id, s.to)));
+        self.log_reads += rd.log_reads.iter().filter(|r| r.lo <= r.hi).count();
     }
 }
 
@@ -39,6 +42,11 @@ struct Cluster {
 
 impl Cluster {
     fn new(seed: u64) -> Cluster {
+        Cluster::with_log_cache(seed, Config::new(1).log_cache_bytes_max)
+    }
+
+    /// A cluster whose cores keep `log_cache_bytes_max` of applied payloads in memory.
+    fn with_log_cache(seed: u64, log_cache_bytes_max: u64) -> Cluster {
         println!("cluster seed {seed}");
         let configs = (1..=3)
             .map(|id| {
@@ -46,6 +54,8 @@ impl Cluster {
                 c.election_timeout_min_ticks = 10;
                 c.election_timeout_max_ticks = 20;
                 c.snapshot_install_wait_ticks = 200;
+                c.log_cache_bytes_max = log_cache_bytes_max;
+                c.append_bytes_max = c.append_bytes_max.min(log_cache_bytes_max);
                 c
             })
             .collect();
@@ -386,4 +396,56 @@ fn an_install_never_acknowledged_is_given_up_after_the_wait() {
         c.round();
     }
     assert_eq!(c.snapshot_sends().len(), 2);
+}
+
+/// A follower that fell behind what the leader keeps in memory is sent entries the node reads
+/// back from its durable log, in order, and ends with the same log and the same applied
+/// writes; the leader's memory holds at most its cache (plus what is not applied yet).
+#[test]
+fn a_follower_behind_the_log_cache_catches_up_from_the_durable_log() {
+    let mut c = Cluster::with_log_cache(21, 600);
+    let leader = c.elect();
+    let behind = if leader == 3 { 2 } else { 3 };
+    c.cut(Some(behind));
+    for i in 0..200u32 {
+        let payload = format!("write-{i:04}-{}", "x".repeat(20)).into_bytes();
+        c.node_mut(leader).propose(payload).unwrap();
+        c.process(leader);
+        c.round();
+    }
+    let log = c.node(leader).log();
+    assert!(log.held_bytes() <= 600, "held {} bytes", log.held_bytes());
+    assert!(log.held_from() > 100, "evicted up to {}", log.held_from());
+    assert_eq!(
+        c.h.observer().log_reads,
+        0,
+        "nobody was behind the cache yet"
+    );
+    c.cut(None);
+    for _ in 0..100 {
+        c.round();
+    }
+    assert!(
+        c.h.observer().log_reads >= 10,
+        "{} log reads",
+        c.h.observer().log_reads
+    );
+    let last = c.node(leader).log().last_index();
+    assert_eq!(c.node(behind).log().last_index(), last);
+    assert_eq!(c.node(behind).commit_index(), last);
+    let applied = &c.h.observer().committed;
+    assert_eq!(applied[&behind], applied[&leader]);
+    assert_eq!(applied[&behind].len(), 200);
+    assert_eq!(
+        c.h.durable(behind)
+            .log
+            .iter()
+            .map(|e| (e.index, e.term))
+            .collect::<Vec<_>>(),
+        c.h.durable(leader)
+            .log
+            .iter()
+            .map(|e| (e.index, e.term))
+            .collect::<Vec<_>>()
+    );
 }

@@ -46,4 +46,4 @@ pub use self::membership::{MemberChange, MembershipProposal};
 pub use self::message::{Message, MessageBody};
 pub use self::progress::{Progress, ProgressState};
 pub use self::read_index::ReadLevel;
-pub use self::ready::{RaftError, ReadId, ReadState, Ready, SnapshotSend};
+pub use self::ready::{LogRead, RaftError, ReadId, ReadState, Ready, SnapshotSend};

@@ -116,6 +116,10 @@ pub struct Progress {
     /// In `Snapshot`: ticks since the node reported the transfer complete (`None` while it
     /// is still streaming).
     pub snapshot_delivered_ticks: Option<u32>,
+    /// The last index carried by an append routed through the node's WAL reads
+    /// ([`super::LogRead`]). While the follower has not acknowledged it, every append to it
+    /// takes the same route, so they arrive in order.
+    pub log_read_through: u64,
 }
 
 impl Progress {
@@ -132,6 +136,7 @@ impl Progress {
             commit_sent: 0,
             append_due: false,
             snapshot_delivered_ticks: None,
+            log_read_through: 0,
         }
     }
 

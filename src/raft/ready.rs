@@ -13,7 +13,10 @@
 //! 4. apply `committed` in order (this may overlap with 1–3: they are already durable) and
 //!    report `Raft::applied`; serve each of `read_states` (their index is already applied);
 //!    fail the reads in `reads_dropped` with "retry";
-//! 5. for each of `snapshot_sends`, stream the newest snapshot file to the peer, then step the
+//! 5. send `log_reads` in order, each after reading its entries from the WAL (they are
+//!    applied, so durable and final; like `messages_now` they wait for nothing of this batch),
+//!    and all of them in order behind the `log_reads` of earlier batches;
+//! 6. for each of `snapshot_sends`, stream the newest snapshot file to the peer, then step the
 //!    receiving core with `InstallSnapshot` and report `Raft::snapshot_sent` to this one (the
 //!    leader then waits for the install's acknowledgement, up to
 //!    `Config::snapshot_install_wait_ticks`, before it sends that peer anything else).
@@ -42,6 +45,19 @@ pub struct SnapshotSend {
     pub term: u64,
 }
 
+/// An append to a follower whose entries the core no longer holds in memory (see
+/// [`super::RaftLog`]): the node reads entries `lo..=hi` from its WAL into the message's
+/// `entries` and sends it. With `lo > hi` the message already carries its entries and goes
+/// this way only to stay behind earlier reads to the same follower: appends to one follower
+/// must arrive in order to be useful.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogRead {
+    /// An `Append` whose `entries` the read fills.
+    pub message: Message,
+    pub lo: u64,
+    pub hi: u64,
+}
+
 /// One batch of work for the node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Ready {
@@ -63,6 +79,8 @@ pub struct Ready {
     pub read_states: Vec<ReadState>,
     /// Reads that will never be confirmed (leadership lost): answer "retry".
     pub reads_dropped: Vec<ReadId>,
+    /// Appends to fill from the WAL, then send (in order, behind earlier ones).
+    pub log_reads: Vec<LogRead>,
     /// Snapshots to stream to peers.
     pub snapshot_sends: Vec<SnapshotSend>,
 }
@@ -78,6 +96,7 @@ impl Ready {
             && self.committed.is_empty()
             && self.read_states.is_empty()
             && self.reads_dropped.is_empty()
+            && self.log_reads.is_empty()
             && self.snapshot_sends.is_empty()
     }
 

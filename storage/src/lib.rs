@@ -29,8 +29,8 @@ pub mod wal;
 /// The shared vocabulary, defined in `raftkv-types`; re-exported under its old path.
 pub mod types {
     pub use raftkv_types::{
-        Bytes, Entry, EntryKind, HardState, MemberAddrs, Membership, MembershipError, NodeId,
-        SnapshotMeta,
+        Bytes, Entry, EntryKind, HardState, LogPrefix, MemberAddrs, Membership, MembershipError,
+        NodeId, SnapshotMeta,
     };
 }
 

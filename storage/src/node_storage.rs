@@ -42,7 +42,7 @@ use crate::sm::{AppliedEntry, SmError, StateMachine, StateMachineOptions};
 use crate::snapshot::{
     CreatedSnapshot, SnapshotError, SnapshotFile, SnapshotOptions, SnapshotStore,
 };
-use crate::types::{Entry, HardState, SnapshotMeta};
+use crate::types::{Entry, HardState, LogPrefix, SnapshotMeta};
 use crate::vfs::{StdFs, Vfs};
 use crate::wal::{Wal, WalError, WalOptions};
 use std::path::{Path, PathBuf};
@@ -51,6 +51,9 @@ use std::time::{Duration, Instant};
 
 /// The WAL's directory under a data dir.
 pub const WAL_DIR_NAME: &str = "wal";
+
+/// Restart reads the applied part of the WAL in chunks of about this many bytes.
+const RESTART_CHUNK_BYTES: usize = 16 << 20;
 /// sled's directory under a data dir.
 pub const SM_DIR_NAME: &str = "sm";
 
@@ -142,8 +145,11 @@ pub struct RestartState {
     pub hard_state: HardState,
     /// The newest snapshot marker (`None`: the log was never compacted).
     pub snapshot: Option<SnapshotMeta>,
-    /// Every entry the WAL holds, contiguous (they may start before the snapshot's index: the
-    /// WAL keeps a catch-up margin).
+    /// The entries the WAL holds up to the applied index, described without their payloads
+    /// (they may start before the snapshot's index: the WAL keeps a catch-up margin). The
+    /// core leaves their payloads on disk and has them read back when a follower needs them.
+    pub prefix: LogPrefix,
+    /// The entries the WAL holds after the applied index (after the prefix), contiguous.
     pub entries: Vec<Entry>,
     /// The state machine's applied index (at least the snapshot's).
     pub applied: u64,
@@ -403,8 +409,23 @@ impl NodeStorage {
     /// The durable log, hard state and applied index the consensus core restarts from.
     pub fn restart_state(&self) -> Result<RestartState, NodeStorageError> {
         let (first, last) = (self.wal.first_index(), self.wal.last_index());
-        let entries = if last >= first {
-            self.wal.entries(first, last + 1, usize::MAX)?
+        let applied = self.sm.applied_index();
+        // Applied entries are read in bounded chunks and kept as terms and sizes only, so a
+        // long uncompacted log does not come back into memory at restart.
+        let mut prefix = LogPrefix::default();
+        let mut next = first;
+        while next <= last.min(applied) {
+            let chunk = self
+                .wal
+                .entries(next, last.min(applied) + 1, RESTART_CHUNK_BYTES)?;
+            assert!(!chunk.is_empty(), "a WAL read returns at least one entry");
+            for e in &chunk {
+                prefix.push(e);
+            }
+            next += chunk.len() as u64;
+        }
+        let entries = if last >= next {
+            self.wal.entries(next, last + 1, usize::MAX)?
         } else {
             Vec::new()
         };
@@ -412,7 +433,6 @@ impl NodeStorage {
             entries.windows(2).all(|w| w[1].index == w[0].index + 1),
             "the WAL's entries are contiguous"
         );
-        let applied = self.sm.applied_index();
         let snapshot = self.wal.snapshot().cloned();
         debug_assert!(
             applied >= snapshot.as_ref().map_or(0, |m| m.index),
@@ -421,9 +441,19 @@ impl NodeStorage {
         Ok(RestartState {
             hard_state: self.wal.hard_state(),
             snapshot,
+            prefix,
             entries,
             applied,
         })
+    }
+
+    /// Entries `lo..=hi` from the WAL, for an append to a follower whose entries the
+    /// consensus core no longer holds in memory.
+    pub fn read_entries(&self, lo: u64, hi: u64) -> Result<Vec<Entry>, NodeStorageError> {
+        assert!(lo <= hi, "an empty read");
+        let entries = self.wal.entries(lo, hi + 1, usize::MAX)?;
+        debug_assert_eq!(entries.len() as u64, hi - lo + 1, "a WAL read is whole");
+        Ok(entries)
     }
 
     /// The state machine (reads, and the applied position).

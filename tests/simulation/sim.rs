@@ -97,7 +97,7 @@ use raftkv::node::peer::{self, PeerMessage};
 use raftkv::node::storage_worker::{Progress, StorageOutput, StorageWorker, GROUP_JOBS_MAX};
 use raftkv::raft::limits::{INDEX_MAX, TERM_MAX};
 use raftkv::raft::rng::Rng;
-use raftkv::raft::{Config, Message, MessageBody, Raft, Role};
+use raftkv::raft::{Config, Message, MessageBody, Role};
 use raftkv::storage::command::CommandResult;
 use raftkv::storage::node_storage::{NodeStorage, NodeStorageOptions};
 use raftkv::storage::sm::{StateMachine, StateMachineOptions};
@@ -208,6 +208,9 @@ pub struct Params {
     /// A watcher's queue bound on a node: small in a quarter of the seeds (watchers that
     /// fall behind are cancelled and resume), else the default.
     pub watcher_buffer_bytes: usize,
+    /// Applied log payloads each core keeps in memory: tiny in half the seeds (followers that
+    /// fall a few entries behind are sent entries read back from the WAL), else the default.
+    pub log_cache_bytes: u64,
 }
 
 /// Byzantine-lite network mode: between `from_ms` and `until_ms`, each Raft message sent on
@@ -359,6 +362,11 @@ impl Params {
             0 => watch.range(300, 3000) as usize,
             _ => WatchSettings::default().watcher_buffer_bytes_max,
         };
+        let mut cache = Rng::new(seed ^ 0x10C4_CAC8);
+        let log_cache_bytes = match cache.range(0, 2) {
+            0 => cache.range(1, 2048),
+            _ => Config::new(1).log_cache_bytes_max,
+        };
         faults.sort_by_key(|(at, _)| *at);
         Params {
             seed,
@@ -384,6 +392,7 @@ impl Params {
             sessions_max,
             watch_history_revisions,
             watcher_buffer_bytes,
+            log_cache_bytes,
         }
     }
 }
@@ -395,7 +404,7 @@ impl fmt::Display for Params {
             "seed {}: {} nodes (+{} spare), {} clients, loss {}%, dup {}%, delay 1..={} ms, fsync 0..={} ms, \
              snapshot every {} (margin {}), segment {} B, chunk {} B, pre_vote {}, check_quorum {}, append_bytes_max {}, \
              inflight_msgs_max {}, lease_reads {}, sessions_max {}, watch history {} revisions, \
-             watcher buffer {} B, run {} ms",
+             watcher buffer {} B, log cache {} B, run {} ms",
             self.seed,
             self.nodes,
             self.spares,
@@ -416,6 +425,7 @@ impl fmt::Display for Params {
             self.sessions_max,
             self.watch_history_revisions,
             self.watcher_buffer_bytes,
+            self.log_cache_bytes,
             self.run_ms
         )?;
         if let Some(b) = self.byzantine {
@@ -549,6 +559,20 @@ struct WaitingRead {
     attempt: u64,
     key: String,
     rx: oneshot::Receiver<Result<(u64, NodeId), ServiceError>>,
+}
+
+/// The entry at `index` of a node's log: from the core's memory, or, when the core evicted
+/// its payload (it is applied, so durable and final), read back from the node's WAL as the
+/// node does for a follower.
+fn log_entry(live: &Live, index: u64) -> Option<Entry> {
+    let log = live.consensus.raft().log();
+    if let Some(e) = log.entry(index) {
+        return Some(e.clone());
+    }
+    if index > log.base_index() && index < log.held_from() {
+        return live.storage.storage().wal().entry(index).ok();
+    }
+    None
 }
 
 /// A running incarnation of a node: the production runtime's three parts and the queues
@@ -862,6 +886,10 @@ pub struct Stats {
     /// Reads served from a leader's lease (lease seeds), and pauses on lease seeds.
     pub lease_reads_served: u64,
     pub lease_seed_pauses: u64,
+    /// Appends filled from the WAL (the core had evicted their entries), and those dropped
+    /// because compaction had purged them meanwhile.
+    pub log_reads: u64,
+    pub log_reads_failed: u64,
 }
 
 impl Stats {
@@ -903,6 +931,8 @@ impl Stats {
         self.lease_revokes_proposed += other.lease_revokes_proposed;
         self.lease_refusals += other.lease_refusals;
         self.lease_reads_served += other.lease_reads_served;
+        self.log_reads += other.log_reads;
+        self.log_reads_failed += other.log_reads_failed;
         self.lease_seed_pauses += other.lease_seed_pauses;
     }
 }
@@ -993,6 +1023,7 @@ impl Sim {
         c.uncommitted_bytes_max = 64 << 10;
         c.apply_bytes_max = 1024;
         c.pending_reads_max = 64;
+        c.log_cache_bytes_max = self.params.log_cache_bytes;
         c
     }
 
@@ -1311,7 +1342,12 @@ impl Sim {
         live.storage_scheduled = false;
         let take = live.storage_jobs.len().min(GROUP_JOBS_MAX);
         let jobs: Vec<StorageJob> = live.storage_jobs.drain(..take).collect();
+        let reads = jobs
+            .iter()
+            .filter(|j| matches!(j, StorageJob::SendFromLog { lo, hi, .. } if lo <= hi))
+            .count();
         live.storage.submit(jobs);
+        self.stats.log_reads += reads as u64;
         self.drive_storage(id)
     }
 
@@ -1367,8 +1403,10 @@ impl Sim {
             match o {
                 StorageOutput::Send(m) => self.send_peer(m.from, m.to, PeerMessage::Raft(m)),
                 StorageOutput::Event(ev) => {
-                    if let StorageEvent::Compacted { .. } = ev {
-                        self.stats.compactions += 1;
+                    match ev {
+                        StorageEvent::Compacted { .. } => self.stats.compactions += 1,
+                        StorageEvent::LogReadFailed { .. } => self.stats.log_reads_failed += 1,
+                        _ => {}
                     }
                     self.step(id, Input::Storage(ev))?;
                 }
@@ -2118,16 +2156,11 @@ impl Sim {
         }
         self.start_node(id)?;
         // A restarted node's committed entries must agree with what was committed.
-        let raft = self.nodes[&id]
-            .live
-            .as_ref()
-            .expect("started")
-            .consensus
-            .raft();
+        let live = self.nodes[&id].live.as_ref().expect("started");
+        let raft = live.consensus.raft();
         for i in raft.log().first_index()..=raft.commit_index() {
-            if let (Some(e), Some(&(t, h))) = (raft.log().entry(i), self.checker.committed.get(&i))
-            {
-                if e.term != t || entry_hash(e) != h {
+            if let (Some(e), Some(&(t, h))) = (log_entry(live, i), self.checker.committed.get(&i)) {
+                if e.term != t || entry_hash(&e) != h {
                     return Err(format!(
                         "node {id} restarted with committed entry {i} differing from the committed one"
                     ));
@@ -2248,8 +2281,8 @@ impl Sim {
             ));
         }
         for i in n.commit_seen + 1..=commit {
-            let content = if let Some(e) = raft.log().entry(i) {
-                (e.term, entry_hash(e))
+            let content = if let Some(e) = log_entry(live, i) {
+                (e.term, entry_hash(&e))
             } else if i == raft.log().base_index() {
                 // Learnt through a snapshot: compare the term only.
                 let t = raft.log().base_term();
@@ -2274,8 +2307,8 @@ impl Sim {
                 None => {
                     self.checker.committed.insert(i, content);
                     // The snapshot case went on above: this content is an entry's.
-                    let e = raft.log().entry(i).expect("a committed entry in the log");
-                    self.checker.first_commit(id, e, raft.membership())?;
+                    let e = log_entry(live, i).expect("a committed entry in the log");
+                    self.checker.first_commit(id, &e, raft.membership())?;
                 }
             }
             let ct = self.checker.commit_term.entry(i).or_insert(observed_term);
@@ -2352,9 +2385,7 @@ impl Sim {
                     {
                         continue;
                     }
-                    let ok = log
-                        .entry(i)
-                        .is_some_and(|e| e.term == t && entry_hash(e) == h);
+                    let ok = log_entry(live, i).is_some_and(|e| e.term == t && entry_hash(&e) == h);
                     if !ok {
                         return Err(format!(
                             "leader completeness: new leader {id} (term {term}) lacks committed entry {i}"
@@ -2456,19 +2487,21 @@ impl Sim {
             self.stats.member.stranded = stranded.count() as u64;
         }
         // Full log matching across all running nodes (removed ones left running included).
-        let logs: Vec<(NodeId, &Raft)> = self
+        let logs: Vec<(NodeId, &Live)> = self
             .nodes
             .values()
-            .filter_map(|n| Some((n.id, n.live.as_ref()?.consensus.raft())))
+            .filter_map(|n| Some((n.id, n.live.as_ref()?)))
             .collect();
-        for (a, ra) in &logs {
-            for (b, rb) in &logs {
-                let (la, lb) = (ra.log(), rb.log());
+        for (a, live_a) in &logs {
+            for (b, live_b) in &logs {
+                let (la, lb) = (live_a.consensus.raft().log(), live_b.consensus.raft().log());
                 let lo = la.first_index().max(lb.first_index());
                 let hi = la.last_index().min(lb.last_index());
                 let mut matched = false;
                 for i in (lo..=hi).rev() {
-                    let (ea, eb) = (la.entry(i).expect("held"), lb.entry(i).expect("held"));
+                    let (Some(ea), Some(eb)) = (log_entry(live_a, i), log_entry(live_b, i)) else {
+                        return Err(format!("node {a} or {b} cannot read entry {i} of its log"));
+                    };
                     if (matched || ea.term == eb.term) && ea != eb {
                         return Err(format!("log matching: nodes {a} and {b} differ at {i}"));
                     }

@@ -79,6 +79,50 @@ impl Entry {
     }
 }
 
+/// Log entries described without their payloads: what a restarting core needs to know about
+/// the part of its log it leaves on disk (the WAL serves those entries when a follower needs
+/// them). Terms are run-length encoded: a log holds few terms, so this costs four bytes per
+/// entry (its size) however large the payloads are.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LogPrefix {
+    /// Index of the first entry described (meaningless when `sizes` is empty).
+    pub first_index: u64,
+    /// (first index, term) of each run of entries with the same term, ascending in both.
+    pub term_runs: Vec<(u64, u64)>,
+    /// [`Entry::size_bytes`] of each entry, from `first_index` on.
+    pub sizes: Vec<u32>,
+    /// The `Config` entries among them, in index order (the core rebuilds its membership
+    /// history from them).
+    pub configs: Vec<Entry>,
+}
+
+impl LogPrefix {
+    /// Adds the next entry's description (`index` must follow the last one described).
+    pub fn push(&mut self, entry: &Entry) {
+        if self.sizes.is_empty() {
+            self.first_index = entry.index;
+        }
+        assert_eq!(
+            entry.index,
+            self.first_index + self.sizes.len() as u64,
+            "a log prefix is contiguous"
+        );
+        if self.term_runs.last().is_none_or(|&(_, t)| t != entry.term) {
+            self.term_runs.push((entry.index, entry.term));
+        }
+        self.sizes
+            .push(u32::try_from(entry.size_bytes()).unwrap_or(u32::MAX));
+        if entry.kind == EntryKind::Config {
+            self.configs.push(entry.clone());
+        }
+    }
+
+    /// Index of the last entry described, if any.
+    pub fn last_index(&self) -> Option<u64> {
+        (!self.sizes.is_empty()).then(|| self.first_index + self.sizes.len() as u64 - 1)
+    }
+}
+
 /// Serde glue for [`Entry::payload`]: one byte string, read into a single buffer that the
 /// `Bytes` then owns (no second copy). By hand rather than through the `bytes` crate's `serde`
 /// feature, which would change the feature set, and so the build, of every crate that links

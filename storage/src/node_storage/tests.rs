@@ -155,6 +155,25 @@ fn recovery_replays_committed_entries_after_the_applied_index() {
     assert_eq!(s.recovery().replayed_entries, 5);
     assert_eq!(s.sm().applied_index(), 18);
     assert_eq!(state(s.sm()), model_upto(18));
+    // The core restarts with the applied entries described (terms, sizes), not loaded.
+    let restart = s.restart_state().unwrap();
+    assert_eq!(restart.applied, 18);
+    assert_eq!(
+        (restart.prefix.first_index, restart.prefix.last_index()),
+        (1, Some(18))
+    );
+    assert_eq!(restart.prefix.term_runs, vec![(1, 1)]);
+    assert_eq!(
+        restart.prefix.sizes[12] as usize,
+        entry_at(13, 1).size_bytes()
+    );
+    assert!(restart.prefix.configs.is_empty());
+    let held: Vec<u64> = restart.entries.iter().map(|e| e.index).collect();
+    assert_eq!(held, vec![19, 20]);
+    assert_eq!(
+        s.read_entries(12, 14).unwrap(),
+        (12..=14).map(|i| entry_at(i, 1)).collect::<Vec<_>>()
+    );
 }
 
 #[test]
