@@ -18,8 +18,10 @@
 # reads make raftkv's followers wait out the lease before a failover, so failover is measured
 # twice for raftkv: with lease reads on, then with every node restarted with them off.
 # Settings (environment): CLIENTS, WORKLOADS, DURATION, ROUNDS, VALUE_SIZE, KEY_SPACE,
-# FAILOVER_TRIALS, PROBE_MS, RSS_WRITES, WORK, RAFTKV_BIN, RAFTKV_LEASE_READS. Results: a table on stdout, raw wrk output and node
-# logs in $WORK.
+# FAILOVER_TRIALS, PROBE_MS, RSS_WRITES, WORK, RAFTKV_BIN, RAFTKV_LEASE_READS,
+# RAFTKV_SNAPSHOT_EVERY (raftkv's --snapshot-every; "never" = no compaction), PHASES (any of
+# "table failover rss", default all three). Results: a table on stdout, raw wrk output and
+# node logs in $WORK.
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -30,6 +32,10 @@ fi
 CLIENTS=${CLIENTS:-"1 16 64 256"}
 WORKLOADS=${WORKLOADS:-"put get lease"}
 RAFTKV_LEASE_READS=${RAFTKV_LEASE_READS:-1}
+RAFTKV_SNAPSHOT_EVERY=${RAFTKV_SNAPSHOT_EVERY:-}
+SNAPSHOT_EVERY_SHOWN=${RAFTKV_SNAPSHOT_EVERY:-default}
+[[ $RAFTKV_SNAPSHOT_EVERY == never ]] && RAFTKV_SNAPSHOT_EVERY=4611686018427387904
+PHASES=${PHASES:-"table failover rss"}
 DURATION=${DURATION:-10s}
 ROUNDS=${ROUNDS:-2}
 VALUE_SIZE=${VALUE_SIZE:-256}
@@ -95,6 +101,7 @@ start_raftkv_node() {
         --peer-client-urls "$(raftkv_others "$i" RAFTKV_CLIENT http://)" \
         --cluster-id compare-etcd \
         --lease-reads="$( ((RAFTKV_LEASE_READS)) && echo true || echo false)" \
+        ${RAFTKV_SNAPSHOT_EVERY:+--snapshot-every "$RAFTKV_SNAPSHOT_EVERY"} \
         >>"$WORK/raftkv/n$id.log" 2>&1 &
     PID[raftkv$id]=$!
 }
@@ -358,17 +365,26 @@ main() {
     wait_cluster raftkv
     wait_cluster etcd
     preload
-    measure_table
-    local leases=$RAFTKV_LEASE_READS
-    measure_failover
-    measure_failover_without_leases
-    measure_rss
+    if has_phase table; then measure_table; fi
+    LEASES_IN_TABLE=$RAFTKV_LEASE_READS
+    if has_phase failover; then
+        measure_failover
+        measure_failover_without_leases
+    fi
+    if has_phase rss; then measure_rss; fi
 
     echo
     echo "raftkv vs etcd $(etcd --version | awk '/etcd Version/ { print $3 }') on $(nproc) cores, $(uname -r);" \
         "$DURATION per cell, mean of $ROUNDS A/B rounds, ${VALUE_SIZE}-byte values, $KEY_SPACE keys, leader endpoint"
-    print_table
-    local a b
+    if has_phase table; then print_table; fi
+    if has_phase failover; then print_failover; fi
+    if has_phase rss; then print_rss; fi
+}
+
+has_phase() { [[ " $PHASES " == *" $1 "* ]]; }
+
+print_failover() {
+    local a b leases=$LEASES_IN_TABLE
     a=($(stats "${FAILOVER[raftkv]}"))
     b=($(stats "${FAILOVER[etcd]}"))
     printf '\nfailover (kill -9 leader -> first successful write, %d trials, probe every %d ms)\n' "$FAILOVER_TRIALS" "$PROBE_MS"
@@ -381,9 +397,14 @@ main() {
     fi
     printf '  etcd:   median %d ms, p90 %d ms, max %d ms   [%s]\n' "${b[@]}" "${FAILOVER[etcd]% }"
     awk -v x="${a[0]}" -v y="${b[0]}" 'BEGIN { if (y > 0) printf "  median ratio raftkv/etcd: %.2fx\n", x / y }'
+}
+
+print_rss() {
+    local a b
     a=(${RSS[raftkv]})
     b=(${RSS[etcd]})
-    printf '\nRSS per node after %d (raftkv) / %d (etcd) writes, MiB\n' "${a[3]}" "${b[3]}"
+    printf '\nRSS per node after %d (raftkv, --snapshot-every %s) / %d (etcd) writes, MiB\n' \
+        "${a[3]}" "$SNAPSHOT_EVERY_SHOWN" "${b[3]}"
     printf '  raftkv: %d %d %d\n' $((a[0] / 1024)) $((a[1] / 1024)) $((a[2] / 1024))
     printf '  etcd:   %d %d %d\n' $((b[0] / 1024)) $((b[1] / 1024)) $((b[2] / 1024))
     awk -v a="${a[0]} ${a[1]} ${a[2]}" -v b="${b[0]} ${b[1]} ${b[2]}" 'BEGIN {

@@ -4,7 +4,8 @@
 # Starts a fresh 3-node raftkv cluster on loopback (data under $WORK), preloads KEY_SPACE keys,
 # then runs wrk against the leader with the same Lua script as compare-etcd.sh, once per
 # (clients, workload) cell, and prints wrk's RESULT line for each, with the nodes' CPU time
-# per request (all three nodes, user + system). Cheaper than the full etcd
+# per request (all three nodes, user + system) and each node's mean fdatasync during the cell
+# (from its /metrics). Cheaper than the full etcd
 # comparison (no etcd, no failover, no RSS phase), so it can be run after every change.
 #
 # Usage: benches/raftkv-wrk.sh ["1 64 256"] ["put get cas"] [5s]
@@ -58,18 +59,34 @@ cpu_ticks() {
     done
     echo "$total"
 }
+# Each node's fdatasync total (seconds) and count from /metrics: the cell's mean fsync per
+# node shows how much of a write's latency is the disk.
+fsync_totals() {
+    local i
+    for i in 1 2 3; do
+        curl -sf "http://127.0.0.1:1810$i/metrics" |
+            awk '/^raftkv_wal_fsync_duration_seconds_sum/ { s = $2 } /^raftkv_wal_fsync_duration_seconds_count/ { c = $2 } END { printf "%s %s ", s, c }'
+    done
+}
 hz=$(getconf CLK_TCK)
 for c in $CLIENTS; do
     for w in $WORKLOADS; do
         t=$((c < 2 ? c : 2))
         before=$(cpu_ticks)
+        fsync_before=$(fsync_totals)
         line=$(wrk -t"$t" -c"$c" -d"$DURATION" -s "$COMPARE_LUA_DIR/raftkv.lua" "$url" \
             -- "$w" "$VALUE_SIZE" "$KEY_SPACE" 0 "$t" | grep '^RESULT')
         ticks=$(($(cpu_ticks) - before))
+        fsync_after=$(fsync_totals)
         echo "c=$c $w: $line cpu_ticks=$ticks hz=$hz" | awk '{ for (i = 3; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
             ok = v["requests"] - v["errors"]
-            printf "%s %s %8.0f req/s  p50 %6.3f ms  p99 %6.3f ms  errors %d  cpu %5.1f us/req\n", $1, $2,
+            printf "%s %s %8.0f req/s  p50 %6.3f ms  p99 %6.3f ms  errors %d  cpu %5.1f us/req", $1, $2,
                 ok / (v["duration_us"] / 1e6), v["p50_us"] / 1000, v["p99_us"] / 1000, v["errors"],
                 (ok > 0 ? v["cpu_ticks"] / v["hz"] * 1e6 / ok : 0) }'
+        # Mean fdatasync per node during the cell (node 1, 2, 3; the leader is node $leader).
+        awk -v a="$fsync_before" -v b="$fsync_after" 'BEGIN { split(a, x); split(b, y); printf "  fsync mean"
+            for (i = 0; i < 3; i++) { n = y[2 * i + 2] - x[2 * i + 2]
+                printf " %s", (n > 0 ? sprintf("%.0f", (y[2 * i + 1] - x[2 * i + 1]) / n * 1e6) : "-") }
+            printf " us (%d, %d, %d syncs)\n", y[2] - x[2], y[4] - x[4], y[6] - x[6] }'
     done
 done

@@ -32,7 +32,7 @@ fn config(root: &Path, scheme: &str, client_port: ClientPortSettings) -> NodeCon
         snapshot_every: 100_000,
         catchup_margin: 10,
         cache_mb: 8,
-        log_cache_mb: 32,
+        log_cache_mb: 8,
         request_timeout_ms: 5000,
         limits: Limits::default(),
         lease_reads: false,

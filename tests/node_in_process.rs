@@ -53,7 +53,7 @@ fn config(id: u64, ports: &Ports, root: &Path, snapshot_every: u64) -> NodeConfi
         snapshot_every,
         catchup_margin: 10,
         cache_mb: 16,
-        log_cache_mb: 32,
+        log_cache_mb: 8,
         wal_segment_mb: 64,
         request_timeout_ms: 5000,
         limits: Limits::default(),

@@ -307,6 +307,10 @@ struct RecoveryReport {
     snapshot_every: Option<u64>,
     write_ops_s: f64,
     restart_to_ready_ms: f64,
+    /// The node's resident memory once the writes are applied (before the kill), and once
+    /// it is ready again after the restart.
+    rss_after_writes_mib: f64,
+    rss_after_restart_mib: f64,
     catchup: Option<CatchupReport>,
 }
 
@@ -332,7 +336,7 @@ fn recovery(a: &RecoveryArgs) -> anyhow::Result<ExitCode> {
     spec.snapshot_every = Some(snapshot_every.unwrap_or(1 << 62));
     let mut procs = Procs::start(vec![spec])?;
     let url = procs.urls()[0].clone();
-    let (write_ops_s, restart) = rt.block_on(async {
+    let (write_ops_s, restart, rss_mib) = rt.block_on(async {
         wait_ready(&url, Duration::from_secs(30)).await?;
         say(&format!(
             "writing {} entries of {} bytes…",
@@ -343,15 +347,20 @@ fn recovery(a: &RecoveryArgs) -> anyhow::Result<ExitCode> {
             !a.json && std::io::stderr().is_terminal(),
         )
         .await?;
+        // Let the last applies and the allocator settle before reading the memory.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let rss_writes = node_rss_mib(&procs)?;
         say(&format!(
-            "wrote at {:.0} entries/s; SIGKILL and restart",
+            "wrote at {:.0} entries/s (RSS {rss_writes:.0} MiB); SIGKILL and restart",
             r.throughput_ops_s
         ));
         procs.kill9(0);
         let started = Instant::now();
         procs.start_one(0)?;
         wait_ready(&url, Duration::from_secs(600)).await?;
-        anyhow::Ok((r.throughput_ops_s, started.elapsed()))
+        let restart = started.elapsed();
+        let rss_restart = node_rss_mib(&procs)?;
+        anyhow::Ok((r.throughput_ops_s, restart, (rss_writes, rss_restart)))
     })?;
     drop(procs);
     say(&format!(
@@ -429,15 +438,20 @@ fn recovery(a: &RecoveryArgs) -> anyhow::Result<ExitCode> {
         snapshot_every,
         write_ops_s,
         restart_to_ready_ms: restart.as_secs_f64() * 1e3,
+        rss_after_writes_mib: rss_mib.0,
+        rss_after_restart_mib: rss_mib.1,
         catchup,
     };
     emit(a.json, &report, |r| {
         let mut text = format!(
-            "entries {} | snapshot every {} | restart to ready {:.1} ms\n",
+            "entries {} | snapshot every {} | restart to ready {:.1} ms | RSS {:.0} MiB after \
+             the writes, {:.0} MiB after the restart\n",
             r.entries,
             r.snapshot_every
                 .map_or("never".to_string(), |k| k.to_string()),
-            r.restart_to_ready_ms
+            r.restart_to_ready_ms,
+            r.rss_after_writes_mib,
+            r.rss_after_restart_mib
         );
         if let Some(c) = &r.catchup {
             text.push_str(&format!(
@@ -448,6 +462,12 @@ fn recovery(a: &RecoveryArgs) -> anyhow::Result<ExitCode> {
         text
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Resident memory of the one node of the recovery run.
+fn node_rss_mib(procs: &Procs) -> anyhow::Result<f64> {
+    let pid = procs.pid(0).context("the node is not running")?;
+    super::bench_watch::rss_mib(pid)
 }
 
 #[derive(Serialize)]

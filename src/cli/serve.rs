@@ -79,7 +79,7 @@ pub struct ServeArgs {
     /// holds the rest of the data files).
     #[arg(long, env = "RAFTKV_CACHE_MB", value_name = "MIB")]
     pub cache_mb: Option<u64>,
-    /// Log entries already applied are kept in memory up to this many MiB (default 32,
+    /// Log entries already applied are kept in memory up to this many MiB (default 8,
     /// 1..=1024) for followers that keep up; older ones are read back from the WAL when a
     /// follower needs them, so memory stays flat however large --snapshot-every is.
     #[arg(long, env = "RAFTKV_LOG_CACHE_MB", value_name = "MIB")]
@@ -333,7 +333,7 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<NodeConfig> {
             .unwrap_or(10_000),
         catchup_margin: args.catchup_margin.or(file.catchup_margin).unwrap_or(5_000),
         cache_mb: args.cache_mb.or(file.cache_mb).unwrap_or(64),
-        log_cache_mb: args.log_cache_mb.or(file.log_cache_mb).unwrap_or(32),
+        log_cache_mb: args.log_cache_mb.or(file.log_cache_mb).unwrap_or(8),
         wal_segment_mb: args.wal_segment_mb.or(file.wal_segment_mb).unwrap_or(64),
         request_timeout_ms: file.request_timeout_ms.unwrap_or(5_000),
         limits: Limits::default(),

@@ -598,3 +598,111 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod log_read_tests {
+    use super::*;
+    use crate::raft::MessageBody;
+    use raftkv_storage::command::Command;
+    use raftkv_storage::node_storage::NodeStorageOptions;
+    use raftkv_storage::wal::WalOptions;
+    use raftkv_storage::EntryKind;
+
+    fn put(index: u64) -> Entry {
+        let command = Command::Put {
+            key: format!("k{index}").into_bytes(),
+            value: vec![b'v'; 64],
+        };
+        Entry {
+            index,
+            term: 1,
+            kind: EntryKind::Normal,
+            payload: command.encode().unwrap().into(),
+        }
+    }
+
+    fn append(to: NodeId) -> Message {
+        Message {
+            from: 1,
+            to,
+            term: 1,
+            body: MessageBody::Append {
+                prev_index: 0,
+                prev_term: 0,
+                entries: Vec::new(),
+                commit: 0,
+            },
+        }
+    }
+
+    /// An append is filled from the WAL in job order; one whose entries compaction purged is
+    /// dropped and reported (the core then probes that follower), never an error.
+    #[test]
+    fn appends_are_filled_from_the_wal_or_reported_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = NodeStorageOptions {
+            wal: WalOptions {
+                segment_bytes_max: 4096,
+                prepare_ahead: false,
+                ..WalOptions::default()
+            },
+            snapshot_every: 40,
+            catchup_margin: 0,
+            ..NodeStorageOptions::default()
+        };
+        let mut storage = NodeStorage::open(dir.path(), opts).unwrap();
+        let entries: Vec<Entry> = (1..=60).map(put).collect();
+        let hs = HardState {
+            term: 1,
+            vote: Some(1),
+            commit: 60,
+        };
+        storage.append(&entries, Some(&hs)).unwrap();
+        storage.apply_committed(60).unwrap();
+        storage.compact(None).unwrap();
+        let first = storage.wal().first_index();
+        assert!(
+            first > 3,
+            "the purge removed the first segments (first index {first})"
+        );
+        let more: Vec<Entry> = (61..=65).map(put).collect();
+        storage.append(&more, None).unwrap();
+        let mut worker = StorageWorker::new(storage, Arc::new(Metrics::new([2, 3])));
+        worker.submit([
+            StorageJob::SendFromLog {
+                message: append(2),
+                lo: 1,
+                hi: 3,
+            },
+            StorageJob::SendFromLog {
+                message: append(3),
+                lo: 61,
+                hi: 63,
+            },
+            StorageJob::SendFromLog {
+                message: append(3),
+                lo: 1,
+                hi: 0,
+            },
+        ]);
+        let mut out = Vec::new();
+        assert_eq!(worker.run(&mut out).unwrap(), Progress::Idle);
+        assert_eq!(out.len(), 3, "{out:?}");
+        assert!(matches!(
+            out[0],
+            StorageOutput::Event(StorageEvent::LogReadFailed { peer: 2 })
+        ));
+        match &out[1] {
+            StorageOutput::Send(Message {
+                to: 3,
+                body: MessageBody::Append { entries, .. },
+                ..
+            }) => assert_eq!(entries, &(61..=63).map(put).collect::<Vec<_>>()),
+            other => panic!("expected the filled append, got {other:?}"),
+        }
+        assert!(matches!(
+            &out[2],
+            StorageOutput::Send(Message { body: MessageBody::Append { entries, .. }, .. }) if entries.is_empty()
+        ));
+    }
+}

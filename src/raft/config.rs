@@ -129,7 +129,7 @@ impl Config {
             inflight_bytes_max: 32 << 20,
             uncommitted_bytes_max: 64 << 20,
             log_bytes_max: 1 << 30,
-            log_cache_bytes_max: 32 << 20,
+            log_cache_bytes_max: 8 << 20,
             apply_bytes_max: 16 << 20,
             pending_reads_max: 4096,
             outbox_msgs_max: 1 << 16,

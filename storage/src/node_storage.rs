@@ -423,6 +423,8 @@ impl NodeStorage {
                 prefix.push(e);
             }
             next += chunk.len() as u64;
+            // The chunk's mapped pages need not stay resident (one madvise per segment).
+            self.wal.release_mapped_pages();
         }
         let entries = if last >= next {
             self.wal.entries(next, last + 1, usize::MAX)?

@@ -39,6 +39,22 @@ impl Deref for FileBytes {
     }
 }
 
+impl FileBytes {
+    /// Lets go of the pages of a mapped file that this process touched (reading it whole, as
+    /// the WAL's open-time scan does), so they stop counting in its resident memory. They stay
+    /// in the kernel's page cache; a later read faults them back in. Errors are ignored: this
+    /// is only advice.
+    pub fn release_pages(&self) {
+        if let FileBytes::Mapped(map) = self {
+            // SAFETY: the mapping is read-only and shared (`Mmap::map` of a file opened for
+            // reading): MADV_DONTNEED only drops this process's page-table entries, and the
+            // next access reads the same bytes back from the page cache or the file. No
+            // private or written page is discarded.
+            let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        }
+    }
+}
+
 impl std::fmt::Debug for FileBytes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "FileBytes({} bytes)", self.len())

@@ -160,3 +160,27 @@ impl Vfs for StdFs {
         File::open(dir)?.sync_all()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Releasing a mapping's pages is only advice: the bytes read back the same, written
+    /// data included.
+    #[test]
+    fn released_pages_read_back_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("segment");
+        let file = StdFs.open(&path, true).unwrap();
+        let data: Vec<u8> = (0..3 * 4096 + 17).map(|i| (i * 31 % 251) as u8).collect();
+        file.write_all_at(&data, 0).unwrap();
+        file.sync_data().unwrap();
+        let map = file.map().unwrap();
+        assert!(matches!(map, FileBytes::Mapped(_)));
+        assert_eq!(&map[..], &data[..]);
+        map.release_pages();
+        assert_eq!(&map[..], &data[..], "read back after the release");
+        map.release_pages();
+        assert_eq!(map[4096 + 5], data[4096 + 5]);
+    }
+}

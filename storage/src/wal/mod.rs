@@ -725,6 +725,14 @@ impl Wal {
         Ok(out)
     }
 
+    /// Lets go of the sealed segments' mapped pages this process touched (after reading much
+    /// of the log back, as a restart does): see [`FileBytes::release_pages`].
+    pub fn release_mapped_pages(&self) {
+        for seg in self.sealed.values() {
+            seg.bytes.release_pages();
+        }
+    }
+
     /// Reads one entry.
     pub fn entry(&self, index: u64) -> Result<Entry, WalError> {
         let mut v = self.entries(index, index + 1, usize::MAX)?;

@@ -512,6 +512,9 @@ pub fn scan_dir(vfs: &dyn Vfs, dir: &Path, opts: ScanOptions) -> std::io::Result
             // Records ran exactly to the end of the file.
             seg.complete = true;
         }
+        // Every byte was read: let the mapped pages go now, segment by segment, so a long
+        // log's scan does not hold the whole WAL resident at once.
+        bytes.release_pages();
         seg.bytes = bytes;
         scan.segments.push(seg);
     }
