@@ -1041,31 +1041,9 @@ impl Raft {
             let Some(batch) = self.next_batch(peer) else {
                 return;
             };
-            let Some(pr) = self.progress.get_mut(&peer) else {
+            let Some(via_log) = self.record_sent(peer, &batch, prev_index, commit) else {
                 return;
             };
-            match pr.state {
-                ProgressState::Replicate => {
-                    if let Some((_, hi, bytes)) = batch.range {
-                        pr.next_index = succ(hi);
-                        pr.inflights.add(hi, bytes);
-                        pr.debug_check();
-                    }
-                }
-                _ => {
-                    // Probe (a snapshot wait is paused): the one append left unanswered.
-                    debug_assert!(!pr.probe_sent, "a second unanswered probe");
-                    pr.probe_sent = true;
-                }
-            }
-            let sent_last = batch.range.map_or(prev_index, |(_, hi, _)| hi);
-            // The follower may commit only what it is known (or about to be known) to hold.
-            let commit_sent = commit.min(sent_last);
-            pr.commit_sent = pr.commit_sent.max(commit_sent);
-            let via_log = batch.from_wal || pr.log_read_through > pr.match_index;
-            if via_log {
-                pr.log_read_through = pr.log_read_through.max(sent_last);
-            }
             let stop = batch.range.is_none();
             let body = MessageBody::Append {
                 prev_index,
@@ -1086,6 +1064,41 @@ impl Raft {
                 return;
             }
         }
+    }
+
+    /// Updates `peer`'s progress for an append of `batch` after `prev_index`, and says
+    /// whether it must go through the node's WAL reads (to stay in order behind earlier ones).
+    fn record_sent(
+        &mut self,
+        peer: NodeId,
+        batch: &Batch,
+        prev_index: u64,
+        commit: u64,
+    ) -> Option<bool> {
+        let pr = self.progress.get_mut(&peer)?;
+        match pr.state {
+            ProgressState::Replicate => {
+                if let Some((_, hi, bytes)) = batch.range {
+                    pr.next_index = succ(hi);
+                    pr.inflights.add(hi, bytes);
+                    pr.debug_check();
+                }
+            }
+            _ => {
+                // Probe (a snapshot wait is paused): the one append left unanswered.
+                debug_assert!(!pr.probe_sent, "a second unanswered probe");
+                pr.probe_sent = true;
+            }
+        }
+        let sent_last = batch.range.map_or(prev_index, |(_, hi, _)| hi);
+        debug_assert!(sent_last >= prev_index);
+        // The follower may commit only what it is known (or about to be known) to hold.
+        pr.commit_sent = pr.commit_sent.max(commit.min(sent_last));
+        let via_log = batch.from_wal || pr.log_read_through > pr.match_index;
+        if via_log {
+            pr.log_read_through = pr.log_read_through.max(sent_last);
+        }
+        Some(via_log)
     }
 
     /// The entries of `peer`'s next append: held ones from memory, or (when its next index
